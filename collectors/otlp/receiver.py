@@ -1,0 +1,202 @@
+"""OTLP trace receivers: OTLP/HTTP (protobuf and JSON) at /v1/traces, and OTLP/gRPC.
+
+Both call `Ingestor.ingest`, which returns only after the batch is committed, so an
+acknowledged batch survives a kill -9 of the plane. Bad payloads get a 4xx naming the problem;
+a database failure gets 503 / UNAVAILABLE so the exporter retries (rows are idempotent).
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import zlib
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import json_format
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTracePartialSuccess,
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from prometheus_client import CollectorRegistry, Counter
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from collectors.otlp.decode import PayloadError, decode_request, parse_json, parse_protobuf, to_dict
+from controlplane import names
+from controlplane.store.repo import Store
+
+log = logging.getLogger(__name__)
+
+PROTOBUF = "application/x-protobuf"
+JSON = "application/json"
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    requests_stored: int
+    events_stored: int
+    rejected_spans: int
+    error_message: str
+
+
+class StoreUnavailable(RuntimeError):
+    pass
+
+
+class Ingestor:
+    """Decode + commit, shared by both transports. Counters go to the plane's registry."""
+
+    def __init__(self, store: Store, registry: CollectorRegistry | None = None) -> None:
+        self.store = store
+        registry = registry if registry is not None else CollectorRegistry()
+        self.spans_received = Counter(
+            names.PLANE_SPANS_RECEIVED, "Spans received over OTLP", ["transport"], registry=registry
+        )
+        self.payloads_rejected = Counter(
+            names.PLANE_SPANS_REJECTED, "OTLP payloads rejected", ["transport", "reason"], registry=registry
+        )
+        self.requests_stored = Counter(
+            names.PLANE_REQUESTS_STORED, "Request rows committed", registry=registry
+        )
+
+    def ingest(self, msg: ExportTraceServiceRequest, transport: str) -> IngestResult:
+        batch = decode_request(msg)
+        self.spans_received.labels(transport).inc(batch.span_count + batch.rejected_spans)
+        try:
+            n_req, n_ev = self.store.write_spans(
+                (to_dict(r) for r in batch.requests), (to_dict(e) for e in batch.events)
+            )
+        except SQLAlchemyError as exc:
+            log.error("OTLP batch not stored: %s", exc)
+            raise StoreUnavailable(f"store unavailable: {type(exc).__name__}") from exc
+        self.requests_stored.inc(n_req)
+        return IngestResult(n_req, n_ev, batch.rejected_spans, "; ".join(batch.errors))
+
+    def reject(self, transport: str, reason: str) -> None:
+        self.payloads_rejected.labels(transport, reason).inc()
+
+
+def _response(result: IngestResult) -> ExportTraceServiceResponse:
+    resp = ExportTraceServiceResponse()
+    if result.rejected_spans:
+        resp.partial_success.CopyFrom(
+            ExportTracePartialSuccess(rejected_spans=result.rejected_spans, error_message=result.error_message)
+        )
+    return resp
+
+
+# --- OTLP/HTTP -----------------------------------------------------------------------------------
+def _error(status: int, message: str, allowed: str | None = None) -> JSONResponse:
+    body = {"error": message}
+    if allowed:
+        body["allowed"] = allowed
+    return JSONResponse(body, status_code=status)
+
+
+def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    if encoding in ("", "identity"):
+        return body
+    if encoding == "gzip":
+        try:
+            # Bounded: a small gzip bomb must not exhaust memory.
+            d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            out = d.decompress(body, limit + 1)
+        except (zlib.error, gzip.BadGzipFile) as exc:
+            raise PayloadError(f"Content-Encoding gzip but the body is not valid gzip: {exc}") from exc
+        if len(out) > limit:
+            raise OverflowError
+        return out
+    raise LookupError(encoding)
+
+
+def http_app(ingestor: Ingestor, max_body_bytes: int) -> Starlette:
+    async def traces(request: Request) -> Response:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in (PROTOBUF, JSON):
+            ingestor.reject("http", "content_type")
+            return _error(415, f"unsupported Content-Type {ctype or '(none)'!r} on /v1/traces",
+                          allowed=f"{PROTOBUF}, {JSON}")
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_body_bytes:
+            ingestor.reject("http", "too_large")
+            return _error(413, f"payload of {declared} bytes exceeds the limit of {max_body_bytes} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                ingestor.reject("http", "too_large")
+                return _error(413, f"payload exceeds the limit of {max_body_bytes} bytes")
+            chunks.append(chunk)
+        encoding = request.headers.get("content-encoding", "").strip().lower()
+        try:
+            body = _decompress(b"".join(chunks), encoding, max_body_bytes)
+            msg = parse_protobuf(body) if ctype == PROTOBUF else parse_json(body)
+        except OverflowError:
+            ingestor.reject("http", "too_large")
+            return _error(413, f"decompressed payload exceeds the limit of {max_body_bytes} bytes")
+        except LookupError:
+            ingestor.reject("http", "content_encoding")
+            return _error(415, f"unsupported Content-Encoding {encoding!r}", allowed="gzip, identity")
+        except PayloadError as exc:
+            ingestor.reject("http", "malformed")
+            return _error(400, str(exc))
+        try:
+            result = await run_in_threadpool(ingestor.ingest, msg, "http")
+        except StoreUnavailable as exc:
+            return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+        resp = _response(result)
+        if ctype == JSON:
+            return Response(json_format.MessageToJson(resp), media_type=JSON)
+        return Response(resp.SerializeToString(), media_type=PROTOBUF)
+
+    async def wrong_method(request: Request) -> Response:
+        return _error(405, f"{request.method} not allowed on /v1/traces", allowed="POST")
+
+    return Starlette(routes=[
+        Route("/v1/traces", traces, methods=["POST"]),
+        Route("/v1/traces", wrong_method, methods=["GET", "PUT", "DELETE", "PATCH"]),
+    ])
+
+
+# --- OTLP/gRPC -----------------------------------------------------------------------------------
+class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self, ingestor: Ingestor) -> None:
+        self.ingestor = ingestor
+
+    def Export(  # noqa: N802 - name fixed by the OTLP service definition
+        self, request: ExportTraceServiceRequest, context: grpc.ServicerContext
+    ) -> ExportTraceServiceResponse:
+        try:
+            return _response(self.ingestor.ingest(request, "grpc"))
+        except StoreUnavailable as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            raise  # unreachable: abort raises
+
+
+def grpc_server(
+    ingestor: Ingestor, host: str, port: int, max_body_bytes: int, workers: int = 4
+) -> tuple[grpc.Server, int]:
+    """Start an OTLP/gRPC server; returns it and the bound port (port 0 picks a free one)."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="otlp-grpc"),
+        options=[("grpc.max_receive_message_length", max_body_bytes)],
+    )
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(ingestor), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind OTLP/gRPC on {host}:{port}")
+    server.start()
+    return server, bound
+
+
+Callback = Callable[[], None]

@@ -1,0 +1,65 @@
+"""Fetch and parse Prometheus text exposition (parsing is prometheus_client's own parser)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str
+    labels: dict[str, str]
+    value: float
+
+
+@dataclass(frozen=True)
+class ScrapeResult:
+    """What one GET /metrics gave: text on success, otherwise the reason it failed."""
+
+    ts_unix_s: float
+    duration_s: float
+    text: str | None = None
+    error: str | None = None
+    samples: list[Sample] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def parse(text: str) -> list[Sample]:
+    """Parse exposition text into flat samples; raises ValueError on malformed text."""
+    out: list[Sample] = []
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.append(Sample(s.name, dict(s.labels), float(s.value)))
+    return out
+
+
+async def scrape(client: httpx.AsyncClient, url: str, timeout_s: float) -> ScrapeResult:
+    """GET `url` and parse it. Never raises: a failure becomes a ScrapeResult with `error` set."""
+    start = time.time()
+    t0 = time.perf_counter()
+    try:
+        resp = await client.get(url, timeout=timeout_s)
+        if resp.status_code != 200:
+            return ScrapeResult(start, time.perf_counter() - t0, error=f"HTTP {resp.status_code} from {url}")
+        text = resp.text
+        samples = parse(text)
+    except httpx.HTTPError as exc:
+        return ScrapeResult(start, time.perf_counter() - t0, error=f"{type(exc).__name__}: {exc} ({url})")
+    except ValueError as exc:
+        return ScrapeResult(start, time.perf_counter() - t0, error=f"unparsable exposition from {url}: {exc}")
+    return ScrapeResult(start, time.perf_counter() - t0, text=text, samples=samples)
+
+
+def by_name(samples: Iterable[Sample]) -> dict[str, list[Sample]]:
+    out: dict[str, list[Sample]] = {}
+    for s in samples:
+        out.setdefault(s.name, []).append(s)
+    return out

@@ -1,0 +1,141 @@
+"""Scrape vLLM replicas on an interval and store one engine sample per scrape.
+
+A failed scrape is stored as a row with `scrape_ok = false` and every reading NULL (unknown), and
+the transition to / from failing is recorded once as a lifecycle event, not on every tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from collectors.promtext import ScrapeResult, scrape
+from collectors.vllm_metrics import CounterState, EngineReading, adjust_counters, read_engine
+from controlplane import names
+from controlplane.store.repo import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A vLLM server to scrape: `name` identifies the replica in the store and in OTLP resources."""
+
+    name: str
+    base_url: str
+
+    @property
+    def metrics_url(self) -> str:
+        return self.base_url.rstrip("/") + "/metrics"
+
+    @classmethod
+    def from_watch(cls, spec: str) -> Target:
+        """`URL` or `NAME=URL`; a bare URL's replica name is its host:port."""
+        name, sep, url = spec.partition("=")
+        if not sep:
+            name, url = "", spec
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"--watch {spec!r}: expected an http(s) URL of a vLLM server, e.g. http://127.0.0.1:8000 "
+                "or name=http://host:port"
+            )
+        return cls(name or parts.netloc, url)
+
+
+def sample_row(
+    replica_id: int, result: ScrapeResult, reading: EngineReading | None,
+    counters: Mapping[str, float | None], reset: bool,
+) -> dict[str, Any]:
+    """The engine_samples row for one scrape (pure)."""
+    row: dict[str, Any] = {
+        "replica_id": replica_id,
+        "ts_unix_s": result.ts_unix_s,
+        "scrape_ok": result.ok,
+        "error": result.error,
+        "scrape_duration_s": result.duration_s,
+        "counter_reset": reset,
+        "kv_usage_ratio": None, "kv_capacity_tokens": None, "kv_block_size_tokens": None,
+        "num_running": None, "num_waiting": None,
+        "preemptions_total": None, "prompt_tokens_total": None, "generation_tokens_total": None,
+        "request_success_total": None, "request_errors_total": None,
+        "prefix_cache_queries_total": None, "prefix_cache_hits_total": None,
+    }
+    if reading is not None:
+        row.update(
+            kv_usage_ratio=reading.kv_usage_ratio,
+            kv_capacity_tokens=reading.kv_capacity_tokens,
+            kv_block_size_tokens=reading.kv_block_size_tokens,
+            num_running=reading.num_running,
+            num_waiting=reading.num_waiting,
+        )
+        row.update(counters)
+    return row
+
+
+@dataclass
+class _TargetState:
+    replica_id: int
+    counters: CounterState = field(default_factory=CounterState)
+    failing: bool = False
+
+
+class EngineScraper:
+    def __init__(
+        self, store: Store, client: httpx.AsyncClient, *, timeout_s: float,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.timeout_s = timeout_s
+        self.targets: dict[str, Target] = {}
+        self._state: dict[str, _TargetState] = {}
+        registry = registry if registry is not None else CollectorRegistry()
+        self.scrapes = Counter(names.PLANE_SCRAPES, "Engine scrapes", ["replica", "result"], registry=registry)
+        self.duration = Histogram(names.PLANE_SCRAPE_DURATION, "Engine scrape duration", registry=registry)
+
+    def add(self, target: Target, *, backend: str = "external") -> None:
+        rid = self.store.register_replica(target.name, url=target.base_url, backend=backend)
+        self.targets[target.name] = target
+        self._state.setdefault(target.name, _TargetState(rid))
+
+    def remove(self, name: str) -> None:
+        self.targets.pop(name, None)
+
+    async def scrape_once(self, target: Target) -> dict[str, Any]:
+        result = await scrape(self.client, target.metrics_url, self.timeout_s)
+        state = self._state[target.name]
+        rid = state.replica_id
+        if result.ok:
+            reading = read_engine(result.samples)
+            counters, state.counters, reset = adjust_counters(reading.counters, state.counters)
+            row = sample_row(rid, result, reading, counters, reset)
+        else:
+            row = sample_row(rid, result, None, {}, False)
+        await asyncio.to_thread(self.store.write_engine_sample, row)
+        self.scrapes.labels(target.name, "ok" if result.ok else "error").inc()
+        self.duration.observe(result.duration_s)
+        if result.ok == state.failing:  # a transition: record it once
+            state.failing = not result.ok
+            kind = "scrape_failed" if state.failing else "scrape_recovered"
+            (log.warning if state.failing else log.info)("%s: %s %s", target.name, kind, result.error or "")
+            await asyncio.to_thread(
+                self.store.record_event, rid, kind, actor="collector",
+                reason="scrape_error" if state.failing else "scrape_ok", message=result.error,
+            )
+        return row
+
+    async def run(self, stop: asyncio.Event, interval_s: float) -> None:
+        while not stop.is_set():
+            await asyncio.gather(*(self.scrape_once(t) for t in list(self.targets.values())))
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=interval_s)
+            except TimeoutError:
+                pass

@@ -1,0 +1,152 @@
+"""Map a vLLM /metrics scrape to one engine reading, across vLLM versions; adjust counters for resets.
+
+Pure functions only: the scrape loop (collectors/scrape_loop.py) does the I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from collectors.promtext import Sample
+from controlplane import names
+
+_SUFFIXES = ("_total", "_bucket", "_sum", "_count", "_created")
+
+# Counters we keep (canonical family name -> reading field name).
+COUNTERS: Mapping[str, str] = {
+    names.VLLM_PREEMPTIONS: "preemptions_total",
+    names.VLLM_PROMPT_TOKENS: "prompt_tokens_total",
+    names.VLLM_GENERATION_TOKENS: "generation_tokens_total",
+    names.VLLM_REQUEST_SUCCESS: "request_success_total",
+    names.VLLM_PREFIX_CACHE_QUERIES: "prefix_cache_queries_total",
+    names.VLLM_PREFIX_CACHE_HITS: "prefix_cache_hits_total",
+}
+
+
+FAILED_REASONS = frozenset({"abort", "error"})
+
+
+def canonical_name(name: str) -> str:
+    """Canonical vLLM sample name: `ray_vllm` prefixes removed and old names mapped to new ones.
+
+    The suffix (`_total`, `_bucket`, ...) is kept, so `vllm:gpu_cache_usage_perc` becomes
+    `vllm:kv_cache_usage_perc` and `ray_vllm_time_per_output_token_seconds_bucket` becomes
+    `vllm:inter_token_latency_seconds_bucket`.
+    """
+    for prefix in names.VLLM_FOREIGN_PREFIXES:
+        if name.startswith(prefix):
+            name = names.VLLM_PREFIX + name[len(prefix) :]
+            break
+    if name in names.VLLM_RENAMES:
+        return names.VLLM_RENAMES[name]
+    for suffix in _SUFFIXES:
+        if name.endswith(suffix) and name[: -len(suffix)] in names.VLLM_RENAMES:
+            return names.VLLM_RENAMES[name[: -len(suffix)]] + suffix
+    return name
+
+
+@dataclass(frozen=True)
+class EngineReading:
+    """One replica's state from one scrape. None = not exposed by this engine (unknown), never 0."""
+
+    kv_usage_ratio: float | None = None
+    kv_capacity_tokens: int | None = None
+    kv_block_size_tokens: int | None = None
+    num_running: float | None = None
+    num_waiting: float | None = None
+    counters: Mapping[str, float | None] = field(default_factory=dict)
+
+
+def _sum(samples: list[Sample]) -> float | None:
+    return sum(s.value for s in samples) if samples else None
+
+
+def _int_label(labels: Mapping[str, str], key: str) -> int | None:
+    try:
+        return int(float(labels[key]))
+    except (KeyError, ValueError):
+        return None
+
+
+def read_engine(samples: Iterable[Sample]) -> EngineReading:
+    """Fold the samples of one endpoint (possibly several engines / models) into one reading.
+
+    Running / waiting / counters are summed across engines; KV usage is the mean over engines
+    (each engine has its own cache of the same size); KV capacity is summed.
+    """
+    grouped: dict[str, list[Sample]] = {}
+    for s in samples:
+        grouped.setdefault(canonical_name(s.name), []).append(s)
+
+    kv = grouped.get(names.VLLM_KV_USAGE, [])
+    kv_usage = sum(s.value for s in kv) / len(kv) if kv else None
+
+    capacity: int | None = None
+    block: int | None = None
+    for s in grouped.get(names.VLLM_CACHE_CONFIG_INFO, []):
+        # Newer vLLM labels the size in tokens directly; older ones give blocks and block size.
+        block = _int_label(s.labels, "block_size") or block
+        tokens = _int_label(s.labels, "kv_cache_size_tokens")
+        if tokens is None:
+            blocks = _int_label(s.labels, "num_gpu_blocks")
+            tokens = blocks * block if blocks is not None and block is not None else None
+        if tokens is not None:
+            capacity = (capacity or 0) + tokens
+
+    counters = {
+        field_name: _sum(grouped.get(family + "_total", []) or grouped.get(family, []))
+        for family, field_name in COUNTERS.items()
+    }
+    # vllm:request_success counts every finished request by finished_reason, failures included.
+    finished = grouped.get(names.VLLM_REQUEST_SUCCESS + "_total", []) or grouped.get(
+        names.VLLM_REQUEST_SUCCESS, []
+    )
+    if finished:
+        failed = [s for s in finished if s.labels.get("finished_reason") in FAILED_REASONS]
+        counters["request_success_total"] = sum(s.value for s in finished) - sum(s.value for s in failed)
+        counters["request_errors_total"] = sum(s.value for s in failed)
+    else:
+        counters["request_errors_total"] = None
+    return EngineReading(
+        kv_usage_ratio=kv_usage,
+        kv_capacity_tokens=capacity,
+        kv_block_size_tokens=block,
+        num_running=_sum(grouped.get(names.VLLM_NUM_RUNNING, [])),
+        num_waiting=_sum(grouped.get(names.VLLM_NUM_WAITING, [])),
+        counters=counters,
+    )
+
+
+@dataclass(frozen=True)
+class CounterState:
+    """Per-replica memory for reset handling: the last raw value and the offset carried over resets."""
+
+    last_raw: Mapping[str, float] = field(default_factory=dict)
+    offset: Mapping[str, float] = field(default_factory=dict)
+
+
+def adjust_counters(
+    raw: Mapping[str, float | None], state: CounterState
+) -> tuple[dict[str, float | None], CounterState, bool]:
+    """Make counters monotonic across engine restarts (Prometheus `rate()` semantics).
+
+    A value below the previous one means the engine restarted and the counter began again at 0:
+    the previous value is added to the offset. Unknown (None) values stay unknown and do not
+    disturb the state. Returns (adjusted values, new state, whether any counter reset).
+    """
+    last = dict(state.last_raw)
+    offset = dict(state.offset)
+    out: dict[str, float | None] = {}
+    reset = False
+    for key, value in raw.items():
+        if value is None:
+            out[key] = None
+            continue
+        prev = last.get(key)
+        if prev is not None and value < prev:
+            offset[key] = offset.get(key, 0.0) + prev
+            reset = True
+        last[key] = value
+        out[key] = value + offset.get(key, 0.0)
+    return out, CounterState(last, offset), reset

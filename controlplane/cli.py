@@ -1,0 +1,110 @@
+"""`controlplane` command line. It only wires: every command calls into the packages."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from controlplane.settings import Settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="SLO control plane for vLLM fleets.")
+model_app = typer.Typer(no_args_is_help=True, help="Models the plane can serve.")
+db_app = typer.Typer(no_args_is_help=True, help="The SQL store.")
+app.add_typer(model_app, name="model")
+app.add_typer(db_app, name="db")
+console = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        for err in exc.errors():
+            field = "CONTROLPLANE_" + str(err["loc"][0]).upper() if err["loc"] else "settings"
+            console.print(f"[red]error:[/] {field}: {err['msg']} (got {err.get('input')!r})")
+        raise typer.Exit(2) from None
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@model_app.command("make-tiny")
+def make_tiny(
+    out: Annotated[Path, typer.Option(help="Directory to write the model into.")],
+    seed: Annotated[int, typer.Option(help="Seed for the tokenizer corpus and the weights.")] = 0,
+) -> None:
+    """Build a tiny Llama model (random weights, locally trained tokenizer). Reuses a finished build."""
+    from controlplane.engines.tiny_model import TinyModelSpec, make_tiny_model
+
+    with console.status("building tiny model") as status:
+        path, built = make_tiny_model(out, TinyModelSpec(seed=seed), progress=lambda m: status.update(m))
+    console.print(f"[green]{'built' if built else 'reused'}[/] tiny model at {path}")
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Create or migrate the store's schema to the newest version."""
+    from controlplane.store.db import make_engine, upgrade
+
+    settings = _settings()
+    upgrade(make_engine(settings.resolved_database_url()))
+    console.print(f"[green]store at head[/]: {settings.resolved_database_url()}")
+
+
+@app.command()
+def up(
+    watch: Annotated[list[str] | None, typer.Option(
+        help="vLLM server to watch: URL or NAME=URL (repeatable).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the plane: OTLP receivers, engine scraping, GPU telemetry and the REST API."""
+    from collectors.scrape_loop import Target
+    from controlplane.plane import Endpoints, Plane, run_blocking
+
+    _logging(verbose)
+    settings = _settings()
+    try:
+        targets = [Target.from_watch(w) for w in watch or []]
+    except ValueError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+    def ready(e: Endpoints) -> None:
+        console.print(f"[green]plane up[/] store={settings.resolved_database_url()}")
+        console.print(f"  REST API     {e.api}  (health {e.api}/healthz)")
+        console.print(f"  OTLP/HTTP    {e.otlp_http}")
+        console.print(f"  OTLP/gRPC    {e.otlp_grpc}")
+        for t in targets:
+            console.print(f"  watching     {t.name} at {t.base_url}")
+
+    try:
+        run_blocking(Plane(settings, targets, on_ready=ready))
+    except OSError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    console.print("plane stopped")
+
+
+@app.command()
+def demo(
+    requests: Annotated[int, typer.Option(help="Requests to send.", min=1, max=100_000)] = 60,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight.", min=1, max=256)] = 4,
+) -> None:
+    """Watch one tiny vLLM server, drive a short load, print per-phase latency percentiles from the store."""
+    from controlplane.demo import run_demo
+
+    _logging(False)
+    logging.getLogger().setLevel(logging.WARNING)
+    raise typer.Exit(run_demo(_settings(), console, n_requests=requests, concurrency=concurrency))
+
+
+if __name__ == "__main__":
+    app()

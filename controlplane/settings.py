@@ -1,0 +1,38 @@
+"""Settings of the plane: one default in one place, overridable by `CONTROLPLANE_*` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CONTROLPLANE_", extra="forbid")
+
+    data_dir: Path = Field(default=Path("data"), description="Where the SQLite store, models and reports live.")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default: a SQLite file (WAL) in data_dir."
+    )
+    # Loopback by default: nothing is exposed beyond this host unless asked for.
+    bind_host: str = "127.0.0.1"
+    api_port: int = Field(default=8080, ge=0, le=65535)
+    otlp_http_port: int = Field(default=4318, ge=0, le=65535)
+    otlp_grpc_port: int = Field(default=4317, ge=0, le=65535)
+    api_token: str | None = Field(default=None, description="Bearer token required by mutating endpoints.")
+    scrape_interval_s: float = Field(default=5.0, gt=0)
+    scrape_timeout_s: float = Field(default=3.0, gt=0)
+    gpu_interval_s: float = Field(default=10.0, gt=0)
+    dcgm_url: str | None = Field(default=None, description="dcgm-exporter /metrics URL; NVML is used without it.")
+    otlp_max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser()
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'controlplane.db').resolve()}"

@@ -1,0 +1,173 @@
+"""Typed SQLAlchemy 2 models of the store.
+
+Times are UNIX epoch seconds as doubles (`*_unix_s`): portable across SQLite and PostgreSQL,
+cheap to index and to range-scan, and free of timezone ambiguity. Durations carry `_s`.
+Every reading column is nullable on purpose: NULL means *unknown* (a failed scrape, a missing
+metric), which downstream code must never read as zero.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from controlplane import names
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL wants BIGINT for big tables.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, float: Double}
+
+
+class Deployment(Base):
+    __tablename__ = names.T_DEPLOYMENTS
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    model: Mapped[str | None] = mapped_column(String(500))
+    spec: Mapped[dict[str, Any] | None]
+    created_unix_s: Mapped[float]
+
+
+class Replica(Base):
+    __tablename__ = names.T_REPLICAS
+    id: Mapped[int] = mapped_column(primary_key=True)
+    deployment_id: Mapped[int | None] = mapped_column(ForeignKey(f"{names.T_DEPLOYMENTS}.id"))
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    url: Mapped[str | None] = mapped_column(String(500))
+    backend: Mapped[str] = mapped_column(String(20))  # local | ray | external
+    state: Mapped[str] = mapped_column(String(20))
+    config_version: Mapped[int] = mapped_column(default=0)
+    created_unix_s: Mapped[float]
+
+
+class ReplicaConfig(Base):
+    """Engine configuration of a replica, one row per version (append-only history)."""
+
+    __tablename__ = names.T_REPLICA_CONFIGS
+    __table_args__ = (UniqueConstraint("replica_id", "version"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    replica_id: Mapped[int] = mapped_column(ForeignKey(f"{names.T_REPLICAS}.id"))
+    version: Mapped[int]
+    config: Mapped[dict[str, Any]]
+    created_unix_s: Mapped[float]
+
+
+class Request(Base):
+    """One finished request, from vLLM's `llm_request` span."""
+
+    __tablename__ = names.T_REQUESTS
+    __table_args__ = (
+        UniqueConstraint("trace_id", "span_id", name="uq_requests_span"),
+        Index("ix_requests_arrival", "arrival_unix_s"),
+        Index("ix_requests_replica_arrival", "replica_id", "arrival_unix_s"),
+    )
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(200))
+    replica_id: Mapped[int | None] = mapped_column(ForeignKey(f"{names.T_REPLICAS}.id"))
+    model: Mapped[str | None] = mapped_column(String(500))
+    arrival_unix_s: Mapped[float]
+    queue_s: Mapped[float | None]
+    prefill_s: Mapped[float | None]
+    decode_s: Mapped[float | None]
+    inference_s: Mapped[float | None]
+    ttft_s: Mapped[float | None]
+    e2e_s: Mapped[float | None]
+    tpot_s: Mapped[float | None]
+    prompt_tokens: Mapped[int | None]
+    completion_tokens: Mapped[int | None]
+    max_tokens: Mapped[int | None]
+    trace_id: Mapped[str] = mapped_column(String(32))
+    span_id: Mapped[str] = mapped_column(String(16))
+
+
+class EngineSample(Base):
+    """One scrape of a replica's /metrics. Counters are reset-adjusted (monotonic)."""
+
+    __tablename__ = names.T_ENGINE_SAMPLES
+    __table_args__ = (
+        Index("ix_engine_samples_ts", "ts_unix_s"),
+        Index("ix_engine_samples_replica_ts", "replica_id", "ts_unix_s"),
+    )
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    replica_id: Mapped[int] = mapped_column(ForeignKey(f"{names.T_REPLICAS}.id"))
+    ts_unix_s: Mapped[float]
+    scrape_ok: Mapped[bool] = mapped_column(Boolean)
+    error: Mapped[str | None] = mapped_column(Text)
+    scrape_duration_s: Mapped[float | None]
+    kv_usage_ratio: Mapped[float | None]
+    kv_capacity_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    kv_block_size_tokens: Mapped[int | None]
+    num_running: Mapped[float | None]
+    num_waiting: Mapped[float | None]
+    preemptions_total: Mapped[float | None]
+    prompt_tokens_total: Mapped[float | None]
+    generation_tokens_total: Mapped[float | None]
+    request_success_total: Mapped[float | None]
+    request_errors_total: Mapped[float | None]  # finished_reason abort or error
+    prefix_cache_queries_total: Mapped[float | None]
+    prefix_cache_hits_total: Mapped[float | None]
+    counter_reset: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class GpuSample(Base):
+    """One GPU reading, units normalised to the DCGM ones (ratios 0-1, bytes, W, J)."""
+
+    __tablename__ = names.T_GPU_SAMPLES
+    __table_args__ = (
+        Index("ix_gpu_samples_ts", "ts_unix_s"),
+        Index("ix_gpu_samples_uuid_ts", "uuid", "ts_unix_s"),
+    )
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    ts_unix_s: Mapped[float]
+    source: Mapped[str] = mapped_column(String(10))  # dcgm | nvml
+    host: Mapped[str | None] = mapped_column(String(200))
+    gpu_index: Mapped[int | None]
+    uuid: Mapped[str | None] = mapped_column(String(100))
+    model_name: Mapped[str | None] = mapped_column(String(200))
+    util_ratio: Mapped[float | None]
+    mem_copy_util_ratio: Mapped[float | None]
+    fb_used_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    fb_free_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    power_w: Mapped[float | None]
+    energy_j: Mapped[float | None]
+    temp_c: Mapped[float | None]
+    sm_clock_mhz: Mapped[float | None]
+    xid_errors: Mapped[float | None]
+    gr_engine_active_ratio: Mapped[float | None]
+    tensor_active_ratio: Mapped[float | None]
+    dram_active_ratio: Mapped[float | None]
+
+
+class LifecycleEvent(Base):
+    """Something that happened to a replica: startup phases (from spans), scrapes lost, actions."""
+
+    __tablename__ = names.T_LIFECYCLE
+    __table_args__ = (Index("ix_lifecycle_ts", "ts_unix_s"),)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    replica_id: Mapped[int | None] = mapped_column(ForeignKey(f"{names.T_REPLICAS}.id"))
+    ts_unix_s: Mapped[float]
+    kind: Mapped[str] = mapped_column(String(100))
+    actor: Mapped[str] = mapped_column(String(20))  # user | tuner | supervisor | engine | collector
+    reason: Mapped[str | None] = mapped_column(String(100))
+    message: Mapped[str | None] = mapped_column(Text)
+    duration_s: Mapped[float | None]
+    attributes: Mapped[dict[str, Any] | None]
+    before_config: Mapped[dict[str, Any] | None]
+    after_config: Mapped[dict[str, Any] | None]
+    # Idempotency for retried OTLP batches: "trace_id/span_id" of the span the event came from.
+    dedupe_key: Mapped[str | None] = mapped_column(String(64), unique=True)

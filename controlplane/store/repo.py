@@ -1,0 +1,182 @@
+"""Reads and writes of the store. Every write is one transaction; callers ack only after it returns."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Table, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from controlplane.store.models import (
+    EngineSample,
+    GpuSample,
+    LifecycleEvent,
+    Replica,
+    ReplicaConfig,
+    Request,
+)
+
+
+def _insert_ignore(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> int:
+    """INSERT ... ON CONFLICT DO NOTHING, so a retried OTLP batch is stored once."""
+    if not rows:
+        return 0
+    dialect = conn.dialect.name
+    if dialect == "sqlite":
+        stmt: Any = sqlite.insert(table).on_conflict_do_nothing()
+    elif dialect == "postgresql":
+        stmt = postgresql.insert(table).on_conflict_do_nothing()
+    else:  # pragma: no cover - only SQLite and PostgreSQL are supported
+        raise RuntimeError(f"unsupported database dialect {dialect!r}")
+    result = conn.execute(stmt, list(rows))
+    return int(result.rowcount) if result.rowcount is not None and result.rowcount >= 0 else len(rows)
+
+
+class Store:
+    """The plane's handle on the database: replica ids cached, SQLite writes serialised in-process."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._replica_ids: dict[str, int] = {}
+        # SQLite has one writer at a time; serialising here avoids busy-waits between our threads.
+        self._write_lock: AbstractContextManager[Any] = (
+            threading.Lock() if engine.dialect.name == "sqlite" else nullcontext()
+        )
+
+    # --- replicas -----------------------------------------------------------------------------
+    def ensure_replica(
+        self,
+        conn: Connection,
+        name: str,
+        *,
+        url: str | None = None,
+        backend: str = "external",
+        state: str = "watched",
+    ) -> int:
+        if name in self._replica_ids:
+            return self._replica_ids[name]
+        table = Replica.__table__
+        _insert_ignore(
+            conn,
+            table,  # type: ignore[arg-type]
+            [{"name": name, "url": url, "backend": backend, "state": state, "config_version": 0,
+              "created_unix_s": time.time()}],
+        )
+        rid = conn.execute(select(Replica.id).where(Replica.name == name)).scalar_one()
+        self._replica_ids[name] = rid
+        return int(rid)
+
+    def register_replica(
+        self, name: str, *, url: str | None, backend: str, config: Mapping[str, Any] | None = None
+    ) -> int:
+        """Create the replica if new; store `config` as a new version when it differs from the last."""
+        with self._write_lock, self.engine.begin() as conn:
+            rid = self.ensure_replica(conn, name, url=url, backend=backend)
+            if config is not None:
+                last = conn.execute(
+                    select(ReplicaConfig.version, ReplicaConfig.config)
+                    .where(ReplicaConfig.replica_id == rid)
+                    .order_by(ReplicaConfig.version.desc())
+                    .limit(1)
+                ).first()
+                if last is None or dict(last.config) != dict(config):
+                    version = 1 if last is None else last.version + 1
+                    conn.execute(
+                        ReplicaConfig.__table__.insert(),
+                        {"replica_id": rid, "version": version, "config": dict(config),
+                         "created_unix_s": time.time()},
+                    )
+                    conn.execute(
+                        Replica.__table__.update().where(Replica.id == rid).values(config_version=version)
+                    )
+            return rid
+
+    # --- writes -------------------------------------------------------------------------------
+    def write_spans(
+        self, requests: Iterable[Mapping[str, Any]], events: Iterable[Mapping[str, Any]]
+    ) -> tuple[int, int]:
+        """Store request rows and lifecycle events (with a `replica` name key) in one transaction."""
+        requests, events = list(requests), list(events)
+        with self._write_lock, self.engine.begin() as conn:
+            ids = {r: self.ensure_replica(conn, r) for r in {x["replica"] for x in [*requests, *events]}}
+            req_rows = [{**{k: v for k, v in r.items() if k != "replica"}, "replica_id": ids[r["replica"]]}
+                        for r in requests]
+            ev_rows = [
+                {"replica_id": ids[e["replica"]], "ts_unix_s": e["ts_unix_s"], "kind": e["kind"],
+                 "actor": "engine", "duration_s": e["duration_s"], "attributes": e["attributes"],
+                 "dedupe_key": e["dedupe_key"]}
+                for e in events
+            ]
+            n_req = _insert_ignore(conn, Request.__table__, req_rows)  # type: ignore[arg-type]
+            n_ev = _insert_ignore(conn, LifecycleEvent.__table__, ev_rows)  # type: ignore[arg-type]
+        return n_req, n_ev
+
+    def write_engine_sample(self, row: Mapping[str, Any]) -> None:
+        with self._write_lock, self.engine.begin() as conn:
+            conn.execute(EngineSample.__table__.insert(), dict(row))
+
+    def write_gpu_samples(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        if not rows:
+            return
+        with self._write_lock, self.engine.begin() as conn:
+            conn.execute(GpuSample.__table__.insert(), [dict(r) for r in rows])
+
+    def record_event(
+        self, replica_id: int | None, kind: str, *, actor: str, reason: str | None = None,
+        message: str | None = None, attributes: Mapping[str, Any] | None = None,
+    ) -> None:
+        with self._write_lock, self.engine.begin() as conn:
+            conn.execute(
+                LifecycleEvent.__table__.insert(),
+                {"replica_id": replica_id, "ts_unix_s": time.time(), "kind": kind, "actor": actor,
+                 "reason": reason, "message": message, "attributes": dict(attributes or {})},
+            )
+
+    # --- reads --------------------------------------------------------------------------------
+    def replica_names(self) -> dict[int, str]:
+        with self.engine.connect() as conn:
+            return {int(i): str(n) for i, n in conn.execute(select(Replica.id, Replica.name))}
+
+    def requests(
+        self, *, since_unix_s: float | None = None, until_unix_s: float | None = None,
+        replica: str | None = None, limit: int = 1000,
+    ) -> list[dict[str, Any]]:
+        return self._window(Request, Request.arrival_unix_s, since_unix_s, until_unix_s, replica, limit)
+
+    def engine_samples(
+        self, *, since_unix_s: float | None = None, until_unix_s: float | None = None,
+        replica: str | None = None, limit: int = 1000,
+    ) -> list[dict[str, Any]]:
+        return self._window(EngineSample, EngineSample.ts_unix_s, since_unix_s, until_unix_s, replica, limit)
+
+    def events(self, *, limit: int = 1000) -> list[dict[str, Any]]:
+        return self._window(LifecycleEvent, LifecycleEvent.ts_unix_s, None, None, None, limit)
+
+    def gpu_samples(self, *, limit: int = 1000) -> list[dict[str, Any]]:
+        return self._window(GpuSample, GpuSample.ts_unix_s, None, None, None, limit)
+
+    def _window(
+        self, model: Any, ts_col: Any, since: float | None, until: float | None,
+        replica: str | None, limit: int,
+    ) -> list[dict[str, Any]]:
+        """Rows in [since, until), newest first, with the replica's name joined in."""
+        stmt = select(model.__table__, Replica.name.label("replica")).outerjoin(
+            Replica, Replica.id == model.replica_id
+        ) if hasattr(model, "replica_id") else select(model.__table__)
+        if since is not None:
+            stmt = stmt.where(ts_col >= since)
+        if until is not None:
+            stmt = stmt.where(ts_col < until)
+        if replica is not None:
+            stmt = stmt.where(Replica.name == replica)
+        stmt = stmt.order_by(ts_col.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(stmt)]
+
+    def count(self, model: Any) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(model.__table__)).scalar_one())
