@@ -1,0 +1,288 @@
+"""OTLP ingest throughput: vLLM `llm_request` spans over OTLP/HTTP into the store, vs a raw executemany.
+
+    .venv/bin/python bench/ingest.py [--spans N] [--pg-spans N] [--batch B] [--pg-url URL] [--skip-pg]
+
+The OTLP/HTTP server (uvicorn + Starlette + Ingestor + Store) runs in a thread of this process, and the
+httpx client runs in the main thread: both share one interpreter (and its GIL), so the rate measured is
+the whole path, client serialisation excluded (payloads are built before the clock starts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import resource
+import socket
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import uvicorn
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import Engine, make_url
+
+from collectors.otlp.decode import decode_request, to_dict
+from collectors.otlp.receiver import Ingestor, http_app
+from controlplane import names
+from controlplane.store.db import make_engine, upgrade
+from controlplane.store.models import Request
+from controlplane.store.repo import Store
+
+REPLICA = "bench-0"
+MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+MAX_BODY_BYTES = 16 * 1024 * 1024  # the plane's default otlp_max_body_bytes
+DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+# vLLM sets these on llm_request too; the store does not keep them, so names.py does not own them.
+ATTR_TEMPERATURE, ATTR_TOP_P = "gen_ai.request.temperature", "gen_ai.request.top_p"
+ATTR_N = "gen_ai.request.n"
+TARGET_SPANS_S, TARGET_RATIO = 20_000.0, 0.5
+console = Console(width=120)
+
+
+@dataclass
+class Result:
+    database: str
+    path: str
+    spans: int
+    seconds: float
+    rss_mib: float
+    raw_rate: float | None = None
+
+    @property
+    def rate(self) -> float:
+        return self.spans / self.seconds
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _kv(key: str, value: str | int | float) -> KeyValue:
+    if isinstance(value, str):
+        return KeyValue(key=key, value=AnyValue(string_value=value))
+    if isinstance(value, int):
+        return KeyValue(key=key, value=AnyValue(int_value=value))
+    return KeyValue(key=key, value=AnyValue(double_value=value))
+
+
+def _span(rng: random.Random, t0_ns: int) -> Span:
+    queue, prefill = rng.expovariate(1 / 0.05), rng.uniform(0.01, 0.4)
+    prompt, max_tokens = rng.randint(16, 4096), rng.choice((128, 256, 512, 1024))
+    completion = rng.randint(1, max_tokens)
+    decode = completion * rng.uniform(0.008, 0.03)
+    ttft = queue + prefill + rng.uniform(0.001, 0.01)
+    e2e = ttft + decode + rng.uniform(0.001, 0.02)
+    start = t0_ns + rng.randint(0, 3_600_000_000_000)
+    attrs: list[tuple[str, str | int | float]] = [
+        (names.ATTR_RESPONSE_MODEL, MODEL), (names.ATTR_REQUEST_ID, f"chatcmpl-{uuid.uuid4().hex}"),
+        (ATTR_TEMPERATURE, rng.choice((0.0, 0.7, 1.0))), (ATTR_TOP_P, rng.choice((0.9, 0.95, 1.0))),
+        (names.ATTR_MAX_TOKENS, max_tokens), (ATTR_N, 1),
+        (names.ATTR_PROMPT_TOKENS, prompt), (names.ATTR_COMPLETION_TOKENS, completion),
+        (names.ATTR_QUEUE, queue), (names.ATTR_TTFT, ttft), (names.ATTR_E2E, e2e),
+        (names.ATTR_PREFILL, prefill), (names.ATTR_DECODE, decode), (names.ATTR_INFERENCE, prefill + decode),
+    ]
+    return Span(trace_id=rng.randbytes(16), span_id=rng.randbytes(8), name=names.SPAN_LLM_REQUEST,
+                kind=Span.SPAN_KIND_SERVER, start_time_unix_nano=start,
+                end_time_unix_nano=start + int(e2e * 1e9), attributes=[_kv(k, v) for k, v in attrs])
+
+
+def build_batches(n: int, batch: int, seed: int) -> list[ExportTraceServiceRequest]:
+    rng, t0_ns, out = random.Random(seed), time.time_ns() - 3_600_000_000_000, []
+    for lo in range(0, n, batch):
+        msg = ExportTraceServiceRequest()
+        rs = msg.resource_spans.add()
+        rs.resource.attributes.append(_kv(names.RES_REPLICA, REPLICA))
+        rs.resource.attributes.append(_kv(names.RES_SERVICE_NAME, "vllm"))
+        ss = rs.scope_spans.add()
+        ss.scope.name = "vllm.llm_engine"
+        ss.spans.extend(_span(rng, t0_ns) for _ in range(min(batch, n - lo)))
+        out.append(msg)
+    return out
+
+
+def raw_rows(msgs: list[ExportTraceServiceRequest], replica_id: int) -> list[list[dict[str, Any]]]:
+    """The dict rows Store.write_spans would insert (replica name resolved to its id)."""
+    return [[{**{k: v for k, v in to_dict(r).items() if k != "replica"}, "replica_id": replica_id}
+             for r in decode_request(m).requests] for m in msgs]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_otlp(engine: Engine, payloads: list[bytes], n: int) -> float:
+    port = free_port()
+    app = http_app(Ingestor(Store(engine)), MAX_BODY_BYTES)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           access_log=False, lifespan="off"))
+    thread = threading.Thread(target=server.run, name="otlp-http", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            sys.exit("uvicorn failed to start")
+        time.sleep(0.01)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            headers = {"Content-Type": "application/x-protobuf"}
+            t0 = time.perf_counter()
+            for i, body in enumerate(payloads):
+                resp = client.post("/v1/traces", content=body, headers=headers)
+                if resp.status_code != 200:
+                    sys.exit(f"batch {i}: HTTP {resp.status_code}: {resp.text[:300]}")
+            elapsed = time.perf_counter() - t0
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    check_count("OTLP", Store(engine).count(Request), n)
+    return elapsed
+
+
+def check_count(what: str, got: int, want: int) -> None:
+    if got != want:
+        console.print(f"[bold red]FAIL[/]: {what}: requests table holds {got} rows, expected {want}")
+        sys.exit(1)
+
+
+def run_raw(connect: Callable[[], Any], placeholder: str, rows: list[list[dict[str, Any]]], n: int) -> float:
+    cols = list(rows[0][0])
+    sql = (f"INSERT INTO {names.T_REQUESTS} ({', '.join(cols)}) VALUES "
+           f"({', '.join(placeholder.format(c) for c in cols)}) ON CONFLICT DO NOTHING")
+    conn = connect()
+    try:
+        cur = conn.cursor()
+        t0 = time.perf_counter()
+        for chunk in rows:
+            cur.executemany(sql, chunk)
+            conn.commit()
+        elapsed = time.perf_counter() - t0
+        cur.execute(f"SELECT count(*) FROM {names.T_REQUESTS}")
+        check_count("raw", int(cur.fetchone()[0]), n)
+    finally:
+        conn.close()
+    return elapsed
+
+
+def fresh_schema(engine: Engine) -> int:
+    upgrade(engine)
+    rid = Store(engine).register_replica(REPLICA, url=None, backend="external")
+    return rid
+
+
+def phase(db: str, n: int, batch: int, engines: tuple[Engine, Engine],
+          raw_connect: Callable[[], Any], placeholder: str) -> list[Result]:
+    console.print(f"[{db}] building {n:,} spans in batches of {batch} ...")
+    msgs = build_batches(n, batch, seed=n)
+    payloads = [m.SerializeToString() for m in msgs]
+    rows = raw_rows(msgs, fresh_schema(engines[1]))
+    del msgs
+    mib = sum(map(len, payloads)) / 2**20
+    console.print(f"[{db}] {len(payloads)} payloads, {mib:.1f} MiB protobuf; raw executemany ...")
+    engines[1].dispose()
+    raw_s = run_raw(raw_connect, placeholder, rows, n)
+    raw = Result(db, "raw executemany", n, raw_s, peak_rss_mib())
+    del rows
+    console.print(f"[{db}] raw {raw.rate:,.0f} spans/s; OTLP/HTTP ...")
+    upgrade(engines[0])
+    otlp = Result(db, "OTLP/HTTP -> Store", n, run_otlp(engines[0], payloads, n), peak_rss_mib(), raw.rate)
+    console.print(f"[{db}] OTLP {otlp.rate:,.0f} spans/s")
+    engines[0].dispose()
+    return [raw, otlp]
+
+
+def sqlite_phase(n: int, batch: int, tmp: Path) -> list[Result]:
+    otlp_db, raw_db = tmp / "otlp.db", tmp / "raw.db"
+    engines = (make_engine(f"sqlite:///{otlp_db}"), make_engine(f"sqlite:///{raw_db}"))
+
+    def connect() -> sqlite3.Connection:
+        conn = sqlite3.connect(raw_db)
+        conn.execute("PRAGMA journal_mode=WAL")  # the same pragmas make_engine sets
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        return conn
+
+    return phase("SQLite", n, batch, engines, connect, ":{}")
+
+
+def pg_phase(n: int, batch: int, url: str, required: bool) -> list[Result]:
+    base = make_url(url)
+    admin_dsn = base.set(drivername="postgresql").render_as_string(hide_password=False)
+    dbs = [f"cp_bench_{os.getpid()}", f"cp_bench_{os.getpid()}_raw"]
+    try:
+        admin = psycopg.connect(admin_dsn, autocommit=True, connect_timeout=5)
+    except psycopg.Error as exc:
+        msg = f"PostgreSQL skipped: cannot connect to {base.render_as_string()}: {str(exc).strip()}"
+        if required:
+            sys.exit(msg)
+        console.print(f"[yellow]{msg}[/]")
+        return []
+    try:
+        for db in dbs:
+            admin.execute(f'CREATE DATABASE "{db}"')
+        urls = [base.set(drivername="postgresql+psycopg", database=db) for db in dbs]
+        engines = (make_engine(urls[0].render_as_string(hide_password=False)),
+                   make_engine(urls[1].render_as_string(hide_password=False)))
+        raw_dsn = urls[1].set(drivername="postgresql").render_as_string(hide_password=False)
+        return phase("PostgreSQL", n, batch, engines, lambda: psycopg.connect(raw_dsn), "%({})s")
+    finally:
+        for db in dbs:
+            admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        admin.close()
+
+
+def report(results: list[Result]) -> None:
+    table = Table(title="OTLP ingest (server in-process; peak RSS is the whole process, cumulative)")
+    for col in ("database", "path", "spans", "seconds", "spans/s", "ratio vs raw", "peak RSS MiB"):
+        table.add_column(col, justify="left" if col in ("database", "path") else "right")
+    for r in results:
+        ratio = f"{r.rate / r.raw_rate:.2f}" if r.raw_rate else "1.00"
+        table.add_row(r.database, r.path, f"{r.spans:,}", f"{r.seconds:.2f}", f"{r.rate:,.0f}", ratio,
+                      f"{r.rss_mib:.0f}")
+    console.print(table)
+    sq = next((r for r in results if r.database == "SQLite" and r.raw_rate), None)
+    if sq is None or sq.raw_rate is None:
+        return
+    ratio = sq.rate / sq.raw_rate
+    rate_ok, ratio_ok = sq.rate >= TARGET_SPANS_S, ratio >= TARGET_RATIO
+    console.print(
+        f"Targets (SQLite, OTLP/HTTP): >= {TARGET_SPANS_S:,.0f} spans/s: {sq.rate:,.0f} "
+        f"{'PASS' if rate_ok else 'MISS'}; >= {TARGET_RATIO} of raw insert rate: {ratio:.2f} "
+        f"{'PASS' if ratio_ok else 'MISS'}"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--spans", type=int, default=100_000, help="spans for SQLite (default 100000)")
+    ap.add_argument("--pg-spans", type=int, default=30_000, help="spans for PostgreSQL (default 30000)")
+    ap.add_argument("--batch", type=int, default=512, help="spans per OTLP request / raw executemany")
+    ap.add_argument("--pg-url", default=None, help=f"PostgreSQL server URL (default {DEFAULT_PG_URL})")
+    ap.add_argument("--skip-pg", action="store_true", help="SQLite only")
+    args = ap.parse_args()
+    if args.spans < 1 or args.pg_spans < 1 or args.batch < 1:
+        ap.error("--spans, --pg-spans and --batch must be positive")
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="cp-bench-") as tmp:
+        results += sqlite_phase(args.spans, args.batch, Path(tmp))
+    if not args.skip_pg:
+        results += pg_phase(args.pg_spans, args.batch, args.pg_url or DEFAULT_PG_URL, args.pg_url is not None)
+    report(results)
+
+
+if __name__ == "__main__":
+    main()

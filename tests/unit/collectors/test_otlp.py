@@ -1,0 +1,186 @@
+import gzip
+import json
+
+import grpc
+import pytest
+from google.protobuf import json_format
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+from sqlalchemy.exc import OperationalError
+from starlette.testclient import TestClient
+
+from collectors.otlp.decode import PayloadError, decode_request, parse_json, parse_protobuf, tpot
+from collectors.otlp.receiver import Ingestor, grpc_server, http_app
+from controlplane.store.models import LifecycleEvent, Request
+from controlplane.store.repo import Store
+from tests.conftest import free_port
+from tests.spans import export, kv, llm_span
+
+PB = {"content-type": "application/x-protobuf"}
+
+
+def test_an_llm_request_span_becomes_a_request_row_with_every_phase() -> None:
+    span = llm_span(ttft=0.2, e2e=1.1, completion=10, prompt=33, start_ns=1_700_000_000_500_000_000)
+    batch = decode_request(export([span], replica="tiny-0"))
+    (row,) = batch.requests
+    assert row.replica == "tiny-0"
+    assert row.arrival_unix_s == pytest.approx(1_700_000_000.5)
+    assert row.ttft_s == 0.2 and row.e2e_s == 1.1
+    assert row.queue_s == 0.01 and row.prefill_s == pytest.approx(0.19)
+    assert row.decode_s == pytest.approx(0.9) and row.inference_s == pytest.approx(1.09)
+    assert row.tpot_s == pytest.approx(0.1)  # (1.1 - 0.2) / (10 - 1)
+    assert (row.prompt_tokens, row.completion_tokens) == (33, 10)
+    assert row.trace_id == span.trace_id.hex() and row.span_id == span.span_id.hex()
+
+
+def test_tpot_is_unknown_for_a_single_token_or_missing_timings() -> None:
+    assert tpot(1.0, 0.2, 1) is None
+    assert tpot(None, 0.2, 5) is None
+    assert tpot(1.0, 0.2, 5) == pytest.approx(0.2)
+
+
+def test_startup_spans_become_lifecycle_events_not_requests() -> None:
+    span = Span(trace_id=b"\x01" * 16, span_id=b"\x02" * 8, name="Load weights",
+                start_time_unix_nano=10**18, end_time_unix_nano=10**18 + 2 * 10**9,
+                attributes=[kv("code.function", "load_weights")])
+    batch = decode_request(export([span]))
+    assert batch.requests == []
+    (event,) = batch.events
+    assert event.kind == "span:Load weights" and event.duration_s == pytest.approx(2.0)
+    assert event.attributes == {"code.function": "load_weights"}
+
+
+def test_spans_with_bad_ids_are_rejected_and_the_rest_kept() -> None:
+    batch = decode_request(export([llm_span(trace_id=b"\x01" * 3), llm_span()]))
+    assert batch.rejected_spans == 1 and len(batch.requests) == 1
+    assert "16 bytes" in batch.errors[0]
+
+
+def test_otlp_json_with_hex_ids_decodes_like_protobuf() -> None:
+    msg = export([llm_span()])
+    doc = json_format.MessageToDict(msg)
+    span = doc["resourceSpans"][0]["scopeSpans"][0]["spans"][0]
+    pb_span = msg.resource_spans[0].scope_spans[0].spans[0]
+    span["traceId"], span["spanId"] = pb_span.trace_id.hex(), pb_span.span_id.hex()
+    assert parse_json(json.dumps(doc).encode()) == msg
+
+
+@pytest.mark.parametrize(("body", "fragment"), [
+    (b"\xff\xff\xff", "protobuf"),
+])
+def test_garbage_protobuf_is_a_payload_error(body: bytes, fragment: str) -> None:
+    with pytest.raises(PayloadError, match=fragment):
+        parse_protobuf(body)
+
+
+@pytest.fixture
+def client(store: Store) -> TestClient:
+    return TestClient(http_app(Ingestor(store), max_body_bytes=64 * 1024))
+
+
+def test_an_acknowledged_protobuf_batch_is_in_the_store(client: TestClient, store: Store) -> None:
+    resp = client.post("/v1/traces", content=export([llm_span(), llm_span()]).SerializeToString(), headers=PB)
+    assert resp.status_code == 200
+    ExportTraceServiceResponse.FromString(resp.content)
+    assert store.count(Request) == 2
+
+
+def test_an_otlp_json_batch_is_stored_and_answered_in_json(client: TestClient, store: Store) -> None:
+    msg = export([llm_span()])
+    doc = json_format.MessageToDict(msg)
+    span = doc["resourceSpans"][0]["scopeSpans"][0]["spans"][0]
+    pb_span = msg.resource_spans[0].scope_spans[0].spans[0]
+    span["traceId"], span["spanId"] = pb_span.trace_id.hex(), pb_span.span_id.hex()
+    resp = client.post("/v1/traces", json=doc)
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("application/json")
+    (row,) = store.requests()
+    assert row["trace_id"] == pb_span.trace_id.hex()
+
+
+def test_a_retried_batch_is_stored_once(client: TestClient, store: Store) -> None:
+    body = export([llm_span(), llm_span()]).SerializeToString()
+    for _ in range(3):
+        assert client.post("/v1/traces", content=body, headers=PB).status_code == 200
+    assert store.count(Request) == 2
+
+
+def test_gzip_bodies_are_accepted(client: TestClient, store: Store) -> None:
+    body = gzip.compress(export([llm_span()]).SerializeToString())
+    resp = client.post("/v1/traces", content=body, headers={**PB, "content-encoding": "gzip"})
+    assert resp.status_code == 200 and store.count(Request) == 1
+
+
+@pytest.mark.parametrize(("headers", "body", "status", "says"), [
+    ({"content-type": "text/plain"}, b"hello", 415, "Content-Type"),
+    ({}, b"hello", 415, "(none)"),
+    (PB, b"\x0a\xff\xff\xff\xff", 400, "protobuf"),
+    ({"content-type": "application/json"}, b"{not json", 400, "JSON"),
+    ({"content-type": "application/json"}, b"[1, 2]", 400, "resourceSpans"),
+    ({"content-type": "application/json"}, b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "zz"}]}]}]}',
+     400, "hex"),
+    ({**PB, "content-encoding": "br"}, b"x", 415, "Content-Encoding"),
+    ({**PB, "content-encoding": "gzip"}, b"not gzip at all", 400, "gzip"),
+    (PB, b"\x00" * (64 * 1024 + 1), 413, "exceeds"),
+    ({**PB, "content-encoding": "gzip"}, gzip.compress(b"\x00" * (1024 * 1024)), 413, "decompressed"),
+])
+def test_bad_payloads_get_a_4xx_that_says_what_was_wrong_and_the_receiver_keeps_serving(
+    client: TestClient, store: Store, headers: dict[str, str], body: bytes, status: int, says: str
+) -> None:
+    resp = client.post("/v1/traces", content=body, headers=headers)
+    assert resp.status_code == status
+    assert says in resp.json()["error"]
+    assert store.count(Request) == 0
+    ok = client.post("/v1/traces", content=export([llm_span()]).SerializeToString(), headers=PB)
+    assert ok.status_code == 200 and store.count(Request) == 1
+
+
+def test_get_on_the_traces_endpoint_says_post_is_allowed(client: TestClient) -> None:
+    resp = client.get("/v1/traces")
+    assert resp.status_code == 405 and resp.json()["allowed"] == "POST"
+
+
+def test_partial_success_reports_rejected_spans(client: TestClient, store: Store) -> None:
+    body = export([llm_span(span_id=b"\x01"), llm_span()]).SerializeToString()
+    resp = client.post("/v1/traces", content=body, headers=PB)
+    parsed = ExportTraceServiceResponse.FromString(resp.content)
+    assert parsed.partial_success.rejected_spans == 1 and store.count(Request) == 1
+
+
+class _BrokenStore(Store):
+    def write_spans(self, requests, events):  # type: ignore[no-untyped-def, override]
+        raise OperationalError("INSERT", {}, Exception("disk I/O error"))
+
+
+def test_a_store_failure_is_a_503_so_the_exporter_retries(sqlite_store: Store) -> None:
+    client = TestClient(http_app(Ingestor(_BrokenStore(sqlite_store.engine)), max_body_bytes=65536))
+    resp = client.post("/v1/traces", content=export([llm_span()]).SerializeToString(), headers=PB)
+    assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
+
+
+def test_otlp_grpc_export_is_stored_and_startup_spans_become_events(sqlite_store: Store) -> None:
+    server, port = grpc_server(Ingestor(sqlite_store), "127.0.0.1", free_port(), 4 * 1024 * 1024)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = trace_service_pb2_grpc.TraceServiceStub(channel)
+            startup = Span(trace_id=b"\x03" * 16, span_id=b"\x04" * 8, name="Executor init",
+                           start_time_unix_nano=10**18, end_time_unix_nano=10**18 + 10**9)
+            stub.Export(export([llm_span(), startup]), timeout=10)
+        assert sqlite_store.count(Request) == 1
+        assert sqlite_store.count(LifecycleEvent) == 1
+        assert sqlite_store.events()[0]["kind"] == "span:Executor init"
+    finally:
+        server.stop(grace=None)
+
+
+def test_a_grpc_message_over_the_limit_is_refused_with_resource_exhausted(sqlite_store: Store) -> None:
+    server, port = grpc_server(Ingestor(sqlite_store), "127.0.0.1", free_port(), 1024)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = trace_service_pb2_grpc.TraceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Export(export([llm_span() for _ in range(50)]), timeout=10)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert sqlite_store.count(Request) == 0
+    finally:
+        server.stop(grace=None)

@@ -1,0 +1,83 @@
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+
+from collectors.scrape_loop import EngineScraper, Target
+from controlplane.store.repo import Store
+
+FIXTURE = (Path(__file__).resolve().parents[2] / "fixtures" / "vllm_0.32_metrics.txt").read_text()
+
+
+class FakeEngine:
+    """Serves /metrics from a script of responses: text, an HTTP status, or a connection error."""
+
+    def __init__(self, script: list[str | int | Exception]) -> None:
+        self.script = list(script)
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        item = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+        if isinstance(item, Exception):
+            raise item
+        if isinstance(item, int):
+            return httpx.Response(item, text="oops")
+        return httpx.Response(200, text=item)
+
+
+def _scrape(store: Store, script: list[str | int | Exception], n: int) -> list[dict]:  # type: ignore[type-arg]
+    async def go() -> list[dict]:  # type: ignore[type-arg]
+        async with httpx.AsyncClient(transport=httpx.MockTransport(FakeEngine(script))) as client:
+            scraper = EngineScraper(store, client, timeout_s=1)
+            target = Target.from_watch("r0=http://127.0.0.1:9")
+            scraper.add(target)
+            return [await scraper.scrape_once(target) for _ in range(n)]
+    return asyncio.run(go())
+
+
+def _with_counter(value: float) -> str:
+    return FIXTURE.replace('vllm:prompt_tokens_total{engine="0",model_name="tiny"} 15.0',
+                           f'vllm:prompt_tokens_total{{engine="0",model_name="tiny"}} {value}')
+
+
+def test_a_good_scrape_stores_kv_usage_capacity_and_queue(sqlite_store: Store) -> None:
+    _scrape(sqlite_store, [FIXTURE], 1)
+    (row,) = sqlite_store.engine_samples()
+    assert row["scrape_ok"] and row["kv_capacity_tokens"] == 1_048_576 and row["kv_usage_ratio"] == 0.0
+    assert row["num_running"] == 0.0 and row["prompt_tokens_total"] == 15.0 and row["replica"] == "r0"
+
+
+@pytest.mark.parametrize("failure", [503, httpx.ConnectError("refused"), "this is { not exposition"])
+def test_a_failed_scrape_is_stored_as_unknown_never_zero(sqlite_store: Store, failure: object) -> None:
+    _scrape(sqlite_store, [failure], 1)  # type: ignore[list-item]
+    (row,) = sqlite_store.engine_samples()
+    assert row["scrape_ok"] is False and row["error"]
+    readings = ("kv_usage_ratio", "kv_capacity_tokens", "num_running", "num_waiting", "preemptions_total",
+                "prompt_tokens_total", "generation_tokens_total")
+    assert all(row[k] is None for k in readings)
+
+
+def test_failing_and_recovering_are_recorded_once_each(sqlite_store: Store) -> None:
+    _scrape(sqlite_store, [FIXTURE, 503, 503, 503, FIXTURE, FIXTURE], 6)
+    kinds = [e["kind"] for e in reversed(sqlite_store.events())]
+    assert kinds == ["scrape_failed", "scrape_recovered"]
+    assert [s["scrape_ok"] for s in reversed(sqlite_store.engine_samples())] == [True, False, False, False,
+                                                                               True, True]
+
+
+def test_an_engine_restart_keeps_stored_counters_monotonic(sqlite_store: Store) -> None:
+    _scrape(sqlite_store, [_with_counter(100), _with_counter(140), _with_counter(3)], 3)
+    rows = list(reversed(sqlite_store.engine_samples()))
+    assert [r["prompt_tokens_total"] for r in rows] == [100, 140, 143]
+    assert [r["counter_reset"] for r in rows] == [False, False, True]
+
+
+@pytest.mark.parametrize("spec", ["localhost:8000", "ftp://x", "name=", "http://"])
+def test_a_bad_watch_target_is_refused_with_an_example(spec: str) -> None:
+    with pytest.raises(ValueError, match="expected an http"):
+        Target.from_watch(spec)
+
+
+def test_a_bare_watch_url_names_the_replica_by_host_and_port() -> None:
+    assert Target.from_watch("http://10.0.0.5:8000").name == "10.0.0.5:8000"
+    assert Target.from_watch("gpu-a=http://10.0.0.5:8000/").metrics_url == "http://10.0.0.5:8000/metrics"

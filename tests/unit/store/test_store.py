@@ -1,0 +1,68 @@
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import inspect
+
+from controlplane.store.db import upgrade
+from controlplane.store.models import Base, ReplicaConfig
+from controlplane.store.repo import Store
+from tests.spans import export, llm_span
+from collectors.otlp.decode import decode_request, to_dict
+
+
+def _write(store: Store, spans: list, replica: str = "r0") -> None:  # type: ignore[type-arg]
+    batch = decode_request(export(spans, replica=replica))
+    store.write_spans([to_dict(r) for r in batch.requests], [to_dict(e) for e in batch.events])
+
+
+def test_migrations_build_exactly_the_schema_the_models_declare(store: Store) -> None:
+    with store.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []
+
+
+def test_upgrading_twice_is_harmless(store: Store) -> None:
+    upgrade(store.engine)
+    assert "requests" in inspect(store.engine).get_table_names()
+
+
+def test_time_window_queries_are_indexed(store: Store) -> None:
+    insp = inspect(store.engine)
+    indexed = {tuple(ix["column_names"]) for t in ("requests", "engine_samples", "gpu_samples",
+                                                     "lifecycle_events") for ix in insp.get_indexes(t)}
+    assert ("arrival_unix_s",) in indexed and ("replica_id", "arrival_unix_s") in indexed
+    assert ("replica_id", "ts_unix_s") in indexed and ("ts_unix_s",) in indexed
+
+
+def test_requests_are_returned_by_window_replica_and_limit_newest_first(store: Store) -> None:
+    base = 1_700_000_000
+    _write(store, [llm_span(start_ns=(base + i) * 10**9) for i in range(5)], replica="a")
+    _write(store, [llm_span(start_ns=(base + 10) * 10**9)], replica="b")
+    rows = store.requests(since_unix_s=base + 1, until_unix_s=base + 4, replica="a")
+    assert [r["arrival_unix_s"] for r in rows] == [base + 3, base + 2, base + 1]
+    assert {r["replica"] for r in rows} == {"a"}
+    assert len(store.requests(limit=2)) == 2
+    assert store.requests(limit=1)[0]["replica"] == "b"
+
+
+def test_unknown_engine_readings_are_stored_as_null_not_zero(store: Store) -> None:
+    rid = store.register_replica("r0", url="http://x", backend="external")
+    store.write_engine_sample({"replica_id": rid, "ts_unix_s": 1.0, "scrape_ok": False, "error": "refused",
+                               "kv_usage_ratio": None, "num_waiting": None})
+    (row,) = store.engine_samples()
+    assert row["scrape_ok"] is False and row["kv_usage_ratio"] is None and row["num_waiting"] is None
+
+
+def test_engine_configuration_is_versioned_only_when_it_changes(store: Store) -> None:
+    store.register_replica("r0", url=None, backend="local", config={"max_num_seqs": 8})
+    store.register_replica("r0", url=None, backend="local", config={"max_num_seqs": 8})
+    store.register_replica("r0", url=None, backend="local", config={"max_num_seqs": 16})
+    assert store.count(ReplicaConfig) == 2
+    assert Store(store.engine).register_replica("r0", url=None, backend="local") == \
+        store.register_replica("r0", url=None, backend="local")
+
+
+def test_gpu_samples_round_trip(store: Store) -> None:
+    store.write_gpu_samples([{"ts_unix_s": 5.0, "source": "nvml", "uuid": "GPU-1", "fb_used_bytes": 2**36,
+                              "util_ratio": 0.5}])
+    (row,) = store.gpu_samples()
+    assert row["fb_used_bytes"] == 2**36 and row["util_ratio"] == 0.5 and row["power_w"] is None

@@ -1,0 +1,57 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from controlplane.cli import app
+from controlplane.engines.tiny_model import TinyModelSpec, make_tiny_model
+from controlplane.settings import Settings
+
+runner = CliRunner()
+
+
+def test_a_bad_watch_url_is_a_clear_error_not_a_traceback() -> None:
+    result = runner.invoke(app, ["up", "--watch", "localhost:8000"])
+    assert result.exit_code == 2
+    assert "expected an http(s) URL" in result.output and "Traceback" not in result.output
+
+
+def test_a_bad_setting_names_the_environment_variable(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("CONTROLPLANE_API_PORT", "99999")
+    result = runner.invoke(app, ["db", "upgrade"])
+    assert result.exit_code == 2 and "CONTROLPLANE_API_PORT" in result.output
+
+
+def test_settings_come_from_controlplane_environment_variables(monkeypatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("CONTROLPLANE_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("CONTROLPLANE_SCRAPE_INTERVAL_S", "0.5")
+    s = Settings()
+    assert s.scrape_interval_s == 0.5 and s.bind_host == "127.0.0.1"
+    assert s.resolved_database_url() == f"sqlite:///{tmp_path / 'controlplane.db'}"
+
+
+def test_db_upgrade_creates_the_store(monkeypatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("CONTROLPLANE_DATA_DIR", str(tmp_path))
+    result = runner.invoke(app, ["db", "upgrade"])
+    assert result.exit_code == 0 and (tmp_path / "controlplane.db").exists()
+
+
+def test_the_tiny_model_is_deterministic_for_a_seed_and_reused(tmp_path: Path) -> None:
+    spec = TinyModelSpec(seed=3, corpus_sentences=2000, vocab_size=600, hidden_size=64, intermediate_size=128)
+    a, built_a = make_tiny_model(tmp_path / "a", spec)
+    b, _ = make_tiny_model(tmp_path / "b", spec)
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    _, built_again = make_tiny_model(tmp_path / "a", spec)
+    assert built_a and not built_again
+    other, _ = make_tiny_model(tmp_path / "c", TinyModelSpec(**{**spec.__dict__, "seed": 4}))
+    assert (other / "model.safetensors").read_bytes() != (a / "model.safetensors").read_bytes()
+    assert json.loads((a / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_the_cli_entry_point_is_installed() -> None:
+    out = subprocess.run([str(Path(sys.executable).parent / "controlplane"), "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "make-tiny" not in out and "model" in out and "up" in out
