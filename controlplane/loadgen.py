@@ -54,11 +54,12 @@ async def stream_one(client: httpx.AsyncClient, base_url: str, model: str, plan:
     trace_id = secrets.token_hex(16)
     headers = {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"}
     body = {"model": model, "prompt": plan.prompt, "max_tokens": plan.max_tokens, "stream": True,
-            "ignore_eos": True, "temperature": 0.0}
+            "ignore_eos": True, "temperature": 0.0, "stream_options": {"include_usage": True}}
     sent = time.time()
     t0 = time.perf_counter()
     ttft: float | None = None
-    tokens = 0
+    chunks = 0
+    usage_tokens: int | None = None
     try:
         async with client.stream("POST", base_url.rstrip("/") + "/v1/completions", json=body,
                                  headers=headers) as resp:
@@ -70,12 +71,18 @@ async def stream_one(client: httpx.AsyncClient, base_url: str, model: str, plan:
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
+                # A chunk with a choice is a token, even when its text is empty (a partial UTF-8
+                # sequence from a byte-level tokenizer): TTFT is the first token, not the first glyph.
                 if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
                     if ttft is None:
                         ttft = time.perf_counter() - t0
-                    tokens += 1
+                    chunks += 1
+                if chunk.get("usage"):
+                    usage_tokens = chunk["usage"].get("completion_tokens")
     except httpx.HTTPError as exc:
-        return ClientResult(trace_id, False, sent, ttft, None, tokens, f"{type(exc).__name__}: {exc}")
+        return ClientResult(trace_id, False, sent, ttft, None, chunks, f"{type(exc).__name__}: {exc}")
+    # The server's usage count is exact; a streamed chunk can carry more than one token.
+    tokens = usage_tokens if usage_tokens is not None else chunks
     return ClientResult(trace_id, True, sent, ttft, time.perf_counter() - t0, tokens)
 
 
