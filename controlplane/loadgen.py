@@ -16,7 +16,10 @@ from dataclasses import dataclass
 
 import httpx
 
-_WORDS = ["queue", "prefill", "decode", "token", "latency", "replica", "batch", "cache", "memory", "engine", "server", "request", "budget", "alert", "window", "scale", "drain", "route", "trace", "span", "metric", "sample", "model", "serve", "fleet"]
+_WORDS = (
+    "queue prefill decode token latency replica batch cache memory engine server request "
+    "budget alert window scale drain route trace span metric sample model serve fleet"
+).split()
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from collectors.otlp.decode import PayloadError, decode_request, parse_json, parse_protobuf, to_dict
+from collectors.otlp.decode import PayloadError, decode_request, event_dict, parse_json, parse_protobuf
 from controlplane import names
 from controlplane.store.repo import Store
 
@@ -72,9 +72,7 @@ class Ingestor:
         batch = decode_request(msg)
         self.spans_received.labels(transport).inc(batch.span_count + batch.rejected_spans)
         try:
-            n_req, n_ev = self.store.write_spans(
-                (to_dict(r) for r in batch.requests), (to_dict(e) for e in batch.events)
-            )
+            n_req, n_ev = self.store.write_spans(batch.requests, [event_dict(e) for e in batch.events])
         except SQLAlchemyError as exc:
             log.error("OTLP batch not stored: %s", exc)
             raise StoreUnavailable(f"store unavailable: {type(exc).__name__}") from exc

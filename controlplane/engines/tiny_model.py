@@ -19,7 +19,19 @@ STAMP = "controlplane-tiny.json"
 
 # A small fixed vocabulary of words for the training corpus. Random weights make the model's
 # output meaningless anyway; the tokenizer only needs realistic byte-pair statistics.
-_WORDS = ["the", "a", "an", "of", "to", "in", "and", "or", "is", "are", "was", "were", "be", "been", "being", "have", "has", "had", "do", "does", "did", "will", "would", "can", "could", "should", "may", "might", "must", "shall", "request", "replica", "token", "latency", "queue", "prefill", "decode", "batch", "cache", "memory", "block", "engine", "server", "model", "serving", "scheduler", "budget", "error", "rate", "window", "alert", "page", "ticket", "burn", "objective", "percentile", "histogram", "counter", "gauge", "sample", "trace", "span", "metric", "label", "value", "time", "first", "output", "input", "prompt", "completion", "stream", "client", "router", "drain", "restart", "health", "ready", "live", "scale", "up", "down", "node", "cluster", "host", "port", "process", "thread", "core", "gpu", "cpu", "fleet", "plane", "control", "tune", "search", "cost", "price", "hour", "million", "second", "minute", "day", "week", "month", "system", "data", "store", "table", "row", "column", "index", "query", "insert", "select", "update", "delete", "commit", "write", "read", "file", "path", "config", "spec", "version", "name", "kind", "field", "default", "allowed", "unknown", "missing", "failed", "hello", "world", "language", "large", "small", "tiny", "fast", "slow", "high", "low", "good", "bad", "new", "old", "open", "close", "start", "stop", "run", "walk", "talk", "think", "make", "take", "give", "find", "tell", "ask", "work", "seem", "feel", "try", "leave", "call", "keep"]
+_WORDS = (
+    "the a an of to in and or is are was were be been being have has had do does did will would can "
+    "could should may might must shall request replica token latency queue prefill decode batch "
+    "cache memory block engine server model serving scheduler budget error rate window alert page "
+    "ticket burn objective percentile histogram counter gauge sample trace span metric label value "
+    "time first output input prompt completion stream client router drain restart health ready live "
+    "scale up down node cluster host port process thread core gpu cpu fleet plane control tune "
+    "search cost price hour million second minute day week month system data store table row column "
+    "index query insert select update delete commit write read file path config spec version name "
+    "kind field default allowed unknown missing failed hello world language large small tiny fast "
+    "slow high low good bad new old open close start stop run walk talk think make take give find "
+    "tell ask work seem feel try leave call keep"
+).split()
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
-from collectors.otlp.decode import decode_request, to_dict
+from collectors.otlp.decode import decode_request, event_dict
 from controlplane.api.app import create_app
 from controlplane.store.repo import Store
 from tests.spans import export, llm_span
@@ -12,7 +12,7 @@ from tests.spans import export, llm_span
 def api(sqlite_store: Store) -> TestClient:
     base = 1_700_000_000
     batch = decode_request(export([llm_span(start_ns=(base + i) * 10**9) for i in range(4)], replica="a"))
-    sqlite_store.write_spans([to_dict(r) for r in batch.requests], [])
+    sqlite_store.write_spans(batch.requests, [])
     rid = sqlite_store.register_replica("a", url="http://a", backend="external")
     sqlite_store.write_engine_sample({"replica_id": rid, "ts_unix_s": base + 2.0, "scrape_ok": True,
                                       "kv_usage_ratio": 0.5})

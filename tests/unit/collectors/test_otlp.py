@@ -24,14 +24,14 @@ def test_an_llm_request_span_becomes_a_request_row_with_every_phase() -> None:
     span = llm_span(ttft=0.2, e2e=1.1, completion=10, prompt=33, start_ns=1_700_000_000_500_000_000)
     batch = decode_request(export([span], replica="tiny-0"))
     (row,) = batch.requests
-    assert row.replica == "tiny-0"
-    assert row.arrival_unix_s == pytest.approx(1_700_000_000.5)
-    assert row.ttft_s == 0.2 and row.e2e_s == 1.1
-    assert row.queue_s == 0.01 and row.prefill_s == pytest.approx(0.19)
-    assert row.decode_s == pytest.approx(0.9) and row.inference_s == pytest.approx(1.09)
-    assert row.tpot_s == pytest.approx(0.1)  # (1.1 - 0.2) / (10 - 1)
-    assert (row.prompt_tokens, row.completion_tokens) == (33, 10)
-    assert row.trace_id == span.trace_id.hex() and row.span_id == span.span_id.hex()
+    assert row["replica"] == "tiny-0"
+    assert row["arrival_unix_s"] == pytest.approx(1_700_000_000.5)
+    assert row["ttft_s"] == 0.2 and row["e2e_s"] == 1.1
+    assert row["queue_s"] == 0.01 and row["prefill_s"] == pytest.approx(0.19)
+    assert row["decode_s"] == pytest.approx(0.9) and row["inference_s"] == pytest.approx(1.09)
+    assert row["tpot_s"] == pytest.approx(0.1)  # (1.1 - 0.2) / (10 - 1)
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (33, 10)
+    assert row["trace_id"] == span.trace_id.hex() and row["span_id"] == span.span_id.hex()
 
 
 def test_tpot_is_unknown_for_a_single_token_or_missing_timings() -> None:
@@ -184,3 +184,17 @@ def test_a_grpc_message_over_the_limit_is_refused_with_resource_exhausted(sqlite
         assert sqlite_store.count(Request) == 0
     finally:
         server.stop(grace=None)
+
+
+def test_a_real_zero_is_kept_and_numbers_of_the_other_kind_are_converted() -> None:
+    span = llm_span()
+    del span.attributes[:]
+    span.attributes.extend([kv("gen_ai.latency.time_in_queue", 0.0), kv("gen_ai.latency.e2e", 2),
+                            kv("gen_ai.usage.prompt_tokens", 12.0), kv("gen_ai.usage.completion_tokens", 0),
+                            kv("gen_ai.latency.time_to_first_token", "fast")])
+    (row,) = decode_request(export([span])).requests
+    assert row["queue_s"] == 0.0 and row["e2e_s"] == 2.0 and isinstance(row["e2e_s"], float)
+    assert row["prompt_tokens"] == 12 and isinstance(row["prompt_tokens"], int)
+    assert row["completion_tokens"] == 0
+    assert row["ttft_s"] is None  # a string where a number belongs is unknown, not zero
+    assert row["prefill_s"] is None and row["request_id"] == span.span_id.hex()

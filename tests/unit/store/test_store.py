@@ -2,16 +2,16 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
+from collectors.otlp.decode import decode_request, event_dict
 from controlplane.store.db import upgrade
 from controlplane.store.models import Base, ReplicaConfig
 from controlplane.store.repo import Store
 from tests.spans import export, llm_span
-from collectors.otlp.decode import decode_request, to_dict
 
 
 def _write(store: Store, spans: list, replica: str = "r0") -> None:  # type: ignore[type-arg]
     batch = decode_request(export(spans, replica=replica))
-    store.write_spans([to_dict(r) for r in batch.requests], [to_dict(e) for e in batch.events])
+    store.write_spans(batch.requests, [event_dict(e) for e in batch.events])
 
 
 def test_migrations_build_exactly_the_schema_the_models_declare(store: Store) -> None:
