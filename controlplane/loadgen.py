@@ -24,7 +24,7 @@ _WORDS = (
 
 @dataclass(frozen=True)
 class RequestPlan:
-    prompt: str
+    prompt: str | list[int]  # text, or token ids (no tokenisation before the engine stamps arrival)
     max_tokens: int
     delay_s: float = 0.0  # start offset from the beginning of the run
 
@@ -41,13 +41,21 @@ class ClientResult:
 
 
 def mixed_plans(n: int, seed: int = 0, prompt_words: tuple[int, int] = (4, 200),
-                max_tokens: tuple[int, int] = (4, 48), rate_per_s: float | None = None) -> list[RequestPlan]:
-    """`n` requests of mixed prompt and output lengths; Poisson arrivals at `rate_per_s` if given."""
+                max_tokens: tuple[int, int] = (4, 48), rate_per_s: float | None = None,
+                token_ids: tuple[int, int] | None = None) -> list[RequestPlan]:
+    """`n` requests of mixed prompt and output lengths; Poisson arrivals at `rate_per_s` if given.
+
+    With `token_ids=(lo, hi)` prompts are lists of token ids drawn from [lo, hi) instead of text.
+    """
     rng = random.Random(seed)
     plans, t = [], 0.0
     for _ in range(n):
-        words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(*prompt_words)))
-        plans.append(RequestPlan(words, rng.randint(*max_tokens), t))
+        length = rng.randint(*prompt_words)
+        prompt: str | list[int] = (
+            [rng.randrange(*token_ids) for _ in range(length)] if token_ids
+            else " ".join(rng.choice(_WORDS) for _ in range(length))
+        )
+        plans.append(RequestPlan(prompt, rng.randint(*max_tokens), t))
         if rate_per_s:
             t += rng.expovariate(rate_per_s)
     return plans
@@ -73,12 +81,13 @@ async def stream_one(client: httpx.AsyncClient, base_url: str, model: str, plan:
             async for line in resp.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
+                # The first event is the first token (the usage event comes last): stamp before
+                # parsing. A chunk with a choice is a token even when its text is empty (a partial
+                # UTF-8 sequence from a byte-level tokenizer): TTFT is the first token, not glyph.
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
                 chunk = json.loads(line[6:])
-                # A chunk with a choice is a token, even when its text is empty (a partial UTF-8
-                # sequence from a byte-level tokenizer): TTFT is the first token, not the first glyph.
                 if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
-                    if ttft is None:
-                        ttft = time.perf_counter() - t0
                     chunks += 1
                 if chunk.get("usage"):
                     usage_tokens = chunk["usage"].get("completion_tokens")
@@ -97,6 +106,8 @@ async def run_load(base_url: str, model: str, plans: Sequence[RequestPlan], conc
     start = time.perf_counter()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        # Open the keep-alive connections before the clock starts: a TCP connect is not TTFT.
+        await asyncio.gather(*(client.get(base_url.rstrip("/") + "/v1/models") for _ in range(concurrency)))
 
         async def one(plan: RequestPlan) -> ClientResult:
             await asyncio.sleep(max(0.0, plan.delay_s - (time.perf_counter() - start)))
