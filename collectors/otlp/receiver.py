@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import logging
 import zlib
-from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -189,12 +188,12 @@ def grpc_server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="otlp-grpc"),
         options=[("grpc.max_receive_message_length", max_body_bytes)],
     )
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(ingestor), server)
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        _TraceService(ingestor), server
+    )
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind OTLP/gRPC on {host}:{port}")
     server.start()
     return server, bound
 
-
-Callback = Callable[[], None]

@@ -100,7 +100,7 @@ def make_tiny_model(
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(spec), trainer=trainer)
-    fast = PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
     )
     fast.chat_template = (
@@ -124,9 +124,9 @@ def make_tiny_model(
         eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id,
         tie_word_embeddings=False,
-        torch_dtype="bfloat16",
+        dtype="bfloat16",
     )
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)  # type: ignore[no-untyped-call,arg-type]
     model.save_pretrained(tmp, safe_serialization=True)
     (tmp / STAMP).write_text(json.dumps({"recipe": spec.recipe_hash(), "spec": asdict(spec)}, indent=2))
 

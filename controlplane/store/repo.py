@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, func, select
+from sqlalchemy import Connection, Engine, Table, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from controlplane.store.models import (
@@ -122,12 +122,12 @@ class Store:
                 if last is None or dict(last.config) != dict(config):
                     version = 1 if last is None else last.version + 1
                     conn.execute(
-                        ReplicaConfig.__table__.insert(),
+                        insert(ReplicaConfig),
                         {"replica_id": rid, "version": version, "config": dict(config),
                          "created_unix_s": time.time()},
                     )
                     conn.execute(
-                        Replica.__table__.update().where(Replica.id == rid).values(config_version=version)
+                        update(Replica).where(Replica.id == rid).values(config_version=version)
                     )
             return rid
 
@@ -151,13 +151,13 @@ class Store:
 
     def write_engine_sample(self, row: Mapping[str, Any]) -> None:
         with self._write_lock, self.engine.begin() as conn:
-            conn.execute(EngineSample.__table__.insert(), dict(row))
+            conn.execute(insert(EngineSample), dict(row))
 
     def write_gpu_samples(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if not rows:
             return
         with self._write_lock, self.engine.begin() as conn:
-            conn.execute(GpuSample.__table__.insert(), [dict(r) for r in rows])
+            conn.execute(insert(GpuSample), [dict(r) for r in rows])
 
     def record_event(
         self, replica_id: int | None, kind: str, *, actor: str, reason: str | None = None,
@@ -165,7 +165,7 @@ class Store:
     ) -> None:
         with self._write_lock, self.engine.begin() as conn:
             conn.execute(
-                LifecycleEvent.__table__.insert(),
+                insert(LifecycleEvent),
                 {"replica_id": replica_id, "ts_unix_s": time.time(), "kind": kind, "actor": actor,
                  "reason": reason, "message": message, "attributes": dict(attributes or {})},
             )
@@ -179,28 +179,30 @@ class Store:
         self, *, since_unix_s: float | None = None, until_unix_s: float | None = None,
         replica: str | None = None, limit: int = 1000,
     ) -> list[dict[str, Any]]:
-        return self._window(Request, Request.arrival_unix_s, since_unix_s, until_unix_s, replica, limit)
+        return self._window(Request, Request.arrival_unix_s, since_unix_s, until_unix_s, replica, limit,
+                            Request.replica_id)
 
     def engine_samples(
         self, *, since_unix_s: float | None = None, until_unix_s: float | None = None,
         replica: str | None = None, limit: int = 1000,
     ) -> list[dict[str, Any]]:
-        return self._window(EngineSample, EngineSample.ts_unix_s, since_unix_s, until_unix_s, replica, limit)
+        return self._window(EngineSample, EngineSample.ts_unix_s, since_unix_s, until_unix_s, replica, limit,
+                            EngineSample.replica_id)
 
     def events(self, *, limit: int = 1000) -> list[dict[str, Any]]:
-        return self._window(LifecycleEvent, LifecycleEvent.ts_unix_s, None, None, None, limit)
+        return self._window(LifecycleEvent, LifecycleEvent.ts_unix_s, None, None, None, limit,
+                            LifecycleEvent.replica_id)
 
     def gpu_samples(self, *, limit: int = 1000) -> list[dict[str, Any]]:
-        return self._window(GpuSample, GpuSample.ts_unix_s, None, None, None, limit)
+        return self._window(GpuSample, GpuSample.ts_unix_s, None, None, None, limit, None)
 
     def _window(
         self, model: Any, ts_col: Any, since: float | None, until: float | None,
-        replica: str | None, limit: int,
+        replica: str | None, limit: int, replica_col: Any,
     ) -> list[dict[str, Any]]:
-        """Rows in [since, until), newest first, with the replica's name joined in."""
-        stmt = select(model.__table__, Replica.name.label("replica")).outerjoin(
-            Replica, Replica.id == model.replica_id
-        ) if hasattr(model, "replica_id") else select(model.__table__)
+        """Rows in [since, until), newest first, with the replica's name joined in where there is one."""
+        stmt = (select(model.__table__, Replica.name.label("replica")).outerjoin(Replica, Replica.id == replica_col)
+                if replica_col is not None else select(model.__table__))
         if since is not None:
             stmt = stmt.where(ts_col >= since)
         if until is not None:

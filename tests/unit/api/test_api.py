@@ -2,7 +2,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
-from collectors.otlp.decode import decode_request, event_dict
+from collectors.otlp.decode import decode_request
 from controlplane.api.app import create_app
 from controlplane.store.repo import Store
 from tests.spans import export, llm_span
