@@ -24,7 +24,7 @@ $(STAMP):
 demo: venv
 	$(VENV)/bin/controlplane demo
 
-test: venv
+test: venv lint
 	$(VENV)/bin/pytest
 
 lint: venv

@@ -95,7 +95,7 @@ def up(
 
 @app.command()
 def demo(
-    requests: Annotated[int, typer.Option(help="Requests to send.", min=1, max=100_000)] = 60,
+    requests: Annotated[int, typer.Option(help="Requests to send.", min=1, max=100_000)] = 120,
     concurrency: Annotated[int, typer.Option(help="Requests in flight.", min=1, max=256)] = 4,
 ) -> None:
     """Watch one tiny vLLM server, drive a short load, print per-phase latency percentiles from the store."""
