@@ -111,9 +111,21 @@ def test_a_shrunk_kv_cache_shows_saturation_in_the_stored_samples(real_vllm: Rea
 
 def test_the_scraper_records_when_the_replica_was_not_yet_up(real_vllm: RealVllm) -> None:
     """The plane watched the port before vLLM listened: those scrapes are unknown, not zero."""
+    deadline = time.monotonic() + 15  # at least one scrape (5 s interval) after vLLM came up
+    while not any(s["scrape_ok"] for s in _samples(real_vllm.plane.api, 0, real_vllm.replica)):
+        assert time.monotonic() < deadline, "no successful scrape of the ready replica"
+        time.sleep(0.5)
     samples = _samples(real_vllm.plane.api, 0, real_vllm.replica)
     failed = [s for s in samples if not s["scrape_ok"]]
     assert failed and all(s["kv_usage_ratio"] is None and s["num_running"] is None for s in failed)
     events = httpx.get(real_vllm.plane.api + "/api/v1/events").json()["items"]
     kinds = {e["kind"] for e in events}
     assert {"scrape_failed", "scrape_recovered"} <= kinds
+
+
+def test_vllm_startup_spans_are_stored_as_lifecycle_events_of_the_replica(real_vllm: RealVllm) -> None:
+    events = httpx.get(real_vllm.plane.api + "/api/v1/events", params={"limit": 10_000}).json()["items"]
+    startup = {e["kind"]: e for e in events if e["kind"].startswith("span:")}
+    assert "span:Load weights" in startup and "span:Allocate KV cache" in startup, sorted(startup)
+    assert all(e["replica"] == real_vllm.replica and e["actor"] == "engine" for e in startup.values())
+    assert startup["span:Allocate KV cache"]["duration_s"] > 0
