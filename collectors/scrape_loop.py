@@ -15,9 +15,10 @@ from urllib.parse import urlsplit
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from sqlalchemy.exc import SQLAlchemyError
 
 from collectors.promtext import ScrapeResult, scrape
-from collectors.vllm_metrics import CounterState, EngineReading, adjust_counters, read_engine
+from collectors.vllm_metrics import CounterState, EngineReading, adjust_counters, read_engine, sum_series
 from controlplane import names
 from controlplane.store.repo import Store
 
@@ -115,26 +116,40 @@ class EngineScraper:
         rid = state.replica_id
         if result.ok:
             reading = read_engine(result.samples)
-            counters, state.counters, reset = adjust_counters(reading.counters, state.counters)
+            series, state.counters, reset = adjust_counters(reading.counter_series, state.counters)
+            counters = sum_series(series, reading.counters)
             row = sample_row(rid, result, reading, counters, reset)
         else:
             row = sample_row(rid, result, None, {}, False)
-        await asyncio.to_thread(self.store.write_engine_sample, row)
+        try:
+            await asyncio.to_thread(self.store.write_engine_sample, row)
+        except SQLAlchemyError as exc:
+            # The store is down or busy: this sample is lost, the scraping goes on.
+            log.error("%s: engine sample not stored: %s", target.name, exc)
+            self.scrapes.labels(target.name, "not_stored").inc()
+            return row
         self.scrapes.labels(target.name, "ok" if result.ok else "error").inc()
         self.duration.observe(result.duration_s)
         if result.ok == state.failing:  # a transition: record it once
             state.failing = not result.ok
             kind = "scrape_failed" if state.failing else "scrape_recovered"
             (log.warning if state.failing else log.info)("%s: %s %s", target.name, kind, result.error or "")
-            await asyncio.to_thread(
-                self.store.record_event, rid, kind, actor="collector",
-                reason="scrape_error" if state.failing else "scrape_ok", message=result.error,
-            )
+            try:
+                await asyncio.to_thread(
+                    self.store.record_event, rid, kind, actor="collector",
+                    reason="scrape_error" if state.failing else "scrape_ok", message=result.error,
+                )
+            except SQLAlchemyError as exc:
+                log.error("%s: %s event not stored: %s", target.name, kind, exc)
         return row
 
     async def run(self, stop: asyncio.Event, interval_s: float) -> None:
         while not stop.is_set():
-            await asyncio.gather(*(self.scrape_once(t) for t in list(self.targets.values())))
+            results = await asyncio.gather(*(self.scrape_once(t) for t in list(self.targets.values())),
+                                           return_exceptions=True)
+            for r in results:
+                if isinstance(r, Exception):  # never let one bad tick end the loop
+                    log.exception("scrape failed unexpectedly", exc_info=r)
             try:
                 await asyncio.wait_for(stop.wait(), timeout=interval_s)
             except TimeoutError:

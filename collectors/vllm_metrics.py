@@ -56,6 +56,9 @@ class EngineReading:
     num_running: float | None = None
     num_waiting: float | None = None
     counters: Mapping[str, float | None] = field(default_factory=dict)
+    # The same counters per series ("field{labels}" -> raw value): resets are detected per series,
+    # since one engine of several restarting must not look like a drop of the sum.
+    counter_series: Mapping[str, float] = field(default_factory=dict)
 
 
 def _sum(samples: list[Sample]) -> float | None:
@@ -108,7 +111,15 @@ def read_engine(samples: Iterable[Sample]) -> EngineReading:
         counters["request_errors_total"] = sum(s.value for s in failed)
     else:
         counters["request_errors_total"] = None
+    series: dict[str, float] = {}
+    for family, field_name in COUNTERS.items():
+        for smp in grouped.get(family + "_total", []) or grouped.get(family, []):
+            name = field_name
+            if family == names.VLLM_REQUEST_SUCCESS and smp.labels.get("finished_reason") in FAILED_REASONS:
+                name = "request_errors_total"
+            series[name + "{" + ",".join(f"{k}={v}" for k, v in sorted(smp.labels.items())) + "}"] = smp.value
     return EngineReading(
+        counter_series=series,
         kv_usage_ratio=kv_usage,
         kv_capacity_tokens=capacity,
         kv_block_size_tokens=block,
@@ -124,6 +135,16 @@ class CounterState:
 
     last_raw: Mapping[str, float] = field(default_factory=dict)
     offset: Mapping[str, float] = field(default_factory=dict)
+
+
+def sum_series(adjusted: Mapping[str, float | None], fields: Iterable[str]) -> dict[str, float | None]:
+    """Per-field totals of adjusted series; a field with no series is unknown (None), not 0."""
+    out: dict[str, float | None] = dict.fromkeys(fields)
+    for key, value in adjusted.items():
+        name = key.split("{", 1)[0]
+        if value is not None:
+            out[name] = (out.get(name) or 0.0) + value
+    return out
 
 
 def adjust_counters(

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from controlplane.settings import Settings
 
@@ -29,6 +31,14 @@ def _settings() -> Settings:
             field = "CONTROLPLANE_" + str(err["loc"][0]).upper() if err["loc"] else "settings"
             console.print(f"[red]error:[/] {field}: {err['msg']} (got {err.get('input')!r})")
         raise typer.Exit(2) from None
+
+
+def _store_error(url: str, exc: BaseException) -> NoReturn:
+    shown = make_url(url).render_as_string(hide_password=True)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    console.print(f"[red]error:[/] cannot open the store at {shown} (CONTROLPLANE_DATABASE_URL / "
+                  f"CONTROLPLANE_DATA_DIR): {first}")
+    raise typer.Exit(1)
 
 
 def _logging(verbose: bool) -> None:
@@ -55,8 +65,12 @@ def db_upgrade() -> None:
     from controlplane.store.db import make_engine, upgrade
 
     settings = _settings()
-    upgrade(make_engine(settings.resolved_database_url()))
-    console.print(f"[green]store at head[/]: {settings.resolved_database_url()}")
+    url = settings.resolved_database_url()
+    try:
+        upgrade(make_engine(url))
+    except (SQLAlchemyError, OSError) as exc:
+        _store_error(url, exc)
+    console.print(f"[green]store at head[/]: {url}")
 
 
 @app.command()
@@ -87,6 +101,8 @@ def up(
 
     try:
         run_blocking(Plane(settings, targets, on_ready=ready))
+    except SQLAlchemyError as exc:
+        _store_error(settings.resolved_database_url(), exc)
     except OSError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None

@@ -147,10 +147,12 @@ def run_demo(settings: Settings, console: Console, n_requests: int = 120, concur
                           "host, CPU contention and each /metrics render). See the README.[/]")
         ok_samples = [s for s in samples if s["scrape_ok"]]
         if ok_samples:
-            peak_kv = max((s["kv_usage_ratio"] or 0.0) for s in ok_samples)
+            kv = [s["kv_usage_ratio"] for s in ok_samples if s["kv_usage_ratio"] is not None]
+            waiting = [s["num_waiting"] for s in ok_samples if s["num_waiting"] is not None]
             console.print(f"engine samples: {len(samples)} scrapes ({len(samples) - len(ok_samples)} failed), "
-                          f"KV capacity {ok_samples[0]['kv_capacity_tokens']} tokens, peak KV usage "
-                          f"{peak_kv:.1%}, peak waiting {max((s['num_waiting'] or 0) for s in ok_samples):.0f}")
+                          f"KV capacity {ok_samples[0]['kv_capacity_tokens'] or 'unknown'} tokens, peak KV usage "
+                          f"{f'{max(kv):.1%}' if kv else 'unknown'}, peak waiting "
+                          f"{f'{max(waiting):.0f}' if waiting else 'unknown'}")
         if len(rows) < len(results) - len(failed):
             console.print(f"[yellow]only {len(rows)} of {len(results) - len(failed)} requests reached the store[/]")
             rc = 1

@@ -27,6 +27,25 @@ class Settings(BaseSettings):
     dcgm_url: str | None = Field(default=None, description="dcgm-exporter /metrics URL; NVML is used without it.")
     otlp_max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
 
+    @field_validator("database_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(v)
+        except ArgumentError:
+            raise ValueError(
+                "not a database URL; expected e.g. sqlite:///path/to/file.db or "
+                "postgresql://user@host:5432/dbname"
+            ) from None
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ValueError(f"database {url.get_backend_name()!r} is not supported; use sqlite or postgresql")
+        return v
+
     @field_validator("data_dir")
     @classmethod
     def _expand(cls, v: Path) -> Path:

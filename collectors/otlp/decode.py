@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
@@ -91,18 +92,25 @@ def replica_of(resource_attrs: Mapping[str, Any]) -> str:
     """Which replica sent the spans: the plane's own label first, then standard resource attributes."""
     for key in (names.RES_REPLICA, names.RES_SERVICE_INSTANCE):
         if resource_attrs.get(key):
-            return str(resource_attrs[key])
+            return str(resource_attrs[key]).replace("\x00", "")
     service = resource_attrs.get(names.RES_SERVICE_NAME)
     if service and not str(service).startswith("unknown_service"):
-        return str(service)
+        return str(service).replace("\x00", "")
     return UNATTRIBUTED
 
 
 def tpot(e2e_s: float | None, ttft_s: float | None, completion_tokens: int | None) -> float | None:
-    """Time per output token after the first: (e2e - ttft) / (n - 1); unknown for n <= 1."""
+    """Time per output token after the first: (e2e - ttft) / (n - 1); unknown for n <= 1 or when
+    e2e < ttft (inconsistent timings are unknown, not zero)."""
     if e2e_s is None or ttft_s is None or completion_tokens is None or completion_tokens <= 1:
         return None
-    return max(e2e_s - ttft_s, 0.0) / (completion_tokens - 1)
+    if e2e_s < ttft_s:
+        return None
+    return (e2e_s - ttft_s) / (completion_tokens - 1)
+
+
+MAX_ID_CHARS = 200  # the width of request_id / replica columns
+_INT64_MAX = 2**63 - 1
 
 
 # llm_request attribute -> (column, wanted type). Read in one pass over the span's attributes; this
@@ -124,14 +132,17 @@ _NUMERIC = ("int_value", "double_value")
 
 
 def _typed(v: AnyValue, want: type) -> Any:
-    """The value as `want`, or None when absent or of another kind (the slow path: the expected
-    field read zero / empty, so the oneof tells an unset value from a real zero)."""
+    """The value as `want`, or None when absent, of another kind, non-finite or out of range (the
+    slow path: the fast read was zero / empty / suspicious)."""
     kind = v.WhichOneof("value")
     if want is str:
-        return v.string_value if kind == "string_value" else None
+        return v.string_value.replace("\x00", "") if kind == "string_value" else None
     if kind not in _NUMERIC:
         return None
-    return want(getattr(v, kind))
+    x = getattr(v, kind)
+    if not math.isfinite(x) or abs(x) > _INT64_MAX:
+        return None
+    return want(x)
 
 
 def _request_row(span: Span, replica: str, trace_id: str, span_id: str) -> RequestRow:
@@ -152,11 +163,35 @@ def _request_row(span: Span, replica: str, trace_id: str, span_id: str) -> Reque
         # Read the field vLLM uses for this attribute first; only a zero / empty reading needs the
         # oneof check. This loop is the hot path of ingestion.
         x: Any = v.double_value if want is float else v.int_value if want is int else v.string_value
-        row[col] = x if x else _typed(v, want)
+        # NaN is truthy and NUL bytes are legal in protobuf strings: both go the careful way.
+        row[col] = x if x and (want is int or (want is float and math.isfinite(x)) or
+                               (want is str and "\x00" not in x)) else _typed(v, want)
     if row["request_id"] is None:
         row["request_id"] = span_id
     row["tpot_s"] = tpot(row["e2e_s"], row["ttft_s"], row["completion_tokens"])
     return row  # type: ignore[return-value]
+
+
+def _problem(span: Span, replica: str) -> str | None:
+    """Why a span cannot be stored, or None. Rejected spans are reported through partial_success."""
+    if span.start_time_unix_nano == 0:
+        return "start_time_unix_nano is missing (0); the arrival time would be unknown"
+    if len(replica) > MAX_ID_CHARS:
+        return f"resource names a replica longer than {MAX_ID_CHARS} characters"
+    return None
+
+
+def _json_safe(value: Any) -> Any:
+    """Attributes go to a JSON column: non-finite floats become None, NUL bytes are dropped."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
+    return value
 
 
 def decode_request(msg: ExportTraceServiceRequest) -> DecodedBatch:
@@ -174,8 +209,21 @@ def decode_request(msg: ExportTraceServiceRequest) -> DecodedBatch:
                         )
                     continue
                 trace_id, span_id = span.trace_id.hex(), span.span_id.hex()
+                problem = _problem(span, replica)
+                if problem:
+                    out.rejected_spans += 1
+                    if len(out.errors) < 5:
+                        out.errors.append(f"span {span.name!r} {span_id}: {problem}")
+                    continue
                 if span.name == names.SPAN_LLM_REQUEST:
-                    out.requests.append(_request_row(span, replica, trace_id, span_id))
+                    row = _request_row(span, replica, trace_id, span_id)
+                    if len(row["request_id"]) > MAX_ID_CHARS:
+                        out.rejected_spans += 1
+                        if len(out.errors) < 5:
+                            out.errors.append(f"span {span_id}: {names.ATTR_REQUEST_ID} longer than "
+                                              f"{MAX_ID_CHARS} characters")
+                        continue
+                    out.requests.append(row)
                     continue
                 start_s = span.start_time_unix_nano / 1e9
                 end_s = span.end_time_unix_nano / 1e9 if span.end_time_unix_nano else None
@@ -185,7 +233,7 @@ def decode_request(msg: ExportTraceServiceRequest) -> DecodedBatch:
                         ts_unix_s=start_s,
                         kind=f"span:{span.name}"[:100],
                         duration_s=(end_s - start_s) if end_s is not None else None,
-                        attributes=attributes(span.attributes),
+                        attributes=_json_safe(attributes(span.attributes)),
                         dedupe_key=f"{trace_id}/{span_id}",
                     )
                 )
@@ -225,12 +273,16 @@ def parse_json(body: bytes) -> ExportTraceServiceRequest:
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PayloadError(f"body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise PayloadError("body is nested too deeply to be an OTLP/JSON payload") from exc
     if not isinstance(doc, dict):
         raise PayloadError("OTLP/JSON body must be an object with a 'resourceSpans' array")
-    _hex_ids_to_base64(doc)
     msg = ExportTraceServiceRequest()
     try:
+        _hex_ids_to_base64(doc)
         json_format.ParseDict(doc, msg, ignore_unknown_fields=True)
+    except RecursionError as exc:
+        raise PayloadError("body is nested too deeply to be an OTLP/JSON payload") from exc
     except json_format.ParseError as exc:
         raise PayloadError(f"body is not a valid OTLP/JSON ExportTraceServiceRequest: {exc}") from exc
     return msg

@@ -22,7 +22,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 from prometheus_client import CollectorRegistry, Counter
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -48,7 +48,11 @@ class IngestResult:
 
 
 class StoreUnavailable(RuntimeError):
-    pass
+    """The store could not take the batch now: the exporter should retry."""
+
+
+class BatchRefused(ValueError):
+    """The store refused the batch's data: retrying the same batch would fail again."""
 
 
 class Ingestor:
@@ -72,6 +76,10 @@ class Ingestor:
         self.spans_received.labels(transport).inc(batch.span_count + batch.rejected_spans)
         try:
             n_req, n_ev = self.store.write_spans(batch.requests, [event_dict(e) for e in batch.events])
+        except (DataError, IntegrityError) as exc:
+            log.warning("OTLP batch refused by the store: %s", exc)
+            raise BatchRefused(f"the store refused the batch's data: {type(exc).__name__}: "
+                               f"{str(exc.orig)[:300]}") from exc
         except SQLAlchemyError as exc:
             log.error("OTLP batch not stored: %s", exc)
             raise StoreUnavailable(f"store unavailable: {type(exc).__name__}") from exc
@@ -151,6 +159,9 @@ def http_app(ingestor: Ingestor, max_body_bytes: int) -> Starlette:
             result = await run_in_threadpool(ingestor.ingest, msg, "http")
         except StoreUnavailable as exc:
             return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+        except BatchRefused as exc:
+            ingestor.reject("http", "refused_by_store")
+            return _error(400, str(exc))
         resp = _response(result)
         if ctype == JSON:
             return Response(json_format.MessageToJson(resp), media_type=JSON)
@@ -178,6 +189,10 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
         except StoreUnavailable as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             raise  # unreachable: abort raises
+        except BatchRefused as exc:
+            self.ingestor.reject("grpc", "refused_by_store")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise
 
 
 def grpc_server(

@@ -47,8 +47,8 @@ def _bulk_insert_ignore(
     """
     if not rows:
         return 0
-    cols = [c.name for c in table.columns if c.name in rows[0] or c.name == "replica_id"]
-    key = (conn.dialect.name, table.name, tuple(cols))
+    cols = [c.name for c in table.columns if c.name != "id"]
+    key = (conn.dialect.name, conn.dialect.paramstyle, table.name)
     sql = _COMPILED.get(key)
     if sql is None:
         stmt: Any = (sqlite.insert(table) if conn.dialect.name == "sqlite" else postgresql.insert(table))
@@ -60,16 +60,16 @@ def _bulk_insert_ignore(
         rest = cols[:at] + cols[at + 1:]
         params = []
         for r in rows:
-            values = [r[c] for c in rest]
+            values = [r.get(c) for c in rest]
             values.insert(at, replica_ids[r["replica"]])
             params.append(tuple(values))
-    else:
-        params = [{**r, "replica_id": replica_ids[r["replica"]]} for r in rows]
+    else:  # psycopg's named style
+        params = [{**{c: r.get(c) for c in cols}, "replica_id": replica_ids[r["replica"]]} for r in rows]
     result = conn.exec_driver_sql(sql, params)
     return int(result.rowcount) if result.rowcount is not None and result.rowcount >= 0 else len(rows)
 
 
-_COMPILED: dict[tuple[str, str, tuple[str, ...]], str] = {}
+_COMPILED: dict[tuple[str, str, str], str] = {}
 
 
 class Store:
@@ -92,7 +92,10 @@ class Store:
         url: str | None = None,
         backend: str = "external",
         state: str = "watched",
+        pending: dict[str, int],
     ) -> int:
+        """The replica's id, created if new. New ids go to `pending`: the caller caches them only
+        after its transaction commits, so a rolled-back insert never leaves a stale id behind."""
         if name in self._replica_ids:
             return self._replica_ids[name]
         table = Replica.__table__
@@ -102,16 +105,17 @@ class Store:
             [{"name": name, "url": url, "backend": backend, "state": state, "config_version": 0,
               "created_unix_s": time.time()}],
         )
-        rid = conn.execute(select(Replica.id).where(Replica.name == name)).scalar_one()
-        self._replica_ids[name] = rid
-        return int(rid)
+        rid = int(conn.execute(select(Replica.id).where(Replica.name == name)).scalar_one())
+        pending[name] = rid
+        return rid
 
     def register_replica(
         self, name: str, *, url: str | None, backend: str, config: Mapping[str, Any] | None = None
     ) -> int:
         """Create the replica if new; store `config` as a new version when it differs from the last."""
+        pending: dict[str, int] = {}
         with self._write_lock, self.engine.begin() as conn:
-            rid = self.ensure_replica(conn, name, url=url, backend=backend)
+            rid = self.ensure_replica(conn, name, url=url, backend=backend, pending=pending)
             if config is not None:
                 last = conn.execute(
                     select(ReplicaConfig.version, ReplicaConfig.config)
@@ -129,7 +133,8 @@ class Store:
                     conn.execute(
                         update(Replica).where(Replica.id == rid).values(config_version=version)
                     )
-            return rid
+        self._replica_ids.update(pending)
+        return rid
 
     # --- writes -------------------------------------------------------------------------------
     def write_spans(
@@ -137,8 +142,10 @@ class Store:
     ) -> tuple[int, int]:
         """Store request rows and lifecycle events (with a `replica` name key) in one transaction."""
         requests, events = list(requests), list(events)
+        pending: dict[str, int] = {}
         with self._write_lock, self.engine.begin() as conn:
-            ids = {r: self.ensure_replica(conn, r) for r in {x["replica"] for x in [*requests, *events]}}
+            ids = {r: self.ensure_replica(conn, r, pending=pending)
+                   for r in {x["replica"] for x in [*requests, *events]}}
             ev_rows = [
                 {"replica_id": ids[e["replica"]], "ts_unix_s": e["ts_unix_s"], "kind": e["kind"],
                  "actor": "engine", "duration_s": e["duration_s"], "attributes": e["attributes"],
@@ -147,6 +154,7 @@ class Store:
             ]
             n_req = _bulk_insert_ignore(conn, Request.__table__, requests, ids)  # type: ignore[arg-type]
             n_ev = _insert_ignore(conn, LifecycleEvent.__table__, ev_rows)  # type: ignore[arg-type]
+        self._replica_ids.update(pending)
         return n_req, n_ev
 
     def write_engine_sample(self, row: Mapping[str, Any]) -> None:

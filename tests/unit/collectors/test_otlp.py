@@ -198,3 +198,51 @@ def test_a_real_zero_is_kept_and_numbers_of_the_other_kind_are_converted() -> No
     assert row["completion_tokens"] == 0
     assert row["ttft_s"] is None  # a string where a number belongs is unknown, not zero
     assert row["prefill_s"] is None and row["request_id"] == span.span_id.hex()
+
+
+def test_non_finite_and_absurd_numbers_are_unknown_not_a_500(client: TestClient, store: Store) -> None:
+    span = llm_span(e2e=0.5, ttft=0.1)
+    del span.attributes[:]
+    span.attributes.extend([kv("gen_ai.latency.e2e", float("nan")), kv("gen_ai.latency.time_to_first_token", 0.1),
+                            kv("gen_ai.usage.prompt_tokens", 1e30), kv("gen_ai.usage.completion_tokens", float("inf")),
+                            kv("gen_ai.latency.time_in_queue", float("-inf"))])
+    resp = client.post("/v1/traces", content=export([span]).SerializeToString(), headers=PB)
+    assert resp.status_code == 200
+    (row,) = store.requests()
+    assert row["e2e_s"] is None and row["prompt_tokens"] is None and row["completion_tokens"] is None
+    assert row["queue_s"] is None and row["ttft_s"] == 0.1
+
+
+def test_spans_the_store_cannot_hold_are_rejected_by_name_and_the_rest_kept(client: TestClient, store: Store) -> None:
+    no_start = llm_span(start_ns=0)
+    long_id = llm_span(request_id="x" * 500)
+    nul = llm_span(request_id="cmpl-\x00abc")
+    resp = client.post("/v1/traces", content=export([no_start, long_id, nul, llm_span()]).SerializeToString(),
+                       headers=PB)
+    parsed = ExportTraceServiceResponse.FromString(resp.content)
+    assert resp.status_code == 200 and parsed.partial_success.rejected_spans == 2
+    assert "start_time_unix_nano" in parsed.partial_success.error_message
+    assert "cmpl-abc" in {r["request_id"] for r in store.requests()}
+    assert store.count(Request) == 2
+
+
+def test_an_e2e_shorter_than_ttft_gives_an_unknown_tpot_not_zero() -> None:
+    assert tpot(0.1, 0.5, 10) is None
+
+
+def test_deeply_nested_json_is_a_400_not_a_500(client: TestClient) -> None:
+    body = b"{\"resourceSpans\": " + b"[" * 5_000 + b"]" * 5_000 + b"}"
+    resp = client.post("/v1/traces", content=body, headers={"content-type": "application/json"})
+    assert resp.status_code == 400 and "nested" in resp.json()["error"]
+
+
+def test_data_the_store_refuses_is_a_400_not_a_retry_loop(sqlite_store: Store) -> None:
+    from sqlalchemy.exc import DataError
+
+    class Refusing(Store):
+        def write_spans(self, requests, events):  # type: ignore[no-untyped-def, override]
+            raise DataError("INSERT", {}, Exception("value too long for type character varying(200)"))
+
+    client = TestClient(http_app(Ingestor(Refusing(sqlite_store.engine)), max_body_bytes=65536))
+    resp = client.post("/v1/traces", content=export([llm_span()]).SerializeToString(), headers=PB)
+    assert resp.status_code == 400 and "too long" in resp.json()["error"]

@@ -81,3 +81,30 @@ def test_a_bad_watch_target_is_refused_with_an_example(spec: str) -> None:
 def test_a_bare_watch_url_names_the_replica_by_host_and_port() -> None:
     assert Target.from_watch("http://10.0.0.5:8000").name == "10.0.0.5:8000"
     assert Target.from_watch("gpu-a=http://10.0.0.5:8000/").metrics_url == "http://10.0.0.5:8000/metrics"
+
+
+def test_a_store_error_loses_one_sample_and_scraping_goes_on(sqlite_store: Store, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy.exc import OperationalError
+
+    real = sqlite_store.write_engine_sample
+    calls = {"n": 0}
+
+    def flaky(row):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OperationalError("INSERT", {}, Exception("database is locked"))
+        real(row)
+
+    monkeypatch.setattr(sqlite_store, "write_engine_sample", flaky)
+    _scrape(sqlite_store, [FIXTURE], 3)
+    assert len(sqlite_store.engine_samples()) == 2
+
+
+def test_one_engine_of_two_restarting_does_not_inflate_the_total(sqlite_store: Store) -> None:
+    def two(a: float, b: float) -> str:
+        return ("# TYPE vllm:prompt_tokens counter\n"
+                f'vllm:prompt_tokens_total{{engine="0",model_name="m"}} {a}\n'
+                f'vllm:prompt_tokens_total{{engine="1",model_name="m"}} {b}\n')
+    _scrape(sqlite_store, [two(100, 100), two(100, 0), two(110, 5)], 3)
+    totals = [r["prompt_tokens_total"] for r in reversed(sqlite_store.engine_samples())]
+    assert totals == [200, 200, 215]

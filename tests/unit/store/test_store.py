@@ -66,3 +66,26 @@ def test_gpu_samples_round_trip(store: Store) -> None:
                               "util_ratio": 0.5}])
     (row,) = store.gpu_samples()
     assert row["fb_used_bytes"] == 2**36 and row["util_ratio"] == 0.5 and row["power_w"] is None
+
+
+def test_a_rolled_back_batch_leaves_no_stale_replica_id_behind(store: Store, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import pytest
+    from sqlalchemy.exc import OperationalError
+
+    import controlplane.store.repo as repo
+
+    real = repo._bulk_insert_ignore
+
+    def boom(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OperationalError("INSERT", {}, Exception("simulated failure after the replica insert"))
+
+    monkeypatch.setattr(repo, "_bulk_insert_ignore", boom)
+    with pytest.raises(OperationalError):
+        _write(store, [llm_span()], replica="a")
+    monkeypatch.setattr(repo, "_bulk_insert_ignore", real)
+    _write(store, [llm_span()], replica="b")  # may reuse the id "a" never got
+    _write(store, [llm_span()], replica="a")
+    by_replica = {}
+    for r in store.requests():
+        by_replica[r["replica"]] = by_replica.get(r["replica"], 0) + 1
+    assert by_replica == {"a": 1, "b": 1}
