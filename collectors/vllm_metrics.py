@@ -97,20 +97,9 @@ def read_engine(samples: Iterable[Sample]) -> EngineReading:
         if tokens is not None:
             capacity = (capacity or 0) + tokens
 
-    counters = {
-        field_name: _sum(grouped.get(family + "_total", []) or grouped.get(family, []))
-        for family, field_name in COUNTERS.items()
-    }
-    # vllm:request_success counts every finished request by finished_reason, failures included.
-    finished = grouped.get(names.VLLM_REQUEST_SUCCESS + "_total", []) or grouped.get(
-        names.VLLM_REQUEST_SUCCESS, []
-    )
-    if finished:
-        failed = [s for s in finished if s.labels.get("finished_reason") in FAILED_REASONS]
-        counters["request_success_total"] = sum(s.value for s in finished) - sum(s.value for s in failed)
-        counters["request_errors_total"] = sum(s.value for s in failed)
-    else:
-        counters["request_errors_total"] = None
+    # Counters are kept per series (resets are per engine); the per-field sums derive from them.
+    # vllm:request_success counts every finished request by finished_reason, failures included:
+    # abort / error series are counted as request_errors_total instead.
     series: dict[str, float] = {}
     for family, field_name in COUNTERS.items():
         for smp in grouped.get(family + "_total", []) or grouped.get(family, []):
@@ -118,6 +107,11 @@ def read_engine(samples: Iterable[Sample]) -> EngineReading:
             if family == names.VLLM_REQUEST_SUCCESS and smp.labels.get("finished_reason") in FAILED_REASONS:
                 name = "request_errors_total"
             series[name + "{" + ",".join(f"{k}={v}" for k, v in sorted(smp.labels.items())) + "}"] = smp.value
+    counters = sum_series(series, [*COUNTERS.values(), "request_errors_total"])
+    if any(k.startswith(("request_success_total{", "request_errors_total{")) for k in series):
+        # The engine exposes finished requests: a reason with no series is a true zero.
+        for key in ("request_success_total", "request_errors_total"):
+            counters[key] = counters[key] or 0.0
     return EngineReading(
         counter_series=series,
         kv_usage_ratio=kv_usage,

@@ -21,19 +21,24 @@ from controlplane.store.models import (
 )
 
 
-def _insert_ignore(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> int:
+def _insert_ignore_stmt(conn: Connection, table: Table) -> Any:
     """INSERT ... ON CONFLICT DO NOTHING, so a retried OTLP batch is stored once."""
-    if not rows:
-        return 0
     dialect = conn.dialect.name
     if dialect == "sqlite":
-        stmt: Any = sqlite.insert(table).on_conflict_do_nothing()
-    elif dialect == "postgresql":
-        stmt = postgresql.insert(table).on_conflict_do_nothing()
-    else:  # pragma: no cover - only SQLite and PostgreSQL are supported
-        raise RuntimeError(f"unsupported database dialect {dialect!r}")
-    result = conn.execute(stmt, list(rows))
-    return int(result.rowcount) if result.rowcount is not None and result.rowcount >= 0 else len(rows)
+        return sqlite.insert(table).on_conflict_do_nothing()
+    if dialect == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    raise RuntimeError(f"unsupported database dialect {dialect!r}")  # pragma: no cover
+
+
+def _inserted(result: Any, attempted: int) -> int:
+    return int(result.rowcount) if result.rowcount is not None and result.rowcount >= 0 else attempted
+
+
+def _insert_ignore(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> int:
+    if not rows:
+        return 0
+    return _inserted(conn.execute(_insert_ignore_stmt(conn, table), list(rows)), len(rows))
 
 
 def _bulk_insert_ignore(
@@ -51,8 +56,7 @@ def _bulk_insert_ignore(
     key = (conn.dialect.name, conn.dialect.paramstyle, table.name)
     sql = _COMPILED.get(key)
     if sql is None:
-        stmt: Any = (sqlite.insert(table) if conn.dialect.name == "sqlite" else postgresql.insert(table))
-        sql = str(stmt.on_conflict_do_nothing().compile(dialect=conn.dialect, column_keys=cols))
+        sql = str(_insert_ignore_stmt(conn, table).compile(dialect=conn.dialect, column_keys=cols))
         _COMPILED[key] = sql
     params: list[Any]
     if conn.dialect.paramstyle == "qmark":
@@ -65,8 +69,7 @@ def _bulk_insert_ignore(
             params.append(tuple(values))
     else:  # psycopg's named style
         params = [{**{c: r.get(c) for c in cols}, "replica_id": replica_ids[r["replica"]]} for r in rows]
-    result = conn.exec_driver_sql(sql, params)
-    return int(result.rowcount) if result.rowcount is not None and result.rowcount >= 0 else len(rows)
+    return _inserted(conn.exec_driver_sql(sql, params), len(rows))
 
 
 _COMPILED: dict[tuple[str, str, str], str] = {}
