@@ -111,12 +111,18 @@ def test_a_shrunk_kv_cache_shows_saturation_in_the_stored_samples(real_vllm: Rea
     since = time.time()
     words = " ".join(["queue"] * 100)
     plans = [RequestPlan(words, 320) for _ in range(120)]
-    t0 = time.monotonic()
-    results = asyncio.run(run_load(real_vllm.base_url, real_vllm.model, plans, 40))
-    print(f"saturating load took {time.monotonic() - t0:.1f} s")
-    assert all(r.ok for r in results)
-    time.sleep(5.5)
-    ok = [s for s in _samples(real_vllm.plane.api, since, real_vllm.replica) if s["scrape_ok"]]
+    # The plane scrapes every 5 s; the cache is full for part of each load only. Load again (at most
+    # three times) until a scrape has landed in a saturated moment; the checks below are unchanged.
+    ok: list[dict[str, Any]] = []
+    for _ in range(3):
+        t0 = time.monotonic()
+        results = asyncio.run(run_load(real_vllm.base_url, real_vllm.model, plans, 40))
+        print(f"saturating load took {time.monotonic() - t0:.1f} s")
+        assert all(r.ok for r in results)
+        time.sleep(5.5)
+        ok = [s for s in _samples(real_vllm.plane.api, since, real_vllm.replica) if s["scrape_ok"]]
+        if any(s["kv_usage_ratio"] >= 0.9 for s in ok):
+            break
     assert len(ok) >= 3
     peak_usage = max(s["kv_usage_ratio"] for s in ok)
     peak_waiting = max(s["num_waiting"] for s in ok)
