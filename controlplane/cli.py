@@ -44,6 +44,9 @@ def _store_error(url: str, exc: BaseException) -> NoReturn:
 def _logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        # One line per probe and scrape would drown the supervisor's own messages.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @model_app.command("make-tiny")
@@ -75,32 +78,45 @@ def db_upgrade() -> None:
 
 @app.command()
 def up(
+    config: Annotated[list[Path] | None, typer.Option(
+        "--config", "-c", help="Deployment spec (YAML) to run and supervise (repeatable).")] = None,
     watch: Annotated[list[str] | None, typer.Option(
         help="vLLM server to watch: URL or NAME=URL (repeatable).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Run the plane: OTLP receivers, engine scraping, GPU telemetry and the REST API."""
+    """Run the plane: supervised replicas and their router, OTLP receivers, scraping, GPU telemetry, REST API."""
     from collectors.scrape_loop import Target
     from controlplane.plane import Endpoints, Plane, run_blocking
+    from controlplane.supervisor.spec import SpecError, load_deployment
 
     _logging(verbose)
     settings = _settings()
     try:
         targets = [Target.from_watch(w) for w in watch or []]
-    except ValueError as exc:
+        deployments = [load_deployment(p) for p in config or []]
+    except (ValueError, SpecError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
+    names = [d.name for d in deployments]
+    if len(set(names)) != len(names):
+        console.print(f"[red]error:[/] deployment names must be unique across --config files; got {names}")
+        raise typer.Exit(2)
 
     def ready(e: Endpoints) -> None:
         console.print(f"[green]plane up[/] store={settings.resolved_database_url()}")
         console.print(f"  REST API     {e.api}  (health {e.api}/healthz)")
         console.print(f"  OTLP/HTTP    {e.otlp_http}")
         console.print(f"  OTLP/gRPC    {e.otlp_grpc}")
+        if e.router:
+            console.print(f"  router       {e.router}/v1  (OpenAI-compatible)")
+        for d in deployments:
+            console.print(f"  deployment   {d.name}: {d.served_name} on the {d.backend.kind} backend "
+                          f"(state: {e.api}/api/v1/deployments)")
         for t in targets:
             console.print(f"  watching     {t.name} at {t.base_url}")
 
     try:
-        run_blocking(Plane(settings, targets, on_ready=ready))
+        run_blocking(Plane(settings, targets, on_ready=ready, deployments=deployments))
     except SQLAlchemyError as exc:
         _store_error(settings.resolved_database_url(), exc)
     except OSError as exc:

@@ -24,6 +24,9 @@ from controlplane.api.app import create_app
 from controlplane.settings import Settings
 from controlplane.store.db import make_engine, upgrade
 from controlplane.store.repo import Store
+from controlplane.supervisor.router import Router
+from controlplane.supervisor.spec import Deployment
+from controlplane.supervisor.supervisor import Supervisor, SupervisorMetrics, default_backends
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,7 @@ class Endpoints:
     api: str
     otlp_http: str
     otlp_grpc: str
+    router: str | None = None
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -58,9 +62,12 @@ def _bind(host: str, port: int) -> socket.socket:
 
 class Plane:
     def __init__(self, settings: Settings, watch: list[Target] | None = None,
-                 on_ready: Callable[[Endpoints], None] | None = None) -> None:
+                 on_ready: Callable[[Endpoints], None] | None = None,
+                 deployments: list[Deployment] | None = None) -> None:
         self.settings = settings
         self.watch = list(watch or [])
+        self.deployments = list(deployments or [])
+        self.supervisor: Supervisor | None = None
         self.on_ready = on_ready
         self.registry = CollectorRegistry()
         self.engine = make_engine(settings.resolved_database_url())
@@ -81,23 +88,41 @@ class Plane:
         api_sock = _bind(s.bind_host, s.api_port)
         otlp_sock = _bind(s.bind_host, s.otlp_http_port)
         grpc_srv, grpc_port = grpc_server(ingestor, s.bind_host, s.otlp_grpc_port, s.otlp_max_body_bytes)
-        servers = [
-            _QuietServer(uvicorn.Config(create_app(self.store, self.registry), log_level="warning",
-                                        access_log=False, lifespan="off")),
-            _QuietServer(uvicorn.Config(http_app(ingestor, s.otlp_max_body_bytes), log_level="warning",
-                                        access_log=False, lifespan="off")),
-        ]
-        tasks = [asyncio.create_task(srv.serve(sockets=[sock]))
-                 for srv, sock in zip(servers, (api_sock, otlp_sock), strict=True)]
+        router: Router | None = None
+        if self.deployments:
+            router = Router(s.bind_host, s.router_port)
+            await asyncio.to_thread(router.start)
         async with httpx.AsyncClient() as client:
             scraper = EngineScraper(self.store, client, timeout_s=s.scrape_timeout_s, registry=self.registry)
             self._scraper = scraper
+            supervisor: Supervisor | None = None
+            if router is not None:
+                supervisor = Supervisor(
+                    self.deployments, default_backends(self.deployments), self.store, router, client,
+                    log_dir=s.data_dir / "replicas", otlp_endpoint=f"{s.bind_host}:{grpc_port}",
+                    on_replica_up=lambda name, url: scraper.add(Target(name, url), backend="supervised"),
+                    on_replica_gone=scraper.remove,
+                )
+                self.supervisor = supervisor
+                self.registry.register(SupervisorMetrics(supervisor))
+            servers = [
+                _QuietServer(uvicorn.Config(
+                    create_app(self.store, self.registry, control=supervisor, api_token=s.api_token),
+                    log_level="warning", access_log=False, lifespan="off")),
+                _QuietServer(uvicorn.Config(http_app(ingestor, s.otlp_max_body_bytes), log_level="warning",
+                                            access_log=False, lifespan="off")),
+            ]
+            tasks = [asyncio.create_task(srv.serve(sockets=[sock]))
+                     for srv, sock in zip(servers, (api_sock, otlp_sock), strict=True)]
             for target in self.watch:
                 await asyncio.to_thread(scraper.add, target)
             gpu = GpuCollector(self.store.write_gpu_samples, dcgm_url=s.dcgm_url, client=client,
                                nvml_module=None, log=log)
             tasks.append(asyncio.create_task(scraper.run(stop, s.scrape_interval_s)))
             tasks.append(asyncio.create_task(gpu.run(stop, s.gpu_interval_s)))
+            if supervisor is not None:
+                await supervisor.start()
+                tasks.append(asyncio.create_task(supervisor.run(stop)))
             while not all(srv.started for srv in servers):
                 if any(t.done() for t in tasks):
                     break
@@ -107,12 +132,18 @@ class Plane:
                 api=f"http://{host}:{api_sock.getsockname()[1]}",
                 otlp_http=f"http://{host}:{otlp_sock.getsockname()[1]}/v1/traces",
                 otlp_grpc=f"{host}:{grpc_port}",
+                router=f"http://{host}:{router.bound_port}" if router is not None else None,
             )
             if self.on_ready:
                 self.on_ready(endpoints)
             try:
                 await stop.wait()
             finally:
+                if supervisor is not None:
+                    # Stop every replica this plane started before anything else goes away.
+                    await supervisor.shutdown()
+                if router is not None:
+                    router.stop()
                 for srv in servers:
                     srv.should_exit = True
                 grpc_srv.stop(grace=2).wait()

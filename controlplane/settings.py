@@ -18,6 +18,7 @@ class Settings(BaseSettings):
     # Loopback by default: nothing is exposed beyond this host unless asked for.
     bind_host: str = "127.0.0.1"
     api_port: int = Field(default=8080, ge=0, le=65535)
+    router_port: int = Field(default=8000, ge=0, le=65535, description="OpenAI-compatible router (supervised fleets)")
     otlp_http_port: int = Field(default=4318, ge=0, le=65535)
     otlp_grpc_port: int = Field(default=4317, ge=0, le=65535)
     api_token: str | None = Field(default=None, description="Bearer token required by mutating endpoints.")

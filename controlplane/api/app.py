@@ -7,12 +7,15 @@ no handler lets an exception escape as a bare 500.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
-from typing import Annotated, Any
+from collections.abc import Mapping
+from typing import Annotated, Any, Protocol
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import SQLAlchemyError
 
 from controlplane.store.repo import Store
@@ -25,14 +28,56 @@ ReplicaQ = Annotated[str | None, Query(description="Replica name.", max_length=2
 Limit = Annotated[int, Query(description="Most rows returned, newest first.", ge=1, le=10_000)]
 
 
+class FleetControl(Protocol):
+    """What the API may ask of the supervisor (the only owner of replica count and configuration)."""
+
+    def describe(self) -> list[dict[str, Any]]: ...
+    async def scale(self, deployment: str, replicas: int, *, actor: str, reason: str) -> dict[str, Any]: ...
+    async def reconfigure(self, deployment: str, changes: Mapping[str, Any], *, actor: str,
+                          reason: str) -> dict[str, Any]: ...
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ScaleBody(_Body):
+    replicas: int = Field(ge=0, le=1000, description="Desired number of replicas (within the spec's min/max).")
+    reason: str = Field(default="user_request", pattern=r"^[a-z0-9_]{1,64}$", description="Reason code stored.")
+
+
+class ReconfigureBody(_Body):
+    engine: dict[str, Any] = Field(description="Engine fields to change, e.g. {\"max_num_seqs\": 8}.")
+    reason: str = Field(default="user_request", pattern=r"^[a-z0-9_]{1,64}$", description="Reason code stored.")
+
+
+DeploymentName = Annotated[str, Path(max_length=50, pattern=r"^[a-z0-9-]+$")]
+
+
 def _check_window(since: float | None, until: float | None) -> None:
     if since is not None and until is not None and since >= until:
         raise HTTPException(400, detail=f"since ({since}) must be earlier than until ({until})")
 
 
-def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float | None = None) -> FastAPI:
+def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float | None = None, *,
+               control: FleetControl | None = None, api_token: str | None = None) -> FastAPI:
     app = FastAPI(title="vLLM SLO control plane", version="0.1.0")
     started = started_unix_s or time.time()
+
+    def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
+        """Mutating endpoints: a bearer token from settings; with none configured they are off."""
+        if not api_token:
+            raise HTTPException(403, detail="mutating endpoints are disabled: start the plane with "
+                                            "CONTROLPLANE_API_TOKEN set and send 'Authorization: Bearer <token>'")
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), api_token.encode()):
+            raise HTTPException(401, detail="missing or wrong bearer token (Authorization: Bearer <token>)",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    def need_control() -> FleetControl:
+        if control is None:
+            raise HTTPException(409, detail="this plane supervises no deployment (start it with --config FILE)")
+        return control
 
     @app.exception_handler(SQLAlchemyError)
     async def _db_error(_request: Request, exc: SQLAlchemyError) -> JSONResponse:
@@ -69,6 +114,34 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
     def events(limit: Limit = 1000) -> dict[str, Any]:
         rows = store.events(limit=limit)
         return {"count": len(rows), "items": rows}
+
+    @app.get("/api/v1/deployments")
+    def deployments() -> dict[str, Any]:
+        if control is not None:
+            items = control.describe()
+        else:
+            items = [{"name": d["name"], "desired_replicas": d["desired_replicas"], "engine": d["engine_config"]}
+                     for d in store.deployments()]
+        return {"count": len(items), "items": items}
+
+    async def _act(call: Any) -> dict[str, Any]:
+        from controlplane.supervisor.supervisor import ActionError
+
+        try:
+            result: dict[str, Any] = await call
+        except ActionError as exc:
+            raise HTTPException(exc.status, detail=str(exc)) from None
+        return result
+
+    @app.post("/api/v1/deployments/{name}/scale", status_code=202, dependencies=[Depends(require_token)])
+    async def scale(name: DeploymentName, body: ScaleBody) -> dict[str, Any]:
+        """Set the desired replica count; the supervisor starts or drains replicas to reach it."""
+        return await _act(need_control().scale(name, body.replicas, actor="user", reason=body.reason))
+
+    @app.post("/api/v1/deployments/{name}/reconfigure", status_code=202, dependencies=[Depends(require_token)])
+    async def reconfigure(name: DeploymentName, body: ReconfigureBody) -> dict[str, Any]:
+        """Change engine arguments; applied by a rolling replacement, rolled back if the new replica fails."""
+        return await _act(need_control().reconfigure(name, body.engine, actor="user", reason=body.reason))
 
     @app.get("/metrics")
     def metrics() -> Response:

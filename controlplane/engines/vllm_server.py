@@ -29,13 +29,14 @@ class VllmServerSpec:
     replica_name: str = "replica-0"
     otlp_endpoint: str | None = None  # host:port for gRPC, http://host:port/v1/traces for HTTP
     otlp_protocol: str = "grpc"  # grpc | http/protobuf
-    max_model_len: int = 2048
+    max_model_len: int | None = 2048
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     num_gpu_blocks_override: int | None = None
     kv_cache_space_gib: int = 1
     extra_args: Sequence[str] = ()
     env: Mapping[str, str] = field(default_factory=dict)
+    cpu_cores: tuple[int, ...] = ()  # pin the server (and vLLM's OpenMP threads) to these cores
 
     @property
     def base_url(self) -> str:
@@ -45,9 +46,10 @@ class VllmServerSpec:
         argv = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(self.model_dir), "--served-model-name", self.served_name,
-            "--host", self.host, "--port", str(self.port), "--max-model-len", str(self.max_model_len),
-            "--disable-uvicorn-access-log",
+            "--host", self.host, "--port", str(self.port), "--disable-uvicorn-access-log",
         ]
+        if self.max_model_len is not None:
+            argv += ["--max-model-len", str(self.max_model_len)]
         if self.otlp_endpoint:
             argv += ["--otlp-traces-endpoint", self.otlp_endpoint]
         if self.max_num_seqs is not None:
@@ -73,6 +75,10 @@ class VllmServerSpec:
         })
         # The batch span processor's defaults (5 s delay) are fine for a fleet, slow for a demo.
         env.setdefault("OTEL_BSP_SCHEDULE_DELAY", "500")
+        if self.cpu_cores:
+            # vLLM's CPU backend binds its OpenMP threads itself ("auto" = a whole NUMA node), which
+            # would step outside the affinity mask; give it exactly the pinned cores.
+            env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in self.cpu_cores)
         env.update(self.env)
         return env
 
@@ -90,9 +96,11 @@ class VllmServer:
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
+        cores = set(self.spec.cpu_cores)
         self.proc = subprocess.Popen(
             self.spec.argv(), env=self.spec.environ(), stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,  # noqa: PLW1509
         )
         log.close()
 

@@ -41,6 +41,11 @@ class Deployment(Base):
     model: Mapped[str | None] = mapped_column(String(500))
     spec: Mapped[dict[str, Any] | None]
     created_unix_s: Mapped[float]
+    # The supervisor's desired state, kept here so a restarted plane resumes it (a scale or a rolling
+    # change made at run time survives a plane restart while the spec file is unchanged).
+    desired_replicas: Mapped[int | None]
+    engine_config: Mapped[dict[str, Any] | None]
+    updated_unix_s: Mapped[float | None]
 
 
 class Replica(Base):
@@ -53,6 +58,11 @@ class Replica(Base):
     state: Mapped[str] = mapped_column(String(20))
     config_version: Mapped[int] = mapped_column(default=0)
     created_unix_s: Mapped[float]
+    # What the supervisor needs to find the replica again after a plane restart (backend-specific:
+    # pid + process start time + port for local, actor name + namespace for Ray). NULL for replicas
+    # the plane only watches.
+    runtime: Mapped[dict[str, Any] | None]
+    updated_unix_s: Mapped[float | None]
 
 
 class ReplicaConfig(Base):

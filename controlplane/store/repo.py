@@ -12,6 +12,7 @@ from sqlalchemy import Connection, Engine, Table, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from controlplane.store.models import (
+    Deployment,
     EngineSample,
     GpuSample,
     LifecycleEvent,
@@ -139,6 +140,79 @@ class Store:
         self._replica_ids.update(pending)
         return rid
 
+    # --- supervised deployments -----------------------------------------------------------------
+    def deployment_state(self, name: str) -> dict[str, Any] | None:
+        """The stored row of a deployment (spec as last applied, desired replicas, engine config)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(Deployment.__table__).where(Deployment.name == name)).first()
+        return dict(row._mapping) if row else None
+
+    def save_deployment(
+        self, name: str, *, model: str | None, spec: Mapping[str, Any], desired_replicas: int,
+        engine_config: Mapping[str, Any],
+    ) -> int:
+        """Create or update a deployment's row; returns its id."""
+        now = time.time()
+        values = {"model": model, "spec": dict(spec), "desired_replicas": desired_replicas,
+                  "engine_config": dict(engine_config), "updated_unix_s": now}
+        with self._write_lock, self.engine.begin() as conn:
+            rid = conn.execute(select(Deployment.id).where(Deployment.name == name)).scalar()
+            if rid is None:
+                conn.execute(insert(Deployment), {"name": name, "created_unix_s": now, **values})
+                rid = conn.execute(select(Deployment.id).where(Deployment.name == name)).scalar_one()
+            else:
+                conn.execute(update(Deployment).where(Deployment.id == rid).values(**values))
+        return int(rid)
+
+    def save_replica(
+        self, name: str, *, deployment_id: int | None, url: str | None, backend: str, state: str,
+        runtime: Mapping[str, Any] | None, config: Mapping[str, Any] | None,
+    ) -> int:
+        """Register a supervised replica (new config version when it changed) with its state and handle."""
+        rid = self.register_replica(name, url=url, backend=backend, config=config)
+        with self._write_lock, self.engine.begin() as conn:
+            conn.execute(update(Replica).where(Replica.id == rid).values(
+                deployment_id=deployment_id, url=url, backend=backend, state=state,
+                runtime=dict(runtime) if runtime is not None else None, updated_unix_s=time.time()))
+        return rid
+
+    def set_replica_state(self, replica_id: int, state: str) -> None:
+        with self._write_lock, self.engine.begin() as conn:
+            conn.execute(update(Replica).where(Replica.id == replica_id).values(
+                state=state, updated_unix_s=time.time()))
+
+    def deployment_replicas(self, deployment_id: int) -> list[dict[str, Any]]:
+        """Replicas recorded for a deployment, each with its latest engine config."""
+        with self.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(
+                select(Replica.__table__).where(Replica.deployment_id == deployment_id).order_by(Replica.id))]
+            for r in rows:
+                r["config"] = conn.execute(
+                    select(ReplicaConfig.config).where(ReplicaConfig.replica_id == r["id"],
+                                                       ReplicaConfig.version == r["config_version"])
+                ).scalar()
+        return rows
+
+    def deployments(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(select(Deployment.__table__).order_by(Deployment.id))]
+
+    def record_action(
+        self, replica_id: int | None, kind: str, *, actor: str, reason: str | None, message: str | None = None,
+        before: Mapping[str, Any] | None = None, after: Mapping[str, Any] | None = None,
+        attributes: Mapping[str, Any] | None = None, ts_unix_s: float | None = None,
+    ) -> None:
+        """One audited action or lifecycle change: who (actor), why (reason code), config before/after."""
+        with self._write_lock, self.engine.begin() as conn:
+            conn.execute(
+                insert(LifecycleEvent),
+                {"replica_id": replica_id, "ts_unix_s": time.time() if ts_unix_s is None else ts_unix_s,
+                 "kind": kind, "actor": actor, "reason": reason, "message": message,
+                 "attributes": dict(attributes or {}),
+                 "before_config": dict(before) if before is not None else None,
+                 "after_config": dict(after) if after is not None else None},
+            )
+
     # --- writes -------------------------------------------------------------------------------
     def write_spans(
         self, requests: Iterable[Mapping[str, Any]], events: Iterable[Mapping[str, Any]]
@@ -174,12 +248,7 @@ class Store:
         self, replica_id: int | None, kind: str, *, actor: str, reason: str | None = None,
         message: str | None = None, attributes: Mapping[str, Any] | None = None,
     ) -> None:
-        with self._write_lock, self.engine.begin() as conn:
-            conn.execute(
-                insert(LifecycleEvent),
-                {"replica_id": replica_id, "ts_unix_s": time.time(), "kind": kind, "actor": actor,
-                 "reason": reason, "message": message, "attributes": dict(attributes or {})},
-            )
+        self.record_action(replica_id, kind, actor=actor, reason=reason, message=message, attributes=attributes)
 
     # --- reads --------------------------------------------------------------------------------
     def replica_names(self) -> dict[int, str]:

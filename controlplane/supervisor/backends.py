@@ -1,0 +1,193 @@
+"""Where replicas run: one small interface, three backends (local processes, Ray actors, external).
+
+A backend only launches, polls, stops and re-finds processes; every decision (when to restart, what
+to drain) is the supervisor's. Each handle carries a JSON-safe `runtime` dict that the supervisor
+stores, so a restarted plane can find the same replica again (`adopt`) instead of leaking it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import psutil
+
+from controlplane.engines.vllm_server import VllmServer, VllmServerSpec
+from controlplane.supervisor.spec import Deployment, EngineConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    replica: str
+    deployment: Deployment
+    engine: EngineConfig
+    slot: int
+    port: int
+    otlp_endpoint: str | None
+    otlp_protocol: str
+    log_dir: Path
+
+    def server_spec(self, host: str, cpu_cores: tuple[int, ...] = ()) -> VllmServerSpec:
+        return VllmServerSpec(
+            model_dir=Path(self.deployment.model_path), served_name=self.deployment.served_name,
+            host=host, port=self.port, replica_name=self.replica, otlp_endpoint=self.otlp_endpoint,
+            otlp_protocol=self.otlp_protocol, max_model_len=None,
+            kv_cache_space_gib=self.engine.kv_cache_space_gib or 1, extra_args=tuple(self.engine.vllm_args()),
+            cpu_cores=cpu_cores,
+        )
+
+
+@dataclass
+class Handle:
+    replica: str
+    url: str
+    runtime: dict[str, Any]
+    # Backend-private objects (a Popen, an actor handle); not stored.
+    private: Any = field(default=None, repr=False, compare=False)
+
+
+class Backend(Protocol):
+    kind: str
+
+    def launch(self, req: LaunchRequest) -> Handle: ...
+
+    def exit_code(self, handle: Handle) -> int | None:
+        """None while the replica's process runs; its exit code (negative: signal) once it ended."""
+        ...
+
+    def stop(self, handle: Handle, timeout_s: float) -> None: ...
+
+    def adopt(self, replica: str, url: str, runtime: dict[str, Any]) -> Handle | None:
+        """The handle of a replica a previous plane started, if it still runs as recorded."""
+        ...
+
+    def close(self) -> None: ...
+
+
+# --- local processes ----------------------------------------------------------------------------
+
+LOST = -1000  # exit code for "the process is gone and we could not read its status"
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+class LocalBackend:
+    """vLLM servers as processes on this host, each in its own session (process group)."""
+
+    kind = "local"
+
+    def __init__(self, host: str = "127.0.0.1", cpu_cores: tuple[tuple[int, ...], ...] = ()) -> None:
+        self.host = host
+        self.cpu_cores = cpu_cores
+
+    def launch(self, req: LaunchRequest) -> Handle:
+        cores = self.cpu_cores[req.slot] if req.slot < len(self.cpu_cores) else ()
+        spec = req.server_spec(self.host, cores)
+        server = VllmServer(spec, req.log_dir / f"{req.replica}.log")
+        server.start()
+        assert server.proc is not None
+        pid = server.proc.pid
+        runtime = {"pid": pid, "pgid": pid, "create_time": psutil.Process(pid).create_time(),
+                   "port": req.port, "host": self.host, "log": str(server.log_path), "cpu_cores": list(cores)}
+        return Handle(req.replica, spec.base_url, runtime, private=server)
+
+    def exit_code(self, handle: Handle) -> int | None:
+        server = handle.private
+        if isinstance(server, VllmServer) and server.proc is not None:
+            return server.proc.poll()
+        # Adopted: not our child, so no wait status; psutil tells whether the same process runs.
+        proc = handle.private if isinstance(handle.private, psutil.Process) else None
+        if proc is None:
+            return LOST
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                return None
+        except psutil.NoSuchProcess:
+            pass
+        return LOST
+
+    def stop(self, handle: Handle, timeout_s: float) -> None:
+        """SIGTERM the replica's process group, wait, then SIGKILL whatever is left in it."""
+        pgid = int(handle.runtime["pgid"])
+        _killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.exit_code(handle) is not None and not _group_alive(pgid):
+                break
+            time.sleep(0.1)
+        _killpg(pgid, signal.SIGKILL)
+        server = handle.private
+        if isinstance(server, VllmServer) and server.proc is not None:
+            try:
+                server.proc.wait(timeout=5)
+            except Exception:  # noqa: BLE001 - reaping is best effort; the group is already killed
+                log.warning("replica %s: process %s not reaped", handle.replica, server.proc.pid)
+
+    def reap_group(self, handle: Handle) -> None:
+        """After the main process died (e.g. kill -9), kill the children it left in its group."""
+        _killpg(int(handle.runtime["pgid"]), signal.SIGKILL)
+        server = handle.private
+        if isinstance(server, VllmServer) and server.proc is not None:
+            server.proc.poll()
+
+    def adopt(self, replica: str, url: str, runtime: dict[str, Any]) -> Handle | None:
+        try:
+            pid, created = int(runtime["pid"]), float(runtime["create_time"])
+            proc = psutil.Process(pid)
+            # The pid must still be the process we started (pids are reused) and still a vLLM server
+            # on the recorded port.
+            if abs(proc.create_time() - created) > 0.01 or proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+            cmd = proc.cmdline()
+            if "--port" not in cmd or cmd[cmd.index("--port") + 1] != str(runtime["port"]):
+                return None
+        except (KeyError, ValueError, TypeError, IndexError, psutil.Error):
+            return None
+        return Handle(replica, url, dict(runtime), private=proc)
+
+    def close(self) -> None:
+        pass
+
+
+# --- external replicas ----------------------------------------------------------------------------
+
+
+class ExternalBackend:
+    """Replicas the plane did not start: it probes and routes to them, never starts or stops them."""
+
+    kind = "external"
+
+    def launch(self, req: LaunchRequest) -> Handle:
+        raise RuntimeError("the external backend cannot start replicas; add their URLs to spec.backend.urls")
+
+    def exit_code(self, handle: Handle) -> int | None:
+        return None  # only probes can tell
+
+    def stop(self, handle: Handle, timeout_s: float) -> None:
+        pass
+
+    def adopt(self, replica: str, url: str, runtime: dict[str, Any]) -> Handle | None:
+        return Handle(replica, url, dict(runtime))
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,142 @@
+"""The Ray backend: each replica is a detached, named Ray actor that owns one vLLM server process.
+
+Why actors and not Ray Serve: the plane must be the only owner of the replica count and of each
+replica's configuration. Serve brings its own autoscaler, its own rolling-update semantics and its
+own proxy, which would fight the supervisor (two owners of the count, a lesson peers paid for);
+and Serve's LLM integration runs vLLM in-process, so a crash takes the replica actor with it and
+restarts happen on Serve's terms. An actor per replica gives Ray what it is good at (placement by
+resources across nodes, `num_gpus` accounting, a named handle that outlives the plane) while
+start, probe, drain, restart and rollback stay identical to the local backend, and the same router,
+scraper and trace path serve both.
+
+Actors are detached and named `<replica>` in the deployment's namespace, so a restarted plane finds
+them again with `ray.get_actor`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import ray
+
+from controlplane.engines.vllm_server import VllmServer, VllmServerSpec
+from controlplane.supervisor.backends import LOST, Handle, LaunchRequest
+from controlplane.supervisor.spec import RayBackend as RaySpec
+
+log = logging.getLogger(__name__)
+
+
+class VllmReplicaActor:
+    """Runs inside a Ray worker on the node Ray chose; owns the vLLM process group there."""
+
+    def __init__(self) -> None:
+        self.server: VllmServer | None = None
+
+    def start(self, spec: VllmServerSpec, log_path: str) -> dict[str, Any]:
+        node_ip = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+        spec = dataclasses.replace(spec, host=node_ip)
+        self.server = VllmServer(spec, Path(log_path))
+        self.server.start()
+        assert self.server.proc is not None
+        return {"pid": self.server.proc.pid, "node_ip": node_ip, "url": spec.base_url, "port": spec.port,
+                "log": log_path}
+
+    def exit_code(self) -> int | None:
+        if self.server is None or self.server.proc is None:
+            return LOST
+        return self.server.proc.poll()
+
+    def stop(self, timeout_s: float) -> None:
+        if self.server is None or self.server.proc is None:
+            return
+        pgid = self.server.proc.pid
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.server.proc.poll() is None:
+            time.sleep(0.1)
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.server.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def info(self) -> dict[str, Any]:
+        proc = self.server.proc if self.server else None
+        return {"pid": proc.pid if proc else None, "url": self.server.spec.base_url if self.server else None,
+                "port": self.server.spec.port if self.server else None}
+
+
+class RayActorBackend:
+    kind = "ray"
+
+    def __init__(self, spec: RaySpec, call_timeout_s: float = 30.0) -> None:
+        self.spec = spec
+        self.call_timeout_s = call_timeout_s
+        self._actor_cls: Any = None
+
+    def _connect(self) -> Any:
+        if self._actor_cls is None:
+            if not ray.is_initialized():
+                ray.init(address=self.spec.address, namespace=self.spec.namespace, logging_level=logging.WARNING,
+                         log_to_driver=False)
+            self._actor_cls = ray.remote(max_restarts=0)(VllmReplicaActor)
+        return self._actor_cls
+
+    def launch(self, req: LaunchRequest) -> Handle:
+        cls = self._connect()
+        actor = cls.options(name=req.replica, namespace=self.spec.namespace, lifetime="detached",
+                            num_cpus=self.spec.num_cpus_per_replica, num_gpus=self.spec.num_gpus_per_replica,
+                            get_if_exists=False).remote()
+        info = ray.get(actor.start.remote(req.server_spec(host="0.0.0.0"), str(req.log_dir / f"{req.replica}.log")),
+                       timeout=self.call_timeout_s)
+        runtime = {"actor": req.replica, "namespace": self.spec.namespace, **info}
+        return Handle(req.replica, str(info["url"]), runtime, private=actor)
+
+    def exit_code(self, handle: Handle) -> int | None:
+        try:
+            code = ray.get(handle.private.exit_code.remote(), timeout=self.call_timeout_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
+            return LOST
+        return None if code is None else int(code)
+
+    def stop(self, handle: Handle, timeout_s: float) -> None:
+        actor = handle.private
+        if actor is None:
+            return
+        try:
+            ray.get(actor.stop.remote(timeout_s), timeout=timeout_s + self.call_timeout_s)
+        except ray.exceptions.RayError as exc:
+            log.warning("ray replica %s: stop failed (%s); killing the actor", handle.replica, exc)
+        try:
+            ray.kill(actor, no_restart=True)
+        except (ValueError, ray.exceptions.RayError):
+            pass
+
+    def adopt(self, replica: str, url: str, runtime: dict[str, Any]) -> Handle | None:
+        try:
+            self._connect()
+            actor = ray.get_actor(str(runtime.get("actor", replica)), namespace=self.spec.namespace)
+            info = cast(dict[str, Any], ray.get(actor.info.remote(), timeout=self.call_timeout_s))
+            code = ray.get(actor.exit_code.remote(), timeout=self.call_timeout_s)
+        except (ValueError, ray.exceptions.RayError):
+            return None
+        if code is not None or info.get("url") != url:
+            return None
+        return Handle(replica, url, dict(runtime), private=actor)
+
+    def close(self) -> None:
+        if ray.is_initialized():
+            ray.shutdown()

@@ -1,0 +1,276 @@
+"""The Deployment spec (`apiVersion: controlplane/v1`, `kind: Deployment`) and its frozen domain form.
+
+The YAML is validated by pydantic with unknown fields rejected, so a typo fails before anything
+starts, with the field's path and what is allowed. `load_deployment` turns it into `Deployment`,
+the only form the rest of the plane sees.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_RE = r"^[a-z0-9]([a-z0-9-]{0,48}[a-z0-9])?$"
+# Flags the plane sets itself; passing them through extra_args would fight the supervisor.
+RESERVED_FLAGS = ("--host", "--port", "--model", "--served-model-name", "--otlp-traces-endpoint")
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; the message names the source, the field and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Strict):
+    path: str = Field(min_length=1, description="directory of a Hugging Face model (local; nothing is downloaded)")
+    served_name: str = Field(min_length=1, max_length=200)
+
+
+class EngineSection(_Strict):
+    max_num_seqs: int | None = Field(default=None, ge=1, le=65536)
+    max_num_batched_tokens: int | None = Field(default=None, ge=16, le=4_194_304)
+    max_model_len: int | None = Field(default=None, ge=16)
+    dtype: Literal["auto", "bfloat16", "float16", "float32", "half", "float"] = "auto"
+    quantization: Literal["fp8", "awq", "gptq", "compressed-tensors", "bitsandbytes", "int8", "w8a8"] | None = None
+    kv_cache_dtype: Literal["auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
+    gpu_memory_utilization: float | None = Field(default=None, gt=0.0, le=1.0)
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    pipeline_parallel_size: int = Field(default=1, ge=1, le=64)
+    num_gpu_blocks_override: int | None = Field(default=None, ge=2)
+    kv_cache_space_gib: int | None = Field(default=None, ge=1, description="CPU engine: VLLM_CPU_KVCACHE_SPACE")
+    extra_args: tuple[str, ...] = ()
+
+    @field_validator("extra_args")
+    @classmethod
+    def _no_reserved(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for arg in v:
+            flag = arg.split("=", 1)[0]
+            if flag in RESERVED_FLAGS:
+                allowed = ", ".join(RESERVED_FLAGS)
+                raise ValueError(f"{flag} is set by the plane; allowed: any vLLM flag except {allowed}")
+        return v
+
+
+class ReplicasSection(_Strict):
+    min: int = Field(default=1, ge=0)
+    max: int = Field(default=1, ge=1)
+    initial: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ReplicasSection:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must be <= max ({self.max})")
+        if self.initial is not None and not self.min <= self.initial <= self.max:
+            raise ValueError(f"initial ({self.initial}) must lie in [min, max] = [{self.min}, {self.max}]")
+        return self
+
+
+class HardwareSection(_Strict):
+    accelerator: str = Field(default="cpu", min_length=1, description="'cpu' or a catalog name such as H100-80GB")
+    count_per_replica: float = Field(default=1, gt=0, description="accelerators (or CPU cores) per replica")
+    price_per_hour_usd: float = Field(default=0.0, ge=0, description="price of ONE accelerator (or core) per hour")
+
+
+class LocalBackend(_Strict):
+    kind: Literal["local"] = "local"
+    host: str = "127.0.0.1"
+    base_port: int = Field(default=8100, ge=1024, le=65000)
+    cpu_cores: tuple[tuple[int, ...], ...] = Field(
+        default=(), description="one core list per replica slot, e.g. [[0], [1]]; empty: no pinning")
+
+
+class RayBackend(_Strict):
+    kind: Literal["ray"]
+    address: str = Field(default="auto", description="Ray cluster address (host:port, ray://..., or auto)")
+    namespace: str = "controlplane"
+    num_cpus_per_replica: float = Field(default=1, ge=0)
+    num_gpus_per_replica: float = Field(default=0, ge=0)
+    base_port: int = Field(default=8200, ge=1024, le=65000)
+
+
+class ExternalBackend(_Strict):
+    kind: Literal["external"]
+    urls: tuple[str, ...] = Field(min_length=1)
+
+    @field_validator("urls")
+    @classmethod
+    def _http(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for u in v:
+            if not re.match(r"^https?://[^/\s]+", u):
+                raise ValueError(f"{u!r} is not an http(s) URL like http://10.0.0.5:8000")
+        return v
+
+
+class LifecycleSection(_Strict):
+    ready_timeout_s: float = Field(default=600, gt=0, description="start-up longer than this counts as failed")
+    probe_interval_s: float = Field(default=2, gt=0)
+    probe_timeout_s: float = Field(default=5, gt=0)
+    liveness_failures: int = Field(default=3, ge=1, description="consecutive failed /health probes -> restart")
+    restart_backoff_initial_s: float = Field(default=5, ge=0)
+    restart_backoff_max_s: float = Field(default=300, gt=0)
+    crashloop_restarts: int = Field(default=5, ge=1, description="crashes within crashloop_window_s -> give up")
+    crashloop_window_s: float = Field(default=600, gt=0)
+    drain_timeout_s: float = Field(default=120, ge=0)
+
+
+class DeploymentBody(_Strict):
+    model: ModelSection
+    engine: EngineSection = EngineSection()
+    replicas: ReplicasSection = ReplicasSection()
+    hardware: HardwareSection = HardwareSection()
+    backend: LocalBackend | RayBackend | ExternalBackend = Field(default=LocalBackend(), discriminator="kind")
+    lifecycle: LifecycleSection = LifecycleSection()
+
+
+class Metadata(_Strict):
+    name: str = Field(pattern=NAME_RE, description="lower-case letters, digits and '-', at most 50 characters")
+    labels: dict[str, str] = {}
+
+
+class DeploymentDoc(_Strict):
+    apiVersion: Literal["controlplane/v1"]  # noqa: N815 (the YAML key)
+    kind: Literal["Deployment"]
+    metadata: Metadata
+    spec: DeploymentBody
+
+
+# --- domain -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What a replica runs with; hashable, stored as before/after of every change."""
+
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"
+    gpu_memory_utilization: float | None = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    num_gpu_blocks_override: int | None = None
+    kv_cache_space_gib: int | None = None
+    extra_args: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["extra_args"] = list(self.extra_args)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EngineConfig:
+        """Validated like the spec: a stored or posted config with a bad field raises SpecError."""
+        try:
+            sec = EngineSection.model_validate(d)
+        except ValidationError as exc:
+            raise SpecError(_describe(exc, "engine config")) from exc
+        return cls(**sec.model_dump())
+
+    def with_changes(self, changes: dict[str, Any]) -> EngineConfig:
+        return EngineConfig.from_dict({**self.as_dict(), **changes})
+
+    def vllm_args(self) -> list[str]:
+        """The vLLM command-line flags for this config (defaults left to vLLM)."""
+        args: list[str] = []
+        for key in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "gpu_memory_utilization",
+                    "num_gpu_blocks_override", "quantization"):
+            value = getattr(self, key)
+            if value is not None:
+                args += [f"--{key.replace('_', '-')}", str(value)]
+        if self.dtype != "auto":
+            args += ["--dtype", self.dtype]
+        if self.kv_cache_dtype != "auto":
+            args += ["--kv-cache-dtype", self.kv_cache_dtype]
+        if self.tensor_parallel_size != 1:
+            args += ["--tensor-parallel-size", str(self.tensor_parallel_size)]
+        if self.pipeline_parallel_size != 1:
+            args += ["--pipeline-parallel-size", str(self.pipeline_parallel_size)]
+        return args + list(self.extra_args)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    name: str
+    model_path: str
+    served_name: str
+    engine: EngineConfig
+    min_replicas: int
+    max_replicas: int
+    initial_replicas: int
+    accelerator: str
+    accelerators_per_replica: float
+    price_per_accelerator_hour_usd: float
+    backend: LocalBackend | RayBackend | ExternalBackend
+    lifecycle: LifecycleSection
+    spec: dict[str, Any] = field(default_factory=dict, compare=False)  # the document as given, for the store
+
+    @property
+    def price_per_replica_hour_usd(self) -> float:
+        return self.accelerators_per_replica * self.price_per_accelerator_hour_usd
+
+    def with_engine(self, engine: EngineConfig) -> Deployment:
+        return replace(self, engine=engine)
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: {exc.error_count()} problem(s)"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(document)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check spelling; see the Deployment spec in the README)"
+        elif err["type"] == "literal_error":
+            msg = f"{msg}, got {err.get('input')!r}"
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_deployment(doc: Any, source: str = "deployment spec") -> Deployment:
+    if not isinstance(doc, dict):
+        raise SpecError(f"{source}: expected a mapping with apiVersion, kind, metadata, spec; got {type(doc).__name__}")
+    try:
+        d = DeploymentDoc.model_validate(doc)
+    except ValidationError as exc:
+        raise SpecError(_describe(exc, source)) from exc
+    s = d.spec
+    if s.replicas.max < 1:
+        raise SpecError(f"{source}: spec.replicas.max must be >= 1")
+    if isinstance(s.backend, ExternalBackend):
+        n = len(s.backend.urls)
+        initial = n
+    else:
+        initial = s.replicas.initial if s.replicas.initial is not None else max(s.replicas.min, 1)
+        if initial > s.replicas.max:
+            raise SpecError(f"{source}: spec.replicas: initial {initial} exceeds max {s.replicas.max}")
+    if isinstance(s.backend, LocalBackend) and s.backend.cpu_cores and len(s.backend.cpu_cores) < s.replicas.max:
+        raise SpecError(f"{source}: spec.backend.cpu_cores lists {len(s.backend.cpu_cores)} core sets but "
+                        f"replicas.max is {s.replicas.max}; give one set per replica slot, or none")
+    return Deployment(
+        name=d.metadata.name, model_path=s.model.path, served_name=s.model.served_name,
+        engine=EngineConfig(**s.engine.model_dump()),
+        min_replicas=s.replicas.min, max_replicas=s.replicas.max, initial_replicas=initial,
+        accelerator=s.hardware.accelerator, accelerators_per_replica=s.hardware.count_per_replica,
+        price_per_accelerator_hour_usd=s.hardware.price_per_hour_usd,
+        backend=s.backend, lifecycle=s.lifecycle, spec=d.model_dump(mode="json"),
+    )
+
+
+def load_deployment(path: Path) -> Deployment:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_deployment(doc, str(path))

@@ -1,0 +1,598 @@
+"""The supervisor: the one owner of each deployment's replica count and configuration.
+
+It converges the fleet to the desired state on a short tick: probes readiness and liveness, restarts
+crashed replicas with back-off (or gives up on a crash loop), starts and drains replicas to match
+the desired count, and rolls configuration changes one replica at a time (start new, wait ready,
+shift traffic, drain old; roll back when the new one never becomes ready). Every action is stored
+with its actor, reason code and the configuration before and after.
+
+Rules live in `policy` (pure); side effects go through the injected backend, router, HTTP client
+and store. Blocking calls (process start/stop, database writes) run in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from controlplane import names
+from controlplane.store.repo import Store
+from controlplane.supervisor import policy
+from controlplane.supervisor.backends import Backend, Handle, LaunchRequest, LocalBackend
+from controlplane.supervisor.policy import (
+    ACTIVE_STATES,
+    COUNTED_STATES,
+    CRASHED,
+    CRASHLOOP,
+    DRAINING,
+    FAILED,
+    READY,
+    STARTING,
+    STOPPED,
+    UNREADY,
+)
+from controlplane.supervisor.spec import Deployment, EngineConfig, ExternalBackend, SpecError
+
+log = logging.getLogger(__name__)
+
+# Actors and reason codes stored with every action.
+ACTOR_USER, ACTOR_TUNER, ACTOR_SUPERVISOR = "user", "tuner", "supervisor"
+
+
+class RouterControl(Protocol):
+    def set_ready(self, name: str, url: str) -> None: ...
+    def set_unready(self, name: str) -> None: ...
+    def drain(self, name: str) -> None: ...
+    def remove(self, name: str) -> None: ...
+    def outstanding(self, name: str) -> int: ...
+
+
+class ActionError(ValueError):
+    """A requested action that cannot be done as asked (bad count, unknown deployment, busy)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Member:
+    name: str
+    replica_id: int
+    slot: int
+    port: int
+    config: EngineConfig
+    handle: Handle | None
+    state: str
+    since: float
+    candidate: bool = False  # started by a rolling change; a failure fails the change, no restart
+    probe_failures: int = 0
+    crashes: tuple[float, ...] = ()
+    next_restart_at: float | None = None
+    next_probe_at: float = 0.0
+    restarts: int = 0
+    last_exit: int | None = None
+
+
+@dataclass
+class DeploymentRuntime:
+    dep: Deployment
+    deployment_id: int
+    backend: Backend
+    desired: int
+    members: dict[str, Member] = field(default_factory=dict)
+    rollout: asyncio.Task[None] | None = None
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def active(self) -> list[Member]:
+        return [m for m in self.members.values() if m.state in ACTIVE_STATES and not m.candidate]
+
+    @property
+    def counted(self) -> list[Member]:
+        """Members that hold a place in the desired count (crash-looping ones too)."""
+        return [m for m in self.members.values() if m.state in COUNTED_STATES and not m.candidate]
+
+
+def _cfg(c: EngineConfig) -> dict[str, Any]:
+    return c.as_dict()
+
+
+class Supervisor:
+    def __init__(
+        self,
+        deployments: list[Deployment],
+        backends: Mapping[str, Backend],
+        store: Store,
+        router: RouterControl,
+        client: httpx.AsyncClient,
+        *,
+        log_dir: Path,
+        otlp_endpoint: str | None,
+        otlp_protocol: str = "grpc",
+        on_replica_up: Callable[[str, str], None] = lambda name, url: None,
+        on_replica_gone: Callable[[str], None] = lambda name: None,
+        clock: Callable[[], float] = time.time,
+        tick_s: float = 0.5,
+    ) -> None:
+        self.specs = {d.name: d for d in deployments}
+        self.backends = backends
+        self.store = store
+        self.router = router
+        self.client = client
+        self.log_dir = log_dir
+        self.otlp_endpoint, self.otlp_protocol = otlp_endpoint, otlp_protocol
+        self.on_replica_up, self.on_replica_gone = on_replica_up, on_replica_gone
+        self.clock = clock
+        self.tick_s = tick_s
+        self.runtimes: dict[str, DeploymentRuntime] = {}
+
+    # --- start: resume what the store recorded ------------------------------------------------
+    async def start(self) -> None:
+        for dep in self.specs.values():
+            await self._resume(dep)
+
+    async def _resume(self, dep: Deployment) -> None:
+        backend = self.backends[dep.backend.kind]
+        stored = await asyncio.to_thread(self.store.deployment_state, dep.name)
+        desired, engine, why = dep.initial_replicas, dep.engine, "new"
+        if stored is not None:
+            if stored["spec"] == dep.spec and stored["engine_config"] is not None:
+                # Same file as last time: run-time changes (scale, rolling changes) survive the restart.
+                desired = int(stored["desired_replicas"] or desired)
+                try:
+                    engine = EngineConfig.from_dict(stored["engine_config"])
+                except SpecError as exc:
+                    log.warning("%s: stored engine config unusable (%s); using the spec's", dep.name, exc)
+                why = "resumed"
+            else:
+                why = "spec_changed"
+        if isinstance(dep.backend, ExternalBackend):
+            desired = len(dep.backend.urls)
+        dep = dep.with_engine(engine)
+        dep_id = await asyncio.to_thread(
+            self.store.save_deployment, dep.name, model=dep.served_name, spec=dep.spec,
+            desired_replicas=desired, engine_config=_cfg(engine))
+        rt = DeploymentRuntime(dep, dep_id, backend, desired)
+        self.runtimes[dep.name] = rt
+        await self._record(None, "deployment_started", ACTOR_USER if why == "spec_changed" else ACTOR_SUPERVISOR,
+                           why, message=f"{dep.name}: {desired} replica(s) on the {backend.kind} backend",
+                           after={"replicas": desired, **_cfg(engine)})
+        now = self.clock()
+        if isinstance(dep.backend, ExternalBackend):
+            for i, url in enumerate(dep.backend.urls):
+                name = f"{dep.name}-{i}"
+                rid = await self._save(rt, name, url, STARTING, {}, engine)
+                handle = backend.adopt(name, url, {})
+                rt.members[name] = Member(name, rid, i, 0, engine, handle, STARTING, now)
+            return
+        for row in await asyncio.to_thread(self.store.deployment_replicas, dep_id):
+            if row["state"] in (STOPPED, FAILED) or not row["runtime"]:
+                continue
+            handle = await asyncio.to_thread(backend.adopt, row["name"], row["url"], row["runtime"])
+            if handle is None:
+                await asyncio.to_thread(self.store.set_replica_state, row["id"], STOPPED)
+                await self._record(row["id"], "replica_lost", ACTOR_SUPERVISOR, "plane_restart",
+                                   message="recorded as running, but its process is gone")
+                continue
+            try:
+                config = EngineConfig.from_dict(row["config"] or {})
+            except SpecError:
+                config = engine
+            runtime = row["runtime"]
+            rt.members[row["name"]] = Member(row["name"], row["id"], int(runtime.get("slot", 0)),
+                                             int(runtime.get("port", 0)), config, handle, STARTING, now)
+            await self._record(row["id"], "replica_adopted", ACTOR_SUPERVISOR, "plane_restart",
+                               message=f"re-adopted {backend.kind} replica at {row['url']}",
+                               attributes={"runtime": runtime})
+
+    # --- the loop -------------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.tick()
+            except Exception:  # noqa: BLE001 - one bad tick must not end supervision
+                log.exception("supervisor tick failed")
+            try:
+                await asyncio.wait_for(stop.wait(), self.tick_s)
+            except TimeoutError:
+                pass
+
+    async def tick(self) -> None:
+        now = self.clock()
+        for rt in self.runtimes.values():
+            await asyncio.gather(*(self._check(rt, m, now) for m in list(rt.members.values())))
+            await self._reconcile(rt, now)
+
+    async def _check(self, rt: DeploymentRuntime, m: Member, now: float) -> None:
+        lc = rt.dep.lifecycle
+        if m.state in (STOPPED, FAILED, CRASHLOOP):
+            return
+        if m.state == CRASHED:
+            if m.next_restart_at is not None and now >= m.next_restart_at:
+                await self._launch(rt, m.name, m.slot, m.config, restart_of=m)
+            return
+        if m.handle is not None and m.state != DRAINING:
+            code = rt.backend.exit_code(m.handle)
+            if code is not None:
+                await self._crashed(rt, m, now, f"process exited with code {code}", "exited", code)
+                return
+        if m.state == DRAINING or now < m.next_probe_at:
+            return
+        m.next_probe_at = now + lc.probe_interval_s
+        url = m.handle.url if m.handle else ""
+        if m.state == STARTING:
+            if await self._probe(url, lc.probe_timeout_s, ready=True):
+                await self._set_state(rt, m, READY, "ready", f"ready after {now - m.since:.1f} s")
+                self.router.set_ready(m.name, url)
+                self.on_replica_up(m.name, url)
+            elif now - m.since > lc.ready_timeout_s:
+                await self._crashed(rt, m, now, f"not ready after {lc.ready_timeout_s:.0f} s", "ready_timeout",
+                                    None)
+            return
+        ok = await self._probe(url, lc.probe_timeout_s, ready=False)
+        verdict = policy.on_probe(m.probe_failures, ok, lc.liveness_failures)
+        m.probe_failures = verdict.failures
+        if ok and m.state == UNREADY:
+            await self._set_state(rt, m, READY, "probe_ok", "liveness probe passes again")
+            self.router.set_ready(m.name, url)
+        elif not ok and m.state == READY:
+            await self._set_state(rt, m, UNREADY, "probe_failed", "liveness probe failed")
+            self.router.set_unready(m.name)
+        if verdict.dead:
+            await self._crashed(rt, m, now, f"{verdict.failures} liveness probes failed in a row", "liveness", None)
+
+    async def _probe(self, url: str, timeout_s: float, *, ready: bool) -> bool:
+        paths = ("/health", "/v1/models") if ready else ("/health",)
+        try:
+            for p in paths:
+                r = await self.client.get(url + p, timeout=timeout_s)
+                if r.status_code != 200:
+                    return False
+            return True
+        except httpx.HTTPError:
+            return False
+
+    async def _crashed(self, rt: DeploymentRuntime, m: Member, now: float, message: str, reason: str,
+                       code: int | None) -> None:
+        self.router.remove(m.name)
+        self.on_replica_gone(m.name)
+        if isinstance(rt.dep.backend, ExternalBackend):
+            await self._set_state(rt, m, UNREADY, reason, message)
+            return
+        if m.handle is not None:
+            # A replica that died (or hangs) may leave engine processes behind; kill its whole group.
+            await asyncio.to_thread(rt.backend.stop, m.handle, 0.0 if code is not None else 5.0)
+        m.last_exit = code
+        if m.candidate:
+            await self._set_state(rt, m, FAILED, reason, message)
+            return
+        lc = rt.dep.lifecycle
+        decision = policy.on_crash(m.crashes, now, policy.RestartRules(
+            lc.restart_backoff_initial_s, lc.restart_backoff_max_s, lc.crashloop_restarts, lc.crashloop_window_s))
+        m.crashes = decision.crash_times
+        if decision.action == "crashloop":
+            await self._set_state(rt, m, CRASHLOOP, "crashloop",
+                                  f"{message}; {decision.recent_crashes} crashes within "
+                                  f"{lc.crashloop_window_s:.0f} s: not restarting again")
+            return
+        m.next_restart_at = now + decision.delay_s
+        await self._set_state(rt, m, CRASHED, reason,
+                              f"{message}; restart in {decision.delay_s:.0f} s "
+                              f"(crash {decision.recent_crashes} of {lc.crashloop_restarts} allowed)")
+
+    async def _reconcile(self, rt: DeploymentRuntime, now: float) -> None:
+        if isinstance(rt.dep.backend, ExternalBackend) or (rt.rollout is not None and not rt.rollout.done()):
+            return
+        active = rt.counted
+        if len(active) < rt.desired:
+            for _ in range(rt.desired - len(active)):
+                slot = policy.free_slot(self._used_slots(rt), rt.dep.max_replicas + 1)
+                if slot is None:
+                    break
+                await self._launch(rt, policy.next_replica_name(rt.dep.name, await self._all_names(rt)),
+                                   slot, rt.dep.engine)
+        elif len(active) > rt.desired:
+            views = [policy.ReplicaView(m.name, m.state, m.slot, self.router.outstanding(m.name), m.since)
+                     for m in active]
+            for name in policy.scale_down_victims(views, len(active) - rt.desired):
+                self._spawn(rt, self._drain_and_stop(rt, rt.members[name], ACTOR_SUPERVISOR, "scale_down"))
+        elif any(m.config != rt.dep.engine for m in rt.active):
+            # Members on an old config (e.g. adopted after the spec changed): roll them.
+            rt.rollout = asyncio.create_task(self._rollout(rt, ACTOR_SUPERVISOR, "converge", None))
+
+    def _used_slots(self, rt: DeploymentRuntime) -> list[int]:
+        return [m.slot for m in rt.members.values() if m.state not in (STOPPED, FAILED)]
+
+    async def _all_names(self, rt: DeploymentRuntime) -> list[str]:
+        rows = await asyncio.to_thread(self.store.deployment_replicas, rt.deployment_id)
+        return [r["name"] for r in rows] + list(rt.members)
+
+    def _spawn(self, rt: DeploymentRuntime, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        rt.tasks.add(task)
+        task.add_done_callback(rt.tasks.discard)
+
+    # --- effects --------------------------------------------------------------------------------
+    async def _launch(self, rt: DeploymentRuntime, name: str, slot: int, config: EngineConfig, *,
+                      restart_of: Member | None = None, candidate: bool = False) -> Member:
+        dep = rt.dep
+        port = dep.backend.base_port + slot  # type: ignore[union-attr]
+        req = LaunchRequest(name, dep, config, slot, port, self.otlp_endpoint, self.otlp_protocol, self.log_dir)
+        now = self.clock()
+        try:
+            handle = await asyncio.to_thread(rt.backend.launch, req)
+        except Exception as exc:  # noqa: BLE001 - a launch failure is a crash of that replica
+            log.exception("%s: launch failed", name)
+            handle = None
+            launch_error: str | None = f"{type(exc).__name__}: {exc}"
+        else:
+            launch_error = None
+        runtime = {**(handle.runtime if handle else {}), "slot": slot, "port": port}
+        if handle is not None:
+            handle.runtime = runtime
+        rid = await self._save(rt, name, handle.url if handle else None, STARTING, runtime, config)
+        if restart_of is not None:
+            m = restart_of
+            m.handle, m.state, m.since, m.restarts = handle, STARTING, now, m.restarts + 1
+            m.next_restart_at, m.probe_failures, m.next_probe_at = None, 0, now
+            await self._record(rid, "replica_restarted", ACTOR_SUPERVISOR, "crash",
+                               message=f"restart {m.restarts} on port {port}", after=_cfg(config))
+        else:
+            m = Member(name, rid, slot, port, config, handle, STARTING, now, candidate=candidate)
+            rt.members[name] = m
+            await self._record(rid, "replica_started", ACTOR_SUPERVISOR, "rollout" if candidate else "scale_up",
+                               message=f"{rt.backend.kind} replica on port {port}", after=_cfg(config),
+                               attributes={"runtime": runtime})
+        if launch_error is not None:
+            await self._crashed(rt, m, now, f"could not launch: {launch_error}", "launch_failed", None)
+        return m
+
+    async def _drain_and_stop(self, rt: DeploymentRuntime, m: Member, actor: str, reason: str) -> None:
+        """No new requests, wait for the in-flight ones (router count and the engine's own gauges) up to
+        the drain timeout, then stop."""
+        t0 = self.clock()
+        await self._set_state(rt, m, DRAINING, reason, "draining: no new requests")
+        self.router.drain(m.name)
+        timeout = rt.dep.lifecycle.drain_timeout_s
+        left = self.router.outstanding(m.name)
+        while self.clock() - t0 < timeout:
+            left = self.router.outstanding(m.name)
+            if left == 0 and await self._engine_idle(m):
+                break
+            await asyncio.sleep(0.2)
+        waited = self.clock() - t0
+        self.router.remove(m.name)
+        self.on_replica_gone(m.name)
+        if m.handle is not None:
+            await asyncio.to_thread(rt.backend.stop, m.handle, 30.0)
+        await self._set_state(rt, m, STOPPED, reason,
+                              f"drained in {waited:.1f} s" + (f"; {left} request(s) still in flight at the "
+                                                               f"{timeout:.0f} s timeout" if left else ""),
+                              actor=actor, attributes={"drain_s": waited, "in_flight_at_stop": left})
+
+    async def _engine_idle(self, m: Member) -> bool:
+        """True when vLLM reports nothing running or waiting (requests that bypassed the router);
+        an unreadable /metrics is unknown, so then only the router's count decides."""
+        if m.handle is None:
+            return True
+        try:
+            r = await self.client.get(m.handle.url + "/metrics", timeout=3)
+            r.raise_for_status()
+        except httpx.HTTPError:
+            return True
+        busy = 0.0
+        for line in r.text.splitlines():
+            if line.startswith((names.VLLM_NUM_RUNNING, names.VLLM_NUM_WAITING)) and not line.startswith("#"):
+                try:
+                    busy += float(line.rsplit(" ", 1)[1])
+                except ValueError:
+                    return True
+        return busy == 0
+
+    async def _rollout(self, rt: DeploymentRuntime, actor: str, reason: str, before: EngineConfig | None) -> None:
+        """Replace every member whose config differs from the desired one, one at a time (surge 1)."""
+        new = rt.dep.engine
+        old_cfg = before
+        await self._record(None, "rollout_started", actor, reason, before=_cfg(old_cfg) if old_cfg else None,
+                           after=_cfg(new), message=f"{rt.dep.name}: rolling {len(rt.active)} replica(s)")
+        for old in [m for m in rt.active if m.config != new]:
+            if old.state not in ACTIVE_STATES:
+                continue
+            slot = policy.free_slot(self._used_slots(rt), rt.dep.max_replicas + 1)
+            if slot is None:
+                break
+            name = policy.next_replica_name(rt.dep.name, await self._all_names(rt))
+            cand = await self._launch(rt, name, slot, new, candidate=True)
+            while cand.state == STARTING:
+                await asyncio.sleep(0.25)
+            if cand.state != READY:
+                why = f"{cand.name} never became ready ({cand.state}, exit {cand.last_exit})"
+                if cand.handle is not None:
+                    await asyncio.to_thread(rt.backend.stop, cand.handle, 10.0)
+                if cand.state != FAILED:
+                    await self._set_state(rt, cand, FAILED, "rollout_failed", why)
+                previous = old.config
+                rt.dep = rt.dep.with_engine(previous)
+                await self._persist(rt)
+                await self._record(cand.replica_id, "rollout_rolled_back", actor, "new_replica_not_ready",
+                                   message=why + f"; {old.name} keeps serving", before=_cfg(new),
+                                   after=_cfg(previous))
+                return
+            cand.candidate = False
+            await self._drain_and_stop(rt, old, actor, "reconfigure")
+        await self._record(None, "rollout_finished", actor, reason, after=_cfg(new),
+                           message=f"{rt.dep.name}: every replica runs the new configuration")
+
+    # --- actions (API / tuner) ------------------------------------------------------------------
+    def _runtime(self, deployment: str) -> DeploymentRuntime:
+        rt = self.runtimes.get(deployment)
+        if rt is None:
+            raise ActionError(f"unknown deployment {deployment!r}; known: {', '.join(self.runtimes) or 'none'}", 404)
+        return rt
+
+    async def scale(self, deployment: str, replicas: int, *, actor: str, reason: str) -> dict[str, Any]:
+        rt = self._runtime(deployment)
+        if isinstance(rt.dep.backend, ExternalBackend):
+            raise ActionError(f"{deployment} runs on the external backend; the plane cannot change its size", 409)
+        if not rt.dep.min_replicas <= replicas <= rt.dep.max_replicas:
+            raise ActionError(f"replicas must lie in [{rt.dep.min_replicas}, {rt.dep.max_replicas}] "
+                              f"(spec.replicas min/max of {deployment}); got {replicas}", 422)
+        if rt.rollout is not None and not rt.rollout.done():
+            raise ActionError(f"{deployment}: a rolling change is in progress; retry when it ends", 409)
+        before = rt.desired
+        rt.desired = replicas
+        await self._persist(rt)
+        await self._record(None, "scale", actor, reason, before={"replicas": before}, after={"replicas": replicas},
+                           message=f"{deployment}: {before} -> {replicas} replica(s)")
+        return {"deployment": deployment, "replicas_before": before, "replicas": replicas}
+
+    async def reconfigure(self, deployment: str, changes: Mapping[str, Any], *, actor: str,
+                          reason: str) -> dict[str, Any]:
+        rt = self._runtime(deployment)
+        if isinstance(rt.dep.backend, ExternalBackend):
+            raise ActionError(f"{deployment} runs on the external backend; the plane cannot reconfigure it", 409)
+        if rt.rollout is not None and not rt.rollout.done():
+            raise ActionError(f"{deployment}: a rolling change is in progress; retry when it ends", 409)
+        try:
+            new = rt.dep.engine.with_changes(dict(changes))
+        except SpecError as exc:
+            raise ActionError(str(exc), 422) from None
+        before = rt.dep.engine
+        if new == before:
+            return {"deployment": deployment, "changed": False, "engine": _cfg(new)}
+        rt.dep = rt.dep.with_engine(new)
+        await self._persist(rt)
+        rt.rollout = asyncio.create_task(self._rollout(rt, actor, reason, before))
+        return {"deployment": deployment, "changed": True, "before": _cfg(before), "engine": _cfg(new)}
+
+    def describe(self) -> list[dict[str, Any]]:
+        out = []
+        for rt in self.runtimes.values():
+            out.append({
+                "name": rt.dep.name, "backend": rt.backend.kind, "desired_replicas": rt.desired,
+                "min_replicas": rt.dep.min_replicas, "max_replicas": rt.dep.max_replicas,
+                "engine": _cfg(rt.dep.engine), "rolling": rt.rollout is not None and not rt.rollout.done(),
+                "price_per_replica_hour_usd": rt.dep.price_per_replica_hour_usd,
+                "replicas": [{
+                    "name": m.name, "state": m.state, "url": m.handle.url if m.handle else None, "slot": m.slot,
+                    "restarts": m.restarts, "outstanding": self.router.outstanding(m.name),
+                    "config": _cfg(m.config), "since_unix_s": m.since,
+                    "runtime": m.handle.runtime if m.handle else None,
+                } for m in rt.members.values() if m.state not in (STOPPED,)],
+            })
+        return out
+
+    async def wait_idle(self) -> None:
+        """Wait for running drains and rollouts (tests and shutdown)."""
+        for rt in self.runtimes.values():
+            pending = list(rt.tasks) + ([rt.rollout] if rt.rollout else [])
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    async def shutdown(self) -> None:
+        """Stop every replica this plane runs (the plane is going away on purpose)."""
+        for rt in self.runtimes.values():
+            for task in [*rt.tasks, *([rt.rollout] if rt.rollout else [])]:
+                task.cancel()
+            for m in rt.members.values():
+                if m.handle is None or m.state in (STOPPED, FAILED) or isinstance(rt.dep.backend, ExternalBackend):
+                    continue
+                self.router.remove(m.name)
+                await asyncio.to_thread(rt.backend.stop, m.handle, 20.0)
+                await self._set_state(rt, m, STOPPED, "shutdown", "the plane was stopped")
+            rt.backend.close()
+
+    # --- store helpers --------------------------------------------------------------------------
+    async def _save(self, rt: DeploymentRuntime, name: str, url: str | None, state: str,
+                    runtime: dict[str, Any], config: EngineConfig) -> int:
+        return await asyncio.to_thread(
+            self.store.save_replica, name, deployment_id=rt.deployment_id, url=url, backend=rt.backend.kind,
+            state=state, runtime=runtime, config=_cfg(config))
+
+    async def _persist(self, rt: DeploymentRuntime) -> None:
+        await asyncio.to_thread(self.store.save_deployment, rt.dep.name, model=rt.dep.served_name,
+                                spec=rt.dep.spec, desired_replicas=rt.desired, engine_config=_cfg(rt.dep.engine))
+
+    async def _set_state(self, rt: DeploymentRuntime, m: Member, state: str, reason: str, message: str, *,
+                         actor: str = ACTOR_SUPERVISOR, attributes: Mapping[str, Any] | None = None) -> None:
+        before = m.state
+        m.state = state
+        if state != before:
+            m.since = self.clock() if state in (READY, DRAINING, STOPPED) else m.since
+        await asyncio.to_thread(self.store.set_replica_state, m.replica_id, state)
+        log.info("%s: %s -> %s (%s) %s", m.name, before, state, reason, message)
+        await self._record(m.replica_id, f"replica_{state}", actor, reason, message=message,
+                           attributes={"from": before, **(attributes or {})})
+
+    async def _record(self, replica_id: int | None, kind: str, actor: str, reason: str, *,
+                      message: str | None = None, before: Mapping[str, Any] | None = None,
+                      after: Mapping[str, Any] | None = None, attributes: Mapping[str, Any] | None = None) -> None:
+        try:
+            await asyncio.to_thread(self.store.record_action, replica_id, kind, actor=actor, reason=reason,
+                                    message=message, before=before, after=after, attributes=attributes,
+                                    ts_unix_s=self.clock())
+        except Exception:  # noqa: BLE001 - losing an audit row must not stop supervision; it is logged
+            log.exception("could not store action %s (%s)", kind, reason)
+
+
+class SupervisorMetrics(Collector):
+    """Replica state for Prometheus, read at scrape time (no stale series for removed replicas)."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(names.PLANE_REPLICA_UP, "1 when the replica is ready to serve",
+                               labels=["deployment", "replica"])
+        loop = GaugeMetricFamily(names.PLANE_REPLICA_CRASHLOOP, "1 when the supervisor gave up restarting",
+                                 labels=["deployment", "replica"])
+        restarts = CounterMetricFamily(names.PLANE_REPLICA_RESTARTS, "restarts after a crash or failed probes",
+                                       labels=["deployment", "replica"])
+        desired = GaugeMetricFamily(names.PLANE_DESIRED_REPLICAS, "replicas the supervisor converges to",
+                                    labels=["deployment"])
+        for rt in list(self.supervisor.runtimes.values()):
+            desired.add_metric([rt.dep.name], rt.desired)
+            for m in list(rt.members.values()):
+                if m.state in (STOPPED, FAILED):
+                    continue
+                labels = [rt.dep.name, m.name]
+                up.add_metric(labels, 1.0 if m.state == READY else 0.0)
+                loop.add_metric(labels, 1.0 if m.state == CRASHLOOP else 0.0)
+                restarts.add_metric(labels, m.restarts)
+        yield from (up, loop, restarts, desired)
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+def default_backends(deployments: list[Deployment]) -> dict[str, Backend]:
+    """One backend object per kind the deployments use (Ray is imported only when used)."""
+    from controlplane.supervisor.backends import ExternalBackend as External
+    from controlplane.supervisor.spec import LocalBackend as LocalSpec
+    from controlplane.supervisor.spec import RayBackend as RaySpec
+
+    out: dict[str, Backend] = {}
+    for d in deployments:
+        b = d.backend
+        if isinstance(b, LocalSpec) and "local" not in out:
+            out["local"] = LocalBackend(b.host, b.cpu_cores)
+        elif isinstance(b, RaySpec) and "ray" not in out:
+            from controlplane.supervisor.ray_backend import RayActorBackend
+
+            out["ray"] = RayActorBackend(b)
+        elif isinstance(b, ExternalBackend) and "external" not in out:
+            out["external"] = External()
+    return out
+
+
+__all__ = ["ActionError", "Supervisor", "SupervisorMetrics", "default_backends", "CRASHED", "UNREADY"]
