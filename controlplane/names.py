@@ -83,3 +83,73 @@ T_REQUESTS: Final = "requests"
 T_ENGINE_SAMPLES: Final = "engine_samples"
 T_GPU_SAMPLES: Final = "gpu_samples"
 T_LIFECYCLE: Final = "lifecycle_events"
+
+# --- SLO evaluation: rollup tables and the plane's exported SLO state -----------------------------
+T_SLO_ROLLUP_STATE: Final = "slo_rollup_state"
+T_SLO_TARGETS: Final = "slo_rollup_targets"
+T_SLO_COUNTS: Final = "slo_rollup_counts"
+T_SLO_SKETCHES: Final = "slo_rollup_sketches"
+# Gauges on the plane's /metrics, one series per SLO (labels below). Dashboards and alert rules key
+# on these names: rename only together with dashboards/ and alerts/.
+SLO_OBJECTIVE: Final = "controlplane_slo_objective_ratio"
+SLO_ATTAINMENT: Final = "controlplane_slo_attainment_ratio"  # good / (good + bad) over the SLO window
+SLO_BUDGET_REMAINING: Final = "controlplane_slo_error_budget_remaining_ratio"  # 1 = untouched, < 0 = overspent
+SLO_BURN_RATE: Final = "controlplane_slo_burn_rate"  # a multiple of the budget rate (dimensionless)
+SLO_WINDOW_REQUESTS: Final = "controlplane_slo_window_requests"  # by outcome: good | bad | unknown
+SLO_LATENCY_QUANTILE: Final = "controlplane_slo_latency_quantile_s"
+SLO_ALERT_STATE: Final = "controlplane_slo_alert_state"  # 0 inactive, 1 pending, 2 firing
+# Labels: LABEL_SLO, LABEL_DEPLOYMENT, LABEL_SLI, LABEL_SEVERITY (SLO rules section) and these.
+LABEL_WINDOW: Final = "window"  # a burn window as Prometheus writes durations: "5m", "1h", "4m40s"
+LABEL_OUTCOME: Final = "outcome"  # good | bad | unknown
+LABEL_QUANTILE: Final = "quantile"
+LABEL_BUDGETING: Final = "budgeting"  # occurrences | timeslices
+
+# --- Supervisor (replica up / crash-loop / restarts are in the SLO rules section below) ---------------
+PLANE_DESIRED_REPLICAS: Final = "controlplane_deployment_desired_replicas"
+
+# --- SLO rules and alerts (controlplane/slo; rendered into alerts/) -------------------------------
+# vLLM series the rules read, as Prometheus stores them (counters carry `_total`).
+VLLM_TPOT_HIST: Final = "vllm:request_time_per_output_token_seconds"  # per-request mean inter-token latency
+VLLM_QUEUE_HIST: Final = "vllm:request_queue_time_seconds"
+VLLM_REQUEST_SUCCESS_TOTAL: Final = "vllm:request_success_total"  # every finished request, by finished_reason
+VLLM_PREEMPTIONS_TOTAL: Final = "vllm:num_preemptions_total"
+VLLM_FAILED_FINISH_REASONS: Final = ("abort", "error")  # vLLM counts failures under request_success too
+PROM_UP: Final = "up"  # Prometheus' own scrape health series
+# Labels. `deployment` and `replica` are attached to engine series by the Prometheus scrape config (target labels);
+# the plane's own metrics carry them natively.
+LABEL_DEPLOYMENT: Final = "deployment"
+LABEL_REPLICA: Final = "replica"
+LABEL_SLO: Final = "slo"
+LABEL_SLI: Final = "sli"
+LABEL_SEVERITY: Final = "severity"
+LABEL_TARGET: Final = "target"  # which latency target of a goodput SLO a per-target series is about
+LABEL_LONG_WINDOW: Final = "long_window"
+LABEL_SHORT_WINDOW: Final = "short_window"
+LABEL_BURN_RATE: Final = "burn_rate"
+LABEL_LE: Final = "le"
+LABEL_FINISHED_REASON: Final = "finished_reason"
+# Plane metrics the lead exports for the operational alerts (gauges unless noted).
+PLANE_REPLICA_UP: Final = "controlplane_replica_up"  # {deployment, replica}: 1 ready, 0 not
+PLANE_REPLICA_CRASHLOOP: Final = "controlplane_replica_crashloop"  # {deployment, replica}: 1 when crash-looping
+PLANE_REPLICA_RESTARTS: Final = "controlplane_replica_restarts"  # Counter {deployment, replica}; exposed with _total
+PLANE_REPLICA_RESTARTS_TOTAL: Final = "controlplane_replica_restarts_total"
+PLANE_COST_PER_MTOK: Final = "controlplane_cost_per_million_tokens_usd"  # {deployment}
+# Recording rules; the window ("5m", "1h", ...) is appended to the name.
+REC_SLO_REQUESTS_RATE: Final = "controlplane_slo:requests:rate"  # {slo, deployment} requests/s
+REC_SLO_ERRORS_RATE: Final = "controlplane_slo:request_errors:rate"  # {slo, deployment} bad requests/s
+REC_SLO_ERROR_RATIO: Final = "controlplane_slo:request_errors_per_request:ratio_rate"  # {slo, deployment}
+REC_SLO_TARGET_REQUESTS_RATE: Final = "controlplane_slo_target:requests:rate"  # goodput, {slo, deployment, target}
+REC_SLO_TARGET_ERROR_RATIO: Final = "controlplane_slo_target:request_errors_per_request:ratio_rate"
+REC_SLO_BUDGET_REMAINING: Final = "controlplane_slo:error_budget_remaining:ratio"  # 1 - spent/budget, SLO window
+# Alert names. Page and ticket burn alerts have distinct names so Alertmanager can inhibit one with the other.
+ALERT_SLO_BURN_PAGE: Final = "VllmSloErrorBudgetBurnPage"
+ALERT_SLO_BURN_TICKET: Final = "VllmSloErrorBudgetBurnTicket"
+ALERT_KV_SATURATED: Final = "VllmKvCacheSaturated"
+ALERT_PREEMPTIONS: Final = "VllmPreemptionsRising"
+ALERT_REPLICA_DOWN: Final = "ControlplaneReplicaDown"
+ALERT_DEPLOYMENT_DOWN: Final = "ControlplaneDeploymentDown"
+ALERT_CRASHLOOP: Final = "ControlplaneReplicaCrashLooping"
+ALERT_SCRAPE_FAILING: Final = "PrometheusScrapeFailing"
+ALERT_GPU_XID: Final = "GpuXidError"
+ALERT_GPU_TEMP: Final = "GpuTemperatureHigh"
+ALERT_COST: Final = "VllmCostPerMillionTokensOverBudget"
