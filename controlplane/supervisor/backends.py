@@ -101,7 +101,8 @@ class LocalBackend:
         self.cpu_cores = cpu_cores
 
     def launch(self, req: LaunchRequest) -> Handle:
-        cores = self.cpu_cores[req.slot] if req.slot < len(self.cpu_cores) else ()
+        # Slots cycle through the core sets (a rolling change briefly needs one slot more than max).
+        cores = self.cpu_cores[req.slot % len(self.cpu_cores)] if self.cpu_cores else ()
         spec = req.server_spec(self.host, cores)
         server = VllmServer(spec, req.log_dir / f"{req.replica}.log")
         server.start()

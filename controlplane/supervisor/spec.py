@@ -83,7 +83,8 @@ class LocalBackend(_Strict):
     host: str = "127.0.0.1"
     base_port: int = Field(default=8100, ge=1024, le=65000)
     cpu_cores: tuple[tuple[int, ...], ...] = Field(
-        default=(), description="one core list per replica slot, e.g. [[0], [1]]; empty: no pinning")
+        default=(), description="core sets that replica slots cycle through, e.g. [[0], [1]]; empty: no pinning. "
+                                "vLLM's CPU engine otherwise binds every replica's compute thread to the same cores")
 
 
 class RayBackend(_Strict):
@@ -251,9 +252,8 @@ def parse_deployment(doc: Any, source: str = "deployment spec") -> Deployment:
         initial = s.replicas.initial if s.replicas.initial is not None else max(s.replicas.min, 1)
         if initial > s.replicas.max:
             raise SpecError(f"{source}: spec.replicas: initial {initial} exceeds max {s.replicas.max}")
-    if isinstance(s.backend, LocalBackend) and s.backend.cpu_cores and len(s.backend.cpu_cores) < s.replicas.max:
-        raise SpecError(f"{source}: spec.backend.cpu_cores lists {len(s.backend.cpu_cores)} core sets but "
-                        f"replicas.max is {s.replicas.max}; give one set per replica slot, or none")
+    if isinstance(s.backend, LocalBackend) and any(not cores for cores in s.backend.cpu_cores):
+        raise SpecError(f"{source}: spec.backend.cpu_cores: every core set needs at least one core, e.g. [[0], [1]]")
     return Deployment(
         name=d.metadata.name, model_path=s.model.path, served_name=s.model.served_name,
         engine=EngineConfig(**s.engine.model_dump()),

@@ -1,0 +1,97 @@
+"""Mutating fleet endpoints: bearer token, validation before the supervisor, supervisor errors as JSON."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
+
+from controlplane.api.app import create_app
+from controlplane.store.repo import Store
+from controlplane.supervisor.supervisor import ActionError
+
+AUTH = {"Authorization": "Bearer s3cret"}
+
+
+class FakeControl:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any, str, str]] = []
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"name": "tiny", "desired_replicas": 1, "replicas": []}]
+
+    async def scale(self, deployment: str, replicas: int, *, actor: str, reason: str) -> dict[str, Any]:
+        if replicas > 3:
+            raise ActionError("replicas must lie in [1, 3]", 422)
+        self.calls.append((deployment, replicas, actor, reason))
+        return {"deployment": deployment, "replicas": replicas}
+
+    async def reconfigure(self, deployment: str, changes: Mapping[str, Any], *, actor: str,
+                          reason: str) -> dict[str, Any]:
+        self.calls.append((deployment, dict(changes), actor, reason))
+        return {"deployment": deployment, "changed": True}
+
+
+@pytest.fixture
+def control() -> FakeControl:
+    return FakeControl()
+
+
+@pytest.fixture
+def api(sqlite_store: Store, control: FakeControl) -> TestClient:
+    return TestClient(create_app(sqlite_store, CollectorRegistry(), control=control, api_token="s3cret"))
+
+
+def test_scale_with_the_token_reaches_the_supervisor_as_a_user_action(api: TestClient, control: FakeControl) -> None:
+    r = api.post("/api/v1/deployments/tiny/scale", json={"replicas": 2}, headers=AUTH)
+    assert r.status_code == 202 and r.json()["replicas"] == 2
+    assert control.calls == [("tiny", 2, "user", "user_request")]
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}])
+def test_mutations_without_the_right_bearer_token_get_401(api: TestClient, control: FakeControl,
+                                                          headers: dict[str, str]) -> None:
+    r = api.post("/api/v1/deployments/tiny/scale", json={"replicas": 2}, headers=headers)
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert control.calls == []
+
+
+def test_without_a_configured_token_mutations_are_off(sqlite_store: Store, control: FakeControl) -> None:
+    api = TestClient(create_app(sqlite_store, CollectorRegistry(), control=control, api_token=None))
+    r = api.post("/api/v1/deployments/tiny/scale", json={"replicas": 2}, headers=AUTH)
+    assert r.status_code == 403 and "CONTROLPLANE_API_TOKEN" in r.json()["detail"]
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"replicas": -1}, "replicas"), ({"replicas": "two"}, "replicas"), ({}, "replicas"),
+    ({"replicas": 1, "extra": 1}, "extra"), ({"replicas": 1, "reason": "Not A Code"}, "reason"),
+])
+def test_bad_bodies_get_422_naming_the_field(api: TestClient, control: FakeControl, body: dict[str, Any],
+                                             field: str) -> None:
+    r = api.post("/api/v1/deployments/tiny/scale", json=body, headers=AUTH)
+    assert r.status_code == 422 and field in str(r.json()["detail"])
+    assert control.calls == []
+
+
+def test_supervisor_refusals_come_back_as_json_with_their_status(api: TestClient) -> None:
+    r = api.post("/api/v1/deployments/tiny/scale", json={"replicas": 9}, headers=AUTH)
+    assert r.status_code == 422 and r.json() == {"detail": "replicas must lie in [1, 3]"}
+
+
+def test_reconfigure_passes_the_engine_changes(api: TestClient, control: FakeControl) -> None:
+    r = api.post("/api/v1/deployments/tiny/reconfigure", json={"engine": {"max_num_seqs": 4}, "reason": "tune"},
+                 headers=AUTH)
+    assert r.status_code == 202
+    assert control.calls == [("tiny", {"max_num_seqs": 4}, "user", "tune")]
+
+
+def test_deployments_are_listed_and_a_plane_without_fleet_refuses_actions(sqlite_store: Store,
+                                                                          api: TestClient) -> None:
+    assert api.get("/api/v1/deployments").json()["items"][0]["name"] == "tiny"
+    bare = TestClient(create_app(sqlite_store, CollectorRegistry(), api_token="s3cret"))
+    assert bare.get("/api/v1/deployments").json() == {"count": 0, "items": []}
+    r = bare.post("/api/v1/deployments/tiny/scale", json={"replicas": 1}, headers=AUTH)
+    assert r.status_code == 409 and "--config" in r.json()["detail"]

@@ -1,0 +1,88 @@
+"""The Deployment spec: a good file loads; a bad one fails before anything starts, naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controlplane.supervisor.spec import EngineConfig, SpecError, load_deployment, parse_deployment
+
+
+def doc(**spec: Any) -> dict[str, Any]:
+    body = {"model": {"path": "/models/llama", "served_name": "llama"}, **spec}
+    return {"apiVersion": "controlplane/v1", "kind": "Deployment", "metadata": {"name": "chat"}, "spec": body}
+
+
+def test_a_full_spec_loads_into_the_domain_object(tmp_path: Path) -> None:
+    path = tmp_path / "d.yaml"
+    path.write_text("""
+apiVersion: controlplane/v1
+kind: Deployment
+metadata: {name: chat}
+spec:
+  model: {path: /models/llama, served_name: llama-8b}
+  engine: {max_num_seqs: 128, max_num_batched_tokens: 8192, kv_cache_dtype: fp8, quantization: fp8,
+           gpu_memory_utilization: 0.9, tensor_parallel_size: 2, extra_args: ["--enable-prefix-caching"]}
+  replicas: {min: 1, max: 4, initial: 2}
+  hardware: {accelerator: H100-80GB, count_per_replica: 2, price_per_hour_usd: 3.5}
+  backend: {kind: ray, address: "10.0.0.1:6379"}
+""")
+    d = load_deployment(path)
+    assert (d.name, d.served_name, d.initial_replicas, d.max_replicas) == ("chat", "llama-8b", 2, 4)
+    assert d.price_per_replica_hour_usd == 7.0
+    assert d.backend.kind == "ray"
+    assert d.engine.vllm_args() == [
+        "--max-num-seqs", "128", "--max-num-batched-tokens", "8192", "--gpu-memory-utilization", "0.9",
+        "--quantization", "fp8", "--kv-cache-dtype", "fp8", "--tensor-parallel-size", "2",
+        "--enable-prefix-caching"]
+
+
+@pytest.mark.parametrize(("spec", "needle"), [
+    ({"engine": {"max_num_seq": 4}}, "spec.engine.max_num_seq: unknown field"),
+    ({"engine": {"max_num_seqs": 0}}, "spec.engine.max_num_seqs: Input should be greater than or equal to 1"),
+    ({"engine": {"kv_cache_dtype": "fp4"}}, "spec.engine.kv_cache_dtype"),
+    ({"replicas": {"min": 3, "max": 2}}, "min (3) must be <= max (2)"),
+    ({"replicas": {"min": 1, "max": 2, "initial": 5}}, "initial (5) must lie in [min, max] = [1, 2]"),
+    ({"backend": {"kind": "kubernetes"}}, "spec.backend"),
+    ({"backend": {"kind": "external", "urls": ["not-a-url"]}}, "is not an http(s) URL"),
+    ({"engine": {"extra_args": ["--port", "9"]}}, "--port is set by the plane"),
+    ({"backend": {"kind": "local", "cpu_cores": [[0], []]}}, "every core set needs at least one core"),
+])
+def test_a_bad_spec_names_the_field_and_what_is_allowed(spec: dict[str, Any], needle: str) -> None:
+    with pytest.raises(SpecError) as err:
+        parse_deployment(doc(**spec), "deploy.yaml")
+    assert needle in str(err.value)
+    assert str(err.value).startswith("deploy.yaml")
+
+
+def test_wrong_kind_and_missing_model_are_reported_together() -> None:
+    bad = {"apiVersion": "controlplane/v1", "kind": "SLO", "metadata": {"name": "Bad Name"}, "spec": {}}
+    with pytest.raises(SpecError) as err:
+        parse_deployment(bad)
+    text = str(err.value)
+    assert "kind" in text and "metadata.name" in text and "spec.model" in text
+
+
+def test_unreadable_and_invalid_yaml_files_get_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="cannot read"):
+        load_deployment(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("spec: [unclosed")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_deployment(tmp_path / "bad.yaml")
+
+
+def test_external_replicas_count_is_the_number_of_urls() -> None:
+    d = parse_deployment(doc(backend={"kind": "external", "urls": ["http://a:8000", "http://b:8000"]}))
+    assert d.initial_replicas == 2
+
+
+def test_engine_changes_are_validated_like_the_spec() -> None:
+    base = EngineConfig(max_num_seqs=8)
+    assert base.with_changes({"max_num_seqs": 2}).max_num_seqs == 2
+    with pytest.raises(SpecError, match="max_num_seqs"):
+        base.with_changes({"max_num_seqs": -1})
+    with pytest.raises(SpecError, match="unknown field"):
+        base.with_changes({"max_num_seq": 2})
+    assert EngineConfig.from_dict(base.as_dict()) == base

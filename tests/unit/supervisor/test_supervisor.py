@@ -1,0 +1,313 @@
+"""The supervisor with a fake backend, fake replicas behind httpx.MockTransport, a fake clock and a real store."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from controlplane.store.repo import Store
+from controlplane.supervisor.backends import Handle, LaunchRequest
+from controlplane.supervisor.spec import parse_deployment
+from controlplane.supervisor.supervisor import ActionError, Supervisor, SupervisorMetrics
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@dataclass
+class FakeBackend:
+    """Replicas that 'run' until told to exit; /health answers from `healthy`."""
+
+    kind: str = "local"
+    launched: list[LaunchRequest] = field(default_factory=list)
+    exits: dict[str, int] = field(default_factory=dict)  # url -> exit code once the process "died"
+    stopped: list[str] = field(default_factory=list)
+    ready: dict[str, bool] = field(default_factory=dict)  # url -> /health and /v1/models answer 200
+    fail_on_start: Callable[[LaunchRequest], bool] = lambda req: False
+    adoptable: set[str] = field(default_factory=set)
+    seq: int = 0
+
+    def launch(self, req: LaunchRequest) -> Handle:
+        self.seq += 1
+        self.launched.append(req)
+        url = f"http://{req.replica}.{self.seq}.fake:{req.port}"
+        if self.fail_on_start(req):
+            self.exits[url] = 1
+        else:
+            self.ready[url] = True
+        return Handle(req.replica, url, {"pid": 1000 + self.seq})
+
+    def exit_code(self, handle: Handle) -> int | None:
+        return self.exits.get(handle.url)
+
+    def stop(self, handle: Handle, timeout_s: float) -> None:
+        self.stopped.append(handle.replica)
+        self.exits.setdefault(handle.url, -15)
+        self.ready[handle.url] = False
+
+    def adopt(self, replica: str, url: str, runtime: dict[str, Any]) -> Handle | None:
+        return Handle(replica, url, dict(runtime)) if replica in self.adoptable else None
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class FakeRouter:
+    ready: dict[str, str] = field(default_factory=dict)
+    draining: set[str] = field(default_factory=set)
+    in_flight: dict[str, int] = field(default_factory=dict)
+    log: list[tuple[str, str]] = field(default_factory=list)
+
+    def set_ready(self, name: str, url: str) -> None:
+        self.ready[name] = url
+        self.log.append(("ready", name))
+
+    def set_unready(self, name: str) -> None:
+        self.ready.pop(name, None)
+        self.log.append(("unready", name))
+
+    def drain(self, name: str) -> None:
+        self.draining.add(name)
+        self.log.append(("drain", name))
+
+    def remove(self, name: str) -> None:
+        self.ready.pop(name, None)
+        self.log.append(("remove", name))
+
+    def outstanding(self, name: str) -> int:
+        return self.in_flight.get(name, 0)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def spec(**lifecycle: Any) -> Any:
+    return parse_deployment({
+        "apiVersion": "controlplane/v1", "kind": "Deployment", "metadata": {"name": "tiny"},
+        "spec": {"model": {"path": "/m", "served_name": "tiny"}, "engine": {"max_num_seqs": 8},
+                 "replicas": {"min": 1, "max": 3, "initial": 1},
+                 "lifecycle": {"probe_interval_s": 0.001, "restart_backoff_initial_s": 10,
+                               "crashloop_restarts": 3, "crashloop_window_s": 600, "drain_timeout_s": 60,
+                               "ready_timeout_s": 300, **lifecycle}},
+    })
+
+
+@dataclass
+class Harness:
+    sup: Supervisor
+    backend: FakeBackend
+    router: FakeRouter
+    clock: Clock
+    store: Store
+
+    async def ticks(self, n: int = 3) -> None:
+        for _ in range(n):
+            self.clock.now += 0.01  # past the next probe time (probe interval 1 ms)
+            await self.sup.tick()
+            await asyncio.sleep(0)
+
+    async def until(self, cond: Callable[[], bool], what: str, max_ticks: int = 400) -> None:
+        for _ in range(max_ticks):
+            if cond():
+                return
+            self.clock.now += 0.01
+            await self.sup.tick()
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"never reached: {what}; states={self.states()}")
+
+    def states(self) -> dict[str, str]:
+        return {m.name: m.state for m in self.sup.runtimes["tiny"].members.values()}
+
+    def events(self) -> list[tuple[str, str | None, str | None]]:
+        return [(e["kind"], e["replica"], e["reason"]) for e in reversed(self.store.events())]
+
+
+def make(store: Store, backend: FakeBackend | None = None, router: FakeRouter | None = None,
+         clock: Clock | None = None, **lifecycle: Any) -> Harness:
+    backend = backend or FakeBackend()
+    router = router or FakeRouter()
+    clock = clock or Clock()
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        url = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
+        if request.url.path == "/metrics":
+            return httpx.Response(200, text="vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n")
+        return httpx.Response(200 if backend.ready.get(url) else 503)
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    sup = Supervisor([spec(**lifecycle)], {"local": backend}, store, router, client, log_dir=Path("/tmp"),
+                     otlp_endpoint=None, clock=clock)
+    return Harness(sup, backend, router, clock, store)
+
+
+async def test_starts_the_initial_replica_and_routes_to_it_once_ready(sqlite_store: Store) -> None:
+    h = make(sqlite_store)
+    await h.sup.start()
+    await h.ticks()
+    assert h.states() == {"tiny-0": "ready"}
+    assert list(h.router.ready) == ["tiny-0"]
+    assert [r.port for r in h.backend.launched] == [8100]
+    assert ("replica_started", "tiny-0", "scale_up") in h.events()
+    assert ("replica_ready", "tiny-0", "ready") in h.events()
+    row = sqlite_store.deployment_state("tiny")
+    assert row is not None and row["desired_replicas"] == 1 and row["engine_config"]["max_num_seqs"] == 8
+
+
+async def test_a_crash_is_restarted_after_the_back_off_and_a_crash_loop_stops_retrying(sqlite_store: Store) -> None:
+    h = make(sqlite_store)
+    await h.sup.start()
+    await h.ticks()
+    m = h.sup.runtimes["tiny"].members["tiny-0"]
+    assert m.handle is not None
+    h.backend.exits[m.handle.url] = -9
+    await h.ticks(1)
+    assert h.states() == {"tiny-0": "crashed"} and "tiny-0" not in h.router.ready
+    h.clock.now += 9  # back-off is 10 s: not yet
+    await h.ticks()
+    assert len(h.backend.launched) == 1
+    h.clock.now += 2
+    await h.ticks()
+    assert len(h.backend.launched) == 2 and h.states() == {"tiny-0": "ready"} and m.restarts == 1
+    # Crash 2 (back-off 20 s), crash 3: the third within 600 s is a crash loop.
+    for _ in range(2):
+        assert m.handle is not None
+        h.backend.exits[m.handle.url] = 1
+        await h.ticks(1)
+        h.clock.now += 25
+        await h.ticks()
+    assert h.states() == {"tiny-0": "crashloop"}
+    assert len(h.backend.launched) == 3  # no restart after the loop was detected, no replacement either
+    h.clock.now += 1000
+    await h.ticks()
+    assert len(h.backend.launched) == 3
+    registry = CollectorRegistry()
+    registry.register(SupervisorMetrics(h.sup))
+    text = generate_latest(registry).decode()
+    assert 'controlplane_replica_crashloop{deployment="tiny",replica="tiny-0"} 1.0' in text
+    assert 'controlplane_replica_restarts_total{deployment="tiny",replica="tiny-0"} 2.0' in text
+    assert ("replica_crashloop", "tiny-0", "crashloop") in h.events()
+
+
+async def test_failed_liveness_probes_restart_a_hung_replica(sqlite_store: Store) -> None:
+    h = make(sqlite_store, liveness_failures=3)
+    await h.sup.start()
+    await h.ticks()
+    m = h.sup.runtimes["tiny"].members["tiny-0"]
+    assert m.handle is not None
+    h.backend.ready[m.handle.url] = False  # process alive, /health failing
+    await h.ticks(1)
+    assert h.states() == {"tiny-0": "unready"} and "tiny-0" not in h.router.ready
+    await h.ticks(2)
+    assert h.states() == {"tiny-0": "crashed"}
+    assert h.backend.stopped == ["tiny-0"]  # the hung process is killed before the restart
+    assert ("replica_crashed", "tiny-0", "liveness") in h.events()
+
+
+async def test_scale_down_drains_before_stopping(sqlite_store: Store) -> None:
+    h = make(sqlite_store)
+    await h.sup.start()
+    await h.sup.scale("tiny", 2, actor="user", reason="user_request")
+    await h.until(lambda: list(h.states().values()) == ["ready", "ready"], "two ready replicas")
+    h.router.in_flight["tiny-1"] = 2
+    h.router.in_flight["tiny-0"] = 5
+    await h.sup.scale("tiny", 1, actor="tuner", reason="low_load")
+    await h.ticks(2)
+    assert h.states()["tiny-1"] == "draining"  # the less busy one
+    await asyncio.sleep(0.5)
+    assert h.backend.stopped == []  # still two requests in flight
+    h.router.in_flight["tiny-1"] = 0
+    await h.sup.wait_idle()
+    assert h.backend.stopped == ["tiny-1"] and h.states() == {"tiny-0": "ready", "tiny-1": "stopped"}
+    assert h.router.log.index(("drain", "tiny-1")) < h.router.log.index(("remove", "tiny-1"))
+    assert ("scale", None, "low_load") in h.events()
+    scale = next(e for e in h.store.events() if e["kind"] == "scale" and e["reason"] == "low_load")
+    assert (scale["actor"], scale["before_config"], scale["after_config"]) == ("tuner", {"replicas": 2},
+                                                                               {"replicas": 1})
+
+
+async def test_scale_requests_outside_the_spec_bounds_are_refused(sqlite_store: Store) -> None:
+    h = make(sqlite_store)
+    await h.sup.start()
+    with pytest.raises(ActionError, match=r"must lie in \[1, 3\]") as err:
+        await h.sup.scale("tiny", 4, actor="user", reason="x")
+    assert err.value.status == 422
+    with pytest.raises(ActionError, match="unknown deployment") as err:
+        await h.sup.scale("nope", 1, actor="user", reason="x")
+    assert err.value.status == 404
+
+
+async def test_a_rolling_change_starts_the_new_replica_before_draining_the_old(sqlite_store: Store) -> None:
+    h = make(sqlite_store)
+    await h.sup.start()
+    await h.ticks()
+    result = await h.sup.reconfigure("tiny", {"max_num_seqs": 2}, actor="tuner", reason="tune")
+    assert result["changed"] and result["before"]["max_num_seqs"] == 8
+    await h.until(lambda: h.states() == {"tiny-0": "stopped", "tiny-1": "ready"}, "old replaced by new")
+    await h.sup.wait_idle()
+    assert h.backend.launched[-1].engine.max_num_seqs == 2
+    assert h.router.log.index(("ready", "tiny-1")) < h.router.log.index(("drain", "tiny-0"))
+    assert ("rollout_finished", None, "tune") in h.events()
+    assert sqlite_store.deployment_state("tiny")["engine_config"]["max_num_seqs"] == 2  # type: ignore[index]
+
+
+async def test_a_change_whose_replica_never_becomes_ready_is_rolled_back(sqlite_store: Store) -> None:
+    h = make(sqlite_store)
+    await h.sup.start()
+    await h.ticks()
+    h.backend.fail_on_start = lambda req: req.engine.max_model_len == 999_999
+    await h.sup.reconfigure("tiny", {"max_model_len": 999_999}, actor="user", reason="user_request")
+    await h.until(lambda: h.states().get("tiny-1") == "failed", "the new replica to fail")
+    await h.sup.wait_idle()
+    assert h.states() == {"tiny-0": "ready", "tiny-1": "failed"}
+    assert list(h.router.ready) == ["tiny-0"]
+    assert h.sup.runtimes["tiny"].dep.engine.max_model_len is None
+    assert sqlite_store.deployment_state("tiny")["engine_config"]["max_model_len"] is None  # type: ignore[index]
+    rolled = next(e for e in h.store.events() if e["kind"] == "rollout_rolled_back")
+    assert rolled["before_config"]["max_model_len"] == 999_999 and rolled["after_config"]["max_model_len"] is None
+    await h.ticks(5)
+    assert len(h.backend.launched) == 2  # no retry loop
+
+
+async def test_a_restarted_supervisor_adopts_live_replicas_and_replaces_lost_ones(sqlite_store: Store) -> None:
+    first = make(sqlite_store)
+    await first.sup.start()
+    await first.sup.scale("tiny", 2, actor="user", reason="user_request")
+    await first.until(lambda: list(first.states().values()) == ["ready", "ready"], "two ready")
+    # The plane dies (no shutdown). tiny-0 survived; tiny-1's process is gone.
+    backend = FakeBackend(adoptable={"tiny-0"}, seq=100)
+    backend.ready.update({m.handle.url: True for m in first.sup.runtimes["tiny"].members.values() if m.handle})
+    second = make(sqlite_store, backend=backend)
+    await second.sup.start()
+    assert second.sup.runtimes["tiny"].desired == 2  # the run-time scale survives the restart
+    await second.until(lambda: sorted(second.states().values()) == ["ready", "ready"], "two ready again")
+    assert [r.replica for r in backend.launched] == ["tiny-2"]  # one replacement, tiny-0 adopted
+    kinds = second.events()
+    assert ("replica_adopted", "tiny-0", "plane_restart") in kinds
+    assert ("replica_lost", "tiny-1", "plane_restart") in kinds
+
+
+async def test_shutdown_stops_every_replica_it_runs(sqlite_store: Store) -> None:
+    h = make(sqlite_store)
+    await h.sup.start()
+    await h.sup.scale("tiny", 2, actor="user", reason="user_request")
+    await h.until(lambda: list(h.states().values()) == ["ready", "ready"], "two ready")
+    await h.sup.shutdown()
+    assert sorted(h.backend.stopped) == ["tiny-0", "tiny-1"]
+    assert set(h.states().values()) == {"stopped"}
