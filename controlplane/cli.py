@@ -13,6 +13,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from controlplane.settings import Settings
+from controlplane.tuning.whatif import app as tune_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="SLO control plane for vLLM fleets.")
@@ -20,6 +21,7 @@ model_app = typer.Typer(no_args_is_help=True, help="Models the plane can serve."
 db_app = typer.Typer(no_args_is_help=True, help="The SQL store.")
 app.add_typer(model_app, name="model")
 app.add_typer(db_app, name="db")
+app.add_typer(tune_app, name="tune")
 console = Console(stderr=True)
 
 

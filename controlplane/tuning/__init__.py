@@ -1,0 +1,1 @@
+"""Performance model, simulator and what-if analysis of vLLM replicas (the tuner's evidence)."""

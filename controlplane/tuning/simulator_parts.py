@@ -1,0 +1,117 @@
+"""Pieces both replica engines share: the per-request book, the scrape-like samples, and the closed-form
+sums of a decode stretch's step times (a max of lines in the step index).
+"""
+
+from __future__ import annotations
+
+import math
+
+Line = tuple[float, float]  # a roof along a decode stretch: step k costs A + V*k
+
+
+class Book:
+    """Per-request state shared by all replicas' engines. Plain lists: the hot loops index them one by one."""
+
+    __slots__ = ("prompt", "output", "kk", "g1", "phase", "gfin", "t_sched", "t_first", "t_fin", "preempt")
+
+    def __init__(self, prompt: list[int], output: list[int]) -> None:
+        n = len(prompt)
+        nan = math.nan
+        self.prompt, self.output = prompt, output
+        self.kk = [0] * n  # output tokens generated as of step g1 (for a waiting request: so far)
+        self.g1 = [0] * n
+        self.phase = [0] * n  # step-number residue (mod block size) at which it needs a new block
+        self.gfin = [-1] * n  # step number at whose end it finishes; -1: not decoding
+        self.t_sched = [nan] * n
+        self.t_first = [nan] * n
+        self.t_fin = [nan] * n
+        self.preempt = [0] * n
+
+
+class Samples:
+    """The replica's state at regular times: what a scrape in the middle of a step would see (the
+    requests scheduled in that step as running, KV blocks allocated for it)."""
+
+    __slots__ = ("interval_s", "next_s", "t_s", "running", "waiting", "kv_usage")
+
+    def __init__(self, interval_s: float | None) -> None:
+        self.interval_s = interval_s or math.inf
+        self.next_s = 0.0 if interval_s else math.inf
+        self.t_s: list[float] = []
+        self.running: list[int] = []
+        self.waiting: list[int] = []
+        self.kv_usage: list[float] = []
+
+    def take(self, running: int, waiting: int, kv_usage: float) -> None:
+        """Record the state at the next sample time and move on to the one after."""
+        self.t_s.append(self.next_s)
+        self.running.append(running)
+        self.waiting.append(waiting)
+        self.kv_usage.append(kv_usage)
+        self.next_s += self.interval_s
+
+
+def envelope(lines: list[Line], n: int) -> list[tuple[int, int, float, float]]:
+    """Segments (k0, k1, A, V) of max_i(A_i + V_i*k) over integer k in [0, n): the upper envelope of
+    lines is convex, so each segment's line is overtaken only by one with a larger slope."""
+    cur = max(lines)
+    segs = []
+    k = 0
+    while k < n:
+        nxt: Line | None = None
+        k_next = n
+        for a, v in lines:
+            if v > cur[1]:
+                x = (cur[0] - a) / (v - cur[1])  # real k where this line meets the current one
+                if x < k_next:
+                    kk = max(k + 1, math.floor(x) + 1)
+                    if kk < k_next or (kk == k_next and nxt is not None and v > nxt[1]):
+                        k_next, nxt = kk, (a, v)
+        segs.append((k, k_next, cur[0], cur[1]))
+        if nxt is None:
+            break
+        k, cur = k_next, nxt
+    return segs
+
+
+def _seg_sum(k0: int, k1: int, a: float, v: float) -> float:
+    return (k1 - k0) * a + v * (k1 * (k1 - 1) - k0 * (k0 - 1)) * 0.5
+
+
+def _partial(a0: float, v: float, m: int) -> float:
+    """Seconds of the first m steps of a segment whose first step costs a0, each next one v more."""
+    return m * a0 + v * m * (m - 1) * 0.5
+
+
+def stretch_time(lines: list[Line], n: int) -> float:
+    """Seconds of decode steps 0..n-1."""
+    if len(lines) == 1:
+        a, v = lines[0]
+        return n * a + v * n * (n - 1) * 0.5
+    return sum(_seg_sum(k0, k1, a, v) for k0, k1, a, v in envelope(lines, n))
+
+
+def first_reach(lines: list[Line], n: int, target: float) -> int:
+    """The fewest steps m in [1, n] whose summed time is >= target (n if none reach it)."""
+    acc = 0.0
+    segs = [(0, n, lines[0][0], lines[0][1])] if len(lines) == 1 else envelope(lines, n)
+    for k0, k1, a, v in segs:
+        seg = _seg_sum(k0, k1, a, v)
+        if acc + seg < target:
+            acc += seg
+            continue
+        rem = target - acc
+        a0 = a + v * k0  # cost of this segment's first step
+
+        if v > 0:
+            b = a0 - 0.5 * v
+            m = math.ceil((-b + math.sqrt(b * b + 2.0 * v * rem)) / v)
+        else:
+            m = math.ceil(rem / a0) if a0 > 0 else 1
+        m = min(max(m, 1), k1 - k0)
+        while m > 1 and _partial(a0, v, m - 1) >= rem:
+            m -= 1
+        while m < k1 - k0 and _partial(a0, v, m) < rem:
+            m += 1
+        return k0 + m
+    return n

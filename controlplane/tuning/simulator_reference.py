@@ -1,0 +1,153 @@
+"""The naive replica: vLLM V1's scheduler stepped one engine step at a time, touching every running
+request in every step. Too slow for real workloads; it is the oracle the fast engine is tested
+against and the reference the speed benchmark measures against.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from controlplane.tuning.perf_model import ReplicaModel
+from controlplane.tuning.simulator_parts import Book, Samples
+
+
+class _Req:
+    __slots__ = ("rid", "prompt", "output", "k", "computed", "blocks")
+
+    def __init__(self, rid: int, prompt: int, output: int) -> None:
+        self.rid, self.prompt, self.output = rid, prompt, output
+        self.k = 0  # output tokens generated
+        self.computed = 0  # tokens whose KV is in the cache
+        self.blocks = 0
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the request has (prompt + outputs): what it must compute before sampling again."""
+        return self.prompt + self.k
+
+
+class ReferenceEngine:
+    """Same interface as `FastEngine`; `cut` is ignored (every step that starts before t is run)."""
+
+    def __init__(self, model: ReplicaModel, book: Book, index: int, sample_interval_s: float | None) -> None:
+        self.index = index
+        self.m = model
+        self.b = book
+        self.clock = 0.0
+        self.running: list[_Req] = []
+        self.waiting: deque[_Req] = deque()
+        self.used = 0
+        self.outstanding = 0
+        self.last_fin = 0
+        self.steps = 0
+        self.tokens = 0
+        self.preemptions = 0
+        self.samples = Samples(sample_interval_s)
+
+    def busy(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def enqueue(self, r: int, t: float) -> bool:
+        b = self.b
+        if b.prompt[r] + b.output[r] > self.m.max_model_len:
+            return False
+        if not self.busy():
+            while self.samples.next_s < t:
+                self.samples.take(0, 0, self.used / self.m.num_kv_blocks)
+            self.clock = max(self.clock, t)
+        self.waiting.append(_Req(r, b.prompt[r], b.output[r]))
+        self.outstanding += 1
+        return True
+
+    def outstanding_at(self, t: float) -> int:
+        return self.outstanding + (self.last_fin if self.clock > t else 0)
+
+    def advance(self, t: float, cut: bool) -> None:
+        while self.busy() and self.clock < t:
+            self._step()
+
+    def _blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.m.block_size)
+
+    def _preempt(self, req: _Req) -> None:
+        self.used -= req.blocks
+        req.blocks = 0
+        req.computed = 0
+        self.b.preempt[req.rid] += 1
+        self.preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _step(self) -> None:
+        m, b = self.m, self.b
+        t0 = self.clock
+        self.last_fin = 0
+        budget = m.max_num_batched_tokens
+        scheduled: list[tuple[_Req, int]] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            new = min(req.num_tokens - req.computed, budget)
+            if new == 0:
+                i += 1
+                continue
+            need = self._blocks_for(req.computed + new) - req.blocks
+            self_preempted = False
+            while need > m.num_kv_blocks - self.used:
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    self_preempted = True
+                    break
+            if self_preempted:
+                break
+            req.blocks += need
+            self.used += need
+            scheduled.append((req, new))
+            budget -= new
+            i += 1
+        if not preempted:
+            while budget > 0 and self.waiting and len(self.running) < m.max_num_seqs:
+                req = self.waiting[0]
+                free = m.num_kv_blocks - self.used
+                if m.reserve_full_sequence and self._blocks_for(req.num_tokens) > free:
+                    break
+                new = min(req.num_tokens, budget)
+                need = self._blocks_for(new)
+                if need > free:
+                    break
+                self.waiting.popleft()
+                self.running.append(req)
+                req.blocks = need
+                self.used += need
+                if b.t_sched[req.rid] != b.t_sched[req.rid]:
+                    b.t_sched[req.rid] = t0
+                scheduled.append((req, new))
+                budget -= new
+        tokens = sum(n for _, n in scheduled)
+        if tokens:
+            kv = sum(r.computed + n for r, n in scheduled)
+            attn = sum(n * r.computed + n * (n + 1) // 2 for r, n in scheduled)
+            self.clock = t0 + m.step_cost.step_time(tokens, kv, len(scheduled), attn)
+            self.steps += 1
+            self.tokens += tokens
+        elif not preempted:
+            raise RuntimeError(f"replica {self.index} cannot schedule anything")
+        t1 = self.clock
+        while self.samples.next_s < t1:
+            self.samples.take(len(self.running), len(self.waiting), self.used / m.num_kv_blocks)
+        for req, n in scheduled:
+            req.computed += n
+            if req.computed < req.num_tokens:
+                continue  # a partial prefill
+            req.k += 1
+            if b.t_first[req.rid] != b.t_first[req.rid]:
+                b.t_first[req.rid] = t1
+            if req.k >= req.output:
+                self.running.remove(req)
+                self.used -= req.blocks
+                b.t_fin[req.rid] = t1
+                b.kk[req.rid] = req.k
+                self.outstanding -= 1
+                self.last_fin += 1

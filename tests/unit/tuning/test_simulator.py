@@ -1,0 +1,156 @@
+import numpy as np
+import pytest
+
+from controlplane.store.models import Request
+from controlplane.tuning.perf_model import Coefficients, ReplicaModel, Roof, StepCost
+from controlplane.tuning.simulator import SimResult, Slo, goodput, simulate
+from controlplane.tuning.workload import LogNormal, OnOff, Poisson, Uniform, Workload, synthetic
+
+ALPHA, BETA, GAMMA = 4e-3, 2e-5, 1e-7
+LINEAR = StepCost.linear(Coefficients(ALPHA, BETA, GAMMA))
+TWO_ROOFS = StepCost((Roof(const_s=1e-3, per_token_s=5e-5, per_seq_s=1e-4, per_attn_pair_s=1e-8),
+                      Roof(const_s=6e-3, per_kv_token_s=2e-6)))
+
+
+def replica(cost: StepCost = LINEAR, *, seqs: int = 32, budget: int = 512, blocks: int = 2000, bs: int = 16,
+            max_len: int = 1200, full: bool = True, name: str = "r") -> ReplicaModel:
+    return ReplicaModel(cost, max_num_seqs=seqs, max_num_batched_tokens=budget, block_size=bs, num_kv_blocks=blocks,
+                        max_model_len=max_len, reserve_full_sequence=full, name=name)
+
+
+def workload(times: list[float], prompt: list[int], output: list[int]) -> Workload:
+    return Workload(np.array(times, dtype=float), np.array(prompt), np.array(output))
+
+
+def assert_same(fast: SimResult, ref: SimResult) -> None:
+    for k in ("queue_s", "ttft_s", "e2e_s", "tpot_s"):
+        a, b = getattr(fast, k), getattr(ref, k)
+        assert np.array_equal(np.isnan(a), np.isnan(b)), k
+        assert np.allclose(a, b, rtol=1e-9, atol=1e-9, equal_nan=True), k
+    assert np.array_equal(fast.preemptions, ref.preemptions)
+    assert np.array_equal(fast.replica, ref.replica)
+    for sf, sr in zip(fast.series, ref.series, strict=True):
+        assert (sf.steps, sf.tokens, sf.preemptions) == (sr.steps, sr.tokens, sr.preemptions)
+        assert np.array_equal(sf.num_running, sr.num_running) and np.array_equal(sf.num_waiting, sr.num_waiting)
+        assert np.allclose(sf.kv_usage_ratio, sr.kv_usage_ratio)
+
+
+CASES = {
+    "roomy KV, one replica": dict(),
+    "two roofs (compute and memory)": dict(cost=TWO_ROOFS),
+    "tight KV forces preemption": dict(blocks=45, max_len=600),
+    "tight KV without full-sequence reservation": dict(blocks=45, max_len=600, full=False),
+    "block size 1": dict(bs=1, blocks=900, max_len=600),
+    "small budget chunks prefills": dict(budget=64, seqs=8),
+    "max_num_seqs binds": dict(seqs=4, budget=256),
+    "three replicas behind the router": dict(replicas=3, blocks=60, max_len=600),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.replace(" ", "_"))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_event_driven_engine_gives_the_naive_step_loops_results(case: str, seed: int) -> None:
+    kwargs = dict(CASES[case])
+    count = int(kwargs.pop("replicas", 1))
+    reps = [replica(**kwargs, name=f"r{i}") for i in range(count)]  # type: ignore[arg-type]
+    wl = synthetic(OnOff(40, 2, 3, 3), LogNormal(120, 0.8, 1, 400), Uniform(1, 150), n=400, seed=seed)
+    fast, ref = simulate(wl, reps, sample_interval_s=0.5), simulate(wl, reps, sample_interval_s=0.5, reference=True)
+    assert_same(fast, ref)
+    assert fast.completed.all()
+    if "preemption" in case or "replicas" in case:
+        assert fast.preemptions.sum() > 0  # the case exercises what it names
+    if "chunks" in case:
+        assert (fast.prefill_s > 1.5 * ALPHA).any()
+
+
+def test_a_lone_request_takes_its_prefill_step_then_one_step_per_further_token() -> None:
+    res = simulate(workload([2.0], [100], [4]), [replica()])
+    prefill = ALPHA + BETA * 100 + GAMMA * 100
+    decode = [ALPHA + BETA + GAMMA * (100 + k) for k in (1, 2, 3)]  # reads its context + the new token
+    assert res.queue_s[0] == 0.0 and res.ttft_s[0] == pytest.approx(prefill)
+    assert res.e2e_s[0] == pytest.approx(prefill + sum(decode))
+    assert res.tpot_s[0] == pytest.approx(sum(decode) / 3)
+
+
+def test_a_prompt_longer_than_the_budget_is_prefilled_in_chunks_reading_what_came_before() -> None:
+    res = simulate(workload([0.0], [1100], [1]), [replica(budget=512, max_len=1200)])
+    chunks = [(512, 512), (512, 1024), (76, 1100)]  # (tokens computed, KV tokens read)
+    assert res.ttft_s[0] == pytest.approx(sum(ALPHA + BETA * n + GAMMA * kv for n, kv in chunks))
+    assert res.e2e_s[0] == res.ttft_s[0] and np.isnan(res.tpot_s[0])
+
+
+def test_a_request_arriving_mid_step_waits_for_the_step_to_end() -> None:
+    res = simulate(workload([0.0, 0.001], [100, 50], [3, 2]), [replica()])
+    first_step = ALPHA + BETA * 100 + GAMMA * 100
+    assert res.queue_s[1] == pytest.approx(first_step - 0.001)
+    # Then one step holds the first request's decode and the second's prefill.
+    joint = ALPHA + BETA * 51 + GAMMA * (101 + 50)
+    assert res.ttft_s[1] == pytest.approx(first_step + joint - 0.001)
+
+
+def test_max_num_seqs_caps_the_running_batch_and_the_rest_queue_in_order() -> None:
+    wl = workload([0.0] * 10, [20] * 10, [50] * 10)
+    res = simulate(wl, [replica(seqs=4, budget=256)], sample_interval_s=0.05)
+    assert res.series[0].num_running.max() == 4
+    assert np.count_nonzero(res.queue_s == 0.0) == 4
+    assert np.all(np.diff(res.scheduled_s) >= 0)  # FCFS
+
+
+def test_preempted_requests_are_recomputed_and_still_finish_later_than_with_room() -> None:
+    wl = synthetic(Poisson(30), Uniform(100, 300), Uniform(100, 200), n=300, seed=3)
+    tight = simulate(wl, [replica(blocks=60, max_len=600)])
+    roomy = simulate(wl, [replica(blocks=5000, max_len=600)])
+    assert tight.completed.all() and tight.preemptions.sum() > 0 and roomy.preemptions.sum() == 0
+    assert np.mean(tight.e2e_s) > np.mean(roomy.e2e_s)
+    assert tight.series[0].kv_usage_ratio.max() <= 1.0
+
+
+def test_least_outstanding_routing_spreads_a_burst_and_breaks_ties_by_index() -> None:
+    wl = workload([0.0] * 9, [50] * 9, [20] * 9)
+    res = simulate(wl, [replica(name="a"), replica(name="b"), replica(name="c")])
+    assert res.replica.tolist() == [0, 1, 2] * 3
+    later = simulate(workload([0.0, 0.0, 100.0], [50, 50, 50], [20, 20, 20]), [replica(name="a"), replica(name="b")])
+    assert later.replica.tolist() == [0, 1, 0]  # both idle again at t=100: the lower index wins
+
+
+def test_a_request_longer_than_max_model_len_is_rejected_and_counts_as_not_served() -> None:
+    res = simulate(workload([0.0, 1.0], [1000, 10], [300, 10]), [replica(max_len=1200)])
+    assert res.rejected.tolist() == [True, False] and res.completed.tolist() == [False, True]
+    assert np.isnan(res.ttft_s[0])
+    assert goodput(res, Slo(ttft_s=10.0)).good == 1
+
+
+def test_mean_running_from_the_samples_obeys_littles_law() -> None:
+    wl = synthetic(Poisson(20), Uniform(50, 300), Uniform(20, 120), n=6000, seed=5)
+    res = simulate(wl, [replica(seqs=64, budget=1024)], sample_interval_s=0.25)
+    in_engine = res.finished_s - res.scheduled_s
+    assert res.series[0].num_running.mean() == pytest.approx(20 * in_engine.mean(), rel=0.05)
+
+
+def test_goodput_counts_requests_that_meet_every_objective() -> None:
+    wl = synthetic(Poisson(40), Uniform(50, 400), Uniform(2, 100), n=2000, seed=6)
+    res = simulate(wl, [replica(seqs=64, budget=1024)])
+    ttft, tpot = np.median(res.ttft_s), np.nanmedian(res.tpot_s)
+    g = goodput(res, Slo(ttft_s=ttft, tpot_s=tpot))
+    expected = np.sum((res.ttft_s <= ttft) & (np.isnan(res.tpot_s) | (res.tpot_s <= tpot)))
+    assert g.good == expected and 0 < g.ratio < 0.75  # type: ignore[operator]
+    assert g.rps == pytest.approx(expected / res.makespan_s)
+    assert goodput(res, Slo()).good == 2000
+
+
+def test_rows_have_the_requests_tables_columns_and_its_tpot() -> None:
+    res = simulate(workload([0.0, 0.5], [100, 40], [5, 1]), [replica(name="cpu-0")])
+    rows = res.rows(base_unix_s=1_700_000_000.0, model="tiny")
+    columns = {c.name for c in Request.__table__.columns}
+    assert set(rows[0]) - {"replica"} <= columns and rows[0]["replica"] == "cpu-0"
+    assert rows[0]["arrival_unix_s"] == 1_700_000_000.0
+    assert rows[0]["tpot_s"] == pytest.approx((rows[0]["e2e_s"] - rows[0]["ttft_s"]) / 4)
+    assert rows[1]["tpot_s"] is None  # one output token: no inter-token time, unknown rather than 0
+
+
+def test_simulate_refuses_no_replicas_and_a_bad_sample_interval() -> None:
+    wl = workload([0.0], [1], [1])
+    with pytest.raises(ValueError, match="at least one replica"):
+        simulate(wl, [])
+    with pytest.raises(ValueError, match="sample_interval_s must be > 0"):
+        simulate(wl, [replica()], sample_interval_s=0)
