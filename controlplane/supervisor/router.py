@@ -6,8 +6,10 @@ writes in the plane never sit between a client and its tokens. The supervisor ch
 table from its own thread through the lock-protected methods below.
 
 Guarantees: a draining replica gets no new request; with no ready replica the answer is 503 with
-Retry-After; a connection that fails before anything reached the replica (refused, reset on
-connect) is retried once on another replica; W3C `traceparent`/`tracestate` pass through unchanged.
+Retry-After; a request whose replica fails before sending any response byte (connection refused or
+reset: the replica died) is retried once on another replica, since a completion has no side effect
+to repeat; a stream broken off mid-way is cut at the client too, never passed off as a complete
+answer; W3C `traceparent`/`tracestate` pass through unchanged.
 """
 
 from __future__ import annotations
@@ -130,6 +132,7 @@ class Router:
                                          else "the replica failed and no other replica is ready")
             tried.add(backend.name)
             served = False
+            resp: web.StreamResponse | None = None
             try:
                 async with self._session.request(request.method, backend.url + request.path_qs, data=body,
                                                  headers=headers, allow_redirects=False) as up:
@@ -144,10 +147,19 @@ class Router:
                     await resp.write_eof()
                     served = True
                     return resp
-            except aiohttp.ClientConnectorError as exc:
-                # Nothing reached the replica: safe to try another one.
-                log.warning("router: %s refused a connection (%s); marking it down", backend.name, exc)
-                self.set_unready(backend.name)
+            except aiohttp.ClientError as exc:
+                if resp is None:
+                    # Nothing went to the client yet (refused, or reset before the response started:
+                    # the replica died): safe to send the request to another replica.
+                    log.warning("router: %s failed before responding (%s); marking it down", backend.name, exc)
+                    self.set_unready(backend.name)
+                    continue
+                # Mid-stream: the client already has part of the answer. Cut its connection so it sees
+                # a broken stream, never a short one that looks complete.
+                log.warning("router: %s broke off a response (%s)", backend.name, type(exc).__name__)
+                if request.transport is not None:
+                    request.transport.abort()
+                return resp
             finally:
                 self._release(backend, served)
         return self._unavailable("no replica accepted the connection")

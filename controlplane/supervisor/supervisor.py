@@ -488,7 +488,7 @@ class Supervisor:
                     "restarts": m.restarts, "outstanding": self.router.outstanding(m.name),
                     "config": _cfg(m.config), "since_unix_s": m.since,
                     "runtime": m.handle.runtime if m.handle else None,
-                } for m in rt.members.values() if m.state not in (STOPPED,)],
+                } for m in rt.members.values() if m.state not in (STOPPED, FAILED)],
             })
         return out
 

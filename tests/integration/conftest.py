@@ -33,32 +33,46 @@ class PlaneProc:
     otlp_grpc: str
     db_path: Path
     log_path: Path
+    router: str
+    env: dict[str, str]
+    argv: list[str]
 
 
-def start_plane(tmp: Path, watch: list[str], scrape_interval_s: float = 0.5, nice: int = 0) -> PlaneProc:
-    """`controlplane up` as a real subprocess on free loopback ports, ready when /healthz answers."""
+def start_plane(tmp: Path, watch: list[str], scrape_interval_s: float = 0.5, nice: int = 0,
+                configs: list[Path] | None = None, env_extra: dict[str, str] | None = None,
+                reuse: PlaneProc | None = None) -> PlaneProc:
+    """`controlplane up` as a real subprocess on free loopback ports, ready when /healthz answers.
+
+    `reuse` starts a plane again with the same ports, store and arguments (a restart)."""
     tmp.mkdir(parents=True, exist_ok=True)
-    api_port, http_port, grpc_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "CONTROLPLANE_DATA_DIR": str(tmp), "CONTROLPLANE_API_PORT": str(api_port),
-           "CONTROLPLANE_OTLP_HTTP_PORT": str(http_port), "CONTROLPLANE_OTLP_GRPC_PORT": str(grpc_port),
-           "CONTROLPLANE_SCRAPE_INTERVAL_S": str(scrape_interval_s)}
-    argv = [str(Path(sys.executable).parent / "controlplane"), "up"]
-    if nice:
-        argv = ["nice", "-n", str(nice), *argv]
-    for w in watch:
-        argv += ["--watch", w]
+    if reuse is not None:
+        env, argv = reuse.env, reuse.argv
+    else:
+        api_port, http_port, grpc_port, router_port = free_port(), free_port(), free_port(), free_port()
+        env = {**os.environ, "CONTROLPLANE_DATA_DIR": str(tmp), "CONTROLPLANE_API_PORT": str(api_port),
+               "CONTROLPLANE_OTLP_HTTP_PORT": str(http_port), "CONTROLPLANE_OTLP_GRPC_PORT": str(grpc_port),
+               "CONTROLPLANE_ROUTER_PORT": str(router_port),
+               "CONTROLPLANE_SCRAPE_INTERVAL_S": str(scrape_interval_s), **(env_extra or {})}
+        argv = [str(Path(sys.executable).parent / "controlplane"), "up"]
+        if nice:
+            argv = ["nice", "-n", str(nice), *argv]
+        for w in watch:
+            argv += ["--watch", w]
+        for c in configs or []:
+            argv += ["--config", str(c)]
     log_path = tmp / "plane.log"
-    with log_path.open("wb") as log:
+    with log_path.open("ab") as log:
         proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    api = f"http://127.0.0.1:{api_port}"
+    api = f"http://127.0.0.1:{env['CONTROLPLANE_API_PORT']}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"plane exited early: {log_path.read_text()}")
         try:
             if httpx.get(api + "/healthz", timeout=1).status_code == 200:
-                return PlaneProc(proc, api, f"http://127.0.0.1:{http_port}/v1/traces",
-                                 f"127.0.0.1:{grpc_port}", tmp / "controlplane.db", log_path)
+                return PlaneProc(proc, api, f"http://127.0.0.1:{env['CONTROLPLANE_OTLP_HTTP_PORT']}/v1/traces",
+                                 f"127.0.0.1:{env['CONTROLPLANE_OTLP_GRPC_PORT']}", tmp / "controlplane.db",
+                                 log_path, f"http://127.0.0.1:{env['CONTROLPLANE_ROUTER_PORT']}", env, argv)
         except httpx.HTTPError:
             pass
         time.sleep(0.2)

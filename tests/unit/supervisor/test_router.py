@@ -25,14 +25,20 @@ class Upstream:
     release: threading.Event = field(default_factory=threading.Event)
     seen_headers: list[dict[str, str]] = field(default_factory=list)
     in_flight: int = 0
+    die: str | None = None  # "before_response" | "mid_stream": the replica dies (kill -9) at that point
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.seen_headers.append(dict(request.headers))
         self.in_flight += 1
         try:
+            if self.die == "before_response" and request.transport is not None:
+                request.transport.abort()
             resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
             await resp.prepare(request)
             await resp.write(f"data: first from {self.name}\n\n".encode())
+            if self.die == "mid_stream" and request.transport is not None:
+                request.transport.abort()
+                return resp
             while self.hold and not self.release.is_set():
                 await asyncio.sleep(0.01)
             await resp.write(b"data: [DONE]\n\n")
@@ -183,3 +189,25 @@ def test_a_refused_connection_is_retried_on_another_replica_and_marked_down(rout
     assert router.snapshot()["dead"]["down"] is True
     router.set_ready("dead", f"http://127.0.0.1:{b.port}")  # ready again (new URL): routable again
     assert router.snapshot()["dead"]["down"] is False
+
+
+def test_a_replica_dying_before_its_response_is_retried_on_another(router: Router, upstreams: list[Upstream]) -> None:
+    a, b = upstreams
+    a.die = "before_response"
+    router.set_ready("a", f"http://127.0.0.1:{a.port}")
+    router.set_ready("b", f"http://127.0.0.1:{b.port}")
+    served = [post(router) for _ in range(4)]
+    assert [(r.status_code, r.headers[REPLICA_HEADER]) for r in served] == [(200, "b")] * 4
+    assert len(a.seen_headers) == 1 and router.snapshot()["a"]["down"] is True
+
+
+def test_a_stream_broken_off_midway_is_broken_for_the_client_too(router: Router, upstreams: list[Upstream]) -> None:
+    a = upstreams[0]
+    a.die = "mid_stream"
+    router.set_ready("a", f"http://127.0.0.1:{a.port}")
+    got: list[str] = []
+    with pytest.raises(httpx.HTTPError):
+        with httpx.stream("POST", url(router), json={}, timeout=10) as resp:
+            for line in resp.iter_lines():
+                got.append(line)
+    assert "data: [DONE]" not in got  # never a short answer that looks complete

@@ -311,3 +311,36 @@ async def test_shutdown_stops_every_replica_it_runs(sqlite_store: Store) -> None
     await h.sup.shutdown()
     assert sorted(h.backend.stopped) == ["tiny-0", "tiny-1"]
     assert set(h.states().values()) == {"stopped"}
+
+
+async def test_external_replicas_are_probed_and_routed_but_never_started_or_resized(sqlite_store: Store) -> None:
+    dep = parse_deployment({
+        "apiVersion": "controlplane/v1", "kind": "Deployment", "metadata": {"name": "ext"},
+        "spec": {"model": {"path": "/m", "served_name": "m"},
+                 "backend": {"kind": "external", "urls": ["http://a.fake:1", "http://b.fake:2"]},
+                 "lifecycle": {"probe_interval_s": 0.001}},
+    })
+    healthy = {"http://a.fake:1": True, "http://b.fake:2": False}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200 if healthy[f"http://{request.url.host}:{request.url.port}"] else 503)
+
+    from controlplane.supervisor.backends import ExternalBackend
+
+    clock, router = Clock(), FakeRouter()
+    sup = Supervisor([dep], {"external": ExternalBackend()}, sqlite_store, router,
+                     httpx.AsyncClient(transport=httpx.MockTransport(answer)), log_dir=Path("/tmp"),
+                     otlp_endpoint=None, clock=clock)
+    await sup.start()
+    for _ in range(3):
+        clock.now += 0.01
+        await sup.tick()
+    assert router.ready == {"ext-0": "http://a.fake:1"}
+    healthy["http://b.fake:2"] = True
+    for _ in range(2):
+        clock.now += 0.01
+        await sup.tick()
+    assert set(router.ready) == {"ext-0", "ext-1"}
+    with pytest.raises(ActionError, match="external backend") as err:
+        await sup.scale("ext", 3, actor="user", reason="x")
+    assert err.value.status == 409
