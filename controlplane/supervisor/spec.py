@@ -94,6 +94,8 @@ class RayBackend(_Strict):
     num_cpus_per_replica: float = Field(default=1, ge=0)
     num_gpus_per_replica: float = Field(default=0, ge=0)
     base_port: int = Field(default=8200, ge=1024, le=65000)
+    cpu_cores: tuple[tuple[int, ...], ...] = Field(
+        default=(), description="CPU engines: core sets on the node that replica slots cycle through")
 
 
 class ExternalBackend(_Strict):
@@ -252,7 +254,7 @@ def parse_deployment(doc: Any, source: str = "deployment spec") -> Deployment:
         initial = s.replicas.initial if s.replicas.initial is not None else max(s.replicas.min, 1)
         if initial > s.replicas.max:
             raise SpecError(f"{source}: spec.replicas: initial {initial} exceeds max {s.replicas.max}")
-    if isinstance(s.backend, LocalBackend) and any(not cores for cores in s.backend.cpu_cores):
+    if isinstance(s.backend, LocalBackend | RayBackend) and any(not cores for cores in s.backend.cpu_cores):
         raise SpecError(f"{source}: spec.backend.cpu_cores: every core set needs at least one core, e.g. [[0], [1]]")
     return Deployment(
         name=d.metadata.name, model_path=s.model.path, served_name=s.model.served_name,

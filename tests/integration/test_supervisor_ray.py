@@ -54,7 +54,7 @@ def fleet(ray_head: str, tiny_model_dir: Path, tmp_path_factory: pytest.TempPath
     tmp = tmp_path_factory.mktemp("supervised-ray")
     spec = write_spec(tmp / "deploy.yaml", NAME, tiny_model_dir,
                       {"kind": "ray", "address": ray_head, "base_port": consecutive_free_ports(4),
-                       "num_cpus_per_replica": 1})
+                       "num_cpus_per_replica": 1, "cpu_cores": [[0], [1]]})
     fleet = start_fleet(tmp / "plane", NAME, spec)
     try:
         yield fleet
