@@ -206,8 +206,7 @@ def test_a_stream_broken_off_midway_is_broken_for_the_client_too(router: Router,
     a.die = "mid_stream"
     router.set_ready("a", f"http://127.0.0.1:{a.port}")
     got: list[str] = []
-    with pytest.raises(httpx.HTTPError):
-        with httpx.stream("POST", url(router), json={}, timeout=10) as resp:
-            for line in resp.iter_lines():
-                got.append(line)
+    with pytest.raises(httpx.HTTPError), httpx.stream("POST", url(router), json={}, timeout=10) as resp:
+        for line in resp.iter_lines():
+            got.append(line)
     assert "data: [DONE]" not in got  # never a short answer that looks complete
