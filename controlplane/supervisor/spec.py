@@ -123,6 +123,13 @@ class LifecycleSection(_Strict):
     drain_timeout_s: float = Field(default=120, ge=0)
 
 
+class QualitySection(_Strict):
+    """How far a cheaper precision may drift from the current configuration (the tuner's quality guard)."""
+
+    min_greedy_agreement: float = Field(default=0.9, ge=0, le=1, description="mean share of greedy tokens kept")
+    max_logprob_drift: float = Field(default=0.5, ge=0, description="worst mean |delta logprob|, nats")
+
+
 class DeploymentBody(_Strict):
     model: ModelSection
     engine: EngineSection = EngineSection()
@@ -130,6 +137,7 @@ class DeploymentBody(_Strict):
     hardware: HardwareSection = HardwareSection()
     backend: LocalBackend | RayBackend | ExternalBackend = Field(default=LocalBackend(), discriminator="kind")
     lifecycle: LifecycleSection = LifecycleSection()
+    quality: QualitySection = QualitySection()
 
 
 class Metadata(_Strict):
@@ -214,6 +222,7 @@ class Deployment:
     price_per_accelerator_hour_usd: float
     backend: LocalBackend | RayBackend | ExternalBackend
     lifecycle: LifecycleSection
+    quality: QualitySection = QualitySection()
     spec: dict[str, Any] = field(default_factory=dict, compare=False)  # the document as given, for the store
 
     @property
@@ -262,7 +271,7 @@ def parse_deployment(doc: Any, source: str = "deployment spec") -> Deployment:
         min_replicas=s.replicas.min, max_replicas=s.replicas.max, initial_replicas=initial,
         accelerator=s.hardware.accelerator, accelerators_per_replica=s.hardware.count_per_replica,
         price_per_accelerator_hour_usd=s.hardware.price_per_hour_usd,
-        backend=s.backend, lifecycle=s.lifecycle, spec=d.model_dump(mode="json"),
+        backend=s.backend, lifecycle=s.lifecycle, quality=s.quality, spec=d.model_dump(mode="json"),
     )
 
 

@@ -1,0 +1,40 @@
+"""The quality guard's arithmetic and judgement (the real-vLLM comparison is in tests/integration)."""
+
+from __future__ import annotations
+
+import pytest
+
+from controlplane.tuning.quality import Completion, QualityBudget, compare_one, judge, summarize
+
+
+def c(tokens: str, logprobs: list[float]) -> Completion:
+    return Completion(tuple(tokens), tuple(logprobs))
+
+
+def test_agreement_counts_the_shared_prefix_only() -> None:
+    # Same tokens after the divergence do not count: the contexts differ from there on.
+    cmp = compare_one("p", c("abcdef", [-1.0] * 6), c("abXdef", [-1.5, -1.0, -2.0, -1.0, -1.0, -1.0]))
+    assert (cmp.agreed_prefix, cmp.reference_tokens, cmp.agreement) == (2, 6, pytest.approx(1 / 3))
+    assert cmp.logprob_drift == pytest.approx(0.25)  # mean of |delta| over the two shared tokens
+
+
+def test_identical_outputs_pass_a_strict_budget() -> None:
+    report = summarize([compare_one("p", c("abc", [-1, -2, -3]), c("abc", [-1, -2, -3]))])
+    verdict = judge(report, QualityBudget(min_greedy_agreement=1.0, max_logprob_drift=0.0))
+    assert verdict.ok and verdict.reasons == ()
+
+
+def test_low_agreement_and_high_drift_are_both_named() -> None:
+    report = summarize([compare_one("p", c("abcd", [-1, -1, -1, -1]), c("abzz", [-3, -3, -1, -1])),
+                        compare_one("q", c("ab", [-1, -1]), c("ab", [-1, -1]))])
+    assert report.mean_agreement == pytest.approx(0.75)
+    verdict = judge(report, QualityBudget(min_greedy_agreement=0.9, max_logprob_drift=0.5))
+    assert not verdict.ok
+    assert verdict.reasons == ("greedy agreement 0.750 < 0.900", "logprob drift 2.000 > 0.500 nats")
+
+
+def test_drift_that_cannot_be_measured_fails_instead_of_reading_as_zero() -> None:
+    report = summarize([compare_one("p", c("ab", [-1, -1]), c("xy", [-1, -1]))])
+    assert report.max_logprob_drift is None
+    verdict = judge(report, QualityBudget(min_greedy_agreement=0.0, max_logprob_drift=100.0))
+    assert not verdict.ok and "unknown" in verdict.reasons[0]
