@@ -83,6 +83,8 @@ T_REQUESTS: Final = "requests"
 T_ENGINE_SAMPLES: Final = "engine_samples"
 T_GPU_SAMPLES: Final = "gpu_samples"
 T_LIFECYCLE: Final = "lifecycle_events"
+T_SLO_ALERTS: Final = "slo_alerts"
+T_RECOMMENDATIONS: Final = "recommendations"
 
 # --- SLO evaluation: rollup tables and the plane's exported SLO state -----------------------------
 T_SLO_ROLLUP_STATE: Final = "slo_rollup_state"
@@ -153,3 +155,19 @@ ALERT_SCRAPE_FAILING: Final = "PrometheusScrapeFailing"
 ALERT_GPU_XID: Final = "GpuXidError"
 ALERT_GPU_TEMP: Final = "GpuTemperatureHigh"
 ALERT_COST: Final = "VllmCostPerMillionTokensOverBudget"
+
+# --- Simulated engine (controlplane/engines/sim_*): vLLM-compatible series, labelled as simulated -----
+SIM_ENGINE_INFO: Final = "controlplane_simulated_engine_info"  # {model, accelerator} 1 on a simulated engine
+RES_SIMULATED: Final = "simulated"  # OTLP resource attribute, "true" on a simulated engine's spans
+SIM_FINGERPRINT_PREFIX: Final = "simulated-"  # system_fingerprint of a simulated engine's responses
+VLLM_PREFILL_HIST: Final = "vllm:request_prefill_time_seconds"
+VLLM_DECODE_HIST: Final = "vllm:request_decode_time_seconds"
+VLLM_INFERENCE_HIST: Final = "vllm:request_inference_time_seconds"
+LABEL_MODEL_NAME: Final = "model_name"  # vLLM's label: the served model name
+LABEL_ENGINE: Final = "engine"  # vLLM's label: the engine index within a server ("0")
+LABEL_MODEL: Final = "model"
+LABEL_ACCELERATOR: Final = "accelerator"
+VLLM_FINISHED_REASONS: Final = ("stop", "length", "abort", "error", "repetition")  # vLLM 0.32's series
+ATTR_TEMPERATURE: Final = "gen_ai.request.temperature"
+ATTR_TOP_P: Final = "gen_ai.request.top_p"
+ATTR_N: Final = "gen_ai.request.n"

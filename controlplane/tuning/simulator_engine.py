@@ -84,6 +84,15 @@ class FastEngine:
         self.planned = False
         return True
 
+    def generated(self, r: int) -> int:
+        """Output tokens request r has produced as of the last committed step (decoders are kept lazily)."""
+        b = self.b
+        return b.kk[r] + self.G - b.g1[r] if r in self.dec else b.kk[r]
+
+    def snapshot(self) -> tuple[int, int, float]:
+        """(running, waiting, KV usage ratio) as of the last step run: what a scrape would read now."""
+        return len(self.dec) + (self.pre >= 0), len(self.waiting), self.U / self.nblocks
+
     def outstanding_at(self, t: float) -> int:
         """Requests routed here and not finished by t (finishes at the end of a step past t not yet)."""
         return self.outstanding + (self.last_fin if self.clock > t else 0)

@@ -27,6 +27,20 @@ class Book:
         self.t_fin = [nan] * n
         self.preempt = [0] * n
 
+    def add(self, prompt: int, output: int, slot: int | None = None) -> int:
+        """Book one more request and return its index: a new one, or `slot`, the index of a finished request
+        to reuse (the live simulated engine books requests as they arrive and recycles finished ones' slots)."""
+        if slot is None:
+            slot = len(self.prompt)
+            for column in (self.prompt, self.output, self.kk, self.g1, self.phase, self.gfin, self.t_sched,
+                           self.t_first, self.t_fin, self.preempt):
+                column.append(0)
+        self.prompt[slot], self.output[slot] = prompt, output
+        self.kk[slot] = self.g1[slot] = self.phase[slot] = self.preempt[slot] = 0
+        self.gfin[slot] = -1
+        self.t_sched[slot] = self.t_first[slot] = self.t_fin[slot] = math.nan
+        return slot
+
 
 class Samples:
     """The replica's state at regular times: what a scrape in the middle of a step would see (the

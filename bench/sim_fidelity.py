@@ -1,0 +1,433 @@
+"""Simulator fidelity: real vLLM (tiny model, CPU) vs the calibrated simulator, at several loads and configurations.
+
+    .venv/bin/python bench/sim_fidelity.py [--requests 60] [--loads 0.3,0.6,0.85] [--configs A,B,C]
+        [--capacity-requests 48] [--core 1] [--engine vllm|sim] [--json OUT]
+
+For each configuration (max_num_seqs, max_num_batched_tokens, KV blocks) it starts vLLM pinned to one core
+(after waiting until no other vLLM API server runs on this shared machine), measures the replica's capacity
+with a burst, then drives Poisson loads at fractions of it with streamed, token-id prompts (ignore_eos). Each
+request's timings are vLLM's own: its `llm_request` spans, received over OTLP/gRPC and decoded by the plane's
+decoder. The simulator is calibrated (controlplane/tuning/calibrate.py) from the first load's rows of each
+configuration and replays every load's exact arrivals and lengths; a second table uses one calibration (the
+first configuration's first load) for every configuration, the way the tuner would predict a config it has not
+run. Printed: TTFT p50/p90 and TPOT p50, measured vs predicted, relative error, and whether within 15%.
+`--engine sim` runs the same pipeline against the simulated engine (a self-check of the bench, no vLLM).
+Every run saves its raw rows (JSON in --log-dir); `--replay FILE` redoes the analysis from them without vLLM,
+e.g. with `--fit-per-seq` (a per-sequence step cost in the calibration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import numpy as np
+import psutil
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from collectors.otlp.decode import RequestRow, decode_request  # noqa: E402
+from collectors.promtext import parse  # noqa: E402
+from collectors.vllm_metrics import read_engine  # noqa: E402
+from controlplane import names  # noqa: E402
+from controlplane.engines.sim_server import SimServer, SimServerConfig  # noqa: E402
+from controlplane.engines.tiny_model import make_tiny_model  # noqa: E402
+from controlplane.engines.vllm_server import VllmServer, VllmServerSpec  # noqa: E402
+from controlplane.loadgen import RequestPlan, mixed_plans, run_load  # noqa: E402
+from controlplane.stats import percentile  # noqa: E402
+from controlplane.tuning import calibrate  # noqa: E402
+from controlplane.tuning.perf_model import Coefficients, ReplicaModel, StepCost  # noqa: E402
+from controlplane.tuning.simulator import SimResult, simulate  # noqa: E402
+from controlplane.tuning.workload import from_rows  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BLOCK = 128  # vLLM's KV block on CPU
+TARGET = 0.15
+PROMPT_TOKENS, OUTPUT_TOKENS = (32, 512), (16, 64)
+VLLM_PATTERN = "vllm.entrypoints.openai.api_server"
+console = Console(width=150)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One engine configuration. `kv_blocks` is --num-gpu-blocks-override; vLLM keeps one block back."""
+
+    name: str
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    kv_blocks: int
+
+    @property
+    def max_model_len(self) -> int:
+        return min(2048, (self.kv_blocks - 1) * BLOCK)
+
+    def replica(self, cost: StepCost) -> ReplicaModel:
+        return ReplicaModel(cost, max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                            block_size=BLOCK, num_kv_blocks=self.kv_blocks - 1, max_model_len=self.max_model_len,
+                            name=self.name)
+
+
+SHAPES = {s.name: s for s in (
+    Shape("A", max_num_seqs=8, max_num_batched_tokens=512, kv_blocks=64),  # roomy KV, batch-limited
+    Shape("B", max_num_seqs=16, max_num_batched_tokens=1024, kv_blocks=12),  # tight KV: admission-limited, preempts
+    Shape("C", max_num_seqs=4, max_num_batched_tokens=256, kv_blocks=32),  # few sequences, prefills chunked
+)}
+
+
+class SpanSink(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP/gRPC receiver that decodes `llm_request` spans with the plane's decoder and keeps the rows."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, RequestRow] = {}
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)  # type: ignore[no-untyped-call]
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def Export(self, request: ExportTraceServiceRequest, context: grpc.ServicerContext  # noqa: N802
+               ) -> ExportTraceServiceResponse:
+        for row in decode_request(request).requests:
+            self.rows[row["trace_id"]] = row
+        return ExportTraceServiceResponse()
+
+    def wait(self, trace_ids: list[str], timeout_s: float = 60.0) -> list[RequestRow]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not all(t in self.rows for t in trace_ids):
+            time.sleep(0.2)
+        missing = [t for t in trace_ids if t not in self.rows]
+        if missing:
+            raise RuntimeError(f"{len(missing)} of {len(trace_ids)} spans never arrived")
+        return [self.rows[t] for t in trace_ids]
+
+
+def wait_for_no_vllm(limit_s: float = 1200.0, poll_s: float = 30.0) -> None:
+    """CPU etiquette on the shared 2-core host: start only when no other vLLM API server runs."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        out = subprocess.run(["pgrep", "-fc", VLLM_PATTERN], capture_output=True, text=True).stdout.strip()
+        if out in ("", "0"):
+            return
+        if time.monotonic() > deadline:
+            raise SystemExit(f"another vLLM server still runs after {limit_s / 60:.0f} min ({out}); giving up")
+        console.print(f"[yellow]{out} vLLM API server(s) running; waiting {poll_s:.0f} s[/]")
+        time.sleep(poll_s)
+
+
+class Engine:
+    """A real vLLM server, or (--engine sim) the simulated engine with a CPU-like step cost."""
+
+    def __init__(self, kind: str, shape: Shape, sink: SpanSink, core: int, log_dir: Path, ready_s: float) -> None:
+        self.kind, self.shape = kind, shape
+        self.vllm: VllmServer | None = None
+        self.sim: SimServer | None = None
+        endpoint = f"127.0.0.1:{sink.port}"
+        if kind == "sim":
+            cost = StepCost.linear(Coefficients(8e-3, 6e-5, 2e-7))
+            cfg = SimServerConfig(replica=shape.replica(cost), served_model_name="tiny", model="tiny",
+                                  accelerator="H100-80GB", num_gpu_blocks=shape.kv_blocks, port=0, access_log=False,
+                                  otlp_traces_endpoint=endpoint, otlp_protocol="grpc",
+                                  resource_attributes={names.RES_REPLICA: f"fid-{shape.name}"})
+            self.sim = SimServer(cfg).start()
+            self.base_url = self.sim.base_url
+            return
+        wait_for_no_vllm()
+        model_dir, _ = make_tiny_model(REPO / ".cache" / "tiny-model")
+        port = _free_port()
+        spec = VllmServerSpec(model_dir=model_dir, port=port, replica_name=f"fid-{shape.name}", otlp_endpoint=endpoint,
+                              otlp_protocol="grpc", max_model_len=shape.max_model_len,
+                              max_num_seqs=shape.max_num_seqs, max_num_batched_tokens=shape.max_num_batched_tokens,
+                              num_gpu_blocks_override=shape.kv_blocks, cpu_cores=(core,))
+        self.vllm = VllmServer(spec, log_dir / f"vllm-{shape.name}.log")
+        self.vllm.start()
+        waited = self.vllm.wait_ready(timeout_s=ready_s)
+        console.print(f"config {shape.name}: vLLM ready in {waited:.0f} s (pinned to core {core})")
+        self.base_url = spec.base_url
+
+    def counters(self) -> dict[str, float | None]:
+        return dict(read_engine(parse(httpx.get(self.base_url + "/metrics", timeout=10).text)).counters)
+
+    def stop(self) -> None:
+        if self.vllm:
+            self.vllm.stop()
+        if self.sim:
+            self.sim.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def drive(engine: Engine, sink: SpanSink, plans: list[RequestPlan]) -> list[RequestRow]:
+    results = asyncio.run(run_load(engine.base_url, "tiny", plans, concurrency=len(plans)))
+    failed = [r.error for r in results if not r.ok]
+    if failed:
+        raise RuntimeError(f"{len(failed)} requests failed, e.g. {failed[0]}")
+    return sink.wait([r.trace_id for r in results])
+
+
+def plans(n: int, seed: int, rate: float | None, output: tuple[int, int] = OUTPUT_TOKENS) -> list[RequestPlan]:
+    return mixed_plans(n, seed=seed, prompt_words=PROMPT_TOKENS, max_tokens=output, rate_per_s=rate,
+                       token_ids=(10, 2000))
+
+
+@dataclass
+class LoadRun:
+    fraction: float
+    offered_rps: float
+    rows: list[RequestRow]
+    preemptions: float | None
+    engine_cpu: float | None = None  # vLLM's CPU seconds per wall second (its core)
+    others_cpu: float | None = None  # other processes' CPU seconds per wall second on vLLM's core
+
+
+class CoreWatch:
+    """How busy vLLM's core was and how much of it others took: the shared host's noise, measured."""
+
+    def __init__(self, core: int, pid: int | None) -> None:
+        self.core, self.pid = core, pid
+
+    def _read(self) -> tuple[float, float, float]:
+        t = psutil.cpu_times(percpu=True)[self.core]
+        busy = t.user + t.nice + t.system + t.irq + t.softirq + t.steal
+        own = 0.0
+        if self.pid is not None:
+            root = psutil.Process(self.pid)
+            for p in [root, *root.children(recursive=True)]:
+                try:
+                    c = p.cpu_times()
+                    own += c.user + c.system
+                except psutil.NoSuchProcess:
+                    pass
+        return time.monotonic(), busy, own
+
+    def start(self) -> None:
+        self.t0 = self._read()
+
+    def shares(self) -> tuple[float | None, float | None]:
+        if self.pid is None:
+            return None, None
+        (w0, b0, o0), (w1, b1, o1) = self.t0, self._read()
+        wall = w1 - w0
+        return (o1 - o0) / wall, max(0.0, (b1 - b0) - (o1 - o0)) / wall
+
+
+@dataclass
+class ConfigRun:
+    shape: Shape
+    capacity_rps: float
+    loads: list[LoadRun] = field(default_factory=list)
+
+
+def measure(engine: Engine, sink: SpanSink, args: argparse.Namespace) -> ConfigRun:
+    drive(engine, sink, plans(24, seed=99, rate=None, output=(4, 16)))  # warm-up: first shapes are slow on CPU
+    burst = drive(engine, sink, plans(args.capacity_requests, seed=1, rate=None))
+    start = min(r["arrival_unix_s"] for r in burst)
+    end = max(r["arrival_unix_s"] + (r["e2e_s"] or 0.0) for r in burst)
+    run = ConfigRun(engine.shape, len(burst) / (end - start))
+    console.print(f"config {engine.shape.name}: capacity {run.capacity_rps:.2f} req/s ({len(burst)} requests at once)")
+    watch = CoreWatch(args.core, engine.vllm.pid if engine.vllm else None)
+    for k, fraction in enumerate(args.loads):
+        before = engine.counters().get("preemptions_total")
+        watch.start()
+        rows = drive(engine, sink, plans(args.requests, seed=10 + k, rate=fraction * run.capacity_rps))
+        own, others = watch.shares()
+        after = engine.counters().get("preemptions_total")
+        arrivals = sorted(r["arrival_unix_s"] for r in rows)
+        offered = (len(rows) - 1) / (arrivals[-1] - arrivals[0])
+        run.loads.append(LoadRun(fraction, offered, rows, None if before is None or after is None else after - before,
+                                 own, others))
+    return run
+
+
+def measure_all(args: argparse.Namespace, shapes: list[Shape]) -> list[ConfigRun]:
+    sink = SpanSink()
+    runs: list[ConfigRun] = []
+    try:
+        for shape in shapes:
+            engine = Engine(args.engine, shape, sink, args.core, args.log_dir, args.ready_timeout)
+            try:
+                runs.append(measure(engine, sink, args))
+            finally:
+                engine.stop()
+    finally:
+        sink.server.stop(None)
+    return runs
+
+
+def dump_runs(runs: list[ConfigRun]) -> list[dict[str, Any]]:
+    """Everything measured, raw rows included, so the analysis can be redone without vLLM (--replay)."""
+    return [{"config": r.shape.name, "capacity_rps": r.capacity_rps,
+             "loads": [{"fraction": x.fraction, "offered_rps": x.offered_rps, "preemptions": x.preemptions,
+                        "engine_cpu": x.engine_cpu, "others_cpu": x.others_cpu, "rows": x.rows} for x in r.loads]}
+            for r in runs]
+
+
+def load_runs(path: Path) -> list[ConfigRun]:
+    doc = json.loads(path.read_text())
+    if "runs" not in doc:
+        raise SystemExit(f"{path} holds no raw measurements ('runs'); only files written by this version can replay")
+    return [ConfigRun(SHAPES[r["config"]], r["capacity_rps"],
+                      [LoadRun(x["fraction"], x["offered_rps"], x["rows"], x["preemptions"], x["engine_cpu"],
+                               x["others_cpu"]) for x in r["loads"]]) for r in doc["runs"]]
+
+
+def fit(rows: list[RequestRow], shape: Shape, per_seq: bool = False) -> calibrate.Fit:
+    obs = calibrate.observations([dict(r) for r in rows], max_num_batched_tokens=shape.max_num_batched_tokens)
+    return calibrate.fit(obs, fit_per_seq=per_seq)
+
+
+def _p(values: list[float], q: float) -> float:
+    return percentile(sorted(values), q)
+
+
+def api_overhead(rows: list[RequestRow]) -> float:
+    """p50 of vLLM's TTFT minus its queue + prefill: the API server <-> engine core path (not a step)."""
+    return _p([r["ttft_s"] - r["queue_s"] - r["prefill_s"] for r in rows  # type: ignore[operator]
+               if None not in (r["ttft_s"], r["queue_s"], r["prefill_s"])], 50)
+
+
+def compare(rows: list[RequestRow], res: SimResult, ttft_offset_s: float = 0.0) -> dict[str, tuple[float, float]]:
+    """Measured and predicted TTFT p50/p90 and TPOT p50 (seconds)."""
+    ttft = [r["ttft_s"] for r in rows if r["ttft_s"] is not None]
+    tpot = [r["tpot_s"] for r in rows if r["tpot_s"] is not None]
+    p_ttft = (res.ttft_s[np.isfinite(res.ttft_s)] + ttft_offset_s).tolist()
+    p_tpot = res.tpot_s[np.isfinite(res.tpot_s)].tolist()
+    return {"ttft_p50": (_p(ttft, 50), _p(p_ttft, 50)), "ttft_p90": (_p(ttft, 90), _p(p_ttft, 90)),
+            "tpot_p50": (_p(tpot, 50), _p(p_tpot, 50))}
+
+
+def _share(x: float | None) -> str:
+    return "?" if x is None else f"{x:.0%}"
+
+
+def report(title: str, runs: list[ConfigRun], costs: dict[str, StepCost],
+           ttft_offset_s: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    table = Table(title=title)
+    for col in ("config", "load", "req/s", "n", "TTFT p50 ms meas/pred", "err", "TTFT p90 ms meas/pred", "err",
+                "TPOT p50 ms meas/pred", "err", "<=15%", "API ovh p50 ms", "preempt meas/pred", "vLLM/others CPU"):
+        table.add_column(col, justify="left" if col in ("config", "<=15%") else "right")
+    out = []
+    for run in runs:
+        replica = run.shape.replica(costs[run.shape.name])
+        offset = (ttft_offset_s or {}).get(run.shape.name, 0.0)
+        for load in run.loads:
+            res = simulate(from_rows([dict(r) for r in load.rows]), [replica], sample_interval_s=None)
+            stats = compare(load.rows, res, offset)
+            errs = {k: (pred - meas) / meas for k, (meas, pred) in stats.items()}
+            ok = all(abs(e) <= TARGET for e in errs.values())
+            overhead = api_overhead(load.rows)
+            cells = []
+            for k in ("ttft_p50", "ttft_p90", "tpot_p50"):
+                meas, pred = stats[k]
+                cells += [f"{meas * 1e3:.1f} / {pred * 1e3:.1f}", f"{errs[k]:+.0%}"]
+            judged = load.fraction <= 0.85 + 1e-9
+            verdict = ("[green]yes[/]" if ok else "[red]no[/]") if judged else "(not judged)"
+            table.add_row(run.shape.name, f"{load.fraction:.0%}", f"{load.offered_rps:.2f}", str(len(load.rows)),
+                          *cells, verdict, f"{overhead * 1e3:.1f}",
+                          f"{load.preemptions if load.preemptions is not None else '?'} / "
+                          f"{int(res.preemptions.sum())}", f"{_share(load.engine_cpu)} / {_share(load.others_cpu)}")
+            out.append({"config": run.shape.name, "load": load.fraction, "offered_rps": load.offered_rps,
+                        "n": len(load.rows), **{k: {"measured_s": m, "predicted_s": p, "rel_error": errs[k]}
+                                                for k, (m, p) in stats.items()},
+                        "within_15pct": ok, "api_overhead_p50_s": overhead, "ttft_offset_s": offset,
+                        "vllm_cpu_share": load.engine_cpu, "others_cpu_share_on_vllm_core": load.others_cpu,
+                        "preemptions_measured": load.preemptions, "preemptions_predicted": int(res.preemptions.sum())})
+    console.print(table)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--engine", choices=("vllm", "sim"), default="vllm")
+    ap.add_argument("--configs", default="A,B,C", help=f"subset of {','.join(SHAPES)}")
+    ap.add_argument("--loads", default="0.3,0.6,0.85", help="fractions of the measured capacity; the first calibrates")
+    ap.add_argument("--requests", type=int, default=60, help="requests per load")
+    ap.add_argument("--capacity-requests", type=int, default=48)
+    ap.add_argument("--core", type=int, default=1, help="the CPU core vLLM is pinned to")
+    ap.add_argument("--client-core", type=int, default=None,
+                    help="pin this process (client, span receiver) here; default: another core than vLLM's")
+    ap.add_argument("--ready-timeout", type=float, default=300.0)
+    ap.add_argument("--log-dir", type=Path, default=REPO / ".cache" / "sim-fidelity")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="write figures and raw rows as JSON here (default: a file in --log-dir)")
+    ap.add_argument("--replay", type=Path, default=None, help="analyse a saved JSON instead of measuring")
+    ap.add_argument("--fit-per-seq", action="store_true", help="calibrate a per-sequence step cost too (delta)")
+    args = ap.parse_args()
+    args.loads = [float(x) for x in args.loads.split(",")]
+    shapes = [SHAPES[name.strip()] for name in args.configs.split(",")]
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    if args.engine == "vllm" and not args.replay:
+        others = sorted(os.sched_getaffinity(0) - {args.core})
+        client = args.client_core if args.client_core is not None else (others[0] if others else None)
+        if client is not None:
+            os.sched_setaffinity(0, {client})  # the client must not take vLLM's core
+
+    t0 = time.monotonic()
+    if args.replay:
+        runs = load_runs(args.replay)
+        args.engine = json.loads(args.replay.read_text()).get("engine", args.engine)
+        console.print(f"replaying the measurements saved in {args.replay} (no engine started)")
+    else:
+        runs = measure_all(args, shapes)
+        args.json = args.json or args.log_dir / f"{args.engine}-{int(time.time())}.json"
+
+    fits = {run.shape.name: fit(run.loads[0].rows, run.shape, args.fit_per_seq) for run in runs}
+    for name, f in fits.items():
+        c = f.coefficients
+        r2 = "?" if f.r2 is None else f"{f.r2:.3f}"
+        rmse = "?" if f.rel_rmse is None else f"{f.rel_rmse:.3f}"
+        console.print(f"config {name} fit from its first load ({f.rows} rows): alpha "
+                      f"{c.alpha_s * 1e3:.2f} ms, beta {c.beta_s_per_token * 1e6:.1f} us/token, gamma "
+                      f"{c.gamma_s_per_kv_token * 1e9:.1f} ns/KV token, delta {c.delta_s_per_seq * 1e6:.0f} us/seq; "
+                      f"R^2 {r2}, rel RMSE {rmse}, outliers {f.outliers}")
+    engine_name = "real vLLM 0.32 (CPU, tiny model)" if args.engine == "vllm" else "the SIMULATED engine (self-check)"
+    if args.replay:
+        engine_name += " (replayed from saved rows)"
+    each = report(f"{engine_name}: measured vs simulator calibrated per configuration (from its first load)", runs,
+                  {name: f.step_cost for name, f in fits.items()})
+    offsets = {run.shape.name: api_overhead(run.loads[0].rows) for run in runs}
+    plus = report(f"{engine_name}: as above, plus the API-server path (its p50 at the first load) added to TTFT",
+                  runs, {name: f.step_cost for name, f in fits.items()}, offsets)
+    first = runs[0].shape.name
+    once = report(f"{engine_name}: measured vs simulator calibrated once (config {first}, first load) for all", runs,
+                  {run.shape.name: fits[first].step_cost for run in runs})
+    for name, rows in (("per-configuration calibration", each), ("the same + API path", plus),
+                       ("one calibration for all", once)):
+        judged = [r for r in rows if r["load"] <= 0.85 + 1e-9]
+        console.print(f"{name}: {sum(r['within_15pct'] for r in judged)} of {len(judged)} (config, load) cells "
+                      "within 15% on all three statistics")
+    console.print(f"wall time "
+                  f"{time.monotonic() - t0:.0f} s. 'API ovh' = vLLM's TTFT minus its queue + prefill (the path "
+                  "between API server and engine core, which the step model does not have); 'vLLM/others CPU' = CPU "
+                  "seconds per second on vLLM's core taken by vLLM and by every other process (the shared host).")
+    if args.json:
+        args.json.write_text(json.dumps({"engine": args.engine, "per_config": each, "per_config_plus_api_path": plus,
+                                         "calibrated_once": once, "runs": dump_runs(runs),
+                                         "capacity_rps": {r.shape.name: r.capacity_rps for r in runs},
+                                         "fits": {n: f.coefficients.as_list() for n, f in fits.items()}}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
