@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test lint tools clean
 
 venv: $(STAMP)
 
@@ -24,8 +24,12 @@ $(STAMP):
 demo: venv
 	$(VENV)/bin/controlplane demo
 
-test: venv lint
+test: venv lint tools
 	$(VENV)/bin/pytest
+
+# Debian's promtool / amtool / alertmanager for the alert tests (skipped when already installed).
+tools:
+	bash scripts/install-debian-tools.sh prometheus
 
 lint: venv
 	$(VENV)/bin/ruff check controlplane collectors tests bench

@@ -13,6 +13,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from controlplane.settings import Settings
+from controlplane.slo.render import app as slo_app
 from controlplane.tuning.whatif import app as tune_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -22,6 +23,7 @@ db_app = typer.Typer(no_args_is_help=True, help="The SQL store.")
 app.add_typer(model_app, name="model")
 app.add_typer(db_app, name="db")
 app.add_typer(tune_app, name="tune")
+app.add_typer(slo_app, name="slo")
 console = Console(stderr=True)
 
 
@@ -84,11 +86,16 @@ def up(
         "--config", "-c", help="Deployment spec (YAML) to run and supervise (repeatable).")] = None,
     watch: Annotated[list[str] | None, typer.Option(
         help="vLLM server to watch: URL or NAME=URL (repeatable).")] = None,
+    slo: Annotated[list[Path] | None, typer.Option(
+        "--slo", help="SLO spec (kind: SLO or OpenSLO v1 YAML) to evaluate and alert on (repeatable).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Run the plane: supervised replicas and their router, OTLP receivers, scraping, GPU telemetry, REST API."""
+    """Run the plane: supervised replicas and their router, OTLP receivers, scraping, GPU telemetry, SLOs and
+    alerts, REST API."""
     from collectors.scrape_loop import Target
     from controlplane.plane import Endpoints, Plane, run_blocking
+    from controlplane.slo.spec import SpecError as SloSpecError
+    from controlplane.slo.spec import load_slos
     from controlplane.supervisor.spec import SpecError, load_deployment
 
     _logging(verbose)
@@ -96,7 +103,8 @@ def up(
     try:
         targets = [Target.from_watch(w) for w in watch or []]
         deployments = [load_deployment(p) for p in config or []]
-    except (ValueError, SpecError) as exc:
+        slos = [s for p in slo or [] for s in load_slos(p)]
+    except (ValueError, SpecError, SloSpecError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
     names = [d.name for d in deployments]
@@ -116,9 +124,13 @@ def up(
                           f"(state: {e.api}/api/v1/deployments)")
         for t in targets:
             console.print(f"  watching     {t.name} at {t.base_url}")
+        for o in slos:
+            sink = settings.alertmanager_url or "the store only"
+            console.print(f"  SLO          {o.name}: {o.sli} of {o.deployment}, objective {o.objective:.4g} "
+                          f"(every {settings.slo_interval_s:g} s; alerts to {sink})")
 
     try:
-        run_blocking(Plane(settings, targets, on_ready=ready, deployments=deployments))
+        run_blocking(Plane(settings, targets, on_ready=ready, deployments=deployments, slos=slos))
     except SQLAlchemyError as exc:
         _store_error(settings.resolved_database_url(), exc)
     except OSError as exc:

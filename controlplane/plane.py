@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -22,6 +23,10 @@ from collectors.otlp.receiver import Ingestor, grpc_server, http_app
 from collectors.scrape_loop import EngineScraper, Target
 from controlplane.api.app import create_app
 from controlplane.settings import Settings
+from controlplane.slo.alerter import Alerter
+from controlplane.slo.export import SloCollector
+from controlplane.slo.model import Slo
+from controlplane.slo.monitor import SloMonitor
 from controlplane.store.db import make_engine, upgrade
 from controlplane.store.repo import Store
 from controlplane.supervisor.router import Router
@@ -63,15 +68,18 @@ def _bind(host: str, port: int) -> socket.socket:
 class Plane:
     def __init__(self, settings: Settings, watch: list[Target] | None = None,
                  on_ready: Callable[[Endpoints], None] | None = None,
-                 deployments: list[Deployment] | None = None) -> None:
+                 deployments: list[Deployment] | None = None, slos: list[Slo] | None = None) -> None:
         self.settings = settings
         self.watch = list(watch or [])
         self.deployments = list(deployments or [])
+        self.slos = list(slos or [])
         self.supervisor: Supervisor | None = None
+        self.alerter: Alerter | None = None
         self.on_ready = on_ready
         self.registry = CollectorRegistry()
         self.engine = make_engine(settings.resolved_database_url())
         self.store = Store(self.engine)
+        self.monitor: SloMonitor | None = SloMonitor(self.engine, self.slos) if self.slos else None
         self._scraper: EngineScraper | None = None
 
     def scraper_add(self, target: Target) -> None:
@@ -105,9 +113,16 @@ class Plane:
                 )
                 self.supervisor = supervisor
                 self.registry.register(SupervisorMetrics(supervisor))
+            api_url = f"http://{s.bind_host}:{api_sock.getsockname()[1]}"
+            if self.monitor is not None:
+                self.alerter = await asyncio.to_thread(
+                    Alerter, self.engine, alertmanager_url=s.alertmanager_url, resend_s=s.slo_interval_s,
+                    api_url=api_url)
+                self.registry.register(SloCollector(self.monitor.statuses, self.alerter.states))
             servers = [
                 _QuietServer(uvicorn.Config(
-                    create_app(self.store, self.registry, control=supervisor, api_token=s.api_token),
+                    create_app(self.store, self.registry, control=supervisor, api_token=s.api_token,
+                               slo_statuses=self.monitor.statuses if self.monitor else None),
                     log_level="warning", access_log=False, lifespan="off")),
                 _QuietServer(uvicorn.Config(http_app(ingestor, s.otlp_max_body_bytes), log_level="warning",
                                             access_log=False, lifespan="off")),
@@ -123,6 +138,8 @@ class Plane:
             if supervisor is not None:
                 await supervisor.start()
                 tasks.append(asyncio.create_task(supervisor.run(stop)))
+            if self.monitor is not None:
+                tasks.append(asyncio.create_task(self._slo_loop(stop, s.slo_interval_s)))
             while not all(srv.started for srv in servers):
                 if any(t.done() for t in tasks):
                     break
@@ -152,6 +169,20 @@ class Plane:
                     if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
                         log.error("plane task ended with %r", r)
                 self.engine.dispose()
+
+
+    async def _slo_loop(self, stop: asyncio.Event, interval_s: float) -> None:
+        """Roll up, evaluate every SLO, decide and send alerts; a failed round is logged and retried."""
+        assert self.monitor is not None and self.alerter is not None
+        while not stop.is_set():
+            now = time.time()
+            try:
+                _, statuses = await asyncio.to_thread(self.monitor.tick, now)
+                await asyncio.to_thread(self.alerter.evaluate, statuses, now)
+            except Exception:  # noqa: BLE001 - the next round retries; the store may be back by then
+                log.exception("SLO evaluation round failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval_s)
 
 
 def run_blocking(plane: Plane, install_signals: bool = True) -> None:

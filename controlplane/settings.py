@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     gpu_interval_s: float = Field(default=10.0, gt=0)
     dcgm_url: str | None = Field(default=None, description="dcgm-exporter /metrics URL; NVML is used without it.")
     otlp_max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    slo_interval_s: float = Field(default=30.0, gt=0, description="How often SLOs are evaluated and alerts decided.")
+    alertmanager_url: str | None = Field(
+        default=None, description="Alertmanager base URL (e.g. http://127.0.0.1:9093); alerts go to its v2 API.")
 
     @field_validator("database_url")
     @classmethod

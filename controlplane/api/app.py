@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request
@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import SQLAlchemyError
 
 from controlplane.store.repo import Store
+from controlplane.tuning.recommendations import APPLIED, DISMISSED, FAILED, RecommendationError, Recommendations
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class ReconfigureBody(_Body):
 
 
 DeploymentName = Annotated[str, Path(max_length=50, pattern=r"^[a-z0-9-]+$")]
+RecId = Annotated[int, Path(ge=1, le=2**62, description="Recommendation id.")]
 
 
 def _check_window(since: float | None, until: float | None) -> None:
@@ -60,7 +62,8 @@ def _check_window(since: float | None, until: float | None) -> None:
 
 
 def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float | None = None, *,
-               control: FleetControl | None = None, api_token: str | None = None) -> FastAPI:
+               control: FleetControl | None = None, api_token: str | None = None,
+               slo_statuses: Callable[[], Sequence[Any]] | None = None) -> FastAPI:
     app = FastAPI(title="vLLM SLO control plane", version="0.1.0")
     started = started_unix_s or time.time()
 
@@ -142,6 +145,68 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
     async def reconfigure(name: DeploymentName, body: ReconfigureBody) -> dict[str, Any]:
         """Change engine arguments; applied by a rolling replacement, rolled back if the new replica fails."""
         return await _act(need_control().reconfigure(name, body.engine, actor="user", reason=body.reason))
+
+    @app.get("/api/v1/slos")
+    def slos() -> dict[str, Any]:
+        """Each SLO's latest evaluation: attainment, budget left, burn rate per alert window, quantiles."""
+        from controlplane.slo.views import status_json
+
+        items = [status_json(s) for s in (slo_statuses() if slo_statuses else [])]
+        return {"count": len(items), "items": items}
+
+    @app.get("/api/v1/alerts")
+    def alerts(slo: Annotated[str | None, Query(max_length=200)] = None, limit: Limit = 200) -> dict[str, Any]:
+        """SLO alert episodes, newest first: pending / firing / resolved with their times and evidence."""
+        from controlplane.slo.alerter import list_alerts
+
+        rows = list_alerts(store.engine, limit=limit, slo=slo)
+        return {"count": len(rows), "items": rows}
+
+    recs = Recommendations(store.engine)
+
+    def _rec_call(fn: Any, *args: Any, **kw: Any) -> dict[str, Any]:
+        try:
+            out: dict[str, Any] = fn(*args, **kw)
+        except RecommendationError as exc:
+            raise HTTPException(exc.status, detail=str(exc)) from None
+        return out
+
+    @app.get("/api/v1/recommendations")
+    def recommendations(deployment: Annotated[str | None, Query(max_length=50)] = None,
+                        status: Annotated[str | None, Query(pattern=r"^(open|applied|dismissed|superseded|"
+                                                                    r"rolled_back|failed)$")] = None,
+                        limit: Limit = 100) -> dict[str, Any]:
+        """Proposed changes, newest first, each with its evidence (inputs, predicted effect, comparison)."""
+        items = recs.list(deployment=deployment, status=status, limit=limit)
+        return {"count": len(items), "items": items}
+
+    @app.get("/api/v1/recommendations/{rid}")
+    def recommendation(rid: RecId) -> dict[str, Any]:
+        return _rec_call(recs.get, rid)
+
+    @app.post("/api/v1/recommendations/{rid}/apply", dependencies=[Depends(require_token)])
+    async def apply_recommendation(rid: RecId) -> dict[str, Any]:
+        """Apply an open recommendation through the supervisor (audited as a user action)."""
+        rec = _rec_call(recs.get, rid)
+        if rec["status"] != "open":
+            raise HTTPException(409, detail=f"recommendation {rid} is {rec['status']}; only open ones can be applied")
+        ctl = need_control()
+        reason = f"recommendation_{rid}"
+        try:
+            if rec["kind"] == "scale":
+                result = await _act(ctl.scale(rec["deployment"], int(rec["proposed"]["replicas"]), actor="user",
+                                              reason=reason))
+            else:
+                result = await _act(ctl.reconfigure(rec["deployment"], dict(rec["proposed"]["engine"]),
+                                                    actor="user", reason=reason))
+        except HTTPException as exc:
+            _rec_call(recs.decide, rid, FAILED, by="user", outcome={"error": exc.detail})
+            raise
+        return _rec_call(recs.decide, rid, APPLIED, by="user", outcome={"applied": result})
+
+    @app.post("/api/v1/recommendations/{rid}/dismiss", dependencies=[Depends(require_token)])
+    def dismiss_recommendation(rid: RecId) -> dict[str, Any]:
+        return _rec_call(recs.decide, rid, DISMISSED, by="user")
 
     @app.get("/metrics")
     def metrics() -> Response:

@@ -181,3 +181,48 @@ class LifecycleEvent(Base):
     after_config: Mapped[dict[str, Any] | None]
     # Idempotency for retried OTLP batches: "trace_id/span_id" of the span the event came from.
     dedupe_key: Mapped[str | None] = mapped_column(String(64), unique=True)
+
+
+class SloAlert(Base):
+    """One episode of an SLO burn-rate alert: pending -> firing -> resolved, with the times of each step."""
+
+    __tablename__ = names.T_SLO_ALERTS
+    __table_args__ = (Index("ix_slo_alerts_key", "slo", "severity", "state"),
+                      Index("ix_slo_alerts_ts", "started_unix_s"))
+    id: Mapped[int] = mapped_column(primary_key=True)
+    slo: Mapped[str] = mapped_column(String(200))
+    deployment: Mapped[str] = mapped_column(String(200))
+    severity: Mapped[str] = mapped_column(String(10))  # page | ticket
+    alertname: Mapped[str] = mapped_column(String(100))
+    state: Mapped[str] = mapped_column(String(10))  # pending | firing | resolved
+    started_unix_s: Mapped[float]  # condition first true (pending since)
+    fired_unix_s: Mapped[float | None]
+    resolved_unix_s: Mapped[float | None]
+    last_eval_unix_s: Mapped[float]
+    notified_unix_s: Mapped[float | None]  # last successful post to Alertmanager
+    evidence: Mapped[dict[str, Any] | None]  # burn rates and request rates of the tiers that triggered
+
+
+class Recommendation(Base):
+    """A proposed change with its evidence; applied by a person (recommend) or the plane (auto), audited."""
+
+    __tablename__ = names.T_RECOMMENDATIONS
+    __table_args__ = (Index("ix_recommendations_created", "created_unix_s"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    created_unix_s: Mapped[float]
+    deployment: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(20))  # scale | reconfigure
+    mode: Mapped[str] = mapped_column(String(10))  # recommend | auto
+    status: Mapped[str] = mapped_column(String(20))  # open | applied | dismissed | rolled_back | failed | superseded
+    reason: Mapped[str] = mapped_column(String(100))
+    current: Mapped[dict[str, Any]]
+    proposed: Mapped[dict[str, Any]]
+    evidence: Mapped[dict[str, Any]]  # inputs, predicted effect, confidence, comparison with the current config
+    confidence: Mapped[float | None]
+    decided_unix_s: Mapped[float | None]
+    decided_by: Mapped[str | None] = mapped_column(String(20))  # user | tuner
+    outcome: Mapped[dict[str, Any] | None]  # what happened after applying (SLO before/after, rollback)
+
+
+# The SLO rollup tables live with the SLO code; importing them registers them in Base.metadata.
+from controlplane.slo import models as _slo_models  # noqa: E402, F401

@@ -41,6 +41,7 @@ class _Backend:
     draining: bool = False
     down: bool = False  # a failed connection; cleared when the supervisor marks it ready again
     outstanding: int = 0
+    routed: int = 0  # requests sent here (arrivals, for the autoscaler's request rate)
     served: int = 0
 
 
@@ -89,7 +90,7 @@ class Router:
     def snapshot(self) -> dict[str, dict[str, object]]:
         with self._lock:
             return {n: {"url": b.url, "draining": b.draining, "down": b.down, "outstanding": b.outstanding,
-                        "served": b.served} for n, b in self._backends.items()}
+                        "routed": b.routed, "served": b.served} for n, b in self._backends.items()}
 
     def _pick(self, exclude: set[str]) -> _Backend | None:
         with self._lock:
@@ -100,6 +101,7 @@ class Router:
             tied = [b for b in ok if b.outstanding == least]
             pick = tied[next(self._rr) % len(tied)]
             pick.outstanding += 1
+            pick.routed += 1
             return pick
 
     def _release(self, b: _Backend, served: bool) -> None:

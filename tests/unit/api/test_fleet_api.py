@@ -95,3 +95,43 @@ def test_deployments_are_listed_and_a_plane_without_fleet_refuses_actions(sqlite
     assert bare.get("/api/v1/deployments").json() == {"count": 0, "items": []}
     r = bare.post("/api/v1/deployments/tiny/scale", json={"replicas": 1}, headers=AUTH)
     assert r.status_code == 409 and "--config" in r.json()["detail"]
+
+
+def _propose(store: Store, replicas: int = 2) -> int:
+    from controlplane.tuning.recommendations import Proposal, Recommendations
+
+    return Recommendations(store.engine).add(Proposal(
+        "tiny", "scale", "scale_up_slo_risk", {"replicas": 1}, {"replicas": replicas},
+        {"predicted_attainment": 0.995, "inputs": {"rate_per_s": 3.0}}, 0.8), mode="recommend")
+
+
+def test_a_recommendation_is_applied_through_the_supervisor_once(sqlite_store: Store, api: TestClient,
+                                                                 control: FakeControl) -> None:
+    rid = _propose(sqlite_store)
+    listed = api.get("/api/v1/recommendations", params={"status": "open"}).json()
+    assert listed["count"] == 1 and listed["items"][0]["evidence"]["predicted_attainment"] == 0.995
+    assert api.post(f"/api/v1/recommendations/{rid}/apply").status_code == 401
+    r = api.post(f"/api/v1/recommendations/{rid}/apply", headers=AUTH)
+    assert r.status_code == 200 and r.json()["status"] == "applied" and r.json()["decided_by"] == "user"
+    assert control.calls == [("tiny", 2, "user", f"recommendation_{rid}")]
+    again = api.post(f"/api/v1/recommendations/{rid}/apply", headers=AUTH)
+    assert again.status_code == 409 and "applied" in again.json()["detail"]
+    assert len(control.calls) == 1
+
+
+def test_a_refused_recommendation_is_marked_failed_and_others_can_be_dismissed(sqlite_store: Store, api: TestClient,
+                                                                              control: FakeControl) -> None:
+    bad = _propose(sqlite_store, replicas=9)  # the fake supervisor refuses more than 3
+    r = api.post(f"/api/v1/recommendations/{bad}/apply", headers=AUTH)
+    assert r.status_code == 422
+    assert api.get(f"/api/v1/recommendations/{bad}").json()["status"] == "failed"
+    newer = _propose(sqlite_store)
+    assert api.post(f"/api/v1/recommendations/{newer}/dismiss", headers=AUTH).json()["status"] == "dismissed"
+    assert api.get("/api/v1/recommendations/999").status_code == 404
+    assert api.get("/api/v1/recommendations", params={"status": "bogus"}).status_code == 422
+
+
+def test_a_newer_proposal_supersedes_the_open_one(sqlite_store: Store, api: TestClient) -> None:
+    first, second = _propose(sqlite_store), _propose(sqlite_store, replicas=3)
+    assert api.get(f"/api/v1/recommendations/{first}").json()["status"] == "superseded"
+    assert api.get(f"/api/v1/recommendations/{second}").json()["status"] == "open"

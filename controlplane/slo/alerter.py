@@ -1,0 +1,138 @@
+"""The edge of live alerting: keep episodes in the store, send them to Alertmanager's v2 API.
+
+Decisions come from `alert_state` (pure); this class only remembers the open episode per
+(SLO, severity), writes every transition, and posts firing alerts on every evaluation (Alertmanager
+forgets an alert that is not re-sent) and resolved ones once. A failed post is retried on the next
+evaluation; the episode in the store never depends on Alertmanager being up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import httpx
+from sqlalchemy import Engine, insert, select, update
+
+from controlplane.slo.alert_state import Episode, alertmanager_payload, condition, step
+from controlplane.slo.evaluate import SloStatus
+from controlplane.slo.export import AlertState
+from controlplane.slo.model import Severity
+from controlplane.store.models import SloAlert
+
+log = logging.getLogger(__name__)
+SEVERITIES: tuple[Severity, ...] = ("page", "ticket")
+
+
+def _row(ep: Episode) -> dict[str, Any]:
+    return {"slo": ep.slo, "deployment": ep.deployment, "severity": ep.severity, "alertname": ep.alertname,
+            "state": ep.state, "started_unix_s": ep.started_unix_s, "fired_unix_s": ep.fired_unix_s,
+            "resolved_unix_s": ep.resolved_unix_s, "last_eval_unix_s": ep.last_eval_unix_s,
+            "evidence": ep.evidence}
+
+
+class Alerter:
+    def __init__(self, engine: Engine, *, alertmanager_url: str | None, client: httpx.Client | None = None,
+                 resend_s: float = 30.0, runbook_base: str = "alerts/runbooks.md",
+                 api_url: str | None = None, wall_clock: Callable[[], float] = time.time) -> None:
+        self.engine = engine
+        self.alertmanager_url = alertmanager_url.rstrip("/") if alertmanager_url else None
+        self.client = client or httpx.Client(timeout=5)
+        self.resend_s = resend_s
+        self.runbook_base = runbook_base
+        self.api_url = api_url
+        self.wall_clock = wall_clock
+        self.open: dict[tuple[str, str], Episode] = {}
+        self._unsent_resolved: list[Episode] = []
+        self._load()
+
+    def _load(self) -> None:
+        """Resume episodes a previous plane left pending or firing (no second page after a restart)."""
+        with self.engine.connect() as conn:
+            for r in conn.execute(select(SloAlert.__table__).where(SloAlert.state != "resolved")):
+                ep = Episode(r.slo, r.deployment, r.severity, r.state, r.started_unix_s,
+                             r.fired_unix_s, r.resolved_unix_s, r.last_eval_unix_s, r.evidence or {}, r.id)
+                self.open[(r.slo, r.severity)] = ep
+
+    def states(self) -> dict[str, dict[str, AlertState]]:
+        """For the /metrics export (slo -> severity -> state); absent means inactive."""
+        out: dict[str, dict[str, AlertState]] = {}
+        for (slo, sev), e in list(self.open.items()):
+            out.setdefault(slo, {})[sev] = AlertState.FIRING if e.state == "firing" else AlertState.PENDING
+        return out
+
+    def evaluate(self, statuses: Sequence[SloStatus], now: float) -> list[tuple[Episode, str]]:
+        """Advance every (SLO, severity); store transitions; notify. Returns the transitions."""
+        changes: list[tuple[Episode, str]] = []
+        for status in statuses:
+            slo = status.slo
+            for sev in SEVERITIES:
+                key = (slo.name, sev)
+                prev = self.open.get(key)
+                nxt, transition = step(prev, condition(status, sev), slo=slo.name, deployment=slo.deployment,
+                                       severity=sev, now=now)
+                if nxt is not None and prev is not None and prev.id is not None:
+                    nxt = Episode(**{**nxt.__dict__, "id": prev.id})
+                if transition == "cancelled" and prev is not None:
+                    self._delete(prev)
+                elif nxt is not None:
+                    nxt = self._save(nxt)
+                if nxt is None or nxt.state == "resolved":
+                    self.open.pop(key, None)
+                else:
+                    self.open[key] = nxt
+                if transition is not None and nxt is not None:
+                    changes.append((nxt, transition))
+                    log.warning("SLO %s %s alert %s", slo.name, sev, transition)
+                if nxt is not None and nxt.state == "resolved":
+                    self._unsent_resolved.append(nxt)
+        self._notify({s.slo.name: s for s in statuses})
+        return changes
+
+    def _save(self, ep: Episode) -> Episode:
+        with self.engine.begin() as conn:
+            if ep.id is None:
+                rid = conn.execute(insert(SloAlert).values(**_row(ep)).returning(SloAlert.id)).scalar_one()
+                return Episode(**{**ep.__dict__, "id": int(rid)})
+            conn.execute(update(SloAlert).where(SloAlert.id == ep.id).values(**_row(ep)))
+        return ep
+
+    def _delete(self, ep: Episode) -> None:
+        if ep.id is None:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(SloAlert.__table__.delete().where(SloAlert.id == ep.id))  # type: ignore[attr-defined]
+
+    def _notify(self, statuses: dict[str, SloStatus]) -> None:
+        if self.alertmanager_url is None:
+            self._unsent_resolved.clear()
+            return
+        to_send = [e for e in self.open.values() if e.state == "firing"] + self._unsent_resolved
+        if not to_send:
+            return
+        wall = self.wall_clock()
+        body = [alertmanager_payload(
+            e, sli=statuses[e.slo].slo.sli if e.slo in statuses else "unknown", wall_now=wall,
+            resend_s=self.resend_s, runbook_url=f"{self.runbook_base}#{e.alertname.lower()}",
+            generator_url=f"{self.api_url}/api/v1/alerts?slo={e.slo}" if self.api_url else None) for e in to_send]
+        try:
+            r = self.client.post(self.alertmanager_url + "/api/v2/alerts", json=body)
+            r.raise_for_status()
+        except httpx.HTTPError as exc:
+            log.warning("could not post %d alert(s) to Alertmanager at %s: %s (retrying next evaluation)",
+                        len(body), self.alertmanager_url, exc)
+            return
+        self._unsent_resolved.clear()
+        ids = [e.id for e in to_send if e.id is not None]
+        with self.engine.begin() as conn:
+            conn.execute(update(SloAlert).where(SloAlert.id.in_(ids)).values(notified_unix_s=wall))
+
+
+def list_alerts(engine: Engine, *, limit: int = 200, slo: str | None = None) -> list[dict[str, Any]]:
+    stmt = select(SloAlert.__table__).order_by(SloAlert.started_unix_s.desc()).limit(limit)
+    if slo is not None:
+        stmt = stmt.where(SloAlert.slo == slo)
+    with engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(stmt)]

@@ -1,0 +1,129 @@
+"""Operational alerts that are not about one SLO: KV cache saturation, preemptions, replicas down or
+crash-looping, failing scrapes, GPU XID errors and temperature, cost per million tokens (pure; no I/O).
+
+They cover every deployment at once (`by (deployment, replica)`), so they carry `deployment` from the series and
+no `slo` label. Annotation templates use only `{{ $labels.X }}`, which the promtool tests expand exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from controlplane import names
+from controlplane.slo.durations import format_duration
+from controlplane.slo.options import RuleOptions, runbook_url
+from controlplane.slo.promql import Aggregate, Binary, Expr, Number, Selector, increase, over_time, rate
+from controlplane.slo.rulemodel import AlertRule, RuleGroup
+
+DEP_REPLICA = (names.LABEL_DEPLOYMENT, names.LABEL_REPLICA)
+
+
+@dataclass(frozen=True)
+class OperationalAlert:
+    """An alert plus the text of its runbook section."""
+
+    rule: AlertRule
+    runbook: str
+
+
+def _alert(name: str, expr: Expr, severity: str, for_s: float, summary: str, description: str,
+           options: RuleOptions) -> AlertRule:
+    return AlertRule(name, expr, ((names.LABEL_SEVERITY, severity),),
+                     (("summary", summary), ("description", description),
+                      ("runbook_url", runbook_url(options, name))), for_s)
+
+
+def operational_alerts(options: RuleOptions | None = None) -> list[OperationalAlert]:
+    o = options or RuleOptions()
+    rep = "{{ $labels.deployment }}/{{ $labels.replica }}"
+    dep = "{{ $labels.deployment }}"
+    kv = Aggregate("max", Selector(names.VLLM_KV_USAGE), by=DEP_REPLICA)
+    preempt = Aggregate("sum", rate(Selector(names.VLLM_PREEMPTIONS_TOTAL), 300.0), by=DEP_REPLICA)
+    up = Aggregate("max", Selector(names.PLANE_REPLICA_UP), by=DEP_REPLICA)
+    crash = Binary("or", Binary("==", Aggregate("max", Selector(names.PLANE_REPLICA_CRASHLOOP), by=DEP_REPLICA),
+                                Number(1)),
+                   Binary(">=", Aggregate("sum", increase(Selector(names.PLANE_REPLICA_RESTARTS_TOTAL),
+                                                          o.crashloop_window_s), by=DEP_REPLICA),
+                          Number(o.crashloop_restarts)))
+    window = format_duration(o.crashloop_window_s)
+    alerts = [
+        OperationalAlert(_alert(
+            names.ALERT_KV_SATURATED, Binary(">", kv, Number(o.kv_cache_usage_ratio)), "ticket", o.kv_cache_for_s,
+            f"KV cache of {rep} above {o.kv_cache_usage_ratio:.0%} for {format_duration(o.kv_cache_for_s)}",
+            f"vLLM replica {rep} has kept its KV cache above {o.kv_cache_usage_ratio:.0%} full; new requests queue "
+            "and running ones get preempted, which shows up as TTFT and TPOT.", o),
+            "Check `vllm:num_requests_waiting` and preemptions. Add a replica, lower `--max-num-seqs`, raise "
+            "`--gpu-memory-utilization`, or use an fp8 KV cache (`--kv-cache-dtype fp8`); `controlplane tune` "
+            "proposes one with evidence."),
+        OperationalAlert(_alert(
+            names.ALERT_PREEMPTIONS, Binary(">", preempt, Number(o.preemptions_per_s)), "ticket",
+            o.preemptions_for_s,
+            f"vLLM replica {rep} keeps preempting requests",
+            f"{names.VLLM_PREEMPTIONS_TOTAL} of {rep} has risen faster than {o.preemptions_per_s:g}/s for "
+            f"{format_duration(o.preemptions_for_s)}: the KV cache cannot hold the running batch, so requests are "
+            "evicted and recomputed.", o),
+            "Same remedies as KV cache saturation; preemption wastes prefill work, so act before the SLO burns."),
+        OperationalAlert(_alert(
+            names.ALERT_REPLICA_DOWN, Binary("==", up, Number(0)), "ticket", o.replica_down_for_s,
+            f"Replica {rep} is not ready",
+            f"The control plane reports replica {rep} not ready ({names.PLANE_REPLICA_UP} == 0) for "
+            f"{format_duration(o.replica_down_for_s)}.", o),
+            "Read the replica's engine log (`data/logs/`) and lifecycle events (`GET /api/v1/events`). The "
+            "supervisor restarts it; if it does not come back, check GPU memory and the last configuration change."),
+        OperationalAlert(_alert(
+            names.ALERT_DEPLOYMENT_DOWN, Binary("==", Aggregate("max", Selector(names.PLANE_REPLICA_UP),
+                                                                by=(names.LABEL_DEPLOYMENT,)), Number(0)),
+            "page", o.deployment_down_for_s,
+            f"Deployment {dep} has no ready replica",
+            f"Every replica of deployment {dep} has been not ready for {format_duration(o.deployment_down_for_s)}; "
+            "it serves no traffic.", o),
+            "Page-worthy: nothing serves. Check the supervisor log, the engines' logs and the GPUs (XID errors); "
+            "roll back the last applied recommendation if it preceded the outage (`GET /api/v1/events`)."),
+        OperationalAlert(_alert(
+            names.ALERT_CRASHLOOP, crash, "ticket", 0.0,
+            f"Replica {rep} is crash-looping",
+            f"The supervisor marks replica {rep} crash-looping, or it restarted {o.crashloop_restarts} or more times "
+            f"in {window}.", o),
+            "Read the last engine log lines before each restart: out-of-memory at startup (lower "
+            "`--gpu-memory-utilization` or `--max-model-len`), a bad model path, or a GPU fault."),
+        OperationalAlert(_alert(
+            names.ALERT_SCRAPE_FAILING, Binary("==", Selector(names.PROM_UP), Number(0)), "ticket",
+            o.scrape_failing_for_s,
+            "Prometheus cannot scrape {{ $labels.job }} {{ $labels.instance }}",
+            "Scrapes of {{ $labels.instance }} (job {{ $labels.job }}) have failed for "
+            f"{format_duration(o.scrape_failing_for_s)}. Its SLIs are unknown, not good: burn-rate alerts cannot "
+            "see this target.", o),
+            "Check that the target is up and reachable from Prometheus; a replica that stopped answering /metrics "
+            "is often overloaded or hung."),
+        OperationalAlert(_alert(
+            names.ALERT_GPU_XID, Binary(">", over_time("max", Selector(names.DCGM_XID), o.gpu_xid_window_s),
+                                        Number(0)), "ticket", 0.0,
+            "GPU {{ $labels.gpu }} ({{ $labels.UUID }}) reported an XID error",
+            f"{names.DCGM_XID} of GPU {{{{ $labels.gpu }}}} was non-zero within the last "
+            f"{format_duration(o.gpu_xid_window_s)}: the driver reported a GPU error.", o),
+            "Look the XID code up in NVIDIA's XID table. 48/63/64/74/79/94/95 usually mean the GPU must be drained "
+            "and reset or replaced; move its replicas elsewhere first."),
+        OperationalAlert(_alert(
+            names.ALERT_GPU_TEMP, Binary(">", Selector(names.DCGM_TEMP), Number(o.gpu_temp_c)), "ticket",
+            o.gpu_temp_for_s,
+            f"GPU {{{{ $labels.gpu }}}} ({{{{ $labels.UUID }}}}) above {o.gpu_temp_c:g} C",
+            f"{names.DCGM_TEMP} of GPU {{{{ $labels.gpu }}}} has stayed above {o.gpu_temp_c:g} C for "
+            f"{format_duration(o.gpu_temp_for_s)}; it will throttle clocks and slow every replica on it.", o),
+            "Check cooling and fan state; compare `DCGM_FI_DEV_SM_CLOCK` with its usual value to see throttling."),
+    ]
+    if o.cost_budget_per_million_tokens_usd is not None:
+        budget = o.cost_budget_per_million_tokens_usd
+        cost = Aggregate("max", Selector(names.PLANE_COST_PER_MTOK), by=(names.LABEL_DEPLOYMENT,))
+        alerts.append(OperationalAlert(_alert(
+            names.ALERT_COST, Binary(">", cost, Number(budget)), "ticket", o.cost_for_s,
+            f"Deployment {dep} costs more than ${budget:g} per million tokens",
+            f"{names.PLANE_COST_PER_MTOK} of {dep} has stayed above the budget of ${budget:g} for "
+            f"{format_duration(o.cost_for_s)}: GPUs are paid for but under-used.", o),
+            "Scale down idle replicas or raise batch limits; `controlplane tune` shows the cheapest configuration "
+            "that still meets the SLOs."))
+    return alerts
+
+
+def operational_group(options: RuleOptions | None = None) -> RuleGroup:
+    return RuleGroup("controlplane-operational", tuple(a.rule for a in operational_alerts(options)))
+

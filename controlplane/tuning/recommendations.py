@@ -1,0 +1,88 @@
+"""Recommendations in the store: proposed changes with their evidence, applied by a person or the plane.
+
+Statuses: open -> applied | dismissed | superseded; applied -> rolled_back (the SLO got worse after
+the change) | failed (the supervisor refused it). Every status change is kept with who decided it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy import Engine, insert, select, update
+
+from controlplane.store.models import Recommendation
+
+Kind = Literal["scale", "reconfigure"]
+Mode = Literal["recommend", "auto"]
+OPEN, APPLIED, DISMISSED, SUPERSEDED, ROLLED_BACK, FAILED = (
+    "open", "applied", "dismissed", "superseded", "rolled_back", "failed")
+
+
+class RecommendationError(ValueError):
+    def __init__(self, message: str, status: int = 409) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Proposal:
+    deployment: str
+    kind: Kind
+    reason: str
+    current: Mapping[str, Any]
+    proposed: Mapping[str, Any]
+    evidence: Mapping[str, Any]
+    confidence: float | None = None
+
+
+class Recommendations:
+    def __init__(self, engine: Engine, clock: Any = time.time) -> None:
+        self.engine = engine
+        self.clock = clock
+
+    def add(self, p: Proposal, mode: Mode) -> int:
+        """Store a proposal; an older open one of the same kind for the deployment is superseded."""
+        now = self.clock()
+        with self.engine.begin() as conn:
+            conn.execute(update(Recommendation).where(
+                Recommendation.deployment == p.deployment, Recommendation.kind == p.kind,
+                Recommendation.status == OPEN).values(status=SUPERSEDED, decided_unix_s=now, decided_by="tuner"))
+            rid = conn.execute(insert(Recommendation).values(
+                created_unix_s=now, deployment=p.deployment, kind=p.kind, mode=mode, status=OPEN, reason=p.reason,
+                current=dict(p.current), proposed=dict(p.proposed), evidence=dict(p.evidence),
+                confidence=p.confidence).returning(Recommendation.id)).scalar_one()
+        return int(rid)
+
+    def get(self, rid: int) -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(Recommendation.__table__).where(Recommendation.id == rid)).first()
+        if row is None:
+            raise RecommendationError(f"no recommendation {rid}", 404)
+        return dict(row._mapping)
+
+    def list(self, *, deployment: str | None = None, status: str | None = None,
+             limit: int = 100) -> list[dict[str, Any]]:
+        stmt = select(Recommendation.__table__).order_by(Recommendation.id.desc()).limit(limit)
+        if deployment is not None:
+            stmt = stmt.where(Recommendation.deployment == deployment)
+        if status is not None:
+            stmt = stmt.where(Recommendation.status == status)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(stmt)]
+
+    def decide(self, rid: int, status: str, *, by: str, outcome: Mapping[str, Any] | None = None,
+               expect: tuple[str, ...] = (OPEN,)) -> dict[str, Any]:
+        """Move a recommendation to `status` if it is in one of `expect` (409 otherwise)."""
+        current = self.get(rid)
+        if current["status"] not in expect:
+            raise RecommendationError(
+                f"recommendation {rid} is {current['status']}; only {' or '.join(expect)} ones can become {status}")
+        values: dict[str, Any] = {"status": status, "decided_unix_s": self.clock(), "decided_by": by}
+        if outcome is not None:
+            values["outcome"] = {**(current["outcome"] or {}), **dict(outcome)}
+        with self.engine.begin() as conn:
+            conn.execute(update(Recommendation).where(Recommendation.id == rid).values(**values))
+        return self.get(rid)

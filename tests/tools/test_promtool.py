@@ -1,0 +1,143 @@
+"""The rendered alerts/ checked by the real tools: promtool check rules, amtool check-config, every generated
+promtool unit test, a mutated expectation that promtool must reject, and Alertmanager's own inhibition.
+Plus the staleness check: the committed files are exactly what the specs render."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from controlplane import names
+from controlplane.slo.render import stale
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+ALERTS = REPO / "alerts"
+TEST_FILES = sorted((ALERTS / "tests").glob("*.test.yaml"))
+
+
+def test_the_committed_alerts_are_what_the_specs_render() -> None:
+    problems = stale([ALERTS / "slos"], ALERTS)
+    assert not problems, "alerts/ is stale; run `controlplane slo render`:\n" + "\n".join(problems)
+
+
+def run(*args: str, cwd: Path = ALERTS) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_promtool_accepts_every_rendered_rule_file(prometheus_tools: dict[str, str]) -> None:
+    files = sorted(str(p.relative_to(ALERTS)) for p in (ALERTS / "rules").glob("*.yaml"))
+    result = run(prometheus_tools["promtool"], "check", "rules", *files)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("SUCCESS") == len(files) >= 6
+
+
+def test_amtool_accepts_the_rendered_alertmanager_config(prometheus_tools: dict[str, str]) -> None:
+    result = run(prometheus_tools["amtool"], "check-config", "alertmanager.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 inhibit rules" in result.stdout and "3 receivers" in result.stdout
+
+
+@pytest.mark.parametrize(("labels", "receiver"), [
+    ("severity=page", "controlplane-page"), ("severity=ticket", "controlplane-ticket"),
+    ("foo=bar", "controlplane-default"),
+])
+def test_amtool_routes_pages_and_tickets_to_their_receivers(prometheus_tools: dict[str, str], labels: str,
+                                                            receiver: str) -> None:
+    result = run(prometheus_tools["amtool"], "config", "routes", "test", "--config.file=alertmanager.yml", labels)
+    assert result.returncode == 0 and result.stdout.strip() == receiver, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def promtool_results(prometheus_tools: dict[str, str]) -> dict[str, subprocess.CompletedProcess[str]]:
+    """Every generated unit-test file through `promtool test rules`, two at a time (each takes a few seconds)."""
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        results = pool.map(lambda p: run(prometheus_tools["promtool"], "test", "rules", str(p.relative_to(ALERTS))),
+                           TEST_FILES)
+        return {p.name: r for p, r in zip(TEST_FILES, results, strict=True)}
+
+
+def test_there_is_a_unit_test_file_for_every_tier_and_guard() -> None:
+    names_ = {p.name for p in TEST_FILES}
+    assert {"slo-tiny-errors.page-14.4x-1h.test.yaml", "slo-tiny-errors.page-6x-6h.test.yaml",
+            "slo-tiny-errors.ticket-3x-1d.test.yaml", "slo-tiny-errors.ticket-1x-3d.test.yaml",
+            "operational.test.yaml"} <= names_
+    assert {f"slo-tiny-{s}.guards.test.yaml" for s in ("ttft", "tpot", "goodput", "errors")} <= names_
+
+
+@pytest.mark.parametrize("name", [p.name for p in TEST_FILES])
+def test_promtool_unit_tests_pass(promtool_results: dict[str, subprocess.CompletedProcess[str]], name: str) -> None:
+    result = promtool_results[name]
+    assert result.returncode == 0 and "SUCCESS" in result.stdout, (result.stdout + result.stderr)[-4000:]
+
+
+def test_promtool_rejects_a_page_expected_one_tick_early(prometheus_tools: dict[str, str], tmp_path: Path) -> None:
+    """The generated tests have teeth: move the 14.4x page's expected fire time one tick earlier and promtool fails."""
+    source = ALERTS / "tests" / "slo-tiny-errors.page-14.4x-1h.test.yaml"
+    data = yaml.safe_load(source.read_text())
+    data["rule_files"] = [str(ALERTS / "rules" / "slo-tiny-errors.rules.yaml")]
+    checks = [c for c in data["tests"][0]["alert_rule_test"] if c["alertname"] == names.ALERT_SLO_BURN_PAGE]
+    before, at = checks[0], checks[1]
+    before["exp_alerts"] = at["exp_alerts"]  # claim the page already fires one tick before the workbook time
+    mutated = tmp_path / "mutated.test.yaml"
+    mutated.write_text(yaml.safe_dump(data, sort_keys=False))
+    result = run(prometheus_tools["promtool"], "test", "rules", str(mutated), cwd=tmp_path)
+    assert result.returncode != 0 and "FAILED" in result.stdout + result.stderr
+
+
+@pytest.fixture
+def alertmanager(prometheus_tools: dict[str, str], tmp_path: Path) -> Iterator[str]:
+    """The real Alertmanager on the rendered config, on a free loopback port, without clustering."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [prometheus_tools["prometheus-alertmanager"], f"--config.file={ALERTS / 'alertmanager.yml'}",
+         f"--storage.path={tmp_path}", f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None:
+                pytest.fail(f"alertmanager exited: {proc.stderr.read() if proc.stderr else ''}")
+            time.sleep(0.1)
+        else:
+            pytest.fail("alertmanager did not become ready in 10 s")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _alert(name: str, slo: str, severity: str) -> dict[str, object]:
+    return {"labels": {"alertname": name, "slo": slo, "deployment": "tiny", "severity": severity},
+            "startsAt": datetime.now(UTC).isoformat()}
+
+
+def test_alertmanager_suppresses_the_ticket_of_a_paging_slo_and_no_other(alertmanager: str) -> None:
+    page, ticket = names.ALERT_SLO_BURN_PAGE, names.ALERT_SLO_BURN_TICKET
+    sent = [_alert(page, "tiny-ttft", "page"), _alert(ticket, "tiny-ttft", "ticket"),
+            _alert(ticket, "tiny-tpot", "ticket"), _alert(names.ALERT_REPLICA_DOWN, "", "ticket")]
+    assert httpx.post(f"{alertmanager}/api/v2/alerts", json=sent, timeout=5).status_code == 200
+    states: dict[tuple[str, str], str] = {}
+    for _ in range(50):  # inhibition is computed asynchronously right after the alerts arrive
+        got = httpx.get(f"{alertmanager}/api/v2/alerts", timeout=5).json()
+        states = {(a["labels"]["alertname"], a["labels"].get("slo", "")): a["status"]["state"] for a in got}
+        if len(states) == 4 and states.get((ticket, "tiny-ttft")) == "suppressed":
+            break
+        time.sleep(0.1)
+    assert states == {(page, "tiny-ttft"): "active", (ticket, "tiny-ttft"): "suppressed",
+                      (ticket, "tiny-tpot"): "active", (names.ALERT_REPLICA_DOWN, ""): "active"}, json.dumps(states)

@@ -1,0 +1,118 @@
+"""Live alerting: the pure state machine, and the alerter's store + Alertmanager edge with a fake AM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import Engine
+
+from controlplane.slo.alert_state import Condition, alertmanager_payload, condition, step
+from controlplane.slo.alerter import Alerter, list_alerts
+from controlplane.slo.evaluate import Counts, build_status
+from controlplane.slo.model import BurnWindow
+from controlplane.store.db import make_engine, upgrade
+from tests.unit.slo.rule_factories import make_slo
+
+PAGE = BurnWindow("page", long_s=3600, short_s=300, burn_rate=14.4, for_s=0)
+SLOW_PAGE = BurnWindow("page", long_s=3600, short_s=300, burn_rate=14.4, for_s=120)
+TICKET = BurnWindow("ticket", long_s=86400, short_s=7200, burn_rate=3, for_s=0)
+
+
+def status(bad_long: float, bad_short: float, total_long: float = 1000, total_short: float = 100,
+           windows: tuple[BurnWindow, ...] = (PAGE, TICKET), min_rate: float = 0.0, now: float = 1e6,
+           name: str = "t") -> object:
+    slo = make_slo(name=name, objective=0.99, windows=windows, min_rate=min_rate)
+    counts = {w: Counts(good=0, total=0) for w in (3600.0, 300.0, 86400.0, 7200.0)}
+    counts[3600.0] = Counts(good=total_long - bad_long, total=total_long)
+    counts[300.0] = Counts(good=total_short - bad_short, total=total_short)
+    return build_status(slo, now, (now - 30 * 86400, now), counts[3600.0], counts)
+
+
+def test_a_tier_needs_both_windows_above_the_threshold() -> None:
+    # budget 1%: 14.4x = 14.4% bad. Long 20% bad, short 10% bad -> not active; both 20% -> active.
+    assert not condition(status(200, 10), "page").active  # type: ignore[arg-type]
+    assert condition(status(200, 20), "page").active  # type: ignore[arg-type]
+    ev = condition(status(200, 20), "page").evidence["tiers"][0]  # type: ignore[arg-type]
+    assert ev["burn_long"] == pytest.approx(20.0) and ev["burn_short"] == pytest.approx(20.0)
+
+
+def test_no_traffic_and_a_low_request_rate_never_activate() -> None:
+    assert not condition(status(0, 0, total_long=0, total_short=0), "page").active  # type: ignore[arg-type]
+    # 1000 requests per hour = 0.28/s < 0.5/s minimum
+    assert not condition(status(1000, 100, min_rate=0.5), "page").active  # type: ignore[arg-type]
+    # ticket windows had no traffic: no data, not active
+    assert not condition(status(1000, 100), "ticket").active  # type: ignore[arg-type]
+
+
+def test_episode_goes_pending_firing_resolved_and_pending_that_clears_is_cancelled() -> None:
+    on, off = Condition(True, 120.0, {}), Condition(False, 0.0, {})
+    kw = {"slo": "t", "deployment": "d", "severity": "page"}
+    ep, tr = step(None, on, now=0.0, **kw)  # type: ignore[arg-type]
+    assert ep is not None and (ep.state, tr) == ("pending", "pending")
+    ep2, tr = step(ep, on, now=60.0, **kw)  # type: ignore[arg-type]
+    assert ep2 is not None and (ep2.state, tr) == ("pending", None)
+    ep3, tr = step(ep2, on, now=120.0, **kw)  # type: ignore[arg-type]
+    assert ep3 is not None and (ep3.state, tr, ep3.fired_unix_s, ep3.started_unix_s) == ("firing", "firing", 120.0, 0.0)
+    ep4, tr = step(ep3, off, now=200.0, **kw)  # type: ignore[arg-type]
+    assert ep4 is not None and (ep4.state, tr, ep4.resolved_unix_s) == ("resolved", "resolved", 200.0)
+    assert step(ep, off, now=30.0, **kw) == (None, "cancelled")  # type: ignore[arg-type]
+    again, tr = step(ep4, Condition(True, 0.0, {}), now=300.0, **kw)  # type: ignore[arg-type]
+    assert again is not None and (again.state, tr, again.started_unix_s) == ("firing", "firing", 300.0)
+
+
+def test_payload_keeps_a_firing_alert_alive_for_four_resends_and_ends_a_resolved_one() -> None:
+    on = Condition(True, 0.0, condition(status(200, 20), "page").evidence)  # type: ignore[arg-type]
+    ep, _ = step(None, on, slo="t", deployment="d", severity="page", now=1000.0)
+    assert ep is not None
+    body = alertmanager_payload(ep, sli="ttft", wall_now=2000.0, resend_s=30, runbook_url="rb#x")
+    assert body["labels"] == {"alertname": "VllmSloErrorBudgetBurnPage", "slo": "t", "deployment": "d",
+                              "severity": "page", "sli": "ttft", "source": "controlplane"}
+    assert body["startsAt"] == "1970-01-01T00:16:40Z" and body["endsAt"] == "1970-01-01T00:35:20Z"
+    assert "burning 20.0x over 1h" in body["annotations"]["description"]
+    done, _ = step(ep, Condition(False, 0.0, {}), slo="t", deployment="d", severity="page", now=1500.0)
+    assert done is not None
+    assert alertmanager_payload(done, sli="ttft", wall_now=2000.0, resend_s=30,
+                                runbook_url="rb")["endsAt"] == "1970-01-01T00:25:00Z"
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Engine:
+    e = make_engine(f"sqlite:///{tmp_path / 's.db'}")
+    upgrade(e)
+    return e
+
+
+def test_alerter_stores_episodes_posts_firing_and_resolved_and_survives_restart(engine: Engine) -> None:
+    posts: list[list[dict[str, object]]] = []
+    am_up = {"ok": False}
+
+    def am(request: httpx.Request) -> httpx.Response:
+        if not am_up["ok"]:
+            return httpx.Response(503)
+        posts.append(json.loads(request.content))
+        return httpx.Response(200)
+
+    client = httpx.Client(transport=httpx.MockTransport(am))
+    a = Alerter(engine, alertmanager_url="http://am:9093", client=client, wall_clock=lambda: 5000.0)
+    changes = a.evaluate([status(200, 20, now=1000.0)], now=1000.0)  # type: ignore[list-item]
+    assert [(e.severity, t) for e, t in changes] == [("page", "firing")]
+    assert posts == []  # Alertmanager down: the episode is stored anyway, the post is retried
+    stored = list_alerts(engine)
+    assert [(r["severity"], r["state"], r["notified_unix_s"]) for r in stored] == [("page", "firing", None)]
+    am_up["ok"] = True
+    a.evaluate([status(200, 20, now=1030.0)], now=1030.0)  # type: ignore[list-item]
+    assert len(posts) == 1 and posts[0][0]["labels"]["severity"] == "page"  # type: ignore[index]
+    assert list_alerts(engine)[0]["notified_unix_s"] == 5000.0
+    # A new plane on the same store resumes the firing episode: no second "firing" transition.
+    b = Alerter(engine, alertmanager_url="http://am:9093", client=client, wall_clock=lambda: 5000.0)
+    assert b.states() == {"t": {"page": 2}}
+    assert b.evaluate([status(200, 20, now=1060.0)], now=1060.0) == []  # type: ignore[list-item]
+    resolved = b.evaluate([status(200, 0, now=1090.0)], now=1090.0)  # type: ignore[list-item]
+    assert [(e.state, t) for e, t in resolved] == [("resolved", "resolved")]
+    assert posts[-1][0]["endsAt"] == "1970-01-01T00:18:10Z"  # type: ignore[index]
+    assert b.states() == {}
+    assert [(r["state"], r["fired_unix_s"], r["resolved_unix_s"]) for r in list_alerts(engine)] == [
+        ("resolved", 1000.0, 1090.0)]

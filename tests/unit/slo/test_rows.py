@@ -1,0 +1,38 @@
+"""Row rules shared by the rollup and the queries: three-valued goodput, exact bucketing, target keys."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from controlplane.slo import rows
+from controlplane.slo.model import LatencyTarget
+from controlplane.slo.rollup import LEVELS_S
+from tests.unit.slo.factories import NOW
+
+
+def test_goodput_is_three_valued_a_known_miss_is_bad_even_when_another_value_is_unknown() -> None:
+    nan = float("nan")
+    cols = {"ttft_s": np.array([0.1, 0.1, 0.9, nan, nan, 0.1]),
+            "tpot_s": np.array([0.01, 0.09, nan, 0.01, 0.09, nan])}
+    good, known = rows.good_known(cols, (LatencyTarget("ttft", 0.2), LatencyTarget("tpot", 0.02)))
+    assert good.tolist() == [True, False, False, False, False, False]
+    assert known.tolist() == [True, True, True, False, True, False]
+
+
+def test_bucket_starts_agree_with_the_range_comparisons_the_sql_uses() -> None:
+    arrivals = np.array([NOW, 1_717_200_000.0, np.nextafter(1_717_200_000.0, 0), 59.999999999])
+    for level in LEVELS_S:
+        b = rows.bucket_starts(arrivals, level)
+        assert np.all((b <= arrivals) & (arrivals < b + level)) and np.all(b % level == 0)
+
+
+def test_an_unknown_sli_in_a_target_key_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="unknown SLI 'ttfx'"):
+        rows.parse_key("ttfx<=0.5")
+
+
+def test_target_keys_are_canonical_whatever_the_order_of_the_targets() -> None:
+    a = rows.target_key([LatencyTarget("tpot", 0.05), LatencyTarget("ttft", 0.5)])
+    assert a == rows.target_key([LatencyTarget("ttft", 0.5), LatencyTarget("tpot", 0.05)]) == "tpot<=0.05&ttft<=0.5"
+    assert rows.parse_key(a) == (LatencyTarget("tpot", 0.05), LatencyTarget("ttft", 0.5))
