@@ -1,0 +1,35 @@
+"""SLO and alert endpoints: no data is an explicit null with a flag, never NaN; alert episodes are listed."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
+
+from controlplane.api.app import create_app
+from controlplane.slo.alert_state import Condition, step
+from controlplane.slo.alerter import Alerter
+from controlplane.slo.evaluate import Counts, build_status
+from controlplane.store.repo import Store
+from tests.unit.slo.rule_factories import make_slo
+
+
+def test_slo_statuses_and_alert_episodes_are_served(sqlite_store: Store) -> None:
+    busy, idle = make_slo(name="busy", objective=0.99), make_slo(name="idle", objective=0.99)
+    now = 1_700_000_000.0
+    windows = {w: Counts(good=90, total=100) for b in busy.alerting.windows for w in (b.long_s, b.short_s)}
+    empty = {w: Counts(good=0, total=0) for w in windows}
+    statuses = [build_status(busy, now, (now - 86400 * 30, now), Counts(good=990, total=1000), windows),
+                build_status(idle, now, (now - 86400 * 30, now), Counts(good=0, total=0), empty)]
+    alerter = Alerter(sqlite_store.engine, alertmanager_url=None)
+    ep, _ = step(None, Condition(True, 0.0, {}), slo="busy", deployment="tiny", severity="page", now=now)
+    assert ep is not None
+    alerter._save(ep)
+    api = TestClient(create_app(sqlite_store, CollectorRegistry(), slo_statuses=lambda: statuses))
+    items = {i["name"]: i for i in api.get("/api/v1/slos").json()["items"]}
+    assert items["busy"]["attainment"] == 0.99 and abs(items["busy"]["error_budget_remaining"]) < 1e-9
+    assert abs(items["busy"]["burn_rates"][0]["long"]["burn_rate"] - 10.0) < 1e-9
+    assert items["idle"]["no_data"] is True and items["idle"]["attainment"] is None
+    assert items["idle"]["burn_rates"][0]["long"]["burn_rate"] is None
+    alerts = api.get("/api/v1/alerts", params={"slo": "busy"}).json()
+    assert alerts["count"] == 1 and alerts["items"][0]["state"] == "firing"
+    assert api.get("/api/v1/alerts", params={"slo": "idle"}).json()["count"] == 0
