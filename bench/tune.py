@@ -1,0 +1,245 @@
+"""Configuration search vs the exhaustive grid (simulated), and, with --real, a measured grid on real vLLM (CPU).
+
+    .venv/bin/python bench/tune.py [--target-rps 100] [--probe-requests 2000] [--seed 3]
+    .venv/bin/python bench/tune.py --real [--real-rate 4] [--real-requests 80]      # starts vLLM: minutes
+
+Simulated part. Llama-3.1-8B on one H100 (roofline prior), the space max_num_seqs {16..1024} x
+max_num_batched_tokens {512..16384} x weights {bf16, fp8} x KV cache {bf16, fp8} (168 cells), max_model_len
+8192; Poisson load with lognormal prompts (median 800 tokens) and outputs (median 200); SLOs TTFT <= 500 ms and
+TPOT <= 30 ms for 99% of requests. The grid bisects every cell's capacity at the SLO (the highest rate one replica
+sustains with both SLOs holding) with the same probes as the search; goodput per dollar = that rate x 3600 /
+price per hour. The search (controlplane.tuning.search) must reach >= 95% of the grid's best goodput per dollar
+in <= 30 s of CPU (time.process_time, same process, same run). The ratio uses the grid's own figure for the
+search's pick, so both sides are measured identically.
+
+Real part (--real; not run in CI): the tiny model on vLLM's CPU engine over a 3 x 3 grid of max_num_seqs x
+max_num_batched_tokens. A few sequential requests on the first server calibrate the step cost (alpha + beta *
+tokens + gamma * KV tokens, from client TTFT and TPOT); the search, on that calibrated model, picks a cell;
+then every cell is started for real and driven with the same Poisson load, and its measured goodput is
+compared with the pick's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from controlplane.slo.spec import LatencyTarget, Slo, SloWindow
+from controlplane.tuning import catalog
+from controlplane.tuning.capacity import objectives_from_slos
+from controlplane.tuning.catalog import KvPrecision, WeightPrecision
+from controlplane.tuning.search import Candidate, SearchOptions, SearchResult, search
+from controlplane.tuning.search_space import Cell, RooflineFactory, SearchSpace
+from controlplane.tuning.workload import LogNormal, Poisson, Workload, synthetic
+
+console = Console(width=150)
+SPACE = SearchSpace((16, 32, 64, 128, 256, 512, 1024), (512, 1024, 2048, 4096, 8192, 16384),
+                    (WeightPrecision.BF16, WeightPrecision.FP8), (KvPrecision.BF16, KvPrecision.FP8))
+TARGET_RATIO, TARGET_CPU_S = 0.95, 30.0
+
+
+def slos(ttft_s: float, tpot_s: float, objective: float = 0.99) -> list[Slo]:
+    window = SloWindow("rolling", 28 * 86_400.0)
+    return [Slo("ttft", "bench", "ttft", (LatencyTarget("ttft", ttft_s),), objective, window),
+            Slo("tpot", "bench", "tpot", (LatencyTarget("tpot", tpot_s),), objective, window)]
+
+
+def _gpd(c: Candidate) -> float:
+    return c.goodput_per_usd or 0.0
+
+
+def _pick_table(res: SearchResult, title: str) -> Table:
+    t = Table(title=title)
+    for col in ("", "value"):
+        t.add_column(col)
+    assert res.chosen is not None
+    t.add_row("configuration", res.chosen.label())
+    t.add_row("replicas for the target", f"{res.replicas} at ${res.usd_per_hour:,.2f}/h, "
+                                         f"${res.usd_per_million_tokens:,.4f} per 1M tokens")
+    t.add_row("capacity at the SLO", f"{res.capacity_rps_per_replica:,.2f} req/s per replica, "
+                                     f"{res.goodput_per_usd:,.0f} requests per dollar")
+    for p in res.predictions:
+        q = "-" if p.quantile_s is None else f"{p.quantile_s * 1e3:,.1f} ms"
+        thr = "-" if p.threshold_s is None else f"{p.threshold_s * 1e3:g} ms"
+        t.add_row(f"SLO {p.name}", f"attainment {p.attainment:.4f} (objective {p.objective}, margin "
+                                   f"{p.margin:+.4f}); p{p.objective * 100:g} {q} vs {thr}")
+    t.add_row("work", f"{res.simulations} simulations, {res.simulated_requests:,} requests, {res.cpu_s:.2f} CPU s")
+    return t
+
+
+def simulated(args: argparse.Namespace) -> None:
+    objectives, _ = objectives_from_slos(slos(0.5, 0.03))
+    factory = RooflineFactory(catalog.model("Llama-3.1-8B"), catalog.accelerator("H100-80GB"), max_model_len=8192)
+    wl = synthetic(Poisson(20.0), LogNormal(800, 0.9, 16, 6000), LogNormal(200, 0.8, 8, 1500), n=20_000,
+                   seed=args.seed)
+    opts = SearchOptions(probe_requests=args.probe_requests)
+    console.print(f"space: {len(SPACE)} cells; load: lognormal prompts (median 800) and outputs (median 200); "
+                  f"target {args.target_rps:g} req/s; SLOs TTFT <= 500 ms, TPOT <= 30 ms at 99%")
+    smart = search(SPACE, factory, objectives, wl, target_rps=args.target_rps, options=opts)
+    grid = search(SPACE, factory, objectives, wl, target_rps=args.target_rps, options=opts, exhaustive=True)
+    if smart.chosen is None or grid.chosen is None:
+        console.print("[red]no configuration meets the SLOs[/]")
+        return
+    console.print(_pick_table(smart, "the search's pick"))
+    ranked = sorted((c for c in grid.candidates if c.capacity_rps), key=lambda c: -_gpd(c))
+    best = ranked[0]
+    own = next(c for c in grid.candidates if c.cell == smart.chosen)
+    table = Table(title="grid: the 10 best cells by goodput per dollar (every cell bisected)")
+    for col in ("rank", "configuration", "capacity req/s", "requests per $", "vs best", "search's pick"):
+        table.add_column(col, justify="left" if col == "configuration" else "right")
+    for i, c in enumerate(ranked[:10], 1):
+        table.add_row(str(i), c.cell.label(), f"{c.capacity_rps:,.2f}", f"{_gpd(c):,.0f}",
+                      f"{_gpd(c) / _gpd(best):.3f}", "<--" if c.cell == smart.chosen else "")
+    console.print(table)
+    rank = 1 + ranked.index(own) if own in ranked else None
+    ratio = _gpd(own) / _gpd(best)
+    reasons = Counter(c.reason for c in smart.candidates)
+    summary = Table(title="search vs grid")
+    for col in ("", "search", "grid", "search / grid"):
+        summary.add_column(col, justify="left" if col == "" else "right")
+    summary.add_row("CPU s", f"{smart.cpu_s:.2f}", f"{grid.cpu_s:.2f}", f"{smart.cpu_s / grid.cpu_s:.3f}")
+    summary.add_row("simulations", str(smart.simulations), str(grid.simulations),
+                    f"{smart.simulations / grid.simulations:.3f}")
+    summary.add_row("simulated requests", f"{smart.simulated_requests:,}", f"{grid.simulated_requests:,}",
+                    f"{smart.simulated_requests / grid.simulated_requests:.3f}")
+    summary.add_row("goodput per $ (grid's figure for each pick)", f"{_gpd(own):,.0f}", f"{_gpd(best):,.0f}",
+                    f"{ratio:.3f}")
+    summary.add_row("fleet for the target", f"{smart.replicas} x ${smart.usd_per_hour / smart.replicas:,.2f}/h",  # type: ignore[operator]
+                    f"{grid.replicas} x ${grid.usd_per_hour / grid.replicas:,.2f}/h", "")  # type: ignore[operator]
+    console.print(summary)
+    console.print(f"search's pick ranks {rank} of {len(ranked)} in the grid; its cells: "
+                  + ", ".join(f"{k} {v}" for k, v in reasons.most_common()))
+    ok_ratio, ok_cpu = ratio >= TARGET_RATIO, smart.cpu_s <= TARGET_CPU_S
+    verdict = "[green]meets[/]" if ok_ratio and ok_cpu else "[red]misses[/]"
+    console.print(f"target: >= {TARGET_RATIO:.0%} of the grid's goodput per dollar in <= {TARGET_CPU_S:g} CPU s: "
+                  f"{verdict} ({ratio:.1%}, {smart.cpu_s:.1f} s)")
+
+
+# --- real vLLM (CPU) ---------------------------------------------------------------------------------------
+# Budgets >= max_model_len (512): vLLM's CPU engine may run without chunked prefill, which requires it.
+REAL_SEQS, REAL_TOKENS, REAL_MAX_LEN = (4, 16, 64), (512, 1024, 2048), 512
+
+
+def _real(args: argparse.Namespace) -> None:
+    """Start vLLM once per cell on the tiny model; short loads; compare the search's pick with the measured best."""
+    import httpx
+
+    from collectors.promtext import parse
+    from collectors.vllm_metrics import read_engine
+    from controlplane.engines.tiny_model import TinyModelSpec, make_tiny_model
+    from controlplane.engines.vllm_server import VllmServer, VllmServerSpec
+    from controlplane.loadgen import ClientResult, RequestPlan, run_load
+    from controlplane.tuning.calibrate import nnls_normal
+    from controlplane.tuning.perf_model import Coefficients, StepCost
+    from controlplane.tuning.search_space import CalibratedFactory
+
+    ttft_s, tpot_s = args.real_ttft_ms / 1e3, args.real_tpot_ms / 1e3
+    objectives, _ = objectives_from_slos(slos(ttft_s, tpot_s, 0.9))
+    data = Path(args.data_dir)
+    model_dir, _ = make_tiny_model(data / "models" / "tiny", TinyModelSpec())
+    rng = np.random.default_rng(args.seed)
+    n = args.real_requests
+    gaps = rng.exponential(1.0 / args.real_rate, size=n)
+    prompts = rng.integers(16, 400, size=n)
+    outputs = rng.integers(8, 64, size=n)
+    plans = [RequestPlan([int(x) for x in rng.integers(100, 1000, size=int(p))], int(o), float(t))
+             for p, o, t in zip(prompts, outputs, np.cumsum(gaps) - gaps[0], strict=True)]
+    wl = Workload(np.cumsum(gaps) - gaps[0], prompts.astype(np.int64), outputs.astype(np.int64), "real")
+
+    def serve(cell: Cell, port: int) -> VllmServer:
+        name = f"tune-{cell.max_num_seqs}-{cell.max_num_batched_tokens}"
+        spec = VllmServerSpec(model_dir=model_dir, port=port, replica_name=name, max_model_len=REAL_MAX_LEN,
+                              max_num_seqs=cell.max_num_seqs, max_num_batched_tokens=cell.max_num_batched_tokens)
+        server = VllmServer(spec, data / "logs" / f"{spec.replica_name}.log")
+        server.start()
+        server.wait_ready()
+        return server
+
+    def good(results: list[ClientResult]) -> tuple[float, float]:
+        """(share within both SLOs, good requests per second over the run); a failed request is bad."""
+        done = [(r.sent_unix_s, r.ttft_s, r.e2e_s, r.completion_tokens) for r in results
+                if r.ok and r.ttft_s is not None and r.e2e_s is not None]
+        fine = [d for d in done if d[1] <= ttft_s and (d[3] <= 1 or (d[2] - d[1]) / (d[3] - 1) <= tpot_s)]
+        span = max(d[0] + d[2] for d in done) - min(d[0] for d in done) if done else 0.0
+        return len(fine) / len(results), len(fine) / span if span > 0 else 0.0
+
+    # 1. Calibrate on the default cell: batch-1 requests, prefill = one step, decode steps of one token.
+    cells = [Cell(s, t) for s in REAL_SEQS for t in REAL_TOKENS if t >= s]
+    server = serve(cells[len(cells) // 2], args.port)
+    try:
+        rows, ys = [], []
+        for p in (16, 64, 128, 256, 384):
+            plan = RequestPlan(list(range(100, 100 + p)), 32)
+            [r] = asyncio.run(run_load(server.spec.base_url, server.spec.served_name, [plan], 1))
+            if r.ok and r.ttft_s is not None and r.e2e_s is not None:
+                rows.append([1.0, p, p])  # prefill step: p tokens computed, p read
+                ys.append(r.ttft_s)
+                rows.append([1.0, 1.0, p + 16])  # a mean decode step: one token, context p + ~16
+                ys.append((r.e2e_s - r.ttft_s) / 31)
+        x, y = np.asarray(rows), np.asarray(ys)
+        theta = nnls_normal(x.T @ x, x.T @ y)
+        metrics = read_engine(parse(httpx.get(server.spec.base_url + "/metrics", timeout=5).text))
+    finally:
+        server.stop()
+    cost = StepCost.linear(Coefficients(*theta.tolist()))
+    kv = metrics.kv_capacity_tokens or 65_536
+    block = metrics.kv_block_size_tokens or 16
+    console.print(f"calibrated: alpha {theta[0] * 1e3:.2f} ms, beta {theta[1] * 1e6:.1f} us/token, gamma "
+                  f"{theta[2] * 1e6:.3f} us/KV token; KV {kv:,} tokens, block {block}")
+    space = SearchSpace(REAL_SEQS, REAL_TOKENS)
+    factory = CalibratedFactory(cost, kv_capacity_tokens=kv, block_size=block, max_model_len=REAL_MAX_LEN,
+                                usd_per_hour=1.0)
+    pick = search(space, factory, objectives, wl, target_rps=args.real_rate, options=SearchOptions(probe_requests=200))
+    console.print(f"search's pick on the calibrated model: {pick.chosen.label() if pick.chosen else 'none'}")
+    # 2. The measured grid.
+    table = Table(title=f"real vLLM (CPU, tiny model): {n} requests at {args.real_rate:g} req/s; good = TTFT <= "
+                        f"{args.real_ttft_ms:g} ms and TPOT <= {args.real_tpot_ms:g} ms")
+    for col in ("configuration", "within SLO", "goodput req/s", "search's pick"):
+        table.add_column(col, justify="left" if col == "configuration" else "right")
+    measured: dict[Cell, float] = {}
+    for cell in cells:
+        server = serve(cell, args.port)
+        try:
+            results = asyncio.run(run_load(server.spec.base_url, server.spec.served_name, plans, args.concurrency))
+        finally:
+            server.stop()
+        ratio, gps = good(results)
+        measured[cell] = gps
+        table.add_row(cell.label(), f"{ratio:.1%}", f"{gps:.2f}", "<--" if cell == pick.chosen else "")
+    console.print(table)
+    best = max(measured.values())
+    if pick.chosen in measured and best > 0:
+        console.print(f"the pick's measured goodput is {measured[pick.chosen] / best:.1%} of the best measured cell's")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--target-rps", type=float, default=100.0)
+    ap.add_argument("--probe-requests", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--real", action="store_true", help="also run the measured grid on real vLLM (CPU): slow")
+    ap.add_argument("--real-rate", type=float, default=4.0)
+    ap.add_argument("--real-requests", type=int, default=80)
+    ap.add_argument("--real-ttft-ms", type=float, default=2000.0)
+    ap.add_argument("--real-tpot-ms", type=float, default=200.0)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--port", type=int, default=8190)
+    ap.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "controlplane-tune"))
+    args = ap.parse_args()
+    t0 = time.process_time()
+    simulated(args)
+    if args.real:
+        _real(args)
+    console.print(f"total CPU {time.process_time() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

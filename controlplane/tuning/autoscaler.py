@@ -1,0 +1,322 @@
+"""The autoscaler: how many replicas a deployment should have, from forecast load and per-replica goodput at the SLO.
+
+Pure: `decide(observation, config, state, now) -> (Decision, state)`; nothing here talks to a replica, a clock or
+the store. The supervisor owns the replica count and drains what it removes; a decision is a proposal with a
+reason code and the inputs it used (`DecisionRecord`, written through an injected `record` callable).
+
+How it decides. The request rate is forecast one lead time ahead (replica start-up + one interval: what is asked
+for now serves from then) with a margin for what such forecasts missed before (`forecast`: fast level, robust
+trend, learned surge margin), so steady ramps cost nothing extra and recurring bursts are provisioned for. The
+forecast load over the fleet's capacity at the SLO, derated to `target_utilization`, is the replica count; the
+derating deepens while the requests of the last ~10 minutes burn the error budget too fast (SLO feedback: the
+capacity model is corrected by what the fleet attains). Scale-downs must clear a lower utilization
+(hysteresis), be wanted for `downscale_delay_s` (then the count follows the highest want of that window, as
+Kubernetes' HPA stabilises), happen in an interval whose readings are all known, and pass an N -> N' check on
+the load observed now (requests in flight and KV per remaining replica). Observed trouble (bad requests burning
+the budget `risk_burn_rate` times too fast, or queues building) for `risk_intervals` intervals in a row scales
+up at once; a single interval of it is the transient of a step in load, which replicas arriving a start-up
+later would not fix. A missing reading is unknown: it never scales down and never feeds the forecast.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Final, Protocol, TypeVar
+
+from controlplane.tuning import forecast
+from controlplane.tuning.capacity import FleetCapacity
+from controlplane.tuning.forecast import ForecastConfig, ForecastState
+
+# --- reason codes ------------------------------------------------------------------------------------------
+SCALE_UP_SLO_RISK: Final = "scale_up_slo_risk"  # observed: attainment under objective or queues building
+SCALE_UP_FORECAST: Final = "scale_up_forecast_load"  # the forecast load needs more replicas
+SCALE_DOWN_SPARE: Final = "scale_down_spare_capacity"
+SCALE_TO_BOUNDS: Final = "scale_to_bounds"  # the count was outside [min, max]
+HOLD_STEADY: Final = "hold_steady"
+HOLD_HYSTERESIS: Final = "hold_hysteresis"  # fewer would do at the target utilization, not at the scale-down one
+HOLD_UNKNOWN: Final = "hold_unknown_data"
+HOLD_UPSCALE_DELAY: Final = "hold_upscale_delay"
+HOLD_DOWNSCALE_DELAY: Final = "hold_downscale_delay"
+HOLD_N_MINUS_1: Final = "hold_n_minus_1_unsafe"
+HOLD_STARTING: Final = "hold_replicas_starting"  # trouble observed, but the replicas that fix it are starting
+HOLD_AT_MAX: Final = "hold_at_max_replicas"
+DECISION_KIND: Final = "autoscale_decision"  # the lifecycle-event kind a decision is recorded under
+
+
+# --- what a policy sees and says ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReplicaReading:
+    """One ready replica's scrape; a field is None when the scrape failed or did not carry it."""
+
+    name: str
+    num_running: int | None = None
+    num_waiting: int | None = None
+    kv_usage_ratio: float | None = None
+
+    @property
+    def known(self) -> bool:
+        return self.num_running is not None and self.num_waiting is not None and self.kv_usage_ratio is not None
+
+
+@dataclass(frozen=True)
+class Observation:
+    deployment: str
+    replicas: int  # the supervisor's desired count now (ready + starting)
+    ready_replicas: int | None
+    arrival_rate_rps: float | None  # at the router over the last interval
+    readings: tuple[ReplicaReading, ...] = ()  # one per ready replica
+    mean_prompt_tokens: float | None = None
+    mean_output_tokens: float | None = None
+    ttft_p99_s: float | None = None  # requests that finished in the last interval
+    tpot_p99_s: float | None = None
+    slo_good_ratio: float | None = None  # of those, the share meeting every SLO; None: none finished
+    finished: int | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    desired_replicas: int
+    reason: str
+    inputs: Mapping[str, float | int | str | None] = field(default_factory=dict)
+
+
+StateT = TypeVar("StateT")
+
+
+class Policy(Protocol[StateT]):
+    """A scaling policy with its configuration bound: the fleet simulator and the plane drive any of them."""
+
+    @property
+    def name(self) -> str: ...
+
+    def initial_state(self) -> StateT: ...
+
+    def decide(self, obs: Observation, state: StateT, now: float) -> tuple[Decision, StateT]: ...
+
+
+# --- recording ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DecisionRecord:
+    ts_unix_s: float
+    deployment: str
+    policy: str
+    current: int
+    desired: int
+    reason: str
+    inputs: Mapping[str, float | int | str | None]
+
+    def attributes(self) -> dict[str, Any]:
+        return {"ts_unix_s": self.ts_unix_s, "deployment": self.deployment, "policy": self.policy,
+                "current": self.current, "desired": self.desired, "inputs": dict(self.inputs)}
+
+
+RecordFn = Callable[[str, str, Mapping[str, Any]], None]
+"""record(kind, reason, attributes): the lead binds it to Store.record_action(actor="tuner")."""
+
+
+def write_decision(record: RecordFn, rec: DecisionRecord) -> None:
+    record(DECISION_KIND, rec.reason, rec.attributes())
+
+
+# --- configuration and state -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AutoscalerConfig:
+    capacity: FleetCapacity  # per-replica goodput at the SLO (simulated from the calibrated model)
+    min_replicas: int = 1
+    max_replicas: int = 64
+    # Capacity is already the rate at which the SLO holds (stationary load); the margin covers forecast misses.
+    target_utilization: float = 0.95  # of capacity at the SLO, at the forecast load plus margin
+    scale_down_utilization: float = 0.9  # fewer replicas only if they would run at or under this
+    startup_s: float = 90.0  # replica start-up: the lead time the forecast looks ahead
+    interval_s: float = 15.0  # how often decide() is called
+    upscale_delay_s: float = 0.0  # a forecast-driven scale-up must be wanted this long (observed risk: at once)
+    # None: one lead time (start-up + interval). Removing a replica needed again sooner costs more than keeping it.
+    downscale_delay_s: float | None = None
+    forecast: ForecastConfig = field(default_factory=ForecastConfig)
+    slo_objective: float = 0.99
+    risk_burn_rate: float = 4.0  # an interval's bad share over (1 - objective) at or above this is risk
+    min_finished: int = 50  # ... judged on at least this many finished requests
+    waiting_risk_per_replica: float = 8.0  # mean queued requests per ready replica that count as risk
+    risk_step_ratio: float = 0.25  # on risk, add max(1, ceil(ratio * N))
+    risk_intervals: int = 2  # consecutive intervals of trouble before it counts
+    # SLO feedback: when the requests that finished over about `feedback_window_s` burn the error budget faster
+    # than it lasts, the utilization targets are lowered by 1 + feedback_gain * (burn - 1), down to
+    # min_utilization: the capacity model is corrected by what the fleet actually attains.
+    feedback_window_s: float = 600.0
+    feedback_gain: float = 0.05
+    min_utilization: float = 0.7
+    kv_safe_ratio: float = 0.9  # N -> N' check: KV in use per remaining replica must stay under this
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_replicas <= self.max_replicas:
+            raise ValueError(f"autoscaler: need 1 <= min_replicas ({self.min_replicas}) <= max_replicas "
+                             f"({self.max_replicas})")
+        if not 0 < self.scale_down_utilization < self.target_utilization <= 1:
+            raise ValueError(f"autoscaler: need 0 < scale_down_utilization ({self.scale_down_utilization}) < "
+                             f"target_utilization ({self.target_utilization}) <= 1")
+        if not 0 < self.min_utilization <= self.scale_down_utilization:
+            raise ValueError(f"autoscaler: need 0 < min_utilization ({self.min_utilization}) <= "
+                             f"scale_down_utilization ({self.scale_down_utilization})")
+        if self.feedback_window_s <= 0 or self.feedback_gain < 0:
+            raise ValueError("autoscaler: feedback_window_s must be > 0 and feedback_gain >= 0")
+        if not 0 < self.slo_objective < 1 or self.risk_burn_rate <= 0 or self.risk_intervals < 1:
+            raise ValueError("autoscaler: slo_objective must be in (0, 1), risk_burn_rate > 0, risk_intervals >= 1")
+        if self.interval_s <= 0 or self.startup_s < 0 or self.upscale_delay_s < 0 or self.down_delay_s < 0:
+            raise ValueError("autoscaler: interval_s must be > 0; startup and delays >= 0")
+
+    @property
+    def down_delay_s(self) -> float:
+        return self.startup_s + self.interval_s if self.downscale_delay_s is None else self.downscale_delay_s
+
+
+@dataclass(frozen=True)
+class AutoscalerState:
+    forecast: ForecastState = ForecastState()
+    up_since: float | None = None
+    # (ts, replicas wanted at the scale-down utilization) of the last downscale_delay_s, known data only;
+    # a scale-down goes to the most of these (HPA's stabilisation window), so a falling load is followed
+    # with a lag of the delay rather than held for a delay per step.
+    down_wants: tuple[tuple[float, int], ...] = ()
+    down_since: float | None = None  # start of the current run of known-data intervals wanting fewer
+    troubled: int = 0  # consecutive intervals with observed SLO trouble
+    recent_good: float = 0.0  # finished requests meeting every SLO, exponentially decayed over feedback_window_s
+    recent_finished: float = 0.0
+
+
+def _risk(obs: Observation, cfg: AutoscalerConfig) -> str | None:
+    if obs.slo_good_ratio is not None and obs.finished is not None and obs.finished >= cfg.min_finished:
+        burn = (1 - obs.slo_good_ratio) / (1 - cfg.slo_objective)
+        if burn >= cfg.risk_burn_rate:
+            return f"good ratio {obs.slo_good_ratio:.4f}: burning the error budget {burn:.1f}x"
+    waiting = [r.num_waiting for r in obs.readings if r.num_waiting is not None]
+    if waiting and sum(waiting) / len(waiting) >= cfg.waiting_risk_per_replica:
+        return f"{sum(waiting) / len(waiting):.1f} requests queued per replica"
+    return None
+
+
+def _remember_slo(state: AutoscalerState, obs: Observation, cfg: AutoscalerConfig) -> AutoscalerState:
+    keep = math.exp(-cfg.interval_s / cfg.feedback_window_s)
+    good = state.recent_good * keep
+    finished = state.recent_finished * keep
+    if obs.slo_good_ratio is not None and obs.finished:
+        good += obs.slo_good_ratio * obs.finished
+        finished += obs.finished
+    return replace(state, recent_good=good, recent_finished=finished)
+
+
+def _feedback(state: AutoscalerState, cfg: AutoscalerConfig) -> float:
+    """1 while the recent requests keep the objective; more when they burn the budget faster than it lasts."""
+    if state.recent_finished < cfg.min_finished:
+        return 1.0
+    burn = (1 - state.recent_good / state.recent_finished) / (1 - cfg.slo_objective)
+    return 1.0 + cfg.feedback_gain * max(0.0, burn - 1.0)
+
+
+def _n_prime_unsafe(obs: Observation, n_new: int, cfg: AutoscalerConfig) -> str | None:
+    """Would the load observed now, spread over n_new replicas, keep each one safe?"""
+    in_flight = sum((r.num_running or 0) + (r.num_waiting or 0) for r in obs.readings)
+    limit = cfg.capacity.in_flight_per_replica
+    if limit is not None and in_flight / n_new > limit * cfg.scale_down_utilization:
+        return f"{in_flight} requests in flight over {n_new} replicas exceeds {limit * cfg.scale_down_utilization:.1f}"
+    kv = sum(r.kv_usage_ratio or 0.0 for r in obs.readings)
+    if kv / n_new > cfg.kv_safe_ratio:
+        return f"KV in use would be {kv / n_new:.2f} per replica (> {cfg.kv_safe_ratio})"
+    rate = obs.arrival_rate_rps or 0.0
+    if rate > cfg.capacity.total(n_new) * cfg.scale_down_utilization:
+        return f"the current {rate:.2f} req/s exceeds {n_new} replicas' capacity at the scale-down utilization"
+    return None
+
+
+def decide(obs: Observation, cfg: AutoscalerConfig, state: AutoscalerState,
+           now: float) -> tuple[Decision, AutoscalerState]:
+    n = obs.replicas
+    if not cfg.min_replicas <= n <= cfg.max_replicas:
+        target = min(max(n, cfg.min_replicas), cfg.max_replicas)
+        return Decision(target, SCALE_TO_BOUNDS, {"current": n}), _no_down(replace(state, up_since=None))
+    known_rate = obs.arrival_rate_rps is not None
+    lead = cfg.startup_s + cfg.interval_s
+    fstate, fc = forecast.step(state.forecast, obs.arrival_rate_rps, now, lead, cfg.forecast)
+    state = replace(state, forecast=fstate)
+    state = _remember_slo(state, obs, cfg)
+    trouble = _risk(obs, cfg)
+    state = replace(state, troubled=state.troubled + 1 if trouble else 0)
+    risk = trouble if state.troubled >= cfg.risk_intervals else None
+    starting = obs.ready_replicas is not None and obs.ready_replicas < n
+    inputs: dict[str, float | int | str | None] = {
+        "rate_rps": obs.arrival_rate_rps, "ready": obs.ready_replicas, "good_ratio": obs.slo_good_ratio,
+        "capacity_rps_per_replica": cfg.capacity.per_replica(max(n, 1)), "risk": trouble,
+        "troubled_intervals": state.troubled}
+    if fc is None:  # nothing known yet: no forecast
+        if risk and not starting:
+            return _up(n + 1, n, cfg, SCALE_UP_SLO_RISK, inputs, state, now, at_once=True)
+        return Decision(n, HOLD_UNKNOWN, inputs), _no_down(state)
+    load = fc.load_rps
+    factor = _feedback(state, cfg)
+    up_u = max(cfg.min_utilization, cfg.target_utilization / factor)
+    want_up = cfg.capacity.replicas_for(load, up_u)
+    want_down = cfg.capacity.replicas_for(load, up_u * cfg.scale_down_utilization / cfg.target_utilization)
+    inputs["utilization_target"] = up_u
+    inputs |= {"level_rps": fc.level_rps, "trend_rps_per_s": fc.slope_rps_per_s, "surge_rps": fc.margin_rps,
+               "load_rps": load, "want_up": want_up, "want_down": want_down}
+    if risk:
+        step = max(1, math.ceil(cfg.risk_step_ratio * n))
+        if want_up > n or not starting:
+            return _up(max(want_up, n + step), n, cfg, SCALE_UP_SLO_RISK, inputs, state, now, at_once=True)
+        return Decision(n, HOLD_STARTING, inputs), _no_down(state)
+    if want_up > n:
+        return _up(want_up, n, cfg, SCALE_UP_FORECAST, inputs, state, now, at_once=False)
+    state = replace(state, up_since=None)
+    all_known = (known_rate and obs.ready_replicas is not None and len(obs.readings) >= obs.ready_replicas
+                 and all(r.known for r in obs.readings))
+    if want_up == n or want_down >= n:
+        hold = HOLD_UNKNOWN if not all_known else HOLD_STEADY if want_up == n else HOLD_HYSTERESIS
+        return Decision(n, hold, inputs), _no_down(state)
+    # Fewer replicas would do. An interval with any reading unknown never scales down; it pauses the delay
+    # (a reset would starve a large fleet, where some scrape fails in most intervals, of every scale-down).
+    since = state.down_since if state.down_since is not None else now
+    wants = tuple(w for w in state.down_wants if w[0] > now - cfg.down_delay_s)
+    wants += ((now, want_down),) if known_rate else ()
+    state = replace(state, down_since=since, down_wants=wants)
+    if not all_known or not wants:
+        return Decision(n, HOLD_UNKNOWN, inputs), state
+    target = max(max(w[1] for w in wants), cfg.min_replicas)
+    inputs |= {"wanted_for_s": now - since, "stable_want": target}
+    if now - since < cfg.down_delay_s or target >= n:
+        return Decision(n, HOLD_DOWNSCALE_DELAY, inputs), state
+    unsafe = _n_prime_unsafe(obs, target, cfg)
+    if unsafe:
+        inputs["unsafe"] = unsafe
+        return Decision(n, HOLD_N_MINUS_1, inputs), state
+    return Decision(target, SCALE_DOWN_SPARE, inputs), state
+
+
+def _no_down(state: AutoscalerState) -> AutoscalerState:
+    return replace(state, down_since=None, down_wants=())
+
+
+def _up(target: int, n: int, cfg: AutoscalerConfig, reason: str, inputs: dict[str, float | int | str | None],
+        state: AutoscalerState, now: float, *, at_once: bool) -> tuple[Decision, AutoscalerState]:
+    state = _no_down(state)
+    target = min(target, cfg.max_replicas)
+    if target <= n:
+        return Decision(n, HOLD_AT_MAX, inputs), replace(state, up_since=None)
+    since = state.up_since if state.up_since is not None else now
+    if not at_once and now - since < cfg.upscale_delay_s:
+        return Decision(n, HOLD_UPSCALE_DELAY, inputs), replace(state, up_since=since)
+    return Decision(target, reason, inputs), replace(state, up_since=None)
+
+
+@dataclass(frozen=True)
+class SloAutoscaler:
+    """This project's policy, with its configuration bound (the `Policy` shape)."""
+
+    config: AutoscalerConfig
+    name: str = "controlplane"
+
+    def initial_state(self) -> AutoscalerState:
+        return AutoscalerState()
+
+    def decide(self, obs: Observation, state: AutoscalerState, now: float) -> tuple[Decision, AutoscalerState]:
+        return decide(obs, self.config, state, now)

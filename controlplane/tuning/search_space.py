@@ -1,0 +1,165 @@
+"""What the configuration search chooses among: per-replica cells built from allowed values, the replica model
+of each (roofline prior or a calibrated fit), and a cheap first-order estimate of each cell's goodput that
+orders the search (best first) before anything is simulated.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from controlplane.tuning.capacity import Objective
+from controlplane.tuning.catalog import Accelerator, KvPrecision, ModelShape, WeightPrecision
+from controlplane.tuning.perf_model import Efficiency, EngineArgs, ReplicaModel, StepCost, replica_from_fit, roofline
+from controlplane.tuning.workload import Workload
+
+# vLLM's --quantization for each weight precision (EngineConfig.quantization); int4 needs an AWQ checkpoint.
+_QUANTIZATION: dict[WeightPrecision, str | None] = {
+    WeightPrecision.BF16: None, WeightPrecision.FP8: "fp8", WeightPrecision.INT8: "int8", WeightPrecision.INT4: "awq"}
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    """One per-replica configuration."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    weights: WeightPrecision = WeightPrecision.BF16
+    kv_cache: KvPrecision = KvPrecision.BF16
+    tensor_parallel_size: int = 1
+
+    def engine_changes(self) -> dict[str, Any]:
+        """The change to the deployment's EngineConfig (field names of controlplane.supervisor.spec)."""
+        return {"max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens,
+                "quantization": _QUANTIZATION[self.weights],
+                "kv_cache_dtype": "auto" if self.kv_cache is KvPrecision.BF16 else "fp8",
+                "tensor_parallel_size": self.tensor_parallel_size}
+
+    def label(self) -> str:
+        tp = f" tp{self.tensor_parallel_size}" if self.tensor_parallel_size != 1 else ""
+        return (f"seqs={self.max_num_seqs} tokens={self.max_num_batched_tokens} "
+                f"w={self.weights.value} kv={self.kv_cache.value}{tp}")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The allowed values; the search never leaves them."""
+
+    max_num_seqs: tuple[int, ...]
+    max_num_batched_tokens: tuple[int, ...]
+    weights: tuple[WeightPrecision, ...] = (WeightPrecision.BF16,)
+    kv_cache: tuple[KvPrecision, ...] = (KvPrecision.BF16,)
+    tensor_parallel_size: tuple[int, ...] = (1,)
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "weights", "kv_cache", "tensor_parallel_size"):
+            values = getattr(self, name)
+            if not values:
+                raise ValueError(f"search space: {name} allows no value; give at least one")
+            if len(set(values)) != len(values):
+                raise ValueError(f"search space: {name} lists a value twice: {values}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
+            bad = [v for v in getattr(self, name) if v < 1]
+            if bad:
+                raise ValueError(f"search space: {name} must be >= 1, got {bad}")
+
+    def cells(self) -> list[Cell]:
+        return [Cell(s, t, w, k, tp) for s, t, w, k, tp in itertools.product(
+            self.max_num_seqs, self.max_num_batched_tokens, self.weights, self.kv_cache, self.tensor_parallel_size)]
+
+    def __len__(self) -> int:
+        return (len(self.max_num_seqs) * len(self.max_num_batched_tokens) * len(self.weights) * len(self.kv_cache)
+                * len(self.tensor_parallel_size))
+
+
+ReplicaFactory = Callable[[Cell], ReplicaModel]
+"""Builds a cell's replica model; raises ValueError (CatalogError included) naming why the cell cannot run."""
+
+
+@dataclass(frozen=True)
+class RooflineFactory:
+    """Replicas from the catalog's roofline prior: KV capacity, price and step cost follow the cell."""
+
+    model: ModelShape
+    accelerator: Accelerator
+    efficiency: Efficiency = field(default_factory=Efficiency)
+    gpu_memory_utilization: float = 0.92
+    max_model_len: int | None = 8192
+    usd_per_gpu_hour: float | None = None
+
+    def __call__(self, cell: Cell) -> ReplicaModel:
+        args = EngineArgs(max_num_seqs=cell.max_num_seqs, max_num_batched_tokens=cell.max_num_batched_tokens,
+                          gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len,
+                          tensor_parallel_size=cell.tensor_parallel_size, weights=cell.weights, kv_cache=cell.kv_cache)
+        prior = roofline(self.model, self.accelerator, args, self.efficiency)
+        return prior.replica(name=cell.label(), usd_per_gpu_hour=self.usd_per_gpu_hour)
+
+
+@dataclass(frozen=True)
+class CalibratedFactory:
+    """Replicas from a calibrated step cost (any hardware, CPU included): only the batch limits vary; the
+    precision and parallelism it was observed with are the only ones it can predict."""
+
+    step_cost: StepCost
+    kv_capacity_tokens: int
+    block_size: int
+    weights: WeightPrecision = WeightPrecision.BF16
+    kv_cache: KvPrecision = KvPrecision.BF16
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    usd_per_hour: float | None = None
+
+    def __call__(self, cell: Cell) -> ReplicaModel:
+        observed = (self.weights, self.kv_cache, self.tensor_parallel_size)
+        if (cell.weights, cell.kv_cache, cell.tensor_parallel_size) != observed:
+            raise ValueError(f"the calibration observed weights {self.weights.value}, KV {self.kv_cache.value}, "
+                             f"tp {self.tensor_parallel_size}; it cannot predict {cell.label()}")
+        if cell.max_num_batched_tokens < cell.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens {cell.max_num_batched_tokens} < max_num_seqs "
+                             f"{cell.max_num_seqs}: vLLM refuses it")
+        return replica_from_fit(self.step_cost, kv_capacity_tokens=self.kv_capacity_tokens,
+                                block_size=self.block_size, max_num_seqs=cell.max_num_seqs,
+                                max_num_batched_tokens=cell.max_num_batched_tokens, max_model_len=self.max_model_len,
+                                gpus=self.tensor_parallel_size, usd_per_hour=self.usd_per_hour, name=cell.label())
+
+
+def price_per_hour(model: ReplicaModel) -> float:
+    """The replica's price; without one, GPUs are the currency (goodput per GPU-hour)."""
+    return model.usd_per_hour if model.usd_per_hour else float(model.gpus)
+
+
+def _tightest(objectives: Sequence[Objective], slis: tuple[str, ...]) -> float | None:
+    values = [t.threshold_s for o in objectives for t in o.targets if t.sli in slis]
+    return min(values) if values else None
+
+
+def estimate_rps(model: ReplicaModel, workload: Workload, objectives: Sequence[Objective]) -> float:
+    """First-order goodput of one replica (requests/s), no queueing: the best steady batch b whose step time
+    keeps the tightest TPOT target, where each step decodes b tokens and prefills the prompts of the b/O
+    requests that finish in it, within the token budget and the KV cache (each sequence reserved in full).
+    Only an ordering heuristic: the simulation decides."""
+    if not len(workload):
+        return 0.0
+    prompt = float(np.mean(workload.prompt_tokens))
+    output = max(float(np.mean(workload.output_tokens)), 1.0)
+    cost, budget = model.step_cost, model.max_num_batched_tokens
+    ttft = _tightest(objectives, ("ttft", "e2e"))
+    chunks = math.ceil(prompt / budget)
+    if ttft is not None and chunks * cost.step_time(min(prompt, budget), prompt, 1, prompt * prompt / 2) > ttft:
+        return 0.0  # even an idle replica's prefill misses the TTFT target
+    tpot = _tightest(objectives, ("tpot", "itl"))
+    b_max = max(1.0, min(float(model.max_num_seqs), model.kv_capacity_tokens / (prompt + output)))
+    best = 0.0
+    for b in np.unique(np.geomspace(1.0, b_max, 48)):
+        pre = max(0.0, min(budget - b, b * prompt / output))
+        step = cost.step_time(b + pre, b * (prompt + output / 2) + pre, b + pre / prompt,
+                              b * (prompt + output / 2) + pre * min(prompt, budget) / 2)
+        if tpot is not None and step > tpot:
+            break
+        best = max(best, min(b / output, pre / prompt) / step)
+    return best

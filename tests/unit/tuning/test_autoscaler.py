@@ -1,0 +1,210 @@
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from controlplane.tuning import autoscaler as a
+from controlplane.tuning.autoscaler import (
+    AutoscalerConfig,
+    AutoscalerState,
+    DecisionRecord,
+    Observation,
+    ReplicaReading,
+    SloAutoscaler,
+    decide,
+    write_decision,
+)
+from controlplane.tuning.capacity import FleetCapacity
+
+CAP = FleetCapacity((1, 2, 4), (10.0, 11.0, 12.0), in_flight_per_replica=40.0)
+CFG = AutoscalerConfig(CAP, max_replicas=20, startup_s=90.0, interval_s=15.0)
+
+
+def obs(rate: float | None, replicas: int, *, ready: int | None = None, running: int | None = 5,
+        waiting: int | None = 0, kv: float | None = 0.2, good: float | None = None, finished: int = 0) -> Observation:
+    ready = replicas if ready is None else ready
+    readings = tuple(ReplicaReading(f"r{i}", running, waiting, kv) for i in range(ready))
+    return Observation("chat", replicas, ready, rate, readings, slo_good_ratio=good, finished=finished)
+
+
+def run(rates: Sequence[float | None], replicas: int, cfg: AutoscalerConfig = CFG, **kw: Any) -> list[a.Decision]:
+    """Step the policy every interval, applying each decision as the supervisor would."""
+    state, out = AutoscalerState(), []
+    for k, r in enumerate(rates):
+        d, state = decide(obs(r, replicas, **kw), cfg, state, (k + 1) * cfg.interval_s)
+        out.append(d)
+        replicas = d.desired_replicas
+    return out
+
+
+def test_a_steady_load_is_served_by_the_fewest_replicas_at_the_target_utilization() -> None:
+    decisions = run([100.0] * 3, 4)
+    # 100 req/s at 0.95 of 12 req/s per replica (fleets of >= 4): ceil(100 / 11.4) = 9
+    assert decisions[0].reason == a.SCALE_UP_FORECAST and decisions[0].desired_replicas == 9
+    assert [d.reason for d in decisions[1:]] == [a.HOLD_STEADY, a.HOLD_STEADY]
+    assert decisions[0].inputs["load_rps"] == pytest.approx(100.0)
+
+
+def test_unknown_readings_never_scale_down_and_say_so() -> None:
+    # The load fell to almost nothing, but every interval some reading is missing.
+    for missing in ("rate", "running", "waiting", "kv", "ready"):
+        state = AutoscalerState()
+        _, state = decide(obs(100.0, 9), CFG, state, 0.0)
+        for k in range(1, 40):
+            o = obs(1.0, 9)
+            if missing == "rate":
+                o = replace(o, arrival_rate_rps=None)
+            elif missing == "ready":
+                o = replace(o, ready_replicas=None)
+            else:
+                first = o.readings[0]
+                blank = {"running": replace(first, num_running=None), "waiting": replace(first, num_waiting=None),
+                         "kv": replace(first, kv_usage_ratio=None)}[missing]
+                o = replace(o, readings=(blank,) + o.readings[1:])
+            d, state = decide(o, CFG, state, k * 15.0)
+            assert d.desired_replicas >= 9, missing
+            assert d.reason == a.HOLD_UNKNOWN, (missing, d.reason)
+
+
+def test_random_gaps_in_the_data_never_lower_the_count_on_an_interval_with_a_gap() -> None:
+    rng = random.Random(7)
+    state, n = AutoscalerState(), 10
+    for k in range(400):
+        rate = rng.choice([None, rng.uniform(0, 150)])
+        o = obs(rate, n, running=rng.choice([None, 3]), kv=rng.choice([None, 0.1, 0.5]))
+        d, state = decide(o, CFG, state, k * 15.0)
+        gap = rate is None or any(not r.known for r in o.readings)
+        if gap:
+            assert d.desired_replicas >= n
+        n = d.desired_replicas
+
+
+def test_a_scale_down_waits_one_lead_time_then_follows_the_highest_want_of_that_window() -> None:
+    decisions = run([100.0] * 2 + [30.0] * 14, 9)
+    reasons = [d.reason for d in decisions]
+    assert a.SCALE_DOWN_SPARE in reasons
+    first = reasons.index(a.SCALE_DOWN_SPARE)
+    down_since = next(i for i, r in enumerate(reasons) if r == a.HOLD_DOWNSCALE_DELAY)
+    assert (first - down_since) * 15.0 >= CFG.down_delay_s == 105.0
+    assert decisions[first].desired_replicas < 9
+    assert all(d.desired_replicas == 9 for d in decisions[:first])
+
+
+def test_a_load_between_the_two_utilizations_holds_by_hysteresis() -> None:
+    # 44 req/s: 4 replicas (48 req/s) would run at 0.92, under the 0.95 target, but over the 0.9 a scale-down
+    # needs: 5 replicas stay.
+    decisions = run([44.0] * 3, 5)
+    assert decisions[-1].reason == a.HOLD_HYSTERESIS and decisions[-1].desired_replicas == 5
+    assert decisions[-1].inputs["want_up"] == 4 and decisions[-1].inputs["want_down"] == 5
+
+
+def test_removing_replicas_is_refused_when_the_load_seen_now_would_overflow_the_rest() -> None:
+    # The forecast says 2 replicas, but the 9 replicas hold 35 requests each in flight right now.
+    decisions = run([15.0] * 12, 9, running=35)
+    assert decisions[-1].reason == a.HOLD_N_MINUS_1 and decisions[-1].desired_replicas == 9
+    assert "in flight" in str(decisions[-1].inputs["unsafe"])
+
+
+def test_observed_slo_trouble_scales_up_at_once_even_with_an_upscale_delay() -> None:
+    cfg = replace(CFG, upscale_delay_s=60.0)
+    state = AutoscalerState()
+    _, state = decide(obs(30.0, 4), cfg, state, 0.0)
+    d, state = decide(obs(30.0, 4, good=0.9, finished=500), cfg, state, 15.0)  # burning 10x the budget
+    assert d.desired_replicas == 4  # one interval of it is the transient of a step
+    d, state = decide(obs(30.0, 4, good=0.9, finished=500), cfg, state, 15.0)
+    assert d.reason == a.SCALE_UP_SLO_RISK and d.desired_replicas == 5  # +max(1, ceil(0.25 * 4))
+    # While the replica it asked for is starting, more trouble does not add more.
+    d, state = decide(obs(30.0, 5, ready=4, good=0.9, finished=500), cfg, state, 30.0)
+    assert d.reason == a.HOLD_STARTING and d.desired_replicas == 5
+    # A few bad requests among few finished are noise, not risk.
+    d, _ = decide(obs(30.0, 5, good=0.9, finished=10), cfg, state, 45.0)
+    assert d.reason != a.SCALE_UP_SLO_RISK
+
+
+def test_a_queue_building_on_the_replicas_is_risk() -> None:
+    d, state = decide(obs(30.0, 4, waiting=20), CFG, AutoscalerState(), 0.0)
+    d, _ = decide(obs(30.0, 4, waiting=20), CFG, state, 15.0)
+    assert d.reason == a.SCALE_UP_SLO_RISK and d.desired_replicas == 5
+
+
+def test_a_forecast_scale_up_waits_out_the_upscale_delay() -> None:
+    cfg = replace(CFG, upscale_delay_s=30.0)
+    decisions = run([100.0] * 4, 4, cfg)
+    assert [d.reason for d in decisions[:3]] == [a.HOLD_UPSCALE_DELAY, a.HOLD_UPSCALE_DELAY, a.SCALE_UP_FORECAST]
+
+
+def test_the_count_stays_within_the_bounds() -> None:
+    decisions = run([1000.0] * 2, 20)
+    assert decisions[0].reason == a.HOLD_AT_MAX and decisions[0].desired_replicas == 20
+    d, _ = decide(obs(10.0, 25), CFG, AutoscalerState(), 0.0)
+    assert d.reason == a.SCALE_TO_BOUNDS and d.desired_replicas == 20
+    d, _ = decide(obs(0.0, 1), replace(CFG, min_replicas=2), AutoscalerState(), 0.0)
+    assert d.reason == a.SCALE_TO_BOUNDS and d.desired_replicas == 2
+
+
+def test_a_ramp_is_met_ahead_by_one_lead_time() -> None:
+    rates = [20.0 + 0.1 * 15 * k for k in range(50)]  # +0.1 req/s each second
+    state, n = AutoscalerState(), 3
+    for k, r in enumerate(rates):
+        d, state = decide(obs(r, n), CFG, state, (k + 1) * 15.0)
+        n = d.desired_replicas
+    # The level lags the ramp by one interval (EWMA, alpha 0.5); the trend adds the lead time.
+    assert d.inputs["load_rps"] == pytest.approx(rates[-1] + 0.1 * (105 - 15), rel=1e-6)
+    assert n >= CAP.replicas_for(rates[-1] + 0.1 * 90, CFG.target_utilization)
+
+
+def test_a_decision_is_recorded_through_the_injected_writer() -> None:
+    calls: list[tuple[str, str, Mapping[str, Any]]] = []
+    d, _ = decide(obs(100.0, 4), CFG, AutoscalerState(), 0.0)
+    rec = DecisionRecord(1_700_000_000.0, "chat", "controlplane", 4, d.desired_replicas, d.reason, d.inputs)
+    write_decision(lambda kind, reason, attrs: calls.append((kind, reason, attrs)), rec)
+    [(kind, reason, attrs)] = calls
+    assert kind == a.DECISION_KIND and reason == a.SCALE_UP_FORECAST
+    assert attrs["current"] == 4 and attrs["desired"] == 9 and attrs["deployment"] == "chat"
+    assert attrs["inputs"]["rate_rps"] == 100.0 and attrs["policy"] == "controlplane"
+
+
+def test_the_bound_policy_is_the_pure_function() -> None:
+    pol = SloAutoscaler(CFG)
+    d1, s1 = pol.decide(obs(100.0, 4), pol.initial_state(), 0.0)
+    d2, s2 = decide(obs(100.0, 4), CFG, AutoscalerState(), 0.0)
+    assert d1 == d2 and s1 == s2 and pol.name == "controlplane"
+
+
+def test_bad_settings_are_refused_naming_the_rule() -> None:
+    with pytest.raises(ValueError, match="scale_down_utilization .* < target_utilization"):
+        AutoscalerConfig(CAP, target_utilization=0.8, scale_down_utilization=0.9)
+    with pytest.raises(ValueError, match="min_replicas"):
+        AutoscalerConfig(CAP, min_replicas=5, max_replicas=2)
+    assert math.isclose(AutoscalerConfig(CAP, downscale_delay_s=600).down_delay_s, 600)
+
+
+def test_recent_requests_missing_the_objective_lower_the_utilization_target() -> None:
+    state = AutoscalerState()
+    for k in range(20):  # 3% bad: burning the 1% budget 3x, under the risk threshold of 4x
+        d, state = decide(obs(100.0, 9, good=0.97, finished=300), CFG, state, k * 15.0)
+        assert d.reason != a.SCALE_UP_SLO_RISK
+    assert d.inputs["utilization_target"] == pytest.approx(0.95 / (1 + 0.05 * (3 - 1)), rel=1e-3)
+    assert d.desired_replicas == CAP.replicas_for(100.0, 0.95 / 1.1) > CAP.replicas_for(100.0, 0.95)
+    fine = AutoscalerState()
+    for k in range(20):
+        d, fine = decide(obs(100.0, 9, good=1.0, finished=300), CFG, fine, k * 15.0)
+    assert d.inputs["utilization_target"] == 0.95
+
+
+def test_an_interval_with_a_failed_scrape_pauses_a_scale_down_without_restarting_its_delay() -> None:
+    state = AutoscalerState()
+    _, state = decide(obs(100.0, 9), CFG, state, 0.0)
+    reasons = []
+    for k in range(1, 12):
+        o = obs(30.0, 9, running=None if k == 5 else 5)  # t=75: one replica's scrape failed
+        d, state = decide(o, CFG, state, k * 15.0)
+        reasons.append(d.reason)
+        if d.desired_replicas < 9:
+            break
+    assert reasons[4] == a.HOLD_UNKNOWN
+    # Wanted from t=15; the delay (105 s) ends at t=120, as if nothing had failed.
+    assert reasons[-1] == a.SCALE_DOWN_SPARE and len(reasons) == 8
