@@ -111,8 +111,11 @@ def test_a_shrunk_kv_cache_shows_saturation_in_the_stored_samples(real_vllm: Rea
     since = time.time()
     words = " ".join(["queue"] * 100)
     plans = [RequestPlan(words, 320) for _ in range(120)]
-    # The plane scrapes every 5 s; the cache is full for part of each load only. Load again (at most
-    # three times) until a scrape has landed in a saturated moment; the checks below are unchanged.
+    # The plane scrapes every 5 s. Under this load usage swings between ~0.7 and 1.0: vLLM V1 fills the
+    # cache, then preempts a request (freeing its blocks) the moment a running one needs a block it
+    # cannot get. A preemption is therefore itself proof that the cache was full. (Scrapes that land
+    # in the busiest moments often see low usage or time out: peak usage alone proved flaky.) Load
+    # again (at most three times) until the stored samples show either.
     ok: list[dict[str, Any]] = []
     for _ in range(3):
         t0 = time.monotonic()
@@ -121,13 +124,15 @@ def test_a_shrunk_kv_cache_shows_saturation_in_the_stored_samples(real_vllm: Rea
         assert all(r.ok for r in results)
         time.sleep(5.5)
         ok = [s for s in _samples(real_vllm.plane.api, since, real_vllm.replica) if s["scrape_ok"]]
-        if any(s["kv_usage_ratio"] >= 0.9 for s in ok):
+        if len(ok) >= 2 and (max(s["kv_usage_ratio"] for s in ok) >= 0.9
+                             or ok[-1]["preemptions_total"] > ok[0]["preemptions_total"]):
             break
     assert len(ok) >= 3
     peak_usage = max(s["kv_usage_ratio"] for s in ok)
     peak_waiting = max(s["num_waiting"] for s in ok)
     preempted = ok[-1]["preemptions_total"] - ok[0]["preemptions_total"]
-    assert peak_usage >= 0.9, f"peak KV usage only {peak_usage:.2f}"
+    print(f"peak KV usage {peak_usage:.2f}, peak waiting {peak_waiting}, preemptions {preempted}")
+    assert peak_usage >= 0.9 or preempted > 0, f"no sign of a full cache: peak usage {peak_usage:.2f}, no preemption"
     assert peak_waiting > 0 or preempted > 0, "saturated cache but nothing waited or was preempted"
 
 
