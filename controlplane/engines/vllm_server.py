@@ -6,6 +6,7 @@ Started as `python -m vllm.entrypoints.openai.api_server` (the `vllm` console sc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -140,17 +141,18 @@ class VllmServer:
         return self.proc.pid if self.proc else None
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        """SIGTERM the whole process group, then SIGKILL what is left."""
-        if self.proc is None or self.proc.poll() is not None:
+        """SIGTERM the whole process group, then SIGKILL what is left. The group is killed even when
+        its leader already exited (kill -9): vLLM's engine-core child may still hold the port."""
+        if self.proc is None:
             return
-        pgid = os.getpgid(self.proc.pid)
-        os.killpg(pgid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
+        pgid = self.proc.pid  # started with start_new_session: the leader's pid is the group id
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc.wait(timeout=5)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -74,7 +75,7 @@ class Alerter:
                 nxt, transition = step(prev, condition(status, sev), slo=slo.name, deployment=slo.deployment,
                                        severity=sev, now=now)
                 if nxt is not None and prev is not None and prev.id is not None:
-                    nxt = Episode(**{**nxt.__dict__, "id": prev.id})
+                    nxt = replace(nxt, id=prev.id)
                 if transition == "cancelled" and prev is not None:
                     self._delete(prev)
                 elif nxt is not None:
@@ -95,7 +96,7 @@ class Alerter:
         with self.engine.begin() as conn:
             if ep.id is None:
                 rid = conn.execute(insert(SloAlert).values(**_row(ep)).returning(SloAlert.id)).scalar_one()
-                return Episode(**{**ep.__dict__, "id": int(rid)})
+                return replace(ep, id=int(rid))
             conn.execute(update(SloAlert).where(SloAlert.id == ep.id).values(**_row(ep)))
         return ep
 

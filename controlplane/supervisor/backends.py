@@ -129,27 +129,17 @@ class LocalBackend:
 
     def stop(self, handle: Handle, timeout_s: float) -> None:
         """SIGTERM the replica's process group, wait, then SIGKILL whatever is left in it."""
+        server = handle.private
+        if isinstance(server, VllmServer):
+            server.stop(timeout_s)
+            return
+        # Adopted (not our child): no wait status, so poll the group until it is gone.
         pgid = int(handle.runtime["pgid"])
         _killpg(pgid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.exit_code(handle) is not None and not _group_alive(pgid):
-                break
+        while time.monotonic() < deadline and (self.exit_code(handle) is None or _group_alive(pgid)):
             time.sleep(0.1)
         _killpg(pgid, signal.SIGKILL)
-        server = handle.private
-        if isinstance(server, VllmServer) and server.proc is not None:
-            try:
-                server.proc.wait(timeout=5)
-            except Exception:  # noqa: BLE001 - reaping is best effort; the group is already killed
-                log.warning("replica %s: process %s not reaped", handle.replica, server.proc.pid)
-
-    def reap_group(self, handle: Handle) -> None:
-        """After the main process died (e.g. kill -9), kill the children it left in its group."""
-        _killpg(int(handle.runtime["pgid"]), signal.SIGKILL)
-        server = handle.private
-        if isinstance(server, VllmServer) and server.proc is not None:
-            server.proc.poll()
 
     def adopt(self, replica: str, url: str, runtime: dict[str, Any]) -> Handle | None:
         try:

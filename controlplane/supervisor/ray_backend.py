@@ -17,10 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -54,24 +50,8 @@ class VllmReplicaActor:
         return self.server.proc.poll()
 
     def stop(self, timeout_s: float) -> None:
-        if self.server is None or self.server.proc is None:
-            return
-        pgid = self.server.proc.pid
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and self.server.proc.poll() is None:
-            time.sleep(0.1)
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            self.server.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
+        if self.server is not None:
+            self.server.stop(timeout_s)
 
     def info(self) -> dict[str, Any]:
         proc = self.server.proc if self.server else None

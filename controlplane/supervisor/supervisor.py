@@ -24,6 +24,8 @@ import httpx
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from collectors.promtext import scrape
+from collectors.vllm_metrics import read_engine
 from controlplane import names
 from controlplane.store.repo import Store
 from controlplane.supervisor import policy
@@ -385,19 +387,13 @@ class Supervisor:
         an unreadable /metrics is unknown, so then only the router's count decides."""
         if m.handle is None:
             return True
-        try:
-            r = await self.client.get(m.handle.url + "/metrics", timeout=3)
-            r.raise_for_status()
-        except httpx.HTTPError:
+        result = await scrape(self.client, m.handle.url + "/metrics", 3.0)
+        if not result.ok:
             return True
-        busy = 0.0
-        for line in r.text.splitlines():
-            if line.startswith((names.VLLM_NUM_RUNNING, names.VLLM_NUM_WAITING)) and not line.startswith("#"):
-                try:
-                    busy += float(line.rsplit(" ", 1)[1])
-                except ValueError:
-                    return True
-        return busy == 0
+        reading = read_engine(result.samples)
+        if reading.num_running is None or reading.num_waiting is None:
+            return True
+        return reading.num_running + reading.num_waiting == 0
 
     async def _rollout(self, rt: DeploymentRuntime, actor: str, reason: str, before: EngineConfig | None) -> None:
         """Replace every member whose config differs from the desired one, one at a time (surge 1)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,8 +30,6 @@ def consecutive_free_ports(n: int) -> int:
             continue
         try:
             for p in range(base, base + n):
-                import socket
-
                 with socket.socket() as s:
                     s.bind(("127.0.0.1", p))
             return base

@@ -15,6 +15,8 @@ import httpx
 import psutil
 import pytest
 
+from collectors.promtext import parse
+from collectors.vllm_metrics import read_engine
 from tests.integration.fleet import (
     Fleet,
     consecutive_free_ports,
@@ -103,12 +105,10 @@ def test_rolling_change_of_max_num_seqs_loses_no_request_and_the_new_replica_run
         # With 20 streams and max_num_seqs 2, the new engine runs at most 2 and queues the rest.
         running, waiting = [], []
         for _ in range(15):
-            text = httpx.get(new["url"] + "/metrics", timeout=10).text
-            for line in text.splitlines():
-                if line.startswith("vllm:num_requests_running"):
-                    running.append(float(line.rsplit(" ", 1)[1]))
-                if line.startswith("vllm:num_requests_waiting{"):
-                    waiting.append(float(line.rsplit(" ", 1)[1]))
+            reading = read_engine(parse(httpx.get(new["url"] + "/metrics", timeout=10).text))
+            assert reading.num_running is not None and reading.num_waiting is not None
+            running.append(reading.num_running)
+            waiting.append(reading.num_waiting)
             time.sleep(0.3)
     assert load.failures() == [], load.failures()[:3]
     assert max(running) == 2 and max(waiting) >= 1, (running, waiting)
