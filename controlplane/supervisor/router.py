@@ -92,7 +92,7 @@ class Router:
             return {n: {"url": b.url, "draining": b.draining, "down": b.down, "outstanding": b.outstanding,
                         "routed": b.routed, "served": b.served} for n, b in self._backends.items()}
 
-    def _pick(self, exclude: set[str]) -> _Backend | None:
+    def _pick(self, exclude: set[str], arrival: bool = True) -> _Backend | None:
         with self._lock:
             ok = [b for b in self._backends.values() if not b.draining and not b.down and b.name not in exclude]
             if not ok:
@@ -101,8 +101,16 @@ class Router:
             tied = [b for b in ok if b.outstanding == least]
             pick = tied[next(self._rr) % len(tied)]
             pick.outstanding += 1
-            pick.routed += 1
+            pick.routed += int(arrival)  # a retry is the same arrival: counted once
             return pick
+
+    def _again(self, b: _Backend) -> _Backend | None:
+        """The same replica once more, if it is still routable (a retry: not a new arrival)."""
+        with self._lock:
+            if self._backends.get(b.name) is not b or b.draining or b.down:
+                return None
+            b.outstanding += 1
+            return b
 
     def _release(self, b: _Backend, served: bool) -> None:
         with self._lock:
@@ -127,8 +135,13 @@ class Router:
         body = await request.read()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
         tried: set[str] = set()
-        for _attempt in range(2):
-            backend = self._pick(tried)
+        fresh_retry = False
+        again: _Backend | None = None
+        for attempt in range(3):
+            backend = self._again(again) if again is not None else None
+            again = None
+            if backend is None:
+                backend = self._pick(tried, arrival=attempt == 0)
             if backend is None:
                 return self._unavailable("no ready replica; retry later" if not tried
                                          else "the replica failed and no other replica is ready")
@@ -151,6 +164,13 @@ class Router:
                     return resp
             except aiohttp.ClientError as exc:
                 if resp is None:
+                    stale = isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError) and \
+                        not isinstance(exc, aiohttp.ClientConnectorError)  # refused is not stale
+                    if not fresh_retry and stale:
+                        # Most often a kept-alive connection the replica had just closed: one more try on the
+                        # same replica before calling it down.
+                        fresh_retry, again = True, backend
+                        continue
                     # Nothing went to the client yet (refused, or reset before the response started:
                     # the replica died): safe to send the request to another replica.
                     log.warning("router: %s failed before responding (%s); marking it down", backend.name, exc)

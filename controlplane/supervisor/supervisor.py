@@ -247,6 +247,10 @@ class Supervisor:
         if ok and m.state == UNREADY:
             await self._set_state(rt, m, READY, "probe_ok", "liveness probe passes again")
             self.router.set_ready(m.name, url)
+        elif ok and m.state == READY:
+            # The router marks a replica down on its own when a request to it fails; a passing probe puts it
+            # back (idempotent), or a single reset connection would keep a healthy replica out for good.
+            self.router.set_ready(m.name, url)
         elif not ok and m.state == READY:
             await self._set_state(rt, m, UNREADY, "probe_failed", "liveness probe failed")
             self.router.set_unready(m.name)

@@ -220,6 +220,16 @@ async def test_failed_liveness_probes_restart_a_hung_replica(sqlite_store: Store
     assert ("replica_crashed", "tiny-0", "liveness") in h.events()
 
 
+async def test_a_passing_probe_puts_back_a_replica_the_router_marked_down(sqlite_store: Store) -> None:
+    h = make(sqlite_store)
+    await h.sup.start()
+    await h.ticks()
+    h.router.set_unready("tiny-0")  # what the router does itself when one request to the replica fails
+    assert "tiny-0" not in h.router.ready
+    await h.ticks(1)
+    assert "tiny-0" in h.router.ready and h.states() == {"tiny-0": "ready"}
+
+
 async def test_scale_down_drains_before_stopping(sqlite_store: Store) -> None:
     h = make(sqlite_store)
     await h.sup.start()
