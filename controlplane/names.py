@@ -136,6 +136,13 @@ PLANE_REPLICA_CRASHLOOP: Final = "controlplane_replica_crashloop"  # {deployment
 PLANE_REPLICA_RESTARTS: Final = "controlplane_replica_restarts"  # Counter {deployment, replica}; exposed with _total
 PLANE_REPLICA_RESTARTS_TOTAL: Final = "controlplane_replica_restarts_total"
 PLANE_COST_PER_MTOK: Final = "controlplane_cost_per_million_tokens_usd"  # {deployment}
+PLANE_COST_USD_PER_HOUR: Final = "controlplane_cost_usd_per_hour"  # {deployment}
+PLANE_TUNER_DECISIONS: Final = "controlplane_tuner_decisions"  # counter {deployment, action, reason}; exposed _total
+PLANE_TUNER_DECISIONS_TOTAL: Final = "controlplane_tuner_decisions_total"
+PLANE_TUNER_CAPACITY_RPS: Final = "controlplane_tuner_capacity_rps"  # {deployment}
+PLANE_TUNER_OBSERVED_RPS: Final = "controlplane_tuner_observed_rps"  # {deployment}
+LABEL_ACTION: Final = "action"
+LABEL_REASON: Final = "reason"
 # Recording rules; the window ("5m", "1h", ...) is appended to the name.
 REC_SLO_REQUESTS_RATE: Final = "controlplane_slo:requests:rate"  # {slo, deployment} requests/s
 REC_SLO_ERRORS_RATE: Final = "controlplane_slo:request_errors:rate"  # {slo, deployment} bad requests/s

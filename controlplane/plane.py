@@ -21,7 +21,9 @@ from prometheus_client import CollectorRegistry
 from collectors.gpu.collector import GpuCollector
 from collectors.otlp.receiver import Ingestor, grpc_server, http_app
 from collectors.scrape_loop import EngineScraper, Target
+from controlplane import cost
 from controlplane.api.app import create_app
+from controlplane.api.queries import cost_source
 from controlplane.settings import Settings
 from controlplane.slo.alerter import Alerter
 from controlplane.slo.export import SloCollector
@@ -32,6 +34,8 @@ from controlplane.store.repo import Store
 from controlplane.supervisor.router import Router
 from controlplane.supervisor.spec import Deployment
 from controlplane.supervisor.supervisor import Supervisor, SupervisorMetrics, default_backends
+from controlplane.tuning.loop import Tuner, TunerOptions, calibrated_capacity
+from controlplane.tuning.recommendations import Recommendations
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +79,7 @@ class Plane:
         self.slos = list(slos or [])
         self.supervisor: Supervisor | None = None
         self.alerter: Alerter | None = None
+        self.tuner: Tuner | None = None
         self.on_ready = on_ready
         self.registry = CollectorRegistry()
         self.engine = make_engine(settings.resolved_database_url())
@@ -113,7 +118,19 @@ class Plane:
                 )
                 self.supervisor = supervisor
                 self.registry.register(SupervisorMetrics(supervisor))
+                if s.tuner_mode != "off":
+                    self.tuner = Tuner(
+                        supervisor, router, self.store, Recommendations(self.engine), self.slos,
+                        TunerOptions(mode=s.tuner_mode, interval_s=s.tuner_interval_s, startup_s=s.tuner_startup_s,
+                                     stale_s=max(20.0, 4 * s.scrape_interval_s),
+                                     min_finished=s.tuner_min_finished),
+                        calibrate=calibrated_capacity(self.store, self.slos))
+                    self.registry.register(self.tuner)
             api_url = f"http://{s.bind_host}:{api_sock.getsockname()[1]}"
+            gap = max(cost.DEFAULT_MAX_GAP_S, 3 * s.scrape_interval_s)  # a replica is "up" between close scrapes
+            self.registry.register(cost.CostCollector(
+                cost_source(self.engine, watched_price=s.watched_price_per_replica_hour_usd, max_gap_s=gap),
+                window_s=s.cost_interval_s * 5))
             if self.monitor is not None:
                 self.alerter = await asyncio.to_thread(
                     Alerter, self.engine, alertmanager_url=s.alertmanager_url, resend_s=s.slo_interval_s,
@@ -122,7 +139,10 @@ class Plane:
             servers = [
                 _QuietServer(uvicorn.Config(
                     create_app(self.store, self.registry, control=supervisor, api_token=s.api_token,
-                               slo_statuses=self.monitor.statuses if self.monitor else None),
+                               slo_statuses=self.monitor.statuses if self.monitor else None,
+                               configured_slos=self.slos,
+                               watched_price_per_replica_hour_usd=s.watched_price_per_replica_hour_usd,
+                               cost_max_gap_s=gap),
                     log_level="warning", access_log=False, lifespan="off")),
                 _QuietServer(uvicorn.Config(http_app(ingestor, s.otlp_max_body_bytes), log_level="warning",
                                             access_log=False, lifespan="off")),
@@ -138,6 +158,8 @@ class Plane:
             if supervisor is not None:
                 await supervisor.start()
                 tasks.append(asyncio.create_task(supervisor.run(stop)))
+            if self.tuner is not None:
+                tasks.append(asyncio.create_task(self.tuner.run(stop)))
             if self.monitor is not None:
                 tasks.append(asyncio.create_task(self._slo_loop(stop, s.slo_interval_s)))
             while not all(srv.started for srv in servers):

@@ -30,6 +30,17 @@ class Settings(BaseSettings):
     slo_interval_s: float = Field(default=30.0, gt=0, description="How often SLOs are evaluated and alerts decided.")
     alertmanager_url: str | None = Field(
         default=None, description="Alertmanager base URL (e.g. http://127.0.0.1:9093); alerts go to its v2 API.")
+    watched_price_per_replica_hour_usd: float | None = Field(
+        default=None, ge=0, description="Price of one watched (not supervised) replica per hour, for cost per token; "
+                                        "unknown (no cost shown) when unset.")
+    cost_interval_s: float = Field(default=60.0, gt=0, description="Step of the cost-per-token series.")
+    tuner_mode: str = Field(default="recommend", pattern=r"^(off|recommend|auto)$",
+                            description="off | recommend (a person applies) | auto (the plane applies, audited).")
+    tuner_interval_s: float = Field(default=15.0, gt=0, description="How often the autoscaler decides.")
+    tuner_startup_s: float = Field(default=90.0, ge=0, description="Replica start-up time the autoscaler plans "
+                                                                   "ahead for (its forecast lead time).")
+    tuner_min_finished: int = Field(default=50, ge=1, description="Finished requests an interval needs before its "
+                                                                  "SLO attainment counts as evidence.")
 
     @field_validator("database_url")
     @classmethod

@@ -1,7 +1,8 @@
-"""REST API of the plane (FastAPI): health, stored requests and engine samples, the plane's /metrics.
+"""REST API of the plane (FastAPI): health, fleet, stored requests and engine samples, SLOs and their
+history, alerts, recommendations, the action audit log, cost per token, GPU summary, the plane's /metrics.
 
 Bad query parameters get a 422 naming the parameter and what is allowed (FastAPI's validation);
-no handler lets an exception escape as a bare 500.
+errors are JSON `{"detail": ...}`; no handler lets an exception escape as a bare 500.
 """
 
 from __future__ import annotations
@@ -18,15 +19,33 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import SQLAlchemyError
 
+from controlplane import cost
+from controlplane.api import queries
+from controlplane.slo.model import Slo
+from controlplane.slo.query import RollupBusy
 from controlplane.store.repo import Store
 from controlplane.tuning.recommendations import APPLIED, DISMISSED, FAILED, RecommendationError, Recommendations
 
 log = logging.getLogger(__name__)
 
-Since = Annotated[float | None, Query(description="Window start, UNIX seconds (inclusive).", ge=0)]
-Until = Annotated[float | None, Query(description="Window end, UNIX seconds (exclusive).", ge=0)]
+Since = Annotated[float | None, Query(description="Window start, UNIX seconds (inclusive).", ge=0,
+                                      allow_inf_nan=False)]
+Until = Annotated[float | None, Query(description="Window end, UNIX seconds (exclusive).", ge=0,
+                                      allow_inf_nan=False)]
 ReplicaQ = Annotated[str | None, Query(description="Replica name.", max_length=200)]
 Limit = Annotated[int, Query(description="Most rows returned, newest first.", ge=1, le=10_000)]
+DeploymentQ = Annotated[str | None, Query(description="Deployment name.", max_length=50, pattern=r"^[a-z0-9-]+$")]
+BeforeId = Annotated[int | None, Query(description="Only rows older than this one: `next_before_id` of the "
+                                                   "previous page.", ge=1, le=2**62)]
+ActorQ = Annotated[str | None, Query(description="Who acted: user, tuner or supervisor.",
+                                     pattern=r"^(user|tuner|supervisor)$")]
+SloName = Annotated[str, Path(max_length=200, description="SLO name, as in /api/v1/slos.")]
+HistoryStep = Annotated[int, Query(description="Step of the series in seconds, a whole number of minutes.",
+                                   ge=60, le=86_400, multiple_of=60)]
+CostStep = Annotated[int, Query(description="Step of the series in seconds.", ge=10, le=86_400)]
+
+DEFAULT_RANGE_S = 86_400.0  # history, cost and GPU summary cover the last day unless told otherwise
+MAX_POINTS = 2_000  # per series: bounds the work one request can ask for
 
 
 class FleetControl(Protocol):
@@ -61,11 +80,33 @@ def _check_window(since: float | None, until: float | None) -> None:
         raise HTTPException(400, detail=f"since ({since}) must be earlier than until ({until})")
 
 
+def _range(since: float | None, until: float | None, now: float, step_s: float) -> tuple[float, float]:
+    """The window a series covers (default: the last day up to now), checked and bounded in points."""
+    _check_window(since, until)
+    end = until if until is not None else now
+    start = since if since is not None else end - DEFAULT_RANGE_S
+    if not start < end:
+        raise HTTPException(400, detail=f"since ({start}) must be earlier than until ({end}); without until "
+                                        "the window ends now")
+    n = cost.step_count(start, end, step_s)
+    if n > MAX_POINTS:
+        raise HTTPException(422, detail=f"step_s={step_s:g} over [{start:g}, {end:g}) gives {n} points; at most "
+                                        f"{MAX_POINTS} are allowed: use a larger step_s or a shorter window")
+    return start, end
+
+
 def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float | None = None, *,
                control: FleetControl | None = None, api_token: str | None = None,
-               slo_statuses: Callable[[], Sequence[Any]] | None = None) -> FastAPI:
+               slo_statuses: Callable[[], Sequence[Any]] | None = None,
+               configured_slos: Sequence[Slo] | None = None,
+               watched_price_per_replica_hour_usd: float | None = None,
+               cost_max_gap_s: float = cost.DEFAULT_MAX_GAP_S,
+               clock: Callable[[], float] = time.time) -> FastAPI:
+    """The API over `store`. `configured_slos` are the SLOs (for their history; without them the SLOs of
+    the latest statuses are used); watched replicas are priced at `watched_price_per_replica_hour_usd`
+    (unknown when None); `cost_max_gap_s` is the longest silence between scrapes still counted as up time."""
     app = FastAPI(title="vLLM SLO control plane", version="0.1.0")
-    started = started_unix_s or time.time()
+    started = started_unix_s or clock()
 
     def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
         """Mutating endpoints: a bearer token from settings; with none configured they are off."""
@@ -87,6 +128,17 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
         log.error("store error: %s", exc)
         return JSONResponse({"detail": f"store unavailable: {type(exc).__name__}"}, status_code=503)
 
+    @app.exception_handler(RollupBusy)
+    async def _busy(_request: Request, exc: RollupBusy) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        """A bug, not bad input: logged with its traceback, answered as JSON rather than a text page."""
+        log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the plane's log"},
+                            status_code=500)
+
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
         with store.engine.connect() as conn:
@@ -95,11 +147,17 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
                 "database": store.engine.dialect.name}
 
     @app.get("/api/v1/requests")
-    def requests(since: Since = None, until: Until = None, replica: ReplicaQ = None,
-                 limit: Limit = 1000) -> dict[str, Any]:
+    def requests(since: Since = None, until: Until = None, replica: ReplicaQ = None, limit: Limit = 1000,
+                 before_id: BeforeId = None) -> dict[str, Any]:
+        """Stored requests, newest arrival first; page back with `before_id` = the answer's `next_before_id`
+        (null on the last page)."""
         _check_window(since, until)
-        rows = store.requests(since_unix_s=since, until_unix_s=until, replica=replica, limit=limit)
-        return {"count": len(rows), "items": rows}
+        try:
+            rows, next_id = queries.requests_page(store.engine, since=since, until=until, replica=replica,
+                                                  before_id=before_id, limit=limit)
+        except queries.NotFound as exc:
+            raise HTTPException(404, detail=str(exc)) from None
+        return {"count": len(rows), "items": rows, "next_before_id": next_id}
 
     @app.get("/api/v1/engine-samples")
     def engine_samples(since: Since = None, until: Until = None, replica: ReplicaQ = None,
@@ -110,8 +168,19 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
 
     @app.get("/api/v1/replicas")
     def replicas() -> dict[str, Any]:
-        items = [{"id": i, "name": n} for i, n in sorted(store.replica_names().items())]
+        """Every replica the plane knows (supervised or watched; deployment null when watched), with its
+        latest engine configuration (null when none was recorded)."""
+        items = queries.replicas(store.engine)
         return {"count": len(items), "items": items}
+
+    @app.get("/api/v1/actions")
+    def actions(deployment: DeploymentQ = None, actor: ActorQ = None, since: Since = None, until: Until = None,
+                limit: Limit = 200) -> dict[str, Any]:
+        """The audit log: what a user, the tuner or the supervisor did, why, and the config before and after."""
+        _check_window(since, until)
+        rows = queries.actions(store.engine, deployment=deployment, actor=actor, since=since, until=until,
+                               limit=limit)
+        return {"count": len(rows), "items": rows}
 
     @app.get("/api/v1/events")
     def events(limit: Limit = 1000) -> dict[str, Any]:
@@ -153,6 +222,22 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
 
         items = [status_json(s) for s in (slo_statuses() if slo_statuses else [])]
         return {"count": len(items), "items": items}
+
+    def known_slos() -> dict[str, Slo]:
+        if configured_slos is not None:
+            return {s.name: s for s in configured_slos}
+        return {s.slo.name: s.slo for s in (slo_statuses() if slo_statuses else [])}
+
+    @app.get("/api/v1/slos/{name}/history")
+    def slo_history(name: SloName, since: Since = None, until: Until = None,
+                    step_s: HistoryStep = 300) -> dict[str, Any]:
+        """Attainment (null for a step without requests) and latency quantiles per step, UTC-aligned;
+        the first and last step are clipped to the window. Default window: the last day."""
+        slo = known_slos().get(name)
+        if slo is None:
+            raise HTTPException(404, detail=f"unknown SLO {name!r}; known: {', '.join(known_slos()) or 'none'}")
+        start, end = _range(since, until, clock(), step_s)
+        return queries.slo_history(store.engine, slo, start, end, step_s)
 
     @app.get("/api/v1/alerts")
     def alerts(slo: Annotated[str | None, Query(max_length=200)] = None, limit: Limit = 200) -> dict[str, Any]:
@@ -207,6 +292,32 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
     @app.post("/api/v1/recommendations/{rid}/dismiss", dependencies=[Depends(require_token)])
     def dismiss_recommendation(rid: RecId) -> dict[str, Any]:
         return _rec_call(recs.decide, rid, DISMISSED, by="user")
+
+    @app.get("/api/v1/cost")
+    def cost_per_token(deployment: DeploymentQ = None, since: Since = None, until: Until = None,
+                       step_s: CostStep = 300) -> dict[str, Any]:
+        """Replica-hours x price and tokens per step, per deployment (watched replicas as "watched").
+        Unknown price: null costs; a step without tokens: null $/1M. Default window: the last day."""
+        start, end = _range(since, until, clock(), step_s)
+        try:
+            usages = queries.cost_usage(store.engine, cost.step_edges(start, end, step_s),
+                                        watched_price=watched_price_per_replica_hour_usd,
+                                        max_gap_s=cost_max_gap_s, deployment=deployment)
+        except queries.NotFound as exc:
+            raise HTTPException(404, detail=str(exc)) from None
+        return {"since": start, "until": end, "step_s": step_s, "items": [cost.cost_json(u) for u in usages]}
+
+    @app.get("/api/v1/gpu")
+    def gpu(since: Since = None, until: Until = None) -> dict[str, Any]:
+        """Per GPU: latest reading, mean utilisation and peak temperature in the window (default: last day).
+        `available` is false, with no GPUs, when no GPU sample was ever stored."""
+        _check_window(since, until)
+        end = until if until is not None else clock()
+        start = since if since is not None else end - DEFAULT_RANGE_S
+        if not start < end:
+            raise HTTPException(400, detail=f"since ({start}) must be earlier than until ({end}); without until "
+                                            "the window ends now")
+        return queries.gpu_summary(store.engine, start, end)
 
     @app.get("/metrics")
     def metrics() -> Response:

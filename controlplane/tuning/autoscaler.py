@@ -42,6 +42,7 @@ HOLD_DOWNSCALE_DELAY: Final = "hold_downscale_delay"
 HOLD_N_MINUS_1: Final = "hold_n_minus_1_unsafe"
 HOLD_STARTING: Final = "hold_replicas_starting"  # trouble observed, but the replicas that fix it are starting
 HOLD_AT_MAX: Final = "hold_at_max_replicas"
+HOLD_UNCALIBRATED: Final = "hold_capacity_unknown"  # no calibrated capacity yet: act on observed trouble only
 DECISION_KIND: Final = "autoscale_decision"  # the lifecycle-event kind a decision is recorded under
 
 
@@ -123,7 +124,9 @@ def write_decision(record: RecordFn, rec: DecisionRecord) -> None:
 # --- configuration and state -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AutoscalerConfig:
-    capacity: FleetCapacity  # per-replica goodput at the SLO (simulated from the calibrated model)
+    # Per-replica goodput at the SLO (simulated from the calibrated model). None: not calibrated yet; then only
+    # observed trouble scales up and nothing scales down (unknown capacity is unknown data).
+    capacity: FleetCapacity | None
     min_replicas: int = 1
     max_replicas: int = 64
     # Capacity is already the rate at which the SLO holds (stationary load); the margin covers forecast misses.
@@ -216,6 +219,8 @@ def _feedback(state: AutoscalerState, cfg: AutoscalerConfig) -> float:
 
 def _n_prime_unsafe(obs: Observation, n_new: int, cfg: AutoscalerConfig) -> str | None:
     """Would the load observed now, spread over n_new replicas, keep each one safe?"""
+    if cfg.capacity is None:
+        return "capacity unknown"
     in_flight = sum((r.num_running or 0) + (r.num_waiting or 0) for r in obs.readings)
     limit = cfg.capacity.in_flight_per_replica
     if limit is not None and in_flight / n_new > limit * cfg.scale_down_utilization:
@@ -246,8 +251,13 @@ def decide(obs: Observation, cfg: AutoscalerConfig, state: AutoscalerState,
     starting = obs.ready_replicas is not None and obs.ready_replicas < n
     inputs: dict[str, float | int | str | None] = {
         "rate_rps": obs.arrival_rate_rps, "ready": obs.ready_replicas, "good_ratio": obs.slo_good_ratio,
-        "capacity_rps_per_replica": cfg.capacity.per_replica(max(n, 1)), "risk": trouble,
+        "capacity_rps_per_replica": cfg.capacity.per_replica(max(n, 1)) if cfg.capacity else None, "risk": trouble,
         "troubled_intervals": state.troubled}
+    if cfg.capacity is None:  # not calibrated: observed trouble may add replicas, nothing else moves
+        if risk and not starting:
+            step = max(1, math.ceil(cfg.risk_step_ratio * n))
+            return _up(n + step, n, cfg, SCALE_UP_SLO_RISK, inputs, state, now, at_once=True)
+        return Decision(n, HOLD_STARTING if risk else HOLD_UNCALIBRATED, inputs), _no_down(state)
     if fc is None:  # nothing known yet: no forecast
         if risk and not starting:
             return _up(n + 1, n, cfg, SCALE_UP_SLO_RISK, inputs, state, now, at_once=True)
@@ -255,8 +265,9 @@ def decide(obs: Observation, cfg: AutoscalerConfig, state: AutoscalerState,
     load = fc.load_rps
     factor = _feedback(state, cfg)
     up_u = max(cfg.min_utilization, cfg.target_utilization / factor)
-    want_up = cfg.capacity.replicas_for(load, up_u)
-    want_down = cfg.capacity.replicas_for(load, up_u * cfg.scale_down_utilization / cfg.target_utilization)
+    capacity = cfg.capacity
+    want_up = capacity.replicas_for(load, up_u)
+    want_down = capacity.replicas_for(load, up_u * cfg.scale_down_utilization / cfg.target_utilization)
     inputs["utilization_target"] = up_u
     inputs |= {"level_rps": fc.level_rps, "trend_rps_per_s": fc.slope_rps_per_s, "surge_rps": fc.margin_rps,
                "load_rps": load, "want_up": want_up, "want_down": want_down}

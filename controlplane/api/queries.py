@@ -1,0 +1,249 @@
+"""Store reads behind the REST API's views: paged requests, replicas, the action audit log, SLO history,
+cost inputs and the GPU summary. Reads only; every function takes the engine and returns plain rows.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any, Final
+
+import numpy as np
+from sqlalchemy import Engine, and_, exists, func, or_, select
+
+from controlplane import cost
+from controlplane.slo.model import Slo
+from controlplane.slo.query import Reader, RollupBusy, attainment_series
+from controlplane.slo.rows import SLI_COLUMNS
+from controlplane.store.models import (
+    Deployment,
+    EngineSample,
+    GpuSample,
+    LifecycleEvent,
+    Replica,
+    ReplicaConfig,
+    Request,
+)
+
+# Who acts on the fleet; events by the engine or the collector are observations, not actions.
+ACTION_ACTORS: Final = ("user", "tuner", "supervisor")
+HISTORY_QUANTILES: Final = ((0.5, "p50_s"), (0.9, "p90_s"), (0.99, "p99_s"))
+# Deployment-level supervisor events carry no replica; their message starts with "<deployment>: ".
+_MESSAGE_DEPLOYMENT = re.compile(r"^([a-z0-9-]+): ")
+
+
+class NotFound(LookupError):
+    """A named thing the caller asked for does not exist; the message says what exists."""
+
+
+# --- requests ----------------------------------------------------------------------------------------
+def requests_page(
+    engine: Engine, *, since: float | None, until: float | None, replica: str | None, before_id: int | None,
+    limit: int,
+) -> tuple[list[dict[str, Any]], int | None]:
+    """Requests in [since, until), newest arrival first (ties by id), older than the row `before_id`.
+
+    Returns the rows and the cursor of the next page (the last row's id), or None when no older row
+    matches. Keyset pagination: each page is an index range scan, whatever the depth.
+    """
+    stmt = select(Request.__table__, Replica.name.label("replica")).outerjoin(Replica, Replica.id == Request.replica_id)
+    if since is not None:
+        stmt = stmt.where(Request.arrival_unix_s >= since)
+    if until is not None:
+        stmt = stmt.where(Request.arrival_unix_s < until)
+    if replica is not None:
+        stmt = stmt.where(Replica.name == replica)
+    with engine.connect() as conn:
+        if before_id is not None:
+            arrival = conn.execute(select(Request.arrival_unix_s).where(Request.id == before_id)).scalar()
+            if arrival is None:
+                raise NotFound(f"no stored request has id {before_id}; pass next_before_id from a previous page")
+            stmt = stmt.where(or_(Request.arrival_unix_s < arrival,
+                                  and_(Request.arrival_unix_s == arrival, Request.id < before_id)))
+        stmt = stmt.order_by(Request.arrival_unix_s.desc(), Request.id.desc()).limit(limit + 1)
+        rows = [dict(r._mapping) for r in conn.execute(stmt)]
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, (int(rows[-1]["id"]) if more else None)
+
+
+# --- replicas --------------------------------------------------------------------------------------
+def replicas(engine: Engine) -> list[dict[str, Any]]:
+    """Every known replica with its deployment (None for watched ones) and its latest engine config."""
+    stmt = (select(Replica.id, Replica.name, Deployment.name.label("deployment"), Replica.backend, Replica.state,
+                   Replica.url, Replica.created_unix_s, Replica.updated_unix_s, Replica.config_version,
+                   ReplicaConfig.config)
+            .outerjoin(Deployment, Deployment.id == Replica.deployment_id)
+            .outerjoin(ReplicaConfig, and_(ReplicaConfig.replica_id == Replica.id,
+                                           ReplicaConfig.version == Replica.config_version))
+            .order_by(Replica.id))
+    with engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(stmt)]
+
+
+# --- the action audit log --------------------------------------------------------------------------------
+def actions(
+    engine: Engine, *, deployment: str | None, actor: str | None, since: float | None, until: float | None,
+    limit: int,
+) -> list[dict[str, Any]]:
+    """Lifecycle events whose actor is a person, the tuner or the supervisor, newest first.
+
+    The deployment of an event is its replica's; for events about a whole deployment (no replica) it is
+    the `deployment` attribute (tuner decisions) or the "<deployment>: " prefix of the supervisor's message.
+    """
+    e = LifecycleEvent
+    attr_dep = e.attributes["deployment"].as_string()
+    stmt = (select(e.id, e.ts_unix_s, Replica.name.label("replica"), Deployment.name.label("deployment"), e.kind,
+                   e.actor, e.reason, e.message, e.before_config, e.after_config, e.attributes, e.replica_id,
+                   attr_dep.label("attr_deployment"))
+            .outerjoin(Replica, Replica.id == e.replica_id)
+            .outerjoin(Deployment, Deployment.id == Replica.deployment_id)
+            .where(e.actor.in_([actor] if actor is not None else ACTION_ACTORS)))
+    if since is not None:
+        stmt = stmt.where(e.ts_unix_s >= since)
+    if until is not None:
+        stmt = stmt.where(e.ts_unix_s < until)
+    if deployment is not None:
+        # The API admits only [a-z0-9-] names, so the LIKE pattern has no wildcard in it.
+        stmt = stmt.where(or_(Deployment.name == deployment, attr_dep == deployment,
+                              and_(e.replica_id.is_(None), e.message.like(f"{deployment}: %"))))
+    stmt = stmt.order_by(e.ts_unix_s.desc(), e.id.desc()).limit(limit)
+    with engine.connect() as conn:
+        rows = [dict(r._mapping) for r in conn.execute(stmt)]
+    for r in rows:
+        attr = r.pop("attr_deployment")
+        rid = r.pop("replica_id")
+        if r["deployment"] is None:
+            m = _MESSAGE_DEPLOYMENT.match(r["message"] or "") if rid is None else None
+            r["deployment"] = attr if attr is not None else (m.group(1) if m else None)
+    return rows
+
+
+# --- SLO history -------------------------------------------------------------------------------------------
+def quantile_sli(slo: Slo) -> str:
+    """The latency SLI whose quantiles the history shows: the SLO's first target, e2e for error-rate SLOs."""
+    return slo.targets[0].sli if slo.targets else "e2e"
+
+
+def slo_history(engine: Engine, slo: Slo, since: float, until: float, step_s: int,
+                *, attempts: int = 5) -> dict[str, Any]:
+    """Attainment and latency quantiles per UTC-aligned step (whole minutes) over [since, until).
+
+    The quantiles are re-read when the rollup committed while they were read, as the SLO evaluation does.
+    """
+    series = attainment_series(engine, slo, since, until, step_s, attempts=attempts)
+    sli = quantile_sli(slo)
+    column = SLI_COLUMNS[sli]
+    for _ in range(attempts):
+        with engine.connect() as conn:
+            reader = Reader(conn, slo.deployment)
+            quantiles = []
+            for p in series:
+                sketch, _ = reader.sketch(column, p.start_unix_s, p.end_unix_s)
+                quantiles.append({key: sketch.quantile(q) for q, key in HISTORY_QUANTILES})
+            if reader.unchanged():
+                break
+    else:
+        raise RollupBusy(f"the SLO rollup committed during each of {attempts} reads of {slo.name}; try again")
+    pts = [{"ts_unix_s": p.start_unix_s, "end_unix_s": p.end_unix_s, "requests": p.total, "good": p.good,
+            "unknown": p.unknown, "attainment": p.attainment, **q} for p, q in zip(series, quantiles, strict=True)]
+    return {"slo": slo.name, "deployment": slo.deployment, "objective": slo.objective, "step_s": step_s,
+            "quantile_sli": sli, "points": pts}
+
+
+# --- cost --------------------------------------------------------------------------------------------------
+def _samples(engine: Engine, replica_ids: Sequence[int], since: float, until: float) -> dict[int, cost.Samples]:
+    """Each replica's samples in [since, until) plus its neighbours outside: the last sample and the last
+    successful one before `since`, the first and the first successful one from `until` on, so intervals
+    straddling the window's edges are split like any other (up time and counter increases)."""
+    s = EngineSample
+    cols = (s.ts_unix_s, s.scrape_ok, s.prompt_tokens_total, s.generation_tokens_total)
+    rows: dict[int, set[Any]] = {int(r): set() for r in replica_ids}
+    if not rows:
+        return {}
+    with engine.connect() as conn:
+        before, after = (s.ts_unix_s < since, s.ts_unix_s.desc()), (s.ts_unix_s >= until, s.ts_unix_s.asc())
+        for rid in rows:
+            for (edge, order), only_ok in ((before, False), (before, True), (after, False), (after, True)):
+                q = select(*cols).where(s.replica_id == rid, edge)
+                row = conn.execute((q.where(s.scrape_ok.is_(True)) if only_ok else q).order_by(order).limit(1)).first()
+                if row is not None:
+                    rows[rid].add(tuple(row))
+        in_window = select(s.replica_id, *cols).where(s.ts_unix_s >= since, s.ts_unix_s < until,
+                                                       s.replica_id.in_(list(rows)))
+        for rid, *rest in conn.execute(in_window):
+            rows[int(rid)].add(tuple(rest))
+    return {rid: cost.Samples.from_rows(r) for rid, r in rows.items()}
+
+
+def cost_usage(
+    engine: Engine, edges: cost.FloatArray, *, watched_price: float | None,
+    max_gap_s: float = cost.DEFAULT_MAX_GAP_S, deployment: str | None = None,
+) -> list[cost.Usage]:
+    """Usage per deployment (stored deployments, then the watched replicas as `cost.WATCHED`) over the steps.
+
+    Raises NotFound for a `deployment` that is neither stored nor the watched group.
+    """
+    with engine.connect() as conn:
+        deps = [(int(i), str(n), d) for i, n, d in conn.execute(
+            select(Deployment.id, Deployment.name, Deployment.spec).order_by(Deployment.id))]
+        reps = [(int(i), d) for i, d in conn.execute(select(Replica.id, Replica.deployment_id))]
+    groups: list[tuple[str, float | None, list[int]]] = [
+        (name, cost.price_per_replica_hour(spec), [r for r, d in reps if d == dep_id]) for dep_id, name, spec in deps]
+    watched = [r for r, d in reps if d is None]
+    if watched:
+        groups.append((cost.WATCHED, watched_price, watched))
+    if deployment is not None:
+        groups = [g for g in groups if g[0] == deployment]
+        if not groups:
+            known = [n for _, n, _ in deps] + ([cost.WATCHED] if watched else [])
+            raise NotFound(f"unknown deployment {deployment!r}; known: {', '.join(known) or 'none'}")
+    samples = _samples(engine, [r for g in groups for r in g[2]], float(edges[0]), float(edges[-1]))
+    return [cost.usage(name, price, [samples[r] for r in ids], edges, max_gap_s) for name, price, ids in groups]
+
+
+def cost_source(engine: Engine, *, watched_price: float | None,
+                max_gap_s: float = cost.DEFAULT_MAX_GAP_S) -> cost.UsageSource:
+    """`cost_usage` bound to a store, for `cost.CostCollector`."""
+    def source(edges: cost.FloatArray) -> list[cost.Usage]:
+        return cost_usage(engine, edges, watched_price=watched_price, max_gap_s=max_gap_s)
+    return source
+
+
+# --- GPU summary -----------------------------------------------------------------------------------------
+_GPU_KEY: Final = (GpuSample.uuid, GpuSample.host, GpuSample.gpu_index, GpuSample.source)
+_GPU_LATEST: Final = ("ts_unix_s", "util_ratio", "mem_copy_util_ratio", "fb_used_bytes", "fb_free_bytes", "power_w",
+                      "energy_j", "temp_c", "sm_clock_mhz", "xid_errors", "gr_engine_active_ratio",
+                      "tensor_active_ratio", "dram_active_ratio")
+
+
+def gpu_summary(engine: Engine, since: float, until: float) -> dict[str, Any]:
+    """Per GPU (uuid, host, index, source): its latest reading in [since, until), mean utilisation and peak
+    temperature there. `available` says whether any GPU sample was ever stored."""
+    g = GpuSample
+    agg = (select(*_GPU_KEY, func.max(g.ts_unix_s).label("last_ts"), func.avg(g.util_ratio).label("mean_util"),
+                  func.max(g.temp_c).label("max_temp"))
+           .where(g.ts_unix_s >= since, g.ts_unix_s < until).group_by(*_GPU_KEY).subquery())
+    latest = (select(g.__table__, agg.c.mean_util, agg.c.max_temp)
+              .join(agg, and_(*(col.is_not_distinct_from(agg.c[col.key]) for col in _GPU_KEY),
+                              g.ts_unix_s == agg.c.last_ts))
+              .order_by(g.host, g.gpu_index, g.uuid, g.id.desc()))
+    with engine.connect() as conn:
+        available = bool(conn.execute(select(exists().where(g.id.is_not(None)))).scalar())
+        rows = [dict(r._mapping) for r in conn.execute(latest)] if available else []
+    gpus: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for r in rows:  # two readings of one GPU at the same second: keep the last stored
+        key = (r["uuid"], r["host"], r["gpu_index"], r["source"])
+        if key in gpus:
+            continue
+        gpus[key] = {"uuid": r["uuid"], "gpu_index": r["gpu_index"], "host": r["host"], "model_name": r["model_name"],
+                     "source": r["source"], "latest": {k: r[k] for k in _GPU_LATEST},
+                     "mean_util_ratio": _float(r["mean_util"]), "max_temp_c": _float(r["max_temp"])}
+    return {"available": available, "gpus": list(gpus.values())}
+
+
+def _float(x: Any) -> float | None:
+    if x is None:
+        return None
+    v = float(x)
+    return v if np.isfinite(v) else None

@@ -1,0 +1,282 @@
+"""Cost per token, pure: replica-hours from engine samples x price, tokens from counter deltas.
+
+A replica counts as up between two consecutive scrapes that both succeeded and lie at most
+`max_gap_s` apart (a longer silence is not known to be up time). Token counts are the increases of
+the stored counters (reset-adjusted by the scraper, so monotonic across engine restarts), each spread
+evenly over the time between its two readings, so tokens and up time are split between steps alike.
+A stored counter that drops (the adjustment offset was lost with a plane restart) gives an unknown
+interval, which is left out, never read as negative or zero tokens (as in `slo.counters`).
+
+Unknown stays unknown: no price gives null costs, a step without any counter reading gives null
+tokens, and a step without tokens gives a null $/1M (never 0, never infinity). The store-facing
+reads live in `controlplane.api.queries`; the Prometheus collector here takes them as a callable.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from controlplane import names
+
+log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+
+TOKENS_PER_MILLION: Final = 1_000_000.0
+DEFAULT_MAX_GAP_S: Final = 60.0  # 12 default scrape intervals: longer silences are not counted as up time
+WATCHED: Final = "watched"  # the group of replicas the plane only watches (no deployment spec)
+
+
+def price_per_replica_hour(spec: Mapping[str, Any] | None) -> float | None:
+    """hardware.price_per_hour_usd x hardware.count_per_replica of a stored Deployment document.
+
+    A price of 0 is the spec's default, i.e. not configured: unknown (None), not free.
+    """
+    try:
+        hw = (spec or {})["spec"]["hardware"]
+        price, count = float(hw["price_per_hour_usd"]), float(hw["count_per_replica"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not (math.isfinite(price) and math.isfinite(count)) or price <= 0 or count <= 0:
+        return None
+    return price * count
+
+
+def step_edges(since: float, until: float, step_s: float) -> FloatArray:
+    """[since, b1, b2, ..., until]: steps aligned to UTC multiples of step_s, the first and last clipped."""
+    if not since < until:
+        raise ValueError(f"since ({since}) must be earlier than until ({until})")
+    if not step_s > 0:
+        raise ValueError(f"step_s must be positive, got {step_s}")
+    first = math.floor(since / step_s) * step_s + step_s
+    inner = np.arange(first, until, step_s, dtype=np.float64)
+    return np.concatenate(([since], inner[inner > since], [until]))
+
+
+def step_count(since: float, until: float, step_s: float) -> int:
+    """How many steps `step_edges` would give (without building them), for bounding a request."""
+    return max(1, math.ceil(until / step_s) - math.floor(since / step_s))
+
+
+@dataclass(frozen=True)
+class Samples:
+    """One replica's engine samples, oldest first; NaN marks a counter that was not read (unknown)."""
+
+    ts_unix_s: FloatArray
+    scrape_ok: BoolArray
+    prompt_tokens_total: FloatArray
+    generation_tokens_total: FloatArray
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[tuple[float, bool, float | None, float | None]]) -> Samples:
+        """From (ts_unix_s, scrape_ok, prompt_tokens_total, generation_tokens_total) rows, any order."""
+        rows = sorted(rows, key=lambda r: r[0])
+        return cls(
+            np.array([float(r[0]) for r in rows], dtype=np.float64),
+            np.array([bool(r[1]) for r in rows], dtype=np.bool_),
+            np.array([np.nan if r[2] is None else float(r[2]) for r in rows], dtype=np.float64),
+            np.array([np.nan if r[3] is None else float(r[3]) for r in rows], dtype=np.float64),
+        )
+
+
+def up_seconds(s: Samples, edges: FloatArray, max_gap_s: float = DEFAULT_MAX_GAP_S) -> FloatArray:
+    """Seconds the replica was up in each step [edges[i], edges[i+1])."""
+    n = len(edges) - 1
+    if len(s.ts_unix_s) < 2:
+        return np.zeros(n)
+    gaps = np.diff(s.ts_unix_s)
+    counted = s.scrape_ok[:-1] & s.scrape_ok[1:] & (gaps <= max_gap_s)
+    # Up time accumulated since the first sample: rises inside counted intervals, flat elsewhere, so
+    # linear interpolation at the step edges splits an interval between the steps it overlaps.
+    cum = np.concatenate(([0.0], np.cumsum(np.where(counted, gaps, 0.0))))
+    return np.diff(np.interp(edges, s.ts_unix_s, cum))
+
+
+def _overlapping(lo: FloatArray, hi: FloatArray, edges: FloatArray) -> BoolArray:
+    """Per step, whether any interval [lo[k], hi[k]] overlaps it (open at both ends)."""
+    n = len(edges) - 1
+    inside = (hi > edges[0]) & (lo < edges[-1]) & (hi > lo)
+    first = np.clip(np.searchsorted(edges, lo[inside], side="right") - 1, 0, n - 1)
+    last = np.clip(np.searchsorted(edges, hi[inside], side="left") - 1, 0, n - 1)
+    marks = np.zeros(n + 1, dtype=np.int64)
+    np.add.at(marks, first, 1)
+    np.add.at(marks, last + 1, -1)
+    return np.cumsum(marks[:-1]) > 0
+
+
+def counter_increase(ts: FloatArray, values: FloatArray, edges: FloatArray) -> tuple[FloatArray, BoolArray]:
+    """(increase per step, known per step) of a stored counter; NaN readings are skipped.
+
+    The increase between two readings is spread evenly over the time between them, so a step gets the
+    part of it that falls inside (the same split as the up time). A step no usable interval overlaps
+    is unknown; a dropping interval is unknown and adds nothing.
+    """
+    n = len(edges) - 1
+    have = ~np.isnan(values)
+    t, v = ts[have], values[have]
+    if len(v) < 2:
+        return np.zeros(n), np.zeros(n, dtype=np.bool_)
+    delta = np.diff(v)
+    kept = delta >= 0
+    cum = np.concatenate(([0.0], np.cumsum(np.where(kept, delta, 0.0))))
+    return np.diff(np.interp(edges, t, cum)), _overlapping(t[:-1][kept], t[1:][kept], edges)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """One deployment's replica-seconds and tokens per step; NaN tokens = unknown."""
+
+    deployment: str
+    price_per_replica_hour_usd: float | None
+    edges: FloatArray
+    up_s: FloatArray
+    prompt_tokens: FloatArray
+    completion_tokens: FloatArray
+
+
+def usage(deployment: str, price: float | None, replicas: Sequence[Samples], edges: FloatArray,
+          max_gap_s: float = DEFAULT_MAX_GAP_S) -> Usage:
+    """Sum the replicas of a deployment step by step; a step's tokens are known if any replica's are."""
+    n = len(edges) - 1
+    up = np.zeros(n)
+    tokens = {"p": (np.zeros(n), np.zeros(n, dtype=np.bool_)), "g": (np.zeros(n), np.zeros(n, dtype=np.bool_))}
+    for s in replicas:
+        up += up_seconds(s, edges, max_gap_s)
+        for key, series in (("p", s.prompt_tokens_total), ("g", s.generation_tokens_total)):
+            inc, known = counter_increase(s.ts_unix_s, series, edges)
+            acc, acc_known = tokens[key]
+            tokens[key] = (acc + inc, acc_known | known)
+    (p, pk), (g, gk) = tokens["p"], tokens["g"]
+    return Usage(deployment, price, edges, up, np.where(pk, p, np.nan), np.where(gk, g, np.nan))
+
+
+def _opt(x: float) -> float | None:
+    return None if math.isnan(x) else float(x)
+
+
+def per_million(usd: float | None, tokens: float | None) -> float | None:
+    """$ per 1M tokens; None when the cost or the tokens are unknown, or there were no tokens. Tokens
+    without any measured up time (their readings straddle failed scrapes) have no known cost either."""
+    if usd is None or tokens is None or tokens <= 0 or usd <= 0:
+        return None
+    return usd / tokens * TOKENS_PER_MILLION
+
+
+def _sum_known(*xs: float | None) -> float | None:
+    known = [x for x in xs if x is not None]
+    return sum(known) if known else None
+
+
+@dataclass(frozen=True)
+class CostPoint:
+    ts_unix_s: float
+    replicas_up: float  # mean replicas up over the step
+    usd_per_hour: float | None
+    prompt_tokens: float | None
+    completion_tokens: float | None
+    usd_per_1m_prompt_tokens: float | None
+    usd_per_1m_completion_tokens: float | None
+    usd_per_1m_tokens: float | None
+
+
+@dataclass(frozen=True)
+class CostTotals:
+    replica_hours: float
+    usd: float | None
+    prompt_tokens: float | None
+    completion_tokens: float | None
+    usd_per_1m_tokens: float | None
+
+
+def points(u: Usage) -> list[CostPoint]:
+    """Each step's cost. The full cost of a step is set against each token kind in turn for the
+    per-kind figures ($/1M prompt tokens as if only prompt tokens were bought), and against both."""
+    out = []
+    price = u.price_per_replica_hour_usd
+    for i in range(len(u.up_s)):
+        lo, hi = float(u.edges[i]), float(u.edges[i + 1])
+        up_s = float(u.up_s[i])
+        usd = None if price is None else up_s / 3600.0 * price
+        p, g = _opt(float(u.prompt_tokens[i])), _opt(float(u.completion_tokens[i]))
+        replicas_up = up_s / (hi - lo)
+        out.append(CostPoint(
+            ts_unix_s=lo, replicas_up=replicas_up, usd_per_hour=None if price is None else replicas_up * price,
+            prompt_tokens=p, completion_tokens=g, usd_per_1m_prompt_tokens=per_million(usd, p),
+            usd_per_1m_completion_tokens=per_million(usd, g), usd_per_1m_tokens=per_million(usd, _sum_known(p, g)),
+        ))
+    return out
+
+
+def totals(u: Usage) -> CostTotals:
+    price = u.price_per_replica_hour_usd
+    replica_hours = float(u.up_s.sum()) / 3600.0
+    usd = None if price is None else replica_hours * price
+    p = _opt(float(np.nansum(u.prompt_tokens))) if np.any(~np.isnan(u.prompt_tokens)) else None
+    g = _opt(float(np.nansum(u.completion_tokens))) if np.any(~np.isnan(u.completion_tokens)) else None
+    return CostTotals(replica_hours, usd, p, g, per_million(usd, _sum_known(p, g)))
+
+
+def cost_json(u: Usage) -> dict[str, Any]:
+    """The REST view of one deployment's cost (see the contract of /api/v1/cost)."""
+    t = totals(u)
+    return {
+        "deployment": u.deployment, "price_per_replica_hour_usd": u.price_per_replica_hour_usd,
+        "points": [vars(p) for p in points(u)],
+        "totals": {"replica_hours": t.replica_hours, "usd": t.usd, "prompt_tokens": t.prompt_tokens,
+                   "completion_tokens": t.completion_tokens, "usd_per_1m_tokens": t.usd_per_1m_tokens},
+    }
+
+
+UsageSource = Callable[[FloatArray], Sequence[Usage]]
+"""(step edges) -> every deployment's usage over them; `api.queries.cost_source` reads it from the store."""
+
+
+class CostCollector(Collector):
+    """$/1M tokens and $/hour per deployment over the last `window_s`, computed at scrape time.
+
+    A deployment whose figure is unknown (no price, no tokens, no readings) gets no series at all, so a
+    `> budget` alert stays silent instead of seeing a zero; a failed read is logged and yields nothing.
+    """
+
+    def __init__(self, source: UsageSource, *, window_s: float, clock: Callable[[], float] = time.time) -> None:
+        if not window_s > 0:
+            raise ValueError(f"window_s must be positive, got {window_s}")
+        self.source = source
+        self.window_s = window_s
+        self.clock = clock
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        now = self.clock()
+        edges = np.array([now - self.window_s, now], dtype=np.float64)
+        try:
+            usages = list(self.source(edges))
+        except Exception:  # noqa: BLE001 - a failed cost read must not break the plane's /metrics
+            log.exception("cost per token: reading usage failed")
+            return
+        per_mtok = GaugeMetricFamily(names.PLANE_COST_PER_MTOK,
+                                     f"USD per million tokens (prompt + completion) over the last {self.window_s:g}s",
+                                     labels=[names.LABEL_DEPLOYMENT])
+        per_hour = GaugeMetricFamily(names.PLANE_COST_USD_PER_HOUR,
+                                     f"USD per hour of the replicas up over the last {self.window_s:g}s",
+                                     labels=[names.LABEL_DEPLOYMENT])
+        for u in usages:
+            t = totals(u)
+            if t.usd_per_1m_tokens is not None:
+                per_mtok.add_metric([u.deployment], t.usd_per_1m_tokens)
+            if t.usd is not None:
+                per_hour.add_metric([u.deployment], t.usd / (self.window_s / 3600.0))
+        yield from (f for f in (per_mtok, per_hour) if f.samples)

@@ -1,0 +1,492 @@
+"""The plane's tuner loop: observe each supervised deployment, decide its replica count with the SLO autoscaler,
+record every decision, turn a change into a recommendation with its evidence, and in `auto` mode apply it
+through the supervisor and roll it back if the SLO got worse.
+
+Pure parts (`arrival_rate`, `observe`, `proposal_for`, `verdict`) take plain values; `Tuner` is the edge that reads
+the router's counters, the store and the supervisor, on an injected clock. A reading that is missing or stale is
+unknown (None) in the observation, and the autoscaler never scales down on unknown data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+import numpy as np
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from controlplane import names
+from controlplane.slo.model import LatencyTarget, Slo
+from controlplane.tuning.autoscaler import (
+    DECISION_KIND,
+    AutoscalerConfig,
+    AutoscalerState,
+    Decision,
+    Observation,
+    ReplicaReading,
+    decide,
+)
+from controlplane.tuning.capacity import FleetCapacity, objectives_from_slos
+from controlplane.tuning.recommendations import APPLIED, OPEN, ROLLED_BACK, SUPERSEDED, Proposal, Recommendations
+
+log = logging.getLogger(__name__)
+
+ACTOR: Final = "tuner"
+_SLI_FIELDS: Final = {"ttft": "ttft_s", "tpot": "tpot_s", "e2e": "e2e_s", "queue": "queue_s", "itl": "tpot_s"}
+
+
+# --- pure: what the tuner sees ---------------------------------------------------------------------------------
+def arrival_rate(before: Mapping[str, int] | None, after: Mapping[str, int], dt_s: float) -> float | None:
+    """Requests per second routed to a deployment's replicas between two snapshots of the router's counters.
+
+    A replica present only in `after` joined during the interval (its counter started at 0). None when there is
+    no earlier snapshot or no time passed: unknown, not zero."""
+    if before is None or dt_s <= 0:
+        return None
+    total = 0
+    for name, n in after.items():
+        prev = before.get(name, 0)
+        total += n - prev if n >= prev else n  # a counter that went down was recreated: count from zero
+    return total / dt_s
+
+
+def finished_between(rows: Iterable[Mapping[str, Any]], t0: float, t1: float) -> list[Mapping[str, Any]]:
+    """Requests that finished (arrival + e2e) in [t0, t1); rows without e2e are left out."""
+    out = []
+    for r in rows:
+        e2e = r.get("e2e_s")
+        if e2e is None:
+            continue
+        end = float(r["arrival_unix_s"]) + float(e2e)
+        if t0 <= end < t1:
+            out.append(r)
+    return out
+
+
+def good_count(rows: Sequence[Mapping[str, Any]], targets: Sequence[LatencyTarget]) -> tuple[int, int]:
+    """(good, known): a request is good when every target is known and met, bad when any known one is missed."""
+    good = known = 0
+    for r in rows:
+        vals = [r.get(_SLI_FIELDS[t.sli]) for t in targets]
+        missed = any(v is not None and float(v) > t.threshold_s for v, t in zip(vals, targets, strict=True))
+        met = all(v is not None and float(v) <= t.threshold_s for v, t in zip(vals, targets, strict=True))
+        good += met
+        known += met or missed
+    return good, known
+
+
+def _p99(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
+    vals = [float(r[key]) for r in rows if r.get(key) is not None]
+    return float(np.quantile(vals, 0.99)) if vals else None
+
+
+def _mean(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
+    vals = [float(r[key]) for r in rows if r.get(key) is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def observe(deployment: str, *, desired: int, ready: Sequence[str], rate_rps: float | None,
+            latest_samples: Mapping[str, Mapping[str, Any] | None], finished: Sequence[Mapping[str, Any]],
+            targets: Sequence[LatencyTarget], now: float, stale_s: float) -> Observation:
+    """One interval of a deployment as the autoscaler sees it.
+
+    `latest_samples[replica]` is the newest engine sample of each ready replica (None: none stored); a failed or
+    older-than-`stale_s` one is unknown. `finished` are the requests that finished in the interval."""
+    readings = []
+    for name in ready:
+        s = latest_samples.get(name)
+        fresh = s is not None and bool(s.get("scrape_ok")) and now - float(s["ts_unix_s"]) <= stale_s
+        if s is None or not fresh:
+            readings.append(ReplicaReading(name))
+            continue
+        running, waiting = s.get("num_running"), s.get("num_waiting")
+        readings.append(ReplicaReading(name, None if running is None else int(running),
+                                       None if waiting is None else int(waiting), s.get("kv_usage_ratio")))
+    good, known = good_count(finished, targets) if targets else (0, 0)
+    return Observation(
+        deployment=deployment, replicas=desired, ready_replicas=len(ready), arrival_rate_rps=rate_rps,
+        readings=tuple(readings), mean_prompt_tokens=_mean(finished, "prompt_tokens"),
+        mean_output_tokens=_mean(finished, "completion_tokens"), ttft_p99_s=_p99(finished, "ttft_s"),
+        tpot_p99_s=_p99(finished, "tpot_s"), slo_good_ratio=good / known if known else None,
+        finished=known if targets else None)
+
+
+def action_of(decision: Decision, current: int) -> str:
+    return "up" if decision.desired_replicas > current else "down" if decision.desired_replicas < current else "hold"
+
+
+def proposal_for(deployment: str, decision: Decision, *, current: int, engine: Mapping[str, Any],
+                 obs: Observation, capacity: FleetCapacity | None, capacity_note: str,
+                 objective: float, price_per_replica_hour_usd: float) -> Proposal:
+    """A scale recommendation with its evidence: what was observed, what the capacity model predicts at the
+    current and the proposed count, and what the change costs."""
+    target = decision.desired_replicas
+    load = decision.inputs.get("load_rps")
+    rate = obs.arrival_rate_rps
+    basis = float(load) if isinstance(load, int | float) else rate
+    predicted: dict[str, Any] = {"basis_load_rps": basis}
+    if capacity is not None and basis is not None:
+        for label, n in (("current", current), ("proposed", target)):
+            total = capacity.total(n)
+            predicted[label] = {"replicas": n, "capacity_rps": round(total, 4),
+                                "utilization": round(basis / total, 4) if total > 0 else None}
+    # Confidence: how much evidence the decision stands on. Observed trouble is direct evidence, weighted by
+    # the number of finished requests it was judged on; a forecast-driven change leans on the capacity model.
+    finished = obs.finished or 0
+    if decision.reason.startswith("scale_up_slo_risk"):
+        confidence = min(1.0, 0.5 + finished / 400)
+    else:
+        confidence = 0.7 if capacity is not None else 0.3
+    return Proposal(
+        deployment=deployment, kind="scale", reason=decision.reason,
+        current={"replicas": current, "engine": dict(engine)}, proposed={"replicas": target},
+        evidence={
+            "observed": {"rate_rps": rate, "ready_replicas": obs.ready_replicas, "finished": obs.finished,
+                         "slo_good_ratio": obs.slo_good_ratio, "objective": objective,
+                         "ttft_p99_s": obs.ttft_p99_s, "tpot_p99_s": obs.tpot_p99_s,
+                         "waiting": [r.num_waiting for r in obs.readings],
+                         "kv_usage_ratio": [r.kv_usage_ratio for r in obs.readings]},
+            "decision_inputs": dict(decision.inputs),
+            "capacity": ({"sizes": list(capacity.sizes), "per_replica_rps": list(capacity.per_replica_rps),
+                          "source": capacity_note} if capacity is not None else {"source": capacity_note}),
+            "predicted": predicted,
+            "cost": {"price_per_replica_hour_usd": price_per_replica_hour_usd,
+                     "usd_per_hour_current": current * price_per_replica_hour_usd,
+                     "usd_per_hour_proposed": target * price_per_replica_hour_usd},
+        },
+        confidence=round(confidence, 3))
+
+
+KEPT, ROLL_BACK, UNDECIDED = "kept", "roll_back", "undecided"
+
+
+def verdict(before: tuple[int, int], after: tuple[int, int], *, objective: float, min_requests: int,
+            tolerance: float = 0.02) -> str:
+    """After an applied change: keep it, roll it back (the SLO got worse), or wait for more requests.
+
+    `before` / `after` are (good, known) counts of the requests that finished before the change and since it
+    took effect. It is rolled back only when the share of good requests fell by more than `tolerance` and now
+    misses the objective; too few requests on either side is undecided (unknown is not worse)."""
+    if before[1] < min_requests or after[1] < min_requests:
+        return UNDECIDED
+    b, a = before[0] / before[1], after[0] / after[1]
+    return ROLL_BACK if a < b - tolerance and a < objective else KEPT
+
+
+# --- the edge -----------------------------------------------------------------------------------------------
+class FleetView(Protocol):
+    """What the tuner reads from and asks of the supervisor."""
+
+    @property
+    def runtimes(self) -> Mapping[str, Any]: ...
+
+    async def scale(self, deployment: str, replicas: int, *, actor: str, reason: str) -> dict[str, Any]: ...
+
+
+class RouterView(Protocol):
+    def snapshot(self) -> dict[str, dict[str, object]]: ...
+
+
+class StoreView(Protocol):
+    def requests(self, *, since_unix_s: float | None = None, until_unix_s: float | None = None,
+                 replica: str | None = None, limit: int = 1000) -> list[dict[str, Any]]: ...
+    def engine_samples(self, *, since_unix_s: float | None = None, until_unix_s: float | None = None,
+                       replica: str | None = None, limit: int = 1000) -> list[dict[str, Any]]: ...
+    def record_action(self, replica_id: int | None, kind: str, *, actor: str, reason: str | None,
+                      message: str | None = None, before: Mapping[str, Any] | None = None,
+                      after: Mapping[str, Any] | None = None, attributes: Mapping[str, Any] | None = None,
+                      ts_unix_s: float | None = None) -> None: ...
+
+
+CapacityFn = Callable[[Any, Sequence[str], float], tuple[FleetCapacity, str] | None]
+"""calibrate(runtime, ready replica names, now) -> (capacity, note) or None: the plane binds it to the
+calibrated simulator; tests inject their own."""
+
+
+def calibrated_capacity(store: Any, slos: Sequence[Slo], *, window_s: float = 1800.0, min_requests: int = 200,
+                        sizes: Sequence[int] = (1, 2, 4)) -> CapacityFn:
+    """The plane's capacity source: fit the step-time model of a ready replica from its recent requests and
+    engine samples, then bisect the rate at which 1, 2, 4 such replicas meet the SLOs in the simulator, on a
+    workload drawn from the lengths just observed. None while there is too little to fit."""
+    from controlplane.tuning.calibrate import calibrated_replica
+    from controlplane.tuning.capacity import measure_fleet_capacity
+    from controlplane.tuning.workload import from_rows
+
+    def fn(rt: Any, ready: Sequence[str], now: float) -> tuple[FleetCapacity, str] | None:
+        objectives, _ = objectives_from_slos(s for s in slos if s.deployment == rt.dep.name)
+        eng = rt.dep.engine
+        if not objectives or eng.max_num_seqs is None or eng.max_num_batched_tokens is None:
+            return None
+        replica = ready[0]
+        rows = store.requests(since_unix_s=now - window_s, replica=replica, limit=20_000)
+        if len(rows) < min_requests:
+            return None
+        model, fit = calibrated_replica(store, replica, max_num_seqs=eng.max_num_seqs,
+                                        max_num_batched_tokens=eng.max_num_batched_tokens,
+                                        since_unix_s=now - window_s, max_model_len=eng.max_model_len)
+        fc = measure_fleet_capacity(model, from_rows(rows), objectives, sizes=sizes, requests=800)
+        rmse = "unknown" if fit.rel_rmse is None else f"{fit.rel_rmse:.3f}"
+        return fc, f"calibrated on {replica} ({fit.rows} steps, relative RMSE {rmse}) at {now:.0f}"
+
+    return fn
+
+
+@dataclass
+class Applied:
+    rid: int
+    at: float
+    from_replicas: int
+    to_replicas: int
+    before: tuple[int, int]
+    effective_at: float | None = None  # when the ready count first reached the new size
+
+
+@dataclass
+class _DeploymentState:
+    policy: AutoscalerState = field(default_factory=AutoscalerState)
+    counters: dict[str, int] | None = None
+    counters_at: float | None = None
+    capacity: FleetCapacity | None = None
+    capacity_note: str = "not calibrated yet"
+    calibrated_at: float | None = None
+    last_reason: str | None = None
+    applied: Applied | None = None
+    history: list[tuple[float, int, int]] = field(default_factory=list)  # (finish-interval end, good, known)
+
+
+@dataclass(frozen=True)
+class TunerOptions:
+    mode: str = "recommend"  # off | recommend | auto
+    interval_s: float = 15.0
+    startup_s: float = 90.0
+    stale_s: float = 20.0  # an engine sample older than this is unknown
+    recalibrate_s: float = 120.0
+    verify_s: float = 120.0  # after an applied change is in effect, judge it on this long of requests
+    min_finished: int = 50
+    lookback_s: float = 300.0  # requests finishing this long before a change are its "before"
+
+
+class Tuner:
+    def __init__(self, fleet: FleetView, router: RouterView, store: StoreView, recs: Recommendations,
+                 slos: Sequence[Slo], options: TunerOptions, *, calibrate: CapacityFn | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.fleet, self.router, self.store, self.recs = fleet, router, store, recs
+        self.options, self.calibrate, self.clock = options, calibrate, clock
+        self.slos = list(slos)
+        self.state: dict[str, _DeploymentState] = {}
+        self.decisions: dict[tuple[str, str, str], int] = {}  # (deployment, action, reason) -> count
+        self.last_obs: dict[str, Observation] = {}
+
+    def _targets(self, deployment: str) -> tuple[tuple[LatencyTarget, ...], float]:
+        objectives, _ = objectives_from_slos(s for s in self.slos if s.deployment == deployment)
+        targets = tuple(t for o in objectives for t in o.targets)
+        return targets, max((o.objective for o in objectives), default=0.99)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.tick()
+            except Exception:  # noqa: BLE001 - a failed round is logged; the next one starts from fresh readings
+                log.exception("tuner round failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.options.interval_s)
+
+    async def tick(self) -> list[Decision]:
+        out = []
+        for name, rt in list(self.fleet.runtimes.items()):
+            if rt.backend.kind == "external":  # the plane cannot change the size of what it only watches
+                continue
+            out.append(await self._tick_one(name, rt))
+        return out
+
+    async def _tick_one(self, name: str, rt: Any) -> Decision:
+        now = self.clock()
+        st = self.state.setdefault(name, _DeploymentState())
+        opts = self.options
+        members = [m for m in rt.members.values() if not getattr(m, "candidate", False)]
+        ready = sorted(m.name for m in members if m.state == "ready")
+        snap = self.router.snapshot()
+        member_names = {m.name for m in rt.members.values()}
+        counters = {n: int(v["routed"]) for n, v in snap.items() if n in member_names}  # type: ignore[call-overload]
+        rate = arrival_rate(st.counters, counters, now - st.counters_at if st.counters_at is not None else 0.0)
+        window_start = st.counters_at if st.counters_at is not None else now - opts.interval_s
+        st.counters, st.counters_at = counters, now
+        targets, objective = self._targets(name)
+        rows = await asyncio.to_thread(self._recent_requests, member_names, window_start - 600.0, now)
+        finished = finished_between(rows, window_start, now)
+        samples = await asyncio.to_thread(self._latest_samples, ready, now)
+        obs = observe(name, desired=rt.desired, ready=ready, rate_rps=rate, latest_samples=samples,
+                      finished=finished, targets=targets, now=now, stale_s=opts.stale_s)
+        self.last_obs[name] = obs
+        g, k = good_count(finished, targets) if targets else (0, 0)
+        st.history.append((now, g, k))
+        st.history = [h for h in st.history if h[0] > now - 3600]
+        await self._maybe_calibrate(name, rt, st, ready, now)
+        cfg = AutoscalerConfig(capacity=st.capacity, min_replicas=rt.dep.min_replicas,
+                               max_replicas=rt.dep.max_replicas, startup_s=opts.startup_s,
+                               interval_s=opts.interval_s, slo_objective=objective,
+                               min_finished=opts.min_finished)
+        decision, st.policy = decide(obs, cfg, st.policy, now)
+        current = rt.desired
+        action = action_of(decision, current)
+        key = (name, action, decision.reason)
+        self.decisions[key] = self.decisions.get(key, 0) + 1
+        if action != "hold" or decision.reason != st.last_reason:
+            await asyncio.to_thread(
+                self.store.record_action, None, DECISION_KIND, actor=ACTOR, reason=decision.reason,
+                message=f"{name}: {current} -> {decision.desired_replicas} replicas ({decision.reason})",
+                before={"replicas": current}, after={"replicas": decision.desired_replicas},
+                attributes={"deployment": name, "policy": "controlplane", "mode": opts.mode,
+                            "inputs": _jsonable(decision.inputs), "capacity_source": st.capacity_note},
+                ts_unix_s=now)
+            st.last_reason = decision.reason
+        await self._verify(name, rt, st, objective, now)
+        if opts.mode != "off":
+            await self._recommend(name, rt, st, obs, decision, objective, now)
+        return decision
+
+    def _recent_requests(self, replicas: set[str], since: float, until: float) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        for r in sorted(replicas):
+            rows += self.store.requests(since_unix_s=since, until_unix_s=until, replica=r, limit=100_000)
+        return rows
+
+    def _latest_samples(self, ready: Sequence[str], now: float) -> dict[str, dict[str, Any] | None]:
+        out: dict[str, dict[str, Any] | None] = {}
+        for r in ready:
+            got = self.store.engine_samples(since_unix_s=now - 3 * self.options.stale_s, replica=r, limit=1)
+            out[r] = got[0] if got else None
+        return out
+
+    async def _maybe_calibrate(self, name: str, rt: Any, st: _DeploymentState, ready: Sequence[str],
+                               now: float) -> None:
+        if self.calibrate is None or not ready:
+            return
+        if st.calibrated_at is not None and now - st.calibrated_at < self.options.recalibrate_s:
+            return
+        st.calibrated_at = now
+        try:
+            got = await asyncio.to_thread(self.calibrate, rt, ready, now)
+        except Exception as exc:  # noqa: BLE001 - keep the last capacity; say why in the decision record
+            log.warning("tuner: calibration of %s failed: %s", name, exc)
+            st.capacity_note = f"calibration failed: {exc}"[:300] if st.capacity is None else st.capacity_note
+            return
+        if got is not None:
+            st.capacity, st.capacity_note = got
+
+    async def _recommend(self, name: str, rt: Any, st: _DeploymentState, obs: Observation, decision: Decision,
+                         objective: float, now: float) -> None:
+        current = rt.desired
+        open_recs = await asyncio.to_thread(self.recs.list, deployment=name, status=OPEN, limit=10)
+        open_scale = [r for r in open_recs if r["kind"] == "scale"]
+        if decision.desired_replicas == current:
+            for r in open_scale:  # nothing to change any more: what was proposed is stale
+                if int(r["proposed"]["replicas"]) != current:
+                    await asyncio.to_thread(self.recs.decide, r["id"], SUPERSEDED, by=ACTOR,
+                                            outcome={"why": f"no longer needed: the autoscaler holds at {current}"})
+            return
+        if any(int(r["proposed"]["replicas"]) == decision.desired_replicas for r in open_scale):
+            return  # already proposed; waiting for a person
+        engine = rt.dep.engine.as_dict() if hasattr(rt.dep.engine, "as_dict") else {}
+        p = proposal_for(name, decision, current=current, engine=engine, obs=obs, capacity=st.capacity,
+                         capacity_note=st.capacity_note, objective=objective,
+                         price_per_replica_hour_usd=float(rt.dep.price_per_replica_hour_usd))
+        mode = "auto" if self.options.mode == "auto" else "recommend"
+        rid = await asyncio.to_thread(self.recs.add, p, mode)  # type: ignore[arg-type]
+        if mode != "auto":
+            return
+        before = self._counts_since(st, now - self.options.lookback_s)
+        try:
+            result = await self.fleet.scale(name, decision.desired_replicas, actor=ACTOR,
+                                            reason=f"recommendation_{rid}")
+        except Exception as exc:  # noqa: BLE001 - the supervisor refused: the recommendation failed, say why
+            await asyncio.to_thread(self.recs.decide, rid, "failed", by=ACTOR, outcome={"error": str(exc)})
+            return
+        await asyncio.to_thread(self.recs.decide, rid, APPLIED, by=ACTOR,
+                                outcome={"applied": _jsonable(result), "before": {"good": before[0],
+                                                                                   "known": before[1]}})
+        st.applied = Applied(rid, now, current, decision.desired_replicas, before)
+
+    def _counts_since(self, st: _DeploymentState, since: float, until: float = math.inf) -> tuple[int, int]:
+        sel = [(g, k) for t, g, k in st.history if since < t <= until]
+        return sum(g for g, _ in sel), sum(k for _, k in sel)
+
+    async def _verify(self, name: str, rt: Any, st: _DeploymentState, objective: float, now: float) -> None:
+        """An auto-applied change, once in effect, is judged on the requests that finished since: a scale-down
+        that made the SLO worse is scaled back; anything else is kept, with the before/after counts stored."""
+        a = st.applied
+        if a is None:
+            return
+        give_up = self.options.startup_s * 3 + self.options.verify_s
+        if a.effective_at is None:
+            ready = sum(1 for m in rt.members.values() if m.state == "ready" and not getattr(m, "candidate", False))
+            if ready == a.to_replicas or (a.to_replicas > a.from_replicas and ready >= a.to_replicas):
+                a.effective_at = now
+            elif now - a.at > give_up:
+                st.applied = None
+                await asyncio.to_thread(self.recs.decide, a.rid, APPLIED, by=ACTOR, expect=(APPLIED,), outcome={
+                    "verdict": "not_in_effect", "why": f"{ready} ready of {a.to_replicas} after {now - a.at:.0f} s"})
+            return
+        after = self._counts_since(st, a.effective_at)
+        v = verdict(a.before, after, objective=objective, min_requests=self.options.min_finished)
+        if v == UNDECIDED and now - a.effective_at < give_up:
+            return
+        st.applied = None
+        outcome: dict[str, Any] = {"verdict": v, "after": {"good": after[0], "known": after[1]},
+                                   "in_effect_unix_s": a.effective_at, "judged_unix_s": now}
+        if v == ROLL_BACK and a.to_replicas < a.from_replicas:
+            try:
+                await self.fleet.scale(name, a.from_replicas, actor=ACTOR, reason=f"rollback_recommendation_{a.rid}")
+            except Exception as exc:  # noqa: BLE001 - recorded with the outcome
+                outcome["rollback_error"] = str(exc)
+            await asyncio.to_thread(self.recs.decide, a.rid, ROLLED_BACK, by=ACTOR, outcome=outcome,
+                                    expect=(APPLIED,))
+        else:
+            await asyncio.to_thread(self.recs.decide, a.rid, APPLIED, by=ACTOR, outcome=outcome, expect=(APPLIED,))
+
+    # --- metrics --------------------------------------------------------------------------------------------
+    def collect(self) -> Iterator[Metric]:
+        dec = CounterMetricFamily(names.PLANE_TUNER_DECISIONS, "Autoscaler decisions by action and reason code.",
+                                  labels=[names.LABEL_DEPLOYMENT, names.LABEL_ACTION, names.LABEL_REASON])
+        for (dep, action, reason), n in sorted(self.decisions.items()):
+            dec.add_metric([dep, action, reason], n)
+        yield dec
+        cap = GaugeMetricFamily(names.PLANE_TUNER_CAPACITY_RPS,
+                                "Predicted request rate the deployment's desired replicas sustain within its SLOs "
+                                "(absent while not calibrated).", labels=["deployment"])
+        seen = GaugeMetricFamily(names.PLANE_TUNER_OBSERVED_RPS, "Request rate routed to the deployment over "
+                                 "the last tuner interval (absent while unknown).", labels=["deployment"])
+        for name, st in sorted(self.state.items()):
+            rt = self.fleet.runtimes.get(name)
+            if st.capacity is not None and rt is not None:
+                cap.add_metric([name], st.capacity.total(rt.desired))
+            obs = self.last_obs.get(name)
+            if obs is not None and obs.arrival_rate_rps is not None:
+                seen.add_metric([name], obs.arrival_rate_rps)
+        yield cap
+        yield seen
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+def _jsonable(d: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            out[k] = None
+        elif isinstance(v, Mapping):
+            out[k] = _jsonable(v)
+        elif isinstance(v, int | float | str | bool | list) or v is None:
+            out[k] = v
+        else:
+            out[k] = str(v)
+    return out
+
+

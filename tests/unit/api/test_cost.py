@@ -1,0 +1,175 @@
+"""Cost per token arithmetic, against hand-computed figures; unknown stays null, never 0 or infinity."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from controlplane import cost, names
+from controlplane.supervisor.spec import parse_deployment
+
+
+def steady(start: float, end: float, *, every_s: float = 10.0, prompt_per_s: float = 0.0,
+           completion_per_s: float = 0.0, ok: bool = True) -> list[tuple[float, bool, float | None, float | None]]:
+    """A replica scraped every `every_s` from start to end (inclusive), counters growing at a fixed rate."""
+    ts = [float(t) for t in np.arange(start, end + every_s / 2, every_s)]
+    return [(t, ok, (t - start) * prompt_per_s if ok else None, (t - start) * completion_per_s if ok else None)
+            for t in ts]
+
+
+def one_step(start: float, end: float) -> cost.FloatArray:
+    return np.array([start, end])
+
+
+def test_two_replicas_up_for_half_an_hour_at_two_dollars_an_hour_cost_two_dollars() -> None:
+    replicas = [cost.Samples.from_rows(steady(0, 1800)), cost.Samples.from_rows(steady(0, 1800))]
+    t = cost.totals(cost.usage("tiny", 2.0, replicas, one_step(0, 3600)))
+    assert t.replica_hours == pytest.approx(1.0)
+    assert t.usd == pytest.approx(2.0)
+
+
+def test_per_million_figures_set_the_step_cost_against_each_token_kind() -> None:
+    # One replica up the whole hour at $3.60/h: $3.60; 360k prompt and 120k completion tokens.
+    s = cost.Samples.from_rows(steady(0, 3600, prompt_per_s=100, completion_per_s=100 / 3))
+    (p,) = cost.points(cost.usage("tiny", 3.6, [s], one_step(0, 3600)))
+    assert p.replicas_up == pytest.approx(1.0) and p.usd_per_hour == pytest.approx(3.6)
+    assert p.prompt_tokens == pytest.approx(360_000) and p.completion_tokens == pytest.approx(120_000)
+    assert p.usd_per_1m_prompt_tokens == pytest.approx(10.0)
+    assert p.usd_per_1m_completion_tokens == pytest.approx(30.0)
+    assert p.usd_per_1m_tokens == pytest.approx(7.5)
+
+
+def test_tokens_are_counter_deltas_through_an_engine_restart() -> None:
+    # The scraper stores counters reset-adjusted: an engine restart (raw 140 -> 3) is stored as 143.
+    s = cost.Samples.from_rows([(0, True, 100, 10), (10, True, 140, 20), (20, True, 143, 21)])
+    u = cost.usage("tiny", 1.0, [s], one_step(0, 30))
+    assert cost.totals(u).prompt_tokens == pytest.approx(43) and cost.totals(u).completion_tokens == pytest.approx(11)
+
+
+def test_a_dropping_stored_counter_is_left_out_not_counted_negative() -> None:
+    # The plane restarted and lost its offset: the stored series falls from 140 to 5, then grows again.
+    s = cost.Samples.from_rows([(0, True, 100, None), (10, True, 140, None), (20, True, 5, None), (30, True, 25, None)])
+    assert cost.totals(cost.usage("tiny", 1.0, [s], one_step(0, 40))).prompt_tokens == pytest.approx(60)
+
+
+def test_failed_scrapes_are_skipped_for_tokens_but_break_the_up_time() -> None:
+    s = cost.Samples.from_rows([(0, True, 0, 0), (10, False, None, None), (20, True, 50, 5), (30, True, 60, 6)])
+    u = cost.usage("tiny", 3600.0, [s], one_step(0, 30))
+    t = cost.totals(u)
+    assert t.prompt_tokens == pytest.approx(60)  # the counter kept counting through the failed scrape
+    assert t.replica_hours * 3600 == pytest.approx(10)  # only 20..30 had both ends scraped OK
+    assert t.usd == pytest.approx(10.0)
+
+
+def test_a_silence_longer_than_the_gap_limit_is_not_up_time() -> None:
+    s = cost.Samples.from_rows([(0, True, 0, 0), (100, True, 10, 1), (110, True, 20, 2)])
+    assert cost.up_seconds(s, one_step(0, 200), max_gap_s=60) == pytest.approx([10])
+    assert cost.up_seconds(s, one_step(0, 200), max_gap_s=100) == pytest.approx([110])
+
+
+def test_an_interval_straddling_a_step_edge_is_split_between_the_steps() -> None:
+    s = cost.Samples.from_rows([(0, True, 0, None), (60, True, 600, None), (120, True, 1200, None)])
+    edges = np.array([0.0, 30.0, 120.0])
+    assert cost.up_seconds(s, edges) == pytest.approx([30, 90])
+    inc, known = cost.counter_increase(s.ts_unix_s, s.prompt_tokens_total, edges)
+    assert inc == pytest.approx([300, 900]) and known.tolist() == [True, True]
+
+
+def test_steps_are_aligned_to_the_step_and_clipped_to_the_window() -> None:
+    assert cost.step_edges(10, 610, 300).tolist() == [10, 300, 600, 610]
+    assert cost.step_edges(0, 600, 300).tolist() == [0, 300, 600]
+    for since, until, step in [(10, 610, 300), (0, 600, 300), (1, 2, 300), (299, 301, 300), (7, 1000, 13)]:
+        assert cost.step_count(since, until, step) == len(cost.step_edges(since, until, step)) - 1
+    with pytest.raises(ValueError, match="earlier"):
+        cost.step_edges(5, 5, 60)
+
+
+def test_an_unknown_price_gives_null_costs_but_known_usage() -> None:
+    s = cost.Samples.from_rows(steady(0, 600, prompt_per_s=1))
+    u = cost.usage("watched", None, [s], one_step(0, 600))
+    (p,) = cost.points(u)
+    t = cost.totals(u)
+    assert p.usd_per_hour is None and p.usd_per_1m_tokens is None and p.usd_per_1m_prompt_tokens is None
+    assert t.usd is None and t.usd_per_1m_tokens is None
+    assert t.replica_hours == pytest.approx(600 / 3600) and t.prompt_tokens == pytest.approx(600)
+
+
+def test_a_step_without_tokens_has_a_null_price_per_million_not_zero_or_infinity() -> None:
+    idle = cost.Samples.from_rows(steady(0, 600))  # up, counters flat
+    (p,) = cost.points(cost.usage("tiny", 2.0, [idle], one_step(0, 600)))
+    assert p.prompt_tokens == 0 and p.usd_per_hour == pytest.approx(2.0)
+    assert p.usd_per_1m_tokens is None and p.usd_per_1m_prompt_tokens is None
+
+
+def test_a_step_without_counter_readings_has_unknown_tokens() -> None:
+    s = cost.Samples.from_rows([(0, True, 0, 0), (10, True, 5, 5)])
+    points = cost.points(cost.usage("tiny", 1.0, [s], np.array([0.0, 10.0, 20.0])))
+    assert points[0].prompt_tokens == pytest.approx(5)
+    assert points[1].prompt_tokens is None and points[1].replicas_up == 0 and points[1].usd_per_1m_tokens is None
+
+
+def test_the_json_view_never_holds_nan() -> None:
+    s = cost.Samples.from_rows([(0, True, None, None), (10, True, None, None)])
+    body = cost.cost_json(cost.usage("tiny", 1.0, [s], np.array([0.0, 10.0, 20.0])))
+    assert body["points"][0]["prompt_tokens"] is None and body["totals"]["prompt_tokens"] is None
+    assert body["totals"]["replica_hours"] == pytest.approx(10 / 3600)
+    assert "nan" not in repr(body).lower()
+
+
+def _doc(hardware: dict[str, object] | None = None) -> dict[str, object]:
+    spec: dict[str, object] = {"model": {"path": "/m", "served_name": "tiny"}}
+    if hardware is not None:
+        spec["hardware"] = hardware
+    return {"apiVersion": "controlplane/v1", "kind": "Deployment", "metadata": {"name": "tiny"}, "spec": spec}
+
+
+@pytest.mark.parametrize(("hardware", "price"), [
+    ({"accelerator": "H100-80GB", "count_per_replica": 2, "price_per_hour_usd": 2.5}, 5.0),
+    ({"accelerator": "cpu", "count_per_replica": 4, "price_per_hour_usd": 0.05}, 0.2),  # a core is the accelerator
+    ({"accelerator": "cpu", "count_per_replica": 4}, None),  # the default price 0 is "not configured"
+    (None, None),
+])
+def test_the_replica_price_comes_from_the_stored_spec(hardware: dict[str, object] | None,
+                                                      price: float | None) -> None:
+    stored = parse_deployment(_doc(hardware)).spec
+    assert cost.price_per_replica_hour(stored) == (pytest.approx(price) if price is not None else None)
+
+
+@pytest.mark.parametrize("stored", [None, {}, {"spec": None}, {"spec": {"hardware": {"price_per_hour_usd": "x"}}}])
+def test_a_malformed_stored_spec_has_an_unknown_price(stored: object) -> None:
+    assert cost.price_per_replica_hour(stored) is None  # type: ignore[arg-type]
+
+
+def _scrape(collector: cost.CostCollector) -> str:
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return generate_latest(registry).decode()
+
+
+def test_the_collector_exports_known_figures_and_nothing_for_unknown_ones() -> None:
+    busy = cost.Samples.from_rows(steady(700, 1000, prompt_per_s=1000, completion_per_s=1000))
+    seen: list[list[float]] = []
+
+    def source(edges: cost.FloatArray) -> Sequence[cost.Usage]:
+        seen.append(edges.tolist())
+        return [cost.usage("tiny", 36.0, [busy], edges), cost.usage("watched", None, [busy], edges),
+                cost.usage("idle", 36.0, [], edges)]
+
+    text = _scrape(cost.CostCollector(source, window_s=300, clock=lambda: 1000.0))
+    assert seen == [[700.0, 1000.0]]
+    # 300 s up at $36/h = $3 for 600k tokens: $5 per 1M; $3 over 300 s is $36/h.
+    assert f'{names.PLANE_COST_PER_MTOK}{{deployment="tiny"}} 5.0' in text
+    assert f'{names.PLANE_COST_USD_PER_HOUR}{{deployment="tiny"}} 36.0' in text
+    assert 'deployment="watched"' not in text  # no price: unknown, not 0
+    assert f'{names.PLANE_COST_PER_MTOK}{{deployment="idle"}}' not in text  # no tokens: unknown
+    assert f'{names.PLANE_COST_USD_PER_HOUR}{{deployment="idle"}} 0.0' in text  # priced, nothing up: $0/h
+
+
+def test_a_failing_source_yields_no_cost_series() -> None:
+    def broken(_edges: cost.FloatArray) -> Sequence[cost.Usage]:
+        raise RuntimeError("store down")
+
+    assert "controlplane_cost" not in _scrape(cost.CostCollector(broken, window_s=300, clock=lambda: 1000.0))

@@ -1,0 +1,313 @@
+"""The plane's tuner loop: pure observation/verdict helpers, and the Tuner against fakes on a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controlplane.slo.model import LatencyTarget
+from controlplane.store.db import make_engine, upgrade
+from controlplane.tuning.autoscaler import HOLD_UNCALIBRATED, SCALE_UP_SLO_RISK, Decision, Observation
+from controlplane.tuning.capacity import FleetCapacity
+from controlplane.tuning.loop import (
+    KEPT,
+    ROLL_BACK,
+    UNDECIDED,
+    Tuner,
+    TunerOptions,
+    arrival_rate,
+    finished_between,
+    good_count,
+    observe,
+    proposal_for,
+    verdict,
+)
+from controlplane.tuning.recommendations import Recommendations
+from tests.unit.slo.factories import make_slo
+
+TTFT = (LatencyTarget("ttft", 0.5),)
+
+
+# --- pure helpers -------------------------------------------------------------------------------------------
+def test_arrival_rate_is_unknown_without_a_previous_snapshot_and_counts_new_and_recreated_replicas() -> None:
+    assert arrival_rate(None, {"a": 10}, 15.0) is None
+    assert arrival_rate({"a": 10}, {"a": 40}, 0.0) is None
+    assert arrival_rate({"a": 10}, {"a": 40}, 15.0) == pytest.approx(2.0)
+    # b joined in the interval (counted from 0); a was recreated (its counter went down: count from 0)
+    assert arrival_rate({"a": 100}, {"a": 6, "b": 9}, 3.0) == pytest.approx(5.0)
+
+
+def test_finished_between_uses_arrival_plus_e2e_and_skips_rows_without_e2e() -> None:
+    rows = [{"arrival_unix_s": 90.0, "e2e_s": 12.0}, {"arrival_unix_s": 95.0, "e2e_s": 1.0},
+            {"arrival_unix_s": 99.0, "e2e_s": None}, {"arrival_unix_s": 104.0, "e2e_s": 6.0}]
+    got = finished_between(rows, 100.0, 110.0)
+    assert [r["arrival_unix_s"] for r in got] == [90.0]
+
+
+def test_good_count_is_three_valued() -> None:
+    targets = (LatencyTarget("ttft", 0.5), LatencyTarget("tpot", 0.05))
+    rows = [{"ttft_s": 0.1, "tpot_s": 0.01},  # good
+            {"ttft_s": 0.9, "tpot_s": None},  # a known miss: bad although tpot is unknown
+            {"ttft_s": 0.1, "tpot_s": None},  # unknown
+            {"ttft_s": 0.1, "tpot_s": 0.2}]  # bad
+    assert good_count(rows, targets) == (1, 3)
+
+
+def test_observe_marks_failed_and_stale_samples_unknown() -> None:
+    now = 1000.0
+    samples: dict[str, Mapping[str, Any] | None] = {
+        "ok": {"ts_unix_s": 995.0, "scrape_ok": True, "num_running": 3.0, "num_waiting": 1.0, "kv_usage_ratio": 0.4},
+        "failed": {"ts_unix_s": 999.0, "scrape_ok": False, "num_running": None, "num_waiting": None,
+                   "kv_usage_ratio": None},
+        "stale": {"ts_unix_s": 900.0, "scrape_ok": True, "num_running": 1.0, "num_waiting": 0.0,
+                  "kv_usage_ratio": 0.1},
+        "none": None}
+    finished = [{"ttft_s": 0.1, "tpot_s": 0.01, "prompt_tokens": 10, "completion_tokens": 20}] * 3 + \
+               [{"ttft_s": 2.0, "tpot_s": 0.01, "prompt_tokens": 30, "completion_tokens": 20}]
+    obs = observe("d", desired=4, ready=["ok", "failed", "stale", "none"], rate_rps=2.5, latest_samples=samples,
+                  finished=finished, targets=TTFT, now=now, stale_s=20.0)
+    known = {r.name: r.known for r in obs.readings}
+    assert known == {"ok": True, "failed": False, "stale": False, "none": False}
+    assert obs.readings[0].num_running == 3 and obs.readings[0].kv_usage_ratio == 0.4
+    assert obs.slo_good_ratio == pytest.approx(0.75) and obs.finished == 4
+    assert obs.mean_prompt_tokens == pytest.approx(15.0) and obs.ready_replicas == 4
+
+
+def test_observe_without_finished_requests_has_unknown_attainment() -> None:
+    obs = observe("d", desired=1, ready=["a"], rate_rps=None, latest_samples={}, finished=[], targets=TTFT,
+                  now=0.0, stale_s=20.0)
+    assert obs.slo_good_ratio is None and obs.ttft_p99_s is None and obs.arrival_rate_rps is None
+
+
+def test_verdict() -> None:
+    assert verdict((99, 100), (10, 20), objective=0.99, min_requests=50) == UNDECIDED
+    assert verdict((99, 100), (80, 100), objective=0.99, min_requests=50) == ROLL_BACK
+    assert verdict((99, 100), (98, 100), objective=0.99, min_requests=50) == KEPT  # within tolerance
+    # worse, but still meeting the objective: kept
+    assert verdict((100, 100), (995, 1000), objective=0.9, min_requests=50) == KEPT
+
+
+def test_proposal_carries_prediction_at_both_counts_and_cost() -> None:
+    cap = FleetCapacity((1, 2), (2.0, 2.5))
+    obs = Observation("d", 1, 1, 3.0, finished=100, slo_good_ratio=0.7)
+    p = proposal_for("d", Decision(2, SCALE_UP_SLO_RISK, {"load_rps": 3.0}), current=1, engine={"max_num_seqs": 8},
+                     obs=obs, capacity=cap, capacity_note="test", objective=0.99, price_per_replica_hour_usd=2.0)
+    pred = p.evidence["predicted"]
+    assert pred["current"]["utilization"] == pytest.approx(1.5) and pred["proposed"]["capacity_rps"] == 5.0
+    assert p.evidence["cost"]["usd_per_hour_proposed"] == 4.0 and p.proposed == {"replicas": 2}
+    assert p.current["engine"] == {"max_num_seqs": 8} and 0 < (p.confidence or 0) <= 1
+
+
+# --- the Tuner on fakes ---------------------------------------------------------------------------------------
+@dataclass
+class FakeMember:
+    name: str
+    state: str = "ready"
+    candidate: bool = False
+
+
+@dataclass
+class FakeEngineCfg:
+    max_num_seqs: int = 8
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"max_num_seqs": self.max_num_seqs}
+
+
+@dataclass
+class FakeDep:
+    name: str = "d"
+    min_replicas: int = 1
+    max_replicas: int = 3
+    engine: FakeEngineCfg = field(default_factory=FakeEngineCfg)
+    price_per_replica_hour_usd: float = 1.5
+
+
+@dataclass
+class FakeBackend:
+    kind: str = "local"
+
+
+@dataclass
+class FakeRuntime:
+    dep: FakeDep
+    desired: int
+    members: dict[str, FakeMember]
+    backend: FakeBackend = field(default_factory=FakeBackend)
+
+
+class FakeFleet:
+    def __init__(self, rt: FakeRuntime) -> None:
+        self._rt = rt
+        self.calls: list[tuple[str, int, str, str]] = []
+
+    @property
+    def runtimes(self) -> Mapping[str, Any]:
+        return {self._rt.dep.name: self._rt}
+
+    async def scale(self, deployment: str, replicas: int, *, actor: str, reason: str) -> dict[str, Any]:
+        self.calls.append((deployment, replicas, actor, reason))
+        rt = self._rt
+        rt.desired = replicas
+        while len(rt.members) < replicas:
+            n = f"d-{len(rt.members)}"
+            rt.members[n] = FakeMember(n, state="starting")
+        for name in sorted(rt.members)[replicas:]:
+            rt.members[name].state = "stopped"
+        return {"deployment": deployment, "replicas": replicas}
+
+
+class FakeRouter:
+    def __init__(self) -> None:
+        self.routed: dict[str, int] = {}
+
+    def snapshot(self) -> dict[str, dict[str, object]]:
+        return {n: {"routed": c} for n, c in self.routed.items()}
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.samples: list[dict[str, Any]] = []
+        self.actions: list[dict[str, Any]] = []
+
+    def requests(self, *, since_unix_s: float | None = None, until_unix_s: float | None = None,
+                 replica: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["replica"] == replica and (since_unix_s or 0) <= r["arrival_unix_s"]
+                and r["arrival_unix_s"] < (until_unix_s or 1e18)][:limit]
+
+    def engine_samples(self, *, since_unix_s: float | None = None, until_unix_s: float | None = None,
+                       replica: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        got = [s for s in self.samples if s["replica"] == replica and s["ts_unix_s"] >= (since_unix_s or 0)]
+        return sorted(got, key=lambda s: -s["ts_unix_s"])[:limit]
+
+    def record_action(self, replica_id: int | None, kind: str, *, actor: str, reason: str | None,
+                      message: str | None = None, before: Mapping[str, Any] | None = None,
+                      after: Mapping[str, Any] | None = None, attributes: Mapping[str, Any] | None = None,
+                      ts_unix_s: float | None = None) -> None:
+        self.actions.append({"kind": kind, "actor": actor, "reason": reason, "before": before, "after": after,
+                             "attributes": attributes, "ts": ts_unix_s})
+
+    def add_interval(self, replicas: list[str], t0: float, t1: float, n: int, ttft_s: float,
+                     samples: bool = True) -> None:
+        for i in range(n):
+            arrival = t0 + (t1 - t0) * i / n - 0.5
+            self.rows.append({"replica": replicas[i % len(replicas)], "arrival_unix_s": arrival, "e2e_s": 0.4,
+                              "ttft_s": ttft_s, "tpot_s": 0.01, "prompt_tokens": 20, "completion_tokens": 10})
+        for r in replicas if samples else ():
+            self.samples.append({"replica": r, "ts_unix_s": t1 - 1, "scrape_ok": True, "num_running": 2.0,
+                                 "num_waiting": 0.0, "kv_usage_ratio": 0.2})
+
+
+class Clock:
+    def __init__(self, t: float = 10_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _tuner(tmp_path: Path, mode: str, desired: int, *, capacity: FleetCapacity | None = None,
+           ) -> tuple[Tuner, FakeFleet, FakeRouter, FakeStore, Clock, Recommendations]:
+    engine = make_engine(f"sqlite:///{tmp_path / 'cp.db'}")
+    upgrade(engine)
+    clock = Clock()
+    recs = Recommendations(engine, clock=clock)
+    members = {f"d-{i}": FakeMember(f"d-{i}") for i in range(desired)}
+    fleet = FakeFleet(FakeRuntime(FakeDep(), desired, members))
+    router, store = FakeRouter(), FakeStore()
+    slo = make_slo("ttft", (("ttft", 0.5),), objective=0.99, deployment="d")
+    calibrate = (lambda rt, ready, now: (capacity, "given")) if capacity is not None else None
+    tuner = Tuner(fleet, router, store, recs, [slo],
+                  TunerOptions(mode=mode, interval_s=15.0, startup_s=30.0, min_finished=20, verify_s=30.0),
+                  calibrate=calibrate, clock=clock)
+    return tuner, fleet, router, store, clock, recs
+
+
+def _interval(tuner: Tuner, router: FakeRouter, store: FakeStore, clock: Clock, replicas: list[str], n: int,
+              ttft_s: float, samples: bool = True) -> Decision:
+    t0 = clock.t
+    clock.t += 15.0
+    store.add_interval(replicas, t0, clock.t, n, ttft_s, samples)
+    for i, r in enumerate(replicas):
+        router.routed[r] = router.routed.get(r, 0) + n // len(replicas) + (i < n % len(replicas))
+    return asyncio.run(tuner.tick())[0]
+
+
+def test_recommend_mode_proposes_a_replica_on_sustained_slo_burn_and_does_not_apply_it(tmp_path: Path) -> None:
+    tuner, fleet, router, store, clock, recs = _tuner(tmp_path, "recommend", 1)
+    assert _interval(tuner, router, store, clock, ["d-0"], 60, 0.1).reason == HOLD_UNCALIBRATED
+    d1 = _interval(tuner, router, store, clock, ["d-0"], 60, 2.0)  # one bad interval: a transient
+    assert d1.desired_replicas == 1
+    d2 = _interval(tuner, router, store, clock, ["d-0"], 60, 2.0)
+    assert (d2.desired_replicas, d2.reason) == (2, SCALE_UP_SLO_RISK)
+    assert fleet.calls == []  # recommend mode: a person applies
+    [rec] = recs.list(deployment="d")
+    assert rec["status"] == "open" and rec["proposed"] == {"replicas": 2} and rec["mode"] == "recommend"
+    assert rec["evidence"]["observed"]["slo_good_ratio"] == 0.0
+    assert rec["evidence"]["observed"]["rate_rps"] == pytest.approx(4.0)
+    # the same want again does not pile up recommendations
+    _interval(tuner, router, store, clock, ["d-0"], 60, 2.0)
+    assert len(recs.list(deployment="d")) == 1
+    ups = [a for a in store.actions if a["reason"] == SCALE_UP_SLO_RISK]
+    assert ups and ups[0]["actor"] == "tuner" and ups[0]["after"] == {"replicas": 2}
+    assert ups[0]["attributes"]["deployment"] == "d"
+
+
+def test_auto_mode_applies_through_the_supervisor_and_keeps_a_scale_up(tmp_path: Path) -> None:
+    tuner, fleet, router, store, clock, recs = _tuner(tmp_path, "auto", 1)
+    for ttft in (0.1, 2.0, 2.0):
+        _interval(tuner, router, store, clock, ["d-0"], 60, ttft)
+    assert fleet.calls == [("d", 2, "tuner", fleet.calls[0][3])] and fleet.calls[0][3].startswith("recommendation_")
+    [rec] = recs.list(deployment="d")
+    assert rec["status"] == "applied" and rec["decided_by"] == "tuner" and rec["mode"] == "auto"
+    fleet.runtimes["d"].members["d-1"].state = "ready"
+    for _ in range(4):
+        _interval(tuner, router, store, clock, ["d-0", "d-1"], 60, 0.1)
+    rec = recs.get(rec["id"])
+    assert rec["outcome"]["verdict"] == KEPT and rec["outcome"]["after"]["known"] >= 20
+
+
+def test_never_scales_down_on_unknown_readings(tmp_path: Path) -> None:
+    # Capacity says one replica is plenty, but the engine samples are missing: no scale-down, ever.
+    tuner, fleet, router, store, clock, recs = _tuner(tmp_path, "auto", 3, capacity=FleetCapacity((1,), (100.0,)))
+    for _ in range(20):
+        _interval(tuner, router, store, clock, ["d-0", "d-1", "d-2"], 30, 0.1, samples=False)
+    assert fleet.calls == [] and fleet.runtimes["d"].desired == 3
+    assert any(a["reason"] == "hold_unknown_data" for a in store.actions)
+
+
+def test_auto_scale_down_that_hurts_the_slo_is_rolled_back(tmp_path: Path) -> None:
+    tuner, fleet, router, store, clock, recs = _tuner(tmp_path, "auto", 2, capacity=FleetCapacity((1,), (100.0,)))
+    for _ in range(8):  # light load: after the downscale delay one replica is proposed
+        _interval(tuner, router, store, clock, ["d-0", "d-1"], 30, 0.1)
+        if fleet.calls:
+            break
+    assert fleet.calls and fleet.calls[0][1] == 1
+    [rec] = recs.list(deployment="d")
+    assert rec["status"] == "applied" and rec["reason"] == "scale_down_spare_capacity"
+    for _ in range(3):  # the one replica left misses the SLO
+        _interval(tuner, router, store, clock, ["d-0"], 30, 2.0)
+    assert fleet.calls[-1][1] == 2 and fleet.calls[-1][3] == f"rollback_recommendation_{rec['id']}"
+    rec = recs.get(rec["id"])
+    assert rec["status"] == "rolled_back" and rec["outcome"]["verdict"] == ROLL_BACK
+
+
+def test_tuner_metrics_expose_decisions_and_leave_unknown_capacity_out(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    tuner, fleet, router, store, clock, recs = _tuner(tmp_path, "recommend", 1)
+    _interval(tuner, router, store, clock, ["d-0"], 30, 0.1)
+    _interval(tuner, router, store, clock, ["d-0"], 30, 0.1)
+    reg = CollectorRegistry()
+    reg.register(tuner)
+    text = generate_latest(reg).decode()
+    assert 'controlplane_tuner_decisions_total{action="hold",deployment="d",reason="hold_capacity_unknown"} 2.0' \
+        in text
+    assert 'controlplane_tuner_observed_rps{deployment="d"} 2.0' in text
+    assert "controlplane_tuner_capacity_rps{" not in text
