@@ -27,9 +27,10 @@ demo: venv
 test: venv lint tools
 	$(VENV)/bin/pytest
 
-# Debian's promtool / amtool / alertmanager for the alert tests (skipped when already installed).
+# Debian tools the tests use (skipped when installed): promtool / amtool / alertmanager / prometheus for the
+# alert and Prometheus tests, chromium + chromedriver for the dashboard screenshots.
 tools:
-	bash scripts/install-debian-tools.sh prometheus
+	bash scripts/install-debian-tools.sh prometheus chromium
 
 lint: venv
 	$(VENV)/bin/ruff check controlplane collectors tests bench
