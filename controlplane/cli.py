@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -12,6 +13,7 @@ from rich.console import Console
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from controlplane.grafana.render import app as dashboards_app
 from controlplane.settings import Settings
 from controlplane.slo.render import app as slo_app
 from controlplane.tuning.whatif import app as tune_app
@@ -24,6 +26,7 @@ app.add_typer(model_app, name="model")
 app.add_typer(db_app, name="db")
 app.add_typer(tune_app, name="tune")
 app.add_typer(slo_app, name="slo")
+app.add_typer(dashboards_app, name="dashboards")
 console = Console(stderr=True)
 
 
@@ -150,6 +153,19 @@ def demo(
     _logging(False)
     logging.getLogger().setLevel(logging.WARNING)
     raise typer.Exit(run_demo(_settings(), console, n_requests=requests, concurrency=concurrency))
+
+
+@app.command()
+def ui(
+    api_url: Annotated[str, typer.Option(help="The plane's REST API.")] = "http://127.0.0.1:8080",
+    host: Annotated[str, typer.Option(help="Address the app listens on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the app.", min=1, max=65535)] = 8501,
+) -> None:
+    """Run the Streamlit app. It reads only the REST API; CONTROLPLANE_API_TOKEN enables Apply / Dismiss."""
+    from controlplane.ui.launch import streamlit_argv
+
+    argv = streamlit_argv(api_url, host, port)
+    os.execv(argv[0], argv)
 
 
 if __name__ == "__main__":

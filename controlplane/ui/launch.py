@@ -1,0 +1,25 @@
+"""How the `controlplane ui` command starts the app: `streamlit run dashboards/app.py` with its options."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+APP_SCRIPT = Path(__file__).resolve().parents[2] / "dashboards" / "app.py"
+
+
+def streamlit_argv(api_url: str, host: str = "127.0.0.1", port: int = 8501) -> list[str]:
+    """The argv to exec. The API URL reaches the app as its own `--api-url` argument (after `--`), which wins
+    over CONTROLPLANE_API_URL; the token stays in the environment (CONTROLPLANE_API_TOKEN), never in argv.
+
+    Streamlit runs as a module of this interpreter so it is the venv's Streamlit; headless (no browser
+    opened), usage statistics off, loopback by default like every face of the plane.
+    """
+    if not 0 < port < 65536:
+        raise ValueError(f"port must be in 1..65535, got {port}")
+    if not api_url.startswith(("http://", "https://")):
+        raise ValueError(f"api_url must be an http(s) URL, got {api_url!r}")
+    return [sys.executable, "-m", "streamlit", "run", str(APP_SCRIPT), "--server.headless", "true",
+            "--server.address", host, "--server.port", str(port), "--browser.gatherUsageStats", "false",
+            "--client.toolbarMode", "viewer", "--", "--api-url", api_url]
+
