@@ -280,3 +280,110 @@ class CostCollector(Collector):
             if t.usd is not None:
                 per_hour.add_metric([u.deployment], t.usd / (self.window_s / 3600.0))
         yield from (f for f in (per_mtok, per_hour) if f.samples)
+
+
+# --- cost per tenant ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TenantTokens:
+    """The stored requests of one tenant on one replica in one step (vLLM's spans joined to the router's
+    by trace id). `replica` None: a request span from no known replica; `tenant` None: no tenant."""
+
+    replica: int | None
+    step: int
+    tenant: str | None
+    requests: int
+    prompt_tokens: float
+    completion_tokens: float
+
+
+@dataclass(frozen=True)
+class TenantUsage:
+    """One tenant's requests, tokens and allocated cost per step; NaN cost = unknown."""
+
+    tenant: str | None
+    requests: npt.NDArray[np.int64]
+    prompt_tokens: FloatArray
+    completion_tokens: FloatArray
+    usd: FloatArray
+
+
+@dataclass(frozen=True)
+class TenantCosts:
+    edges: FloatArray
+    tenants: list[TenantUsage]
+    unallocated_usd: FloatArray  # replica time in steps where the replica served no request tokens; NaN unknown
+
+
+def replica_usd(up_s: FloatArray, price: float | None) -> FloatArray:
+    """A replica's cost per step: unknown (NaN) without a price, unless it was not up at all (then 0)."""
+    if price is None:
+        return np.where(up_s > 0, np.nan, 0.0)
+    return up_s / 3600.0 * price
+
+
+def tenant_costs(edges: FloatArray, replica_cost: Mapping[int, FloatArray],
+                 rows: Iterable[TenantTokens]) -> TenantCosts:
+    """Split each replica's cost in each step between the tenants whose requests it served then.
+
+    The allocation rule: a tenant's share of a replica's cost in a step is its share of the tokens
+    (prompt + completion, from the request spans) that replica processed in that step. One token of
+    either kind weighs the same: the engine's counters give no split of a step's cost by kind either,
+    so the per-kind $/1M figures below, as the deployment ones, set the tenant's whole cost against
+    each kind. Requests without a tenant form the tenant None; a replica-step with no request tokens
+    (idle, or its spans not stored) goes to `unallocated_usd`, so tenants + unallocated = the fleet's
+    cost. A share of an unknown cost (no price, or no known replica) is unknown.
+    """
+    n = len(edges) - 1
+    rows = [r for r in rows if 0 <= r.step < n]
+    weight: dict[tuple[int | None, int], float] = {}
+    for r in rows:
+        key = (r.replica, r.step)
+        weight[key] = weight.get(key, 0.0) + r.prompt_tokens + r.completion_tokens
+    by_tenant: dict[str | None, TenantUsage] = {}
+    for r in rows:
+        t = by_tenant.get(r.tenant)
+        if t is None:
+            t = by_tenant[r.tenant] = TenantUsage(r.tenant, np.zeros(n, dtype=np.int64), np.zeros(n), np.zeros(n),
+                                                  np.zeros(n))
+        t.requests[r.step] += r.requests
+        t.prompt_tokens[r.step] += r.prompt_tokens
+        t.completion_tokens[r.step] += r.completion_tokens
+        tokens, total = r.prompt_tokens + r.completion_tokens, weight[(r.replica, r.step)]
+        if tokens > 0:
+            usd = replica_cost.get(r.replica) if r.replica is not None else None
+            step_cost = usd[r.step] if usd is not None else np.nan
+            t.usd[r.step] += tokens / total * step_cost
+    served = {rid: np.zeros(n, dtype=np.bool_) for rid in replica_cost}
+    for (rid, i), w in weight.items():
+        if rid in served and w > 0:
+            served[rid][i] = True
+    unallocated = np.zeros(n)
+    for rid, usd in replica_cost.items():
+        unallocated += np.where(served[rid], 0.0, usd)
+    ordered = sorted(by_tenant.values(), key=lambda t: (t.tenant is None, t.tenant or ""))
+    return TenantCosts(edges, ordered, unallocated)
+
+
+def _tenant_figures(requests: int, prompt: float, completion: float, usd: float | None) -> dict[str, Any]:
+    return {"requests": requests, "prompt_tokens": prompt, "completion_tokens": completion, "usd": usd,
+            "usd_per_1m_prompt_tokens": per_million(usd, prompt),
+            "usd_per_1m_completion_tokens": per_million(usd, completion),
+            "usd_per_1m_tokens": per_million(usd, prompt + completion)}
+
+
+def tenant_cost_json(c: TenantCosts) -> dict[str, Any]:
+    """The REST view of cost per tenant (see the contract of /api/v1/cost/tenants)."""
+    starts = [float(x) for x in c.edges[:-1]]
+    items = []
+    for t in c.tenants:
+        pts = [{"ts_unix_s": ts, **_tenant_figures(int(t.requests[i]), float(t.prompt_tokens[i]),
+                                                    float(t.completion_tokens[i]), _opt(float(t.usd[i])))}
+               for i, ts in enumerate(starts)]
+        usd = None if np.isnan(t.usd).any() else float(t.usd.sum())
+        items.append({"tenant": t.tenant, "points": pts,
+                      "totals": _tenant_figures(int(t.requests.sum()), float(t.prompt_tokens.sum()),
+                                                float(t.completion_tokens.sum()), usd)})
+    un = c.unallocated_usd
+    return {"items": items, "unallocated": {
+        "points": [{"ts_unix_s": ts, "usd": _opt(float(un[i]))} for i, ts in enumerate(starts)],
+        "usd": None if np.isnan(un).any() else float(un.sum())}}

@@ -178,3 +178,10 @@ VLLM_FINISHED_REASONS: Final = ("stop", "length", "abort", "error", "repetition"
 ATTR_TEMPERATURE: Final = "gen_ai.request.temperature"
 ATTR_TOP_P: Final = "gen_ai.request.top_p"
 ATTR_N: Final = "gen_ai.request.n"
+
+# --- Tenants and the router's spans (cost per tenant) -------------------------------------------------
+TENANT_HEADER: Final = "x-tenant"  # default request header naming the tenant; the router's `tenant_header`
+ATTR_TENANT: Final = "controlplane.tenant"  # span attribute: the tenant of a request (NULL/absent = none)
+T_ROUTER_SPANS: Final = "router_spans"  # one row per request the router proxied: its span
+PLANE_ROUTER_TENANT_REJECTED: Final = "controlplane_router_tenant_rejected"  # counter; exposed with _total
+PLANE_ROUTER_SPANS_DROPPED: Final = "controlplane_router_spans_dropped"  # counter {reason}; exposed with _total

@@ -31,7 +31,7 @@ from controlplane.slo.model import Slo
 from controlplane.slo.monitor import SloMonitor
 from controlplane.store.db import make_engine, upgrade
 from controlplane.store.repo import Store
-from controlplane.supervisor.router import Router
+from controlplane.supervisor.router import Router, SpanWriter
 from controlplane.supervisor.spec import Deployment
 from controlplane.supervisor.supervisor import Supervisor, SupervisorMetrics, default_backends
 from controlplane.tuning.loop import Tuner, TunerOptions, calibrated_capacity
@@ -103,7 +103,8 @@ class Plane:
         grpc_srv, grpc_port = grpc_server(ingestor, s.bind_host, s.otlp_grpc_port, s.otlp_max_body_bytes)
         router: Router | None = None
         if self.deployments:
-            router = Router(s.bind_host, s.router_port)
+            router = Router(s.bind_host, s.router_port, registry=self.registry,
+                            recorder=SpanWriter(self.engine, registry=self.registry))
             await asyncio.to_thread(router.start)
         async with httpx.AsyncClient() as client:
             scraper = EngineScraper(self.store, client, timeout_s=s.scrape_timeout_s, registry=self.registry)

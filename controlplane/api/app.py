@@ -307,6 +307,23 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
             raise HTTPException(404, detail=str(exc)) from None
         return {"since": start, "until": end, "step_s": step_s, "items": [cost.cost_json(u) for u in usages]}
 
+    @app.get("/api/v1/cost/tenants")
+    def cost_per_tenant(deployment: DeploymentQ = None, since: Since = None, until: Until = None,
+                        step_s: CostStep = 300) -> dict[str, Any]:
+        """Requests, tokens and allocated cost per tenant (the router's tenant header) and step, of every
+        deployment or of `deployment`. A replica's cost in a step is split between tenants by their share
+        of the tokens it processed then; requests without a tenant are the tenant null; replica time with
+        no request tokens is `unallocated`. Unknown price: null costs. Default window: the last day."""
+        start, end = _range(since, until, clock(), step_s)
+        try:
+            costs = queries.tenant_cost(store.engine, start, end, step_s,
+                                        watched_price=watched_price_per_replica_hour_usd,
+                                        max_gap_s=cost_max_gap_s, deployment=deployment)
+        except queries.NotFound as exc:
+            raise HTTPException(404, detail=str(exc)) from None
+        return {"since": start, "until": end, "step_s": step_s, "deployment": deployment,
+                **cost.tenant_cost_json(costs)}
+
     @app.get("/api/v1/gpu")
     def gpu(since: Since = None, until: Until = None) -> dict[str, Any]:
         """Per GPU: latest reading, mean utilisation and peak temperature in the window (default: last day).

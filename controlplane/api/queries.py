@@ -1,15 +1,17 @@
 """Store reads behind the REST API's views: paged requests, replicas, the action audit log, SLO history,
-cost inputs and the GPU summary. Reads only; every function takes the engine and returns plain rows.
+cost inputs (per deployment and per tenant) and the GPU summary. Reads only; every function takes the
+engine and returns plain rows.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from typing import Any, Final
 
 import numpy as np
-from sqlalchemy import Engine, and_, exists, func, or_, select
+from sqlalchemy import ColumnElement, Engine, Integer, and_, cast, exists, func, or_, select
 
 from controlplane import cost
 from controlplane.slo.model import Slo
@@ -23,6 +25,7 @@ from controlplane.store.models import (
     Replica,
     ReplicaConfig,
     Request,
+    RouterSpan,
 )
 
 # Who acts on the fleet; events by the engine or the collector are observations, not actions.
@@ -30,6 +33,9 @@ ACTION_ACTORS: Final = ("user", "tuner", "supervisor")
 HISTORY_QUANTILES: Final = ((0.5, "p50_s"), (0.9, "p90_s"), (0.99, "p99_s"))
 # Deployment-level supervisor events carry no replica; their message starts with "<deployment>: ".
 _MESSAGE_DEPLOYMENT = re.compile(r"^([a-z0-9-]+): ")
+# How long before a request's arrival at the engine its router span may have started (queueing in the
+# router is short; the margin also covers clock skew between the plane and a remote engine host).
+ROUTER_SPAN_LEAD_S: Final = 3600.0
 
 
 class NotFound(LookupError):
@@ -176,14 +182,10 @@ def _samples(engine: Engine, replica_ids: Sequence[int], since: float, until: fl
     return {rid: cost.Samples.from_rows(r) for rid, r in rows.items()}
 
 
-def cost_usage(
-    engine: Engine, edges: cost.FloatArray, *, watched_price: float | None,
-    max_gap_s: float = cost.DEFAULT_MAX_GAP_S, deployment: str | None = None,
-) -> list[cost.Usage]:
-    """Usage per deployment (stored deployments, then the watched replicas as `cost.WATCHED`) over the steps.
-
-    Raises NotFound for a `deployment` that is neither stored nor the watched group.
-    """
+def _cost_groups(engine: Engine, watched_price: float | None,
+                 deployment: str | None) -> list[tuple[str, float | None, list[int]]]:
+    """(deployment, price per replica-hour, replica ids): stored deployments, then the watched replicas as
+    `cost.WATCHED`; only `deployment` when given. Raises NotFound for a `deployment` that is neither."""
     with engine.connect() as conn:
         deps = [(int(i), str(n), d) for i, n, d in conn.execute(
             select(Deployment.id, Deployment.name, Deployment.spec).order_by(Deployment.id))]
@@ -198,6 +200,18 @@ def cost_usage(
         if not groups:
             known = [n for _, n, _ in deps] + ([cost.WATCHED] if watched else [])
             raise NotFound(f"unknown deployment {deployment!r}; known: {', '.join(known) or 'none'}")
+    return groups
+
+
+def cost_usage(
+    engine: Engine, edges: cost.FloatArray, *, watched_price: float | None,
+    max_gap_s: float = cost.DEFAULT_MAX_GAP_S, deployment: str | None = None,
+) -> list[cost.Usage]:
+    """Usage per deployment (stored deployments, then the watched replicas as `cost.WATCHED`) over the steps.
+
+    Raises NotFound for a `deployment` that is neither stored nor the watched group.
+    """
+    groups = _cost_groups(engine, watched_price, deployment)
     samples = _samples(engine, [r for g in groups for r in g[2]], float(edges[0]), float(edges[-1]))
     return [cost.usage(name, price, [samples[r] for r in ids], edges, max_gap_s) for name, price, ids in groups]
 
@@ -208,6 +222,57 @@ def cost_source(engine: Engine, *, watched_price: float | None,
     def source(edges: cost.FloatArray) -> list[cost.Usage]:
         return cost_usage(engine, edges, watched_price=watched_price, max_gap_s=max_gap_s)
     return source
+
+
+def _step_number(engine: Engine, ts: Any, step_s: int) -> ColumnElement[Any]:
+    """floor(ts / step_s) in SQL: SQLite has no floor() in every build, but truncation is the same for ts >= 0."""
+    if engine.dialect.name == "sqlite":
+        return cast(ts / step_s, Integer)
+    return func.floor(ts / step_s)
+
+
+def tenant_tokens(engine: Engine, since: float, until: float, step_s: int,
+                  replica_ids: Sequence[int] | None = None) -> list[cost.TenantTokens]:
+    """Requests arriving in [since, until) summed per replica, step (`cost.step_edges` numbering) and tenant.
+
+    A request's tenant is that of the router span with the same trace id (vLLM's span carries the trace
+    the router sent upstream); no router span, or one without a tenant: tenant None. Should one trace
+    hold router spans of several tenants (a client reusing a traceparent), the least tenant name wins.
+    Unknown token counts (NULL) add nothing. `replica_ids`: only requests of these replicas.
+    """
+    rs, rq = RouterSpan, Request
+    tenants = (select(rs.trace_id, func.min(rs.tenant).label("tenant"))
+               .where(rs.started_unix_s >= since - ROUTER_SPAN_LEAD_S, rs.started_unix_s < until)
+               .group_by(rs.trace_id).subquery())
+    bucket = _step_number(engine, rq.arrival_unix_s, step_s).label("bucket")
+    stmt = (select(rq.replica_id, bucket, tenants.c.tenant, func.count().label("requests"),
+                   func.coalesce(func.sum(rq.prompt_tokens), 0), func.coalesce(func.sum(rq.completion_tokens), 0))
+            .outerjoin(tenants, tenants.c.trace_id == rq.trace_id)
+            .where(rq.arrival_unix_s >= since, rq.arrival_unix_s < until)
+            .group_by(rq.replica_id, bucket, tenants.c.tenant))
+    if replica_ids is not None:
+        stmt = stmt.where(rq.replica_id.in_(list(replica_ids)))
+    first = math.floor(since / step_s)
+    with engine.connect() as conn:
+        return [cost.TenantTokens(None if rid is None else int(rid), int(b) - first, tenant, int(n), float(p),
+                                  float(c))
+                for rid, b, tenant, n, p, c in conn.execute(stmt)]
+
+
+def tenant_cost(
+    engine: Engine, since: float, until: float, step_s: int, *, watched_price: float | None,
+    max_gap_s: float = cost.DEFAULT_MAX_GAP_S, deployment: str | None = None,
+) -> cost.TenantCosts:
+    """Cost per tenant over the steps of [since, until): each replica's cost (up time x its deployment's
+    price) split between tenants by `cost.tenant_costs`. Raises NotFound for an unknown `deployment`."""
+    edges = cost.step_edges(since, until, step_s)
+    groups = _cost_groups(engine, watched_price, deployment)
+    prices = {rid: price for _, price, ids in groups for rid in ids}
+    samples = _samples(engine, list(prices), since, until)
+    replica_cost = {rid: cost.replica_usd(cost.up_seconds(samples[rid], edges, max_gap_s), price)
+                    for rid, price in prices.items()}
+    rows = tenant_tokens(engine, since, until, step_s, None if deployment is None else list(prices))
+    return cost.tenant_costs(edges, replica_cost, rows)
 
 
 # --- GPU summary -----------------------------------------------------------------------------------------

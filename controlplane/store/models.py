@@ -226,3 +226,28 @@ class Recommendation(Base):
 
 # The SLO rollup tables live with the SLO code; importing them registers them in Base.metadata.
 from controlplane.slo import models as _slo_models  # noqa: E402, F401
+
+
+class RouterSpan(Base):
+    """One request the router proxied, as its span: the trace it belongs to, the tenant, the outcome.
+
+    vLLM's `llm_request` span of the same request carries the same trace id (the router makes sure a
+    `traceparent` goes upstream), which is how a request's tokens are joined to its tenant. The unique
+    (trace_id, span_id) index also serves lookups by trace id (its leading column).
+    """
+
+    __tablename__ = names.T_ROUTER_SPANS
+    __table_args__ = (
+        UniqueConstraint("trace_id", "span_id", name="uq_router_spans_span"),
+        Index("ix_router_spans_started", "started_unix_s"),
+    )
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    trace_id: Mapped[str] = mapped_column(String(32))
+    span_id: Mapped[str] = mapped_column(String(16))
+    parent_span_id: Mapped[str | None] = mapped_column(String(16))  # the client's span, when it sent one
+    tenant: Mapped[str | None] = mapped_column(String(64))  # NULL: no tenant header, or an invalid one
+    replica: Mapped[str | None] = mapped_column(String(200))  # the replica that answered; NULL: none did
+    started_unix_s: Mapped[float]
+    ended_unix_s: Mapped[float]
+    status: Mapped[int | None]  # HTTP status sent to the client; NULL: the client left before any
+    ok: Mapped[bool] = mapped_column(Boolean)  # a complete response with a status below 500

@@ -9,7 +9,13 @@ Guarantees: a draining replica gets no new request; with no ready replica the an
 Retry-After; a request whose replica fails before sending any response byte (connection refused or
 reset: the replica died) is retried once on another replica, since a completion has no side effect
 to repeat; a stream broken off mid-way is cut at the client too, never passed off as a complete
-answer; W3C `traceparent`/`tracestate` pass through unchanged.
+answer; a valid W3C `traceparent` (and its `tracestate`) passes through unchanged, and a request
+without one (or with an invalid one) gets a new trace, so every request's vLLM span has a trace id.
+
+Each proxied request is reported once, as the router's span (`RouterRecord`: trace id, tenant from
+the tenant header, replica, times, status) to a `RequestRecorder`; `SpanWriter` stores them in
+batches from its own thread, so the event loop never waits on the store. Cost per tenant joins these
+spans to vLLM's request spans by trace id.
 """
 
 from __future__ import annotations
@@ -19,11 +25,22 @@ import contextlib
 import itertools
 import json
 import logging
+import queue
+import random
+import re
 import threading
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Final, Protocol
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter
+from sqlalchemy import Engine, insert
+
+from controlplane import names
+from controlplane.store.models import RouterSpan
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +49,81 @@ _DROP_REQUEST = {"host", "connection", "keep-alive", "proxy-connection", "te", "
                  "upgrade", "content-length"}
 _DROP_RESPONSE = _DROP_REQUEST | {"date", "server"}
 REPLICA_HEADER = "x-controlplane-replica"
+TENANT_PATTERN: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# W3C Trace Context level 1: version-traceid-parentid-flags in lowercase hex; a later version may append
+# fields after a dash, version 00 may not. The format is four fixed-width fields, so a regex is all a
+# parser needs (the OpenTelemetry API package, which has one, is not a dependency of the plane).
+_TRACEPARENT: Final = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
+_TRACE_HEADERS: Final = ("traceparent", "tracestate")
+
+
+@dataclass(frozen=True)
+class TraceContext:
+    """The router's place in a request's trace. `traceparent` is the header to send upstream instead of
+    the client's (None: the client's valid one goes through unchanged, with its tracestate)."""
+
+    trace_id: str
+    span_id: str  # the router's own span
+    parent_span_id: str | None  # the client's span, when it sent a valid traceparent
+    traceparent: str | None
+
+
+def _random_hex(bits: int) -> str:
+    """A random non-zero id of `bits` bits in lowercase hex (all zeros is invalid in W3C trace context)."""
+    while True:
+        if v := random.getrandbits(bits):
+            return f"{v:0{bits // 4}x}"
+
+
+def trace_context(traceparents: Sequence[str], new_id: Callable[[int], str] = _random_hex) -> TraceContext:
+    """Keep the client's trace when it sent exactly one valid traceparent; otherwise start a new, sampled one
+    whose parent is the router's span (so vLLM's span becomes the router span's child)."""
+    m = _TRACEPARENT.fullmatch(traceparents[0].strip()) if len(traceparents) == 1 else None
+    if m is not None:
+        version, trace_id, parent_id, _flags, rest = m.groups()
+        valid = (version != "ff" and not (version == "00" and rest) and trace_id != "0" * 32
+                 and parent_id != "0" * 16)
+        if valid:
+            return TraceContext(trace_id, new_id(64), parent_id, None)
+    trace_id, span_id = new_id(128), new_id(64)
+    return TraceContext(trace_id, span_id, None, f"00-{trace_id}-{span_id}-01")
+
+
+def valid_tenant(values: Sequence[str]) -> str | None:
+    """The tenant named by the header's values, or None unless there is exactly one valid value."""
+    if len(values) != 1 or not TENANT_PATTERN.fullmatch(values[0]):
+        return None
+    return values[0]
+
+
+@dataclass(frozen=True)
+class RouterRecord:
+    """One proxied request: the router's span. `ok` = a complete response with a status below 500."""
+
+    trace_id: str
+    span_id: str
+    parent_span_id: str | None
+    tenant: str | None
+    replica: str | None  # the replica that answered (the last one tried); None when none did
+    started_unix_s: float
+    ended_unix_s: float
+    status: int | None  # sent to the client; None when the client left before a status went out
+    ok: bool
+
+
+class RequestRecorder(Protocol):
+    """Where the router reports its spans. `record` runs on the router's event loop: it must not block.
+    `close` runs once when the router stops, after the last `record`."""
+
+    def record(self, r: RouterRecord) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class _Outcome:
+    replica: str | None = None
+    status: int | None = None
+    ok: bool = False
 
 
 @dataclass
@@ -46,8 +138,14 @@ class _Backend:
 
 
 class Router:
-    def __init__(self, host: str = "127.0.0.1", port: int = 8000, retry_after_s: int = 2) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 8000, retry_after_s: int = 2, *,
+                 recorder: RequestRecorder | None = None, tenant_header: str = names.TENANT_HEADER,
+                 registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.time) -> None:
         self.host, self.port, self.retry_after_s = host, port, retry_after_s
+        self.recorder, self.tenant_header, self.clock = recorder, tenant_header, clock
+        self.tenants_rejected = Counter(names.PLANE_ROUTER_TENANT_REJECTED,
+                                        f"Requests whose {tenant_header} header was not 1-64 characters of "
+                                        "[A-Za-z0-9._-] (served, recorded without a tenant)", registry=registry)
         self._backends: dict[str, _Backend] = {}
         self._lock = threading.Lock()
         self._rr = itertools.count()
@@ -131,9 +229,36 @@ class Router:
         return web.json_response({"status": "ok", "ready_replicas": ready})
 
     async def _proxy(self, request: web.Request) -> web.StreamResponse:
+        """Forward the request (see `_forward`) and report it as the router's span, however it ends."""
+        started = self.clock()
+        ctx = trace_context(request.headers.getall("traceparent", []))
+        tenant_values = request.headers.getall(self.tenant_header, [])
+        tenant = valid_tenant(tenant_values)
+        if tenant_values and tenant is None:
+            self.tenants_rejected.inc()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
+        if ctx.traceparent is not None:  # a new trace: the client's tracestate (if any) belongs to no trace
+            headers = {k: v for k, v in headers.items() if k.lower() not in _TRACE_HEADERS}
+            headers["traceparent"] = ctx.traceparent
+        outcome = _Outcome()
+        try:
+            resp = await self._forward(request, headers, outcome)
+            if outcome.status is None:  # answered by the router itself (503)
+                outcome.status = resp.status
+            return resp
+        finally:
+            if self.recorder is not None:
+                record = RouterRecord(ctx.trace_id, ctx.span_id, ctx.parent_span_id, tenant, outcome.replica,
+                                      started, self.clock(), outcome.status, outcome.ok)
+                try:
+                    self.recorder.record(record)
+                except Exception:  # noqa: BLE001 - a lost span must never fail the client's request
+                    log.exception("router: recording the span of trace %s failed", ctx.trace_id)
+
+    async def _forward(self, request: web.Request, headers: dict[str, str],
+                       outcome: _Outcome) -> web.StreamResponse:
         assert self._session is not None
         body = await request.read()
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
         tried: set[str] = set()
         fresh_retry = False
         again: _Backend | None = None
@@ -157,10 +282,12 @@ class Router:
                             resp.headers.add(k, v)
                     resp.headers[REPLICA_HEADER] = backend.name
                     await resp.prepare(request)
+                    outcome.replica, outcome.status = backend.name, up.status
                     async for chunk in up.content.iter_any():
                         await resp.write(chunk)
                     await resp.write_eof()
                     served = True
+                    outcome.ok = up.status < 500
                     return resp
             except aiohttp.ClientError as exc:
                 if resp is None:
@@ -241,3 +368,64 @@ class Router:
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
+        if self.recorder is not None:
+            self.recorder.close()
+
+
+class SpanWriter:
+    """A `RequestRecorder` that stores the router's spans in `router_spans`, in batches, from its own thread.
+
+    `record` only enqueues. The writer takes whatever has queued up (at most `max_batch` rows) in one
+    transaction, so batches grow with the request rate and a span waits at most one write. A full queue
+    (the store is slower than the traffic) or a failed write drops spans, counted by reason: the spans
+    are for cost attribution, and serving requests matters more than recording them.
+    """
+
+    def __init__(self, engine: Engine, *, registry: CollectorRegistry | None = None, max_batch: int = 1000,
+                 max_queue: int = 100_000) -> None:
+        self.engine, self.max_batch = engine, max_batch
+        self._queue: queue.Queue[RouterRecord | None] = queue.Queue(maxsize=max_queue)
+        self.dropped = Counter(names.PLANE_ROUTER_SPANS_DROPPED, "Router spans not stored, by reason",
+                               [names.LABEL_REASON], registry=registry)
+        self._thread = threading.Thread(target=self._run, name="router-spans", daemon=True)
+        self._thread.start()
+
+    def record(self, r: RouterRecord) -> None:
+        try:
+            self._queue.put_nowait(r)
+        except queue.Full:
+            self.dropped.labels("queue_full").inc()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Store what is queued, then stop the thread (waiting at most `timeout_s` for the store)."""
+        try:
+            self._queue.put(None, timeout=timeout_s)
+        except queue.Full:
+            log.error("router: the span queue stayed full for %gs; unsaved spans are lost", timeout_s)
+            return
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        done = False
+        while not done:
+            batch: list[RouterRecord] = []
+            item = self._queue.get()
+            while item is not None:
+                batch.append(item)
+                if len(batch) >= self.max_batch:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            done = item is None
+            if batch:
+                self._write(batch)
+
+    def _write(self, batch: list[RouterRecord]) -> None:
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(RouterSpan), [asdict(r) for r in batch])
+        except Exception:  # noqa: BLE001 - the store may be back for the next batch; the thread must live on
+            log.exception("router: storing %d span(s) failed; they are dropped", len(batch))
+            self.dropped.labels("store_error").inc(len(batch))

@@ -1,4 +1,5 @@
-"""The router against fake OpenAI servers: streaming passthrough, least outstanding, drain, 503, traceparent."""
+"""The router against fake OpenAI servers: streaming passthrough, least outstanding, drain, 503, traceparent,
+and the span it records per request (trace id, tenant)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
-from controlplane.supervisor.router import REPLICA_HEADER, Router
+from controlplane import names
+from controlplane.supervisor.router import REPLICA_HEADER, Router, RouterRecord, trace_context, valid_tenant
 from tests.conftest import free_port
 
 
@@ -226,3 +229,155 @@ def test_a_stream_broken_off_midway_is_broken_for_the_client_too(router: Router,
         for line in resp.iter_lines():
             got.append(line)
     assert "data: [DONE]" not in got  # never a short answer that looks complete
+
+
+# --- the router's spans: trace context and tenant -------------------------------------------------------------
+class Recorded:
+    """A recorder keeping the router's spans in a list; `wait` blocks until `n` have arrived."""
+
+    def __init__(self) -> None:
+        self.records: list[RouterRecord] = []
+        self.closed = False
+        self._cond = threading.Condition()
+
+    def record(self, r: RouterRecord) -> None:
+        with self._cond:
+            self.records.append(r)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        self.closed = True
+
+    def wait(self, n: int) -> list[RouterRecord]:
+        with self._cond:
+            assert self._cond.wait_for(lambda: len(self.records) >= n, timeout=10), self.records
+            return list(self.records)
+
+
+@dataclass
+class Traced:
+    router: Router
+    recorder: Recorded
+    registry: CollectorRegistry
+
+
+@pytest.fixture
+def traced() -> Iterator[Traced]:
+    rec, registry = Recorded(), CollectorRegistry()
+    r = Router("127.0.0.1", 0, recorder=rec, registry=registry, clock=iter(range(1000, 10**6)).__next__)
+    r.start()
+    yield Traced(r, rec, registry)
+    r.stop()
+
+
+def upstream_headers(u: Upstream) -> dict[str, str]:
+    return {k.lower(): v for k, v in u.seen_headers[-1].items()}
+
+
+def test_a_request_without_traceparent_gets_a_new_sampled_trace_and_the_span_records_it(
+        traced: Traced, upstreams: list[Upstream]) -> None:
+    a = upstreams[0]
+    traced.router.set_ready("a", f"http://127.0.0.1:{a.port}")
+    post(traced.router, {"tracestate": "orphan=1"})
+    post(traced.router)
+    first, second = traced.recorder.wait(2)
+    sent = upstream_headers(a)
+    version, trace_id, parent_id, flags = sent["traceparent"].split("-")
+    assert (version, flags) == ("00", "01")
+    # The router's span is vLLM's parent: same trace, and the parent id sent is the router span's id.
+    assert (second.trace_id, second.span_id, second.parent_span_id) == (trace_id, parent_id, None)
+    assert first.trace_id != second.trace_id and len(trace_id) == 32 and int(trace_id, 16) != 0
+    assert "tracestate" not in {k.lower() for k in a.seen_headers[0]}  # it belonged to no trace we keep
+    assert (second.replica, second.status, second.ok, second.tenant) == ("a", 200, True, None)
+    assert second.started_unix_s < second.ended_unix_s  # the injected clock ticks once per reading
+
+
+def test_a_client_traceparent_is_kept_and_the_router_span_is_its_child(traced: Traced,
+                                                                        upstreams: list[Upstream]) -> None:
+    a = upstreams[0]
+    traced.router.set_ready("a", f"http://127.0.0.1:{a.port}")
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    post(traced.router, {"traceparent": tp, "tracestate": "k=v"})
+    (rec,) = traced.recorder.wait(1)
+    assert upstream_headers(a)["traceparent"] == tp and upstream_headers(a)["tracestate"] == "k=v"
+    assert rec.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736" and rec.parent_span_id == "00f067aa0ba902b7"
+    assert rec.span_id != rec.parent_span_id and len(rec.span_id) == 16
+
+
+def test_an_invalid_client_traceparent_is_replaced_by_a_new_trace(traced: Traced, upstreams: list[Upstream]) -> None:
+    a = upstreams[0]
+    traced.router.set_ready("a", f"http://127.0.0.1:{a.port}")
+    bad = "00-00000000000000000000000000000000-00f067aa0ba902b7-01"  # an all-zero trace id is invalid
+    post(traced.router, {"traceparent": bad, "tracestate": "k=v"})
+    (rec,) = traced.recorder.wait(1)
+    sent = upstream_headers(a)
+    assert sent["traceparent"] == f"00-{rec.trace_id}-{rec.span_id}-01" and "tracestate" not in sent
+
+
+def test_the_tenant_header_is_recorded_with_the_span(traced: Traced, upstreams: list[Upstream]) -> None:
+    a = upstreams[0]
+    traced.router.set_ready("a", f"http://127.0.0.1:{a.port}")
+    post(traced.router, {names.TENANT_HEADER: "team-a.prod_1"})
+    (rec,) = traced.recorder.wait(1)
+    assert rec.tenant == "team-a.prod_1"
+    assert traced.registry.get_sample_value(f"{names.PLANE_ROUTER_TENANT_REJECTED}_total") == 0
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "x" * 65, "tenant/1", "é"])
+def test_a_bad_tenant_value_is_served_recorded_as_null_and_counted(traced: Traced, upstreams: list[Upstream],
+                                                                    bad: str) -> None:
+    a = upstreams[0]
+    traced.router.set_ready("a", f"http://127.0.0.1:{a.port}")
+    resp = httpx.post(url(traced.router), json={}, headers=[(names.TENANT_HEADER, bad.encode())], timeout=10)
+    (rec,) = traced.recorder.wait(1)
+    assert resp.status_code == 200 and rec.tenant is None and rec.ok
+    assert traced.registry.get_sample_value(f"{names.PLANE_ROUTER_TENANT_REJECTED}_total") == 1
+
+
+def test_the_tenant_header_name_is_configurable(upstreams: list[Upstream]) -> None:
+    rec = Recorded()
+    r = Router("127.0.0.1", 0, recorder=rec, tenant_header="x-org")
+    r.start()
+    try:
+        r.set_ready("a", f"http://127.0.0.1:{upstreams[0].port}")
+        post(r, {"x-org": "acme", names.TENANT_HEADER: "ignored"})
+        assert rec.wait(1)[0].tenant == "acme"
+    finally:
+        r.stop()
+    assert rec.closed  # the router closes its recorder when it stops
+
+
+def test_requests_the_router_answers_itself_or_cuts_are_recorded_as_not_ok(traced: Traced,
+                                                                           upstreams: list[Upstream]) -> None:
+    post(traced.router, {names.TENANT_HEADER: "t1"})  # no replica: 503 from the router
+    a = upstreams[0]
+    a.die = "mid_stream"
+    traced.router.set_ready("a", f"http://127.0.0.1:{a.port}")
+    with pytest.raises(httpx.HTTPError), httpx.stream("POST", url(traced.router), json={}, timeout=10) as resp:
+        for _ in resp.iter_lines():
+            pass
+    unavailable, cut = traced.recorder.wait(2)
+    assert (unavailable.replica, unavailable.status, unavailable.ok, unavailable.tenant) == (None, 503, False, "t1")
+    assert (cut.replica, cut.status, cut.ok) == ("a", 200, False)
+
+
+def test_trace_context_follows_w3c_validity() -> None:
+    ids = iter(["s1", "t2", "s2"])
+    keep = trace_context(["00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"], lambda _bits: next(ids))
+    assert (keep.trace_id, keep.span_id, keep.parent_span_id, keep.traceparent) == (
+        "4bf92f3577b34da6a3ce929d0e0e4736", "s1", "00f067aa0ba902b7", None)
+    new = trace_context([], lambda _bits: next(ids))
+    assert (new.trace_id, new.span_id, new.traceparent) == ("t2", "s2", "00-t2-s2-01")
+    good = "4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    for bad in ([f"ff-{good}"], [f"00-{good}-extra"], [f"00-{good.upper()}"], [f"00-{good}", f"00-{good}"],
+                ["00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01"], ["garbage"]):
+        assert trace_context(bad).traceparent is not None, bad
+    assert trace_context([f"01-{good}-future-field"]).traceparent is None  # a later version may add fields
+
+
+@pytest.mark.parametrize(("values", "tenant"), [
+    (["acme"], "acme"), (["A.b_c-9"], "A.b_c-9"), (["x" * 64], "x" * 64), ([], None), (["x" * 65], None),
+    (["a", "b"], None), ([" acme"], None), (["acme\n"], None),
+])
+def test_valid_tenant_takes_one_value_of_1_to_64_safe_characters(values: list[str], tenant: str | None) -> None:
+    assert valid_tenant(values) == tenant
