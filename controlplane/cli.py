@@ -144,15 +144,19 @@ def up(
 
 @app.command()
 def demo(
-    requests: Annotated[int, typer.Option(help="Requests to send.", min=1, max=100_000)] = 120,
-    concurrency: Annotated[int, typer.Option(help="Requests in flight.", min=1, max=256)] = 4,
+    engine: Annotated[str, typer.Option(help="vllm: real vLLM on this CPU (tiny model); sim: a simulated GPU fleet.")
+                      ] = "vllm",
+    keep_running: Annotated[bool, typer.Option(help="Leave the plane and the Streamlit app up afterwards.")] = False,
 ) -> None:
-    """Watch one tiny vLLM server, drive a short load, print per-phase latency percentiles from the store."""
+    """The closed loop: steady load, a burst that breaks the TTFT SLO, the page, the tuner's scale-up, the
+    recovery; then a Markdown report with plots."""
     from controlplane.demo import run_demo
 
-    _logging(False)
-    logging.getLogger().setLevel(logging.WARNING)
-    raise typer.Exit(run_demo(_settings(), console, n_requests=requests, concurrency=concurrency))
+    if engine not in ("vllm", "sim"):
+        console.print(f"[red]error:[/] --engine {engine!r}: allowed: vllm, sim")
+        raise typer.Exit(2)
+    logging.basicConfig(level=logging.WARNING)
+    raise typer.Exit(run_demo(_settings(), console, engine=engine, keep_running=keep_running))
 
 
 @app.command()

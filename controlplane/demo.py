@@ -1,166 +1,210 @@
-"""`controlplane demo` (foundation stage): the plane watching one tiny vLLM server under a short load.
+"""`controlplane demo`: the closed loop on real vLLM (CPU, tiny model), shown end to end.
 
-Steps: build or reuse the tiny model, start the plane, start vLLM exporting traces to it, drive a
-streamed load of mixed lengths, then read the requests back from the store and print per-phase
-latency percentiles next to what the client measured.
+Steps: build or reuse the tiny model; write a Deployment and an SLO spec; start `controlplane up` (SQLite store,
+one supervised vLLM replica with tracing, the router, the API, the tuner in auto mode) and the Streamlit app; drive
+a steady load, then a burst that breaks the TTFT SLO; the plane pages, the tuner adds a replica, attainment
+recovers; then write a Markdown report with plots, read back from the plane, and print where it is.
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
+import os
+import secrets
+import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import httpx
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from collectors.scrape_loop import Target
+from controlplane.demo_loop import (
+    LoopConfig,
+    LoopResult,
+    PlaneProcess,
+    run_closed_loop,
+    slo_doc,
+    wait_ready,
+    write_specs,
+)
 from controlplane.engines.tiny_model import TinyModelSpec, make_tiny_model
-from controlplane.engines.vllm_server import VllmServer, VllmServerSpec, VllmStartError
-from controlplane.loadgen import ClientResult, mixed_plans, run_load
-from controlplane.plane import Endpoints, Plane
+from controlplane.report import ReportInput, fetch, render
 from controlplane.settings import Settings
-from controlplane.stats import PHASES, Summary, phase_summaries, summarize
 
 
-class PlaneThread:
-    """Runs a Plane on its own event loop in a thread, for the demo and the tests."""
+class _Ticker:
+    """A status line on a terminal; without one (CI, a log file), a plain line every `every_s` seconds."""
 
-    def __init__(self, plane: Plane) -> None:
-        self.plane = plane
-        self.endpoints: Endpoints | None = None
-        self._ready = threading.Event()
-        self._loop = asyncio.new_event_loop()
-        self._stop: asyncio.Event | None = None
-        self._error: BaseException | None = None
-        plane.on_ready = self._on_ready
-        self._thread = threading.Thread(target=self._main, name="plane", daemon=True)
+    def __init__(self, console: Console, st: Any, every_s: float = 15.0) -> None:
+        self.console, self.st, self.every_s, self.last = console, st, every_s, 0.0
 
-    def _on_ready(self, e: Endpoints) -> None:
-        self.endpoints = e
-        self._ready.set()
+    def __call__(self, message: str) -> None:
+        self.st.update(message)
+        if not self.console.is_terminal and time.monotonic() - self.last >= self.every_s:
+            self.last = time.monotonic()
+            self.console.print(f"  {time.strftime('%H:%M:%S')} {message}")
 
-    def _main(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._stop = asyncio.Event()
+
+def _pct(v: float | None) -> str:
+    return "unknown" if v is None else f"{v:.1%}"
+
+
+def _free_port_run(n: int) -> int:
+    """A base port with n free ports after it (replica slots take base + slot)."""
+    import socket
+
+    for base in range(8100, 9000, 10):
         try:
-            self._loop.run_until_complete(self.plane.run(self._stop))
-        except BaseException as exc:  # surfaced by start()
-            self._error = exc
-            self._ready.set()
-
-    def start(self, timeout_s: float = 60.0) -> Endpoints:
-        self._thread.start()
-        if not self._ready.wait(timeout_s) or self.endpoints is None:
-            raise RuntimeError(f"plane did not start: {self._error!r}")
-        return self.endpoints
-
-    def watch(self, target: Target) -> None:
-        async def add() -> None:
-            await asyncio.to_thread(self.plane.scraper_add, target)
-        asyncio.run_coroutine_threadsafe(add(), self._loop).result(timeout=30)
-
-    def stop(self) -> None:
-        if self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout=30)
+            for p in range(base, base + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free run of ports in 8100-9000 for the replicas")
 
 
-def _fmt_ms(v: float | None) -> str:
-    return "unknown" if v is None else f"{v * 1000:.1f}"
+def run_demo(settings: Settings, console: Console, *, engine: str = "vllm", keep_running: bool = False,
+             cfg: LoopConfig | None = None) -> int:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = (settings.data_dir / "demo" / stamp).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    token = settings.api_token or secrets.token_urlsafe(16)
 
+    if engine == "sim":
+        from controlplane.demo_sim import sim_deployment_doc, sim_loop_config
 
-def summary_table(title: str, summaries: dict[str, Summary], client_ttft: Summary | None) -> Table:
-    table = Table(title=title)
-    for col in ("phase", "n", "p50 ms", "p90 ms", "p99 ms", "mean ms"):
-        table.add_column(col, justify="right" if col != "phase" else "left")
-    for phase in PHASES:
-        s = summaries[phase]
-        table.add_row(phase.removesuffix("_s"), str(s.count), _fmt_ms(s.p50), _fmt_ms(s.p90),
-                      _fmt_ms(s.p99), _fmt_ms(s.mean))
-    if client_ttft is not None:
-        s = client_ttft
-        table.add_row("ttft (client)", str(s.count), _fmt_ms(s.p50), _fmt_ms(s.p90), _fmt_ms(s.p99),
-                      _fmt_ms(s.mean), style="dim")
-    return table
+        cfg = cfg or sim_loop_config()
+        import yaml
 
+        dep_path, slo_path = run_dir / "deployment.yaml", run_dir / "slos.yaml"
+        dep_path.write_text(yaml.safe_dump(sim_deployment_doc(cfg, _free_port_run(4)), sort_keys=False))
+        slo_path.write_text(yaml.safe_dump(slo_doc(cfg), sort_keys=False))
+        engine_label = "the simulated engine (timing from the calibrated simulator; labelled simulated)"
+        startup_s, ready_timeout = "10", 60.0
+    else:
+        cfg = cfg or LoopConfig()
+        with console.status("building or reusing the tiny model") as status:
+            model_dir, built = make_tiny_model(settings.data_dir / "models" / "tiny", TinyModelSpec(),
+                                               progress=lambda m: status.update(m))
+        console.print(f"[green]✓[/] tiny model {'built' if built else 'reused'}: {model_dir}")
+        dep_path, slo_path = write_specs(cfg, run_dir, model_dir.resolve(), _free_port_run(2))
+        engine_label = "vLLM (CPU, tiny model)"
+        startup_s, ready_timeout = "60", 420.0
+    console.print(f"[green]✓[/] specs written: {dep_path}, {slo_path}")
 
-def run_demo(settings: Settings, console: Console, n_requests: int = 120, concurrency: int = 4) -> int:
-    data = settings.data_dir
-    with console.status("building or reusing the tiny model") as status:
-        model_dir, built = make_tiny_model(data / "models" / "tiny", TinyModelSpec(),
-                                           progress=lambda m: status.update(m))
-    console.print(f"[green]✓[/] tiny model {'built' if built else 'reused'}: {model_dir}")
-
-    # Scrape every second in the demo (a short load would otherwise fall between two 5 s scrapes),
-    # unless the user set an interval.
-    if "scrape_interval_s" not in settings.model_fields_set:
-        settings = settings.model_copy(update={"scrape_interval_s": 1.0})
-    plane_thread = PlaneThread(Plane(settings))
-    endpoints = plane_thread.start()
-    console.print(f"[green]✓[/] plane up: API {endpoints.api}, OTLP/gRPC {endpoints.otlp_grpc}, "
-                  f"store {settings.resolved_database_url()}")
-
-    spec = VllmServerSpec(model_dir=model_dir, port=8100, replica_name="tiny-0",
-                          otlp_endpoint=endpoints.otlp_grpc, otlp_protocol="grpc")
-    server = VllmServer(spec, Path(data) / "logs" / "vllm-tiny-0.log")
-    rc = 0
+    s = settings
+    env = {**os.environ, "CONTROLPLANE_DATA_DIR": str(run_dir), "CONTROLPLANE_API_TOKEN": token,
+           "CONTROLPLANE_BIND_HOST": s.bind_host, "CONTROLPLANE_API_PORT": str(s.api_port),
+           "CONTROLPLANE_ROUTER_PORT": str(s.router_port), "CONTROLPLANE_OTLP_HTTP_PORT": str(s.otlp_http_port),
+           "CONTROLPLANE_OTLP_GRPC_PORT": str(s.otlp_grpc_port), "HF_HUB_OFFLINE": "1"}
+    # The demo's clock: decisions every 10 s, SLOs every 5 s, a scrape every 2 s (all overridable).
+    for key, value in {"CONTROLPLANE_TUNER_MODE": "auto", "CONTROLPLANE_TUNER_INTERVAL_S": "10",
+                       "CONTROLPLANE_SLO_INTERVAL_S": "5", "CONTROLPLANE_SCRAPE_INTERVAL_S": "2",
+                       "CONTROLPLANE_TUNER_MIN_FINISHED": "20", "CONTROLPLANE_TUNER_STARTUP_S": startup_s}.items():
+        env.setdefault(key, value)
+    if s.alertmanager_url:
+        env["CONTROLPLANE_ALERTMANAGER_URL"] = s.alertmanager_url
+    exe = str(Path(sys.executable).parent / "controlplane")
+    api_url = f"http://{s.bind_host}:{s.api_port}"
+    router_url = f"http://{s.bind_host}:{s.router_port}"
+    plane = PlaneProcess([exe, "up", "--config", str(dep_path), "--slo", str(slo_path)], env,
+                         run_dir / "plane.log", api_url, router_url)
+    ui_proc: subprocess.Popen[bytes] | None = None
+    ui_url = f"http://{s.bind_host}:8501"
+    rc = 1
+    leave_up = False
     try:
-        server.start()
-        with console.status("starting vLLM (CPU) — about a minute, longer the first time") as status:
-            waited = server.wait_ready(tick=lambda s: status.update(
-                f"starting vLLM (CPU): {s:.0f} s, log {server.log_path}"))
-        console.print(f"[green]✓[/] vLLM ready in {waited:.0f} s at {spec.base_url} (pid {server.pid})")
-        plane_thread.watch(Target(spec.replica_name, spec.base_url))
+        with console.status("starting the plane"):
+            plane.start()
+        console.print(f"[green]✓[/] plane up: API {api_url}, router {router_url}, log {plane.log_path}")
+        with console.status("starting the first replica") as st:
+            waited = wait_ready(api_url, cfg.deployment, 1, ready_timeout, _Ticker(console, st))
+        console.print(f"[green]✓[/] first replica of {cfg.deployment} ready in {waited:.0f} s ({engine_label})")
+        ui_proc = _start_ui(exe, api_url, s.bind_host, run_dir, token)
+        console.print(f"[green]✓[/] Streamlit app: {ui_url}")
 
-        plans = mixed_plans(n_requests, seed=7)
-        started = time.time()
-        results: list[ClientResult] = []
-        with Progress(TextColumn("driving load"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console) as progress:
-            task = progress.add_task("load", total=len(plans))
-            results = asyncio.run(run_load(spec.base_url, spec.served_name, plans, concurrency,
-                                           on_done=lambda _: progress.advance(task)))
-        failed = [r for r in results if not r.ok]
-        console.print(f"[green]✓[/] {len(results) - len(failed)} of {len(results)} requests succeeded"
-                      + (f" ([red]{len(failed)} failed[/]: {failed[0].error})" if failed else ""))
-
-        store = plane_thread.plane.store
-        rows: list[dict[str, object]] = []
-        deadline = time.time() + 20
-        with console.status("waiting for the last spans to be committed"):
-            while time.time() < deadline:
-                rows = store.requests(since_unix_s=started - 1, replica=spec.replica_name, limit=100_000)
-                if len(rows) >= len(results) - len(failed):
-                    break
-                time.sleep(0.25)
-        samples = store.engine_samples(since_unix_s=started - 1, replica=spec.replica_name, limit=100_000)
-        phases = phase_summaries(rows)
-        client_ttft = summarize(r.ttft_s for r in results if r.ok)
-        console.print(summary_table(f"per-phase latency of {len(rows)} requests, read back from the store",
-                                    phases, client_ttft))
-        if phases["ttft_s"].p90 and client_ttft.p90 and client_ttft.p90 > 1.2 * phases["ttft_s"].p90 + 0.005:
-            console.print("[dim]note: vLLM takes TTFT in its engine, from after the prompt is tokenised; the "
-                          "client also sees the HTTP path and any stall of vLLM's API process (on a 2-core "
-                          "host, CPU contention and each /metrics render). See the README.[/]")
-        ok_samples = [s for s in samples if s["scrape_ok"]]
-        if ok_samples:
-            kv = [s["kv_usage_ratio"] for s in ok_samples if s["kv_usage_ratio"] is not None]
-            waiting = [s["num_waiting"] for s in ok_samples if s["num_waiting"] is not None]
-            console.print(f"engine samples: {len(samples)} scrapes ({len(samples) - len(ok_samples)} failed), "
-                          f"KV capacity {ok_samples[0]['kv_capacity_tokens'] or 'unknown'} tokens, peak KV usage "
-                          f"{f'{max(kv):.1%}' if kv else 'unknown'}, peak waiting "
-                          f"{f'{max(waiting):.0f}' if waiting else 'unknown'}")
-        if len(rows) < len(results) - len(failed):
-            console.print(f"[yellow]only {len(rows)} of {len(results) - len(failed)} requests reached the store[/]")
-            rc = 1
-    except VllmStartError as exc:
-        console.print(f"[red]vLLM failed to start:[/] {exc}")
+        console.print(f"driving the load: {cfg.steady_rps:g} req/s for {cfg.steady_s:.0f} s, then "
+                      f"{cfg.burst_rps:g} req/s until the plane has reacted and recovered "
+                      f"(SLO: TTFT <= {cfg.ttft_threshold_s:g} s for {cfg.objective:.0%})")
+        with console.status("load") as st:
+            result = run_closed_loop(cfg, router_url=router_url, api_url=api_url, token=token,
+                                     status=_Ticker(console, st))
+        rc = _summarise(console, cfg, result)
+        with console.status("writing the report"):
+            report = _report(cfg, result, api_url, token, run_dir, engine_label)
+        console.print(f"[green]✓[/] report: {report}")
+        if keep_running:
+            console.print(f"[bold]still running[/] (--keep-running): API {api_url}, Streamlit {ui_url}, token in "
+                          f"{run_dir / 'token'}; stop with: kill -TERM {plane.proc.pid}"
+                          + (f" {ui_proc.pid}" if ui_proc else ""))
+            (run_dir / "token").write_text(token + "\n")
+            (run_dir / "token").chmod(0o600)
+            leave_up = True
+            return rc
+        console.print(f"Streamlit was at {ui_url} (run with --keep-running to explore it after the demo)")
+    except (RuntimeError, httpx.HTTPError) as exc:
+        console.print(f"[red]demo failed:[/] {exc}")
         rc = 1
     finally:
-        with console.status("stopping vLLM and the plane"):
-            server.stop()
-            plane_thread.stop()
+        if not leave_up:
+            with console.status("stopping the plane and its replicas"):
+                if ui_proc is not None:
+                    ui_proc.terminate()
+                plane.stop()
     return rc
+
+
+def _start_ui(exe: str, api_url: str, host: str, run_dir: Path, token: str) -> subprocess.Popen[bytes] | None:
+    env = {**os.environ, "CONTROLPLANE_API_TOKEN": token}
+    try:
+        with (run_dir / "streamlit.log").open("ab") as log:
+            return subprocess.Popen([exe, "ui", "--api-url", api_url, "--host", host], env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+    except OSError:
+        return None
+
+
+def _summarise(console: Console, cfg: LoopConfig, r: LoopResult) -> int:
+    t0 = r.started_unix_s
+    table = Table(title="SLO attainment by phase (client-side TTFT)")
+    for col in ("phase", "from", "to", "requests", f"TTFT <= {cfg.ttft_threshold_s:g} s", "failed"):
+        table.add_column(col, justify="left" if col == "phase" else "right")
+    for name, (a, b) in r.phases.items():
+        share, n = r.client_attainment(name, cfg.ttft_threshold_s)
+        failed = sum(1 for x in r.sent if x.phase == name and not x.result.ok)
+        table.add_row(name, f"+{a - t0:.0f} s", f"+{b - t0:.0f} s", str(n), _pct(share), str(failed))
+    console.print(table)
+
+    def at(v: float | None) -> str:
+        return "never" if v is None else f"+{v - t0:.0f} s"
+
+    console.print(f"page fired: {at(r.alert_fired_unix_s)}; tuner's scale-up applied: {at(r.scaled_unix_s)}; "
+                  f"second replica ready: {at(r.second_ready_unix_s)}")
+    recovered, _ = r.client_attainment("recovered", cfg.ttft_threshold_s)
+    ok = (r.alert_fired_unix_s is not None and r.scaled_unix_s is not None and recovered is not None
+          and recovered >= cfg.objective)
+    for note in r.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    if ok:
+        console.print("[green]✓[/] the plane paged, the tuner added a replica, and attainment recovered")
+    else:
+        console.print("[yellow]the story did not complete[/] (see the table and the report)")
+    return 0 if ok else 1
+
+
+def _report(cfg: LoopConfig, r: LoopResult, api_url: str, token: str, run_dir: Path, engine_label: str) -> Path:
+    slo_name = f"{cfg.deployment}-ttft"
+    time.sleep(3.0)  # the last spans and scrapes reach the store
+    data = fetch(api_url, deployment=cfg.deployment, slo_name=slo_name, since=r.started_unix_s,
+                 until=r.ended_unix_s, token=token)
+    client = {name: r.client_attainment(name, cfg.ttft_threshold_s) for name in r.phases}
+    inp = ReportInput(deployment=cfg.deployment, slo_name=slo_name, ttft_threshold_s=cfg.ttft_threshold_s,
+                      objective=cfg.objective, since=r.started_unix_s, until=r.ended_unix_s, phases=r.phases,
+                      requests=data["requests"], samples=data["samples"], cost=data["cost"], alerts=data["alerts"],
+                      actions=data["actions"], recommendations=data["recommendations"], client=client,
+                      engine=engine_label)
+    return render(inp, run_dir)
+

@@ -1,0 +1,296 @@
+"""The demo report: Markdown with PNG plots, built from what the plane stored (read through its REST API).
+
+Plots: TTFT percentiles over time against the SLO line, KV-cache usage and queue per replica, replicas serving,
+cost per 1M tokens, and the alert / action timeline (also as a table). Everything is read back from the plane,
+so the report shows what an operator would see, not what the load generator believes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ReportInput:
+    deployment: str
+    slo_name: str
+    ttft_threshold_s: float
+    objective: float
+    since: float
+    until: float
+    phases: Mapping[str, tuple[float, float]]
+    requests: Sequence[Mapping[str, Any]]
+    samples: Sequence[Mapping[str, Any]]
+    cost: Mapping[str, Any] | None
+    alerts: Sequence[Mapping[str, Any]]
+    actions: Sequence[Mapping[str, Any]]
+    recommendations: Sequence[Mapping[str, Any]]
+    client: Mapping[str, tuple[float | None, int]]  # phase -> (share of requests within the SLO, count)
+    engine: str = "vLLM (CPU, tiny model)"
+
+
+def fetch(api_url: str, *, deployment: str, slo_name: str, since: float, until: float,
+          token: str | None = None) -> dict[str, Any]:
+    """Everything the report needs, through the REST API (paging through the requests)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    out: dict[str, Any] = {}
+    with httpx.Client(base_url=api_url, timeout=30.0, headers=headers) as api:
+        reqs: list[dict[str, Any]] = []
+        before: int | None = None
+        while True:
+            params: dict[str, Any] = {"since": since, "until": until, "limit": 5000}
+            if before is not None:
+                params["before_id"] = before
+            page = api.get("/api/v1/requests", params=params).raise_for_status().json()
+            reqs += page["items"]
+            before = page.get("next_before_id")
+            if before is None:
+                break
+        out["requests"] = reqs
+        out["samples"] = api.get("/api/v1/engine-samples", params={"since": since, "until": until,
+                                                                  "limit": 10_000}).raise_for_status().json()["items"]
+        step = max(10, int((until - since) / 60))
+        r = api.get("/api/v1/cost", params={"deployment": deployment, "since": since, "until": until, "step_s": step})
+        out["cost"] = r.json()["items"][0] if r.status_code == 200 and r.json().get("items") else None
+        out["alerts"] = api.get("/api/v1/alerts", params={"slo": slo_name}).raise_for_status().json()["items"]
+        out["actions"] = api.get("/api/v1/actions", params={"since": since, "until": until + 120,
+                                                            "limit": 2000}).raise_for_status().json()["items"]
+        out["recommendations"] = api.get("/api/v1/recommendations",
+                                         params={"deployment": deployment}).raise_for_status().json()["items"]
+    return out
+
+
+def _bins(since: float, until: float, width: float) -> np.ndarray:
+    return np.arange(since, until + width, width)
+
+
+def _t(x: Any, t0: float) -> Any:
+    return (np.asarray(x, dtype=float) - t0) / 60.0  # minutes since the start
+
+
+def ttft_series(requests: Sequence[Mapping[str, Any]], since: float, until: float,
+                width_s: float = 10.0) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """Bin starts, TTFT p50/p90/p99 per bin (NaN: no request), and the share within `threshold` is left to
+    the caller. Requests are placed by arrival."""
+    edges = _bins(since, until, width_s)
+    arr = np.array([float(r["arrival_unix_s"]) for r in requests if r.get("ttft_s") is not None])
+    ttft = np.array([float(r["ttft_s"]) for r in requests if r.get("ttft_s") is not None])
+    idx = np.digitize(arr, edges) - 1
+    q: dict[str, np.ndarray] = {k: np.full(len(edges) - 1, np.nan) for k in ("p50", "p90", "p99")}
+    counts = np.zeros(len(edges) - 1)
+    for i in range(len(edges) - 1):
+        v = ttft[idx == i]
+        counts[i] = len(v)
+        if len(v):
+            q["p50"][i], q["p90"][i], q["p99"][i] = np.quantile(v, [0.5, 0.9, 0.99])
+    return edges[:-1], q, counts
+
+
+def attainment(requests: Sequence[Mapping[str, Any]], threshold_s: float, t0: float,
+               t1: float) -> tuple[float | None, int]:
+    """Share of requests arriving in [t0, t1) whose stored TTFT met the threshold (None: none known)."""
+    v = [float(r["ttft_s"]) for r in requests
+         if r.get("ttft_s") is not None and t0 <= float(r["arrival_unix_s"]) < t1]
+    return (sum(x <= threshold_s for x in v) / len(v) if v else None), len(v)
+
+
+def _marks(ax: Any, inp: ReportInput, t0: float) -> None:
+    colours = {"steady": "#e8f4e8", "burst": "#fbe3e3", "recovered": "#e3ecfb"}
+    for name, (start, end) in inp.phases.items():
+        ax.axvspan(_t(start, t0), _t(end, t0), color=colours.get(name, "#eeeeee"), zorder=0)
+    for alert in inp.alerts:
+        if alert.get("fired_unix_s"):
+            ax.axvline(_t(alert["fired_unix_s"], t0), color="red", ls="--", lw=1)
+    for x in inp.actions:  # the scale actions themselves (a recommendation's decided time moves when judged)
+        if x.get("kind") == "scale":
+            ax.axvline(_t(x["ts_unix_s"], t0), color="purple", ls=":", lw=1.2)
+
+
+def render(inp: ReportInput, out_dir: Path) -> Path:
+    """Write report.md and its PNGs into out_dir; returns the Markdown path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = inp.since
+    pngs: dict[str, str] = {}
+
+    # 1. TTFT percentiles against the SLO line
+    starts, q, counts = ttft_series(inp.requests, inp.since, inp.until)
+    fig, ax = plt.subplots(figsize=(10, 4))
+    _marks(ax, inp, t0)
+    for k, c in (("p50", "#2b8cbe"), ("p90", "#f39c12"), ("p99", "#c0392b")):
+        ax.plot(_t(starts, t0), q[k], label=f"TTFT {k}", color=c, lw=1.5)
+    ax.axhline(inp.ttft_threshold_s, color="black", lw=1, label=f"SLO threshold {inp.ttft_threshold_s:g} s")
+    ax.set_yscale("log")
+    ax.set_xlabel("minutes since start")
+    ax.set_ylabel("TTFT (s, from vLLM's spans)")
+    ax.set_title(f"{inp.deployment}: TTFT per 10 s (phases shaded; red dashed: page fired; purple: scale applied)")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "ttft.png", dpi=110)
+    plt.close(fig)
+    pngs["ttft"] = "ttft.png"
+
+    # 2. KV usage and queue per replica; 3. replicas serving
+    by_rep: dict[str, list[Mapping[str, Any]]] = {}
+    for s in inp.samples:
+        by_rep.setdefault(str(s.get("replica")), []).append(s)
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 5), sharex=True)
+    _marks(ax1, inp, t0)
+    _marks(ax2, inp, t0)
+    for rep, rows in sorted(by_rep.items()):
+        rows = sorted((r for r in rows if r.get("scrape_ok")), key=lambda r: float(r["ts_unix_s"]))
+        ts = [float(r["ts_unix_s"]) for r in rows]
+        ax1.plot(_t(ts, t0), [np.nan if r.get("kv_usage_ratio") is None else r["kv_usage_ratio"] for r in rows],
+                 label=rep, lw=1)
+        ax2.plot(_t(ts, t0), [np.nan if r.get("num_waiting") is None else r["num_waiting"] for r in rows],
+                 label=f"{rep} waiting", lw=1)
+    ax1.set_ylabel("KV cache usage")
+    ax1.set_ylim(0, 1.05)
+    ax1.legend(loc="upper left", fontsize=8)
+    ax2.set_ylabel("requests waiting")
+    ax2.set_xlabel("minutes since start")
+    ax1.set_title("KV cache and queue per replica (vLLM /metrics, as scraped)")
+    fig.tight_layout()
+    fig.savefig(out_dir / "kv.png", dpi=110)
+    plt.close(fig)
+    pngs["kv"] = "kv.png"
+
+    edges = _bins(inp.since, inp.until, 10.0)
+    serving = np.zeros(len(edges) - 1)
+    for rows in by_rep.values():
+        ok = np.array([float(r["ts_unix_s"]) for r in rows if r.get("scrape_ok")])
+        if len(ok):
+            hit = np.unique(np.digitize(ok, edges) - 1)
+            serving[hit[(hit >= 0) & (hit < len(serving))]] += 1
+    fig, ax = plt.subplots(figsize=(10, 2.6))
+    _marks(ax, inp, t0)
+    ax.step(_t(edges[:-1], t0), serving, where="post", color="#2c3e50")
+    ax.set_ylabel("replicas scraped OK")
+    ax.set_xlabel("minutes since start")
+    ax.set_ylim(0, max(2, serving.max() if len(serving) else 1) + 0.5)
+    ax.set_title("replicas serving (a replica with a successful scrape in the 10 s)")
+    fig.tight_layout()
+    fig.savefig(out_dir / "replicas.png", dpi=110)
+    plt.close(fig)
+    pngs["replicas"] = "replicas.png"
+
+    # 4. cost per 1M tokens
+    cost_note = "no cost data (price or token counters unknown)"
+    if inp.cost and inp.cost.get("points"):
+        pts = inp.cost["points"]
+        fig, ax = plt.subplots(figsize=(10, 2.8))
+        _marks(ax, inp, t0)
+        ts = [float(p["ts_unix_s"]) for p in pts]
+        ax.plot(_t(ts, t0), [np.nan if p.get("usd_per_1m_tokens") is None else p["usd_per_1m_tokens"] for p in pts],
+                color="#16a085", marker=".")
+        ax.set_ylabel("$ per 1M tokens")
+        ax.set_xlabel("minutes since start")
+        ax.set_title(f"cost per 1M tokens (replica-hours x ${inp.cost.get('price_per_replica_hour_usd')}/h "
+                     "over prompt + completion tokens)")
+        fig.tight_layout()
+        fig.savefig(out_dir / "cost.png", dpi=110)
+        plt.close(fig)
+        pngs["cost"] = "cost.png"
+        tot = inp.cost.get("totals") or {}
+        cost_note = (f"{tot.get('replica_hours', 0):.3f} replica-hours, ${tot.get('usd') or 0:.4f}, "
+                     f"{tot.get('prompt_tokens') or 0:,.0f} prompt + {tot.get('completion_tokens') or 0:,.0f} "
+                     f"completion tokens: ${tot['usd_per_1m_tokens']:.3f} per 1M tokens"
+                     if tot.get("usd_per_1m_tokens") is not None else "cost per token unknown")
+
+    # 5. the timeline
+    events = timeline(inp)
+    fig, ax = plt.subplots(figsize=(10, 0.6 + 0.28 * max(3, len(events))))
+    _marks(ax, inp, t0)
+    for i, (when, who, what) in enumerate(events):
+        ax.plot(_t(when, t0), i, "o", color={"alert": "red", "tuner": "purple", "user": "blue"}.get(who, "gray"))
+        ax.text(_t(when, t0), i, f"  {what}", va="center", fontsize=7)
+    ax.set_yticks([])
+    ax.set_xlim(0, _t(inp.until, t0) * 1.35)
+    ax.set_xlabel("minutes since start")
+    ax.set_title("alerts and actions")
+    fig.tight_layout()
+    fig.savefig(out_dir / "timeline.png", dpi=110)
+    plt.close(fig)
+    pngs["timeline"] = "timeline.png"
+
+    md = _markdown(inp, pngs, events, cost_note)
+    path = out_dir / "report.md"
+    path.write_text(md)
+    return path
+
+
+def timeline(inp: ReportInput) -> list[tuple[float, str, str]]:
+    """(time, who, what) of pages and of the plane's actions, oldest first."""
+    ev: list[tuple[float, str, str]] = []
+    for a in inp.alerts:
+        if a.get("fired_unix_s"):
+            ev.append((float(a["fired_unix_s"]), "alert", f"{a['severity']} {a['alertname']} fired"))
+        if a.get("resolved_unix_s"):
+            ev.append((float(a["resolved_unix_s"]), "alert", f"{a['alertname']} resolved"))
+    for x in inp.actions:
+        kind, actor, reason = x.get("kind"), x.get("actor"), x.get("reason")
+        if kind in ("probe", "scrape") or (kind == "autoscale_decision" and str(reason).startswith("hold")):
+            continue
+        what = f"{actor}: {kind} ({reason})"
+        if x.get("replica"):
+            what += f" {x['replica']}"
+        ev.append((float(x["ts_unix_s"]), str(actor), what))
+    return sorted(e for e in ev if inp.since - 600 <= e[0] <= inp.until + 600)
+
+
+def _when(ts: float, t0: float) -> str:
+    return f"+{(ts - t0):.0f} s ({dt.datetime.fromtimestamp(ts, dt.UTC).strftime('%H:%M:%S')} UTC)"
+
+
+def _pct(v: float | None) -> str:
+    return "unknown" if v is None else f"{v:.1%}"
+
+
+def _markdown(inp: ReportInput, pngs: Mapping[str, str], events: Sequence[tuple[float, str, str]],
+              cost_note: str) -> str:
+    t0 = inp.since
+    lines = [f"# Closed-loop demo: {inp.deployment} on {inp.engine}", "",
+             f"Run from {dt.datetime.fromtimestamp(inp.since, dt.UTC):%Y-%m-%d %H:%M:%S} UTC for "
+             f"{(inp.until - inp.since) / 60:.1f} minutes. SLO `{inp.slo_name}`: TTFT <= {inp.ttft_threshold_s:g} s "
+             f"for {inp.objective:.0%} of requests.", "",
+             "## SLO attainment by phase", "",
+             "| phase | from | to | requests (store) | within SLO (store, vLLM's TTFT) | within SLO (client) |",
+             "|---|---|---|---|---|---|"]
+    for name, (a, b) in inp.phases.items():
+        share, n = attainment(inp.requests, inp.ttft_threshold_s, a, b)
+        c_share, c_n = inp.client.get(name, (None, 0))
+        lines.append(f"| {name} | +{a - t0:.0f} s | +{b - t0:.0f} s | {n} | {_pct(share)} | "
+                     f"{_pct(c_share)} of {c_n} |")
+    lines += ["", "The client's TTFT adds the HTTP path and the router to vLLM's own; both are shown.", "",
+              f"![TTFT]({pngs['ttft']})", "", "## What the plane did", ""]
+    for ts, _who, what in events:
+        lines.append(f"- {_when(ts, t0)} — {what}")
+    applied = [r for r in inp.recommendations if r.get("status") in ("applied", "rolled_back")]
+    for r in applied:
+        ev = r.get("evidence") or {}
+        obs = ev.get("observed") or {}
+        lines += ["", f"### Recommendation {r['id']}: {r['kind']} {r['current'].get('replicas')} -> "
+                      f"{r['proposed'].get('replicas')} ({r['reason']}, {r['mode']}, {r['status']})", "",
+                  f"- observed: {obs.get('rate_rps') and round(obs['rate_rps'], 2)} req/s, "
+                  f"good ratio {_pct(obs.get('slo_good_ratio'))} of {obs.get('finished')} finished, "
+                  f"TTFT p99 {obs.get('ttft_p99_s') and round(obs['ttft_p99_s'], 3)} s",
+                  f"- capacity model: {(ev.get('capacity') or {}).get('source')}",
+                  f"- cost: ${(ev.get('cost') or {}).get('usd_per_hour_current')}/h -> "
+                  f"${(ev.get('cost') or {}).get('usd_per_hour_proposed')}/h",
+                  f"- confidence {r.get('confidence')}; outcome: {r.get('outcome')}"]
+    lines += ["", f"![timeline]({pngs['timeline']})", "", "## KV cache and queue", "", f"![KV]({pngs['kv']})", "",
+              "## Replicas", "", f"![replicas]({pngs['replicas']})", "", "## Cost", "", cost_note, ""]
+    if "cost" in pngs:
+        lines += [f"![cost]({pngs['cost']})", ""]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,76 @@
+"""The demo's specs parse with the plane's own validators; the report's arithmetic and files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from controlplane.demo_loop import LoopConfig, LoopResult, Sent, deployment_doc, slo_doc, write_specs
+from controlplane.loadgen import ClientResult
+from controlplane.report import ReportInput, attainment, render, timeline, ttft_series
+from controlplane.slo.spec import load_slos
+from controlplane.supervisor.spec import parse_deployment
+
+
+def test_the_demo_specs_are_valid_for_the_plane(tmp_path: Path) -> None:
+    cfg = LoopConfig()
+    dep = parse_deployment(deployment_doc(cfg, tmp_path, 8100))
+    assert (dep.min_replicas, dep.max_replicas, dep.engine.max_num_seqs) == (1, 2, cfg.max_num_seqs)
+    assert dep.price_per_replica_hour_usd == cfg.price_per_core_hour_usd
+    [slo] = load_slos(write_specs(cfg, tmp_path, tmp_path, 8100)[1])
+    assert slo.name == "tiny-ttft" and slo.objective == cfg.objective
+    assert slo.targets[0].threshold_s == pytest.approx(cfg.ttft_threshold_s)
+    [page] = slo.alerting.enabled_windows()
+    assert (page.severity, page.long_s, page.short_s, page.burn_rate) == ("page", 120.0, 20.0, 2.0)
+    assert slo_doc(cfg)["spec"]["alerting"]["ticket"] is False
+
+
+def _req(arrival: float, ttft: float | None) -> dict[str, object]:
+    return {"arrival_unix_s": arrival, "ttft_s": ttft}
+
+
+def test_attainment_and_ttft_series() -> None:
+    reqs = [_req(0.5, 0.1), _req(1.0, 0.9), _req(5.0, None), _req(12.0, 0.2), _req(25.0, 0.3)]
+    assert attainment(reqs, 0.5, 0.0, 10.0) == (0.5, 2)  # the request without TTFT is unknown, not counted
+    assert attainment(reqs, 0.5, 30.0, 40.0) == (None, 0)
+    starts, q, counts = ttft_series(reqs, 0.0, 30.0, width_s=10.0)
+    assert list(starts) == [0.0, 10.0, 20.0] and list(counts) == [2, 1, 1]
+    assert q["p50"][0] == pytest.approx(0.5) and q["p99"][1] == pytest.approx(0.2)
+
+
+def test_client_attainment_counts_only_answered_requests() -> None:
+    ok = ClientResult("t", True, 1.0, 0.2, 1.0, 10)
+    late = ClientResult("t", True, 1.0, 0.9, 1.0, 10)
+    failed = ClientResult("t", False, 1.0, None, None, 0, "HTTP 503")
+    r = LoopResult(0, 1, {"burst": (0, 1)}, [Sent("burst", ok), Sent("burst", late), Sent("burst", failed)],
+                   None, None, None, None, [])
+    assert r.client_attainment("burst", 0.5) == (0.5, 2)
+    assert r.client_attainment("steady", 0.5) == (None, 0)
+
+
+def test_render_writes_the_report_and_its_plots(tmp_path: Path) -> None:
+    t0 = 1_700_000_000.0
+    reqs = [{"arrival_unix_s": t0 + i, "ttft_s": 0.05 if i < 60 else 2.0} for i in range(120)]
+    samples = [{"replica": "tiny-0", "ts_unix_s": t0 + i, "scrape_ok": True, "kv_usage_ratio": 0.3,
+                "num_waiting": 0.0} for i in range(0, 120, 2)]
+    alerts = [{"severity": "page", "alertname": "SloBurnRatePage", "fired_unix_s": t0 + 90,
+               "resolved_unix_s": None}]
+    actions = [{"ts_unix_s": t0 + 80, "kind": "scale", "actor": "tuner", "reason": "recommendation_1"},
+               {"ts_unix_s": t0 + 70, "kind": "autoscale_decision", "actor": "tuner", "reason": "hold_steady"}]
+    recs = [{"id": 1, "kind": "scale", "status": "applied", "mode": "auto", "reason": "scale_up_slo_risk",
+             "current": {"replicas": 1}, "proposed": {"replicas": 2}, "confidence": 0.9, "outcome": None,
+             "evidence": {"observed": {"rate_rps": 20.0, "slo_good_ratio": 0.2, "finished": 100},
+                          "capacity": {"source": "not calibrated yet"}, "cost": {}}}]
+    inp = ReportInput("tiny", "tiny-ttft", 0.5, 0.9, t0, t0 + 120, {"steady": (t0, t0 + 60),
+                                                                      "burst": (t0 + 60, t0 + 120)},
+                      reqs, samples, None, alerts, actions, recs, {"steady": (1.0, 60), "burst": (0.0, 60)})
+    events = timeline(inp)
+    assert [e[2] for e in events] == ["tuner: scale (recommendation_1)", "page SloBurnRatePage fired"]
+    path = render(inp, tmp_path)
+    md = path.read_text()
+    for png in ("ttft.png", "kv.png", "replicas.png", "timeline.png"):
+        assert (tmp_path / png).stat().st_size > 5000 and f"]({png})" in md
+    assert "| steady | +0 s | +60 s | 60 | 100.0% | 100.0% of 60 |" in md
+    assert "| burst | +60 s | +120 s | 60 | 0.0% | 0.0% of 60 |" in md
+    assert "no cost data" in md and "cost.png" not in md
