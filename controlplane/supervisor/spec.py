@@ -3,10 +3,26 @@
 The YAML is validated by pydantic with unknown fields rejected, so a typo fails before anything
 starts, with the field's path and what is allowed. `load_deployment` turns it into `Deployment`,
 the only form the rest of the plane sees.
+
+A deployment with a `simulated` section runs the simulated engine (controlplane.engines.sim_server) instead of
+vLLM: an OpenAI-compatible server whose timing is the performance model's for a catalog model on the catalog
+accelerator named in `hardware.accelerator`, started, probed, scaled and stopped like vLLM:
+
+    spec:
+      model: {served_name: llama-8b}           # path: not needed (nothing is loaded)
+      simulated: {model: Llama-3.1-8B}         # a catalog model or its Hugging Face id; speedup: 1.0
+      hardware: {accelerator: H100-80GB}       # price_per_hour_usd: the catalog's when not given
+      engine: {max_num_seqs: 64}               # vLLM's flags, honoured by the simulated scheduler
+
+Left out, `hardware.price_per_hour_usd` is the catalog's assumed price of that accelerator and
+`hardware.count_per_replica` is `engine.tensor_parallel_size`; both are written into the stored spec, so the
+cost figures use them. The engine flags are checked by the simulated engine's own parser when the spec loads.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -14,6 +30,9 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from controlplane.engines.vllm_server import SimulatedEngine
+from controlplane.tuning import catalog
 
 NAME_RE = r"^[a-z0-9]([a-z0-9-]{0,48}[a-z0-9])?$"
 # Flags the plane sets itself; passing them through extra_args would fight the supervisor.
@@ -29,7 +48,9 @@ class _Strict(BaseModel):
 
 
 class ModelSection(_Strict):
-    path: str = Field(min_length=1, description="directory of a Hugging Face model (local; nothing is downloaded)")
+    path: str | None = Field(default=None, min_length=1,
+                             description="directory of a Hugging Face model (local; nothing is downloaded); "
+                                         "required unless the deployment is simulated")
     served_name: str = Field(min_length=1, max_length=200)
 
 
@@ -76,6 +97,13 @@ class HardwareSection(_Strict):
     accelerator: str = Field(default="cpu", min_length=1, description="'cpu' or a catalog name such as H100-80GB")
     count_per_replica: float = Field(default=1, gt=0, description="accelerators (or CPU cores) per replica")
     price_per_hour_usd: float = Field(default=0.0, ge=0, description="price of ONE accelerator (or core) per hour")
+
+
+class SimulatedSection(_Strict):
+    """Run the simulated engine instead of vLLM (see the module doc)."""
+
+    model: str = Field(min_length=1, description="a catalog model (e.g. Llama-3.1-8B) or its Hugging Face id")
+    speedup: float = Field(default=1.0, gt=0, le=1000, description="simulated seconds per wall-clock second")
 
 
 class LocalBackend(_Strict):
@@ -132,6 +160,7 @@ class QualitySection(_Strict):
 
 class DeploymentBody(_Strict):
     model: ModelSection
+    simulated: SimulatedSection | None = None
     engine: EngineSection = EngineSection()
     replicas: ReplicasSection = ReplicasSection()
     hardware: HardwareSection = HardwareSection()
@@ -224,6 +253,7 @@ class Deployment:
     lifecycle: LifecycleSection
     quality: QualitySection = QualitySection()
     spec: dict[str, Any] = field(default_factory=dict, compare=False)  # the document as given, for the store
+    simulated: SimulatedEngine | None = None  # None: vLLM
 
     @property
     def price_per_replica_hour_usd(self) -> float:
@@ -265,14 +295,76 @@ def parse_deployment(doc: Any, source: str = "deployment spec") -> Deployment:
             raise SpecError(f"{source}: spec.replicas: initial {initial} exceeds max {s.replicas.max}")
     if isinstance(s.backend, LocalBackend | RayBackend) and any(not cores for cores in s.backend.cpu_cores):
         raise SpecError(f"{source}: spec.backend.cpu_cores: every core set needs at least one core, e.g. [[0], [1]]")
+    engine = EngineConfig(**s.engine.model_dump())
+    stored = d.model_dump(mode="json")
+    if s.simulated is None:
+        del stored["spec"]["simulated"]  # a vLLM deployment's stored document stays as it was before the section
+    hardware = s.hardware
+    simulated = None
+    if s.simulated is not None:
+        simulated, hardware = _simulated(s, engine, source)
+        stored["spec"]["hardware"] = hardware.model_dump(mode="json")
+    elif s.model.path is None:
+        raise SpecError(f"{source}: spec.model.path: required (a local model directory) unless the deployment is "
+                        "simulated (spec.simulated)")
     return Deployment(
-        name=d.metadata.name, model_path=s.model.path, served_name=s.model.served_name,
-        engine=EngineConfig(**s.engine.model_dump()),
+        name=d.metadata.name, model_path=s.model.path or "", served_name=s.model.served_name, engine=engine,
         min_replicas=s.replicas.min, max_replicas=s.replicas.max, initial_replicas=initial,
-        accelerator=s.hardware.accelerator, accelerators_per_replica=s.hardware.count_per_replica,
-        price_per_accelerator_hour_usd=s.hardware.price_per_hour_usd,
-        backend=s.backend, lifecycle=s.lifecycle, quality=s.quality, spec=d.model_dump(mode="json"),
+        accelerator=hardware.accelerator, accelerators_per_replica=hardware.count_per_replica,
+        price_per_accelerator_hour_usd=hardware.price_per_hour_usd,
+        backend=s.backend, lifecycle=s.lifecycle, quality=s.quality, spec=stored, simulated=simulated,
     )
+
+
+def _simulated(s: DeploymentBody, engine: EngineConfig, source: str) -> tuple[SimulatedEngine, HardwareSection]:
+    """The simulated engine of a spec and its hardware with the catalog's defaults filled in; SpecError naming the
+    field when a name is not in the catalog, the backend cannot run it, or the engine would refuse its flags."""
+    assert s.simulated is not None
+    where = f"{source}: spec"
+    if isinstance(s.backend, ExternalBackend):
+        raise SpecError(f"{where}.simulated: the external backend runs replicas the plane does not start; "
+                        "a simulated deployment needs the local or ray backend")
+    if isinstance(s.backend, RayBackend) and s.backend.num_gpus_per_replica > 0:
+        raise SpecError(f"{where}.backend.num_gpus_per_replica: the simulated engine uses no GPU; set it to 0 "
+                        f"(got {s.backend.num_gpus_per_replica:g})")
+    try:
+        model = catalog.model(s.simulated.model).name
+    except catalog.CatalogError as exc:
+        raise SpecError(f"{where}.simulated.model: {exc}") from None
+    try:
+        accelerator = catalog.accelerator(s.hardware.accelerator)
+    except catalog.CatalogError as exc:
+        raise SpecError(f"{where}.hardware.accelerator: the simulated engine needs a catalog accelerator: "
+                        f"{exc}") from None
+    sim = SimulatedEngine(model, accelerator.name, s.simulated.speedup)
+    _check_engine_flags(sim, engine, f"{where}.engine")
+    given = s.hardware.model_fields_set
+    hardware = s.hardware.model_copy(update={
+        "accelerator": accelerator.name,
+        "count_per_replica": s.hardware.count_per_replica if "count_per_replica" in given
+        else engine.tensor_parallel_size,
+        "price_per_hour_usd": s.hardware.price_per_hour_usd if "price_per_hour_usd" in given
+        else accelerator.usd_per_hour,
+    })
+    return sim, hardware
+
+
+def _check_engine_flags(sim: SimulatedEngine, engine: EngineConfig, where: str) -> None:
+    """Parse the flags a replica would get with the simulated engine's own parser, so a flag it cannot honour
+    (a dtype it does not model, an unknown extra arg, max_model_len beyond the KV cache) fails here, not as a
+    crash loop. argparse reports a bad flag on stderr and exits; both are caught and turned into the error."""
+    from controlplane.engines.sim_server import SimConfigError, config_from_args
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            config_from_args([*sim.args(), *engine.vllm_args()])
+    except (SimConfigError, catalog.CatalogError) as exc:
+        raise SpecError(f"{where}: the simulated engine refuses it: {exc}") from None
+    except SystemExit:
+        lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
+        why = lines[-1].split("error:", 1)[-1].strip() if lines else "bad flags"
+        raise SpecError(f"{where}: the simulated engine refuses it: {why}") from None
 
 
 def load_deployment(path: Path) -> Deployment:

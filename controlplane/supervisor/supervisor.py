@@ -478,13 +478,16 @@ class Supervisor:
     def describe(self) -> list[dict[str, Any]]:
         out = []
         for rt in self.runtimes.values():
+            simulated = rt.dep.simulated is not None  # the simulated engine: every view labels it so
             out.append({
-                "name": rt.dep.name, "backend": rt.backend.kind, "desired_replicas": rt.desired,
+                "name": rt.dep.name, "backend": rt.backend.kind, "simulated": simulated,
+                "desired_replicas": rt.desired,
                 "min_replicas": rt.dep.min_replicas, "max_replicas": rt.dep.max_replicas,
                 "engine": _cfg(rt.dep.engine), "rolling": rt.rollout is not None and not rt.rollout.done(),
                 "price_per_replica_hour_usd": rt.dep.price_per_replica_hour_usd,
                 "replicas": [{
-                    "name": m.name, "state": m.state, "url": m.handle.url if m.handle else None, "slot": m.slot,
+                    "name": m.name, "simulated": simulated, "state": m.state,
+                    "url": m.handle.url if m.handle else None, "slot": m.slot,
                     "restarts": m.restarts, "outstanding": self.router.outstanding(m.name),
                     "config": _cfg(m.config), "since_unix_s": m.since,
                     "runtime": m.handle.runtime if m.handle else None,

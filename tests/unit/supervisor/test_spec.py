@@ -7,7 +7,10 @@ from typing import Any
 
 import pytest
 
+from controlplane.cost import price_per_replica_hour
+from controlplane.engines.vllm_server import SimulatedEngine
 from controlplane.supervisor.spec import EngineConfig, SpecError, load_deployment, parse_deployment
+from controlplane.tuning import catalog
 
 
 def doc(**spec: Any) -> dict[str, Any]:
@@ -86,3 +89,67 @@ def test_engine_changes_are_validated_like_the_spec() -> None:
     with pytest.raises(SpecError, match="unknown field"):
         base.with_changes({"max_num_seq": 2})
     assert EngineConfig.from_dict(base.as_dict()) == base
+
+
+# --- the simulated engine --------------------------------------------------------------------------------------
+def sim_doc(**spec: Any) -> dict[str, Any]:
+    body = {"model": {"served_name": "llama-8b"}, "simulated": {"model": "meta-llama/Llama-3.1-8B-Instruct"},
+            "hardware": {"accelerator": "h100"}, **spec}
+    return {"apiVersion": "controlplane/v1", "kind": "Deployment", "metadata": {"name": "sim"}, "spec": body}
+
+
+def test_a_simulated_spec_needs_no_model_path_and_names_its_engine_as_the_catalog_does() -> None:
+    d = parse_deployment(sim_doc(simulated={"model": "meta-llama/Llama-3.1-8B-Instruct", "speedup": 2}))
+    assert d.simulated == SimulatedEngine("Llama-3.1-8B", "H100-80GB", 2.0)
+    assert d.accelerator == "H100-80GB" and d.model_path == ""
+
+
+def test_a_simulated_spec_without_a_price_gets_the_catalogs_and_the_stored_spec_carries_it() -> None:
+    d = parse_deployment(sim_doc(engine={"tensor_parallel_size": 2}))
+    h100 = catalog.accelerator("H100-80GB").usd_per_hour
+    # Two GPUs per replica (the tensor-parallel size, as count_per_replica is not given), each at the catalog price.
+    assert d.price_per_replica_hour_usd == pytest.approx(2 * h100)
+    assert price_per_replica_hour(d.spec) == pytest.approx(2 * h100)  # what the cost API reads from the store
+    given = parse_deployment(sim_doc(hardware={"accelerator": "L4", "price_per_hour_usd": 0.5,
+                                               "count_per_replica": 1}))
+    assert (given.accelerator, given.price_per_replica_hour_usd) == ("L4", 0.5)
+
+
+def test_a_vllm_spec_still_needs_its_model_path_and_stores_no_simulated_section() -> None:
+    with pytest.raises(SpecError, match=r"deploy.yaml: spec.model.path: required .* unless the deployment is simul"):
+        parse_deployment({**doc(), "spec": {"model": {"served_name": "llama"}}}, "deploy.yaml")
+    d = parse_deployment(doc())
+    assert d.simulated is None and "simulated" not in d.spec["spec"]
+    assert d.price_per_replica_hour_usd == 0.0  # no catalog default for vLLM: the price stays unconfigured
+
+
+@pytest.mark.parametrize(("spec", "needle"), [
+    ({"simulated": {"model": "gpt-5"}},
+     "spec.simulated.model: unknown model 'gpt-5'; known: Llama-3.1-8B, Llama-3.1-70B, Qwen2.5-7B"),
+    ({"hardware": {"accelerator": "cpu"}},
+     "spec.hardware.accelerator: the simulated engine needs a catalog accelerator: unknown accelerator 'cpu'; "
+     "known: H100-80GB, H200, A100-80GB, L40S, L4, A10G"),
+    ({"simulated": {"model": "Llama-3.1-8B", "speedup": 0}}, "spec.simulated.speedup: Input should be greater than"),
+    ({"simulated": {"model": "Llama-3.1-8B", "accelerator": "H100"}}, "spec.simulated.accelerator: unknown field"),
+    ({"engine": {"dtype": "float32"}}, "spec.engine: the simulated engine refuses it: argument --dtype"),
+    ({"engine": {"pipeline_parallel_size": 2}}, "the simulated engine refuses it: argument --pipeline-parallel-size"),
+    ({"engine": {"extra_args": ["--no-such-flag"]}},
+     "the simulated engine refuses it: unrecognized arguments: --no-such-flag"),
+    ({"engine": {"max_model_len": 1_000_000}}, "max_model_len 1000000 exceeds the KV cache's"),
+    ({"backend": {"kind": "external", "urls": ["http://a:8000"]}},
+     "spec.simulated: the external backend runs replicas the plane does not start"),
+    ({"backend": {"kind": "ray", "num_gpus_per_replica": 1}},
+     "spec.backend.num_gpus_per_replica: the simulated engine uses no GPU"),
+])
+def test_a_bad_simulated_spec_names_the_field_and_what_is_allowed(spec: dict[str, Any], needle: str) -> None:
+    with pytest.raises(SpecError) as err:
+        parse_deployment(sim_doc(**spec), "sim.yaml")
+    assert needle in str(err.value)
+    assert str(err.value).startswith("sim.yaml")
+
+
+def test_a_simulated_deployment_runs_on_ray_without_gpus_and_takes_the_flags_the_engine_accepts() -> None:
+    d = parse_deployment(sim_doc(backend={"kind": "ray", "num_gpus_per_replica": 0},
+                                 engine={"kv_cache_dtype": "fp8", "quantization": "fp8",
+                                         "extra_args": ["--enable-prefix-caching"]}))
+    assert d.backend.kind == "ray" and d.simulated is not None
