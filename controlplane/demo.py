@@ -82,7 +82,8 @@ def run_demo(settings: Settings, console: Console, *, engine: str = "vllm", keep
         dep_path, slo_path = run_dir / "deployment.yaml", run_dir / "slos.yaml"
         dep_path.write_text(yaml.safe_dump(sim_deployment_doc(cfg, _free_port_run(4)), sort_keys=False))
         slo_path.write_text(yaml.safe_dump(slo_doc(cfg), sort_keys=False))
-        engine_label = "the simulated engine (timing from the calibrated simulator; labelled simulated)"
+        engine_label = "a simulated Llama-3.1-8B on H100-80GB fleet (the simulated engine: timing from the " \
+                       "performance model, labelled simulated)"
         startup_s, ready_timeout = "10", 60.0
     else:
         cfg = cfg or LoopConfig()
@@ -181,8 +182,9 @@ def _summarise(console: Console, cfg: LoopConfig, r: LoopResult) -> int:
     def at(v: float | None) -> str:
         return "never" if v is None else f"+{v - t0:.0f} s"
 
+    caught_up = r.phases.get("recovered", (None, None))[0]
     console.print(f"page fired: {at(r.alert_fired_unix_s)}; tuner's scale-up applied: {at(r.scaled_unix_s)}; "
-                  f"second replica ready: {at(r.second_ready_unix_s)}")
+                  f"second replica ready: {at(r.second_ready_unix_s)}; backlog drained: {at(caught_up)}")
     recovered, _ = r.client_attainment("recovered", cfg.ttft_threshold_s)
     ok = (r.alert_fired_unix_s is not None and r.scaled_unix_s is not None and recovered is not None
           and recovered >= cfg.objective)

@@ -102,7 +102,7 @@ def attainment(requests: Sequence[Mapping[str, Any]], threshold_s: float, t0: fl
 
 
 def _marks(ax: Any, inp: ReportInput, t0: float) -> None:
-    colours = {"steady": "#e8f4e8", "burst": "#fbe3e3", "recovered": "#e3ecfb"}
+    colours = {"steady": "#e8f4e8", "burst": "#fbe3e3", "catch-up": "#fdf2d9", "recovered": "#e3ecfb"}
     for name, (start, end) in inp.phases.items():
         ax.axvspan(_t(start, t0), _t(end, t0), color=colours.get(name, "#eeeeee"), zorder=0)
     for alert in inp.alerts:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import time
@@ -15,7 +16,6 @@ import httpx
 import psutil
 import yaml
 
-from tests.conftest import free_port
 from tests.integration.conftest import PlaneProc, start_plane, stop_plane
 
 TOKEN = "test-token"
@@ -25,9 +25,9 @@ T = TypeVar("T")
 def consecutive_free_ports(n: int) -> int:
     """A base port with `n` free ports from it (replica slots take base + slot)."""
     for _ in range(50):
-        base = free_port()
-        if base + n >= 65000:
-            continue
+        # Below the kernel's ephemeral range (32768-60999): an outgoing connection cannot take a replica's
+        # port between this check and the replica's bind (seen under load: a crash loop on EADDRINUSE).
+        base = random.randrange(20000, 32000 - n)
         try:
             for p in range(base, base + n):
                 with socket.socket() as s:
