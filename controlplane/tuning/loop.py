@@ -258,6 +258,7 @@ class _DeploymentState:
     last_reason: str | None = None
     applied: Applied | None = None
     history: list[tuple[float, int, int]] = field(default_factory=list)  # (finish-interval end, good, known)
+    no_down_until: float = 0.0  # after a rolled-back scale-down, no other one before this time
 
 
 @dataclass(frozen=True)
@@ -346,7 +347,10 @@ class Tuner:
                             "inputs": _jsonable(decision.inputs), "capacity_source": st.capacity_note},
                 ts_unix_s=now)
             st.last_reason = decision.reason
-        await self._verify(name, rt, st, objective, now)
+        if await self._verify(name, rt, st, objective, now):
+            return decision  # scaled back this round; the decision above was made on the old count
+        if decision.desired_replicas < rt.desired and now < st.no_down_until:
+            return decision  # a scale-down was rolled back recently: do not flap back to it
         if opts.mode != "off":
             await self._recommend(name, rt, st, obs, decision, objective, now)
         return decision
@@ -411,18 +415,25 @@ class Tuner:
         await asyncio.to_thread(self.recs.decide, rid, APPLIED, by=ACTOR,
                                 outcome={"applied": _jsonable(result), "before": {"good": before[0],
                                                                                    "known": before[1]}})
+        old = st.applied
+        if old is not None:  # a change still being judged is closed by this one
+            reversed_down = old.to_replicas < old.from_replicas and decision.desired_replicas > old.to_replicas
+            await asyncio.to_thread(
+                self.recs.decide, old.rid, ROLLED_BACK if reversed_down else APPLIED, by=ACTOR, expect=(APPLIED,),
+                outcome={"verdict": ROLL_BACK if reversed_down else "superseded", "by": f"recommendation_{rid}",
+                         "why": decision.reason, "judged_unix_s": now})
         st.applied = Applied(rid, now, current, decision.desired_replicas, before)
 
     def _counts_since(self, st: _DeploymentState, since: float, until: float = math.inf) -> tuple[int, int]:
         sel = [(g, k) for t, g, k in st.history if since < t <= until]
         return sum(g for g, _ in sel), sum(k for _, k in sel)
 
-    async def _verify(self, name: str, rt: Any, st: _DeploymentState, objective: float, now: float) -> None:
+    async def _verify(self, name: str, rt: Any, st: _DeploymentState, objective: float, now: float) -> bool:
         """An auto-applied change, once in effect, is judged on the requests that finished since: a scale-down
         that made the SLO worse is scaled back; anything else is kept, with the before/after counts stored."""
         a = st.applied
         if a is None:
-            return
+            return False
         give_up = self.options.startup_s * 3 + self.options.verify_s
         if a.effective_at is None:
             ready = sum(1 for m in rt.members.values() if m.state == "ready" and not getattr(m, "candidate", False))
@@ -432,14 +443,19 @@ class Tuner:
                 st.applied = None
                 await asyncio.to_thread(self.recs.decide, a.rid, APPLIED, by=ACTOR, expect=(APPLIED,), outcome={
                     "verdict": "not_in_effect", "why": f"{ready} ready of {a.to_replicas} after {now - a.at:.0f} s"})
-            return
+            return False
+        if now - a.effective_at < self.options.verify_s:
+            return False  # judge on verify_s of requests, not on the backlog the change has just started to drain
         after = self._counts_since(st, a.effective_at)
         v = verdict(a.before, after, objective=objective, min_requests=self.options.min_finished)
         if v == UNDECIDED and now - a.effective_at < give_up:
-            return
+            return False
         st.applied = None
         outcome: dict[str, Any] = {"verdict": v, "after": {"good": after[0], "known": after[1]},
                                    "in_effect_unix_s": a.effective_at, "judged_unix_s": now}
+        if a.to_replicas > a.from_replicas and v == ROLL_BACK:
+            # Fewer replicas would not serve better: a scale-up is kept, and the worse SLO is put on record.
+            outcome |= {"verdict": KEPT, "slo_worse_after": True}
         if v == ROLL_BACK and a.to_replicas < a.from_replicas:
             try:
                 await self.fleet.scale(name, a.from_replicas, actor=ACTOR, reason=f"rollback_recommendation_{a.rid}")
@@ -447,8 +463,10 @@ class Tuner:
                 outcome["rollback_error"] = str(exc)
             await asyncio.to_thread(self.recs.decide, a.rid, ROLLED_BACK, by=ACTOR, outcome=outcome,
                                     expect=(APPLIED,))
-        else:
-            await asyncio.to_thread(self.recs.decide, a.rid, APPLIED, by=ACTOR, outcome=outcome, expect=(APPLIED,))
+            st.no_down_until = now + 3 * self.options.verify_s
+            return True
+        await asyncio.to_thread(self.recs.decide, a.rid, APPLIED, by=ACTOR, outcome=outcome, expect=(APPLIED,))
+        return False
 
     # --- metrics --------------------------------------------------------------------------------------------
     def collect(self) -> Iterator[Metric]:
