@@ -141,8 +141,9 @@ def run_demo(settings: Settings, console: Console, *, engine: str = "vllm", keep
             console.print(f"[bold]still running[/] (--keep-running): API {api_url}, Streamlit {ui_url}, token in "
                           f"{run_dir / 'token'}; stop with: kill -TERM {plane.proc.pid}"
                           + (f" {ui_proc.pid}" if ui_proc else ""))
-            (run_dir / "token").write_text(token + "\n")
-            (run_dir / "token").chmod(0o600)
+            fd = os.open(run_dir / "token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # never readable by others
+            with os.fdopen(fd, "w") as f:
+                f.write(token + "\n")
             leave_up = True
             return rc
         console.print(f"Streamlit was at {ui_url} (run with --keep-running to explore it after the demo)")
@@ -186,8 +187,11 @@ def _summarise(console: Console, cfg: LoopConfig, r: LoopResult) -> int:
     console.print(f"page fired: {at(r.alert_fired_unix_s)}; tuner's scale-up applied: {at(r.scaled_unix_s)}; "
                   f"second replica ready: {at(r.second_ready_unix_s)}; backlog drained: {at(caught_up)}")
     recovered, _ = r.client_attainment("recovered", cfg.ttft_threshold_s)
+    failed = sum(1 for x in r.sent if not x.result.ok)
+    if failed > 0.01 * max(1, len(r.sent)):
+        console.print(f"[yellow]{failed} of {len(r.sent)} requests failed[/] (they are not in the attainment)")
     ok = (r.alert_fired_unix_s is not None and r.scaled_unix_s is not None and recovered is not None
-          and recovered >= cfg.objective)
+          and recovered >= cfg.objective and failed <= 0.01 * max(1, len(r.sent)))
     for note in r.notes:
         console.print(f"[yellow]note:[/] {note}")
     if ok:
@@ -207,6 +211,8 @@ def _report(cfg: LoopConfig, r: LoopResult, api_url: str, token: str, run_dir: P
                       objective=cfg.objective, since=r.started_unix_s, until=r.ended_unix_s, phases=r.phases,
                       requests=data["requests"], samples=data["samples"], cost=data["cost"], alerts=data["alerts"],
                       actions=data["actions"], recommendations=data["recommendations"], client=client,
-                      engine=engine_label)
+                      engine=engine_label,
+                      failed={name: sum(1 for x in r.sent if x.phase == name and not x.result.ok)
+                              for name in r.phases})
     return render(inp, run_dir)
 

@@ -320,6 +320,12 @@ class PlaneProcess:
         import subprocess
 
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # another plane (say, one left up with --keep-running) answering here would be mistaken for this one
+            if httpx.get(self.api_url + "/healthz", timeout=1.0).status_code == 200:
+                raise RuntimeError(f"something already answers {self.api_url}/healthz (another plane?); stop it "
+                                   "or set CONTROLPLANE_API_PORT / CONTROLPLANE_ROUTER_PORT")
+        except httpx.HTTPError:
+            pass
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
@@ -336,7 +342,7 @@ class PlaneProcess:
         self.stop()
         raise RuntimeError(f"the plane did not answer {self.api_url}/healthz in {timeout_s:.0f} s; see {self.log_path}")
 
-    def stop(self, timeout_s: float = 60.0) -> None:
+    def stop(self, timeout_s: float = 150.0) -> None:  # the plane stops each replica first (up to ~20 s each)
         import signal
         import subprocess
 

@@ -159,8 +159,10 @@ class Plane:
             if supervisor is not None:
                 await supervisor.start()
                 tasks.append(asyncio.create_task(supervisor.run(stop)))
+            tuner_task: asyncio.Task[None] | None = None
             if self.tuner is not None:
-                tasks.append(asyncio.create_task(self.tuner.run(stop)))
+                tuner_task = asyncio.create_task(self.tuner.run(stop))
+                tasks.append(tuner_task)
             if self.monitor is not None:
                 tasks.append(asyncio.create_task(self._slo_loop(stop, s.slo_interval_s)))
             while not all(srv.started for srv in servers):
@@ -179,11 +181,13 @@ class Plane:
             try:
                 await stop.wait()
             finally:
+                if tuner_task is not None:  # no decision may start a replica while they are being stopped
+                    tuner_task.cancel()
                 if supervisor is not None:
                     # Stop every replica this plane started before anything else goes away.
                     await supervisor.shutdown()
                 if router is not None:
-                    router.stop()
+                    await asyncio.to_thread(router.stop)  # joins its thread: not on this loop
                 for srv in servers:
                     srv.should_exit = True
                 grpc_srv.stop(grace=2).wait()

@@ -33,6 +33,7 @@ class ReportInput:
     actions: Sequence[Mapping[str, Any]]
     recommendations: Sequence[Mapping[str, Any]]
     client: Mapping[str, tuple[float | None, int]]  # phase -> (share of requests within the SLO, count)
+    failed: Mapping[str, int] | None = None  # phase -> requests that failed at the client (not in the shares)
     engine: str = "vLLM (CPU, tiny model)"
 
 
@@ -265,13 +266,15 @@ def _markdown(inp: ReportInput, pngs: Mapping[str, str], events: Sequence[tuple[
              f"{(inp.until - inp.since) / 60:.1f} minutes. SLO `{inp.slo_name}`: TTFT <= {inp.ttft_threshold_s:g} s "
              f"for {inp.objective:.0%} of requests.", "",
              "## SLO attainment by phase", "",
-             "| phase | from | to | requests (store) | within SLO (store, vLLM's TTFT) | within SLO (client) |",
-             "|---|---|---|---|---|---|"]
+             "| phase | from | to | requests (store) | within SLO (store, vLLM's TTFT) | within SLO (client) "
+             "| failed |",
+             "|---|---|---|---|---|---|---|"]
     for name, (a, b) in inp.phases.items():
         share, n = attainment(inp.requests, inp.ttft_threshold_s, a, b)
         c_share, c_n = inp.client.get(name, (None, 0))
+        failed = (inp.failed or {}).get(name)
         lines.append(f"| {name} | +{a - t0:.0f} s | +{b - t0:.0f} s | {n} | {_pct(share)} | "
-                     f"{_pct(c_share)} of {c_n} |")
+                     f"{_pct(c_share)} of {c_n} | {'unknown' if failed is None else failed} |")
     lines += ["", "The client's TTFT adds the HTTP path and the router to vLLM's own; both are shown.", "",
               f"![TTFT]({pngs['ttft']})", "", "## What the plane did", ""]
     for ts, _who, what in events:

@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     alertmanager_url: str | None = Field(
         default=None, description="Alertmanager base URL (e.g. http://127.0.0.1:9093); alerts go to its v2 API.")
     watched_price_per_replica_hour_usd: float | None = Field(
-        default=None, ge=0, description="Price of one watched (not supervised) replica per hour, for cost per token; "
+        default=None, gt=0, description="Price of one watched (not supervised) replica per hour, for cost per token; "
                                         "unknown (no cost shown) when unset.")
     cost_interval_s: float = Field(default=60.0, gt=0, description="Step of the cost-per-token series.")
     tuner_mode: str = Field(default="recommend", pattern=r"^(off|recommend|auto)$",

@@ -80,11 +80,16 @@ def trace_context(traceparents: Sequence[str], new_id: Callable[[int], str] = _r
     whose parent is the router's span (so vLLM's span becomes the router span's child)."""
     m = _TRACEPARENT.fullmatch(traceparents[0].strip()) if len(traceparents) == 1 else None
     if m is not None:
-        version, trace_id, parent_id, _flags, rest = m.groups()
+        version, trace_id, parent_id, flags, rest = m.groups()
         valid = (version != "ff" and not (version == "00" and rest) and trace_id != "0" * 32
                  and parent_id != "0" * 16)
-        if valid:
+        if valid and int(flags, 16) & 1:
             return TraceContext(trace_id, new_id(64), parent_id, None)
+        if valid:
+            # Not sampled by the client: vLLM's parent-based sampler would record no llm_request span, and the
+            # request would be missing from the SLOs and the cost. Same trace, sampled, the router span as parent.
+            span_id = new_id(64)
+            return TraceContext(trace_id, span_id, parent_id, f"00-{trace_id}-{span_id}-01")
     trace_id, span_id = new_id(128), new_id(64)
     return TraceContext(trace_id, span_id, None, f"00-{trace_id}-{span_id}-01")
 
@@ -237,8 +242,11 @@ class Router:
         if tenant_values and tenant is None:
             self.tenants_rejected.inc()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
-        if ctx.traceparent is not None:  # a new trace: the client's tracestate (if any) belongs to no trace
-            headers = {k: v for k, v in headers.items() if k.lower() not in _TRACE_HEADERS}
+        if ctx.traceparent is not None:
+            # A new trace: the client's tracestate (if any) belongs to no trace. The client's trace re-sampled:
+            # its tracestate stays.
+            drop = _TRACE_HEADERS if ctx.parent_span_id is None else ("traceparent",)
+            headers = {k: v for k, v in headers.items() if k.lower() not in drop}
             headers["traceparent"] = ctx.traceparent
         outcome = _Outcome()
         try:

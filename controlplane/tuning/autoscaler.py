@@ -279,8 +279,9 @@ def decide(obs: Observation, cfg: AutoscalerConfig, state: AutoscalerState,
     if want_up > n:
         return _up(want_up, n, cfg, SCALE_UP_FORECAST, inputs, state, now, at_once=False)
     state = replace(state, up_since=None)
+    # Replicas still starting (or lost) mean the readings cover part of the fleet: not enough to scale down on.
     all_known = (known_rate and obs.ready_replicas is not None and len(obs.readings) >= obs.ready_replicas
-                 and all(r.known for r in obs.readings))
+                 and all(r.known for r in obs.readings) and not starting)
     if want_up == n or want_down >= n:
         hold = HOLD_UNKNOWN if not all_known else HOLD_STEADY if want_up == n else HOLD_HYSTERESIS
         return Decision(n, hold, inputs), _no_down(state)

@@ -109,8 +109,11 @@ def observe(deployment: str, *, desired: int, ready: Sequence[str], rate_rps: fl
         readings.append(ReplicaReading(name, None if running is None else int(running),
                                        None if waiting is None else int(waiting), s.get("kv_usage_ratio")))
     good, known = good_count(finished, targets) if targets else (0, 0)
+    # With no replica ready the router turns requests away before counting them: a rate of 0 would read as
+    # "no demand" during an outage. Unknown instead.
+    rate = rate_rps if ready else None
     return Observation(
-        deployment=deployment, replicas=desired, ready_replicas=len(ready), arrival_rate_rps=rate_rps,
+        deployment=deployment, replicas=desired, ready_replicas=len(ready), arrival_rate_rps=rate,
         readings=tuple(readings), mean_prompt_tokens=_mean(finished, "prompt_tokens"),
         mean_output_tokens=_mean(finished, "completion_tokens"), ttft_p99_s=_p99(finished, "ttft_s"),
         tpot_p99_s=_p99(finished, "tpot_s"), slo_good_ratio=good / known if known else None,
@@ -156,9 +159,13 @@ def proposal_for(deployment: str, decision: Decision, *, current: int, engine: M
             "capacity": ({"sizes": list(capacity.sizes), "per_replica_rps": list(capacity.per_replica_rps),
                           "source": capacity_note} if capacity is not None else {"source": capacity_note}),
             "predicted": predicted,
-            "cost": {"price_per_replica_hour_usd": price_per_replica_hour_usd,
-                     "usd_per_hour_current": current * price_per_replica_hour_usd,
-                     "usd_per_hour_proposed": target * price_per_replica_hour_usd},
+            # A price of 0 is "not configured" (the spec's default), so unknown, not free.
+            "cost": ({"price_per_replica_hour_usd": price_per_replica_hour_usd,
+                      "usd_per_hour_current": current * price_per_replica_hour_usd,
+                      "usd_per_hour_proposed": target * price_per_replica_hour_usd}
+                     if price_per_replica_hour_usd > 0 else
+                     {"price_per_replica_hour_usd": None, "usd_per_hour_current": None,
+                      "usd_per_hour_proposed": None}),
         },
         confidence=round(confidence, 3))
 
@@ -252,6 +259,7 @@ class _DeploymentState:
     policy: AutoscalerState = field(default_factory=AutoscalerState)
     counters: dict[str, int] | None = None
     counters_at: float | None = None
+    cut: float | None = None  # requests that finished before this were judged in an earlier round
     capacity: FleetCapacity | None = None
     capacity_note: str = "not calibrated yet"
     calibrated_at: float | None = None
@@ -271,6 +279,9 @@ class TunerOptions:
     verify_s: float = 120.0  # after an applied change is in effect, judge it on this long of requests
     min_finished: int = 50
     lookback_s: float = 300.0  # requests finishing this long before a change are its "before"
+    # A request reaches the store when its span is exported (batched, every 0.5-5 s): each round judges the
+    # requests that finished up to this long ago, so one stored just after a round is counted in the next.
+    ingest_lag_s: float = 5.0
 
 
 class Tuner:
@@ -316,17 +327,19 @@ class Tuner:
         member_names = {m.name for m in rt.members.values()}
         counters = {n: int(v["routed"]) for n, v in snap.items() if n in member_names}  # type: ignore[call-overload]
         rate = arrival_rate(st.counters, counters, now - st.counters_at if st.counters_at is not None else 0.0)
-        window_start = st.counters_at if st.counters_at is not None else now - opts.interval_s
         st.counters, st.counters_at = counters, now
+        cut = now - opts.ingest_lag_s
+        window_start = st.cut if st.cut is not None else cut - opts.interval_s
+        st.cut = cut
         targets, objective = self._targets(name)
         rows = await asyncio.to_thread(self._recent_requests, member_names, window_start - 600.0, now)
-        finished = finished_between(rows, window_start, now)
+        finished = finished_between(rows, window_start, cut)
         samples = await asyncio.to_thread(self._latest_samples, ready, now)
         obs = observe(name, desired=rt.desired, ready=ready, rate_rps=rate, latest_samples=samples,
                       finished=finished, targets=targets, now=now, stale_s=opts.stale_s)
         self.last_obs[name] = obs
         g, k = good_count(finished, targets) if targets else (0, 0)
-        st.history.append((now, g, k))
+        st.history.append((cut, g, k))
         st.history = [h for h in st.history if h[0] > now - 3600]
         await self._maybe_calibrate(name, rt, st, ready, now)
         cfg = AutoscalerConfig(capacity=st.capacity, min_replicas=rt.dep.min_replicas,
@@ -351,6 +364,9 @@ class Tuner:
             return decision  # scaled back this round; the decision above was made on the old count
         if decision.desired_replicas < rt.desired and now < st.no_down_until:
             return decision  # a scale-down was rolled back recently: do not flap back to it
+        judging_down = st.applied is not None and st.applied.to_replicas < st.applied.from_replicas
+        if decision.desired_replicas < rt.desired and judging_down:
+            return decision  # one scale-down at a time: the last one is still being judged
         if opts.mode != "off":
             await self._recommend(name, rt, st, obs, decision, objective, now)
         return decision
@@ -456,7 +472,10 @@ class Tuner:
         if a.to_replicas > a.from_replicas and v == ROLL_BACK:
             # Fewer replicas would not serve better: a scale-up is kept, and the worse SLO is put on record.
             outcome |= {"verdict": KEPT, "slo_worse_after": True}
-        if v == ROLL_BACK and a.to_replicas < a.from_replicas:
+        if v == ROLL_BACK and a.to_replicas < a.from_replicas and rt.desired != a.to_replicas:
+            outcome |= {"verdict": "superseded", "why": f"the count was changed to {rt.desired} meanwhile; "
+                                                         "not scaled back"}
+        elif v == ROLL_BACK and a.to_replicas < a.from_replicas:
             try:
                 await self.fleet.scale(name, a.from_replicas, actor=ACTOR, reason=f"rollback_recommendation_{a.rid}")
             except Exception as exc:  # noqa: BLE001 - recorded with the outcome

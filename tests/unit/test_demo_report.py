@@ -71,8 +71,8 @@ def test_render_writes_the_report_and_its_plots(tmp_path: Path) -> None:
     md = path.read_text()
     for png in ("ttft.png", "kv.png", "replicas.png", "timeline.png"):
         assert (tmp_path / png).stat().st_size > 5000 and f"]({png})" in md
-    assert "| steady | +0 s | +60 s | 60 | 100.0% | 100.0% of 60 |" in md
-    assert "| burst | +60 s | +120 s | 60 | 0.0% | 0.0% of 60 |" in md
+    assert "| steady | +0 s | +60 s | 60 | 100.0% | 100.0% of 60 | unknown |" in md
+    assert "| burst | +60 s | +120 s | 60 | 0.0% | 0.0% of 60 | unknown |" in md
     assert "no cost data" in md and "cost.png" not in md
 
 

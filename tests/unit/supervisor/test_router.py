@@ -364,8 +364,11 @@ def test_requests_the_router_answers_itself_or_cuts_are_recorded_as_not_ok(trace
 def test_trace_context_follows_w3c_validity() -> None:
     ids = iter(["s1", "t2", "s2"])
     keep = trace_context(["00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"], lambda _bits: next(ids))
+    # not sampled by the client: the same trace goes on sampled, the router's span as the parent
     assert (keep.trace_id, keep.span_id, keep.parent_span_id, keep.traceparent) == (
-        "4bf92f3577b34da6a3ce929d0e0e4736", "s1", "00f067aa0ba902b7", None)
+        "4bf92f3577b34da6a3ce929d0e0e4736", "s1", "00f067aa0ba902b7", "00-4bf92f3577b34da6a3ce929d0e0e4736-s1-01")
+    sampled = trace_context(["00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"], lambda _bits: "s9")
+    assert (sampled.span_id, sampled.traceparent) == ("s9", None)  # sampled: passes through unchanged
     new = trace_context([], lambda _bits: next(ids))
     assert (new.trace_id, new.span_id, new.traceparent) == ("t2", "s2", "00-t2-s2-01")
     good = "4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"

@@ -224,7 +224,8 @@ def _tuner(tmp_path: Path, mode: str, desired: int, *, capacity: FleetCapacity |
     slo = make_slo("ttft", (("ttft", 0.5),), objective=0.99, deployment="d")
     calibrate = (lambda rt, ready, now: (capacity, "given")) if capacity is not None else None
     tuner = Tuner(fleet, router, store, recs, [slo],
-                  TunerOptions(mode=mode, interval_s=15.0, startup_s=30.0, min_finished=20, verify_s=30.0),
+                  TunerOptions(mode=mode, interval_s=15.0, startup_s=30.0, min_finished=20, verify_s=30.0,
+                               ingest_lag_s=0.0),
                   calibrate=calibrate, clock=clock)
     return tuner, fleet, router, store, clock, recs
 
@@ -335,3 +336,44 @@ def test_tuner_metrics_expose_decisions_and_leave_unknown_capacity_out(tmp_path:
         in text
     assert 'controlplane_tuner_observed_rps{deployment="d"} 2.0' in text
     assert "controlplane_tuner_capacity_rps{" not in text
+
+
+def test_an_outage_is_not_read_as_no_demand(tmp_path: Path) -> None:
+    # Every replica down (the router turns requests away uncounted): the rate is unknown, nothing scales down.
+    assert observe("d", desired=3, ready=[], rate_rps=0.0, latest_samples={}, finished=[], targets=TTFT,
+                   now=0.0, stale_s=20.0).arrival_rate_rps is None
+    tuner, fleet, router, store, clock, recs = _tuner(tmp_path, "auto", 3, capacity=FleetCapacity((1,), (100.0,)))
+    for m in fleet.runtimes["d"].members.values():
+        m.state = "crashed"
+    for _ in range(20):
+        clock.t += 15.0
+        asyncio.run(tuner.tick())
+    assert fleet.calls == [] and fleet.runtimes["d"].desired == 3
+
+
+def test_a_rollback_never_overwrites_a_count_changed_meanwhile(tmp_path: Path) -> None:
+    tuner, fleet, router, store, clock, recs = _tuner(tmp_path, "auto", 2, capacity=FleetCapacity((1,), (100.0,)))
+    for _ in range(8):
+        _interval(tuner, router, store, clock, ["d-0", "d-1"], 30, 0.1)
+        if fleet.calls:
+            break
+    [rec] = recs.list(deployment="d")
+    fleet.runtimes["d"].desired = 3  # a person scaled it meanwhile (outside the tuner)
+    for _ in range(4):
+        store.add_interval(["d-0"], clock.t, clock.t + 15.0, 2, 2.0, samples=False)
+        _interval(tuner, router, store, clock, ["d-0"], 28, 0.1)
+    assert [c[1] for c in fleet.calls] == [1] and fleet.runtimes["d"].desired == 3
+    assert recs.get(rec["id"])["outcome"]["verdict"] == "superseded"
+
+
+def test_a_request_stored_after_its_round_is_counted_in_the_next(tmp_path: Path) -> None:
+    tuner, fleet, router, store, clock, recs = _tuner(tmp_path, "recommend", 1)
+    tuner.options = TunerOptions(mode="recommend", interval_s=15.0, min_finished=1, ingest_lag_s=5.0)
+    clock.t += 15.0
+    asyncio.run(tuner.tick())  # judges what finished up to 5 s ago
+    # a request that finished 2 s before that round, stored only now (its span batch arrived late)
+    store.rows.append({"replica": "d-0", "arrival_unix_s": clock.t - 3.0, "e2e_s": 1.0, "ttft_s": 0.1,
+                       "tpot_s": 0.01, "prompt_tokens": 1, "completion_tokens": 1})
+    clock.t += 15.0
+    asyncio.run(tuner.tick())
+    assert tuner.last_obs["d"].finished == 1
