@@ -47,6 +47,7 @@ class Alerter:
         self.wall_clock = wall_clock
         self.open: dict[tuple[str, str], Episode] = {}
         self._unsent_resolved: list[Episode] = []
+        self._pages_posted: set[str] = set()  # SLOs whose firing page Alertmanager has accepted
         self._load()
 
     def _load(self) -> None:
@@ -56,6 +57,8 @@ class Alerter:
                 ep = Episode(r.slo, r.deployment, r.severity, r.state, r.started_unix_s,
                              r.fired_unix_s, r.resolved_unix_s, r.last_eval_unix_s, r.evidence or {}, r.id)
                 self.open[(r.slo, r.severity)] = ep
+                if r.severity == "page" and r.state == "firing" and r.notified_unix_s is not None:
+                    self._pages_posted.add(r.slo)
 
     def states(self) -> dict[str, dict[str, AlertState]]:
         """For the /metrics export (slo -> severity -> state); absent means inactive."""
@@ -110,7 +113,14 @@ class Alerter:
         if self.alertmanager_url is None:
             self._unsent_resolved.clear()
             return
-        to_send = [e for e in self.open.values() if e.state == "firing"] + self._unsent_resolved
+        firing = [e for e in self.open.values() if e.state == "firing"]
+        paging = {e.slo for e in firing if e.severity == "page"}
+        self._pages_posted &= paging
+        # A ticket goes out only once its SLO's page has been accepted in an earlier round. Alertmanager's
+        # inhibitor learns of new alerts asynchronously and flushes an alert older than group_wait at once, so a
+        # page and its ticket posted together can both be delivered (seen here) instead of the page alone.
+        held = paging - self._pages_posted
+        to_send = [e for e in firing if not (e.severity == "ticket" and e.slo in held)] + self._unsent_resolved
         if not to_send:
             return
         wall = self.wall_clock()
@@ -126,6 +136,7 @@ class Alerter:
                         len(body), self.alertmanager_url, exc)
             return
         self._unsent_resolved.clear()
+        self._pages_posted |= paging
         ids = [e.id for e in to_send if e.id is not None]
         with self.engine.begin() as conn:
             conn.execute(update(SloAlert).where(SloAlert.id.in_(ids)).values(notified_unix_s=wall))

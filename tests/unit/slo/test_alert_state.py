@@ -116,3 +116,17 @@ def test_alerter_stores_episodes_posts_firing_and_resolved_and_survives_restart(
     assert b.states() == {}
     assert [(r["state"], r["fired_unix_s"], r["resolved_unix_s"]) for r in list_alerts(engine)] == [
         ("resolved", 1000.0, 1090.0)]
+
+
+def test_a_ticket_waits_one_round_for_its_page_to_reach_alertmanager(engine: Engine) -> None:
+    posts: list[list[dict[str, object]]] = []
+    client = httpx.Client(transport=httpx.MockTransport(
+        lambda r: posts.append(json.loads(r.content)) or httpx.Response(200)))  # type: ignore[func-returns-value]
+    slo = make_slo(name="t", objective=0.99, windows=(PAGE, TICKET))
+    bad = {w: Counts(good=0, total=1000) for w in (3600.0, 300.0, 86400.0, 7200.0)}  # every window burning
+    a = Alerter(engine, alertmanager_url="http://am:9093", client=client, wall_clock=lambda: 5000.0)
+    changes = a.evaluate([build_status(slo, 1000.0, (0.0, 1000.0), bad[3600.0], bad)], now=1000.0)
+    assert sorted((e.severity, t) for e, t in changes) == [("page", "firing"), ("ticket", "firing")]
+    assert [[x["labels"]["severity"] for x in p] for p in posts] == [["page"]]  # type: ignore[index]
+    a.evaluate([build_status(slo, 1030.0, (0.0, 1030.0), bad[3600.0], bad)], now=1030.0)
+    assert sorted(x["labels"]["severity"] for x in posts[-1]) == ["page", "ticket"]  # type: ignore[index]
