@@ -45,6 +45,7 @@ from sqlalchemy import Select, func, select
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.cpu import CoreWatch  # noqa: E402
 from controlplane.demo_loop import PlaneProcess  # noqa: E402
 from controlplane.engines.tiny_model import make_tiny_model  # noqa: E402
 from controlplane.engines.vllm_server import VllmServer, VllmServerSpec  # noqa: E402
@@ -204,38 +205,6 @@ def wait_for_no_vllm(limit_s: float, poll_s: float = 30.0) -> None:
         time.sleep(poll_s)
 
 
-class CoreWatch:
-    """CPU seconds per wall second on the vLLM core taken by anything but the server under test: the noise."""
-
-    def __init__(self, core: int | None, pid: int | None) -> None:
-        self.core, self.pid = core, pid
-        self.t0: tuple[float, float, float] = (0.0, 0.0, 0.0)
-
-    def _read(self) -> tuple[float, float, float]:
-        assert self.core is not None and self.pid is not None
-        t = psutil.cpu_times(percpu=True)[self.core]
-        busy = t.user + t.nice + t.system + t.irq + t.softirq + t.steal
-        own = 0.0
-        root = psutil.Process(self.pid)
-        for p in [root, *root.children(recursive=True)]:
-            try:
-                c = p.cpu_times()
-                own += c.user + c.system
-            except psutil.NoSuchProcess:
-                pass
-        return time.monotonic(), busy, own
-
-    def start(self) -> None:
-        if self.core is not None and self.pid is not None:
-            self.t0 = self._read()
-
-    def others(self) -> float | None:
-        if self.core is None or self.pid is None:
-            return None
-        (w0, b0, o0), (w1, b1, o1) = self.t0, self._read()
-        return max(0.0, (b1 - b0) - (o1 - o0)) / (w1 - w0)
-
-
 class Plane:
     """`controlplane up` watching the traced server; its store is read back to prove the instrumentation ran."""
 
@@ -375,7 +344,7 @@ def run(args: argparse.Namespace, log_dir: Path) -> tuple[list[Block], dict[str,
             watch = CoreWatch(vllm_core, server.pid)
             watch.start()
             results, fig = drive(server, plans_for(pair, args.requests), args.concurrency)
-            others = watch.others()
+            others = watch.shares()[1]
             if arm == WITH:
                 plane.wait_spans([r.trace_id for r in results])
             blocks.append(Block(k, pair, arm, fig.requests, fig.output_tokens, fig.wall_s, fig.tokens_per_s,

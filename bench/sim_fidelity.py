@@ -33,7 +33,6 @@ from typing import Any
 import grpc
 import httpx
 import numpy as np
-import psutil
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -44,6 +43,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.cpu import CoreWatch  # noqa: E402
 from collectors.otlp.decode import RequestRow, decode_request  # noqa: E402
 from collectors.promtext import parse  # noqa: E402
 from collectors.vllm_metrics import read_engine  # noqa: E402
@@ -200,37 +200,6 @@ class LoadRun:
     preemptions: float | None
     engine_cpu: float | None = None  # vLLM's CPU seconds per wall second (its core)
     others_cpu: float | None = None  # other processes' CPU seconds per wall second on vLLM's core
-
-
-class CoreWatch:
-    """How busy vLLM's core was and how much of it others took: the shared host's noise, measured."""
-
-    def __init__(self, core: int, pid: int | None) -> None:
-        self.core, self.pid = core, pid
-
-    def _read(self) -> tuple[float, float, float]:
-        t = psutil.cpu_times(percpu=True)[self.core]
-        busy = t.user + t.nice + t.system + t.irq + t.softirq + t.steal
-        own = 0.0
-        if self.pid is not None:
-            root = psutil.Process(self.pid)
-            for p in [root, *root.children(recursive=True)]:
-                try:
-                    c = p.cpu_times()
-                    own += c.user + c.system
-                except psutil.NoSuchProcess:
-                    pass
-        return time.monotonic(), busy, own
-
-    def start(self) -> None:
-        self.t0 = self._read()
-
-    def shares(self) -> tuple[float | None, float | None]:
-        if self.pid is None:
-            return None, None
-        (w0, b0, o0), (w1, b1, o1) = self.t0, self._read()
-        wall = w1 - w0
-        return (o1 - o0) / wall, max(0.0, (b1 - b0) - (o1 - o0)) / wall
 
 
 @dataclass

@@ -24,6 +24,7 @@ from controlplane.demo_loop import (
     LoopConfig,
     LoopResult,
     PlaneProcess,
+    ports_free,
     run_closed_loop,
     slo_doc,
     wait_ready,
@@ -52,17 +53,10 @@ def _pct(v: float | None) -> str:
 
 
 def _free_port_run(n: int) -> int:
-    """A base port with n free ports after it (replica slots take base + slot)."""
-    import socket
-
+    """A base port with n free ports after it, in 8100-9000 (below the kernel's ephemeral range)."""
     for base in range(8100, 9000, 10):
-        try:
-            for p in range(base, base + n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
+        if ports_free(base, n):
             return base
-        except OSError:
-            continue
     raise RuntimeError("no free run of ports in 8100-9000 for the replicas")
 
 

@@ -20,10 +20,7 @@ from typing import Any
 import httpx
 import yaml
 
-from controlplane.loadgen import ClientResult, RequestPlan, stream_one
-
-_WORDS = ("queue prefill decode token latency replica batch cache memory engine server request budget alert "
-          "window scale drain route trace span metric sample model serve fleet").split()
+from controlplane.loadgen import WORDS, ClientResult, RequestPlan, stream_one
 
 
 # --- the specs the demo runs -------------------------------------------------------------------------------
@@ -144,7 +141,7 @@ class OpenLoopLoad:
                     continue
                 await asyncio.sleep(rng.expovariate(rate))
                 words = rng.randint(*self.cfg.prompt_words)
-                plan = RequestPlan(" ".join(rng.choice(_WORDS) for _ in range(words)),
+                plan = RequestPlan(" ".join(rng.choice(WORDS) for _ in range(words)),
                                    rng.randint(*self.cfg.max_tokens))
                 task = asyncio.create_task(self._one(client, plan, self.phase))
                 pending.add(task)
@@ -301,6 +298,20 @@ def _ready_replicas(api: httpx.Client, deployment: str) -> int:
         if d["name"] == deployment:
             return sum(1 for r in d.get("replicas", []) if r.get("state") == "ready")
     return 0
+
+
+# --- ports ---------------------------------------------------------------------------------------------------
+def ports_free(base: int, n: int, host: str = "127.0.0.1") -> bool:
+    """Can n consecutive ports from base be bound now (replica slots take base + slot)?"""
+    import socket
+
+    try:
+        for p in range(base, base + n):
+            with socket.socket() as s:
+                s.bind((host, p))
+    except OSError:
+        return False
+    return True
 
 
 # --- the plane as its own process ----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import httpx
 
-_WORDS = (
+WORDS = (
     "queue prefill decode token latency replica batch cache memory engine server request "
     "budget alert window scale drain route trace span metric sample model serve fleet"
 ).split()
@@ -53,7 +53,7 @@ def mixed_plans(n: int, seed: int = 0, prompt_words: tuple[int, int] = (4, 200),
         length = rng.randint(*prompt_words)
         prompt: str | list[int] = (
             [rng.randrange(*token_ids) for _ in range(length)] if token_ids
-            else " ".join(rng.choice(_WORDS) for _ in range(length))
+            else " ".join(rng.choice(WORDS) for _ in range(length))
         )
         plans.append(RequestPlan(prompt, rng.randint(*max_tokens), t))
         if rate_per_s:

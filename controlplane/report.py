@@ -137,10 +137,7 @@ def render(inp: ReportInput, out_dir: Path) -> Path:
     ax.set_ylabel("TTFT (s, from vLLM's spans)")
     ax.set_title(f"{inp.deployment}: TTFT per 10 s (phases shaded; red dashed: page fired; purple: scale applied)")
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "ttft.png", dpi=110)
-    plt.close(fig)
-    pngs["ttft"] = "ttft.png"
+    _save(fig, out_dir, "ttft", pngs)
 
     # 2. KV usage and queue per replica; 3. replicas serving
     by_rep: dict[str, list[Mapping[str, Any]]] = {}
@@ -162,10 +159,7 @@ def render(inp: ReportInput, out_dir: Path) -> Path:
     ax2.set_ylabel("requests waiting")
     ax2.set_xlabel("minutes since start")
     ax1.set_title("KV cache and queue per replica (vLLM /metrics, as scraped)")
-    fig.tight_layout()
-    fig.savefig(out_dir / "kv.png", dpi=110)
-    plt.close(fig)
-    pngs["kv"] = "kv.png"
+    _save(fig, out_dir, "kv", pngs)
 
     edges = _bins(inp.since, inp.until, 10.0)
     serving = np.zeros(len(edges) - 1)
@@ -181,10 +175,7 @@ def render(inp: ReportInput, out_dir: Path) -> Path:
     ax.set_xlabel("minutes since start")
     ax.set_ylim(0, max(2, serving.max() if len(serving) else 1) + 0.5)
     ax.set_title("replicas serving (a replica with a successful scrape in the 10 s)")
-    fig.tight_layout()
-    fig.savefig(out_dir / "replicas.png", dpi=110)
-    plt.close(fig)
-    pngs["replicas"] = "replicas.png"
+    _save(fig, out_dir, "replicas", pngs)
 
     # 4. cost per 1M tokens
     cost_note = "no cost data (price or token counters unknown)"
@@ -199,10 +190,7 @@ def render(inp: ReportInput, out_dir: Path) -> Path:
         ax.set_xlabel("minutes since start")
         ax.set_title(f"cost per 1M tokens (replica-hours x ${inp.cost.get('price_per_replica_hour_usd')}/h "
                      "over prompt + completion tokens)")
-        fig.tight_layout()
-        fig.savefig(out_dir / "cost.png", dpi=110)
-        plt.close(fig)
-        pngs["cost"] = "cost.png"
+        _save(fig, out_dir, "cost", pngs)
         tot = inp.cost.get("totals") or {}
         cost_note = (f"{tot.get('replica_hours', 0):.3f} replica-hours, ${tot.get('usd') or 0:.4f}, "
                      f"{tot.get('prompt_tokens') or 0:,.0f} prompt + {tot.get('completion_tokens') or 0:,.0f} "
@@ -220,15 +208,21 @@ def render(inp: ReportInput, out_dir: Path) -> Path:
     ax.set_xlim(0, _t(inp.until, t0) * 1.35)
     ax.set_xlabel("minutes since start")
     ax.set_title("alerts and actions")
-    fig.tight_layout()
-    fig.savefig(out_dir / "timeline.png", dpi=110)
-    plt.close(fig)
-    pngs["timeline"] = "timeline.png"
+    _save(fig, out_dir, "timeline", pngs)
 
     md = _markdown(inp, pngs, events, cost_note)
     path = out_dir / "report.md"
     path.write_text(md)
     return path
+
+
+def _save(fig: Any, out_dir: Path, name: str, pngs: dict[str, str]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out_dir / f"{name}.png", dpi=110)
+    plt.close(fig)
+    pngs[name] = f"{name}.png"
 
 
 def timeline(inp: ReportInput) -> list[tuple[float, str, str]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import httpx
 import psutil
 import yaml
 
+from controlplane.demo_loop import ports_free
 from tests.integration.conftest import PlaneProc, start_plane, stop_plane
 
 TOKEN = "test-token"
@@ -28,13 +28,8 @@ def consecutive_free_ports(n: int) -> int:
         # Below the kernel's ephemeral range (32768-60999): an outgoing connection cannot take a replica's
         # port between this check and the replica's bind (seen under load: a crash loop on EADDRINUSE).
         base = random.randrange(20000, 32000 - n)
-        try:
-            for p in range(base, base + n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
+        if ports_free(base, n):
             return base
-        except OSError:
-            continue
     raise RuntimeError("no run of free ports found")
 
 

@@ -240,6 +240,14 @@ def _interval(tuner: Tuner, router: FakeRouter, store: FakeStore, clock: Clock, 
     return asyncio.run(tuner.tick())[0]
 
 
+def _until_scaled_down(tuner: Tuner, fleet: FakeFleet, router: FakeRouter, store: FakeStore, clock: Clock) -> None:
+    """Light load on two replicas until the tuner acts: after the downscale delay it proposes one (at most 8 rounds)."""
+    for _ in range(8):
+        _interval(tuner, router, store, clock, ["d-0", "d-1"], 30, 0.1)
+        if fleet.calls:
+            return
+
+
 def test_recommend_mode_proposes_a_replica_on_sustained_slo_burn_and_does_not_apply_it(tmp_path: Path) -> None:
     tuner, fleet, router, store, clock, recs = _tuner(tmp_path, "recommend", 1)
     assert _interval(tuner, router, store, clock, ["d-0"], 60, 0.1).reason == HOLD_UNCALIBRATED
@@ -289,10 +297,7 @@ def test_never_scales_down_on_unknown_readings(tmp_path: Path) -> None:
 
 def test_auto_scale_down_that_hurts_the_slo_is_rolled_back(tmp_path: Path) -> None:
     tuner, fleet, router, store, clock, recs = _tuner(tmp_path, "auto", 2, capacity=FleetCapacity((1,), (100.0,)))
-    for _ in range(8):  # light load: after the downscale delay one replica is proposed
-        _interval(tuner, router, store, clock, ["d-0", "d-1"], 30, 0.1)
-        if fleet.calls:
-            break
+    _until_scaled_down(tuner, fleet, router, store, clock)
     assert fleet.calls and fleet.calls[0][1] == 1
     [rec] = recs.list(deployment="d")
     assert rec["status"] == "applied" and rec["reason"] == "scale_down_spare_capacity"
@@ -307,10 +312,7 @@ def test_auto_scale_down_that_hurts_the_slo_is_rolled_back(tmp_path: Path) -> No
 def test_a_scale_down_judged_worse_after_verify_s_is_scaled_back(tmp_path: Path) -> None:
     # Slightly worse (not risk-level trouble, so the autoscaler itself would not act): the verdict does.
     tuner, fleet, router, store, clock, recs = _tuner(tmp_path, "auto", 2, capacity=FleetCapacity((1,), (100.0,)))
-    for _ in range(8):
-        _interval(tuner, router, store, clock, ["d-0", "d-1"], 30, 0.1)
-        if fleet.calls:
-            break
+    _until_scaled_down(tuner, fleet, router, store, clock)
     [rec] = recs.list(deployment="d")
     for _ in range(4):  # 2 of 30 late per interval: 93% good, under the 99% objective but not a 4x burn
         store.add_interval(["d-0"], clock.t, clock.t + 15.0, 2, 2.0, samples=False)
@@ -353,10 +355,7 @@ def test_an_outage_is_not_read_as_no_demand(tmp_path: Path) -> None:
 
 def test_a_rollback_never_overwrites_a_count_changed_meanwhile(tmp_path: Path) -> None:
     tuner, fleet, router, store, clock, recs = _tuner(tmp_path, "auto", 2, capacity=FleetCapacity((1,), (100.0,)))
-    for _ in range(8):
-        _interval(tuner, router, store, clock, ["d-0", "d-1"], 30, 0.1)
-        if fleet.calls:
-            break
+    _until_scaled_down(tuner, fleet, router, store, clock)
     [rec] = recs.list(deployment="d")
     fleet.runtimes["d"].desired = 3  # a person scaled it meanwhile (outside the tuner)
     for _ in range(4):

@@ -1,0 +1,42 @@
+"""CPU use on the core a benchmarked server is pinned to: its own share, and what other processes took (the noise
+of a shared host), from psutil's per-core and per-process times between `start()` and `shares()`."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+
+
+class CoreWatch:
+    """How busy the server's core was and how much of it others took; unknown (None) without a core or a pid."""
+
+    def __init__(self, core: int | None, pid: int | None) -> None:
+        self.core, self.pid = core, pid
+        self.t0: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def _read(self) -> tuple[float, float, float]:
+        assert self.core is not None and self.pid is not None
+        t = psutil.cpu_times(percpu=True)[self.core]
+        busy = t.user + t.nice + t.system + t.irq + t.softirq + t.steal
+        own = 0.0
+        root = psutil.Process(self.pid)
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                c = p.cpu_times()
+                own += c.user + c.system
+            except psutil.NoSuchProcess:
+                pass
+        return time.monotonic(), busy, own
+
+    def start(self) -> None:
+        if self.core is not None and self.pid is not None:
+            self.t0 = self._read()
+
+    def shares(self) -> tuple[float | None, float | None]:
+        """(the server's CPU seconds, everything else's on its core) per wall second since start()."""
+        if self.core is None or self.pid is None:
+            return None, None
+        (w0, b0, o0), (w1, b1, o1) = self.t0, self._read()
+        wall = w1 - w0
+        return (o1 - o0) / wall, max(0.0, (b1 - b0) - (o1 - o0)) / wall
