@@ -33,9 +33,11 @@ class LoopConfig:
     # replica serves about 7 req/s within the SLO on one core, two serve the burst. Without such a limit the
     # tiny model's engine outruns this 2-core machine's Python processes (API servers, router, load generator):
     # measured here, one replica then served 45 req/s within the SLO when the machine was quiet and fell
-    # behind at 20 req/s when it was not, so the story would depend on the neighbours.
+    # behind at 20 req/s when it was not, so the story would depend on the neighbours. At a 10 req/s burst, two
+    # replicas met the SLO for 97-98.5% of requests in three runs and for 82.7% in a fourth (a clean-clone CI
+    # run): 75% of two 2-slot engines leaves too little headroom here, hence 9.
     steady_rps: float = 2.0
-    burst_rps: float = 10.0
+    burst_rps: float = 9.0
     steady_s: float = 60.0
     burst_min_s: float = 30.0  # at least this long at the burst rate before anything may end it
     recovery_s: float = 75.0  # at the burst rate after the added replica is ready
