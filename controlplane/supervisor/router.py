@@ -131,6 +131,9 @@ class _Outcome:
     ok: bool = False
 
 
+_RETIRED_KEPT = 1024  # removed replicas whose arrival counts are remembered
+
+
 @dataclass
 class _Backend:
     name: str
@@ -152,6 +155,9 @@ class Router:
                                         f"Requests whose {tenant_header} header was not 1-64 characters of "
                                         "[A-Za-z0-9._-] (served, recorded without a tenant)", registry=registry)
         self._backends: dict[str, _Backend] = {}
+        # Arrivals of replicas no longer in the table (removed after a drain, or re-added at a new URL): kept so
+        # the tuner's rate sees the requests they took between its last reading and their removal.
+        self._retired: dict[str, int] = {}
         self._lock = threading.Lock()
         self._rr = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -167,7 +173,8 @@ class Router:
         with self._lock:
             b = self._backends.get(name)
             if b is None or b.url != url:
-                self._backends[name] = _Backend(name, url.rstrip("/"))
+                before = b.routed if b is not None else self._retired.pop(name, 0)
+                self._backends[name] = _Backend(name, url.rstrip("/"), routed=before)
             else:
                 b.down = False
 
@@ -183,7 +190,17 @@ class Router:
 
     def remove(self, name: str) -> None:
         with self._lock:
-            self._backends.pop(name, None)
+            b = self._backends.pop(name, None)
+            if b is not None:
+                self._retired[name] = b.routed
+                while len(self._retired) > _RETIRED_KEPT:
+                    self._retired.pop(next(iter(self._retired)))
+
+    def arrivals(self) -> dict[str, int]:
+        """Requests routed to each replica since the router started (a monotonic counter per name, removed
+        replicas included): the tuner's request rate is the change between two readings."""
+        with self._lock:
+            return {**self._retired, **{n: b.routed for n, b in self._backends.items()}}
 
     def outstanding(self, name: str) -> int:
         with self._lock:
@@ -274,7 +291,8 @@ class Router:
             backend = self._again(again) if again is not None else None
             again = None
             if backend is None:
-                backend = self._pick(tried, arrival=attempt == 0)
+                # An arrival is an inference request: GET /v1/models and the like are not load.
+                backend = self._pick(tried, arrival=attempt == 0 and request.method == "POST")
             if backend is None:
                 return self._unavailable("no ready replica; retry later" if not tried
                                          else "the replica failed and no other replica is ready")

@@ -15,7 +15,9 @@ Kubernetes' HPA stabilises), happen in an interval whose readings are all known,
 the load observed now (requests in flight and KV per remaining replica). Observed trouble (bad requests burning
 the budget `risk_burn_rate` times too fast, or queues building) for `risk_intervals` intervals in a row scales
 up at once; a single interval of it is the transient of a step in load, which replicas arriving a start-up
-later would not fix. A missing reading is unknown: it never scales down and never feeds the forecast.
+later would not fix. A forecast scale-up is held while the fleet was recently seen serving that load within
+the SLO (the observed-goodput floor), so a pessimistic capacity model does not buy replicas the fleet has shown
+it does not need. A missing reading is unknown: it never scales down and never feeds the forecast.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ HOLD_N_MINUS_1: Final = "hold_n_minus_1_unsafe"
 HOLD_STARTING: Final = "hold_replicas_starting"  # trouble observed, but the replicas that fix it are starting
 HOLD_AT_MAX: Final = "hold_at_max_replicas"
 HOLD_UNCALIBRATED: Final = "hold_capacity_unknown"  # no calibrated capacity yet: act on observed trouble only
+# The model says the forecast load needs more replicas, but the fleet served at least that load within the SLO
+# in the last proven_window_s (the observed-goodput floor): a pessimistic model does not buy replicas.
+HOLD_PROVEN: Final = "hold_observed_goodput"
 DECISION_KIND: Final = "autoscale_decision"  # the lifecycle-event kind a decision is recorded under
 
 
@@ -151,6 +156,13 @@ class AutoscalerConfig:
     feedback_gain: float = 0.05
     min_utilization: float = 0.7
     kv_safe_ratio: float = 0.9  # N -> N' check: KV in use per remaining replica must stay under this
+    # Observed-goodput floor: an interval in which every replica was ready and known, the requests that finished
+    # met the objective (on at least min_finished of them), queues stayed under proven_waiting_per_replica and
+    # KV under kv_safe_ratio proves the fleet serves that rate per replica. A forecast scale-up to a load at or
+    # under the best such rate of the last proven_window_s is held: the model's prediction is overruled by what
+    # the fleet was seen to do. It never drives a scale-down (a floor says nothing about fewer replicas).
+    proven_window_s: float = 600.0
+    proven_waiting_per_replica: float = 2.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_replicas <= self.max_replicas:
@@ -166,6 +178,8 @@ class AutoscalerConfig:
             raise ValueError("autoscaler: feedback_window_s must be > 0 and feedback_gain >= 0")
         if not 0 < self.slo_objective < 1 or self.risk_burn_rate <= 0 or self.risk_intervals < 1:
             raise ValueError("autoscaler: slo_objective must be in (0, 1), risk_burn_rate > 0, risk_intervals >= 1")
+        if self.proven_window_s <= 0 or self.proven_waiting_per_replica < 0:
+            raise ValueError("autoscaler: proven_window_s must be > 0 and proven_waiting_per_replica >= 0")
         if self.interval_s <= 0 or self.startup_s < 0 or self.upscale_delay_s < 0 or self.down_delay_s < 0:
             raise ValueError("autoscaler: interval_s must be > 0; startup and delays >= 0")
 
@@ -186,6 +200,31 @@ class AutoscalerState:
     troubled: int = 0  # consecutive intervals with observed SLO trouble
     recent_good: float = 0.0  # finished requests meeting every SLO, exponentially decayed over feedback_window_s
     recent_finished: float = 0.0
+    proven: tuple[tuple[float, float], ...] = ()  # (ts, rate per ready replica served within the SLO)
+
+
+def _proven_rate(obs: Observation, cfg: AutoscalerConfig, trouble: str | None) -> float | None:
+    """The rate per replica this interval proved the fleet serves within the SLO, or None if it proved nothing."""
+    ready = obs.ready_replicas
+    if (trouble or obs.arrival_rate_rps is None or not ready or ready != obs.replicas
+            or len(obs.readings) < ready or not all(r.known for r in obs.readings)):
+        return None
+    if obs.slo_good_ratio is None or obs.finished is None or obs.finished < cfg.min_finished:
+        return None
+    if obs.slo_good_ratio < cfg.slo_objective:
+        return None
+    waiting = sum(r.num_waiting or 0 for r in obs.readings) / ready
+    if waiting > cfg.proven_waiting_per_replica or any((r.kv_usage_ratio or 0.0) > cfg.kv_safe_ratio
+                                                       for r in obs.readings):
+        return None
+    return obs.arrival_rate_rps / ready
+
+
+def _remember_proven(state: AutoscalerState, obs: Observation, cfg: AutoscalerConfig, trouble: str | None,
+                     now: float) -> AutoscalerState:
+    kept = tuple(p for p in state.proven if p[0] > now - cfg.proven_window_s)
+    rate = _proven_rate(obs, cfg, trouble)
+    return replace(state, proven=kept + (((now, rate),) if rate is not None else ()))
 
 
 def _risk(obs: Observation, cfg: AutoscalerConfig) -> str | None:
@@ -247,6 +286,7 @@ def decide(obs: Observation, cfg: AutoscalerConfig, state: AutoscalerState,
     state = _remember_slo(state, obs, cfg)
     trouble = _risk(obs, cfg)
     state = replace(state, troubled=state.troubled + 1 if trouble else 0)
+    state = _remember_proven(state, obs, cfg, trouble, now)
     risk = trouble if state.troubled >= cfg.risk_intervals else None
     starting = obs.ready_replicas is not None and obs.ready_replicas < n
     inputs: dict[str, float | int | str | None] = {
@@ -276,6 +316,10 @@ def decide(obs: Observation, cfg: AutoscalerConfig, state: AutoscalerState,
         if want_up > n or not starting:
             return _up(max(want_up, n + step), n, cfg, SCALE_UP_SLO_RISK, inputs, state, now, at_once=True)
         return Decision(n, HOLD_STARTING, inputs), _no_down(state)
+    proven = max((p[1] for p in state.proven), default=None)
+    inputs["proven_rps_per_replica"] = proven
+    if want_up > n and proven is not None and load <= proven * n:
+        return Decision(n, HOLD_PROVEN, inputs), _no_down(replace(state, up_since=None))
     if want_up > n:
         return _up(want_up, n, cfg, SCALE_UP_FORECAST, inputs, state, now, at_once=False)
     state = replace(state, up_since=None)

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, Protocol
 
 import numpy as np
@@ -197,7 +197,7 @@ class FleetView(Protocol):
 
 
 class RouterView(Protocol):
-    def snapshot(self) -> dict[str, dict[str, object]]: ...
+    def arrivals(self) -> dict[str, int]: ...
 
 
 class StoreView(Protocol):
@@ -267,6 +267,7 @@ class _DeploymentState:
     applied: Applied | None = None
     history: list[tuple[float, int, int]] = field(default_factory=list)  # (finish-interval end, good, known)
     no_down_until: float = 0.0  # after a rolled-back scale-down, no other one before this time
+    engine: str | None = None  # the engine configuration the capacity model and the proven floor belong to
 
 
 @dataclass(frozen=True)
@@ -321,11 +322,19 @@ class Tuner:
         now = self.clock()
         st = self.state.setdefault(name, _DeploymentState())
         opts = self.options
+        engine = repr(sorted(rt.dep.engine.as_dict().items())) if hasattr(rt.dep.engine, "as_dict") else None
+        if engine != st.engine:
+            if st.engine is not None:  # reconfigured: what was learned of the old engine says nothing of the new
+                st.capacity, st.calibrated_at = None, None
+                st.capacity_note = "not calibrated yet (engine reconfigured)"
+                st.policy = replace(st.policy, proven=())
+            st.engine = engine
         members = [m for m in rt.members.values() if not getattr(m, "candidate", False)]
         ready = sorted(m.name for m in members if m.state == "ready")
-        snap = self.router.snapshot()
         member_names = {m.name for m in rt.members.values()}
-        counters = {n: int(v["routed"]) for n, v in snap.items() if n in member_names}  # type: ignore[call-overload]
+        # A replica counted last round and removed since still has its last requests in the router's count.
+        known = member_names | set(st.counters or ())
+        counters = {n: c for n, c in self.router.arrivals().items() if n in known}
         rate = arrival_rate(st.counters, counters, now - st.counters_at if st.counters_at is not None else 0.0)
         st.counters, st.counters_at = counters, now
         cut = now - opts.ingest_lag_s

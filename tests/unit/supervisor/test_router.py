@@ -220,6 +220,22 @@ def test_a_dropped_connection_is_retried_on_the_same_replica_when_it_is_the_only
     assert router.snapshot()["a"]["down"] is False and router.snapshot()["a"]["routed"] == 1
 
 
+def test_only_inference_requests_count_as_arrivals_and_counts_outlive_removal(router: Router,
+                                                                             upstreams: list[Upstream]) -> None:
+    a = upstreams[0]
+    router.set_ready("a", f"http://127.0.0.1:{a.port}")
+    for _ in range(3):
+        assert post(router).status_code == 200
+    httpx.get(f"http://127.0.0.1:{router.bound_port}/v1/models", timeout=10)  # forwarded, but not load
+    assert router.arrivals() == {"a": 3}
+    router.drain("a")
+    router.remove("a")  # drained and removed: its requests still count for the rate between two readings
+    assert router.arrivals() == {"a": 3} and "a" not in router.snapshot()
+    router.set_ready("a", f"http://127.0.0.1:{a.port}")  # back (a restart): the count goes on, never down
+    post(router)
+    assert router.arrivals() == {"a": 4}
+
+
 def test_a_stream_broken_off_midway_is_broken_for_the_client_too(router: Router, upstreams: list[Upstream]) -> None:
     a = upstreams[0]
     a.die = "mid_stream"

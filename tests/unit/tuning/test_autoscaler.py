@@ -208,3 +208,77 @@ def test_an_interval_with_a_failed_scrape_pauses_a_scale_down_without_restarting
     assert reasons[4] == a.HOLD_UNKNOWN
     # Wanted from t=15; the delay (105 s) ends at t=120, as if nothing had failed.
     assert reasons[-1] == a.SCALE_DOWN_SPARE and len(reasons) == 8
+
+
+# --- the observed-goodput floor ------------------------------------------------------------------------------
+PESSIMIST = AutoscalerConfig(FleetCapacity((1, 2, 4), (5.0, 5.0, 5.0), in_flight_per_replica=40.0), max_replicas=8)
+
+
+def _steady(cfg: AutoscalerConfig, rates: Sequence[float], **kw: Any) -> list[a.Decision]:
+    state, out, n = AutoscalerState(), [], 1
+    for k, r in enumerate(rates):
+        d, state = decide(obs(r, n, **kw), cfg, state, (k + 1) * cfg.interval_s)
+        out.append(d)
+        n = d.desired_replicas
+    return out
+
+
+def test_a_fleet_seen_serving_the_load_within_the_slo_is_not_scaled_up_by_a_pessimistic_model() -> None:
+    # The model says one replica sustains 5 req/s; the one replica is serving 8 req/s, every request good.
+    held = _steady(PESSIMIST, [8.0] * 6, good=1.0, finished=120)
+    assert [d.reason for d in held] == [a.HOLD_PROVEN] * 6
+    assert all(d.desired_replicas == 1 for d in held)
+    assert held[-1].inputs["proven_rps_per_replica"] == pytest.approx(8.0)
+    # Without that evidence (no finished requests judged) the same load scales up on the model's word.
+    blind = _steady(PESSIMIST, [8.0] * 6, finished=0)
+    assert blind[0].reason == a.SCALE_UP_FORECAST and blind[0].desired_replicas == 2
+
+
+def test_the_floor_covers_only_what_was_proven() -> None:
+    # Proven at 8 req/s; the load then rises to 12: past the floor, the model decides again.
+    decisions = _steady(PESSIMIST, [8.0, 8.0, 12.0], good=1.0, finished=120)
+    assert decisions[1].reason == a.HOLD_PROVEN
+    assert decisions[2].reason == a.SCALE_UP_FORECAST and decisions[2].desired_replicas > 1
+
+
+@pytest.mark.parametrize("bad", ["under_objective", "too_few", "queued", "kv_full", "unknown_reading"])
+def test_an_interval_proves_nothing_unless_the_slo_held_on_enough_requests_without_queueing(bad: str) -> None:
+    kw: dict[str, Any] = {"good": 1.0, "finished": 120}
+    if bad == "under_objective":
+        kw["good"] = 0.985  # under the 0.99 objective, though not burning fast enough to be risk
+    elif bad == "too_few":
+        kw["finished"] = 10
+    elif bad == "queued":
+        kw["waiting"] = 3
+    elif bad == "kv_full":
+        kw["kv"] = 0.95
+    else:
+        kw["running"] = None
+    first = _steady(PESSIMIST, [8.0], **kw)[0]
+    assert first.reason != a.HOLD_PROVEN
+    if bad != "unknown_reading":  # an unknown reading does not stop a scale-up, only a scale-down
+        assert first.reason == a.SCALE_UP_FORECAST, first.reason
+
+
+def test_a_proof_expires_after_its_window() -> None:
+    cfg = replace(PESSIMIST, proven_window_s=60.0)
+    state = AutoscalerState()
+    d, state = decide(obs(8.0, 1, good=1.0, finished=120), cfg, state, 15.0)
+    assert d.reason == a.HOLD_PROVEN
+    d, state = decide(obs(8.0, 1, good=None, finished=0), cfg, state, 60.0)  # 45 s later: still proven
+    assert d.reason == a.HOLD_PROVEN
+    d, state = decide(obs(8.0, 1, good=None, finished=0), cfg, state, 90.0)  # 75 s later: expired
+    assert d.reason == a.SCALE_UP_FORECAST
+
+
+def test_observed_trouble_overrides_the_floor() -> None:
+    state = AutoscalerState()
+    _, state = decide(obs(8.0, 1, good=1.0, finished=120), PESSIMIST, state, 15.0)
+    for k in range(2, 4):  # two intervals burning the budget 50x
+        d, state = decide(obs(8.0, 1, good=0.5, finished=120), PESSIMIST, state, k * 15.0)
+    assert d.reason == a.SCALE_UP_SLO_RISK and d.desired_replicas >= 2
+
+
+def test_the_floor_needs_a_positive_window() -> None:
+    with pytest.raises(ValueError, match="proven_window_s"):
+        replace(PESSIMIST, proven_window_s=0.0)

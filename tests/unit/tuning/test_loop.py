@@ -12,7 +12,14 @@ import pytest
 
 from controlplane.slo.model import LatencyTarget
 from controlplane.store.db import make_engine, upgrade
-from controlplane.tuning.autoscaler import HOLD_UNCALIBRATED, SCALE_UP_SLO_RISK, Decision, Observation
+from controlplane.tuning.autoscaler import (
+    HOLD_PROVEN,
+    HOLD_UNCALIBRATED,
+    SCALE_UP_FORECAST,
+    SCALE_UP_SLO_RISK,
+    Decision,
+    Observation,
+)
 from controlplane.tuning.capacity import FleetCapacity
 from controlplane.tuning.loop import (
     KEPT,
@@ -166,8 +173,8 @@ class FakeRouter:
     def __init__(self) -> None:
         self.routed: dict[str, int] = {}
 
-    def snapshot(self) -> dict[str, dict[str, object]]:
-        return {n: {"routed": c} for n, c in self.routed.items()}
+    def arrivals(self) -> dict[str, int]:
+        return dict(self.routed)
 
 
 class FakeStore:
@@ -376,3 +383,40 @@ def test_a_request_stored_after_its_round_is_counted_in_the_next(tmp_path: Path)
     clock.t += 15.0
     asyncio.run(tuner.tick())
     assert tuner.last_obs["d"].finished == 1
+
+
+def test_a_pessimistic_model_is_overruled_by_observed_goodput_until_the_engine_is_reconfigured(
+        tmp_path: Path) -> None:
+    # The calibrated model says a replica sustains 1 req/s; the one replica serves 4 req/s, every request good.
+    tuner, fleet, router, store, clock, _ = _tuner(tmp_path, "auto", 1, capacity=FleetCapacity((1,), (1.0,)))
+    calls: list[float] = []
+    given = tuner.calibrate
+    assert given is not None
+    tuner.calibrate = lambda rt, ready, now: (calls.append(now), given(rt, ready, now))[1]
+    _interval(tuner, router, store, clock, ["d-0"], 60, 0.1)  # the first round has no rate yet
+    for _ in range(3):
+        d = _interval(tuner, router, store, clock, ["d-0"], 60, 0.1)
+        assert (d.reason, d.desired_replicas) == (HOLD_PROVEN, 1)
+    assert fleet.calls == [] and len(calls) == 1  # recalibrate_s (120 s) has not passed
+    # Reconfigured: the floor proven on the old engine no longer counts, and the model is fitted again at once.
+    fleet.runtimes["d"].dep.engine.max_num_seqs = 16
+    t0 = clock.t
+    clock.t += 15.0
+    store.add_interval(["d-0"], t0, clock.t, 10, 0.1)  # too few finished to prove anything by itself
+    router.routed["d-0"] += 60
+    [d] = asyncio.run(tuner.tick())
+    assert d.reason == SCALE_UP_FORECAST and len(calls) == 2
+    assert fleet.calls and fleet.calls[-1][1] > 1
+
+
+def test_a_replica_removed_between_rounds_still_counts_its_last_requests(tmp_path: Path) -> None:
+    tuner, fleet, router, store, clock, _ = _tuner(tmp_path, "recommend", 2)
+    _interval(tuner, router, store, clock, ["d-0", "d-1"], 60, 0.1)
+    # d-1 takes 30 requests, then is drained and removed from the deployment before the next round.
+    router.routed["d-0"] += 30
+    router.routed["d-1"] += 30
+    del fleet.runtimes["d"].members["d-1"]
+    fleet.runtimes["d"].desired = 1
+    clock.t += 15.0
+    asyncio.run(tuner.tick())
+    assert tuner.last_obs["d"].arrival_rate_rps == pytest.approx(60 / 15.0)
