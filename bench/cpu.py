@@ -33,10 +33,17 @@ class CoreWatch:
         if self.core is not None and self.pid is not None:
             self.t0 = self._read()
 
+    def seconds(self) -> tuple[float, float, float] | None:
+        """(the server's CPU seconds, everything else's on its core, wall seconds) since start()."""
+        if self.core is None or self.pid is None:
+            return None
+        (w0, b0, o0), (w1, b1, o1) = self.t0, self._read()
+        return o1 - o0, max(0.0, (b1 - b0) - (o1 - o0)), w1 - w0
+
     def shares(self) -> tuple[float | None, float | None]:
         """(the server's CPU seconds, everything else's on its core) per wall second since start()."""
-        if self.core is None or self.pid is None:
+        got = self.seconds()
+        if got is None:
             return None, None
-        (w0, b0, o0), (w1, b1, o1) = self.t0, self._read()
-        wall = w1 - w0
-        return (o1 - o0) / wall, max(0.0, (b1 - b0) - (o1 - o0)) / wall
+        own, others, wall = got
+        return own / wall, others / wall

@@ -1,6 +1,7 @@
 """The plane's cost to real vLLM throughput: traced and scraped every 1 s vs neither, measured in the same run.
 
     .venv/bin/python bench/overhead.py [--blocks 6] [--requests 400] [--concurrency 48] [--quick] [--json OUT]
+        [--instrument both|trace|scrape]
 
 Two vLLM servers (tiny model, CPU) with the same configuration run pinned to the same core: "with" exports its
 `llm_request` spans over OTLP/gRPC to a running plane (`controlplane up`, SQLite in a temp dir) that also scrapes
@@ -18,6 +19,12 @@ traced server do not steal the shared core from the reference. A tiny model make
 are made and /metrics is served) a larger share of each token's cost than a real model would, so a loss measured
 here likely overstates the loss on a real model.
 The loss is the median over pairs of 1 - with/without, with a percentile-bootstrap interval over the pairs.
+
+Attribution: `--instrument trace` keeps only the tracing (the plane receives spans but scrapes nothing) and
+`--instrument scrape` only the scraping (no OTLP exporter in vLLM). Each block also reads the CPU seconds the
+server's processes (API server and engine core) used, so the extra CPU per request of the instrumented server
+is printed next to the throughput loss: it is what the instrumentation costs inside vLLM, and is less exposed
+to the host's noise than a wall-clock rate.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ from controlplane.store.models import EngineSample, Request  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 TARGET_LOSS = 0.02
 Arm = Literal["with", "without"]
+Instrument = Literal["both", "trace", "scrape"]
 WITH: Arm = "with"
 WITHOUT: Arm = "without"
 VLLM_PATTERN = "vllm.entrypoints.openai.api_server"
@@ -220,15 +228,15 @@ class Plane:
     def log_path(self) -> Path:
         return self.data_dir / "plane.log"
 
-    def start(self, watch_name: str, watch_url: str) -> None:
+    def start(self, watch: tuple[str, str] | None) -> None:
         env = {**os.environ, "CONTROLPLANE_DATA_DIR": str(self.data_dir), "CONTROLPLANE_BIND_HOST": "127.0.0.1",
                "CONTROLPLANE_API_PORT": self.api_url.rsplit(":", 1)[1],
                "CONTROLPLANE_OTLP_HTTP_PORT": str(_free_port()), "CONTROLPLANE_OTLP_GRPC_PORT": str(self.grpc_port),
                "CONTROLPLANE_SCRAPE_INTERVAL_S": f"{self.scrape_s:g}"}
         exe = str(Path(sys.executable).parent / "controlplane")
         # No deployments: nothing is supervised, so there is no router and its URL is never used.
-        self.proc = PlaneProcess([exe, "up", "--watch", f"{watch_name}={watch_url}"], env, self.log_path,
-                                 self.api_url, "")
+        argv = [exe, "up"] + (["--watch", f"{watch[0]}={watch[1]}"] if watch is not None else [])
+        self.proc = PlaneProcess(argv, env, self.log_path, self.api_url, "")
         self.proc.start()
 
     def pause(self, paused: bool) -> None:
@@ -274,6 +282,7 @@ class Block:
     requests_per_s: float
     others_cpu: float | None  # CPU share on the vLLM core taken by other processes during the block
     other_vllm: int  # other vLLM API servers running on the host when the block started
+    server_cpu_s: float | None  # CPU seconds of the server's processes (API server + engine core) in the block
 
 
 @dataclass(frozen=True)
@@ -319,36 +328,40 @@ def run(args: argparse.Namespace, log_dir: Path) -> tuple[list[Block], dict[str,
     model_dir, _ = make_tiny_model(REPO / ".cache" / "tiny-model", progress=progress.print)
     plane = Plane(log_dir / "plane", args.scrape_s)
     servers: dict[Arm, VllmServer] = {}
+    traced, scraped = args.instrument in ("both", "trace"), args.instrument in ("both", "scrape")
     try:
         servers[WITH] = start_server("traced", model_dir, vllm_core, log_dir, args.max_num_seqs,
-                                     f"127.0.0.1:{plane.grpc_port}")
-        progress.print(f"plane: starting controlplane up, scraping the traced server every {args.scrape_s:g} s ...")
-        plane.start("traced", servers[WITH].spec.base_url)
+                                     f"127.0.0.1:{plane.grpc_port}" if traced else None)
+        progress.print("plane: starting controlplane up"
+                       + (f", scraping the instrumented server every {args.scrape_s:g} s" if scraped else
+                          " (receiving spans, scraping nothing)") + " ...")
+        plane.start(("traced", servers[WITH].spec.base_url) if scraped else None)
         progress.print(f"plane: up at {plane.api_url} (log {plane.log_path})")
         servers[WITHOUT] = start_server("reference", model_dir, vllm_core, log_dir, args.max_num_seqs, None)
         progress.print(f"warm-up: {args.warmup} unmeasured requests on each server ...")
         for arm in (WITH, WITHOUT):
             plane.pause(arm == WITHOUT)
             results, _ = drive(servers[arm], plans_for(-1, args.warmup), args.concurrency)
-            if arm == WITH:  # every span in the store before the plane is paused, here and after each block
-                plane.wait_spans([r.trace_id for r in results])
+            if arm == WITH and traced:  # every span in the store before the plane is paused, here and after each
+                plane.wait_spans([r.trace_id for r in results])  # block
         blocks: list[Block] = []
         order = block_order(args.blocks)
         mine = {p.pid for p in psutil.Process().children(recursive=True)}
         for k, (pair, arm) in enumerate(order):
             server = servers[arm]
             plane.pause(arm == WITHOUT)
-            if arm == WITH:
+            if arm == WITH and scraped:
                 time.sleep(1.5 * args.scrape_s)  # the scraper back in its rhythm before the clock starts
             others_vllm = _other_vllm(mine)
             watch = CoreWatch(vllm_core, server.pid)
             watch.start()
             results, fig = drive(server, plans_for(pair, args.requests), args.concurrency)
-            others = watch.shares()[1]
-            if arm == WITH:
+            secs = watch.seconds()
+            others = None if secs is None else secs[1] / secs[2]
+            if arm == WITH and traced:
                 plane.wait_spans([r.trace_id for r in results])
             blocks.append(Block(k, pair, arm, fig.requests, fig.output_tokens, fig.wall_s, fig.tokens_per_s,
-                                fig.requests_per_s, others, others_vllm))
+                                fig.requests_per_s, others, others_vllm, None if secs is None else secs[0]))
             progress.print(f"block {k + 1}/{len(order)} ({arm:>7}, pair {pair + 1}): {fig.tokens_per_s:7.1f} "
                            f"output tok/s, {fig.requests_per_s:5.2f} req/s in {fig.wall_s:5.1f} s"
                            + ("" if others is None else f"; others on the vLLM core {others:.0%}")
@@ -374,6 +387,13 @@ def summarise(blocks: Sequence[Block]) -> dict[str, MetricSummary]:
     ):
         x = loss(w, wo)
         out[metric] = MetricSummary(spread(w), spread(wo), x, verdict(x))
+    # Requests per CPU second of the server's processes: the throughput the server would have if CPU were all it
+    # waited for, so its loss is the instrumentation's own cost, with less of the host's noise in it.
+    if all(b.server_cpu_s for b in blocks):
+        w = [b.requests / (b.server_cpu_s or 1.0) for b in _arm(blocks, WITH)]
+        wo = [b.requests / (b.server_cpu_s or 1.0) for b in _arm(blocks, WITHOUT)]
+        x = loss(w, wo)
+        out["requests_per_cpu_s"] = MetricSummary(spread(w), spread(wo), x, verdict(x))
     return out
 
 
@@ -387,26 +407,35 @@ def _loss_line(what: str, s: MetricSummary) -> str:
 
 def report(blocks: list[Block], evidence: dict[str, int], args: argparse.Namespace) -> dict[str, MetricSummary]:
     summary = summarise(blocks)
-    table = Table(title=f"vLLM throughput with and without the plane: {args.blocks} blocks each of {args.requests} "
-                        f"requests, {args.concurrency} in flight (tiny model, CPU, one core)")
+    what = {"both": "traced + scraped", "trace": "traced only", "scrape": "scraped only"}[args.instrument]
+    table = Table(title=f"vLLM throughput with and without the plane ({what}): {args.blocks} blocks each of "
+                        f"{args.requests} requests, {args.concurrency} in flight (tiny model, CPU, one core)")
     for col in ("server", "output tok/s", "min .. max", "spread", "req/s", "min .. max", "others on core"):
         table.add_column(col, justify="left" if col == "server" else "right")
     tok, req = summary["tokens_per_s"], summary["requests_per_s"]
-    for arm, label, t, r in ((WITH, "with plane", tok.with_plane, req.with_plane),
+    for arm, label, t, r in ((WITH, f"with plane ({what})", tok.with_plane, req.with_plane),
                              (WITHOUT, "without (reference)", tok.without_plane, req.without_plane)):
         noise = [b.others_cpu for b in _arm(blocks, arm) if b.others_cpu is not None]
         table.add_row(label, f"{t.median:.1f}", f"{t.min:.1f} .. {t.max:.1f}", f"{t.rel_spread:.1%}",
                       f"{r.median:.2f}", f"{r.min:.2f} .. {r.max:.2f}",
                       f"{statistics.median(noise):.0%}" if noise else "?")
     console.print(table)
-    console.print(f"Medians over blocks; spread = (max - min) / median. With plane: vLLM traced over OTLP/gRPC to "
-                  f"`controlplane up`, which scrapes its /metrics every {args.scrape_s:g} s. Others on core: CPU "
-                  "share on vLLM's core taken by other processes (the host's noise).")
+    console.print("Medians over blocks; spread = (max - min) / median. With plane: "
+                  + ("vLLM traced over OTLP/gRPC to `controlplane up`" if args.instrument != "scrape" else
+                     "`controlplane up`, no tracing")
+                  + (f", which scrapes its /metrics every {args.scrape_s:g} s" if args.instrument != "trace" else
+                     ", which scrapes nothing")
+                  + ". Others on core: CPU share on vLLM's core taken by other processes (the host's noise).")
     console.print(_loss_line("output tok/s", tok))
     if abs(req.loss.point - tok.loss.point) > 1e-9 or req.verdict != tok.verdict:
         console.print(_loss_line("req/s", req))
     else:  # a pair's two blocks send the same requests, so the two ratios are one
         console.print("req/s loss: the same (a pair's two blocks send the same requests)")
+    cpu = summary.get("requests_per_cpu_s")
+    if cpu is not None:
+        console.print(f"Server CPU per request: with {1e3 / cpu.with_plane.median:.2f} ms, without "
+                      f"{1e3 / cpu.without_plane.median:.2f} ms (API server and engine core, medians over blocks)")
+        console.print(_loss_line("CPU-bound throughput (requests per server CPU second)", cpu))
     console.print(f"Instrumentation ran: {evidence['spans_stored']} llm_request spans in the plane's store, "
                   f"{evidence['scrapes_ok']} successful scrapes of the traced server.")
     return summary
@@ -423,6 +452,8 @@ def main() -> int:
     ap.add_argument("--vllm-core", type=int, default=None, help="core for both vLLM servers (default: the last)")
     ap.add_argument("--wait-s", type=float, default=1200.0,
                     help="wait this long for other vLLM servers on the host to finish (default 1200)")
+    ap.add_argument("--instrument", choices=("both", "trace", "scrape"), default="both",
+                    help="what the instrumented server gets: tracing and scraping (default), or one of them")
     ap.add_argument("--quick", action="store_true", help="a short smoke run: 3 blocks per arm of 96 requests")
     ap.add_argument("--json", type=Path, help="write the blocks and the summary here")
     ap.add_argument("--log-dir", type=Path, help="keep vLLM and plane logs and the store here (default: a temp dir)")

@@ -25,9 +25,9 @@ def _result(sent: float, e2e: float | None, tokens: int, ok: bool = True) -> Cli
     return ClientResult("t" * 32, ok, sent, 0.01 if ok else None, e2e, tokens, None if ok else "HTTP 500: boom")
 
 
-def _block(index: int, pair: int, arm: str, tok_s: float, req_s: float) -> Block:
+def _block(index: int, pair: int, arm: str, tok_s: float, req_s: float, cpu_s: float | None = None) -> Block:
     assert arm in (WITH, WITHOUT)
-    return Block(index, pair, WITH if arm == WITH else WITHOUT, 10, 100, 1.0, tok_s, req_s, None, 0)
+    return Block(index, pair, WITH if arm == WITH else WITHOUT, 10, 100, 1.0, tok_s, req_s, None, 0, cpu_s)
 
 
 def test_blocks_alternate_abba_with_each_pair_adjacent() -> None:
@@ -144,3 +144,15 @@ def test_summary_compares_each_pairs_two_arms_not_alternate_blocks_of_the_run() 
     assert tok.with_plane.median == 99.0 and tok.without_plane.median == 100.0
     assert s["requests_per_s"].loss.point == pytest.approx(0.01)
     assert tok.verdict == "met"
+
+
+def test_cpu_cost_is_summarised_as_requests_per_server_cpu_second_only_when_every_block_has_it() -> None:
+    # Pairs of 10 requests: the instrumented server spent 0.105 s of CPU where the reference spent 0.100 s.
+    blocks = [_block(i, i // 2, WITH if i % 2 == 0 else WITHOUT, 100.0, 10.0, 0.105 if i % 2 == 0 else 0.100)
+              for i in range(6)]
+    cpu = summarise(blocks)["requests_per_cpu_s"]
+    assert cpu.with_plane.median == pytest.approx(10 / 0.105)
+    assert cpu.loss.point == pytest.approx(1 - 0.100 / 0.105)  # ~4.8 %: more CPU per request, fewer per CPU second
+    assert cpu.verdict == "not met"
+    blind = blocks[:-1] + [_block(5, 2, WITHOUT, 100.0, 10.0, None)]
+    assert "requests_per_cpu_s" not in summarise(blind)

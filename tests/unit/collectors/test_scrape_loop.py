@@ -108,3 +108,22 @@ def test_one_engine_of_two_restarting_does_not_inflate_the_total(sqlite_store: S
     _scrape(sqlite_store, [two(100, 100), two(100, 0), two(110, 5)], 3)
     totals = [r["prompt_tokens_total"] for r in reversed(sqlite_store.engine_samples())]
     assert totals == [200, 200, 215]
+
+
+def test_scrapes_ask_for_an_uncompressed_exposition() -> None:
+    # A gzip-accepting scrape makes the replica's API server compress /metrics on its serving path.
+    from collectors.promtext import scrape
+
+    seen: list[str] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        seen.append(req.headers.get("accept-encoding", ""))
+        return httpx.Response(200, text="vllm:num_requests_running 1\n")
+
+    async def go() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            result = await scrape(client, "http://replica/metrics", 5.0)
+            assert result.ok
+
+    asyncio.run(go())
+    assert seen == ["identity"]
