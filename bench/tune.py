@@ -1,7 +1,7 @@
 """Configuration search vs the exhaustive grid (simulated), and, with --real, a measured grid on real vLLM (CPU).
 
     .venv/bin/python bench/tune.py [--target-rps 100] [--probe-requests 2000] [--seed 3]
-    .venv/bin/python bench/tune.py --real [--real-rate 4] [--real-requests 80]      # starts vLLM: minutes
+    .venv/bin/python bench/tune.py --real [--real-steps 4] [--real-trial-s 20]      # starts vLLM: ~15 minutes
 
 Simulated part. Llama-3.1-8B on one H100 (roofline prior), the space max_num_seqs {16..1024} x
 max_num_batched_tokens {512..16384} x weights {bf16, fp8} x KV cache {bf16, fp8} (168 cells), max_model_len
@@ -12,20 +12,24 @@ price per hour. The search (controlplane.tuning.search) must reach >= 95% of the
 in <= 30 s of CPU (time.process_time, same process, same run). The ratio uses the grid's own figure for the
 search's pick, so both sides are measured identically.
 
-Real part (--real; not run in CI): the tiny model on vLLM's CPU engine over a 3 x 3 grid of max_num_seqs x
-max_num_batched_tokens. A few sequential requests on the first server calibrate the step cost (alpha + beta *
-tokens + gamma * KV tokens, from client TTFT and TPOT); the search, on that calibrated model, picks a cell;
-then every cell is started for real and driven with the same Poisson load, and its measured goodput is
-compared with the pick's.
+Real part (--real; not run in CI): the tiny model on vLLM's CPU engine, pinned to one core, over a 3 x 3 grid
+of max_num_seqs x max_num_batched_tokens. A few sequential requests on the middle cell calibrate the step cost
+(alpha + beta * tokens + gamma * KV tokens, from client TTFT and TPOT); the search, on that calibrated model,
+picks a cell. Then every cell is started for real and its capacity at the SLO measured the way the search
+defines it (the highest Poisson rate at which the SLOs hold), by bisecting between 0.3x and 1x the cell's
+saturated throughput; the pick's measured capacity is compared with the best cell's. Every cell costs the
+same (one replica), so capacity ranks goodput per dollar.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -125,11 +129,38 @@ def simulated(args: argparse.Namespace) -> None:
 
 # --- real vLLM (CPU) ---------------------------------------------------------------------------------------
 # Budgets >= max_model_len (512): vLLM's CPU engine may run without chunked prefill, which requires it.
-REAL_SEQS, REAL_TOKENS, REAL_MAX_LEN = (4, 16, 64), (512, 1024, 2048), 512
+REAL_SEQS, REAL_TOKENS, REAL_MAX_LEN = (2, 4, 16), (512, 1024, 2048), 512
+
+
+def bisect_capacity(attain: Callable[[float], float], lo: float, hi: float, steps: int,
+                    objective: float) -> tuple[float | None, list[tuple[float, float]]]:
+    """The highest rate in [lo, hi] found to meet `objective`, by geometric bisection (rates span a factor of a
+    few, so halving the ratio, not the difference, spends the trials evenly); with every midpoint failing, `lo`
+    itself is tried. Returns (capacity or None when even `lo` fails, the (rate, attainment) trials in order)."""
+    if not 0 < lo < hi or steps < 1:
+        raise ValueError(f"need 0 < lo ({lo}) < hi ({hi}) and steps >= 1 ({steps})")
+    trials: list[tuple[float, float]] = []
+    best: float | None = None
+    a, b = lo, hi
+    for _ in range(steps):
+        mid = math.sqrt(a * b)
+        got = attain(mid)
+        trials.append((mid, got))
+        if got >= objective:
+            best, a = mid, mid
+        else:
+            b = mid
+    if best is None:
+        got = attain(lo)
+        trials.append((lo, got))
+        best = lo if got >= objective else None
+    return best, trials
 
 
 def _real(args: argparse.Namespace) -> None:
-    """Start vLLM once per cell on the tiny model; short loads; compare the search's pick with the measured best."""
+    """Measure every cell's capacity at the SLO on real vLLM (tiny model, CPU) and compare the search's pick."""
+    import os
+
     import httpx
 
     from collectors.promtext import parse
@@ -142,37 +173,46 @@ def _real(args: argparse.Namespace) -> None:
     from controlplane.tuning.search_space import CalibratedFactory
 
     ttft_s, tpot_s = args.real_ttft_ms / 1e3, args.real_tpot_ms / 1e3
-    objectives, _ = objectives_from_slos(slos(ttft_s, tpot_s, 0.9))
+    objective = args.real_objective
+    objectives, _ = objectives_from_slos(slos(ttft_s, tpot_s, objective))
     data = Path(args.data_dir)
     model_dir, _ = make_tiny_model(data / "models" / "tiny", TinyModelSpec())
+    cores = sorted(os.sched_getaffinity(0))
+    core = cores[-1] if len(cores) >= 2 else None  # one replica = one core; this client on the others
+    if core is not None:
+        os.sched_setaffinity(0, set(cores) - {core})
     rng = np.random.default_rng(args.seed)
-    n = args.real_requests
-    gaps = rng.exponential(1.0 / args.real_rate, size=n)
+    n = 4000  # the request mix; a trial at rate r sends the first r x trial_s of it, spaced r times faster
+    gaps = rng.exponential(1.0, size=n)
     prompts = rng.integers(16, 400, size=n)
     outputs = rng.integers(8, 64, size=n)
-    plans = [RequestPlan([int(x) for x in rng.integers(100, 1000, size=int(p))], int(o), float(t))
-             for p, o, t in zip(prompts, outputs, np.cumsum(gaps) - gaps[0], strict=True)]
-    wl = Workload(np.cumsum(gaps) - gaps[0], prompts.astype(np.int64), outputs.astype(np.int64), "real")
+    ids = [[int(x) for x in rng.integers(100, 1000, size=int(p))] for p in prompts]
+    unit_arrivals = np.cumsum(gaps) - gaps[0]
+
+    def plans_at(rate: float, count: int) -> list[RequestPlan]:
+        return [RequestPlan(ids[i], int(outputs[i]), float(unit_arrivals[i] / rate)) for i in range(count)]
+
+    wl = Workload(unit_arrivals / args.real_rate, prompts.astype(np.int64), outputs.astype(np.int64), "real")
 
     def serve(cell: Cell, port: int) -> VllmServer:
         name = f"tune-{cell.max_num_seqs}-{cell.max_num_batched_tokens}"
         spec = VllmServerSpec(model_dir=model_dir, port=port, replica_name=name, max_model_len=REAL_MAX_LEN,
-                              max_num_seqs=cell.max_num_seqs, max_num_batched_tokens=cell.max_num_batched_tokens)
+                              max_num_seqs=cell.max_num_seqs, max_num_batched_tokens=cell.max_num_batched_tokens,
+                              cpu_cores=(core,) if core is not None else ())
         server = VllmServer(spec, data / "logs" / f"{spec.replica_name}.log")
         server.start()
         server.wait_ready()
         return server
 
-    def good(results: list[ClientResult]) -> tuple[float, float]:
-        """(share within both SLOs, good requests per second over the run); a failed request is bad."""
-        done = [(r.sent_unix_s, r.ttft_s, r.e2e_s, r.completion_tokens) for r in results
-                if r.ok and r.ttft_s is not None and r.e2e_s is not None]
-        fine = [d for d in done if d[1] <= ttft_s and (d[3] <= 1 or (d[2] - d[1]) / (d[3] - 1) <= tpot_s)]
-        span = max(d[0] + d[2] for d in done) - min(d[0] for d in done) if done else 0.0
-        return len(fine) / len(results), len(fine) / span if span > 0 else 0.0
+    def attainment(results: list[ClientResult]) -> float:
+        """The share of requests within both SLOs; a failed request is bad."""
+        fine = sum(1 for r in results if r.ok and r.ttft_s is not None and r.e2e_s is not None
+                   and r.ttft_s <= ttft_s
+                   and (r.completion_tokens <= 1 or (r.e2e_s - r.ttft_s) / (r.completion_tokens - 1) <= tpot_s))
+        return fine / len(results) if results else 0.0
 
-    # 1. Calibrate on the default cell: batch-1 requests, prefill = one step, decode steps of one token.
-    cells = [Cell(s, t) for s in REAL_SEQS for t in REAL_TOKENS if t >= s]
+    # 1. Calibrate on the middle cell: batch-1 requests, prefill = one step, decode steps of one token.
+    cells = [Cell(q, t) for q in REAL_SEQS for t in REAL_TOKENS if t >= q]
     server = serve(cells[len(cells) // 2], args.port)
     try:
         rows, ys = [], []
@@ -197,27 +237,53 @@ def _real(args: argparse.Namespace) -> None:
     space = SearchSpace(REAL_SEQS, REAL_TOKENS)
     factory = CalibratedFactory(cost, kv_capacity_tokens=kv, block_size=block, max_model_len=REAL_MAX_LEN,
                                 usd_per_hour=1.0)
-    pick = search(space, factory, objectives, wl, target_rps=args.real_rate, options=SearchOptions(probe_requests=200))
+    opts = SearchOptions(probe_requests=400)
+    pick = search(space, factory, objectives, wl, target_rps=args.real_rate, options=opts)
+    grid = search(space, factory, objectives, wl, target_rps=args.real_rate, options=opts, exhaustive=True)
+    predicted = {c.cell: c.capacity_rps for c in grid.candidates}
     console.print(f"search's pick on the calibrated model: {pick.chosen.label() if pick.chosen else 'none'}")
-    # 2. The measured grid.
-    table = Table(title=f"real vLLM (CPU, tiny model): {n} requests at {args.real_rate:g} req/s; good = TTFT <= "
-                        f"{args.real_ttft_ms:g} ms and TPOT <= {args.real_tpot_ms:g} ms")
-    for col in ("configuration", "within SLO", "goodput req/s", "search's pick"):
-        table.add_column(col, justify="left" if col == "configuration" else "right")
+    # 2. The measured grid: each cell's capacity at the SLO, bisected between 0.3x and 1x its saturated
+    # throughput (a closed-loop burst), each trial a Poisson load of trial_s seconds.
+    title = (f"real vLLM (CPU, tiny model, one core): capacity at the SLO (TTFT <= {args.real_ttft_ms:g} ms and "
+             f"TPOT <= {args.real_tpot_ms:g} ms for {objective:.0%}), {args.real_steps}-step bisection of "
+             f"{args.real_trial_s:g} s Poisson trials")
+    table = Table(title=title)
+    for col in ("configuration", "saturated req/s", "trials (req/s: within SLO)", "capacity req/s",
+                "predicted req/s", "search's pick"):
+        table.add_column(col, justify="left" if col in ("configuration", "trials (req/s: within SLO)") else "right")
     measured: dict[Cell, float] = {}
-    for cell in cells:
+    for k, cell in enumerate(cells, 1):
+        console.print(f"[{k}/{len(cells)}] {cell.label()}: starting vLLM ...")
         server = serve(cell, args.port)
         try:
-            results = asyncio.run(run_load(server.spec.base_url, server.spec.served_name, plans, args.concurrency))
+            burst = [RequestPlan(ids[i], int(outputs[i])) for i in range(120)]
+            t0 = time.perf_counter()
+            res = asyncio.run(run_load(server.spec.base_url, server.spec.served_name, burst, 32))
+            saturated = sum(r.ok for r in res) / (time.perf_counter() - t0)
+
+            def attain(rate: float, server: VllmServer = server) -> float:
+                count = max(40, int(rate * args.real_trial_s))
+                got = asyncio.run(run_load(server.spec.base_url, server.spec.served_name, plans_at(rate, count),
+                                           args.concurrency))
+                a = attainment(got)
+                console.print(f"    {rate:6.2f} req/s x {count}: {a:.1%} within the SLO")
+                return a
+
+            cap, trials = bisect_capacity(attain, 0.3 * saturated, saturated, args.real_steps, objective)
         finally:
             server.stop()
-        ratio, gps = good(results)
-        measured[cell] = gps
-        table.add_row(cell.label(), f"{ratio:.1%}", f"{gps:.2f}", "<--" if cell == pick.chosen else "")
+        measured[cell] = cap or 0.0
+        pred = predicted.get(cell)
+        table.add_row(cell.label(), f"{saturated:.1f}", ", ".join(f"{r:.1f}: {a:.0%}" for r, a in trials),
+                      f"< {0.3 * saturated:.1f}" if cap is None else f"{cap:.2f}",
+                      "-" if pred is None else f"{pred:.2f}", "<--" if cell == pick.chosen else "")
     console.print(table)
-    best = max(measured.values())
+    best_cell = max(measured, key=lambda c: measured[c])
+    best = measured[best_cell]
     if pick.chosen in measured and best > 0:
-        console.print(f"the pick's measured goodput is {measured[pick.chosen] / best:.1%} of the best measured cell's")
+        console.print(f"the pick ({pick.chosen.label()}) measured {measured[pick.chosen]:.2f} req/s at the SLO: "
+                      f"{measured[pick.chosen] / best:.1%} of the best measured cell ({best_cell.label()}, "
+                      f"{best:.2f} req/s). Same price per cell, so goodput per dollar compares the same way.")
 
 
 def main() -> None:
@@ -226,11 +292,13 @@ def main() -> None:
     ap.add_argument("--probe-requests", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--real", action="store_true", help="also run the measured grid on real vLLM (CPU): slow")
-    ap.add_argument("--real-rate", type=float, default=4.0)
-    ap.add_argument("--real-requests", type=int, default=80)
-    ap.add_argument("--real-ttft-ms", type=float, default=2000.0)
+    ap.add_argument("--real-rate", type=float, default=4.0, help="the load the search sizes the fleet for")
+    ap.add_argument("--real-ttft-ms", type=float, default=1000.0)
     ap.add_argument("--real-tpot-ms", type=float, default=200.0)
-    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--real-objective", type=float, default=0.9)
+    ap.add_argument("--real-steps", type=int, default=4, help="bisection trials per cell")
+    ap.add_argument("--real-trial-s", type=float, default=20.0, help="seconds of Poisson load per trial")
+    ap.add_argument("--concurrency", type=int, default=256, help="client streams at most in flight")
     ap.add_argument("--port", type=int, default=8190)
     ap.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "controlplane-tune"))
     args = ap.parse_args()
