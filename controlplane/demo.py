@@ -121,9 +121,15 @@ def run_demo(settings: Settings, console: Console, *, engine: str = "vllm", keep
         ui_proc = _start_ui(exe, api_url, s.bind_host, run_dir, token)
         console.print(f"[green]✓[/] Streamlit app: {ui_url}")
 
-        console.print(f"driving the load: {cfg.steady_rps:g} req/s for {cfg.steady_s:.0f} s, then "
-                      f"{cfg.burst_rps:g} req/s until the plane has reacted and recovered "
-                      f"(SLO: TTFT <= {cfg.ttft_threshold_s:g} s for {cfg.objective:.0%})")
+        if cfg.probe_s > 0:
+            console.print(f"driving the load: {cfg.steady_factor:g}x what one replica serves (measured first, "
+                          f"{cfg.probe_s:.0f} s) for {cfg.steady_s:.0f} s, then {cfg.burst_factor:g}x until the "
+                          f"plane has reacted and recovered (SLO: TTFT <= {cfg.ttft_threshold_s:g} s for "
+                          f"{cfg.objective:.0%})")
+        else:
+            console.print(f"driving the load: {cfg.steady_rps:g} req/s for {cfg.steady_s:.0f} s, then "
+                          f"{cfg.burst_rps:g} req/s until the plane has reacted and recovered "
+                          f"(SLO: TTFT <= {cfg.ttft_threshold_s:g} s for {cfg.objective:.0%})")
         with console.status("load") as st:
             result = run_closed_loop(cfg, router_url=router_url, api_url=api_url, token=token,
                                      status=_Ticker(console, st))
@@ -173,6 +179,9 @@ def _summarise(console: Console, cfg: LoopConfig, r: LoopResult) -> int:
         failed = sum(1 for x in r.sent if x.phase == name and not x.result.ok)
         table.add_row(name, f"+{a - t0:.0f} s", f"+{b - t0:.0f} s", str(n), _pct(share), str(failed))
     console.print(table)
+    if r.probed_rps is not None:
+        console.print(f"one replica served {r.probed_rps:.2f} req/s in the probe: steady {r.steady_rps:g} req/s, "
+                      f"burst {r.burst_rps:g} req/s")
 
     def at(v: float | None) -> str:
         return "never" if v is None else f"+{v - t0:.0f} s"

@@ -33,7 +33,7 @@ def sim_loop_config() -> LoopConfig:
     the price is the catalog's H100 price, and the KV cache is the H100's, not a block override)."""
     return LoopConfig(
         deployment="llama-8b-sim", ttft_threshold_s=0.5, objective=0.9,
-        steady_rps=5.0, burst_rps=12.0,
+        steady_rps=5.0, burst_rps=12.0, probe_s=0.0,  # simulated: the rates are known, no probe
         steady_s=20.0, burst_min_s=20.0, recovery_s=30.0, max_s=100.0,  # ~70 s when the plane reacts
         # ~1.65 tokens per word of the load's vocabulary: prompts of ~2,500-4,100 tokens.
         prompt_words=(1500, 2500), max_tokens=(16, 48),

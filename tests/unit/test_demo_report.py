@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.demo_loop import LoopConfig, LoopResult, Sent, caught_up, deployment_doc, slo_doc, write_specs
+from controlplane.demo_loop import (
+    LoopConfig,
+    LoopResult,
+    Sent,
+    caught_up,
+    deployment_doc,
+    load_rates,
+    slo_doc,
+    write_specs,
+)
 from controlplane.loadgen import ClientResult
 from controlplane.report import ReportInput, attainment, render, timeline, ttft_series
 from controlplane.slo.spec import load_slos
@@ -77,13 +86,20 @@ def test_render_writes_the_report_and_its_plots(tmp_path: Path) -> None:
 
 
 def test_caught_up_needs_nearly_every_recent_request_back_and_within_the_slo() -> None:
-    cfg = LoopConfig(burst_rps=10.0, ttft_threshold_s=0.5, objective=0.9)
+    cfg = LoopConfig(ttft_threshold_s=0.5, objective=0.9)
     now = 1000.0
 
     def sent(n: int, ttft: float, start: float = now - 15.0) -> list[Sent]:
         return [Sent("catch-up", ClientResult("t", True, start + i * 10.0 / n, ttft, 1.0, 5)) for i in range(n)]
 
-    assert caught_up(sent(100, 0.1), now, cfg)
-    assert not caught_up(sent(60, 0.1), now, cfg)  # 40 of the 100 sent are still in flight
-    assert not caught_up(sent(90, 0.1) + sent(15, 0.9), now, cfg)  # 14% late > 10%
-    assert not caught_up(sent(100, 0.1, start=now - 40.0), now, cfg)  # nothing sent in the window
+    assert caught_up(sent(100, 0.1), now, cfg, 10.0)
+    assert not caught_up(sent(60, 0.1), now, cfg, 10.0)  # 40 of the 100 sent are still in flight
+    assert not caught_up(sent(90, 0.1) + sent(15, 0.9), now, cfg, 10.0)  # 14% late > 10%
+    assert not caught_up(sent(100, 0.1, start=now - 40.0), now, cfg, 10.0)  # nothing sent in the window
+
+
+def test_load_rates_follow_the_probe_or_fall_back_to_the_configured_ones() -> None:
+    cfg = LoopConfig(steady_rps=2.0, burst_rps=9.0, steady_factor=0.3, burst_factor=1.25)
+    assert load_rates(cfg, 6.0) == (1.8, 7.5)
+    assert load_rates(cfg, None) == (2.0, 9.0)
+    assert load_rates(cfg, 0.0) == (2.0, 9.0)  # a probe that completed nothing measured nothing
