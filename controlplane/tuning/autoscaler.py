@@ -217,7 +217,12 @@ def _proven_rate(obs: Observation, cfg: AutoscalerConfig, trouble: str | None) -
     if waiting > cfg.proven_waiting_per_replica or any((r.kv_usage_ratio or 0.0) > cfg.kv_safe_ratio
                                                        for r in obs.readings):
         return None
-    return obs.arrival_rate_rps / ready
+    # At the onset of a burst the arrivals jump while the requests finishing (and judged good) are still those
+    # of the load before it: the arrival rate is proven only when the goodput kept up with it (within 10%: the
+    # requests finishing in an interval lag those arriving by their service time); otherwise only the goodput.
+    goodput = obs.slo_good_ratio * obs.finished / cfg.interval_s
+    rate = obs.arrival_rate_rps if goodput >= 0.9 * obs.arrival_rate_rps else goodput
+    return rate / ready
 
 
 def _remember_proven(state: AutoscalerState, obs: Observation, cfg: AutoscalerConfig, trouble: str | None,

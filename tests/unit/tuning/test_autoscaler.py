@@ -241,6 +241,14 @@ def test_the_floor_covers_only_what_was_proven() -> None:
     assert decisions[2].reason == a.SCALE_UP_FORECAST and decisions[2].desired_replicas > 1
 
 
+def test_a_burst_onset_proves_only_the_goodput_completed_not_the_arrivals() -> None:
+    # The arrivals jumped to 12 req/s, but the requests finishing within the SLO are still 8 req/s' worth
+    # (120 in 15 s): nothing above 8 req/s is proven, so the model's scale-up goes ahead.
+    [d] = _steady(PESSIMIST, [12.0], good=1.0, finished=120)
+    assert d.reason == a.SCALE_UP_FORECAST and d.desired_replicas > 1
+    assert d.inputs["proven_rps_per_replica"] == pytest.approx(8.0)
+
+
 @pytest.mark.parametrize("bad", ["under_objective", "too_few", "queued", "kv_full", "unknown_reading"])
 def test_an_interval_proves_nothing_unless_the_slo_held_on_enough_requests_without_queueing(bad: str) -> None:
     kw: dict[str, Any] = {"good": 1.0, "finished": 120}
