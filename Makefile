@@ -28,9 +28,10 @@ test: venv lint tools
 	$(VENV)/bin/pytest
 
 # Debian tools the tests use (skipped when installed): promtool / amtool / alertmanager / prometheus for the
-# alert and Prometheus tests, chromium + chromedriver for the dashboard screenshots.
+# alert and Prometheus tests, chromium + chromedriver for the dashboard screenshots, docker-compose to validate
+# compose.yaml (no Docker daemon needed).
 tools:
-	bash scripts/install-debian-tools.sh prometheus chromium
+	bash scripts/install-debian-tools.sh prometheus chromium compose
 
 lint: venv
 	$(VENV)/bin/ruff check controlplane collectors tests bench

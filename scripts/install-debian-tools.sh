@@ -3,12 +3,13 @@
 #   prometheus  -> promtool        (package: prometheus)
 #   alertmanager-> amtool          (package: prometheus-alertmanager)
 #   chromium    -> chromium, chromedriver (packages: chromium, chromium-driver; used by dashboard tests)
-# Usage: scripts/install-debian-tools.sh [prometheus] [chromium]   (no argument: everything)
+#   compose     -> docker-compose  (package: docker-compose; validates compose.yaml, needs no Docker daemon)
+# Usage: scripts/install-debian-tools.sh [prometheus] [chromium] [compose]   (no argument: everything)
 # Runs as root (or through sudo when available). Services the packages ship are never started here.
 set -euo pipefail
 
 groups=("$@")
-[ ${#groups[@]} -eq 0 ] && groups=(prometheus chromium)
+[ ${#groups[@]} -eq 0 ] && groups=(prometheus chromium compose)
 
 need=()
 for group in "${groups[@]}"; do
@@ -21,8 +22,11 @@ for group in "${groups[@]}"; do
       command -v chromium >/dev/null 2>&1 || need+=(chromium)
       command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
       ;;
+    compose)
+      command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
+      ;;
     *)
-      echo "install-debian-tools: unknown group '$group' (allowed: prometheus, chromium)" >&2
+      echo "install-debian-tools: unknown group '$group' (allowed: prometheus, chromium, compose)" >&2
       exit 2
       ;;
   esac
@@ -52,6 +56,6 @@ $SUDO apt-get update -q
 echo "install-debian-tools: installing ${need[*]}"
 # --no-install-recommends keeps the prometheus packages from pulling in exporters and web assets we never run.
 $SUDO apt-get install -y -q --no-install-recommends "${need[@]}"
-for bin in promtool amtool chromium chromedriver; do
+for bin in promtool amtool chromium chromedriver docker-compose; do
   if command -v "$bin" >/dev/null 2>&1; then echo "install-debian-tools: $bin -> $(command -v "$bin")"; fi
 done
