@@ -114,6 +114,12 @@ class Sent:
     result: ClientResult
 
 
+def draw_plan(rng: random.Random, cfg: LoopConfig) -> RequestPlan:
+    """One request of the demo's mix: a prompt of random words, an output length, both from cfg's ranges."""
+    words = rng.randint(*cfg.prompt_words)
+    return RequestPlan(" ".join(rng.choice(WORDS) for _ in range(words)), rng.randint(*cfg.max_tokens))
+
+
 @dataclass
 class OpenLoopLoad:
     """Poisson arrivals at `rate_rps` (changeable while running) through `base_url`, on its own thread."""
@@ -155,9 +161,7 @@ class OpenLoopLoad:
                     await asyncio.sleep(0.1)
                     continue
                 await asyncio.sleep(rng.expovariate(rate))
-                words = rng.randint(*self.cfg.prompt_words)
-                plan = RequestPlan(" ".join(rng.choice(WORDS) for _ in range(words)),
-                                   rng.randint(*self.cfg.max_tokens))
+                plan = draw_plan(rng, self.cfg)
                 task = asyncio.create_task(self._one(client, plan, self.phase))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
@@ -285,9 +289,7 @@ async def probe_capacity(base_url: str, cfg: LoopConfig) -> float | None:
 
     async def worker(client: httpx.AsyncClient) -> None:
         while time.perf_counter() < start + cfg.probe_s:
-            words = rng.randint(*cfg.prompt_words)
-            plan = RequestPlan(" ".join(rng.choice(WORDS) for _ in range(words)), rng.randint(*cfg.max_tokens))
-            r = await stream_one(client, base_url, cfg.deployment, plan)
+            r = await stream_one(client, base_url, cfg.deployment, draw_plan(rng, cfg))
             if r.ok:
                 done.append(time.perf_counter())
 

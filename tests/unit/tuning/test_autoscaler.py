@@ -214,29 +214,20 @@ def test_an_interval_with_a_failed_scrape_pauses_a_scale_down_without_restarting
 PESSIMIST = AutoscalerConfig(FleetCapacity((1, 2, 4), (5.0, 5.0, 5.0), in_flight_per_replica=40.0), max_replicas=8)
 
 
-def _steady(cfg: AutoscalerConfig, rates: Sequence[float], **kw: Any) -> list[a.Decision]:
-    state, out, n = AutoscalerState(), [], 1
-    for k, r in enumerate(rates):
-        d, state = decide(obs(r, n, **kw), cfg, state, (k + 1) * cfg.interval_s)
-        out.append(d)
-        n = d.desired_replicas
-    return out
-
-
 def test_a_fleet_seen_serving_the_load_within_the_slo_is_not_scaled_up_by_a_pessimistic_model() -> None:
     # The model says one replica sustains 5 req/s; the one replica is serving 8 req/s, every request good.
-    held = _steady(PESSIMIST, [8.0] * 6, good=1.0, finished=120)
+    held = run([8.0] * 6, 1, PESSIMIST, good=1.0, finished=120)
     assert [d.reason for d in held] == [a.HOLD_PROVEN] * 6
     assert all(d.desired_replicas == 1 for d in held)
     assert held[-1].inputs["proven_rps_per_replica"] == pytest.approx(8.0)
     # Without that evidence (no finished requests judged) the same load scales up on the model's word.
-    blind = _steady(PESSIMIST, [8.0] * 6, finished=0)
+    blind = run([8.0] * 6, 1, PESSIMIST, finished=0)
     assert blind[0].reason == a.SCALE_UP_FORECAST and blind[0].desired_replicas == 2
 
 
 def test_the_floor_covers_only_what_was_proven() -> None:
     # Proven at 8 req/s; the load then rises to 12: past the floor, the model decides again.
-    decisions = _steady(PESSIMIST, [8.0, 8.0, 12.0], good=1.0, finished=120)
+    decisions = run([8.0, 8.0, 12.0], 1, PESSIMIST, good=1.0, finished=120)
     assert decisions[1].reason == a.HOLD_PROVEN
     assert decisions[2].reason == a.SCALE_UP_FORECAST and decisions[2].desired_replicas > 1
 
@@ -244,7 +235,7 @@ def test_the_floor_covers_only_what_was_proven() -> None:
 def test_a_burst_onset_proves_only_the_goodput_completed_not_the_arrivals() -> None:
     # The arrivals jumped to 12 req/s, but the requests finishing within the SLO are still 8 req/s' worth
     # (120 in 15 s): nothing above 8 req/s is proven, so the model's scale-up goes ahead.
-    [d] = _steady(PESSIMIST, [12.0], good=1.0, finished=120)
+    [d] = run([12.0], 1, PESSIMIST, good=1.0, finished=120)
     assert d.reason == a.SCALE_UP_FORECAST and d.desired_replicas > 1
     assert d.inputs["proven_rps_per_replica"] == pytest.approx(8.0)
 
@@ -262,7 +253,7 @@ def test_an_interval_proves_nothing_unless_the_slo_held_on_enough_requests_witho
         kw["kv"] = 0.95
     else:
         kw["running"] = None
-    first = _steady(PESSIMIST, [8.0], **kw)[0]
+    first = run([8.0], 1, PESSIMIST, **kw)[0]
     assert first.reason != a.HOLD_PROVEN
     if bad != "unknown_reading":  # an unknown reading does not stop a scale-up, only a scale-down
         assert first.reason == a.SCALE_UP_FORECAST, first.reason
