@@ -103,11 +103,13 @@ async def run_load(base_url: str, model: str, plans: Sequence[RequestPlan], conc
                    timeout_s: float = 300.0) -> list[ClientResult]:
     """Send `plans` (honouring their start offsets) with at most `concurrency` in flight."""
     sem = asyncio.Semaphore(concurrency)
-    start = time.perf_counter()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
-        # Open the keep-alive connections before the clock starts: a TCP connect is not TTFT.
+        # Open the keep-alive connections before the clock starts: a TCP connect is not TTFT. The plan's
+        # clock starts after them: opening hundreds takes seconds on a busy server, and starting it before
+        # turned the first seconds of a Poisson plan into one burst.
         await asyncio.gather(*(client.get(base_url.rstrip("/") + "/v1/models") for _ in range(concurrency)))
+        start = time.perf_counter()
 
         async def one(plan: RequestPlan) -> ClientResult:
             await asyncio.sleep(max(0.0, plan.delay_s - (time.perf_counter() - start)))
