@@ -165,6 +165,32 @@ def _coverage(samples: Iterable[Mapping[str, Any]], t0: float, dec: _Piecewise, 
     return rebuilt / seen if seen > 0 else None
 
 
+def api_path_s(requests: Iterable[Mapping[str, Any]], *, min_idle: int = 10) -> float | None:
+    """The API server's share of TTFT (`ReplicaModel.api_path_s`): the median of TTFT - queue - prefill.
+
+    vLLM stamps arrival in the API server and queue/prefill in the engine core, so the difference is the path
+    between them; for a request that arrives mid-step it also holds the wait for that step to end, which the
+    simulator already counts. So it is taken over the requests that arrived with nothing else in flight on the
+    replica (at least `min_idle` of them), and over all requests only when there are too few of those.
+    None: no row knows all three times."""
+    rows = []
+    for r in requests:
+        arr, ttft, q, p, e2e = (_num(r, k) for k in ("arrival_unix_s", "ttft_s", "queue_s", "prefill_s", "e2e_s"))
+        if arr is not None and ttft is not None and q is not None and p is not None:
+            rows.append((arr, arr + (e2e if e2e is not None else ttft), max(0.0, ttft - q - p)))
+    if not rows:
+        return None
+    rows.sort()
+    idle = []
+    busy_until = -math.inf
+    for arr, end, path in rows:
+        if arr >= busy_until:
+            idle.append(path)
+        busy_until = max(busy_until, end)
+    chosen = idle if len(idle) >= min_idle else [path for _, _, path in rows]
+    return float(np.median(chosen))
+
+
 # --- solving --------------------------------------------------------------------------------------
 def nnls_normal(gram: Matrix, moment: NDArray[np.float64]) -> NDArray[np.float64]:
     """argmin ||X theta - y||^2 subject to theta >= 0, from X'X and X'y. With <= 4 unknowns, trying every
@@ -343,7 +369,8 @@ def calibrated_replica(store: Store, replica: str, *, max_num_seqs: int, max_num
                        prior: Coefficients | None = None, prior_weight: float = 0.0, fit_per_seq: bool = False,
                        max_model_len: int | None = None) -> tuple[ReplicaModel, Fit]:
     """A replica model of an observed replica (GPU or CPU): coefficients fitted from its rows in the window,
-    KV capacity and block size from its newest engine sample. The engine limits are the replica's own args."""
+    KV capacity and block size from its newest engine sample, the API path from its rows (`api_path_s`). The
+    engine limits are the replica's own args."""
     reqs, samples = load_rows(store, replica, since_unix_s=since_unix_s, until_unix_s=until_unix_s)
     result = fit(observations(reqs, samples, max_num_batched_tokens=max_num_batched_tokens), prior=prior,
                  prior_weight=prior_weight, fit_per_seq=fit_per_seq)
@@ -353,5 +380,5 @@ def calibrated_replica(store: Store, replica: str, *, max_num_seqs: int, max_num
                          "(kv_capacity_tokens and kv_block_size_tokens): scrape it first")
     model = replica_from_fit(result.step_cost, kv_capacity_tokens=cap[0], block_size=cap[1],
                              max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                             max_model_len=max_model_len, name=replica)
+                             max_model_len=max_model_len, name=replica, api_path_s=api_path_s(reqs) or 0.0)
     return model, result

@@ -141,8 +141,9 @@ class _Fleet:
             load = m.engine.outstanding_at(t)
             if best_load < 0 or load < best_load:
                 best, best_load = m, load
-        best.engine.advance(t, True)
-        return best.engine.index if best.engine.enqueue(r, t) else -1
+        d = self.replica.api_path_s
+        best.engine.advance(t + d, True)
+        return best.engine.index if best.engine.enqueue(r, t + d) else -1
 
     def settle(self, t: float) -> None:
         """Advance everyone to t; a draining replica with nothing left ends at its last step."""
@@ -260,6 +261,7 @@ def run_fleet(workload: Workload, replica: ReplicaModel, policy: Policy[Any], ob
             m.end_s = max(m.drain_s, m.engine.clock)
     result = SimResult(workload=workload, replica=routed, scheduled_s=np.asarray(book.t_sched),
                        first_token_s=np.asarray(book.t_first), finished_s=np.asarray(book.t_fin),
-                       preemptions=np.asarray(book.preempt, dtype=np.int64), series=())
+                       preemptions=np.asarray(book.preempt, dtype=np.int64), series=(),
+                       api_path_s=np.where(routed >= 0, replica.api_path_s, 0.0) if replica.api_path_s else None)
     spans = tuple(ReplicaSpan(m.span_start, m.ready_s, m.drain_s, m.end_s) for m in fleet.members)
     return FleetRun(policy.name, result, tuple(ticks), tuple(records), spans, horizon, replica.gpus)

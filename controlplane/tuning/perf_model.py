@@ -115,8 +115,14 @@ class ReplicaModel:
     gpus: int = 1
     usd_per_hour: float | None = None  # the whole replica; None: unknown
     name: str = "replica"
+    # The API server's path, outside the engine's steps: a request reaches the engine's queue this long after
+    # it arrives (HTTP, input processing, the hop to the engine core; on a shared CPU core also the output hop
+    # back). vLLM's spans show it as TTFT - queue - prefill; `calibrate.api_path_s` measures it.
+    api_path_s: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.api_path_s) and self.api_path_s >= 0):
+            raise ValueError(f"{self.name}: api_path_s must be a finite number >= 0, got {self.api_path_s}")
         limits = {"max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens,
                   "block_size": self.block_size, "num_kv_blocks": self.num_kv_blocks,
                   "max_model_len": self.max_model_len}
@@ -290,10 +296,11 @@ def roofline(model: ModelShape, accel: Accelerator, args: EngineArgs | None = No
 
 def replica_from_fit(cost: StepCost, *, kv_capacity_tokens: int, block_size: int, max_num_seqs: int,
                      max_num_batched_tokens: int, max_model_len: int | None = None, gpus: int = 1,
-                     usd_per_hour: float | None = None, name: str = "replica") -> ReplicaModel:
+                     usd_per_hour: float | None = None, name: str = "replica",
+                     api_path_s: float = 0.0) -> ReplicaModel:
     """A replica from calibrated coefficients and its measured KV capacity (`vllm:cache_config_info`)."""
     blocks = kv_capacity_tokens // block_size
     return ReplicaModel(step_cost=cost, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                         block_size=block_size, num_kv_blocks=blocks,
                         max_model_len=max_model_len or blocks * block_size, gpus=gpus,
-                        usd_per_hour=usd_per_hour, name=name)
+                        usd_per_hour=usd_per_hour, name=name, api_path_s=api_path_s)

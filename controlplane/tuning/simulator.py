@@ -2,7 +2,8 @@
 
 `simulate(workload, replicas)` replays arrivals in time order; each arrival goes to the replica with
 the fewest requests routed and not yet finished (ties to the lowest index), and each replica runs
-vLLM V1's scheduler (see simulator_engine). Times are seconds from the workload's start. TTFT ends
+vLLM V1's scheduler (see simulator_engine). A request reaches its replica's engine `api_path_s` after
+it arrives (the API server's share of TTFT). Times are seconds from the workload's start. TTFT ends
 with the step that samples the first output token; TPOT = (e2e - TTFT) / (output tokens - 1), as
 the store computes it. A request longer than a replica's max_model_len is rejected there (vLLM
 answers 400) and counts as not served.
@@ -48,6 +49,7 @@ class SimResult:
     finished_s: FloatArray
     preemptions: IntArray
     series: tuple[ReplicaSeries, ...]
+    api_path_s: FloatArray | None = None  # per request: arrival -> the engine's queue (None: all 0)
 
     @property
     def rejected(self) -> NDArray[np.bool_]:
@@ -59,7 +61,9 @@ class SimResult:
 
     @property
     def queue_s(self) -> FloatArray:
-        return self.scheduled_s - self.workload.arrival_s
+        """In the engine's queue, as vLLM's queue time counts it: from entering the engine to being scheduled."""
+        queued = self.scheduled_s - self.workload.arrival_s
+        return queued if self.api_path_s is None else queued - self.api_path_s
 
     @property
     def prefill_s(self) -> FloatArray:
@@ -130,11 +134,13 @@ def simulate(workload: Workload, replicas: Sequence[ReplicaModel], *, sample_int
     engines: list[Engine] = [kind(m, book, i, sample_interval_s) for i, m in enumerate(replicas)]
     routed = [-1] * len(workload)
     arrivals = workload.arrival_s.tolist()
+    # A constant delay per replica keeps each engine's arrivals in time order, so it only shifts when they enter.
+    delay = [m.api_path_s for m in replicas]
     if len(engines) == 1:
-        only = engines[0]
+        only, d = engines[0], delay[0]
         for i, t in enumerate(arrivals):
-            only.advance(t, True)
-            if only.enqueue(i, t):
+            only.advance(t + d, True)
+            if only.enqueue(i, t + d):
                 routed[i] = 0
     else:
         for i, t in enumerate(arrivals):
@@ -144,8 +150,9 @@ def simulate(workload: Workload, replicas: Sequence[ReplicaModel], *, sample_int
                 load = e.outstanding_at(t)
                 if best_load < 0 or load < best_load:
                     best, best_load = e, load
-            best.advance(t, True)
-            if best.enqueue(i, t):
+            d = delay[best.index]
+            best.advance(t + d, True)
+            if best.enqueue(i, t + d):
                 routed[i] = best.index
     for e in engines:
         e.advance(math.inf, True)
@@ -160,7 +167,13 @@ def simulate(workload: Workload, replicas: Sequence[ReplicaModel], *, sample_int
     return SimResult(workload=workload, replica=np.asarray(routed, dtype=np.int64),
                      scheduled_s=np.asarray(book.t_sched), first_token_s=np.asarray(book.t_first),
                      finished_s=np.asarray(book.t_fin), preemptions=np.asarray(book.preempt, dtype=np.int64),
-                     series=series)
+                     series=series, api_path_s=_api_paths(routed, delay))
+
+
+def _api_paths(routed: list[int], delay: list[float]) -> FloatArray | None:
+    if not any(delay):
+        return None
+    return np.array([delay[r] if r >= 0 else 0.0 for r in routed], dtype=np.float64)
 
 
 @dataclass(frozen=True)

@@ -171,3 +171,40 @@ def test_a_replica_observed_in_the_store_becomes_a_model_that_predicts_it(store:
     assert model.num_kv_blocks == 4000 and model.name == "cpu-0" and fit.rows > 2000
     again = simulate(res.workload, [model])
     assert np.nanpercentile(again.tpot_s, 90) == pytest.approx(np.nanpercentile(res.tpot_s, 90), rel=0.05)
+
+
+def _path_row(arrival: float, e2e: float, path: float) -> dict[str, Any]:
+    return {"arrival_unix_s": BASE + arrival, "e2e_s": e2e, "ttft_s": path + 0.01, "queue_s": 0.0, "prefill_s": 0.01}
+
+
+def test_the_api_path_is_measured_on_requests_that_found_the_replica_idle() -> None:
+    # Ten lone requests with a 2 ms path, each followed by one arriving while it runs (its path holds the wait
+    # for the step in progress: 5 ms). The median over all rows would be 3.5 ms.
+    rows = []
+    for k in range(10):
+        rows += [_path_row(k, 0.5, 0.002), _path_row(k + 0.1, 0.5, 0.005)]
+    assert cal.api_path_s(rows) == pytest.approx(0.002)
+    assert cal.api_path_s(rows, min_idle=11) == pytest.approx(0.0035)  # too few idle arrivals: all rows
+
+
+def test_the_api_path_is_unknown_without_rows_that_know_its_three_times() -> None:
+    assert cal.api_path_s([]) is None
+    assert cal.api_path_s([{**_path_row(0, 0.5, 0.002), "queue_s": None}]) is None
+
+
+def test_a_calibrated_replica_carries_the_api_path_its_rows_show(store: Store) -> None:
+    true = ReplicaModel(StepCost.linear(TRUE), max_num_seqs=64, max_num_batched_tokens=BUDGET, block_size=16,
+                        num_kv_blocks=4000, max_model_len=1200, api_path_s=0.004)
+    res = simulate(synthetic(Poisson(5.0), Uniform(50, 800), Uniform(10, 200), n=600, seed=4), [true])
+    rows = res.rows(base_unix_s=BASE)
+    for i, r in enumerate(rows):
+        r.update(trace_id=f"{i:032x}", span_id=f"{i:016x}", replica="cpu-1")
+    store.write_spans(rows, [])
+    rid = store.register_replica("cpu-1", url=None, backend="local")
+    store.write_engine_sample({"replica_id": rid, "ts_unix_s": BASE + 10, "scrape_ok": True, "num_running": None,
+                               "kv_capacity_tokens": 4000 * 16, "kv_block_size_tokens": 16})
+    model, _ = cal.calibrated_replica(store, "cpu-1", max_num_seqs=64, max_num_batched_tokens=BUDGET,
+                                      max_model_len=1200)
+    assert model.api_path_s == pytest.approx(0.004, rel=1e-6)
+    again = simulate(res.workload, [model])
+    assert np.median(again.ttft_s) == pytest.approx(np.median(res.ttft_s), rel=0.05)

@@ -13,9 +13,9 @@ TWO_ROOFS = StepCost((Roof(const_s=1e-3, per_token_s=5e-5, per_seq_s=1e-4, per_a
 
 
 def replica(cost: StepCost = LINEAR, *, seqs: int = 32, budget: int = 512, blocks: int = 2000, bs: int = 16,
-            max_len: int = 1200, full: bool = True, name: str = "r") -> ReplicaModel:
+            max_len: int = 1200, full: bool = True, name: str = "r", api: float = 0.0) -> ReplicaModel:
     return ReplicaModel(cost, max_num_seqs=seqs, max_num_batched_tokens=budget, block_size=bs, num_kv_blocks=blocks,
-                        max_model_len=max_len, reserve_full_sequence=full, name=name)
+                        max_model_len=max_len, reserve_full_sequence=full, name=name, api_path_s=api)
 
 
 def workload(times: list[float], prompt: list[int], output: list[int]) -> Workload:
@@ -44,6 +44,7 @@ CASES = {
     "small budget chunks prefills": dict(budget=64, seqs=8),
     "max_num_seqs binds": dict(seqs=4, budget=256),
     "three replicas behind the router": dict(replicas=3, blocks=60, max_len=600),
+    "three replicas with an API path": dict(replicas=3, blocks=60, max_len=600, api=0.003),
 }
 
 
@@ -86,6 +87,24 @@ def test_a_request_arriving_mid_step_waits_for_the_step_to_end() -> None:
     # Then one step holds the first request's decode and the second's prefill.
     joint = ALPHA + BETA * 51 + GAMMA * (101 + 50)
     assert res.ttft_s[1] == pytest.approx(first_step + joint - 0.001)
+
+
+def test_the_api_path_delays_entry_to_the_engine_and_is_not_queue_time() -> None:
+    api = 0.002
+    prefill = ALPHA + BETA * 100 + GAMMA * 100
+    res = simulate(workload([1.0, 1.001], [100, 50], [3, 2]), [replica(api=api)])
+    assert res.ttft_s[0] == pytest.approx(api + prefill) and res.queue_s[0] == pytest.approx(0.0, abs=1e-12)
+    # Both enter the engine `api` after they arrive, so the second one enters 1 ms into the first one's prefill
+    # step and waits for its end in the queue, as in the mid-step test above.
+    assert res.queue_s[1] == pytest.approx(prefill - 0.001)
+    row = res.rows()[0]
+    assert row["ttft_s"] - row["queue_s"] - row["prefill_s"] == pytest.approx(api)  # as vLLM's spans show it
+
+
+def test_replica_model_refuses_a_negative_or_infinite_api_path() -> None:
+    for bad in (-0.001, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="api_path_s must be a finite number >= 0"):
+            replica(api=bad)
 
 
 def test_max_num_seqs_caps_the_running_batch_and_the_rest_queue_in_order() -> None:
