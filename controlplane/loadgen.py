@@ -103,7 +103,9 @@ async def run_load(base_url: str, model: str, plans: Sequence[RequestPlan], conc
                    timeout_s: float = 300.0) -> list[ClientResult]:
     """Send `plans` (honouring their start offsets) with at most `concurrency` in flight."""
     sem = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    # Idle connections are dropped by the client after 2 s, before uvicorn's own 5 s keep-alive timeout: at
+    # httpx's default (also 5 s) the server could close one just as a request went out on it (a ReadError).
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency, keepalive_expiry=2.0)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
         # Open the keep-alive connections before the clock starts: a TCP connect is not TTFT. The plan's
         # clock starts after them: opening hundreds takes seconds on a busy server, and starting it before
