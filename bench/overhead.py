@@ -220,6 +220,7 @@ class Plane:
         self.data_dir, self.scrape_s = data_dir, scrape_s
         self.api_url = f"http://127.0.0.1:{_free_port()}"
         self.grpc_port = _free_port()
+        self.http_port = _free_port()
         self.proc: PlaneProcess | None = None
         self.db = make_engine(f"sqlite:///{(data_dir / 'controlplane.db').resolve()}")
         self.paused = False
@@ -231,7 +232,7 @@ class Plane:
     def start(self, watch: tuple[str, str] | None) -> None:
         env = {**os.environ, "CONTROLPLANE_DATA_DIR": str(self.data_dir), "CONTROLPLANE_BIND_HOST": "127.0.0.1",
                "CONTROLPLANE_API_PORT": self.api_url.rsplit(":", 1)[1],
-               "CONTROLPLANE_OTLP_HTTP_PORT": str(_free_port()), "CONTROLPLANE_OTLP_GRPC_PORT": str(self.grpc_port),
+               "CONTROLPLANE_OTLP_HTTP_PORT": str(self.http_port), "CONTROLPLANE_OTLP_GRPC_PORT": str(self.grpc_port),
                "CONTROLPLANE_SCRAPE_INTERVAL_S": f"{self.scrape_s:g}"}
         exe = str(Path(sys.executable).parent / "controlplane")
         # No deployments: nothing is supervised, so there is no router and its URL is never used.
@@ -307,9 +308,9 @@ def drive(server: VllmServer, plans: list[RequestPlan], concurrency: int) -> tup
 
 
 def start_server(name: str, model_dir: Path, core: int | None, log_dir: Path, max_num_seqs: int,
-                 otlp: str | None) -> VllmServer:
+                 otlp: str | None, protocol: str = "grpc") -> VllmServer:
     spec = VllmServerSpec(model_dir=model_dir, port=_free_port(), replica_name=name, otlp_endpoint=otlp,
-                          otlp_protocol="grpc", max_num_seqs=max_num_seqs,
+                          otlp_protocol=protocol, max_num_seqs=max_num_seqs,
                           cpu_cores=(core,) if core is not None else ())
     server = VllmServer(spec, log_dir / f"vllm-{name}.log")
     progress.print(f"{name}: starting vLLM on core {core if core is not None else 'any'}"
@@ -330,8 +331,10 @@ def run(args: argparse.Namespace, log_dir: Path) -> tuple[list[Block], dict[str,
     servers: dict[Arm, VllmServer] = {}
     traced, scraped = args.instrument in ("both", "trace"), args.instrument in ("both", "scrape")
     try:
+        endpoint = (f"127.0.0.1:{plane.grpc_port}" if args.otlp_protocol == "grpc"
+                    else f"http://127.0.0.1:{plane.http_port}/v1/traces")
         servers[WITH] = start_server("traced", model_dir, vllm_core, log_dir, args.max_num_seqs,
-                                     f"127.0.0.1:{plane.grpc_port}" if traced else None)
+                                     endpoint if traced else None, args.otlp_protocol)
         progress.print("plane: starting controlplane up"
                        + (f", scraping the instrumented server every {args.scrape_s:g} s" if scraped else
                           " (receiving spans, scraping nothing)") + " ...")
@@ -421,8 +424,8 @@ def report(blocks: list[Block], evidence: dict[str, int], args: argparse.Namespa
                       f"{statistics.median(noise):.0%}" if noise else "?")
     console.print(table)
     console.print("Medians over blocks; spread = (max - min) / median. With plane: "
-                  + ("vLLM traced over OTLP/gRPC to `controlplane up`" if args.instrument != "scrape" else
-                     "`controlplane up`, no tracing")
+                  + (f"vLLM traced over OTLP ({args.otlp_protocol}) to `controlplane up`"
+                     if args.instrument != "scrape" else "`controlplane up`, no tracing")
                   + (f", which scrapes its /metrics every {args.scrape_s:g} s" if args.instrument != "trace" else
                      ", which scrapes nothing")
                   + ". Others on core: CPU share on vLLM's core taken by other processes (the host's noise).")
@@ -454,6 +457,8 @@ def main() -> int:
                     help="wait this long for other vLLM servers on the host to finish (default 1200)")
     ap.add_argument("--instrument", choices=("both", "trace", "scrape"), default="both",
                     help="what the instrumented server gets: tracing and scraping (default), or one of them")
+    ap.add_argument("--otlp-protocol", choices=("grpc", "http/protobuf"), default="grpc",
+                    help="how vLLM exports its spans to the plane (default grpc)")
     ap.add_argument("--quick", action="store_true", help="a short smoke run: 3 blocks per arm of 96 requests")
     ap.add_argument("--json", type=Path, help="write the blocks and the summary here")
     ap.add_argument("--log-dir", type=Path, help="keep vLLM and plane logs and the store here (default: a temp dir)")

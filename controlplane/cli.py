@@ -172,5 +172,20 @@ def ui(
     os.execv(argv[0], argv)
 
 
+def spelled_as_subcommands(argv: list[str]) -> list[str]:
+    """`controlplane tune --what-if ...` (the flag form) is `controlplane tune what-if ...`: Click reads a flag
+    on a group as the group's own option, so the entry point rewrites it before Typer parses."""
+    if len(argv) >= 2 and argv[0] == "tune" and argv[1] == "--what-if":
+        return ["tune", "what-if", *argv[2:]]
+    return argv
+
+
+def main() -> None:
+    """The `controlplane` console script."""
+    import sys
+
+    app(args=spelled_as_subcommands(sys.argv[1:]), prog_name="controlplane")
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -203,7 +203,8 @@ def parse_lengths(text: str, what: str) -> LengthDist:
 
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
-                  help="Performance model and simulator of vLLM replicas.")
+                  help="Performance model and simulator of vLLM replicas. `controlplane tune --what-if ...` is "
+                       "the same as `controlplane tune what-if ...`.")
 _console = Console()
 _err = Console(stderr=True)
 

@@ -55,3 +55,15 @@ def test_the_cli_entry_point_is_installed() -> None:
     out = subprocess.run([str(Path(sys.executable).parent / "controlplane"), "--help"], capture_output=True,
                          text=True, check=True).stdout
     assert "make-tiny" not in out and "model" in out and "up" in out
+
+
+def test_tune_what_if_flag_form_runs_the_what_if_command() -> None:
+    from controlplane.cli import spelled_as_subcommands
+
+    argv = ["tune", "--what-if", "--requests", "200", "--rate", "4", "--json"]
+    assert spelled_as_subcommands(argv) == ["tune", "what-if", "--requests", "200", "--rate", "4", "--json"]
+    assert spelled_as_subcommands(["tune", "what-if"]) == ["tune", "what-if"]
+    assert spelled_as_subcommands(["up", "--what-if"]) == ["up", "--what-if"]  # only tune's flag is rewritten
+    result = runner.invoke(app, spelled_as_subcommands(argv))
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["model"] == "Llama-3.1-8B"
