@@ -13,9 +13,10 @@ in <= 30 s of CPU (time.process_time, same process, same run). The ratio uses th
 search's pick, so both sides are measured identically.
 
 Real part (--real; not run in CI): the tiny model on vLLM's CPU engine, pinned to one core, over a 3 x 3 grid
-of max_num_seqs x max_num_batched_tokens. A few sequential requests on the middle cell calibrate the step cost
-(alpha + beta * tokens + gamma * KV tokens, from client TTFT and TPOT); the search, on that calibrated model,
-picks a cell. Then every cell is started for real and its capacity at the SLO measured the way the search
+of max_num_seqs x max_num_batched_tokens. The middle cell is calibrated as the plane calibrates a replica: vLLM's
+`llm_request` spans of a load climbing from 20% to 90% of its saturated throughput, fitted to alpha + beta *
+tokens + gamma * KV tokens + delta * sequences, plus the API server's path; the search, on that calibrated
+model, picks a cell. Then every cell is started for real and its capacity at the SLO measured the way the search
 defines it (the highest Poisson rate at which the SLOs hold), by bisecting between 0.3x and 1x the cell's
 saturated throughput; the pick's measured capacity is compared with the best cell's. Every cell costs the
 same (one replica), so capacity ranks goodput per dollar.
@@ -163,13 +164,13 @@ def _real(args: argparse.Namespace) -> None:
 
     import httpx
 
+    from bench.sim_fidelity import SpanSink
     from collectors.promtext import parse
     from collectors.vllm_metrics import read_engine
     from controlplane.engines.tiny_model import TinyModelSpec, make_tiny_model
     from controlplane.engines.vllm_server import VllmServer, VllmServerSpec
     from controlplane.loadgen import ClientResult, RequestPlan, run_load
-    from controlplane.tuning.calibrate import nnls_normal
-    from controlplane.tuning.perf_model import Coefficients, StepCost
+    from controlplane.tuning import calibrate
     from controlplane.tuning.search_space import CalibratedFactory
 
     ttft_s, tpot_s = args.real_ttft_ms / 1e3, args.real_tpot_ms / 1e3
@@ -194,9 +195,10 @@ def _real(args: argparse.Namespace) -> None:
 
     wl = Workload(unit_arrivals / args.real_rate, prompts.astype(np.int64), outputs.astype(np.int64), "real")
 
-    def serve(cell: Cell, port: int) -> VllmServer:
+    def serve(cell: Cell, port: int, otlp: str | None = None) -> VllmServer:
         name = f"tune-{cell.max_num_seqs}-{cell.max_num_batched_tokens}"
         spec = VllmServerSpec(model_dir=model_dir, port=port, replica_name=name, max_model_len=REAL_MAX_LEN,
+                              otlp_endpoint=otlp, otlp_protocol="grpc",
                               max_num_seqs=cell.max_num_seqs, max_num_batched_tokens=cell.max_num_batched_tokens,
                               cpu_cores=(core,) if core is not None else ())
         server = VllmServer(spec, data / "logs" / f"{spec.replica_name}.log")
@@ -211,32 +213,44 @@ def _real(args: argparse.Namespace) -> None:
                    and (r.completion_tokens <= 1 or (r.e2e_s - r.ttft_s) / (r.completion_tokens - 1) <= tpot_s))
         return fine / len(results) if results else 0.0
 
-    # 1. Calibrate on the middle cell: batch-1 requests, prefill = one step, decode steps of one token.
+    # 1. Calibrate on the middle cell the way the plane does: vLLM's own llm_request spans of a load whose rate
+    # climbs from 20% to 90% of the cell's saturated throughput (small and full batches), fitted with the
+    # per-sequence term, plus the API server's path; KV capacity from its /metrics.
     cells = [Cell(q, t) for q in REAL_SEQS for t in REAL_TOKENS if t >= q]
-    server = serve(cells[len(cells) // 2], args.port)
+    sink = SpanSink()
+    middle = cells[len(cells) // 2]
+    server = serve(middle, args.port, otlp=f"127.0.0.1:{sink.port}")
     try:
-        rows, ys = [], []
-        for p in (16, 64, 128, 256, 384):
-            plan = RequestPlan(list(range(100, 100 + p)), 32)
-            [r] = asyncio.run(run_load(server.spec.base_url, server.spec.served_name, [plan], 1))
-            if r.ok and r.ttft_s is not None and r.e2e_s is not None:
-                rows.append([1.0, p, p])  # prefill step: p tokens computed, p read
-                ys.append(r.ttft_s)
-                rows.append([1.0, 1.0, p + 16])  # a mean decode step: one token, context p + ~16
-                ys.append((r.e2e_s - r.ttft_s) / 31)
-        x, y = np.asarray(rows), np.asarray(ys)
-        theta = nnls_normal(x.T @ x, x.T @ y)
+        burst = [RequestPlan(ids[i], int(outputs[i])) for i in range(120)]
+        t0 = time.perf_counter()
+        asyncio.run(run_load(server.spec.base_url, server.spec.served_name, burst, 32))
+        saturated = len(burst) / (time.perf_counter() - t0)
+        rng_ramp = np.random.default_rng(args.seed + 1)
+        count = args.real_calibration_requests
+        t, ramp = 0.0, []
+        for k in range(count):
+            ramp.append(RequestPlan(ids[n - 1 - k], int(outputs[n - 1 - k]), t))  # the mix's tail: not a trial's
+            t += rng_ramp.exponential(1.0 / (saturated * (0.2 + 0.7 * k / max(1, count - 1))))
+        got = asyncio.run(run_load(server.spec.base_url, server.spec.served_name, ramp, count))
+        rows = [dict(r) for r in sink.wait([r.trace_id for r in got if r.ok])]
         metrics = read_engine(parse(httpx.get(server.spec.base_url + "/metrics", timeout=5).text))
     finally:
         server.stop()
-    cost = StepCost.linear(Coefficients(*theta.tolist()))
+        sink.server.stop(None)
+    fit = calibrate.fit(calibrate.observations(rows, max_num_batched_tokens=middle.max_num_batched_tokens),
+                        fit_per_seq=True)
+    api_path = calibrate.api_path_s(rows) or 0.0
+    cost = fit.step_cost
     kv = metrics.kv_capacity_tokens or 65_536
     block = metrics.kv_block_size_tokens or 16
-    console.print(f"calibrated: alpha {theta[0] * 1e3:.2f} ms, beta {theta[1] * 1e6:.1f} us/token, gamma "
-                  f"{theta[2] * 1e6:.3f} us/KV token; KV {kv:,} tokens, block {block}")
+    c = fit.coefficients
+    console.print(f"calibrated on {middle.label()} from {len(rows)} spans: alpha {c.alpha_s * 1e3:.2f} ms, beta "
+                  f"{c.beta_s_per_token * 1e6:.1f} us/token, gamma {c.gamma_s_per_kv_token * 1e9:.1f} ns/KV token, "
+                  f"delta {c.delta_s_per_seq * 1e6:.0f} us/seq, API path {api_path * 1e3:.2f} ms; KV {kv:,} tokens, "
+                  f"block {block}")
     space = SearchSpace(REAL_SEQS, REAL_TOKENS)
     factory = CalibratedFactory(cost, kv_capacity_tokens=kv, block_size=block, max_model_len=REAL_MAX_LEN,
-                                usd_per_hour=1.0)
+                                usd_per_hour=1.0, api_path_s=api_path)
     opts = SearchOptions(probe_requests=400)
     pick = search(space, factory, objectives, wl, target_rps=args.real_rate, options=opts)
     grid = search(space, factory, objectives, wl, target_rps=args.real_rate, options=opts, exhaustive=True)
@@ -299,6 +313,8 @@ def main() -> None:
     ap.add_argument("--real-steps", type=int, default=4, help="bisection trials per cell")
     ap.add_argument("--real-trial-s", type=float, default=20.0, help="seconds of Poisson load per trial")
     ap.add_argument("--concurrency", type=int, default=256, help="client streams at most in flight")
+    ap.add_argument("--real-calibration-requests", type=int, default=400,
+                    help="requests in the calibration ramp on the middle cell")
     ap.add_argument("--port", type=int, default=8190)
     ap.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "controlplane-tune"))
     args = ap.parse_args()

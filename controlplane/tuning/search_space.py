@@ -113,6 +113,7 @@ class CalibratedFactory:
     tensor_parallel_size: int = 1
     max_model_len: int | None = None
     usd_per_hour: float | None = None
+    api_path_s: float = 0.0  # the API server's path (calibrate.api_path_s); the batch limits do not move it
 
     def __call__(self, cell: Cell) -> ReplicaModel:
         observed = (self.weights, self.kv_cache, self.tensor_parallel_size)
@@ -125,7 +126,8 @@ class CalibratedFactory:
         return replica_from_fit(self.step_cost, kv_capacity_tokens=self.kv_capacity_tokens,
                                 block_size=self.block_size, max_num_seqs=cell.max_num_seqs,
                                 max_num_batched_tokens=cell.max_num_batched_tokens, max_model_len=self.max_model_len,
-                                gpus=self.tensor_parallel_size, usd_per_hour=self.usd_per_hour, name=cell.label())
+                                gpus=self.tensor_parallel_size, usd_per_hour=self.usd_per_hour, name=cell.label(),
+                                api_path_s=self.api_path_s)
 
 
 def price_per_hour(model: ReplicaModel) -> float:
