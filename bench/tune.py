@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -164,6 +165,7 @@ def _real(args: argparse.Namespace) -> None:
 
     import httpx
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `bench` importable
     from bench.sim_fidelity import SpanSink
     from collectors.promtext import parse
     from collectors.vllm_metrics import read_engine
