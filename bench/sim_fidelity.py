@@ -438,8 +438,8 @@ def main() -> None:
         judged = [r for r in rows if r["load"] <= 0.85 + 1e-9]
         console.print(f"{name}: {sum(r['within_15pct'] for r in judged)} of {len(judged)} (config, load) cells "
                       "within 15% on all three statistics")
-    console.print(f"wall time {time.monotonic() - t0:.0f} s. The API path (vLLM's TTFT - queue - prefill on requests "
-                  "of the calibration rows that found the replica idle) is part of the replica model: a request enters the "
+    console.print(f"wall time {time.monotonic() - t0:.0f} s. The API path (vLLM's TTFT - queue - prefill on the "
+                  "calibration rows that found the replica idle) is part of the replica model: a request enters the "
                   "engine that long after it arrives. 'vLLM/others CPU' = CPU seconds per second on vLLM's core "
                   "taken by vLLM and by every other process (the shared host).")
     if args.json:
