@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import subprocess
 import sys
 import time
@@ -55,7 +54,7 @@ from controlplane import names  # noqa: E402
 from controlplane.engines.sim_server import SimServer, SimServerConfig  # noqa: E402
 from controlplane.engines.tiny_model import make_tiny_model  # noqa: E402
 from controlplane.engines.vllm_server import VllmServer, VllmServerSpec  # noqa: E402
-from controlplane.loadgen import RequestPlan, mixed_plans, run_load  # noqa: E402
+from controlplane.loadgen import RequestPlan, mixed_plans, ramp_offsets, run_load  # noqa: E402
 from controlplane.stats import percentile  # noqa: E402
 from controlplane.tuning import calibrate  # noqa: E402
 from controlplane.tuning.perf_model import Coefficients, ReplicaModel, StepCost  # noqa: E402
@@ -205,12 +204,8 @@ def ramp_plans(n: int, seed: int, lo_rps: float, hi_rps: float) -> list[RequestP
     """Poisson arrivals whose rate climbs linearly from lo to hi over the n requests: the calibration load,
     covering small and full batches the way a day of traffic would, with its own seed (none of the judged
     loads' requests)."""
-    rng = random.Random(seed)
-    t, out = 0.0, []
-    for k, plan in enumerate(plans(n, seed=seed, rate=None)):
-        out.append(replace(plan, delay_s=t))
-        t += rng.expovariate(lo_rps + (hi_rps - lo_rps) * k / max(1, n - 1))
-    return out
+    offsets = ramp_offsets(n, lo_rps, hi_rps, seed)
+    return [replace(plan, delay_s=t) for plan, t in zip(plans(n, seed=seed, rate=None), offsets, strict=True)]
 
 
 @dataclass
@@ -300,8 +295,6 @@ def calibration_rows(run: ConfigRun, which: str) -> list[RequestRow]:
         return run.ramp
     if which == "first":
         return run.loads[0].rows
-    if which == "burst":
-        return run.burst
     if which == "burst+first":
         return run.burst + run.loads[0].rows
     if which == "all":
@@ -323,9 +316,8 @@ def calibrate_run(run: ConfigRun, which: str, per_seq: bool = False) -> Calibrat
     if not rows:
         raise SystemExit(f"config {run.shape.name}: no rows for calibration {which!r} (a file from an older version "
                          "of this bench has no burst or ramp rows; use --calibrate first)")
-    obs = calibrate.observations(rows, max_num_batched_tokens=run.shape.max_num_batched_tokens)
-    path = calibrate.api_path_s(rows) or 0.0
-    return Calibrated(calibrate.fit(obs, fit_per_seq=per_seq), path)
+    fit, path = calibrate.fit_rows(rows, max_num_batched_tokens=run.shape.max_num_batched_tokens, fit_per_seq=per_seq)
+    return Calibrated(fit, path)
 
 
 def _p(values: list[float], q: float) -> float:

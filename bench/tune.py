@@ -171,7 +171,7 @@ def _real(args: argparse.Namespace) -> None:
     from collectors.vllm_metrics import read_engine
     from controlplane.engines.tiny_model import TinyModelSpec, make_tiny_model
     from controlplane.engines.vllm_server import VllmServer, VllmServerSpec
-    from controlplane.loadgen import ClientResult, RequestPlan, run_load
+    from controlplane.loadgen import ClientResult, RequestPlan, ramp_offsets, run_load
     from controlplane.tuning import calibrate
     from controlplane.tuning.search_space import CalibratedFactory
 
@@ -208,6 +208,13 @@ def _real(args: argparse.Namespace) -> None:
         server.wait_ready()
         return server
 
+    def saturated_rps(server: VllmServer) -> float:
+        """Requests completed per second by a closed loop of 120 of the mix, 32 in flight."""
+        burst = [RequestPlan(ids[i], int(outputs[i])) for i in range(120)]
+        t0 = time.perf_counter()
+        res = asyncio.run(run_load(server.spec.base_url, server.spec.served_name, burst, 32))
+        return sum(r.ok for r in res) / (time.perf_counter() - t0)
+
     def attainment(results: list[ClientResult]) -> float:
         """The share of requests within both SLOs; a failed request is bad."""
         fine = sum(1 for r in results if r.ok and r.ttft_s is not None and r.e2e_s is not None
@@ -223,25 +230,18 @@ def _real(args: argparse.Namespace) -> None:
     middle = cells[len(cells) // 2]
     server = serve(middle, args.port, otlp=f"127.0.0.1:{sink.port}")
     try:
-        burst = [RequestPlan(ids[i], int(outputs[i])) for i in range(120)]
-        t0 = time.perf_counter()
-        asyncio.run(run_load(server.spec.base_url, server.spec.served_name, burst, 32))
-        saturated = len(burst) / (time.perf_counter() - t0)
-        rng_ramp = np.random.default_rng(args.seed + 1)
+        saturated = saturated_rps(server)
         count = args.real_calibration_requests
-        t, ramp = 0.0, []
-        for k in range(count):
-            ramp.append(RequestPlan(ids[n - 1 - k], int(outputs[n - 1 - k]), t))  # the mix's tail: not a trial's
-            t += rng_ramp.exponential(1.0 / (saturated * (0.2 + 0.7 * k / max(1, count - 1))))
+        offsets = ramp_offsets(count, 0.2 * saturated, 0.9 * saturated, args.seed + 1)
+        # The mix's tail: none of the calibration's requests is a trial's.
+        ramp = [RequestPlan(ids[n - 1 - k], int(outputs[n - 1 - k]), t) for k, t in enumerate(offsets)]
         got = asyncio.run(run_load(server.spec.base_url, server.spec.served_name, ramp, count))
         rows = [dict(r) for r in sink.wait([r.trace_id for r in got if r.ok])]
         metrics = read_engine(parse(httpx.get(server.spec.base_url + "/metrics", timeout=5).text))
     finally:
         server.stop()
         sink.server.stop(None)
-    fit = calibrate.fit(calibrate.observations(rows, max_num_batched_tokens=middle.max_num_batched_tokens),
-                        fit_per_seq=True)
-    api_path = calibrate.api_path_s(rows) or 0.0
+    fit, api_path = calibrate.fit_rows(rows, max_num_batched_tokens=middle.max_num_batched_tokens, fit_per_seq=True)
     cost = fit.step_cost
     kv = metrics.kv_capacity_tokens or 65_536
     block = metrics.kv_block_size_tokens or 16
@@ -272,10 +272,7 @@ def _real(args: argparse.Namespace) -> None:
         console.print(f"[{k}/{len(cells)}] {cell.label()}: starting vLLM ...")
         server = serve(cell, args.port)
         try:
-            burst = [RequestPlan(ids[i], int(outputs[i])) for i in range(120)]
-            t0 = time.perf_counter()
-            res = asyncio.run(run_load(server.spec.base_url, server.spec.served_name, burst, 32))
-            saturated = sum(r.ok for r in res) / (time.perf_counter() - t0)
+            saturated = saturated_rps(server)
 
             def attain(rate: float, server: VllmServer = server) -> float:
                 count = max(40, int(rate * args.real_trial_s))

@@ -40,6 +40,19 @@ class ClientResult:
     error: str | None = None
 
 
+def ramp_offsets(n: int, lo_rps: float, hi_rps: float, seed: int = 0) -> list[float]:
+    """Start offsets of n Poisson arrivals whose rate climbs linearly from lo_rps to hi_rps: a calibration load
+    that sees small batches first and full ones last."""
+    if not (lo_rps > 0 and hi_rps > 0):
+        raise ValueError(f"ramp rates must be > 0 req/s, got {lo_rps} and {hi_rps}")
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for k in range(n):
+        out.append(t)
+        t += rng.expovariate(lo_rps + (hi_rps - lo_rps) * k / max(1, n - 1))
+    return out
+
+
 def mixed_plans(n: int, seed: int = 0, prompt_words: tuple[int, int] = (4, 200),
                 max_tokens: tuple[int, int] = (4, 48), rate_per_s: float | None = None,
                 token_ids: tuple[int, int] | None = None) -> list[RequestPlan]:

@@ -345,6 +345,16 @@ def update(state: CalibrationState | None, obs: Observations, *, decay: float = 
     return CalibrationState(gram=gram, moment=moment, rows_effective=rows, fit=combined)
 
 
+def fit_rows(requests: Sequence[Mapping[str, Any]], samples: Iterable[Mapping[str, Any]] = (), *,
+             max_num_batched_tokens: int | None = None, prior: Coefficients | None = None,
+             prior_weight: float = 0.0, fit_per_seq: bool = False) -> tuple[Fit, float]:
+    """One replica's rows -> (the fitted step cost, its API path in seconds; 0 when no row knows it): what a
+    replica model is calibrated from, whether the rows come from the store or from a benchmark's span sink."""
+    result = fit(observations(requests, samples, max_num_batched_tokens=max_num_batched_tokens), prior=prior,
+                 prior_weight=prior_weight, fit_per_seq=fit_per_seq)
+    return result, api_path_s(requests) or 0.0
+
+
 # --- the store edge -------------------------------------------------------------------------------
 def load_rows(store: Store, replica: str, *, since_unix_s: float | None = None, until_unix_s: float | None = None,
               limit: int = 1_000_000) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -372,13 +382,13 @@ def calibrated_replica(store: Store, replica: str, *, max_num_seqs: int, max_num
     KV capacity and block size from its newest engine sample, the API path from its rows (`api_path_s`). The
     engine limits are the replica's own args."""
     reqs, samples = load_rows(store, replica, since_unix_s=since_unix_s, until_unix_s=until_unix_s)
-    result = fit(observations(reqs, samples, max_num_batched_tokens=max_num_batched_tokens), prior=prior,
-                 prior_weight=prior_weight, fit_per_seq=fit_per_seq)
+    result, path = fit_rows(reqs, samples, max_num_batched_tokens=max_num_batched_tokens, prior=prior,
+                            prior_weight=prior_weight, fit_per_seq=fit_per_seq)
     cap = kv_capacity(samples)
     if cap is None:
         raise ValueError(f"no engine sample of replica {replica!r} in the window knows its KV capacity "
                          "(kv_capacity_tokens and kv_block_size_tokens): scrape it first")
     model = replica_from_fit(result.step_cost, kv_capacity_tokens=cap[0], block_size=cap[1],
                              max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                             max_model_len=max_model_len, name=replica, api_path_s=api_path_s(reqs) or 0.0)
+                             max_model_len=max_model_len, name=replica, api_path_s=path)
     return model, result

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from controlplane.loadgen import RequestPlan, run_load
+from controlplane.loadgen import RequestPlan, ramp_offsets, run_load
 
 CONNECT_DELAY_S = 0.6  # each warm-up GET /v1/models is this slow, as on a busy one-core vLLM
 
@@ -67,3 +67,17 @@ def test_planned_offsets_count_from_the_end_of_the_connection_warm_up(server: Th
     # Were the clock started before the slow warm-up, the first requests' offsets would have passed during it
     # and they would all go out at once (gaps near 0).
     assert min(gaps) > gap * 0.6, gaps
+
+
+def test_a_ramp_starts_at_zero_and_its_gaps_shrink_as_the_rate_climbs() -> None:
+    offsets = ramp_offsets(4000, 1.0, 10.0, seed=3)
+    assert offsets[0] == 0.0 and offsets == sorted(offsets)
+    gaps = [b - a for a, b in zip(offsets, offsets[1:], strict=False)]
+    first, last = sum(gaps[:500]) / 500, sum(gaps[-500:]) / 500
+    assert first == pytest.approx(1 / 1.5, rel=0.2) and last == pytest.approx(1 / 9.5, rel=0.2)
+    assert ramp_offsets(10, 1.0, 10.0, seed=3) == ramp_offsets(10, 1.0, 10.0, seed=3)  # repeatable
+
+
+def test_a_ramp_refuses_a_rate_that_is_not_positive() -> None:
+    with pytest.raises(ValueError, match="ramp rates must be > 0 req/s, got 0.0 and 5.0"):
+        ramp_offsets(5, 0.0, 5.0)
