@@ -77,6 +77,7 @@ class Member:
     state: str
     since: float
     candidate: bool = False  # started by a rolling change; a failure fails the change, no restart
+    canary: bool = False  # a candidate for a trial: never routed, never traced, never counted, stopped after
     probe_failures: int = 0
     crashes: tuple[float, ...] = ()
     next_restart_at: float | None = None
@@ -93,6 +94,7 @@ class DeploymentRuntime:
     desired: int
     members: dict[str, Member] = field(default_factory=dict)
     rollout: asyncio.Task[None] | None = None
+    canary: Member | None = None  # the canary trial's replica while one runs
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
@@ -181,6 +183,13 @@ class Supervisor:
             if row["state"] in (STOPPED, FAILED) or not row["runtime"]:
                 continue
             handle = await asyncio.to_thread(backend.adopt, row["name"], row["url"], row["runtime"])
+            if handle is not None and row["runtime"].get("canary"):
+                # A canary trial's replica outlived the plane: it never served, so stop it, never adopt it.
+                await asyncio.to_thread(backend.stop, handle, 10.0)
+                await asyncio.to_thread(self.store.set_replica_state, row["id"], STOPPED)
+                await self._record(row["id"], "replica_stopped", ACTOR_SUPERVISOR, "canary_abandoned",
+                                   message="a canary trial's replica found running at start: stopped")
+                continue
             if handle is None:
                 await asyncio.to_thread(self.store.set_replica_state, row["id"], STOPPED)
                 await self._record(row["id"], "replica_lost", ACTOR_SUPERVISOR, "plane_restart",
@@ -235,8 +244,9 @@ class Supervisor:
         if m.state == STARTING:
             if await self._probe(url, lc.probe_timeout_s, ready=True):
                 await self._set_state(rt, m, READY, "ready", f"ready after {now - m.since:.1f} s")
-                self.router.set_ready(m.name, url)
-                self.on_replica_up(m.name, url)
+                if not m.canary:
+                    self.router.set_ready(m.name, url)
+                    self.on_replica_up(m.name, url)
             elif now - m.since > lc.ready_timeout_s:
                 await self._crashed(rt, m, now, f"not ready after {lc.ready_timeout_s:.0f} s", "ready_timeout",
                                     None)
@@ -246,8 +256,9 @@ class Supervisor:
         m.probe_failures = verdict.failures
         if ok and m.state == UNREADY:
             await self._set_state(rt, m, READY, "probe_ok", "liveness probe passes again")
-            self.router.set_ready(m.name, url)
-        elif ok and m.state == READY:
+            if not m.canary:
+                self.router.set_ready(m.name, url)
+        elif ok and m.state == READY and not m.canary:
             # The router marks a replica down on its own when a request to it fails; a passing probe puts it
             # back (idempotent), or a single reset connection would keep a healthy replica out for good.
             self.router.set_ready(m.name, url)
@@ -330,10 +341,12 @@ class Supervisor:
 
     # --- effects --------------------------------------------------------------------------------
     async def _launch(self, rt: DeploymentRuntime, name: str, slot: int, config: EngineConfig, *,
-                      restart_of: Member | None = None, candidate: bool = False) -> Member:
+                      restart_of: Member | None = None, candidate: bool = False, canary: bool = False) -> Member:
         dep = rt.dep
         port = dep.backend.base_port + slot  # type: ignore[union-attr]
-        req = LaunchRequest(name, dep, config, slot, port, self.otlp_endpoint, self.otlp_protocol, self.log_dir)
+        # A canary exports no spans: its synthetic trial must not enter the deployment's request history.
+        otlp = None if canary else self.otlp_endpoint
+        req = LaunchRequest(name, dep, config, slot, port, otlp, self.otlp_protocol, self.log_dir)
         now = self.clock()
         try:
             handle = await asyncio.to_thread(rt.backend.launch, req)
@@ -343,7 +356,8 @@ class Supervisor:
             launch_error: str | None = f"{type(exc).__name__}: {exc}"
         else:
             launch_error = None
-        runtime = {**(handle.runtime if handle else {}), "slot": slot, "port": port}
+        runtime = {**(handle.runtime if handle else {}), "slot": slot, "port": port, **({"canary": True} if canary
+                                                                                          else {})}
         if handle is not None:
             handle.runtime = runtime
         rid = await self._save(rt, name, handle.url if handle else None, STARTING, runtime, config)
@@ -354,9 +368,11 @@ class Supervisor:
             await self._record(rid, "replica_restarted", ACTOR_SUPERVISOR, "crash",
                                message=f"restart {m.restarts} on port {port}", after=_cfg(config))
         else:
-            m = Member(name, rid, slot, port, config, handle, STARTING, now, candidate=candidate)
+            m = Member(name, rid, slot, port, config, handle, STARTING, now, candidate=candidate or canary,
+                       canary=canary)
             rt.members[name] = m
-            await self._record(rid, "replica_started", ACTOR_SUPERVISOR, "rollout" if candidate else "scale_up",
+            why = "canary" if canary else "rollout" if candidate else "scale_up"
+            await self._record(rid, "replica_started", ACTOR_SUPERVISOR, why,
                                message=f"{rt.backend.kind} replica on port {port}", after=_cfg(config),
                                attributes={"runtime": runtime})
         if launch_error is not None:
@@ -463,6 +479,8 @@ class Supervisor:
             raise ActionError(f"{deployment} runs on the external backend; the plane cannot reconfigure it", 409)
         if rt.rollout is not None and not rt.rollout.done():
             raise ActionError(f"{deployment}: a rolling change is in progress; retry when it ends", 409)
+        if rt.canary is not None:
+            raise ActionError(f"{deployment}: a canary trial is running ({rt.canary.name}); retry when it ends", 409)
         try:
             new = rt.dep.engine.with_changes(dict(changes))
         except SpecError as exc:
@@ -474,6 +492,49 @@ class Supervisor:
         await self._persist(rt)
         rt.rollout = asyncio.create_task(self._rollout(rt, actor, reason, before))
         return {"deployment": deployment, "changed": True, "before": _cfg(before), "engine": _cfg(new)}
+
+    async def start_canary(self, deployment: str, changes: Mapping[str, Any], *, actor: str, reason: str,
+                           poll_s: float = 0.25) -> tuple[str, str | None]:
+        """Start one replica of `deployment` with `changes` for a trial, outside the router and the count, and
+        wait until it is ready or has failed. Returns (name, URL), URL None when it never became ready (it is
+        then stopped and recorded as failed). One canary per deployment at a time."""
+        rt = self._runtime(deployment)
+        if isinstance(rt.dep.backend, ExternalBackend):
+            raise ActionError(f"{deployment} runs on the external backend; the plane cannot start a canary", 409)
+        if rt.rollout is not None and not rt.rollout.done():
+            raise ActionError(f"{deployment}: a rolling change is in progress; retry when it ends", 409)
+        if rt.canary is not None:
+            raise ActionError(f"{deployment}: a canary trial is running ({rt.canary.name}); one at a time", 409)
+        try:
+            config = rt.dep.engine.with_changes(dict(changes))
+        except SpecError as exc:
+            raise ActionError(str(exc), 422) from None
+        slot = policy.free_slot(self._used_slots(rt), rt.dep.max_replicas + 1)
+        if slot is None:
+            raise ActionError(f"{deployment}: no free replica slot for a canary ({rt.dep.max_replicas} + 1 in use)",
+                              409)
+        name = policy.next_replica_name(rt.dep.name, await self._all_names(rt))
+        rt.canary = m = await self._launch(rt, name, slot, config, canary=True)
+        await self._record(m.replica_id, "canary_started", actor, reason, after=_cfg(config),
+                           message=f"{name}: trial of {dict(changes)}")
+        while m.state == STARTING:
+            await asyncio.sleep(poll_s)
+        if m.state != READY:
+            await self.stop_canary(deployment, actor=actor, reason="canary_not_ready")
+            return name, None
+        return name, m.handle.url if m.handle else None
+
+    async def stop_canary(self, deployment: str, *, actor: str, reason: str) -> None:
+        """Stop the deployment's canary (nothing to do when none runs)."""
+        rt = self._runtime(deployment)
+        m, rt.canary = rt.canary, None
+        if m is None:
+            return
+        if m.handle is not None and m.state not in (STOPPED, FAILED):
+            await asyncio.to_thread(rt.backend.stop, m.handle, 10.0)
+        if m.state != FAILED:
+            await self._set_state(rt, m, STOPPED, reason, "canary trial over", actor=actor)
+        await self._record(m.replica_id, "canary_stopped", actor, reason, message=f"{m.name}: {m.state}")
 
     def describe(self) -> list[dict[str, Any]]:
         out = []
@@ -488,7 +549,7 @@ class Supervisor:
                 "replicas": [{
                     "name": m.name, "simulated": simulated, "state": m.state,
                     "url": m.handle.url if m.handle else None, "slot": m.slot,
-                    "restarts": m.restarts, "outstanding": self.router.outstanding(m.name),
+                    "restarts": m.restarts, "outstanding": self.router.outstanding(m.name), "canary": m.canary,
                     "config": _cfg(m.config), "since_unix_s": m.since,
                     "runtime": m.handle.runtime if m.handle else None,
                 } for m in rt.members.values() if m.state not in (STOPPED, FAILED)],

@@ -76,9 +76,12 @@ class CanaryVerdict:
 
     predictions: tuple[Prediction, ...]
     note: str = ""
+    started: bool = True  # False: the configuration never served (it failed to start): a fail, not unknown
 
     @property
     def passed(self) -> bool | None:
+        if not self.started:
+            return False
         if not self.predictions or any(p.attainment is None for p in self.predictions):
             return None
         return all_hold(self.predictions)

@@ -354,3 +354,66 @@ async def test_external_replicas_are_probed_and_routed_but_never_started_or_resi
     with pytest.raises(ActionError, match="external backend") as err:
         await sup.scale("ext", 3, actor="user", reason="x")
     assert err.value.status == 409
+
+
+async def _canary(h: Harness, changes: dict[str, Any]) -> tuple[str, str | None]:
+    task = asyncio.ensure_future(h.sup.start_canary("tiny", changes, actor="tuner", reason="canary_trial",
+                                                    poll_s=0.005))
+    await h.until(task.done, "the canary to become ready or fail")
+    return await task
+
+
+async def test_a_canary_runs_the_changed_config_outside_the_router_the_count_and_the_traces(
+        sqlite_store: Store) -> None:
+    h = make(sqlite_store)
+    h.sup.otlp_endpoint = "127.0.0.1:4317"
+    await h.sup.start()
+    await h.until(lambda: h.states() == {"tiny-0": "ready"}, "the first replica")
+    name, url = await _canary(h, {"max_num_seqs": 2})
+    assert name == "tiny-1" and url is not None
+    req = h.backend.launched[-1]
+    assert req.engine.max_num_seqs == 2 and req.otlp_endpoint is None  # its trial never enters the history
+    assert h.backend.launched[0].otlp_endpoint == "127.0.0.1:4317"
+    await h.ticks(5)
+    assert list(h.router.ready) == ["tiny-0"]  # never routed, even after liveness probes pass
+    assert h.sup.runtimes["tiny"].desired == 1 and h.states()["tiny-1"] == "ready"  # not counted, not scaled away
+    with pytest.raises(ActionError, match="canary trial is running"):
+        await h.sup.reconfigure("tiny", {"max_num_seqs": 4}, actor="user", reason="user_request")
+    with pytest.raises(ActionError, match="one at a time"):
+        await h.sup.start_canary("tiny", {"max_num_seqs": 4}, actor="tuner", reason="canary_trial")
+    assert h.sup.describe()[0]["replicas"][1]["canary"] is True
+    await h.sup.stop_canary("tiny", actor="tuner", reason="canary_done")
+    assert h.states() == {"tiny-0": "ready", "tiny-1": "stopped"} and h.backend.stopped == ["tiny-1"]
+    kinds = h.events()
+    assert ("canary_started", "tiny-1", "canary_trial") in kinds
+    assert ("canary_stopped", "tiny-1", "canary_done") in kinds
+    assert ("replica_started", "tiny-1", "canary") in kinds
+    await h.sup.reconfigure("tiny", {"max_num_seqs": 4}, actor="user", reason="user_request")  # free again
+
+
+async def test_a_canary_that_never_starts_is_reported_and_not_restarted(sqlite_store: Store) -> None:
+    h = make(sqlite_store)
+    await h.sup.start()
+    await h.until(lambda: h.states() == {"tiny-0": "ready"}, "the first replica")
+    h.backend.fail_on_start = lambda req: req.engine.max_num_seqs == 3
+    name, url = await _canary(h, {"max_num_seqs": 3})
+    assert url is None and h.states()[name] == "failed"
+    await h.ticks(5)
+    assert len(h.backend.launched) == 2 and h.sup.runtimes["tiny"].canary is None
+    with pytest.raises(ActionError, match="max_num_seqs: Input should be greater than or equal to 1"):
+        await h.sup.start_canary("tiny", {"max_num_seqs": 0}, actor="tuner", reason="canary_trial")
+
+
+async def test_a_canary_left_running_by_a_dead_plane_is_stopped_not_adopted(sqlite_store: Store) -> None:
+    first = make(sqlite_store)
+    await first.sup.start()
+    await first.until(lambda: first.states() == {"tiny-0": "ready"}, "the first replica")
+    await _canary(first, {"max_num_seqs": 2})
+    backend = FakeBackend(adoptable={"tiny-0", "tiny-1"}, seq=100)  # the plane dies; both processes live on
+    backend.ready.update({m.handle.url: True for m in first.sup.runtimes["tiny"].members.values() if m.handle})
+    second = make(sqlite_store, backend=backend)
+    await second.sup.start()
+    assert backend.stopped == ["tiny-1"] and "tiny-1" not in second.states()
+    assert ("replica_stopped", "tiny-1", "canary_abandoned") in second.events()
+    await second.until(lambda: second.states() == {"tiny-0": "ready"}, "tiny-0 adopted, nothing else")
+    assert list(second.router.ready) == ["tiny-0"]
