@@ -34,6 +34,7 @@ from controlplane.store.repo import Store
 from controlplane.supervisor.router import Router, SpanWriter
 from controlplane.supervisor.spec import Deployment
 from controlplane.supervisor.supervisor import Supervisor, SupervisorMetrics, default_backends
+from controlplane.tuning.config_search import SearchJobs
 from controlplane.tuning.loop import Tuner, TunerOptions, calibrated_capacity
 from controlplane.tuning.recommendations import Recommendations
 
@@ -142,6 +143,8 @@ class Plane:
                     create_app(self.store, self.registry, control=supervisor, api_token=s.api_token,
                                slo_statuses=self.monitor.statuses if self.monitor else None,
                                configured_slos=self.slos,
+                               searches=(SearchJobs(self.store, Recommendations(self.engine), supervisor, self.slos)
+                                         if supervisor is not None else None),
                                watched_price_per_replica_hour_usd=s.watched_price_per_replica_hour_usd,
                                cost_max_gap_s=gap),
                     log_level="warning", access_log=False, lifespan="off")),

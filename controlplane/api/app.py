@@ -71,6 +71,15 @@ class ReconfigureBody(_Body):
     reason: str = Field(default="user_request", pattern=r"^[a-z0-9_]{1,64}$", description="Reason code stored.")
 
 
+class SearchBody(_Body):
+    target_rps: float | None = Field(default=None, gt=0, le=1e6, allow_inf_nan=False,
+                                     description="Request rate to size the fleet for; default: the recorded mean.")
+    window_s: float = Field(default=1800.0, ge=60, le=7 * 86_400, allow_inf_nan=False,
+                            description="How far back the recorded requests (calibration and workload) reach.")
+    canary_trials: int | None = Field(default=None, ge=0, le=5,
+                                      description="Real trials on a canary replica; default: spec.tuning's.")
+
+
 DeploymentName = Annotated[str, Path(max_length=50, pattern=r"^[a-z0-9-]+$")]
 RecId = Annotated[int, Path(ge=1, le=2**62, description="Recommendation id.")]
 
@@ -99,6 +108,7 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
                control: FleetControl | None = None, api_token: str | None = None,
                slo_statuses: Callable[[], Sequence[Any]] | None = None,
                configured_slos: Sequence[Slo] | None = None,
+               searches: Any = None,
                watched_price_per_replica_hour_usd: float | None = None,
                cost_max_gap_s: float = cost.DEFAULT_MAX_GAP_S,
                clock: Callable[[], float] = time.time) -> FastAPI:
@@ -256,6 +266,35 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
             raise HTTPException(exc.status, detail=str(exc)) from None
         return out
 
+    def _search_call(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+        from controlplane.tuning.config_search import SearchInputError
+
+        if searches is None:
+            raise HTTPException(409, detail="this plane supervises no deployment (start it with --config FILE)")
+        try:
+            return fn(searches, *args)
+        except SearchInputError as exc:
+            raise HTTPException(exc.status, detail=str(exc)) from None
+
+    @app.post("/api/v1/deployments/{name}/search", status_code=202, dependencies=[Depends(require_token)])
+    async def start_search(name: DeploymentName, body: SearchBody | None = None) -> dict[str, Any]:
+        """Search the deployment's batch limits and replica count on its own recorded requests (optionally with
+        canary trials) in the background; poll GET /api/v1/searches/{id}. The outcome is a recommendation."""
+        from controlplane.tuning.config_search import SearchParams
+
+        b = body or SearchBody()
+        params = SearchParams(target_rps=b.target_rps, window_s=b.window_s, canary_trials=b.canary_trials)
+        return _search_call(lambda s, n, p: s.start(n, p), name, params)
+
+    @app.get("/api/v1/searches")
+    def list_searches() -> dict[str, Any]:
+        items = _search_call(lambda s: {"items": s.list()})["items"]
+        return {"count": len(items), "items": items}
+
+    @app.get("/api/v1/searches/{sid}")
+    def get_search(sid: Annotated[int, Path(ge=1, le=2**62, description="Search id.")]) -> dict[str, Any]:
+        return _search_call(lambda s, i: s.get(i), sid)
+
     @app.get("/api/v1/recommendations")
     def recommendations(deployment: Annotated[str | None, Query(max_length=50)] = None,
                         status: Annotated[str | None, Query(pattern=r"^(open|applied|dismissed|superseded|"
@@ -282,8 +321,15 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
                 result = await _act(ctl.scale(rec["deployment"], int(rec["proposed"]["replicas"]), actor="user",
                                               reason=reason))
             else:
-                result = await _act(ctl.reconfigure(rec["deployment"], dict(rec["proposed"]["engine"]),
-                                                    actor="user", reason=reason))
+                # A searched configuration comes with its replica count: resize first (a rolling change
+                # refuses a resize while it runs), then roll every replica onto the new engine args.
+                replicas = rec["proposed"].get("replicas")
+                result = {}
+                if replicas is not None and replicas != rec["current"].get("replicas"):
+                    result["scale"] = await _act(ctl.scale(rec["deployment"], int(replicas), actor="user",
+                                                           reason=reason))
+                result |= await _act(ctl.reconfigure(rec["deployment"], dict(rec["proposed"]["engine"]),
+                                                     actor="user", reason=reason))
         except HTTPException as exc:
             _rec_call(recs.decide, rid, FAILED, by="user", outcome={"error": exc.detail})
             raise

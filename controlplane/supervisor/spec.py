@@ -158,6 +158,25 @@ class QualitySection(_Strict):
     max_logprob_drift: float = Field(default=0.5, ge=0, description="worst mean |delta logprob|, nats")
 
 
+class TuningSection(_Strict):
+    """What the configuration search (`POST /api/v1/deployments/{name}/search`) may try for this deployment."""
+
+    max_num_seqs: tuple[int, ...] = Field(default=(), max_length=16,
+                                          description="allowed values; empty: 1/4x to 2x the current one")
+    max_num_batched_tokens: tuple[int, ...] = Field(default=(), max_length=16,
+                                                    description="allowed values; empty: 1/2x to 2x the current one")
+    canary_trials: int = Field(default=0, ge=0, le=5, description="configurations tried for real on a canary "
+                                                                  "replica before one is recommended; 0: none")
+    canary_requests: int = Field(default=200, ge=20, le=5000, description="requests of one canary trial")
+
+    @field_validator("max_num_seqs", "max_num_batched_tokens")
+    @classmethod
+    def _positive_unique(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(x < 1 for x in v) or len(set(v)) != len(v):
+            raise ValueError(f"values must be distinct whole numbers >= 1, got {list(v)}")
+        return v
+
+
 class DeploymentBody(_Strict):
     model: ModelSection
     simulated: SimulatedSection | None = None
@@ -167,6 +186,7 @@ class DeploymentBody(_Strict):
     backend: LocalBackend | RayBackend | ExternalBackend = Field(default=LocalBackend(), discriminator="kind")
     lifecycle: LifecycleSection = LifecycleSection()
     quality: QualitySection = QualitySection()
+    tuning: TuningSection = TuningSection()
 
 
 class Metadata(_Strict):
@@ -252,6 +272,7 @@ class Deployment:
     backend: LocalBackend | RayBackend | ExternalBackend
     lifecycle: LifecycleSection
     quality: QualitySection = QualitySection()
+    tuning: TuningSection = TuningSection()
     spec: dict[str, Any] = field(default_factory=dict, compare=False)  # the document as given, for the store
     simulated: SimulatedEngine | None = None  # None: vLLM
 
@@ -299,6 +320,8 @@ def parse_deployment(doc: Any, source: str = "deployment spec") -> Deployment:
     stored = d.model_dump(mode="json")
     if s.simulated is None:
         del stored["spec"]["simulated"]  # a vLLM deployment's stored document stays as it was before the section
+    if s.tuning == TuningSection():
+        del stored["spec"]["tuning"]  # likewise: a spec without the section is stored as before it existed
     hardware = s.hardware
     simulated = None
     if s.simulated is not None:
@@ -312,7 +335,8 @@ def parse_deployment(doc: Any, source: str = "deployment spec") -> Deployment:
         min_replicas=s.replicas.min, max_replicas=s.replicas.max, initial_replicas=initial,
         accelerator=hardware.accelerator, accelerators_per_replica=hardware.count_per_replica,
         price_per_accelerator_hour_usd=hardware.price_per_hour_usd,
-        backend=s.backend, lifecycle=s.lifecycle, quality=s.quality, spec=stored, simulated=simulated,
+        backend=s.backend, lifecycle=s.lifecycle, quality=s.quality, tuning=s.tuning, spec=stored,
+        simulated=simulated,
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import typer
@@ -336,3 +336,82 @@ def render(r: WhatIfResult) -> Table:
     if r.notes:
         t.caption = "; ".join(r.notes)
     return t
+
+
+@app.command("search")
+def search_command(
+    deployment: Annotated[str, typer.Argument(help="A deployment the running plane supervises.")],
+    target_rps: Annotated[float | None, typer.Option(help="Rate to size the fleet for (default: recorded mean).")]
+    = None,
+    window_s: Annotated[float, typer.Option(help="How far back the recorded requests reach, s.")] = 1800.0,
+    canary: Annotated[int | None, typer.Option(help="Real trials on a canary replica (default: the spec's "
+                                                    "tuning.canary_trials).")] = None,
+    api: Annotated[str | None, typer.Option(help="The plane's API (default: from CONTROLPLANE_BIND_HOST and "
+                                                 "CONTROLPLANE_API_PORT).")] = None,
+    token: Annotated[str | None, typer.Option(envvar="CONTROLPLANE_API_TOKEN", help="Bearer token of the API.")]
+    = None,
+    timeout_s: Annotated[float, typer.Option(help="Give up waiting after this long, s.")] = 1800.0,
+) -> None:
+    """Search a running deployment's batch limits and replica count on its own recorded requests (optionally
+    with canary trials) through the plane's API, and print the recommendation it stored."""
+    import time
+
+    import httpx
+
+    from controlplane.settings import Settings
+
+    url = api or f"http://{Settings().bind_host}:{Settings().api_port}"
+    body = {k: v for k, v in {"target_rps": target_rps, "window_s": window_s, "canary_trials": canary}.items()
+            if v is not None}
+    try:
+        with httpx.Client(base_url=url, timeout=30.0, headers={"Authorization": f"Bearer {token or ''}"}) as c:
+            r = c.post(f"/api/v1/deployments/{deployment}/search", json=body)
+            if r.status_code != 202:
+                _err.print(f"[red]error:[/] {r.status_code}: {_detail(r)}")
+                raise typer.Exit(2 if r.status_code in (401, 403, 404, 409, 422) else 1)
+            job, shown, t0 = r.json(), 0, time.monotonic()
+            with _console.status(f"search {job['id']} of {deployment}") as status:
+                while job["status"] == "running" and time.monotonic() - t0 < timeout_s:
+                    time.sleep(1.0)
+                    job = c.get(f"/api/v1/searches/{job['id']}").json()
+                    for p in job["progress"][shown:]:
+                        _console.print(f"  {p['line']}")
+                        status.update(p["line"])
+                    shown = len(job["progress"])
+    except httpx.HTTPError as exc:
+        _err.print(f"[red]error:[/] cannot reach the plane's API at {url}: {exc}")
+        raise typer.Exit(1) from None
+    if job["status"] == "running":
+        _err.print(f"[red]error:[/] search {job['id']} still running after {timeout_s:.0f} s; "
+                   f"see GET {url}/api/v1/searches/{job['id']}")
+        raise typer.Exit(1)
+    if job["status"] == "failed":
+        _err.print(f"[red]error:[/] {job['error']}")
+        raise typer.Exit(1)
+    res = job["result"]
+    _console.print(f"[bold]{res['outcome']}[/]")
+    ev = res["evidence"]
+    table = Table(title=f"{deployment}: running vs searched (target {ev['target_rps']:.3g} req/s)")
+    for col in ("", "engine", "replicas", "capacity req/s per replica", "$/h"):
+        table.add_column(col)
+    cur = ev["current"]
+    table.add_row("running", str(cur.get("engine", "")), f"{cur['replicas']} (needs {cur['replicas_needed']})",
+                  _num(cur["capacity_rps_per_replica"]), _num(cur["usd_per_hour_needed"]))
+    table.add_row("searched", str(ev["engine"]), str(ev["replicas"]), _num(ev["capacity_rps_per_replica"]),
+                  _num(ev["usd_per_hour"]))
+    _console.print(table)
+    if res["recommendation_id"] is not None:
+        _console.print(f"recommendation {res['recommendation_id']}: POST {url}/api/v1/recommendations/"
+                       f"{res['recommendation_id']}/apply to roll it out")
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:,.3g}"
+
+
+def _detail(r: Any) -> str:
+    text = str(r.text)[:300]
+    try:
+        return str(r.json().get("detail", text))
+    except ValueError:
+        return text

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import secrets
 import sqlite3
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +25,8 @@ pytestmark = pytest.mark.vllm
 def test_burst_breaks_the_ttft_slo_and_the_tuner_adds_a_replica_that_restores_it(tiny_model_dir: Path,
                                                                                   tmp_path: Path) -> None:
     cfg = LoopConfig(steady_s=30.0, recovery_s=60.0, max_s=600.0)
-    dep, slo = write_specs(cfg, tmp_path, tiny_model_dir.resolve(), consecutive_free_ports(2))
+    # Three ports: two replicas and the canary of the configuration search at the end.
+    dep, slo = write_specs(cfg, tmp_path, tiny_model_dir.resolve(), consecutive_free_ports(3))
     api_port, router_port, token = free_port(), free_port(), secrets.token_hex(8)
     env = {**os.environ, "CONTROLPLANE_DATA_DIR": str(tmp_path), "CONTROLPLANE_API_PORT": str(api_port),
            "CONTROLPLANE_ROUTER_PORT": str(router_port), "CONTROLPLANE_OTLP_HTTP_PORT": str(free_port()),
@@ -41,6 +43,11 @@ def test_burst_breaks_the_ttft_slo_and_the_tuner_adds_a_replica_that_restores_it
         result = run_closed_loop(cfg, router_url=plane.router_url, api_url=plane.api_url, token=token)
         requests = httpx.get(plane.api_url + "/api/v1/requests",
                              params={"since": result.started_unix_s, "limit": 10_000}).json()["items"]
+        # Then a configuration search on what the loop recorded, with one real canary trial, through the CLI.
+        search = subprocess.run([exe, "tune", "search", cfg.deployment, "--api", plane.api_url, "--canary", "1",
+                                 "--window-s", "3600", "--timeout-s", "600"], env=env, capture_output=True,
+                                text=True, timeout=700)
+        searches = httpx.get(plane.api_url + "/api/v1/searches").json()["items"]
     finally:
         plane.stop()
 
@@ -88,3 +95,28 @@ def test_burst_breaks_the_ttft_slo_and_the_tuner_adds_a_replica_that_restores_it
     # the requests that failed at the client are few next to those served (the router retries, never drops)
     failed = [s for s in result.sent if not s.result.ok]
     assert len(failed) <= 0.01 * len(result.sent), failed[:3]
+
+    # The search: calibrated on a ready replica's recorded requests, one canary trial on real vLLM, judged.
+    assert search.returncode == 0, f"{search.stdout}\n{search.stderr}\nplane log tail:\n{log}"
+    assert "canary 1: starting a replica with seqs=" in search.stdout and "running" in search.stdout
+    job = searches[0]
+    assert job["status"] == "done" and job["result"]["validated"] in (True, False), job
+    ev = job["result"]["evidence"]
+    tried = [c for c in ev["candidates"] if c["reason"] in ("chosen", "canary_failed", "canary_unknown")]
+    assert tried and ev["calibration"]["requests"] >= 200 and ev["current"]["capacity_rps_per_replica"] > 0
+    canary = db.execute("SELECT r.name FROM lifecycle_events e JOIN replicas r ON r.id = e.replica_id "
+                        "WHERE e.kind = 'canary_started'").fetchall()
+    assert len(canary) == 1, canary
+    name = canary[0][0]
+    events = [k for (k,) in db.execute("SELECT e.kind FROM lifecycle_events e JOIN replicas r ON r.id = "
+                                       "e.replica_id WHERE r.name = ? ORDER BY e.id", (name,))]
+    assert events[0] == "replica_started" and {"canary_started", "replica_ready"} <= set(events)
+    assert events[-1] == "canary_stopped" and "replica_stopped" in events
+    # Its synthetic trial never entered the deployment's history: no span of the canary is stored.
+    assert db.execute("SELECT count(*) FROM requests q JOIN replicas r ON r.id = q.replica_id WHERE r.name = ?",
+                      (name,)).fetchone()[0] == 0
+    recs = db.execute("SELECT json_extract(proposed, '$.replicas'), json_extract(evidence, '$.validated') "
+                      "FROM recommendations WHERE kind = 'reconfigure'").fetchall()
+    assert len(recs) == (1 if job["result"]["recommendation_id"] else 0), recs
+    if recs:  # what is recommended passed its canary trial
+        assert recs[0][1] == 1 and job["result"]["validated"] is True

@@ -1,0 +1,364 @@
+"""Configuration search for a running deployment: from its own recorded requests to a stored `reconfigure`
+recommendation, optionally checked for real on a canary replica first.
+
+The model is the one the plane's tuner uses: step costs fitted from a ready replica's `llm_request` spans and
+engine samples (`calibrate.calibrated_replica`, per-sequence term and API path), KV capacity from its
+/metrics; the workload is the deployment's recorded trace. The search (`search.search`) then tries the
+batch limits the deployment allows (`spec.tuning`) and sizes the fleet for the target rate. A calibrated
+model predicts only the precision it observed, so quantization and KV-cache dtype stay as they are here
+(cells with another precision are reported as rejected, with the reason); the catalog prior predicts them for
+catalog models (`controlplane tune what-if`).
+
+Pure parts: `space_for`, `trial_plans`, `judge`, `proposal`. Edges: `SupervisorCanary` (starts a canary through
+the supervisor and drives it) and `run_search` (reads the store, runs the search, stores the recommendation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+
+from controlplane.loadgen import ClientResult, RequestPlan, run_load
+from controlplane.supervisor.spec import Deployment, EngineConfig, TuningSection
+from controlplane.tuning.capacity import Objective, Prediction, objectives_from_slos
+from controlplane.tuning.recommendations import Proposal
+from controlplane.tuning.search import Canary, CanaryVerdict, SearchOptions, SearchResult, search
+from controlplane.tuning.search_space import Cell, SearchSpace
+from controlplane.tuning.workload import Workload
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+MIN_REQUESTS = 200  # recorded requests of a replica before its step costs are fitted (as the tuner loop)
+TRIAL_VOCAB = (100, 1000)  # token ids of a trial's prompts: in any model's vocabulary, never special tokens
+
+
+class SearchInputError(ValueError):
+    """The search cannot run as asked; the message says what is missing and how to provide it."""
+
+    def __init__(self, message: str, status: int = 409) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _around(current: int, factors: Sequence[float], lo: int) -> tuple[int, ...]:
+    return tuple(sorted({max(lo, int(round(current * f))) for f in factors}))
+
+
+def space_for(engine: EngineConfig, tuning: TuningSection) -> SearchSpace:
+    """The batch limits to try: the spec's `tuning` lists, or powers of two around the current values (1/4x to
+    2x sequences, 1/2x to 2x tokens). The current values are always included, so the comparison has them."""
+    if engine.max_num_seqs is None or engine.max_num_batched_tokens is None:
+        raise SearchInputError("spec.engine.max_num_seqs and max_num_batched_tokens must be set: the fit of the "
+                               "running replica's step costs needs its own limits (vLLM's defaults differ by "
+                               "platform and version)")
+    seqs = tuning.max_num_seqs or _around(engine.max_num_seqs, (0.25, 0.5, 1, 2), 1)
+    tokens = tuning.max_num_batched_tokens or _around(engine.max_num_batched_tokens, (0.5, 1, 2), 16)
+    seqs = tuple(sorted(set(seqs) | {engine.max_num_seqs}))
+    tokens = tuple(sorted(set(tokens) | {engine.max_num_batched_tokens}))
+    return SearchSpace(seqs, tokens)
+
+
+def trial_plans(workload: Workload, rps: float, count: int, seed: int, *,
+                max_model_len: int | None) -> list[RequestPlan]:
+    """`count` requests for a canary trial: prompt and output lengths drawn from the recorded workload, Poisson
+    arrivals at `rps`, token-id prompts (no tokenizer involved), prompts shortened to fit max_model_len."""
+    if len(workload) == 0:
+        raise SearchInputError("the workload has no request with known prompt and output lengths")
+    if not (rps > 0 and math.isfinite(rps)) or count < 1:
+        raise ValueError(f"a trial needs rps > 0 and count >= 1, got {rps} and {count}")
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(workload), size=count)
+    gaps = rng.exponential(1.0 / rps, size=count)
+    t = np.cumsum(gaps) - gaps[0]
+    plans = []
+    for i, k in enumerate(pick):
+        out = int(workload.output_tokens[k])
+        prompt = int(workload.prompt_tokens[k])
+        if max_model_len is not None:
+            out = max(1, min(out, max_model_len // 2))
+            prompt = max(1, min(prompt, max_model_len - out - 1))
+        ids = [int(x) for x in rng.integers(*TRIAL_VOCAB, size=prompt)]
+        plans.append(RequestPlan(ids, out, float(t[i])))
+    return plans
+
+
+def _value(r: ClientResult, sli: str) -> float | None:
+    if r.ttft_s is None or r.e2e_s is None:
+        return None
+    if sli == "ttft":
+        return r.ttft_s
+    if sli == "e2e":
+        return r.e2e_s
+    if sli in ("tpot", "itl"):
+        return 0.0 if r.completion_tokens <= 1 else (r.e2e_s - r.ttft_s) / (r.completion_tokens - 1)
+    return None  # queue time: the client cannot see it
+
+
+def judge(results: Sequence[ClientResult], objectives: Sequence[Objective], *, min_requests: int = 50,
+          note: str = "") -> CanaryVerdict:
+    """Measured attainment per SLO from a trial's client timings. A failed request is bad (it was not served
+    within the SLO); an SLI the client cannot measure (queue time) or fewer than `min_requests` results leave
+    the attainment unknown (None), which is never a pass."""
+    preds = []
+    for o in objectives:
+        known = len(results) >= min_requests and all(t.sli != "queue" for t in o.targets)
+        if not known:
+            preds.append(Prediction(o.name, o.objective, None, None))
+            continue
+        good = 0
+        for r in results:
+            values = [_value(r, t.sli) for t in o.targets]
+            if r.ok and all(v is not None and v <= t.threshold_s for v, t in zip(values, o.targets, strict=True)):
+                good += 1
+        att = good / len(results)
+        single = o.targets[0] if len(o.targets) == 1 else None
+        q = None
+        if single is not None:
+            vals = sorted(v for r in results if r.ok and (v := _value(r, single.sli)) is not None)
+            q = float(np.quantile(vals, o.objective)) if vals else None
+        preds.append(Prediction(o.name, o.objective, att, att - o.objective, q,
+                                single.threshold_s if single else None))
+    failed = sum(1 for r in results if not r.ok)
+    text = f"{len(results)} requests, {failed} failed" + (f"; {note}" if note else "")
+    return CanaryVerdict(tuple(preds), text)
+
+
+def current_evidence(current_replicas: int, price: float, baseline: SearchResult) -> dict[str, Any]:
+    """The running configuration as the same model sees it: `baseline` is a search over its cell alone."""
+    return {"replicas": current_replicas, "usd_per_hour": current_replicas * price if price else None,
+            "capacity_rps_per_replica": baseline.capacity_rps_per_replica,
+            "replicas_needed": baseline.replicas,  # None: it cannot meet every SLO at the target rate
+            "usd_per_hour_needed": baseline.usd_per_hour,  # the search's currency: GPU-hours when unpriced
+            "slos_at_replicas_needed": [{"name": p.name, "attainment": p.attainment, "margin": p.margin}
+                                        for p in baseline.predictions]}
+
+
+def proposal(dep: Deployment, current_replicas: int, result: SearchResult, *, calibration: Mapping[str, Any],
+             workload: Mapping[str, Any], current: Mapping[str, Any]) -> Proposal | None:
+    """The recommendation for a search's outcome (`current`: `current_evidence` of the running configuration):
+    None when the search chose nothing or chose what runs now."""
+    if result.chosen is None or result.replicas is None:
+        return None
+    changes = result.engine_changes
+    engine_now = {k: dep.engine.as_dict()[k] for k in changes}
+    if changes == engine_now and result.replicas == current_replicas:
+        return None
+    evidence = {**result.evidence(), "calibration": dict(calibration), "workload": dict(workload),
+                "current": {"engine": engine_now, **current}}
+    needed = current.get("usd_per_hour_needed")
+    if current.get("replicas_needed") is None:
+        reason = "current_config_cannot_meet_slo"  # at the target rate, within the allowed replica count
+    elif changes == engine_now:
+        reason = "scale_to_meet_slo" if result.replicas > current_replicas else "scale_down_slo_still_met"
+    elif needed is not None and result.usd_per_hour is not None and result.usd_per_hour < needed:
+        reason = "cheaper_config_meets_slo"
+    else:
+        reason = "same_cost_more_headroom"
+    rmse = calibration.get("rel_rmse")
+    confidence = None if rmse is None else round(max(0.0, min(1.0, 1.0 - float(rmse))), 3)
+    return Proposal(dep.name, "reconfigure", reason, {"engine": engine_now, "replicas": current_replicas},
+                    {"engine": changes, "replicas": result.replicas}, evidence, confidence)
+
+
+# --- edges --------------------------------------------------------------------------------------------------
+class CanaryControl(Protocol):
+    async def start_canary(self, deployment: str, changes: Mapping[str, Any], *, actor: str,
+                           reason: str) -> tuple[str, str | None]: ...
+    async def stop_canary(self, deployment: str, *, actor: str, reason: str) -> None: ...
+
+
+class SupervisorCanary(Canary):
+    """Real trials (search.Canary): the supervisor starts a canary replica with the cell's engine args (never
+    routed, never traced), this drives `requests` of the recorded workload at the per-replica rate the search
+    assigned, straight to it, and judges the client's timings against the SLOs; then the canary is stopped.
+    Called from the search's worker thread; the supervisor's coroutines run on the plane's loop."""
+
+    def __init__(self, control: CanaryControl, loop: asyncio.AbstractEventLoop, dep: Deployment,
+                 workload: Workload, objectives: Sequence[Objective], *, requests: int, seed: int = 0,
+                 progress: Callable[[str], None] = lambda line: None) -> None:
+        self.control, self.loop, self.dep = control, loop, dep
+        self.workload, self.objectives, self.requests, self.seed = workload, list(objectives), requests, seed
+        self.progress = progress
+        self.tried = 0
+
+    def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+        fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return fut.result()
+
+    def trial(self, cell: Cell, changes: Mapping[str, Any], rps: float) -> CanaryVerdict:
+        self.tried += 1
+        dep = self.dep.name
+        self.progress(f"canary {self.tried}: starting a replica with {cell.label()}")
+        name, url = self._on_loop(self.control.start_canary(dep, changes, actor="tuner", reason="canary_trial"))
+        try:
+            if url is None:
+                return CanaryVerdict((), f"{name} with {cell.label()} never became ready", started=False)
+            max_len = self.dep.engine.with_changes(dict(changes)).max_model_len
+            plans = trial_plans(self.workload, rps, self.requests, self.seed + self.tried, max_model_len=max_len)
+            self.progress(f"canary {self.tried}: {name} ready; {len(plans)} requests at {rps:.3g} req/s")
+            results = asyncio.run(run_load(url, self.dep.served_name, plans, concurrency=max(8, len(plans))))
+        finally:
+            self._on_loop(self.control.stop_canary(dep, actor="tuner", reason="canary_done"))
+        verdict = judge(results, self.objectives, min_requests=min(50, self.requests),
+                        note=f"{name}, {rps:.3g} req/s, client-side timings")
+        self.progress(f"canary {self.tried}: {verdict.note}; passed: {verdict.passed}")
+        return verdict
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    target_rps: float | None = None  # None: the recorded workload's mean rate
+    window_s: float = 1800.0
+    canary_trials: int | None = None  # None: the spec's tuning.canary_trials
+    seed: int = 0
+
+
+def run_search(store: Any, recs: Any, dep: Deployment, *, ready: Sequence[str], current_replicas: int,
+               slos: Sequence[Any], params: SearchParams, now: float,
+               canary_factory: Callable[[Workload, Sequence[Objective]], Canary] | None = None,
+               progress: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+    """Calibrate on the deployment's best-observed ready replica, search, store the recommendation (mode
+    `recommend`: a rolling restart is a person's call). Returns what was decided, JSON-ready."""
+    from controlplane.tuning.calibrate import calibrated_replica
+    from controlplane.tuning.search_space import CalibratedFactory
+    from controlplane.tuning.workload import from_rows
+
+    objectives, skipped = objectives_from_slos(s for s in slos if s.deployment == dep.name)
+    if not objectives:
+        raise SearchInputError(f"no latency SLO names deployment {dep.name!r}: the search judges configurations "
+                               "by them (add one to the SLO file)")
+    space = space_for(dep.engine, dep.tuning)
+    if not ready:
+        raise SearchInputError(f"{dep.name} has no ready replica to calibrate on")
+    since = now - params.window_s
+    progress(f"reading the requests of {dep.name} over the last {params.window_s:.0f} s")
+    per_replica = {r: store.requests(since_unix_s=since, until_unix_s=now, replica=r, limit=50_000) for r in ready}
+    replica = max(per_replica, key=lambda r: len(per_replica[r]))
+    if len(per_replica[replica]) < MIN_REQUESTS:
+        raise SearchInputError(f"{replica} recorded {len(per_replica[replica])} requests in the last "
+                               f"{params.window_s:.0f} s; the calibration needs at least {MIN_REQUESTS} "
+                               "(send traffic, or widen window_s)")
+    rows = [row for got in per_replica.values() for row in got]
+    wl = from_rows(rows, name=f"trace:{dep.name}")
+    eng = dep.engine
+    assert eng.max_num_seqs is not None and eng.max_num_batched_tokens is not None  # space_for checked
+    progress(f"fitting step costs on {replica} ({len(per_replica[replica])} requests)")
+    model, fit = calibrated_replica(store, replica, max_num_seqs=eng.max_num_seqs,
+                                    max_num_batched_tokens=eng.max_num_batched_tokens, since_unix_s=since,
+                                    until_unix_s=now, max_model_len=eng.max_model_len, fit_per_seq=True)
+    price = dep.price_per_replica_hour_usd or None
+    factory = CalibratedFactory(model.step_cost, kv_capacity_tokens=model.num_kv_blocks * model.block_size,
+                                block_size=model.block_size, max_model_len=eng.max_model_len,
+                                usd_per_hour=price, api_path_s=model.api_path_s)
+    trials = dep.tuning.canary_trials if params.canary_trials is None else params.canary_trials
+    canary = canary_factory(wl, objectives) if trials > 0 and canary_factory is not None else None
+    if trials > 0 and canary is None:
+        raise SearchInputError(f"{dep.name}: canary trials need a supervised deployment (local or ray backend)")
+    options = SearchOptions(canary_trials=max(1, trials), max_replicas=max(1, dep.max_replicas))
+    progress(f"searching {len(space)} configurations" + (f", up to {trials} canary trial(s)" if canary else ""))
+    result = search(space, factory, objectives, wl, target_rps=params.target_rps, options=options, canary=canary)
+    running = SearchSpace((eng.max_num_seqs,), (eng.max_num_batched_tokens,))
+    baseline = search(running, factory, objectives, wl, target_rps=params.target_rps, options=options,
+                      exhaustive=True)
+    c = fit.coefficients
+    calibration = {"replica": replica, "requests": len(per_replica[replica]), "steps": fit.rows,
+                   "rel_rmse": fit.rel_rmse, "alpha_s": c.alpha_s, "beta_s_per_token": c.beta_s_per_token,
+                   "gamma_s_per_kv_token": c.gamma_s_per_kv_token, "delta_s_per_seq": c.delta_s_per_seq,
+                   "api_path_s": model.api_path_s, "kv_capacity_tokens": model.num_kv_blocks * model.block_size}
+    workload = {"requests": len(wl), "skipped_rows": wl.skipped_rows, "duration_s": wl.duration_s,
+                "window_s": params.window_s, "not_predicted": list(skipped)}
+    now_ev = current_evidence(current_replicas, dep.price_per_replica_hour_usd, baseline)
+    p = proposal(dep, current_replicas, result, calibration=calibration, workload=workload, current=now_ev)
+    rid = recs.add(p, "recommend") if p is not None else None
+    if p is None:
+        why = ("nothing meets every SLO within the allowed configurations" if result.chosen is None
+               else "the current configuration is already the cheapest that meets every SLO")
+    else:
+        why = f"{p.reason}: {result.chosen.label() if result.chosen else ''} x {result.replicas}"
+    progress(why + (f" (recommendation {rid})" if rid else ""))
+    return {"deployment": dep.name, "recommendation_id": rid, "outcome": why, "validated": result.validated,
+            "evidence": p.evidence if p is not None else {**result.evidence(), "calibration": calibration,
+                                                          "workload": workload, "current": now_ev}}
+
+
+class SearchJobs:
+    """Searches run in the background, one per deployment at a time, each in a worker thread (a search takes
+    seconds of CPU, a canary trial minutes); `get` reports progress lines and the outcome. Kept in memory: a
+    plane restart forgets them (their recommendations are in the store)."""
+
+    def __init__(self, store: Any, recs: Any, supervisor: Any, slos: Sequence[Any], *,
+                 clock: Callable[[], float] = time.time, keep: int = 50) -> None:
+        self.store, self.recs, self.supervisor, self.slos, self.clock, self.keep = store, recs, supervisor, slos, \
+            clock, keep
+        self.jobs: dict[int, dict[str, Any]] = {}
+        self._ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, deployment: str, params: SearchParams) -> dict[str, Any]:
+        rt = self.supervisor.runtimes.get(deployment)
+        if rt is None:
+            known = ", ".join(self.supervisor.runtimes) or "none"
+            raise SearchInputError(f"unknown deployment {deployment!r}; known: {known}", 404)
+        busy = [j for j in self.jobs.values() if j["deployment"] == deployment and j["status"] == "running"]
+        if busy:
+            raise SearchInputError(f"{deployment}: search {busy[0]['id']} is still running; one at a time", 409)
+        job: dict[str, Any] = {"id": next(self._ids), "deployment": deployment, "status": "running",
+                               "started_unix_s": self.clock(), "finished_unix_s": None, "progress": [],
+                               "result": None, "error": None,
+                               "params": {"target_rps": params.target_rps, "window_s": params.window_s,
+                                          "canary_trials": params.canary_trials}}
+        self.jobs[job["id"]] = job
+        for old in sorted(self.jobs)[:-self.keep]:
+            if self.jobs[old]["status"] != "running":
+                del self.jobs[old]
+        task = asyncio.get_running_loop().create_task(self._run(job, rt, params))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return dict(job)
+
+    def get(self, job_id: int) -> dict[str, Any]:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise SearchInputError(f"no search {job_id} (searches are kept in memory until the plane restarts)", 404)
+        return {**job, "progress": list(job["progress"])}
+
+    def list(self) -> list[dict[str, Any]]:
+        return [self.get(i) for i in sorted(self.jobs, reverse=True)]
+
+    async def _run(self, job: dict[str, Any], rt: Any, params: SearchParams) -> None:
+        loop = asyncio.get_running_loop()
+
+        def progress(line: str) -> None:
+            job["progress"].append({"unix_s": self.clock(), "line": line})
+            log.info("search %s (%s): %s", job["id"], job["deployment"], line)
+
+        supervised = rt.backend.kind != "external"
+
+        def canaries(wl: Workload, objectives: Sequence[Objective]) -> Canary:
+            return SupervisorCanary(self.supervisor, loop, rt.dep, wl, objectives,
+                                    requests=rt.dep.tuning.canary_requests, seed=params.seed, progress=progress)
+
+        ready = [m.name for m in rt.members.values() if m.state == "ready" and not m.candidate]
+        try:
+            job["result"] = await asyncio.to_thread(
+                run_search, self.store, self.recs, rt.dep, ready=ready, current_replicas=rt.desired,
+                slos=self.slos, params=params, now=self.clock(),
+                canary_factory=canaries if supervised else None, progress=progress)
+            job["status"] = "done"
+        except Exception as exc:  # noqa: BLE001 - a failed search is reported with its reason, never raised
+            if not isinstance(exc, ValueError):
+                log.exception("search %s failed", job["id"])
+            job["status"], job["error"] = "failed", f"{exc}" if isinstance(exc, ValueError) else \
+                f"{type(exc).__name__}: {exc}"
+        finally:
+            job["finished_unix_s"] = self.clock()

@@ -1,0 +1,256 @@
+"""Configuration search of a running deployment: space, canary trial load and verdict, the recommendation, and the
+whole path from rows in a real store to a stored `reconfigure` recommendation."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
+
+from controlplane.api.app import create_app
+from controlplane.loadgen import ClientResult
+from controlplane.slo.model import LatencyTarget, Slo, SloWindow
+from controlplane.store.repo import Store
+from controlplane.supervisor.spec import EngineConfig, TuningSection, parse_deployment
+from controlplane.tuning import config_search as cs
+from controlplane.tuning.capacity import Objective, Prediction
+from controlplane.tuning.perf_model import Coefficients, ReplicaModel, StepCost
+from controlplane.tuning.recommendations import Recommendations
+from controlplane.tuning.search import CanaryVerdict
+from controlplane.tuning.search_space import Cell
+from controlplane.tuning.simulator import simulate
+from controlplane.tuning.workload import Poisson, Uniform, Workload, synthetic
+
+BASE = 1_700_000_000.0
+TTFT = Objective("ttft", (LatencyTarget("ttft", 0.2),), 0.9)
+GOODPUT = Objective("good", (LatencyTarget("ttft", 0.2), LatencyTarget("tpot", 0.05)), 0.9)
+
+
+def result(ttft: float | None, e2e: float | None, tokens: int = 11, ok: bool = True) -> ClientResult:
+    return ClientResult("t", ok, 0.0, ttft, e2e, tokens)
+
+
+def test_the_default_space_brackets_the_current_limits_and_the_spec_can_name_its_own() -> None:
+    space = cs.space_for(EngineConfig(max_num_seqs=8, max_num_batched_tokens=512), TuningSection())
+    assert space.max_num_seqs == (2, 4, 8, 16) and space.max_num_batched_tokens == (256, 512, 1024)
+    own = cs.space_for(EngineConfig(max_num_seqs=8, max_num_batched_tokens=512),
+                       TuningSection(max_num_seqs=(32, 64), max_num_batched_tokens=(2048,)))
+    assert own.max_num_seqs == (8, 32, 64) and own.max_num_batched_tokens == (512, 2048)  # current kept to compare
+    with pytest.raises(cs.SearchInputError, match="max_num_seqs and max_num_batched_tokens must be set"):
+        cs.space_for(EngineConfig(max_num_seqs=8), TuningSection())
+    with pytest.raises(ValueError, match="distinct whole numbers >= 1"):
+        TuningSection(max_num_seqs=(4, 4))
+
+
+def test_trial_plans_follow_the_recorded_lengths_at_the_asked_rate_and_fit_the_model() -> None:
+    wl = Workload(np.arange(4, dtype=np.float64), np.array([10, 20, 3000, 40]), np.array([5, 6, 7, 900]))
+    plans = cs.trial_plans(wl, 20.0, 2000, seed=1, max_model_len=1024)
+    starts = np.array([p.delay_s for p in plans])
+    assert starts[0] == 0 and np.all(np.diff(starts) >= 0)
+    assert (len(plans) - 1) / starts[-1] == pytest.approx(20.0, rel=0.08)
+    assert all(len(p.prompt) + p.max_tokens < 1024 for p in plans)
+    assert {len(p.prompt) for p in plans} >= {10, 20, 40} and {p.max_tokens for p in plans} >= {5, 6, 7, 512}
+    assert all(isinstance(p.prompt, list) and min(p.prompt) >= cs.TRIAL_VOCAB[0]
+               and max(p.prompt) < cs.TRIAL_VOCAB[1] for p in plans[:20])
+    with pytest.raises(cs.SearchInputError, match="no request"):
+        cs.trial_plans(Workload(np.empty(0), np.empty(0, np.int64), np.empty(0, np.int64)), 1.0, 5, 0,
+                       max_model_len=None)
+
+
+def test_a_trial_is_judged_per_slo_failures_are_bad_and_too_few_results_are_unknown() -> None:
+    # 8 fast, 1 slow first token, 1 slow decode (e2e 1.0 s over 10 tokens after the first), 0 failed.
+    rows = [result(0.05, 0.3)] * 8 + [result(0.5, 0.8)] + [result(0.05, 1.05)]
+    v = cs.judge(rows, [TTFT, GOODPUT], min_requests=10)
+    ttft, good = v.predictions
+    assert ttft.attainment == pytest.approx(0.9) and ttft.holds and ttft.threshold_s == 0.2
+    assert good.attainment == pytest.approx(0.8) and not good.holds and v.passed is False
+    failed = cs.judge(rows[:9] + [result(None, None, 0, ok=False)], [TTFT], min_requests=10)
+    assert failed.predictions[0].attainment == pytest.approx(0.8) and "1 failed" in failed.note
+    few = cs.judge(rows, [TTFT], min_requests=11)
+    assert few.predictions[0].attainment is None and few.passed is None
+    queue = cs.judge(rows, [Objective("q", (LatencyTarget("queue", 0.1),), 0.9)], min_requests=1)
+    assert queue.passed is None  # the client cannot see queue time: unknown, never a pass
+    assert CanaryVerdict((), "never ready", started=False).passed is False
+
+
+def slo(name: str, targets: tuple[LatencyTarget, ...], objective: float = 0.95, deployment: str = "tiny") -> Slo:
+    return Slo(name, deployment, "ttft" if len(targets) == 1 else "goodput", targets, objective,
+               SloWindow("rolling", 28 * 86400))
+
+
+def deployment(**tuning: Any) -> Any:
+    return parse_deployment({
+        "apiVersion": "controlplane/v1", "kind": "Deployment", "metadata": {"name": "tiny"},
+        "spec": {"model": {"path": "/m", "served_name": "tiny"},
+                 "engine": {"max_num_seqs": 16, "max_num_batched_tokens": 512, "max_model_len": 1200},
+                 "replicas": {"min": 1, "max": 4, "initial": 1},
+                 "hardware": {"accelerator": "cpu", "price_per_hour_usd": 0.05},
+                 "tuning": {"max_num_seqs": [4, 8, 16, 32], **tuning}}})
+
+
+def record(store: Store, rate: float, n: int = 1200) -> None:
+    """The running replica (16 seqs / 512 tokens), simulated, as the collectors would have stored it."""
+    rep = ReplicaModel(StepCost.linear(Coefficients(4e-3, 3e-5, 2e-7)), max_num_seqs=16, max_num_batched_tokens=512,
+                       block_size=16, num_kv_blocks=2000, max_model_len=1200)
+    res = simulate(synthetic(Poisson(rate), Uniform(50, 400), Uniform(10, 100), n=n, seed=3), [rep])
+    rows = res.rows(base_unix_s=BASE)
+    for i, r in enumerate(rows):
+        r.update(trace_id=f"{i:032x}", span_id=f"{i:016x}", replica="tiny-0")
+    store.write_spans(rows, [])
+    rid = store.register_replica("tiny-0", url=None, backend="local")
+    store.write_engine_sample({"replica_id": rid, "ts_unix_s": BASE + 10, "scrape_ok": True, "num_running": None,
+                               "kv_capacity_tokens": 2000 * 16, "kv_block_size_tokens": 16})
+
+
+class FakeCanary:
+    def __init__(self, passes: Sequence[bool]) -> None:
+        self.passes = list(passes)
+        self.tried: list[tuple[Cell, float]] = []
+
+    def trial(self, cell: Cell, changes: Mapping[str, Any], rps: float) -> CanaryVerdict:
+        self.tried.append((cell, rps))
+        ok = self.passes[len(self.tried) - 1]
+        return CanaryVerdict((Prediction("ttft", 0.95, 0.99 if ok else 0.5, 0.04 if ok else -0.45),), "fake")
+
+
+def test_a_search_on_recorded_requests_stores_a_reconfigure_recommendation_with_its_evidence(
+        sqlite_store: Store) -> None:
+    record(sqlite_store, rate=20.0)
+    recs = Recommendations(sqlite_store.engine, clock=lambda: BASE + 1000)
+    slos = [slo("ttft", (LatencyTarget("ttft", 0.5),)), slo("other", (LatencyTarget("ttft", 0.001),), deployment="x")]
+    lines: list[str] = []
+    # Three times the recorded rate: one replica of the running config no longer holds, so something changes.
+    out = cs.run_search(sqlite_store, recs, deployment(), ready=["tiny-0"], current_replicas=1, slos=slos,
+                        params=cs.SearchParams(target_rps=60.0, window_s=1e6), now=BASE + 1000, progress=lines.append)
+    rec = recs.get(out["recommendation_id"])
+    assert rec["kind"] == "reconfigure" and rec["mode"] == "recommend" and rec["status"] == "open"
+    assert rec["reason"] in ("cheaper_config_meets_slo", "same_cost_more_headroom", "scale_to_meet_slo")
+    assert rec["current"] == {"engine": {"max_num_seqs": 16, "max_num_batched_tokens": 512, "quantization": None,
+                                         "kv_cache_dtype": "auto", "tensor_parallel_size": 1}, "replicas": 1}
+    ev = rec["evidence"]
+    assert ev["calibration"]["replica"] == "tiny-0" and ev["calibration"]["requests"] == 1200
+    assert ev["calibration"]["alpha_s"] == pytest.approx(4e-3, rel=0.15)
+    assert ev["workload"]["requests"] == 1200 and ev["target_rps"] == 60.0
+    # The running configuration, judged by the same model: it needs more replicas than it has for 60 req/s.
+    now = ev["current"]
+    assert now["replicas"] == 1 and now["capacity_rps_per_replica"] < 60.0 and now["replicas_needed"] > 1
+    assert now["usd_per_hour"] == pytest.approx(0.05) and now["usd_per_hour_needed"] >= ev["usd_per_hour"]
+    proposed = rec["proposed"]
+    assert proposed["engine"]["max_num_seqs"] in (4, 8, 16, 32) and proposed["replicas"] >= 1
+    # What is recommended serves the target within the SLO in the model; the stored prediction says so.
+    assert proposed["replicas"] * ev["capacity_rps_per_replica"] >= 60.0 * 0.98
+    assert all(s["attainment"] >= s["objective"] for s in ev["slos"]) and [s["name"] for s in ev["slos"]] == ["ttft"]
+    assert rec["confidence"] is not None and 0 < rec["confidence"] <= 1
+    assert any("searching" in line for line in lines)
+    assert {c["config"].split(" w=")[0] for c in ev["candidates"]} >= {"seqs=4 tokens=512", "seqs=32 tokens=1024"}
+
+
+def test_a_canary_that_fails_every_trial_leaves_nothing_recommended(sqlite_store: Store) -> None:
+    record(sqlite_store, rate=20.0)
+    recs = Recommendations(sqlite_store.engine, clock=lambda: BASE + 1000)
+    canary = FakeCanary([False, False])
+    out = cs.run_search(sqlite_store, recs, deployment(canary_trials=2), ready=["tiny-0"], current_replicas=1,
+                        slos=[slo("ttft", (LatencyTarget("ttft", 0.5),))],
+                        params=cs.SearchParams(target_rps=60.0, window_s=1e6), now=BASE + 1000,
+                        canary_factory=lambda wl, objs: canary)
+    assert len(canary.tried) == 2 and out["recommendation_id"] is None and out["validated"] is False
+    assert recs.list(deployment="tiny") == []
+    assert "nothing meets every SLO" in out["outcome"]
+    assert [c["reason"] for c in out["evidence"]["candidates"]].count("canary_failed") == 2
+
+
+def test_the_search_refuses_clearly_what_it_cannot_do(sqlite_store: Store) -> None:
+    recs = Recommendations(sqlite_store.engine)
+    ok_slo = [slo("ttft", (LatencyTarget("ttft", 0.5),))]
+    params = cs.SearchParams(window_s=1e6)
+    with pytest.raises(cs.SearchInputError, match="no latency SLO names deployment 'tiny'"):
+        cs.run_search(sqlite_store, recs, deployment(), ready=["tiny-0"], current_replicas=1, slos=[],
+                      params=params, now=BASE + 1000)
+    with pytest.raises(cs.SearchInputError, match="tiny-0 recorded 0 requests .* at least 200"):
+        cs.run_search(sqlite_store, recs, deployment(), ready=["tiny-0"], current_replicas=1, slos=ok_slo,
+                      params=params, now=BASE + 1000)
+    with pytest.raises(cs.SearchInputError, match="no ready replica"):
+        cs.run_search(sqlite_store, recs, deployment(), ready=[], current_replicas=1, slos=ok_slo,
+                      params=params, now=BASE + 1000)
+    record(sqlite_store, rate=20.0)
+    with pytest.raises(cs.SearchInputError, match="canary trials need a supervised deployment"):
+        cs.run_search(sqlite_store, recs, deployment(canary_trials=1), ready=["tiny-0"], current_replicas=1,
+                      slos=ok_slo, params=params, now=BASE + 1000)
+
+
+class FakeFleet:
+    """The supervisor as the API and the search jobs see it: one ready replica of `deployment()`."""
+
+    def __init__(self) -> None:
+        member = SimpleNamespace(name="tiny-0", state="ready", candidate=False)
+        self.runtimes = {"tiny": SimpleNamespace(dep=deployment(), members={"tiny-0": member}, desired=1,
+                                                 backend=SimpleNamespace(kind="local"))}
+        self.calls: list[tuple[str, Any]] = []
+
+    def describe(self) -> list[dict[str, Any]]:
+        return []
+
+    async def scale(self, deployment: str, replicas: int, *, actor: str, reason: str) -> dict[str, Any]:
+        self.calls.append(("scale", replicas))
+        return {"replicas": replicas}
+
+    async def reconfigure(self, deployment: str, changes: Mapping[str, Any], *, actor: str,
+                          reason: str) -> dict[str, Any]:
+        self.calls.append(("reconfigure", dict(changes)))
+        return {"changed": True}
+
+
+def test_the_api_runs_a_search_in_the_background_and_its_recommendation_applies_resize_then_roll(
+        sqlite_store: Store) -> None:
+    record(sqlite_store, rate=20.0)
+    fleet = FakeFleet()
+    recs = Recommendations(sqlite_store.engine)
+    jobs = cs.SearchJobs(sqlite_store, recs, fleet, [slo("ttft", (LatencyTarget("ttft", 0.5),))],
+                         clock=lambda: BASE + 1000)
+    auth = {"Authorization": "Bearer s3cret"}
+    app = create_app(sqlite_store, CollectorRegistry(), control=fleet, api_token="s3cret", searches=jobs)
+    with TestClient(app) as api:
+        assert api.post("/api/v1/deployments/tiny/search", json={}).status_code == 401
+        bad = api.post("/api/v1/deployments/tiny/search", json={"target_rps": -1}, headers=auth)
+        assert bad.status_code == 422 and "target_rps" in bad.text
+        assert api.post("/api/v1/deployments/nope/search", json={}, headers=auth).status_code == 404
+        r = api.post("/api/v1/deployments/tiny/search", json={"target_rps": 60, "window_s": 86400 * 7},
+                     headers=auth)
+        assert r.status_code == 202 and r.json()["status"] == "running", r.text
+        sid = r.json()["id"]
+        for _ in range(200):
+            job = api.get(f"/api/v1/searches/{sid}").json()
+            if job["status"] != "running":
+                break
+            time.sleep(0.05)
+        assert job["status"] == "done", job
+        assert any("fitting step costs on tiny-0" in p["line"] for p in job["progress"])
+        rid = job["result"]["recommendation_id"]
+        assert api.get("/api/v1/searches").json()["count"] == 1
+        assert api.get("/api/v1/searches/99").status_code == 404
+        rec = api.get(f"/api/v1/recommendations/{rid}").json()
+        assert rec["kind"] == "reconfigure"
+        applied = api.post(f"/api/v1/recommendations/{rid}/apply", headers=auth)
+        assert applied.status_code == 200 and applied.json()["status"] == "applied", applied.text
+    # Resize first (a rolling change refuses resizes while it runs), then roll onto the searched engine args.
+    assert fleet.calls == [("scale", rec["proposed"]["replicas"]), ("reconfigure", rec["proposed"]["engine"])]
+
+
+def test_a_search_that_cannot_run_reports_why_in_its_job(sqlite_store: Store) -> None:
+    jobs = cs.SearchJobs(sqlite_store, Recommendations(sqlite_store.engine), FakeFleet(),
+                         [slo("ttft", (LatencyTarget("ttft", 0.5),))], clock=lambda: BASE + 1000)
+    app = create_app(sqlite_store, CollectorRegistry(), control=FakeFleet(), api_token="t", searches=jobs)
+    with TestClient(app) as api:
+        sid = api.post("/api/v1/deployments/tiny/search", headers={"Authorization": "Bearer t"}).json()["id"]
+        for _ in range(100):
+            job = api.get(f"/api/v1/searches/{sid}").json()
+            if job["status"] != "running":
+                break
+            time.sleep(0.05)
+    assert job["status"] == "failed" and "recorded 0 requests" in job["error"] and job["result"] is None
