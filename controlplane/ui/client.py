@@ -68,11 +68,13 @@ class PlaneClient:
         self._http.close()
 
     # --- plumbing -------------------------------------------------------------------------------
-    def _call(self, method: str, path: str, params: Params | None = None, *, auth: bool = False) -> dict[str, Any]:
+    def _call(self, method: str, path: str, params: Params | None = None, *, auth: bool = False,
+              body: Mapping[str, Any] | None = None) -> dict[str, Any]:
         clean = {k: v for k, v in (params or {}).items() if v is not None}
         headers = {"Authorization": f"Bearer {self.token}"} if auth and self.token else {}
         try:
-            r = self._http.request(method, path, params=clean, headers=headers)
+            r = self._http.request(method, path, params=clean, headers=headers,
+                                   json=dict(body) if body is not None else None)
         except httpx.TimeoutException:
             raise PlaneUnreachable(self.base_url, "timed out") from None
         except httpx.TransportError as exc:
@@ -100,9 +102,9 @@ class PlaneClient:
             raise PlaneError("GET", self.base_url + path, 200, "the answer has no list of objects under 'items'")
         return items
 
-    def post(self, path: str) -> dict[str, Any]:
+    def post(self, path: str, body: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """A mutating call, with the bearer token when one is configured."""
-        return self._call("POST", path, auth=True)
+        return self._call("POST", path, auth=True, body=body)
 
     # --- reads ----------------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
@@ -158,3 +160,11 @@ class PlaneClient:
 
     def dismiss(self, rid: int) -> dict[str, Any]:
         return self.post(f"/api/v1/recommendations/{int(rid)}/dismiss")
+
+    def start_search(self, deployment: str, *, canary_trials: int | None = None,
+                     target_rps: float | None = None) -> dict[str, Any]:
+        body = {k: v for k, v in {"canary_trials": canary_trials, "target_rps": target_rps}.items() if v is not None}
+        return self.post(f"/api/v1/deployments/{quote(deployment, safe='')}/search", body)
+
+    def searches(self) -> list[dict[str, Any]]:
+        return self._items("/api/v1/searches")

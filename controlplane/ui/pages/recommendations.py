@@ -26,6 +26,46 @@ def _decide(client: PlaneClient, rid: int, verb: str) -> None:
     st.session_state[FLASH] = ("success", f"recommendation {rid} is now {rec.get('status')}")
 
 
+def _start_search(client: PlaneClient) -> None:
+    """Button callback: reads the form's current values (callback args would be those of the previous run)."""
+    deployment = str(st.session_state["search_deployment"])
+    canary_trials = int(st.session_state["search_canary"])
+    target_rps = float(st.session_state["search_rate"])
+    try:
+        job = client.start_search(deployment, canary_trials=canary_trials, target_rps=target_rps or None)
+    except (PlaneError, PlaneUnreachable) as exc:
+        st.session_state[FLASH] = ("error", f"search of {deployment} failed to start: {exc}")
+        return
+    st.session_state[FLASH] = ("success", f"search {job.get('id')} of {deployment} started; its outcome appears "
+                                          "below and, if it changes something, as a recommendation")
+
+
+def _search(ctx: Ctx) -> None:
+    """Start a configuration search of a supervised deployment; list recent searches with their last step."""
+    with st.expander("Search batch limits and replica count on recorded requests"):
+        deps = fetch("deployments", ctx.client.deployments) or []
+        names = [d["name"] for d in deps if d.get("backend") != "external"]
+        if not names:
+            st.caption("No supervised deployment to search.")
+        else:
+            why = None if ctx.can_act else "set CONTROLPLANE_API_TOKEN for the app to start a search"
+            a, b, c = st.columns(3)
+            a.selectbox("Deployment", names, key="search_deployment")
+            b.number_input("Canary trials", 0, 5, 0, key="search_canary",
+                                    help="configurations tried for real on a canary replica first")
+            c.number_input("Target req/s (0: the recorded mean)", 0.0, 1e6, 0.0, key="search_rate")
+            st.button("Start search", key="search_start", disabled=not ctx.can_act, help=why,
+                      on_click=_start_search, args=(ctx.client,))
+        jobs = fetch("searches", ctx.client.searches)
+        if jobs:
+            table([{"search": str(j.get("id")), "deployment": shape.text(j.get("deployment")),
+                    "status": shape.text(j.get("status")), "started": shape.when(j.get("started_unix_s")),
+                    "last step": shape.text((j.get("progress") or [{}])[-1].get("line")),
+                    "outcome": shape.text(j.get("error") or (j.get("result") or {}).get("outcome")),
+                    "recommendation": shape.text((j.get("result") or {}).get("recommendation_id"))}
+                   for j in jobs], "no search yet", key="searches")
+
+
 def _evidence(rec: Mapping[str, Any]) -> None:
     parts = shape.evidence_parts(rec.get("evidence"))
     left, right = st.columns(2)
@@ -80,6 +120,7 @@ def render(ctx: Ctx) -> None:
         (st.success if flash[0] == "success" else st.error)(flash[1])
     if not ctx.can_act:
         st.caption("Read only: CONTROLPLANE_API_TOKEN is not set for the app.")
+    _search(ctx)
     status = st.selectbox("Status", STATUSES, key="recommendation_status")
     recs = fetch("recommendations", lambda: ctx.client.recommendations(
         status=None if status == "all" else status, limit=50))

@@ -57,6 +57,26 @@ class FakeControl:
         return {"deployment": deployment, "changed": True}
 
 
+class FakeSearches:
+    """The plane's search jobs as the API sees them: records what was started, answers one finished job."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[str, Any]] = []
+
+    def start(self, deployment: str, params: Any) -> dict[str, Any]:
+        self.started.append((deployment, params))
+        return {"id": len(self.started), "deployment": deployment, "status": "running", "progress": []}
+
+    def list(self) -> list[dict[str, Any]]:
+        return [{"id": i + 1, "deployment": d, "status": "done", "started_unix_s": time.time(),
+                 "progress": [{"unix_s": time.time(), "line": "searching 12 configurations"}], "error": None,
+                 "result": {"outcome": "same_cost_more_headroom: seqs=16", "recommendation_id": 7}}
+                for i, (d, _) in enumerate(self.started)]
+
+    def get(self, job_id: int) -> dict[str, Any]:
+        return self.list()[job_id - 1]
+
+
 @dataclass
 class Seeded:
     store: Store
@@ -64,6 +84,7 @@ class Seeded:
     statuses: list[SloStatus]
     recommendation_id: int
     control: FakeControl = field(default_factory=FakeControl)
+    searches: FakeSearches = field(default_factory=FakeSearches)
 
 
 def propose(store: Store, replicas: int = 3) -> int:
@@ -171,7 +192,7 @@ def serve_app(app: Any) -> Iterator[str]:
 def serve(seeded: Seeded, token: str | None = TOKEN) -> Iterator[str]:
     """The plane's REST API on the seeded store, with the fake supervisor."""
     app = create_app(seeded.store, CollectorRegistry(), control=seeded.control, api_token=token,
-                     slo_statuses=lambda: seeded.statuses)
+                     slo_statuses=lambda: seeded.statuses, searches=seeded.searches)
     try:
         with serve_app(app) as url:
             yield url

@@ -204,7 +204,23 @@ def test_apply_calls_the_plane_which_asks_the_supervisor_for_the_recommended_rep
     assert [s.value for s in at.success] == [f"recommendation {rid} is now applied"]
     assert any("No open recommendation" in i.value for i in at.info)
     at.selectbox(key="recommendation_status").set_value("applied").run()
-    assert f"#{rid} · {DEPLOYMENT} · scale · applied" in texts(at) and not at.button
+    assert f"#{rid} · {DEPLOYMENT} · scale · applied" in texts(at)
+    assert [b.key for b in at.button] == ["search_start"]  # no Apply / Dismiss on a decided one
+
+
+def test_a_search_started_from_the_page_reaches_the_plane_and_is_listed(fresh_plane: tuple[str, Seeded],
+                                                                        open_page: OpenPage) -> None:
+    url, seeded = fresh_plane
+    at = open_page(url, "recommendations")
+    at.number_input(key="search_canary").set_value(1)
+    at.number_input(key="search_rate").set_value(12.5)
+    at.button(key="search_start").click().run()
+    assert [(d, p.canary_trials, p.target_rps) for d, p in seeded.searches.started] == [(DEPLOYMENT, 1, 12.5)]
+    assert [s.value for s in at.success][0].startswith(f"search 1 of {DEPLOYMENT} started")
+    at.run()
+    row = _row(frames(at), "search", "1")
+    assert row["status"] == "done" and row["recommendation"] == "7" and row["last step"].startswith("searching")
+    assert seeded.control.calls == []  # a search changes nothing by itself
 
 
 def test_dismiss_changes_the_status_without_touching_the_fleet(fresh_plane: tuple[str, Seeded],
