@@ -627,7 +627,7 @@ class SupervisorMetrics(Collector):
         for rt in list(self.supervisor.runtimes.values()):
             desired.add_metric([rt.dep.name], rt.desired)
             for m in list(rt.members.values()):
-                if m.state in (STOPPED, FAILED):
+                if m.state in (STOPPED, FAILED) or m.canary:  # a canary serves a trial, never users
                     continue
                 labels = [rt.dep.name, m.name]
                 up.add_metric(labels, 1.0 if m.state == READY else 0.0)

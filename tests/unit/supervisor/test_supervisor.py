@@ -382,6 +382,9 @@ async def test_a_canary_runs_the_changed_config_outside_the_router_the_count_and
     with pytest.raises(ActionError, match="one at a time"):
         await h.sup.start_canary("tiny", {"max_num_seqs": 4}, actor="tuner", reason="canary_trial")
     assert h.sup.describe()[0]["replicas"][1]["canary"] is True
+    reg = CollectorRegistry()
+    reg.register(SupervisorMetrics(h.sup))
+    assert b'replica="tiny-1"' not in generate_latest(reg) and b'replica="tiny-0"' in generate_latest(reg)
     await h.sup.stop_canary("tiny", actor="tuner", reason="canary_done")
     assert h.states() == {"tiny-0": "ready", "tiny-1": "stopped"} and h.backend.stopped == ["tiny-1"]
     kinds = h.events()
