@@ -45,7 +45,7 @@ def _usage(edges: np.ndarray) -> list[Usage]:
 def plane_names() -> set[str]:
     """The plane's collectors (as plane.py registers them) rendered by prometheus_client: one ready replica,
     one tuner decision, one deployment with a cost; the SLO families with no SLO yet."""
-    member = SimpleNamespace(state=READY, name="tiny-0", restarts=1)
+    member = SimpleNamespace(state=READY, name="tiny-0", restarts=1, canary=False)
     runtime = SimpleNamespace(dep=SimpleNamespace(name="tiny"), desired=1, members={"tiny-0": member})
     fleet = SimpleNamespace(runtimes={"tiny": runtime})
     tuner = Tuner(fleet, None, None, None, [], TunerOptions())  # type: ignore[arg-type]
