@@ -472,19 +472,26 @@ class Supervisor:
                            message=f"{deployment}: {before} -> {replicas} replica(s)")
         return {"deployment": deployment, "replicas_before": before, "replicas": replicas}
 
-    async def reconfigure(self, deployment: str, changes: Mapping[str, Any], *, actor: str,
-                          reason: str) -> dict[str, Any]:
+    def _changed_engine(self, deployment: str, changes: Mapping[str, Any],
+                        what: str) -> tuple[DeploymentRuntime, EngineConfig]:
+        """The runtime and its engine with `changes`, or the ActionError that says why `what` cannot start now:
+        an external backend, a rolling change or a canary trial in progress, or a bad engine field."""
         rt = self._runtime(deployment)
         if isinstance(rt.dep.backend, ExternalBackend):
-            raise ActionError(f"{deployment} runs on the external backend; the plane cannot reconfigure it", 409)
+            raise ActionError(f"{deployment} runs on the external backend; the plane cannot {what}", 409)
         if rt.rollout is not None and not rt.rollout.done():
             raise ActionError(f"{deployment}: a rolling change is in progress; retry when it ends", 409)
         if rt.canary is not None:
-            raise ActionError(f"{deployment}: a canary trial is running ({rt.canary.name}); retry when it ends", 409)
+            raise ActionError(f"{deployment}: a canary trial is running ({rt.canary.name}); one at a time, "
+                              "retry when it ends", 409)
         try:
-            new = rt.dep.engine.with_changes(dict(changes))
+            return rt, rt.dep.engine.with_changes(dict(changes))
         except SpecError as exc:
             raise ActionError(str(exc), 422) from None
+
+    async def reconfigure(self, deployment: str, changes: Mapping[str, Any], *, actor: str,
+                          reason: str) -> dict[str, Any]:
+        rt, new = self._changed_engine(deployment, changes, "reconfigure it")
         before = rt.dep.engine
         if new == before:
             return {"deployment": deployment, "changed": False, "engine": _cfg(new)}
@@ -498,17 +505,7 @@ class Supervisor:
         """Start one replica of `deployment` with `changes` for a trial, outside the router and the count, and
         wait until it is ready or has failed. Returns (name, URL), URL None when it never became ready (it is
         then stopped and recorded as failed). One canary per deployment at a time."""
-        rt = self._runtime(deployment)
-        if isinstance(rt.dep.backend, ExternalBackend):
-            raise ActionError(f"{deployment} runs on the external backend; the plane cannot start a canary", 409)
-        if rt.rollout is not None and not rt.rollout.done():
-            raise ActionError(f"{deployment}: a rolling change is in progress; retry when it ends", 409)
-        if rt.canary is not None:
-            raise ActionError(f"{deployment}: a canary trial is running ({rt.canary.name}); one at a time", 409)
-        try:
-            config = rt.dep.engine.with_changes(dict(changes))
-        except SpecError as exc:
-            raise ActionError(str(exc), 422) from None
+        rt, config = self._changed_engine(deployment, changes, "start a canary")
         slot = policy.free_slot(self._used_slots(rt), rt.dep.max_replicas + 1)
         if slot is None:
             raise ActionError(f"{deployment}: no free replica slot for a canary ({rt.dep.max_replicas} + 1 in use)",

@@ -8,6 +8,7 @@ from controlplane.tuning import calibrate as cal
 from controlplane.tuning.perf_model import Coefficients, ReplicaModel, StepCost, replica_from_fit
 from controlplane.tuning.simulator import SimResult, simulate
 from controlplane.tuning.workload import Poisson, Uniform, synthetic
+from tests.unit.tuning.recorded import store_replica_run
 
 # A CPU-like replica: 4 ms per step, 30 us per token computed, 0.2 us per KV token read.
 TRUE = Coefficients(alpha_s=4e-3, beta_s_per_token=3e-5, gamma_s_per_kv_token=2e-7)
@@ -196,13 +197,7 @@ def test_a_calibrated_replica_carries_the_api_path_its_rows_show(store: Store) -
     true = ReplicaModel(StepCost.linear(TRUE), max_num_seqs=64, max_num_batched_tokens=BUDGET, block_size=16,
                         num_kv_blocks=4000, max_model_len=1200, api_path_s=0.004)
     res = simulate(synthetic(Poisson(5.0), Uniform(50, 800), Uniform(10, 200), n=600, seed=4), [true])
-    rows = res.rows(base_unix_s=BASE)
-    for i, r in enumerate(rows):
-        r.update(trace_id=f"{i:032x}", span_id=f"{i:016x}", replica="cpu-1")
-    store.write_spans(rows, [])
-    rid = store.register_replica("cpu-1", url=None, backend="local")
-    store.write_engine_sample({"replica_id": rid, "ts_unix_s": BASE + 10, "scrape_ok": True, "num_running": None,
-                               "kv_capacity_tokens": 4000 * 16, "kv_block_size_tokens": 16})
+    store_replica_run(store, res, "cpu-1", base_unix_s=BASE, kv_blocks=4000)
     model, _ = cal.calibrated_replica(store, "cpu-1", max_num_seqs=64, max_num_batched_tokens=BUDGET,
                                       max_model_len=1200)
     assert model.api_path_s == pytest.approx(0.004, rel=1e-6)

@@ -26,6 +26,7 @@ from controlplane.tuning.search import CanaryVerdict
 from controlplane.tuning.search_space import Cell
 from controlplane.tuning.simulator import simulate
 from controlplane.tuning.workload import Poisson, Uniform, Workload, synthetic
+from tests.unit.tuning.recorded import store_replica_run
 
 BASE = 1_700_000_000.0
 TTFT = Objective("ttft", (LatencyTarget("ttft", 0.2),), 0.9)
@@ -99,13 +100,7 @@ def record(store: Store, rate: float, n: int = 1200) -> None:
     rep = ReplicaModel(StepCost.linear(Coefficients(4e-3, 3e-5, 2e-7)), max_num_seqs=16, max_num_batched_tokens=512,
                        block_size=16, num_kv_blocks=2000, max_model_len=1200)
     res = simulate(synthetic(Poisson(rate), Uniform(50, 400), Uniform(10, 100), n=n, seed=3), [rep])
-    rows = res.rows(base_unix_s=BASE)
-    for i, r in enumerate(rows):
-        r.update(trace_id=f"{i:032x}", span_id=f"{i:016x}", replica="tiny-0")
-    store.write_spans(rows, [])
-    rid = store.register_replica("tiny-0", url=None, backend="local")
-    store.write_engine_sample({"replica_id": rid, "ts_unix_s": BASE + 10, "scrape_ok": True, "num_running": None,
-                               "kv_capacity_tokens": 2000 * 16, "kv_block_size_tokens": 16})
+    store_replica_run(store, res, "tiny-0", base_unix_s=BASE, kv_blocks=2000)
 
 
 class FakeCanary:
