@@ -143,7 +143,8 @@ class Plane:
                     create_app(self.store, self.registry, control=supervisor, api_token=s.api_token,
                                slo_statuses=self.monitor.statuses if self.monitor else None,
                                configured_slos=self.slos,
-                               searches=(SearchJobs(self.store, Recommendations(self.engine), supervisor, self.slos)
+                               searches=(SearchJobs(self.store, Recommendations(self.engine), supervisor, self.slos,
+                                                    mode=s.tuner_mode)
                                          if supervisor is not None else None),
                                watched_price_per_replica_hour_usd=s.watched_price_per_replica_hour_usd,
                                cost_max_gap_s=gap),

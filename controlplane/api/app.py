@@ -11,7 +11,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -78,6 +78,9 @@ class SearchBody(_Body):
                             description="How far back the recorded requests (calibration and workload) reach.")
     canary_trials: int | None = Field(default=None, ge=0, le=5,
                                       description="Real trials on a canary replica; default: spec.tuning's.")
+    mode: Literal["recommend", "auto"] | None = Field(
+        default=None, description="recommend: store it for a person; auto: apply, judge, roll back if the SLO got "
+                                  "worse. Default: the plane's CONTROLPLANE_TUNER_MODE.")
 
 
 DeploymentName = Annotated[str, Path(max_length=50, pattern=r"^[a-z0-9-]+$")]
@@ -283,7 +286,8 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
         from controlplane.tuning.config_search import SearchParams
 
         b = body or SearchBody()
-        params = SearchParams(target_rps=b.target_rps, window_s=b.window_s, canary_trials=b.canary_trials)
+        params = SearchParams(target_rps=b.target_rps, window_s=b.window_s, canary_trials=b.canary_trials,
+                              mode=b.mode)
         return _search_call(lambda s, n, p: s.start(n, p), name, params)
 
     @app.get("/api/v1/searches")

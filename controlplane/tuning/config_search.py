@@ -221,14 +221,16 @@ class SearchParams:
     window_s: float = 1800.0
     canary_trials: int | None = None  # None: the spec's tuning.canary_trials
     seed: int = 0
+    mode: str | None = None  # recommend | auto; None: the plane's tuner mode
 
 
 def run_search(store: Any, recs: Any, dep: Deployment, *, ready: Sequence[str], current_replicas: int,
                slos: Sequence[Any], params: SearchParams, now: float,
                canary_factory: Callable[[Workload, Sequence[Objective]], Canary] | None = None,
-               progress: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
-    """Calibrate on the deployment's best-observed ready replica, search, store the recommendation (mode
-    `recommend`: a rolling restart is a person's call). Returns what was decided, JSON-ready."""
+               progress: Callable[[str], None] = lambda line: None, mode: str = "recommend") -> dict[str, Any]:
+    """Calibrate on the deployment's best-observed ready replica, search, store the recommendation in `mode`
+    (`recommend` waits for a person; `auto` is applied and judged by `SearchJobs`). Returns what was decided,
+    JSON-ready."""
     from controlplane.tuning.calibrate import calibrated_replica
     from controlplane.tuning.search_space import CalibratedFactory
     from controlplane.tuning.workload import from_rows
@@ -279,7 +281,7 @@ def run_search(store: Any, recs: Any, dep: Deployment, *, ready: Sequence[str], 
                 "window_s": params.window_s, "not_predicted": list(skipped)}
     now_ev = current_evidence(current_replicas, dep.price_per_replica_hour_usd, baseline)
     p = proposal(dep, current_replicas, result, calibration=calibration, workload=workload, current=now_ev)
-    rid = recs.add(p, "recommend") if p is not None else None
+    rid = recs.add(p, mode) if p is not None else None
     if p is None:
         why = ("nothing meets every SLO within the allowed configurations" if result.chosen is None
                else "the current configuration is already the cheapest that meets every SLO")
@@ -291,15 +293,42 @@ def run_search(store: Any, recs: Any, dep: Deployment, *, ready: Sequence[str], 
                                                           "workload": workload, "current": now_ev}}
 
 
+@dataclass(frozen=True)
+class AutoOptions:
+    """How an auto-applied configuration is judged (as the tuner judges a scale change)."""
+
+    verify_s: float = 120.0  # once every replica runs it, judge it on this long of finished requests
+    lookback_s: float = 300.0  # requests finishing this long before the change are its "before"
+    min_requests: int = 50  # on each side; fewer: undecided (kept), never a rollback on too little
+    poll_s: float = 1.0
+    rollout_timeout_s: float = 1800.0
+
+
+Counts = Callable[[Any, float, float], tuple[int, int]]
+"""(runtime, t0, t1) -> (good, known) requests of the deployment that finished in [t0, t1)."""
+
+
 class SearchJobs:
     """Searches run in the background, one per deployment at a time, each in a worker thread (a search takes
     seconds of CPU, a canary trial minutes); `get` reports progress lines and the outcome. Kept in memory: a
-    plane restart forgets them (their recommendations are in the store)."""
+    plane restart forgets them (their recommendations are in the store).
+
+    mode `auto` (the plane's CONTROLPLANE_TUNER_MODE): the recommendation is applied through the supervisor
+    (actor `tuner`: resize, then roll), and once every replica runs it, judged on the requests that finish in
+    `verify_s` against those of the `lookback_s` before: if the share within every SLO fell by more than 2 points
+    and now misses the objective (`loop.verdict`), the previous engine args and count are put back and the
+    recommendation is `rolled_back`."""
 
     def __init__(self, store: Any, recs: Any, supervisor: Any, slos: Sequence[Any], *,
-                 clock: Callable[[], float] = time.time, keep: int = 50) -> None:
+                 clock: Callable[[], float] = time.time, keep: int = 50, mode: str = "recommend",
+                 auto: AutoOptions | None = None, counts: Counts | None = None,
+                 sleep: Callable[[float], Coroutine[Any, Any, None]] = asyncio.sleep) -> None:
         self.store, self.recs, self.supervisor, self.slos, self.clock, self.keep = store, recs, supervisor, slos, \
             clock, keep
+        self.mode = "auto" if mode == "auto" else "recommend"
+        self.auto = auto or AutoOptions()
+        self.counts = counts or self._stored_counts
+        self.sleep = sleep
         self.jobs: dict[int, dict[str, Any]] = {}
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -316,7 +345,8 @@ class SearchJobs:
                                "started_unix_s": self.clock(), "finished_unix_s": None, "progress": [],
                                "result": None, "error": None,
                                "params": {"target_rps": params.target_rps, "window_s": params.window_s,
-                                          "canary_trials": params.canary_trials}}
+                                          "canary_trials": params.canary_trials,
+                                          "mode": params.mode or self.mode}}
         self.jobs[job["id"]] = job
         for old in sorted(self.jobs)[:-self.keep]:
             if self.jobs[old]["status"] != "running":
@@ -349,11 +379,16 @@ class SearchJobs:
                                     requests=rt.dep.tuning.canary_requests, seed=params.seed, progress=progress)
 
         ready = [m.name for m in rt.members.values() if m.state == "ready" and not m.candidate]
+        mode = (params.mode or self.mode) if supervised else "recommend"
         try:
             job["result"] = await asyncio.to_thread(
                 run_search, self.store, self.recs, rt.dep, ready=ready, current_replicas=rt.desired,
                 slos=self.slos, params=params, now=self.clock(),
-                canary_factory=canaries if supervised else None, progress=progress)
+                canary_factory=canaries if supervised else None, progress=progress,
+                mode=mode)
+            rid = job["result"]["recommendation_id"]
+            if rid is not None and mode == "auto":
+                job["result"]["auto"] = await self._apply_and_judge(rt, rid, progress)
             job["status"] = "done"
         except Exception as exc:  # noqa: BLE001 - a failed search is reported with its reason, never raised
             if not isinstance(exc, ValueError):
@@ -362,3 +397,79 @@ class SearchJobs:
                 f"{type(exc).__name__}: {exc}"
         finally:
             job["finished_unix_s"] = self.clock()
+
+    # --- auto mode ------------------------------------------------------------------------------------------
+    def _objective(self, deployment: str) -> tuple[tuple[Any, ...], float]:
+        objectives, _ = objectives_from_slos(s for s in self.slos if s.deployment == deployment)
+        return tuple(t for o in objectives for t in o.targets), max((o.objective for o in objectives), default=0.99)
+
+    def _stored_counts(self, rt: Any, t0: float, t1: float) -> tuple[int, int]:
+        from controlplane.tuning.loop import finished_between, good_count
+
+        targets, _ = self._objective(rt.dep.name)
+        rows: list[dict[str, Any]] = []
+        for name in sorted(rt.members):
+            rows += self.store.requests(since_unix_s=t0 - 600.0, until_unix_s=t1, replica=name, limit=100_000)
+        return good_count(finished_between(rows, t0, t1), targets)
+
+    async def _change(self, rt: Any, engine: Mapping[str, Any], replicas: int | None, reason: str) -> dict[str, Any]:
+        """Resize first (a rolling change refuses resizes while it runs), then roll onto `engine`."""
+        out: dict[str, Any] = {}
+        if replicas is not None and replicas != rt.desired:
+            out["scale"] = await self.supervisor.scale(rt.dep.name, replicas, actor="tuner", reason=reason)
+        out["reconfigure"] = await self.supervisor.reconfigure(rt.dep.name, dict(engine), actor="tuner",
+                                                               reason=reason)
+        return out
+
+    async def _rolled(self, rt: Any) -> None:
+        t0 = self.clock()
+        while rt.rollout is not None and not rt.rollout.done() and self.clock() - t0 < self.auto.rollout_timeout_s:
+            await self.sleep(self.auto.poll_s)
+
+    async def _apply_and_judge(self, rt: Any, rid: int, progress: Callable[[str], None]) -> dict[str, Any]:
+        from controlplane.tuning.loop import ROLL_BACK, verdict
+        from controlplane.tuning.recommendations import APPLIED, FAILED, ROLLED_BACK
+
+        rec = await asyncio.to_thread(self.recs.get, rid)
+        proposed, current = rec["proposed"], rec["current"]
+        _, objective = self._objective(rt.dep.name)
+        now = self.clock()
+        before = await asyncio.to_thread(self.counts, rt, now - self.auto.lookback_s, now)
+        reason = f"recommendation_{rid}"
+        progress(f"auto mode: applying recommendation {rid}")
+        try:
+            applied = await self._change(rt, proposed["engine"], proposed.get("replicas"), reason)
+        except Exception as exc:  # noqa: BLE001 - the supervisor refused: the recommendation failed, say why
+            await asyncio.to_thread(self.recs.decide, rid, FAILED, by="tuner", outcome={"error": str(exc)})
+            progress(f"auto mode: the supervisor refused it: {exc}")
+            return {"verdict": "failed", "error": str(exc)}
+        await asyncio.to_thread(self.recs.decide, rid, APPLIED, by="tuner", outcome={
+            "applied": applied, "before": {"good": before[0], "known": before[1]}})
+        await self._rolled(rt)
+        engine_now = rt.dep.engine.as_dict()
+        if any(engine_now.get(k) != v for k, v in proposed["engine"].items()):
+            why = "the rolling change did not complete (its new replica never became ready; the supervisor rolled back)"
+            await asyncio.to_thread(self.recs.decide, rid, FAILED, by="tuner", expect=(APPLIED,),
+                                    outcome={"verdict": "rollout_rolled_back", "why": why})
+            progress(f"auto mode: {why}")
+            return {"verdict": "rollout_rolled_back"}
+        effective = self.clock()
+        progress(f"auto mode: every replica runs it; judging it on {self.auto.verify_s:.0f} s of requests")
+        await self.sleep(self.auto.verify_s)
+        after = await asyncio.to_thread(self.counts, rt, effective, self.clock())
+        v = verdict(before, after, objective=objective, min_requests=self.auto.min_requests)
+        outcome: dict[str, Any] = {"verdict": v, "after": {"good": after[0], "known": after[1]},
+                                   "in_effect_unix_s": effective, "judged_unix_s": self.clock()}
+        if v == ROLL_BACK:
+            progress("auto mode: the SLO got worse; putting the previous configuration back")
+            try:
+                outcome["rollback"] = await self._change(rt, current["engine"], current.get("replicas"),
+                                                         f"rollback_recommendation_{rid}")
+            except Exception as exc:  # noqa: BLE001 - recorded with the outcome
+                outcome["rollback_error"] = str(exc)
+            await asyncio.to_thread(self.recs.decide, rid, ROLLED_BACK, by="tuner", outcome=outcome,
+                                    expect=(APPLIED,))
+        else:
+            await asyncio.to_thread(self.recs.decide, rid, APPLIED, by="tuner", outcome=outcome, expect=(APPLIED,))
+        progress(f"auto mode: {v} (before {before[0]}/{before[1]} within the SLOs, after {after[0]}/{after[1]})")
+        return outcome

@@ -346,6 +346,9 @@ def search_command(
     window_s: Annotated[float, typer.Option(help="How far back the recorded requests reach, s.")] = 1800.0,
     canary: Annotated[int | None, typer.Option(help="Real trials on a canary replica (default: the spec's "
                                                     "tuning.canary_trials).")] = None,
+    mode: Annotated[str | None, typer.Option(help="recommend (a person applies) or auto (applied, judged, rolled "
+                                                  "back if the SLO got worse); default: the plane's tuner mode.")]
+    = None,
     api: Annotated[str | None, typer.Option(help="The plane's API (default: from CONTROLPLANE_BIND_HOST and "
                                                  "CONTROLPLANE_API_PORT).")] = None,
     token: Annotated[str | None, typer.Option(envvar="CONTROLPLANE_API_TOKEN", help="Bearer token of the API.")]
@@ -361,8 +364,8 @@ def search_command(
     from controlplane.settings import Settings
 
     url = api or f"http://{Settings().bind_host}:{Settings().api_port}"
-    body = {k: v for k, v in {"target_rps": target_rps, "window_s": window_s, "canary_trials": canary}.items()
-            if v is not None}
+    body = {k: v for k, v in {"target_rps": target_rps, "window_s": window_s, "canary_trials": canary,
+                              "mode": mode}.items() if v is not None}
     try:
         with httpx.Client(base_url=url, timeout=30.0, headers={"Authorization": f"Bearer {token or ''}"}) as c:
             r = c.post(f"/api/v1/deployments/{deployment}/search", json=body)

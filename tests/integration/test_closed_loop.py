@@ -45,7 +45,8 @@ def test_burst_breaks_the_ttft_slo_and_the_tuner_adds_a_replica_that_restores_it
                              params={"since": result.started_unix_s, "limit": 10_000}).json()["items"]
         # Then a configuration search on what the loop recorded, with one real canary trial, through the CLI.
         search = subprocess.run([exe, "tune", "search", cfg.deployment, "--api", plane.api_url, "--canary", "1",
-                                 "--window-s", "3600", "--timeout-s", "600"], env=env, capture_output=True,
+                                 "--window-s", "3600", "--timeout-s", "600", "--mode", "recommend"], env=env,
+                                capture_output=True,
                                 text=True, timeout=700)
         searches = httpx.get(plane.api_url + "/api/v1/searches").json()["items"]
     finally:

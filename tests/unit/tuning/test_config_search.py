@@ -182,22 +182,27 @@ def test_the_search_refuses_clearly_what_it_cannot_do(sqlite_store: Store) -> No
 class FakeFleet:
     """The supervisor as the API and the search jobs see it: one ready replica of `deployment()`."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, roll: bool = True) -> None:
         member = SimpleNamespace(name="tiny-0", state="ready", candidate=False)
         self.runtimes = {"tiny": SimpleNamespace(dep=deployment(), members={"tiny-0": member}, desired=1,
-                                                 backend=SimpleNamespace(kind="local"))}
+                                                 backend=SimpleNamespace(kind="local"), rollout=None)}
         self.calls: list[tuple[str, Any]] = []
+        self.roll = roll  # False: the rolling change fails and the supervisor puts the old engine back
 
     def describe(self) -> list[dict[str, Any]]:
         return []
 
     async def scale(self, deployment: str, replicas: int, *, actor: str, reason: str) -> dict[str, Any]:
         self.calls.append(("scale", replicas))
+        self.runtimes[deployment].desired = replicas
         return {"replicas": replicas}
 
     async def reconfigure(self, deployment: str, changes: Mapping[str, Any], *, actor: str,
                           reason: str) -> dict[str, Any]:
         self.calls.append(("reconfigure", dict(changes)))
+        rt = self.runtimes[deployment]
+        if self.roll:
+            rt.dep = rt.dep.with_engine(rt.dep.engine.with_changes(dict(changes)))
         return {"changed": True}
 
 
@@ -249,3 +254,85 @@ def test_a_search_that_cannot_run_reports_why_in_its_job(sqlite_store: Store) ->
                 break
             time.sleep(0.05)
     assert job["status"] == "failed" and "recorded 0 requests" in job["error"] and job["result"] is None
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = BASE + 1000
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, s: float) -> None:
+        self.now += s
+
+
+def run_auto(store: Store, fleet: FakeFleet, counts: list[tuple[int, int]]) -> tuple[dict[str, Any], Any]:
+    """One search in auto mode; `counts` answers the before and after windows in turn."""
+    import asyncio
+
+    record(store, rate=20.0)
+    recs = Recommendations(store.engine)
+    clock = Clock()
+    windows: list[tuple[float, float]] = []
+
+    def count(rt: Any, t0: float, t1: float) -> tuple[int, int]:
+        windows.append((t0, t1))
+        return counts[len(windows) - 1]
+
+    jobs = cs.SearchJobs(store, recs, fleet, [slo("ttft", (LatencyTarget("ttft", 0.5),))], clock=clock, mode="auto",
+                         auto=cs.AutoOptions(verify_s=120.0, lookback_s=300.0, min_requests=50), counts=count,
+                         sleep=clock.sleep)
+
+    async def go() -> dict[str, Any]:
+        job = jobs.start("tiny", cs.SearchParams(target_rps=60.0, window_s=1e6))
+        await asyncio.gather(*jobs._tasks)
+        return jobs.get(job["id"])
+
+    job = asyncio.run(go())
+    assert windows[0] == (BASE + 700, BASE + 1000)  # the 300 s before the change
+    assert windows[1] == (BASE + 1000, BASE + 1120)  # 120 s once every replica runs it
+    return job, recs
+
+
+def test_auto_mode_applies_the_searched_config_and_keeps_it_when_the_slo_holds(sqlite_store: Store) -> None:
+    fleet = FakeFleet()
+    job, recs = run_auto(sqlite_store, fleet, [(95, 100), (99, 100)])
+    assert job["status"] == "done", job
+    rec = recs.get(job["result"]["recommendation_id"])
+    assert rec["mode"] == "auto" and rec["status"] == "applied" and rec["decided_by"] == "tuner"
+    assert rec["outcome"]["verdict"] == "kept" and rec["outcome"]["before"] == {"good": 95, "known": 100}
+    assert fleet.calls == [("scale", rec["proposed"]["replicas"]), ("reconfigure", rec["proposed"]["engine"])]
+    assert fleet.runtimes["tiny"].dep.engine.max_num_seqs == rec["proposed"]["engine"]["max_num_seqs"]
+
+
+def test_auto_mode_puts_the_previous_config_back_when_the_slo_got_worse(sqlite_store: Store) -> None:
+    fleet = FakeFleet()
+    job, recs = run_auto(sqlite_store, fleet, [(99, 100), (80, 100)])
+    rec = recs.get(job["result"]["recommendation_id"])
+    assert rec["status"] == "rolled_back" and rec["outcome"]["verdict"] == "roll_back"
+    assert fleet.calls[2:] == [("scale", 1), ("reconfigure", rec["current"]["engine"])]
+    assert fleet.runtimes["tiny"].dep.engine.max_num_seqs == 16 and fleet.runtimes["tiny"].desired == 1
+    assert any("putting the previous configuration back" in p["line"] for p in job["progress"])
+
+
+def test_auto_mode_marks_failed_a_change_the_supervisor_had_to_roll_back(sqlite_store: Store) -> None:
+    job, recs = run_auto_failed(sqlite_store)
+    rec = recs.get(job["result"]["recommendation_id"])
+    assert rec["status"] == "failed" and rec["outcome"]["verdict"] == "rollout_rolled_back"
+
+
+def run_auto_failed(store: Store) -> tuple[dict[str, Any], Any]:
+    import asyncio
+
+    record(store, rate=20.0)
+    recs = Recommendations(store.engine)
+    jobs = cs.SearchJobs(store, recs, FakeFleet(roll=False), [slo("ttft", (LatencyTarget("ttft", 0.5),))],
+                         clock=Clock(), mode="auto", counts=lambda rt, t0, t1: (99, 100))
+
+    async def go() -> dict[str, Any]:
+        job = jobs.start("tiny", cs.SearchParams(target_rps=60.0, window_s=1e6))
+        await asyncio.gather(*jobs._tasks)
+        return jobs.get(job["id"])
+
+    return asyncio.run(go()), recs
