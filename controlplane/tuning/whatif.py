@@ -398,14 +398,23 @@ def search_command(
     for col in ("", "engine", "replicas", "capacity req/s per replica", "$/h"):
         table.add_column(col)
     cur = ev["current"]
-    table.add_row("running", str(cur.get("engine", "")), f"{cur['replicas']} (needs {cur['replicas_needed']})",
+    now_engine, new_engine = cur.get("engine") or {}, ev.get("engine") or {}
+    differ = [k for k in new_engine if new_engine.get(k) != now_engine.get(k)] or list(new_engine)[:2]
+    table.add_row("running", _fields(now_engine, differ), f"{cur['replicas']} (needs {cur['replicas_needed']})",
                   _num(cur["capacity_rps_per_replica"]), _num(cur["usd_per_hour_needed"]))
-    table.add_row("searched", str(ev["engine"]), str(ev["replicas"]), _num(ev["capacity_rps_per_replica"]),
+    table.add_row("searched", _fields(new_engine, differ), str(ev["replicas"]), _num(ev["capacity_rps_per_replica"]),
                   _num(ev["usd_per_hour"]))
     _console.print(table)
-    if res["recommendation_id"] is not None:
-        _console.print(f"recommendation {res['recommendation_id']}: POST {url}/api/v1/recommendations/"
-                       f"{res['recommendation_id']}/apply to roll it out")
+    rid, auto = res["recommendation_id"], res.get("auto")
+    if rid is not None and auto is not None:
+        _console.print(f"recommendation {rid} was applied (auto mode): {auto.get('verdict')}"
+                       + (f"; {auto['error']}" if auto.get("error") else ""))
+    elif rid is not None:
+        _console.print(f"recommendation {rid}: POST {url}/api/v1/recommendations/{rid}/apply to roll it out")
+
+
+def _fields(engine: dict[str, Any], keys: list[str]) -> str:
+    return ", ".join(f"{k} {engine.get(k)}" for k in keys) or "-"
 
 
 def _num(v: float | None) -> str:

@@ -67,3 +67,61 @@ def test_tune_what_if_flag_form_runs_the_what_if_command() -> None:
     result = runner.invoke(app, spelled_as_subcommands(argv))
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["model"] == "Llama-3.1-8B"
+
+
+def _search_api(result: dict[str, object], status: str = "done") -> object:
+    """A plane's search endpoints that answer one finished search (FastAPI, served for real by the test)."""
+    from fastapi import FastAPI, Header, HTTPException
+
+    api = FastAPI()
+
+    @api.post("/api/v1/deployments/{name}/search", status_code=202)
+    def start(name: str, authorization: str = Header("")) -> dict[str, object]:
+        if authorization != "Bearer t0k":
+            raise HTTPException(401, detail="missing or wrong bearer token")
+        if name != "tiny":
+            raise HTTPException(404, detail="unknown deployment 'nope'; known: tiny")
+        return {"id": 1, "status": "running", "progress": []}
+
+    @api.get("/api/v1/searches/1")
+    def get() -> dict[str, object]:
+        return {"id": 1, "status": status, "error": "tiny-0 recorded 3 requests" if status == "failed" else None,
+                "progress": [{"unix_s": 0, "line": "searching 9 configurations"}], "result": result}
+
+    return api
+
+
+EVIDENCE = {"target_rps": 5.0, "engine": {"max_num_seqs": 4, "max_num_batched_tokens": 1024, "quantization": None},
+            "replicas": 1, "capacity_rps_per_replica": 55.8, "usd_per_hour": 0.05,
+            "current": {"engine": {"max_num_seqs": 2, "max_num_batched_tokens": 2048, "quantization": None},
+                        "replicas": 1, "replicas_needed": 1, "capacity_rps_per_replica": 29.6,
+                        "usd_per_hour_needed": 0.05}}
+
+
+def test_tune_search_prints_progress_and_what_changes_and_how_it_was_applied() -> None:
+    from tests.unit.ui.plane import serve_app
+
+    result = {"outcome": "same_cost_more_headroom: seqs=4 x 1", "recommendation_id": 3, "evidence": EVIDENCE,
+              "auto": {"verdict": "kept"}}
+    with serve_app(_search_api(result)) as url:
+        out = runner.invoke(app, ["tune", "search", "tiny", "--api", url, "--token", "t0k", "--mode", "auto"],
+                            env={"COLUMNS": "200"})  # a wide table: no cell wraps
+        denied = runner.invoke(app, ["tune", "search", "tiny", "--api", url, "--token", "wrong"])
+        unknown = runner.invoke(app, ["tune", "search", "nope", "--api", url, "--token", "t0k"])
+    assert out.exit_code == 0, out.output
+    assert "searching 9 configurations" in out.output and "same_cost_more_headroom" in out.output
+    assert "max_num_seqs 2, max_num_batched_tokens 2048" in out.output  # only what differs
+    assert "max_num_seqs 4, max_num_batched_tokens 1024" in out.output and "quantization" not in out.output
+    assert "recommendation 3 was applied (auto mode): kept" in out.output
+    assert denied.exit_code == 2 and "401" in denied.output and "bearer token" in denied.output
+    assert unknown.exit_code == 2 and "unknown deployment" in unknown.output and "Traceback" not in unknown.output
+
+
+def test_tune_search_reports_a_failed_search_and_an_unreachable_plane() -> None:
+    from tests.unit.ui.plane import serve_app
+
+    with serve_app(_search_api({}, status="failed")) as url:
+        failed = runner.invoke(app, ["tune", "search", "tiny", "--api", url, "--token", "t0k"])
+    assert failed.exit_code == 1 and "tiny-0 recorded 3 requests" in failed.output
+    down = runner.invoke(app, ["tune", "search", "tiny", "--api", "http://127.0.0.1:9", "--token", "t0k"])
+    assert down.exit_code == 1 and "cannot reach the plane's API at http://127.0.0.1:9" in down.output
