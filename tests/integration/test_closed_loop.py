@@ -68,7 +68,7 @@ def test_burst_breaks_the_ttft_slo_and_the_tuner_adds_a_replica_that_restores_it
     assert b_n > 100 and b_share is not None and b_share < cfg.objective, (b_share, b_n)
     # ... and was met again once the second replica served, at the same burst rate.
     assert r_n > 200 and r_share is not None and r_share >= cfg.objective, (r_share, r_n)
-    assert result.alert_fired_unix_s is not None and result.scaled_unix_s is not None
+    assert result.scaled_unix_s is not None
 
     db = sqlite3.connect(tmp_path / "controlplane.db")
     rec = db.execute("SELECT status, mode, reason, decided_by, json_extract(proposed, '$.replicas'), "
@@ -92,7 +92,14 @@ def test_burst_breaks_the_ttft_slo_and_the_tuner_adds_a_replica_that_restores_it
     assert i_decide < i_scale < i_started < i_ready
     fired = db.execute("SELECT count(*) FROM slo_alerts WHERE slo = ? AND severity = 'page' AND fired_unix_s IS "
                        "NOT NULL", (f"{cfg.deployment}-ttft",)).fetchone()[0]
-    assert fired >= 1
+    # A scale-up on observed trouble comes after requests were late for two intervals, and the backlog stays late
+    # until the second replica is up: the 2-minute page fires. A forecast scale-up can come before the burn
+    # reaches the page's rate (seen once: the burst then broke the SLO for too short a time to page), and not
+    # paging then is right. Either way a page that fired is in the store and in the loop's timeline.
+    if reason == "scale_up_slo_risk":
+        assert fired >= 1 and result.alert_fired_unix_s is not None
+    if result.alert_fired_unix_s is not None:
+        assert fired >= 1
     # the requests that failed at the client are few next to those served (the router retries, never drops)
     failed = [s for s in result.sent if not s.result.ok]
     assert len(failed) <= 0.01 * len(result.sent), failed[:3]
