@@ -325,16 +325,12 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
             if rec["kind"] == "scale":
                 result = await _act(ctl.scale(rec["deployment"], int(rec["proposed"]["replicas"]), actor="user",
                                               reason=reason))
-            else:
-                # A searched configuration comes with its replica count: resize first (a rolling change
-                # refuses a resize while it runs), then roll every replica onto the new engine args.
-                replicas = rec["proposed"].get("replicas")
-                result = {}
-                if replicas is not None and replicas != rec["current"].get("replicas"):
-                    result["scale"] = await _act(ctl.scale(rec["deployment"], int(replicas), actor="user",
-                                                           reason=reason))
-                result |= await _act(ctl.reconfigure(rec["deployment"], dict(rec["proposed"]["engine"]),
-                                                     actor="user", reason=reason))
+            else:  # a searched configuration comes with its replica count
+                from controlplane.tuning.config_search import resize_then_roll
+
+                result = await _act(resize_then_roll(
+                    ctl, rec["deployment"], rec["proposed"]["engine"], rec["proposed"].get("replicas"),
+                    current_replicas=(rec["current"] or {}).get("replicas"), actor="user", reason=reason))
         except HTTPException as exc:
             _rec_call(recs.decide, rid, FAILED, by="user", outcome={"error": exc.detail})
             raise

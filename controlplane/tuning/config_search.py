@@ -171,6 +171,17 @@ def proposal(dep: Deployment, current_replicas: int, result: SearchResult, *, ca
 
 
 # --- edges --------------------------------------------------------------------------------------------------
+async def resize_then_roll(control: Any, deployment: str, engine: Mapping[str, Any], replicas: int | None, *,
+                           current_replicas: int | None, actor: str, reason: str) -> dict[str, Any]:
+    """Apply a searched configuration: resize first (a rolling change refuses resizes while it runs), then roll
+    every replica onto `engine`. The reconfigure's answer, with the resize's under "scale" when there was one."""
+    out: dict[str, Any] = {}
+    if replicas is not None and replicas != current_replicas:
+        out["scale"] = await control.scale(deployment, int(replicas), actor=actor, reason=reason)
+    rolled: dict[str, Any] = await control.reconfigure(deployment, dict(engine), actor=actor, reason=reason)
+    return rolled | out
+
+
 class CanaryControl(Protocol):
     async def start_canary(self, deployment: str, changes: Mapping[str, Any], *, actor: str,
                            reason: str) -> tuple[str, str | None]: ...
@@ -399,27 +410,15 @@ class SearchJobs:
             job["finished_unix_s"] = self.clock()
 
     # --- auto mode ------------------------------------------------------------------------------------------
-    def _objective(self, deployment: str) -> tuple[tuple[Any, ...], float]:
-        objectives, _ = objectives_from_slos(s for s in self.slos if s.deployment == deployment)
-        return tuple(t for o in objectives for t in o.targets), max((o.objective for o in objectives), default=0.99)
-
     def _stored_counts(self, rt: Any, t0: float, t1: float) -> tuple[int, int]:
-        from controlplane.tuning.loop import finished_between, good_count
+        from controlplane.tuning.loop import finished_between, good_count, recent_requests, slo_targets
 
-        targets, _ = self._objective(rt.dep.name)
-        rows: list[dict[str, Any]] = []
-        for name in sorted(rt.members):
-            rows += self.store.requests(since_unix_s=t0 - 600.0, until_unix_s=t1, replica=name, limit=100_000)
-        return good_count(finished_between(rows, t0, t1), targets)
+        targets, _ = slo_targets(self.slos, rt.dep.name)
+        return good_count(finished_between(recent_requests(self.store, rt.members, t0 - 600.0, t1), t0, t1), targets)
 
     async def _change(self, rt: Any, engine: Mapping[str, Any], replicas: int | None, reason: str) -> dict[str, Any]:
-        """Resize first (a rolling change refuses resizes while it runs), then roll onto `engine`."""
-        out: dict[str, Any] = {}
-        if replicas is not None and replicas != rt.desired:
-            out["scale"] = await self.supervisor.scale(rt.dep.name, replicas, actor="tuner", reason=reason)
-        out["reconfigure"] = await self.supervisor.reconfigure(rt.dep.name, dict(engine), actor="tuner",
-                                                               reason=reason)
-        return out
+        return await resize_then_roll(self.supervisor, rt.dep.name, engine, replicas, current_replicas=rt.desired,
+                                      actor="tuner", reason=reason)
 
     async def _rolled(self, rt: Any) -> None:
         t0 = self.clock()
@@ -427,12 +426,12 @@ class SearchJobs:
             await self.sleep(self.auto.poll_s)
 
     async def _apply_and_judge(self, rt: Any, rid: int, progress: Callable[[str], None]) -> dict[str, Any]:
-        from controlplane.tuning.loop import ROLL_BACK, verdict
+        from controlplane.tuning.loop import ROLL_BACK, slo_targets, verdict
         from controlplane.tuning.recommendations import APPLIED, FAILED, ROLLED_BACK
 
         rec = await asyncio.to_thread(self.recs.get, rid)
         proposed, current = rec["proposed"], rec["current"]
-        _, objective = self._objective(rt.dep.name)
+        _, objective = slo_targets(self.slos, rt.dep.name)
         now = self.clock()
         before = await asyncio.to_thread(self.counts, rt, now - self.auto.lookback_s, now)
         reason = f"recommendation_{rid}"

@@ -186,6 +186,20 @@ def verdict(before: tuple[int, int], after: tuple[int, int], *, objective: float
     return ROLL_BACK if a < b - tolerance and a < objective else KEPT
 
 
+def slo_targets(slos: Iterable[Slo], deployment: str) -> tuple[tuple[LatencyTarget, ...], float]:
+    """Every latency target of the deployment's SLOs (a request is good when all hold) and the strictest objective."""
+    objectives, _ = objectives_from_slos(s for s in slos if s.deployment == deployment)
+    return tuple(t for o in objectives for t in o.targets), max((o.objective for o in objectives), default=0.99)
+
+
+def recent_requests(store: Any, replicas: Iterable[str], since: float, until: float) -> list[dict[str, Any]]:
+    """The stored requests of these replicas that arrived in [since, until)."""
+    rows: list[dict[str, Any]] = []
+    for r in sorted(replicas):
+        rows += store.requests(since_unix_s=since, until_unix_s=until, replica=r, limit=100_000)
+    return rows
+
+
 # --- the edge -----------------------------------------------------------------------------------------------
 class FleetView(Protocol):
     """What the tuner reads from and asks of the supervisor."""
@@ -299,9 +313,7 @@ class Tuner:
         self.last_obs: dict[str, Observation] = {}
 
     def _targets(self, deployment: str) -> tuple[tuple[LatencyTarget, ...], float]:
-        objectives, _ = objectives_from_slos(s for s in self.slos if s.deployment == deployment)
-        targets = tuple(t for o in objectives for t in o.targets)
-        return targets, max((o.objective for o in objectives), default=0.99)
+        return slo_targets(self.slos, deployment)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -383,10 +395,7 @@ class Tuner:
         return decision
 
     def _recent_requests(self, replicas: set[str], since: float, until: float) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = []
-        for r in sorted(replicas):
-            rows += self.store.requests(since_unix_s=since, until_unix_s=until, replica=r, limit=100_000)
-        return rows
+        return recent_requests(self.store, replicas, since, until)
 
     def _latest_samples(self, ready: Sequence[str], now: float) -> dict[str, dict[str, Any] | None]:
         out: dict[str, dict[str, Any] | None] = {}
