@@ -115,13 +115,13 @@ class FakeCanary:
 
 
 def test_a_search_on_recorded_requests_stores_a_reconfigure_recommendation_with_its_evidence(
-        sqlite_store: Store) -> None:
-    record(sqlite_store, rate=20.0)
-    recs = Recommendations(sqlite_store.engine, clock=lambda: BASE + 1000)
+        store: Store) -> None:  # SQLite and PostgreSQL
+    record(store, rate=20.0)
+    recs = Recommendations(store.engine, clock=lambda: BASE + 1000)
     slos = [slo("ttft", (LatencyTarget("ttft", 0.5),)), slo("other", (LatencyTarget("ttft", 0.001),), deployment="x")]
     lines: list[str] = []
     # Three times the recorded rate: one replica of the running config no longer holds, so something changes.
-    out = cs.run_search(sqlite_store, recs, deployment(), ready=["tiny-0"], current_replicas=1, slos=slos,
+    out = cs.run_search(store, recs, deployment(), ready=["tiny-0"], current_replicas=1, slos=slos,
                         params=cs.SearchParams(target_rps=60.0, window_s=1e6), now=BASE + 1000, progress=lines.append)
     rec = recs.get(out["recommendation_id"])
     assert rec["kind"] == "reconfigure" and rec["mode"] == "recommend" and rec["status"] == "open"
