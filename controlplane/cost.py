@@ -147,18 +147,24 @@ class Usage:
 
 def usage(deployment: str, price: float | None, replicas: Sequence[Samples], edges: FloatArray,
           max_gap_s: float = DEFAULT_MAX_GAP_S) -> Usage:
-    """Sum the replicas of a deployment step by step; a step's tokens are known if any replica's are."""
+    """Sum the replicas of a deployment step by step. A step's tokens are known when some replica's are
+    and no replica that was up in it (whose time is billed) has unknown tokens there: its tokens are
+    part of what the step's cost bought, so leaving them out would overstate the $/1M."""
     n = len(edges) - 1
     up = np.zeros(n)
     tokens = {"p": (np.zeros(n), np.zeros(n, dtype=np.bool_)), "g": (np.zeros(n), np.zeros(n, dtype=np.bool_))}
+    missing = {"p": np.zeros(n, dtype=np.bool_), "g": np.zeros(n, dtype=np.bool_)}
     for s in replicas:
-        up += up_seconds(s, edges, max_gap_s)
+        replica_up = up_seconds(s, edges, max_gap_s)
+        up += replica_up
         for key, series in (("p", s.prompt_tokens_total), ("g", s.generation_tokens_total)):
             inc, known = counter_increase(s.ts_unix_s, series, edges)
             acc, acc_known = tokens[key]
             tokens[key] = (acc + inc, acc_known | known)
+            missing[key] |= (replica_up > 0) & ~known
     (p, pk), (g, gk) = tokens["p"], tokens["g"]
-    return Usage(deployment, price, edges, up, np.where(pk, p, np.nan), np.where(gk, g, np.nan))
+    return Usage(deployment, price, edges, up, np.where(pk & ~missing["p"], p, np.nan),
+                 np.where(gk & ~missing["g"], g, np.nan))
 
 
 def _opt(x: float) -> float | None:
@@ -171,11 +177,6 @@ def per_million(usd: float | None, tokens: float | None) -> float | None:
     if usd is None or tokens is None or tokens <= 0 or usd <= 0:
         return None
     return usd / tokens * TOKENS_PER_MILLION
-
-
-def _sum_known(*xs: float | None) -> float | None:
-    known = [x for x in xs if x is not None]
-    return sum(known) if known else None
 
 
 @dataclass(frozen=True)
@@ -213,18 +214,24 @@ def points(u: Usage) -> list[CostPoint]:
         out.append(CostPoint(
             ts_unix_s=lo, replicas_up=replicas_up, usd_per_hour=None if price is None else replicas_up * price,
             prompt_tokens=p, completion_tokens=g, usd_per_1m_prompt_tokens=per_million(usd, p),
-            usd_per_1m_completion_tokens=per_million(usd, g), usd_per_1m_tokens=per_million(usd, _sum_known(p, g)),
+            usd_per_1m_completion_tokens=per_million(usd, g),
+            usd_per_1m_tokens=None if p is None or g is None else per_million(usd, p + g),
         ))
     return out
 
 
 def totals(u: Usage) -> CostTotals:
+    """The window's sums. Its $/1M sets the cost of the steps whose tokens of both kinds are known
+    against those tokens only: the cost of a step with unknown tokens bought tokens nobody counted."""
     price = u.price_per_replica_hour_usd
     replica_hours = float(u.up_s.sum()) / 3600.0
     usd = None if price is None else replica_hours * price
     p = _opt(float(np.nansum(u.prompt_tokens))) if np.any(~np.isnan(u.prompt_tokens)) else None
     g = _opt(float(np.nansum(u.completion_tokens))) if np.any(~np.isnan(u.completion_tokens)) else None
-    return CostTotals(replica_hours, usd, p, g, per_million(usd, _sum_known(p, g)))
+    both = ~np.isnan(u.prompt_tokens) & ~np.isnan(u.completion_tokens)
+    usd_counted = None if price is None else float(u.up_s[both].sum()) / 3600.0 * price
+    counted = float((u.prompt_tokens[both] + u.completion_tokens[both]).sum()) if both.any() else None
+    return CostTotals(replica_hours, usd, p, g, per_million(usd_counted, counted))
 
 
 def cost_json(u: Usage) -> dict[str, Any]:

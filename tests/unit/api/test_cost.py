@@ -173,3 +173,29 @@ def test_a_failing_source_yields_no_cost_series() -> None:
         raise RuntimeError("store down")
 
     assert "controlplane_cost" not in _scrape(cost.CostCollector(broken, window_s=300, clock=lambda: 1000.0))
+
+
+def test_a_billed_replica_with_unknown_tokens_makes_the_step_unknown_not_cheaper_per_token() -> None:
+    # Two replicas up for the hour at $1/h each; only the first one's counters could be read. Counting
+    # the second one's cost against the first one's tokens would double the $/1M.
+    known = cost.Samples.from_rows(steady(0, 3600, prompt_per_s=100, completion_per_s=100))
+    blind = cost.Samples.from_rows([(t, True, None, None) for t, *_ in steady(0, 3600)])
+    u = cost.usage("tiny", 1.0, [known, blind], np.array([0.0, 1800.0, 3600.0]))
+    for p in cost.points(u):
+        assert p.usd_per_hour == pytest.approx(2.0)
+        assert p.prompt_tokens is None and p.usd_per_1m_tokens is None and p.usd_per_1m_prompt_tokens is None
+    t = cost.totals(u)
+    assert t.usd == pytest.approx(2.0) and t.usd_per_1m_tokens is None
+
+
+def test_the_window_price_per_token_leaves_out_the_cost_of_steps_whose_tokens_are_unknown() -> None:
+    # One replica at $3.60/h for two half-hours; its counters are unreadable in the second one.
+    rows = steady(0, 1800, prompt_per_s=50, completion_per_s=50)
+    rows += [(t, True, None, None) for t, *_ in steady(1810, 3600)]
+    u = cost.usage("tiny", 3.6, [cost.Samples.from_rows(rows)], np.array([0.0, 1800.0, 3600.0]))
+    first, second = cost.points(u)
+    assert first.usd_per_1m_tokens == pytest.approx(1.8 / 180_000 * 1e6)
+    assert second.prompt_tokens is None and second.usd_per_1m_tokens is None
+    t = cost.totals(u)
+    assert t.usd == pytest.approx(3.6, rel=0.01)  # the whole hour is billed
+    assert t.usd_per_1m_tokens == pytest.approx(first.usd_per_1m_tokens)  # but only the counted half is priced
