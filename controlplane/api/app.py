@@ -321,6 +321,7 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
             raise HTTPException(409, detail=f"recommendation {rid} is {rec['status']}; only open ones can be applied")
         ctl = need_control()
         reason = f"recommendation_{rid}"
+        _rec_call(recs.claim, rid, by="user")  # 409 if someone applied, dismissed or superseded it meanwhile
         try:
             if rec["kind"] == "scale":
                 result = await _act(ctl.scale(rec["deployment"], int(rec["proposed"]["replicas"]), actor="user",
@@ -332,9 +333,9 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
                     ctl, rec["deployment"], rec["proposed"]["engine"], rec["proposed"].get("replicas"),
                     current_replicas=(rec["current"] or {}).get("replicas"), actor="user", reason=reason))
         except HTTPException as exc:
-            _rec_call(recs.decide, rid, FAILED, by="user", outcome={"error": exc.detail})
+            _rec_call(recs.decide, rid, FAILED, by="user", outcome={"error": exc.detail}, expect=(APPLIED,))
             raise
-        return _rec_call(recs.decide, rid, APPLIED, by="user", outcome={"applied": result})
+        return _rec_call(recs.decide, rid, APPLIED, by="user", outcome={"applied": result}, expect=(APPLIED,))
 
     @app.post("/api/v1/recommendations/{rid}/dismiss", dependencies=[Depends(require_token)])
     def dismiss_recommendation(rid: RecId) -> dict[str, Any]:

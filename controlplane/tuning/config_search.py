@@ -436,13 +436,15 @@ class SearchJobs:
         before = await asyncio.to_thread(self.counts, rt, now - self.auto.lookback_s, now)
         reason = f"recommendation_{rid}"
         progress(f"auto mode: applying recommendation {rid}")
+        await asyncio.to_thread(self.recs.claim, rid, by="tuner")
         try:
             applied = await self._change(rt, proposed["engine"], proposed.get("replicas"), reason)
         except Exception as exc:  # noqa: BLE001 - the supervisor refused: the recommendation failed, say why
-            await asyncio.to_thread(self.recs.decide, rid, FAILED, by="tuner", outcome={"error": str(exc)})
+            await asyncio.to_thread(self.recs.decide, rid, FAILED, by="tuner", outcome={"error": str(exc)},
+                                    expect=(APPLIED,))
             progress(f"auto mode: the supervisor refused it: {exc}")
             return {"verdict": "failed", "error": str(exc)}
-        await asyncio.to_thread(self.recs.decide, rid, APPLIED, by="tuner", outcome={
+        await asyncio.to_thread(self.recs.decide, rid, APPLIED, by="tuner", expect=(APPLIED,), outcome={
             "applied": applied, "before": {"good": before[0], "known": before[1]}})
         await self._rolled(rt)
         engine_now = rt.dep.engine.as_dict()

@@ -33,7 +33,15 @@ from controlplane.tuning.autoscaler import (
     decide,
 )
 from controlplane.tuning.capacity import FleetCapacity, objectives_from_slos
-from controlplane.tuning.recommendations import APPLIED, OPEN, ROLLED_BACK, SUPERSEDED, Proposal, Recommendations
+from controlplane.tuning.recommendations import (
+    APPLIED,
+    OPEN,
+    ROLLED_BACK,
+    SUPERSEDED,
+    Proposal,
+    RecommendationError,
+    Recommendations,
+)
 
 log = logging.getLogger(__name__)
 
@@ -428,8 +436,11 @@ class Tuner:
         if decision.desired_replicas == current:
             for r in open_scale:  # nothing to change any more: what was proposed is stale
                 if int(r["proposed"]["replicas"]) != current:
-                    await asyncio.to_thread(self.recs.decide, r["id"], SUPERSEDED, by=ACTOR,
-                                            outcome={"why": f"no longer needed: the autoscaler holds at {current}"})
+                    try:
+                        await asyncio.to_thread(self.recs.decide, r["id"], SUPERSEDED, by=ACTOR, outcome={
+                            "why": f"no longer needed: the autoscaler holds at {current}"})
+                    except RecommendationError:
+                        pass  # a person applied or dismissed it meanwhile: theirs stands
             return
         if any(int(r["proposed"]["replicas"]) == decision.desired_replicas for r in open_scale):
             return  # already proposed; waiting for a person
@@ -442,13 +453,15 @@ class Tuner:
         if mode != "auto":
             return
         before = self._counts_since(st, now - self.options.lookback_s)
+        await asyncio.to_thread(self.recs.claim, rid, by=ACTOR)
         try:
             result = await self.fleet.scale(name, decision.desired_replicas, actor=ACTOR,
                                             reason=f"recommendation_{rid}")
         except Exception as exc:  # noqa: BLE001 - the supervisor refused: the recommendation failed, say why
-            await asyncio.to_thread(self.recs.decide, rid, "failed", by=ACTOR, outcome={"error": str(exc)})
+            await asyncio.to_thread(self.recs.decide, rid, "failed", by=ACTOR, outcome={"error": str(exc)},
+                                    expect=(APPLIED,))
             return
-        await asyncio.to_thread(self.recs.decide, rid, APPLIED, by=ACTOR,
+        await asyncio.to_thread(self.recs.decide, rid, APPLIED, by=ACTOR, expect=(APPLIED,),
                                 outcome={"applied": _jsonable(result), "before": {"good": before[0],
                                                                                    "known": before[1]}})
         old = st.applied

@@ -2,6 +2,9 @@
 
 Statuses: open -> applied | dismissed | superseded; applied -> rolled_back (the SLO got worse after
 the change) | failed (the supervisor refused it). Every status change is kept with who decided it.
+A recommendation becomes applied when its application starts (`claim`, outcome.applying_since_unix_s), so a
+second person, the tuner's next proposal or its clean-up cannot act on it meanwhile; status changes are
+compare-and-set, so of two racing decisions one is refused with a 409.
 """
 
 from __future__ import annotations
@@ -75,14 +78,31 @@ class Recommendations:
 
     def decide(self, rid: int, status: str, *, by: str, outcome: Mapping[str, Any] | None = None,
                expect: tuple[str, ...] = (OPEN,)) -> dict[str, Any]:
-        """Move a recommendation to `status` if it is in one of `expect` (409 otherwise)."""
+        """Move a recommendation to `status` if it is in one of `expect` (409 otherwise).
+
+        Compare-and-set: the row is updated only while it still holds the status that was read, so of two
+        deciders racing (a person and the tuner, or two people) one wins and the other gets the 409."""
         current = self.get(rid)
         if current["status"] not in expect:
-            raise RecommendationError(
-                f"recommendation {rid} is {current['status']}; only {' or '.join(expect)} ones can become {status}")
+            raise self._refusal(rid, current["status"], status, expect)
         values: dict[str, Any] = {"status": status, "decided_unix_s": self.clock(), "decided_by": by}
         if outcome is not None:
             values["outcome"] = {**(current["outcome"] or {}), **dict(outcome)}
         with self.engine.begin() as conn:
-            conn.execute(update(Recommendation).where(Recommendation.id == rid).values(**values))
+            changed = conn.execute(update(Recommendation).where(
+                Recommendation.id == rid, Recommendation.status == current["status"],
+                Recommendation.decided_unix_s.is_(None) if current["decided_unix_s"] is None
+                else Recommendation.decided_unix_s == current["decided_unix_s"]).values(**values)).rowcount
+        if changed != 1:
+            raise self._refusal(rid, self.get(rid)["status"], status, expect, raced=True)
         return self.get(rid)
+
+    def claim(self, rid: int, *, by: str) -> dict[str, Any]:
+        """Mark an open recommendation applied before acting on it, so nobody else applies, dismisses or
+        supersedes it meanwhile; the caller then records the result (applied) or the refusal (failed)."""
+        return self.decide(rid, APPLIED, by=by, outcome={"applying_since_unix_s": self.clock()})
+
+    @staticmethod
+    def _refusal(rid: int, is_: str, to: str, expect: tuple[str, ...], raced: bool = False) -> RecommendationError:
+        return RecommendationError(f"recommendation {rid} is {is_}{' (changed meanwhile)' if raced else ''}; "
+                                   f"only {' or '.join(expect)} ones can become {to}")

@@ -135,3 +135,48 @@ def test_a_newer_proposal_supersedes_the_open_one(sqlite_store: Store, api: Test
     first, second = _propose(sqlite_store), _propose(sqlite_store, replicas=3)
     assert api.get(f"/api/v1/recommendations/{first}").json()["status"] == "superseded"
     assert api.get(f"/api/v1/recommendations/{second}").json()["status"] == "open"
+
+
+def test_a_recommendation_being_applied_cannot_be_dismissed_or_superseded_meanwhile(sqlite_store: Store) -> None:
+    from controlplane.tuning.recommendations import DISMISSED, RecommendationError, Recommendations
+
+    recs = Recommendations(sqlite_store.engine)
+    seen: list[str] = []
+
+    class Racing(FakeControl):
+        async def scale(self, deployment: str, replicas: int, *, actor: str, reason: str) -> dict[str, Any]:
+            # While the supervisor works on it, a second person dismisses it and the tuner proposes anew.
+            with pytest.raises(RecommendationError, match="is applied"):
+                recs.decide(rid, DISMISSED, by="someone else")
+            seen.append(recs.get(rid)["status"])
+            _propose(sqlite_store, replicas=3)
+            return await super().scale(deployment, replicas, actor=actor, reason=reason)
+
+    control = Racing()
+    api = TestClient(create_app(sqlite_store, CollectorRegistry(), control=control, api_token="s3cret"))
+    rid = _propose(sqlite_store)
+    r = api.post(f"/api/v1/recommendations/{rid}/apply", headers=AUTH)
+    assert r.status_code == 200 and r.json()["status"] == "applied"
+    assert r.json()["outcome"]["applied"] == {"deployment": "tiny", "replicas": 2}
+    assert seen == ["applied"] and control.calls == [("tiny", 2, "user", f"recommendation_{rid}")]
+
+
+def test_deciding_on_a_stale_read_is_refused_and_keeps_the_winner(sqlite_store: Store) -> None:
+    from controlplane.tuning.recommendations import APPLIED, DISMISSED, RecommendationError, Recommendations
+
+    rid = _propose(sqlite_store)
+    stale = Recommendations(sqlite_store.engine).get(rid)
+
+    class SlowReader(Recommendations):
+        reads = 0
+
+        def get(self, rid: int) -> dict[str, Any]:
+            self.reads += 1
+            return stale if self.reads == 1 else super().get(rid)  # read before the other decision landed
+
+    Recommendations(sqlite_store.engine).decide(rid, DISMISSED, by="first")
+    with pytest.raises(RecommendationError, match="dismissed .changed meanwhile.") as exc:
+        SlowReader(sqlite_store.engine).decide(rid, APPLIED, by="second")
+    assert exc.value.status == 409
+    row = Recommendations(sqlite_store.engine).get(rid)
+    assert row["status"] == "dismissed" and row["decided_by"] == "first"
