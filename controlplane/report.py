@@ -8,6 +8,7 @@ so the report shows what an operator would see, not what the load generator beli
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,8 +56,7 @@ def fetch(api_url: str, *, deployment: str, slo_name: str, since: float, until: 
             if before is None:
                 break
         out["requests"] = reqs
-        out["samples"] = api.get("/api/v1/engine-samples", params={"since": since, "until": until,
-                                                                  "limit": 10_000}).raise_for_status().json()["items"]
+        out["samples"] = engine_samples(api, since, until)
         step = max(10, int((until - since) / 60))
         r = api.get("/api/v1/cost", params={"deployment": deployment, "since": since, "until": until, "step_s": step})
         out["cost"] = r.json()["items"][0] if r.status_code == 200 and r.json().get("items") else None
@@ -66,6 +66,23 @@ def fetch(api_url: str, *, deployment: str, slo_name: str, since: float, until: 
         out["recommendations"] = api.get("/api/v1/recommendations",
                                          params={"deployment": deployment}).raise_for_status().json()["items"]
     return out
+
+
+def engine_samples(api: httpx.Client, since: float, until: float, page: int = 10_000) -> list[dict[str, Any]]:
+    """Every engine sample in [since, until), oldest first. The endpoint returns the newest `page` rows,
+    so a long run is read page by page towards the past (a row sharing the oldest timestamp of a page is
+    asked for again and kept once)."""
+    rows: dict[Any, dict[str, Any]] = {}
+    upper = until
+    while True:
+        items = api.get("/api/v1/engine-samples", params={"since": since, "until": upper, "limit": page}
+                        ).raise_for_status().json()["items"]
+        rows.update({r["id"]: r for r in items})
+        oldest = min((float(r["ts_unix_s"]) for r in items), default=None)
+        if len(items) < page or oldest is None or math.nextafter(oldest, math.inf) >= upper:
+            break  # the last page, or a page of one timestamp only: nothing older is left out by stopping
+        upper = math.nextafter(oldest, math.inf)
+    return sorted(rows.values(), key=lambda r: (float(r["ts_unix_s"]), r["id"]))
 
 
 def _bins(since: float, until: float, width: float) -> np.ndarray:

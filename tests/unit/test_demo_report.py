@@ -19,6 +19,7 @@ from controlplane.demo_loop import (
 from controlplane.loadgen import ClientResult
 from controlplane.report import ReportInput, attainment, render, timeline, ttft_series
 from controlplane.slo.spec import load_slos
+from controlplane.store.repo import Store
 from controlplane.supervisor.spec import parse_deployment
 
 
@@ -103,3 +104,24 @@ def test_load_rates_follow_the_probe_or_fall_back_to_the_configured_ones() -> No
     assert load_rates(cfg, 6.0) == (1.8, 7.5)
     assert load_rates(cfg, None) == (2.0, 9.0)
     assert load_rates(cfg, 0.0) == (2.0, 9.0)  # a probe that completed nothing measured nothing
+
+
+def test_the_report_reads_every_engine_sample_of_a_run_longer_than_one_page(sqlite_store: Store) -> None:
+    from fastapi.testclient import TestClient
+    from prometheus_client import CollectorRegistry
+
+    from controlplane.api.app import create_app
+    from controlplane.report import engine_samples
+
+    a = sqlite_store.register_replica("a", url=None, backend="local")
+    b = sqlite_store.register_replica("b", url=None, backend="local")
+    for k in range(25):  # both replicas scraped at the same instants: pages end inside a timestamp
+        for rid in (a, b):
+            sqlite_store.write_engine_sample({"replica_id": rid, "ts_unix_s": 1000.0 + k, "scrape_ok": True,
+                                              "num_waiting": float(k)})
+    sqlite_store.write_engine_sample({"replica_id": a, "ts_unix_s": 2000.0, "scrape_ok": True})  # outside
+    api = TestClient(create_app(sqlite_store, CollectorRegistry()))
+    rows = engine_samples(api, 1000.0, 1025.0, page=7)
+    assert len(rows) == 50 and len({r["id"] for r in rows}) == 50
+    assert [r["ts_unix_s"] for r in rows] == sorted(1000.0 + k for k in range(25) for _ in range(2))
+    assert {r["replica"] for r in rows} == {"a", "b"}
