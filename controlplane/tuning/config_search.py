@@ -315,7 +315,7 @@ class AutoOptions:
     rollout_timeout_s: float = 1800.0
 
 
-Counts = Callable[[Any, float, float], tuple[int, int]]
+Counts = Callable[[Any, float, float], tuple[float, int]]
 """(runtime, t0, t1) -> (good, known) requests of the deployment that finished in [t0, t1)."""
 
 
@@ -410,11 +410,12 @@ class SearchJobs:
             job["finished_unix_s"] = self.clock()
 
     # --- auto mode ------------------------------------------------------------------------------------------
-    def _stored_counts(self, rt: Any, t0: float, t1: float) -> tuple[int, int]:
-        from controlplane.tuning.loop import finished_between, good_count, recent_requests, slo_targets
+    def _stored_counts(self, rt: Any, t0: float, t1: float) -> tuple[float, int]:
+        from controlplane.tuning.loop import finished_between, recent_requests, slo_counts, slo_targets
 
-        targets, _ = slo_targets(self.slos, rt.dep.name)
-        return good_count(finished_between(recent_requests(self.store, rt.members, t0 - 600.0, t1), t0, t1), targets)
+        objectives, objective = slo_targets(self.slos, rt.dep.name)
+        return slo_counts(finished_between(recent_requests(self.store, rt.members, t0 - 600.0, t1), t0, t1),
+                          objectives, objective)
 
     async def _change(self, rt: Any, engine: Mapping[str, Any], replicas: int | None, reason: str) -> dict[str, Any]:
         return await resize_then_roll(self.supervisor, rt.dep.name, engine, replicas, current_replicas=rt.desired,
@@ -472,5 +473,5 @@ class SearchJobs:
                                     expect=(APPLIED,))
         else:
             await asyncio.to_thread(self.recs.decide, rid, APPLIED, by="tuner", outcome=outcome, expect=(APPLIED,))
-        progress(f"auto mode: {v} (before {before[0]}/{before[1]} within the SLOs, after {after[0]}/{after[1]})")
+        progress(f"auto mode: {v} (before {before[0]:g}/{before[1]} within the SLOs, after {after[0]:g}/{after[1]})")
         return outcome

@@ -32,7 +32,7 @@ from controlplane.tuning.autoscaler import (
     ReplicaReading,
     decide,
 )
-from controlplane.tuning.capacity import FleetCapacity, objectives_from_slos
+from controlplane.tuning.capacity import FleetCapacity, Objective, objectives_from_slos
 from controlplane.tuning.recommendations import (
     APPLIED,
     OPEN,
@@ -89,6 +89,27 @@ def good_count(rows: Sequence[Mapping[str, Any]], targets: Sequence[LatencyTarge
     return good, known
 
 
+def slo_counts(rows: Sequence[Mapping[str, Any]], objectives: Sequence[Objective],
+               objective: float) -> tuple[float, int]:
+    """(good, known) of these requests against several SLOs, on the scale of `objective` (the strictest).
+
+    Each SLO burns its own budget: its bad share over 1 - its objective. A request missing a lax SLO's target
+    must not count against a strict one's budget, so the requests are not judged against every target at once.
+    The worst burn is returned as the share of good requests that would burn `objective`'s budget as fast,
+    over that SLO's known requests; with one SLO this is its plain good count. No known request: (0, 0)."""
+    worst: tuple[float, int, int, float] | None = None  # (burn, known, good, that SLO's objective)
+    for o in objectives:
+        g, k = good_count(rows, o.targets)
+        if k and (worst is None or ((1 - g / k) / (1 - o.objective), k) > worst[:2]):
+            worst = ((1 - g / k) / (1 - o.objective), k, g, o.objective)
+    if worst is None:
+        return 0.0, 0
+    burn, known, good, own = worst
+    if own == objective:
+        return float(good), known
+    return max(0.0, 1.0 - burn * (1.0 - objective)) * known, known
+
+
 def _p99(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
     vals = [float(r[key]) for r in rows if r.get(key) is not None]
     return float(np.quantile(vals, 0.99)) if vals else None
@@ -101,11 +122,12 @@ def _mean(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
 
 def observe(deployment: str, *, desired: int, ready: Sequence[str], rate_rps: float | None,
             latest_samples: Mapping[str, Mapping[str, Any] | None], finished: Sequence[Mapping[str, Any]],
-            targets: Sequence[LatencyTarget], now: float, stale_s: float) -> Observation:
+            objectives: Sequence[Objective], objective: float, now: float, stale_s: float) -> Observation:
     """One interval of a deployment as the autoscaler sees it.
 
     `latest_samples[replica]` is the newest engine sample of each ready replica (None: none stored); a failed or
-    older-than-`stale_s` one is unknown. `finished` are the requests that finished in the interval."""
+    older-than-`stale_s` one is unknown. `finished` are the requests that finished in the interval; their good
+    ratio is `slo_counts`'s, on the scale of `objective` (the autoscaler's)."""
     readings = []
     for name in ready:
         s = latest_samples.get(name)
@@ -116,7 +138,7 @@ def observe(deployment: str, *, desired: int, ready: Sequence[str], rate_rps: fl
         running, waiting = s.get("num_running"), s.get("num_waiting")
         readings.append(ReplicaReading(name, None if running is None else int(running),
                                        None if waiting is None else int(waiting), s.get("kv_usage_ratio")))
-    good, known = good_count(finished, targets) if targets else (0, 0)
+    good, known = slo_counts(finished, objectives, objective)
     # With no replica ready the router turns requests away before counting them: a rate of 0 would read as
     # "no demand" during an outage. Unknown instead.
     rate = rate_rps if ready else None
@@ -125,7 +147,7 @@ def observe(deployment: str, *, desired: int, ready: Sequence[str], rate_rps: fl
         readings=tuple(readings), mean_prompt_tokens=_mean(finished, "prompt_tokens"),
         mean_output_tokens=_mean(finished, "completion_tokens"), ttft_p99_s=_p99(finished, "ttft_s"),
         tpot_p99_s=_p99(finished, "tpot_s"), slo_good_ratio=good / known if known else None,
-        finished=known if targets else None)
+        finished=known if objectives else None)
 
 
 def action_of(decision: Decision, current: int) -> str:
@@ -181,7 +203,7 @@ def proposal_for(deployment: str, decision: Decision, *, current: int, engine: M
 KEPT, ROLL_BACK, UNDECIDED = "kept", "roll_back", "undecided"
 
 
-def verdict(before: tuple[int, int], after: tuple[int, int], *, objective: float, min_requests: int,
+def verdict(before: tuple[float, int], after: tuple[float, int], *, objective: float, min_requests: int,
             tolerance: float = 0.02) -> str:
     """After an applied change: keep it, roll it back (the SLO got worse), or wait for more requests.
 
@@ -194,10 +216,10 @@ def verdict(before: tuple[int, int], after: tuple[int, int], *, objective: float
     return ROLL_BACK if a < b - tolerance and a < objective else KEPT
 
 
-def slo_targets(slos: Iterable[Slo], deployment: str) -> tuple[tuple[LatencyTarget, ...], float]:
-    """Every latency target of the deployment's SLOs (a request is good when all hold) and the strictest objective."""
+def slo_targets(slos: Iterable[Slo], deployment: str) -> tuple[tuple[Objective, ...], float]:
+    """The deployment's latency SLOs and the strictest objective (the scale `slo_counts` reports on)."""
     objectives, _ = objectives_from_slos(s for s in slos if s.deployment == deployment)
-    return tuple(t for o in objectives for t in o.targets), max((o.objective for o in objectives), default=0.99)
+    return objectives, max((o.objective for o in objectives), default=0.99)
 
 
 def recent_requests(store: Any, replicas: Iterable[str], since: float, until: float) -> list[dict[str, Any]]:
@@ -274,7 +296,7 @@ class Applied:
     at: float
     from_replicas: int
     to_replicas: int
-    before: tuple[int, int]
+    before: tuple[float, int]
     effective_at: float | None = None  # when the ready count first reached the new size
 
 
@@ -289,7 +311,7 @@ class _DeploymentState:
     calibrated_at: float | None = None
     last_reason: str | None = None
     applied: Applied | None = None
-    history: list[tuple[float, int, int]] = field(default_factory=list)  # (finish-interval end, good, known)
+    history: list[tuple[float, float, int]] = field(default_factory=list)  # (finish-interval end, good, known)
     no_down_until: float = 0.0  # after a rolled-back scale-down, no other one before this time
     engine: str | None = None  # the engine configuration the capacity model and the proven floor belong to
 
@@ -320,7 +342,7 @@ class Tuner:
         self.decisions: dict[tuple[str, str, str], int] = {}  # (deployment, action, reason) -> count
         self.last_obs: dict[str, Observation] = {}
 
-    def _targets(self, deployment: str) -> tuple[tuple[LatencyTarget, ...], float]:
+    def _targets(self, deployment: str) -> tuple[tuple[Objective, ...], float]:
         return slo_targets(self.slos, deployment)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -362,14 +384,15 @@ class Tuner:
         cut = now - opts.ingest_lag_s
         window_start = st.cut if st.cut is not None else cut - opts.interval_s
         st.cut = cut
-        targets, objective = self._targets(name)
+        objectives, objective = self._targets(name)
         rows = await asyncio.to_thread(self._recent_requests, member_names, window_start - 600.0, now)
         finished = finished_between(rows, window_start, cut)
         samples = await asyncio.to_thread(self._latest_samples, ready, now)
         obs = observe(name, desired=rt.desired, ready=ready, rate_rps=rate, latest_samples=samples,
-                      finished=finished, targets=targets, now=now, stale_s=opts.stale_s)
+                      finished=finished, objectives=objectives, objective=objective, now=now,
+                      stale_s=opts.stale_s)
         self.last_obs[name] = obs
-        g, k = good_count(finished, targets) if targets else (0, 0)
+        g, k = slo_counts(finished, objectives, objective)
         st.history.append((cut, g, k))
         st.history = [h for h in st.history if h[0] > now - 3600]
         await self._maybe_calibrate(name, rt, st, ready, now)
@@ -473,7 +496,7 @@ class Tuner:
                          "why": decision.reason, "judged_unix_s": now})
         st.applied = Applied(rid, now, current, decision.desired_replicas, before)
 
-    def _counts_since(self, st: _DeploymentState, since: float, until: float = math.inf) -> tuple[int, int]:
+    def _counts_since(self, st: _DeploymentState, since: float, until: float = math.inf) -> tuple[float, int]:
         sel = [(g, k) for t, g, k in st.history if since < t <= until]
         return sum(g for g, _ in sel), sum(k for _, k in sel)
 

@@ -17,10 +17,13 @@ from controlplane.tuning.autoscaler import (
     HOLD_UNCALIBRATED,
     SCALE_UP_FORECAST,
     SCALE_UP_SLO_RISK,
+    AutoscalerConfig,
+    AutoscalerState,
     Decision,
     Observation,
+    decide,
 )
-from controlplane.tuning.capacity import FleetCapacity
+from controlplane.tuning.capacity import FleetCapacity, Objective
 from controlplane.tuning.loop import (
     KEPT,
     ROLL_BACK,
@@ -32,12 +35,14 @@ from controlplane.tuning.loop import (
     good_count,
     observe,
     proposal_for,
+    slo_counts,
     verdict,
 )
 from controlplane.tuning.recommendations import Recommendations
 from tests.unit.slo.factories import make_slo
 
 TTFT = (LatencyTarget("ttft", 0.5),)
+TTFT_SLO = (Objective("ttft", TTFT, 0.99),)
 
 
 # --- pure helpers -------------------------------------------------------------------------------------------
@@ -65,6 +70,32 @@ def test_good_count_is_three_valued() -> None:
     assert good_count(rows, targets) == (1, 3)
 
 
+def test_each_slo_is_judged_against_its_own_objective_not_the_strictest_one() -> None:
+    # TTFT <= 0.5 s at 99 % (all 200 met) and e2e <= 10 s at 90 % (186 of 200 met): both SLOs hold. Judging
+    # every target at once against 99 % would read 93 % good, a 7x burn, and scale up for ever.
+    slos = (Objective("ttft", TTFT, 0.99), Objective("e2e", (LatencyTarget("e2e", 10.0),), 0.90))
+    rows = [{"ttft_s": 0.1, "e2e_s": 12.0 if i < 14 else 5.0} for i in range(200)]
+    good, known = slo_counts(rows, slos, 0.99)
+    assert known == 200 and good / known == pytest.approx(1 - (0.07 / 0.10) * 0.01)  # e2e burns 0.7x its budget
+    cap = FleetCapacity((1,), (10.0,))
+    cfg = AutoscalerConfig(capacity=cap, slo_objective=0.99, min_replicas=1, max_replicas=10)
+    samples = {r: {"scrape_ok": True, "ts_unix_s": 100.0, "num_running": 4, "num_waiting": 0,
+                   "kv_usage_ratio": 0.3} for r in ("r0", "r1")}
+    obs = observe("d", desired=2, ready=["r0", "r1"], rate_rps=5.0, latest_samples=samples, finished=rows,
+                  objectives=slos, objective=0.99, now=100.0, stale_s=20.0)
+    state = AutoscalerState()
+    for t in (100.0, 115.0, 130.0):
+        decision, state = decide(obs, cfg, state, t)
+        assert decision.desired_replicas <= 2 and decision.inputs["risk"] is None
+    # e2e met by only 160 of 200 (80 % against 90 %: a 2x burn) is trouble, reported on the 99 % scale.
+    rows = [{"ttft_s": 0.1, "e2e_s": 12.0 if i < 40 else 5.0} for i in range(200)]
+    good, known = slo_counts(rows, slos, 0.99)
+    assert (1 - good / known) / 0.01 == pytest.approx(2.0)
+    # One SLO, or the strictest one the worst: the plain counts; nothing known: (0, 0).
+    assert slo_counts(rows, slos[:1], 0.99) == (200.0, 200)
+    assert slo_counts([{"ttft_s": None, "e2e_s": None}], slos, 0.99) == (0.0, 0)
+
+
 def test_observe_marks_failed_and_stale_samples_unknown() -> None:
     now = 1000.0
     samples: dict[str, Mapping[str, Any] | None] = {
@@ -77,7 +108,8 @@ def test_observe_marks_failed_and_stale_samples_unknown() -> None:
     finished = [{"ttft_s": 0.1, "tpot_s": 0.01, "prompt_tokens": 10, "completion_tokens": 20}] * 3 + \
                [{"ttft_s": 2.0, "tpot_s": 0.01, "prompt_tokens": 30, "completion_tokens": 20}]
     obs = observe("d", desired=4, ready=["ok", "failed", "stale", "none"], rate_rps=2.5, latest_samples=samples,
-                  finished=finished, targets=TTFT, now=now, stale_s=20.0)
+                  finished=finished, objectives=TTFT_SLO, objective=0.99, now=now,
+                  stale_s=20.0)
     known = {r.name: r.known for r in obs.readings}
     assert known == {"ok": True, "failed": False, "stale": False, "none": False}
     assert obs.readings[0].num_running == 3 and obs.readings[0].kv_usage_ratio == 0.4
@@ -86,8 +118,8 @@ def test_observe_marks_failed_and_stale_samples_unknown() -> None:
 
 
 def test_observe_without_finished_requests_has_unknown_attainment() -> None:
-    obs = observe("d", desired=1, ready=["a"], rate_rps=None, latest_samples={}, finished=[], targets=TTFT,
-                  now=0.0, stale_s=20.0)
+    obs = observe("d", desired=1, ready=["a"], rate_rps=None, latest_samples={}, finished=[],
+                  objectives=TTFT_SLO, objective=0.99, now=0.0, stale_s=20.0)
     assert obs.slo_good_ratio is None and obs.ttft_p99_s is None and obs.arrival_rate_rps is None
 
 
@@ -349,8 +381,8 @@ def test_tuner_metrics_expose_decisions_and_leave_unknown_capacity_out(tmp_path:
 
 def test_an_outage_is_not_read_as_no_demand(tmp_path: Path) -> None:
     # Every replica down (the router turns requests away uncounted): the rate is unknown, nothing scales down.
-    assert observe("d", desired=3, ready=[], rate_rps=0.0, latest_samples={}, finished=[], targets=TTFT,
-                   now=0.0, stale_s=20.0).arrival_rate_rps is None
+    assert observe("d", desired=3, ready=[], rate_rps=0.0, latest_samples={}, finished=[], objectives=TTFT_SLO,
+                   objective=0.99, now=0.0, stale_s=20.0).arrival_rate_rps is None
     tuner, fleet, router, store, clock, recs = _tuner(tmp_path, "auto", 3, capacity=FleetCapacity((1,), (100.0,)))
     for m in fleet.runtimes["d"].members.values():
         m.state = "crashed"
