@@ -192,11 +192,13 @@ class AutoscalerConfig:
 class AutoscalerState:
     forecast: ForecastState = ForecastState()
     up_since: float | None = None
-    # (ts, replicas wanted at the scale-down utilization) of the last downscale_delay_s, known data only;
-    # a scale-down goes to the most of these (HPA's stabilisation window), so a falling load is followed
-    # with a lag of the delay rather than held for a delay per step.
+    # (ts, replicas wanted at the scale-down utilization) of the known-data intervals of the last
+    # downscale_delay_s of known data; a scale-down goes to the most of these (HPA's stabilisation window), so
+    # a falling load is followed with a lag of the delay rather than held for a delay per step.
     down_wants: tuple[tuple[float, int], ...] = ()
-    down_since: float | None = None  # start of the current run of known-data intervals wanting fewer
+    # Seconds of known data in the current run of intervals wanting fewer (None: no such run); intervals with
+    # unknown readings in between neither count nor end the run.
+    down_known_s: float | None = None
     troubled: int = 0  # consecutive intervals with observed SLO trouble
     recent_good: float = 0.0  # finished requests meeting every SLO, exponentially decayed over feedback_window_s
     recent_finished: float = 0.0
@@ -335,16 +337,17 @@ def decide(obs: Observation, cfg: AutoscalerConfig, state: AutoscalerState,
         hold = HOLD_UNKNOWN if not all_known else HOLD_STEADY if want_up == n else HOLD_HYSTERESIS
         return Decision(n, hold, inputs), _no_down(state)
     # Fewer replicas would do. An interval with any reading unknown never scales down; it pauses the delay
-    # (a reset would starve a large fleet, where some scrape fails in most intervals, of every scale-down).
-    since = state.down_since if state.down_since is not None else now
-    wants = tuple(w for w in state.down_wants if w[0] > now - cfg.down_delay_s)
-    wants += ((now, want_down),) if known_rate else ()
-    state = replace(state, down_since=since, down_wants=wants)
-    if not all_known or not wants:
+    # (a reset would starve a large fleet, where some scrape fails in most intervals, of every scale-down), so
+    # the delay and the window of wants are counted in intervals of known data, never in unobserved time.
+    if not all_known:
         return Decision(n, HOLD_UNKNOWN, inputs), state
+    known_s = 0.0 if state.down_known_s is None else state.down_known_s + cfg.interval_s
+    keep = math.ceil(cfg.down_delay_s / cfg.interval_s) + 1
+    wants = (state.down_wants + ((now, want_down),))[-keep:]
+    state = replace(state, down_known_s=known_s, down_wants=wants)
     target = max(max(w[1] for w in wants), cfg.min_replicas)
-    inputs |= {"wanted_for_s": now - since, "stable_want": target}
-    if now - since < cfg.down_delay_s or target >= n:
+    inputs |= {"wanted_for_s": known_s, "stable_want": target}
+    if known_s < cfg.down_delay_s or target >= n:
         return Decision(n, HOLD_DOWNSCALE_DELAY, inputs), state
     unsafe = _n_prime_unsafe(obs, target, cfg)
     if unsafe:
@@ -354,7 +357,7 @@ def decide(obs: Observation, cfg: AutoscalerConfig, state: AutoscalerState,
 
 
 def _no_down(state: AutoscalerState) -> AutoscalerState:
-    return replace(state, down_since=None, down_wants=())
+    return replace(state, down_known_s=None, down_wants=())
 
 
 def _up(target: int, n: int, cfg: AutoscalerConfig, reason: str, inputs: dict[str, float | int | str | None],

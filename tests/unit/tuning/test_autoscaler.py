@@ -93,6 +93,31 @@ def test_a_scale_down_waits_one_lead_time_then_follows_the_highest_want_of_that_
     assert all(d.desired_replicas == 9 for d in decisions[:first])
 
 
+def test_the_scale_down_delay_counts_known_data_only() -> None:
+    # The load falls; then the router's count and every scrape fail for 90 s. Those 90 s are not evidence that
+    # fewer replicas would do: the delay waits for a full 105 s of known intervals, and the stabilisation
+    # window holds the wants of those intervals, not of one known interval after the gap.
+    state = AutoscalerState()
+    for k in range(4):
+        _, state = decide(obs(100.0, 9), CFG, state, k * 15.0)
+    t = 60.0
+    d, state = decide(obs(30.0, 9), CFG, state, t)
+    assert d.reason == a.HOLD_DOWNSCALE_DELAY
+    for _ in range(6):
+        t += 15.0
+        d, state = decide(replace(obs(None, 9, running=None), arrival_rate_rps=None), CFG, state, t)
+        assert d.reason == a.HOLD_UNKNOWN and d.desired_replicas == 9
+    reasons = []
+    while len(reasons) < 12 and (not reasons or reasons[-1] != a.SCALE_DOWN_SPARE):
+        t += 15.0
+        d, state = decide(obs(30.0, 9), CFG, state, t)
+        reasons.append(d.reason)
+    assert reasons[-1] == a.SCALE_DOWN_SPARE
+    # one known interval before the gap, and 7 after: 8 intervals 15 s apart span the 105 s delay
+    assert len(reasons) == 7 and d.inputs["wanted_for_s"] == 105.0
+    assert len(state.down_wants) == 8 and state.down_wants[0][0] == 60.0
+
+
 def test_a_load_between_the_two_utilizations_holds_by_hysteresis() -> None:
     # 44 req/s: 4 replicas (48 req/s) would run at 0.92, under the 0.95 target, but over the 0.9 a scale-down
     # needs: 5 replicas stay.
@@ -206,8 +231,9 @@ def test_an_interval_with_a_failed_scrape_pauses_a_scale_down_without_restarting
         if d.desired_replicas < 9:
             break
     assert reasons[4] == a.HOLD_UNKNOWN
-    # Wanted from t=15; the delay (105 s) ends at t=120, as if nothing had failed.
-    assert reasons[-1] == a.SCALE_DOWN_SPARE and len(reasons) == 8
+    # Wanted from t=15; the delay (105 s of known data) ends at t=135: one interval later than if nothing had
+    # failed (t=120), not a whole delay later.
+    assert reasons[-1] == a.SCALE_DOWN_SPARE and len(reasons) == 9
 
 
 # --- the observed-goodput floor ------------------------------------------------------------------------------
