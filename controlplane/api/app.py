@@ -7,6 +7,7 @@ errors are JSON `{"detail": ...}`; no handler lets an exception escape as a bare
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import time
@@ -14,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,9 +30,12 @@ from controlplane.tuning.recommendations import APPLIED, DISMISSED, FAILED, Reco
 
 log = logging.getLogger(__name__)
 
-Since = Annotated[float | None, Query(description="Window start, UNIX seconds (inclusive).", ge=0,
+# UNIX seconds up to the year 5138: far enough for any window, and small enough that a float still steps by a
+# fraction of a second (past 2**53 adding a step of 300 s to a bucket edge can leave it where it was).
+MAX_UNIX_S = 1e11
+Since = Annotated[float | None, Query(description="Window start, UNIX seconds (inclusive).", ge=0, le=MAX_UNIX_S,
                                       allow_inf_nan=False)]
-Until = Annotated[float | None, Query(description="Window end, UNIX seconds (exclusive).", ge=0,
+Until = Annotated[float | None, Query(description="Window end, UNIX seconds (exclusive).", ge=0, le=MAX_UNIX_S,
                                       allow_inf_nan=False)]
 ReplicaQ = Annotated[str | None, Query(description="Replica name.", max_length=200)]
 Limit = Annotated[int, Query(description="Most rows returned, newest first.", ge=1, le=10_000)]
@@ -62,7 +67,8 @@ class _Body(BaseModel):
 
 
 class ScaleBody(_Body):
-    replicas: int = Field(ge=0, le=1000, description="Desired number of replicas (within the spec's min/max).")
+    replicas: int = Field(ge=0, le=1000, strict=True,
+                          description="Desired number of replicas (within the spec's min/max).")
     reason: str = Field(default="user_request", pattern=r"^[a-z0-9_]{1,64}$", description="Reason code stored.")
 
 
@@ -85,6 +91,14 @@ class SearchBody(_Body):
 
 DeploymentName = Annotated[str, Path(max_length=50, pattern=r"^[a-z0-9-]+$")]
 RecId = Annotated[int, Path(ge=1, le=2**62, description="Recommendation id.")]
+
+
+def _json_safe(value: Any) -> Any:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return repr(value)[:200]
+    return value
 
 
 def _check_window(since: float | None, until: float | None) -> None:
@@ -144,6 +158,13 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
     @app.exception_handler(RollupBusy)
     async def _busy(_request: Request, exc: RollupBusy) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        """FastAPI's own 422 echoes each bad input back, and fails to render NaN, Infinity or undecodable bytes
+        (a 500 for bad input): those are echoed as their repr instead."""
+        return JSONResponse({"detail": [{k: _json_safe(v) for k, v in e.items()} for e in exc.errors()]},
+                            status_code=422)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -324,10 +324,10 @@ def attainment_series(
 
     by_bin: dict[float, Counts] = _consistently(engine, slo.deployment, attempts, once)
     out = []
-    b = float(math.floor(start / resolution_s) * resolution_s)
-    while b < end:
+    first = math.floor(start / resolution_s)
+    for k in range(first, math.ceil(end / resolution_s)):  # by index: a float edge plus a step may not move
+        b = float(k * resolution_s)
         out.append(point(max(b, start), min(b + resolution_s, end), by_bin.get(b, Counts(0, 0))))
-        b += resolution_s
     return out
 
 

@@ -180,3 +180,24 @@ def test_deciding_on_a_stale_read_is_refused_and_keeps_the_winner(sqlite_store: 
     assert exc.value.status == 409
     row = Recommendations(sqlite_store.engine).get(rid)
     assert row["status"] == "dismissed" and row["decided_by"] == "first"
+
+
+@pytest.mark.parametrize(("path", "raw", "field"), [
+    ("/api/v1/deployments/tiny/scale", b'{"replicas": NaN}', "replicas"),
+    ("/api/v1/deployments/tiny/scale", b'{"replicas": 1e400}', "replicas"),
+    ("/api/v1/deployments/tiny/scale", b'{"replicas": true}', "replicas"),
+    ("/api/v1/deployments/tiny/search", b'{"target_rps": NaN}', "target_rps"),
+    ("/api/v1/deployments/tiny/search", b'{"window_s": Infinity}', "window_s"),
+    ("/api/v1/deployments/tiny/scale", b"\xff\xfe", "body"),
+])
+def test_unrenderable_bad_input_still_gets_a_422_naming_the_field(api: TestClient, control: FakeControl,
+                                                                  path: str, raw: bytes, field: str) -> None:
+    r = api.post(path, content=raw, headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert field in str(r.json()["detail"])
+    assert control.calls == []
+
+
+def test_a_window_past_the_year_5138_is_refused_rather_than_stepped_for_ever(api: TestClient) -> None:
+    r = api.get("/api/v1/slos/x/history", params={"since": 5e18, "until": 5.000000000000008192e18})
+    assert r.status_code == 422 and "since" in r.text
