@@ -40,7 +40,7 @@ class PlaneProc:
 
 def start_plane(tmp: Path, watch: list[str], scrape_interval_s: float = 0.5, nice: int = 0,
                 configs: list[Path] | None = None, env_extra: dict[str, str] | None = None,
-                reuse: PlaneProc | None = None) -> PlaneProc:
+                reuse: PlaneProc | None = None, slos: list[Path] | None = None) -> PlaneProc:
     """`controlplane up` as a real subprocess on free loopback ports, ready when /healthz answers.
 
     `reuse` starts a plane again with the same ports, store and arguments (a restart)."""
@@ -60,6 +60,8 @@ def start_plane(tmp: Path, watch: list[str], scrape_interval_s: float = 0.5, nic
             argv += ["--watch", w]
         for c in configs or []:
             argv += ["--config", str(c)]
+        for c in slos or []:
+            argv += ["--slo", str(c)]
     log_path = tmp / "plane.log"
     with log_path.open("ab") as log:
         proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

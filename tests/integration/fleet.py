@@ -95,8 +95,8 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float, every_s
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what} (last error: {last_error!r})")
 
 
-def start_fleet(tmp: Path, name: str, spec: Path) -> Fleet:
-    plane = start_plane(tmp, [], scrape_interval_s=5.0, configs=[spec],
+def start_fleet(tmp: Path, name: str, spec: Path, slos: list[Path] | None = None) -> Fleet:
+    plane = start_plane(tmp, [], scrape_interval_s=5.0, configs=[spec], slos=slos,
                         env_extra={"CONTROLPLANE_API_TOKEN": TOKEN})
     fleet = Fleet(plane, name, tmp)
     wait_for("the first replica to be ready", lambda: fleet.replicas("ready"), 600)

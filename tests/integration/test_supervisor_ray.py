@@ -1,4 +1,5 @@
-"""The Ray backend on a real local Ray head: scale 1 -> 2 -> 1 with drain under 20 streams, no orphans."""
+"""The Ray backend on a real local Ray head: a configuration search's canary trial as a Ray actor, then scale
+1 -> 2 -> 1 with drain under 20 streams, no orphans."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import yaml
 
 from tests.conftest import free_port
 from tests.integration.fleet import (
@@ -54,12 +56,51 @@ def fleet(ray_head: str, tiny_model_dir: Path, tmp_path_factory: pytest.TempPath
     tmp = tmp_path_factory.mktemp("supervised-ray")
     spec = write_spec(tmp / "deploy.yaml", NAME, tiny_model_dir,
                       {"kind": "ray", "address": ray_head, "base_port": consecutive_free_ports(4),
-                       "num_cpus_per_replica": 1, "cpu_cores": [[0], [1]]})
-    fleet = start_fleet(tmp / "plane", NAME, spec)
+                       "num_cpus_per_replica": 1, "cpu_cores": [[0], [1]]},
+                      engine={"max_num_batched_tokens": 2048})  # a search fits the running limits: both set
+    slo = tmp / "slo.yaml"
+    slo.write_text(yaml.safe_dump({
+        "apiVersion": "controlplane/v1", "kind": "SLO", "metadata": {"name": f"{NAME}-ttft"},
+        "spec": {"deployment": NAME, "sli": "ttft", "threshold": "2s", "objective": 0.9, "window": "1d"}}))
+    fleet = start_fleet(tmp / "plane", NAME, spec, slos=[slo])
     try:
         yield fleet
     finally:
         teardown_fleet(fleet, MARKER)
+
+
+def _named_actors(ray_head: str) -> set[str]:
+    ray.init(address=ray_head, namespace="controlplane", log_to_driver=False)
+    try:
+        return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}  # type: ignore[no-untyped-call]
+    finally:
+        ray.shutdown()
+
+
+def test_a_searched_configuration_is_tried_on_a_canary_ray_actor_that_is_removed_after(fleet: Fleet,
+                                                                                      ray_head: str) -> None:
+    first = fleet.replicas("ready")[0]["name"]
+    with StreamLoad(fleet.plane.router, NAME, streams=8):  # the history the search calibrates on
+        wait_for("220 recorded requests", lambda: len(fleet.get(f"/api/v1/requests?replica={first}&limit=300")
+                                                      ["items"]) >= 220, 300)
+    r = fleet.post(f"/api/v1/deployments/{NAME}/search", {"canary_trials": 1, "mode": "recommend"})
+    assert r.status_code == 202, r.text
+    sid = r.json()["id"]
+    job = wait_for("the search to finish", lambda: (j := fleet.get(f"/api/v1/searches/{sid}"))["status"] != "running"
+                   and j, 600, every_s=2)
+    assert job["status"] == "done", (job.get("error"), job.get("progress"))
+    progress = "\n".join(p["line"] for p in job["progress"])
+    assert "canary 1: starting a replica" in progress, progress
+    events = fleet.events()
+    started = [e for e in events if e["kind"] == "canary_started"]
+    assert len(started) == 1, events[:10]
+    canary = started[0]["replica"]
+    kinds = [e["kind"] for e in sorted(events, key=lambda e: e["id"]) if e["replica"] == canary]
+    assert {"replica_ready", "canary_stopped"} <= set(kinds) and kinds[-1] in ("canary_stopped", "replica_stopped")
+    # It ran as a named Ray actor of its own and is gone; the deployment kept its one replica, never routed to it.
+    assert canary != first and canary not in _named_actors(ray_head)
+    assert [m["name"] for m in fleet.replicas()] == [first]
+    assert fleet.get(f"/api/v1/requests?replica={canary}&limit=10")["items"] == []
 
 
 def test_scale_1_2_1_on_ray_with_drain_loses_no_request_and_stops_every_actor(fleet: Fleet, ray_head: str) -> None:
