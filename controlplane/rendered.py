@@ -15,15 +15,17 @@ def _orphans(files: Mapping[str, str], out_dir: Path, owned: Sequence[tuple[str,
 
 
 def write(files: Mapping[str, str], out_dir: Path, owned: Sequence[tuple[str, str]]) -> list[Path]:
-    """Write every file under out_dir (relative path -> text), removing owned files no longer generated."""
-    for _rel, old in _orphans(files, out_dir, owned):
-        old.unlink()
+    """Write every file under out_dir (relative path -> text), then remove owned files no longer generated
+    (after: a write that fails leaves the old files in place)."""
+    orphans = _orphans(files, out_dir, owned)
     written = []
     for rel, text in files.items():
         path = out_dir / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         written.append(path)
+    for _rel, old in orphans:
+        old.unlink()
     return written
 
 

@@ -73,7 +73,12 @@ def build(slos: Sequence[Slo], options: RuleOptions) -> tuple[dict[str, str], li
 
 
 def _inputs(slo_paths: Sequence[Path], out_dir: Path, options: RuleOptions | None) -> tuple[list[Slo], RuleOptions]:
-    slos = [slo for path in slo_paths for slo in load_slos(Path(path))]
+    slos = []
+    for path in slo_paths:
+        found = load_slos(Path(path))
+        if not found:  # rendering no SLO would delete every SLO's rules and tests under out_dir
+            raise SpecError(f"{path}: holds no SLO document (kind: SLO); nothing rendered, nothing removed")
+        slos += found
     names = [s.name for s in slos]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -138,4 +143,8 @@ def render_command(
         for line in str(exc).splitlines():
             console.print(f"error: {line}", style="red", markup=False, highlight=False)
         raise typer.Exit(2) from None
+    except OSError as exc:
+        console.print(f"error: {exc.filename or out}: cannot write: {exc.strerror or exc}", style="red",
+                      markup=False, highlight=False)
+        raise typer.Exit(1) from None
     console.print(f"[green]rendered[/] {len(written)} files under {out}")

@@ -60,7 +60,7 @@ Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
 
 class TargetSpec(_Spec):
@@ -72,7 +72,7 @@ class BurnWindowSpec(_Spec):
     severity: Severity
     long: Duration
     short: Duration | None = None  # default: long / 12
-    burn_rate: float = Field(gt=0)
+    burn_rate: float = Field(gt=0, le=1e6, allow_inf_nan=False)
     for_: DurationOrZero = Field(0.0, alias="for")
 
     @model_validator(mode="after")
@@ -85,7 +85,7 @@ class BurnWindowSpec(_Spec):
 class AlertingSpec(_Spec):
     page: bool = True
     ticket: bool = True
-    min_request_rate_per_s: Annotated[float, Field(ge=0)] = 0.0
+    min_request_rate_per_s: Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)] = 0.0
     windows: Annotated[list[BurnWindowSpec] | None, Field(min_length=1)] = None  # default: workbook tiers, scaled
 
 
@@ -255,6 +255,8 @@ def _read_documents(text_or_path: str | Path) -> list[tuple[str, Any]]:
             sources = [(str(f), f.read_text()) for f in files]
         except OSError as exc:
             raise SpecError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise SpecError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     out: list[tuple[str, Any]] = []
     for source, text in sources:
         try:

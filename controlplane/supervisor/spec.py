@@ -44,7 +44,8 @@ class SpecError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinity are never a setting (an infinite price reads as unknown, an infinite timeout never fires).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelSection(_Strict):
@@ -80,9 +81,9 @@ class EngineSection(_Strict):
 
 
 class ReplicasSection(_Strict):
-    min: int = Field(default=1, ge=0)
-    max: int = Field(default=1, ge=1)
-    initial: int | None = Field(default=None, ge=0)
+    min: int = Field(default=1, ge=0, le=1000)
+    max: int = Field(default=1, ge=1, le=1000)
+    initial: int | None = Field(default=None, ge=0, le=1000)
 
     @model_validator(mode="after")
     def _ordered(self) -> ReplicasSection:
@@ -95,8 +96,9 @@ class ReplicasSection(_Strict):
 
 class HardwareSection(_Strict):
     accelerator: str = Field(default="cpu", min_length=1, description="'cpu' or a catalog name such as H100-80GB")
-    count_per_replica: float = Field(default=1, gt=0, description="accelerators (or CPU cores) per replica")
-    price_per_hour_usd: float = Field(default=0.0, ge=0, description="price of ONE accelerator (or core) per hour")
+    count_per_replica: float = Field(default=1, gt=0, le=1024, description="accelerators (or CPU cores) per replica")
+    price_per_hour_usd: float = Field(default=0.0, ge=0, le=10_000,
+                                      description="price of ONE accelerator (or core) per hour")
 
 
 class SimulatedSection(_Strict):
@@ -140,15 +142,16 @@ class ExternalBackend(_Strict):
 
 
 class LifecycleSection(_Strict):
-    ready_timeout_s: float = Field(default=600, gt=0, description="start-up longer than this counts as failed")
-    probe_interval_s: float = Field(default=2, gt=0)
-    probe_timeout_s: float = Field(default=5, gt=0)
+    ready_timeout_s: float = Field(default=600, gt=0, le=86_400,
+                                   description="start-up longer than this counts as failed")
+    probe_interval_s: float = Field(default=2, ge=0.001, le=3600)
+    probe_timeout_s: float = Field(default=5, gt=0, le=3600)
     liveness_failures: int = Field(default=3, ge=1, description="consecutive failed /health probes -> restart")
-    restart_backoff_initial_s: float = Field(default=5, ge=0)
-    restart_backoff_max_s: float = Field(default=300, gt=0)
+    restart_backoff_initial_s: float = Field(default=5, ge=0, le=86_400)
+    restart_backoff_max_s: float = Field(default=300, gt=0, le=86_400)
     crashloop_restarts: int = Field(default=5, ge=1, description="crashes within crashloop_window_s -> give up")
-    crashloop_window_s: float = Field(default=600, gt=0)
-    drain_timeout_s: float = Field(default=120, ge=0)
+    crashloop_window_s: float = Field(default=600, gt=0, le=7 * 86_400)
+    drain_timeout_s: float = Field(default=120, ge=0, le=86_400)
 
 
 class QualitySection(_Strict):
@@ -396,6 +399,8 @@ def load_deployment(path: Path) -> Deployment:
         text = path.read_text()
     except OSError as exc:
         raise SpecError(f"{path}: cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:

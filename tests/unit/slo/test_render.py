@@ -50,6 +50,25 @@ def test_a_bad_spec_exits_2_naming_the_field(tmp_path: Path) -> None:
     assert "spec.objective: must be a fraction between 0 and 1 exclusive" in result.output
 
 
+@pytest.mark.parametrize("source", ["empty.yaml", "emptydir", "binary.yaml", "infrate.yaml"])
+def test_input_without_a_valid_slo_renders_nothing_and_removes_nothing(tmp_path: Path, source: str) -> None:
+    out = tmp_path / "out"
+    assert runner.invoke(app, ["render", str(SLOS), "--out", str(out)]).exit_code == 0
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "emptydir").mkdir()
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00")
+    text = (SLOS / "tiny.yaml").read_text()
+    assert "min_request_rate_per_s: 0.1" in text
+    (tmp_path / "infrate.yaml").write_text(text.replace("min_request_rate_per_s: 0.1", "min_request_rate_per_s: .inf"))
+    result = runner.invoke(app, ["render", str(tmp_path / source), "--out", str(out)])
+    assert result.exit_code == 2 and str(tmp_path / source) in " ".join(result.output.split())
+    assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
+    assert {"emptydir": "holds no SLO", "empty.yaml": "holds no SLO", "binary.yaml": "not UTF-8",
+            "infrate.yaml": "min_request_rate_per_s"}[source] in " ".join(result.output.split())
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+
+
 def test_warnings_reach_the_user(tmp_path: Path) -> None:
     result = runner.invoke(app, ["render", str(SLOS), "--out", str(tmp_path)])
     assert "warning: tiny-goodput: goodput cannot be computed from histograms" in " ".join(result.output.split())

@@ -52,6 +52,11 @@ spec:
     ({"backend": {"kind": "external", "urls": ["not-a-url"]}}, "is not an http(s) URL"),
     ({"engine": {"extra_args": ["--port", "9"]}}, "--port is set by the plane"),
     ({"backend": {"kind": "local", "cpu_cores": [[0], []]}}, "every core set needs at least one core"),
+    ({"hardware": {"price_per_hour_usd": float("inf")}}, "spec.hardware.price_per_hour_usd"),
+    ({"hardware": {"count_per_replica": float("nan")}}, "spec.hardware.count_per_replica"),
+    ({"lifecycle": {"ready_timeout_s": float("inf")}}, "spec.lifecycle.ready_timeout_s"),
+    ({"lifecycle": {"probe_interval_s": 1e-300}}, "spec.lifecycle.probe_interval_s"),
+    ({"replicas": {"max": 10**30}}, "spec.replicas.max"),
 ])
 def test_a_bad_spec_names_the_field_and_what_is_allowed(spec: dict[str, Any], needle: str) -> None:
     with pytest.raises(SpecError) as err:
@@ -74,6 +79,9 @@ def test_unreadable_and_invalid_yaml_files_get_a_clear_error(tmp_path: Path) -> 
     (tmp_path / "bad.yaml").write_text("spec: [unclosed")
     with pytest.raises(SpecError, match="not valid YAML"):
         load_deployment(tmp_path / "bad.yaml")
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(SpecError, match="binary.yaml: not UTF-8"):
+        load_deployment(tmp_path / "binary.yaml")
 
 
 def test_external_replicas_count_is_the_number_of_urls() -> None:
