@@ -64,6 +64,9 @@ def make_tiny(
     """Build a tiny Llama model (random weights, locally trained tokenizer). Reuses a finished build."""
     from controlplane.engines.tiny_model import TinyModelSpec, make_tiny_model
 
+    if out.exists() and not out.is_dir():  # found before the build, not when its result is moved into place
+        console.print(f"[red]error:[/] --out {out}: exists and is not a directory")
+        raise typer.Exit(2)
     with console.status("building tiny model") as status:
         path, built = make_tiny_model(out, TinyModelSpec(seed=seed), progress=lambda m: status.update(m))
     console.print(f"[green]{'built' if built else 'reused'}[/] tiny model at {path}")
@@ -168,7 +171,11 @@ def ui(
     """Run the Streamlit app. It reads only the REST API; CONTROLPLANE_API_TOKEN enables Apply / Dismiss."""
     from controlplane.ui.launch import streamlit_argv
 
-    argv = streamlit_argv(api_url, host, port)
+    try:
+        argv = streamlit_argv(api_url, host, port)
+    except ValueError as exc:
+        console.print(f"[red]error:[/] --api-url {api_url!r}: {exc}")
+        raise typer.Exit(2) from None
     os.execv(argv[0], argv)
 
 

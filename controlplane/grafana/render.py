@@ -103,6 +103,10 @@ def main(check: bool, out_dir: Path = OUT_DIR, options_file: Path = OPTIONS_FILE
         for line in str(exc).splitlines():
             console.print(f"error: {line}", style="red", markup=False, highlight=False)
         return 2
+    except OSError as exc:
+        console.print(f"error: {exc.filename or out_dir}: cannot write: {exc.strerror or exc}", style="red",
+                      markup=False, highlight=False)
+        return 1
     console.print(f"[green]rendered[/] {len(written)} files under {out_dir}")
     return 0
 

@@ -181,7 +181,8 @@ class EngineArgs:
             seqs, tokens = 1024, 8192
         else:
             seqs, tokens = 256, 2048
-        return self.max_num_seqs or seqs, self.max_num_batched_tokens or tokens
+        return (seqs if self.max_num_seqs is None else self.max_num_seqs,
+                tokens if self.max_num_batched_tokens is None else self.max_num_batched_tokens)
 
 
 @dataclass(frozen=True)

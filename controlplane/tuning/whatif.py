@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -184,6 +185,19 @@ def what_if(spec: WhatIfSpec) -> WhatIfResult:
 
 
 # --- command line ---------------------------------------------------------------------------------
+MAX_SIMULATED_S = 31 * 86_400.0  # a what-if longer than a month of simulated time is a typo, not a question
+MAX_TOKENS = 10_000_000  # a prompt or output length past any model's context
+
+
+def check_flag(flag: str, value: float | None, lo: float, hi: float, *, low_open: bool = False) -> None:
+    """A finite number in [lo, hi] ((lo, hi] with `low_open`), or a ValueError naming the flag. By hand, not
+    click.FloatRange: that lets NaN through (every comparison with NaN is false)."""
+    if value is None:
+        return
+    if not math.isfinite(value) or value > hi or value < lo or (low_open and value == lo):
+        raise ValueError(f"{flag} {value!r}: allowed: a number {'>' if low_open else '>='} {lo:g} and <= {hi:g}")
+
+
 def parse_lengths(text: str, what: str) -> LengthDist:
     """'512' (fixed), '200-1000' (uniform, inclusive) or 'lognormal:MEDIAN:SIGMA[:MAX]'."""
     t = text.strip().lower()
@@ -192,14 +206,22 @@ def parse_lengths(text: str, what: str) -> LengthDist:
             parts = t.split(":")[1:]
             if len(parts) not in (2, 3):
                 raise ValueError
-            return LogNormal(float(parts[0]), float(parts[1]), 1, int(parts[2]) if len(parts) == 3 else None)
+            median, sigma = float(parts[0]), float(parts[1])
+            cap = int(parts[2]) if len(parts) == 3 else None
+            if not (1 <= median <= MAX_TOKENS and 0 <= sigma <= 10 and (cap is None or 1 <= cap <= MAX_TOKENS)):
+                raise ValueError  # NaN fails every comparison, so it lands here too
+            return LogNormal(median, sigma, 1, cap)
         if "-" in t:
             lo, hi = t.split("-", 1)
+            if max(int(lo), int(hi)) > MAX_TOKENS:
+                raise ValueError
             return Uniform(int(lo), int(hi))
+        if int(t) > MAX_TOKENS:
+            raise ValueError
         return Fixed(int(t))
     except ValueError:
         raise ValueError(f"--{what} {text!r}: expected N (fixed), LOW-HIGH (uniform) or "
-                         "lognormal:MEDIAN:SIGMA[:MAX]") from None
+                         f"lognormal:MEDIAN:SIGMA[:MAX], lengths at most {MAX_TOKENS:,} tokens") from None
 
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -256,6 +278,20 @@ def what_if_command(
     try:
         if arrival not in ("poisson", "bursty", "diurnal"):
             raise ValueError(f"--arrival {arrival!r}: allowed: poisson, bursty, diurnal")
+        for flag, value, lo, hi in (
+                ("--rate", rate, 0.0, 1e6), ("--trace-speedup", trace_speedup, 0.0, 1e6),
+                ("--ttft-slo-ms", ttft_slo_ms, 0.0, 1e7), ("--tpot-slo-ms", tpot_slo_ms, 0.0, 1e7),
+                ("--mfu", mfu, 0.0, 1.0), ("--bandwidth-efficiency", bandwidth_efficiency, 0.0, 1.0),
+                ("--gpu-memory-utilization", gpu_memory_utilization, 0.0, 1.0)):
+            check_flag(flag, value, lo, hi, low_open=True)
+        check_flag("--usd-per-gpu-hour", usd_per_gpu_hour, 0.0, 1e4)
+        for flag, n in (("--max-num-seqs", max_num_seqs), ("--max-num-batched-tokens", max_num_batched_tokens),
+                        ("--requests", requests), ("--replicas", replicas), ("--tp", tp)):
+            if n is not None and not 1 <= n <= 10_000_000:
+                raise ValueError(f"{flag} {n}: allowed: a whole number from 1 to 10,000,000")
+        if trace is None and requests / rate > MAX_SIMULATED_S:
+            raise ValueError(f"--requests {requests} at --rate {rate:g} simulate {requests / rate / 86_400:,.0f} "
+                             f"days; at most {MAX_SIMULATED_S / 86_400:.0f}: raise --rate or lower --requests")
         spec = WhatIfSpec(
             model=model, accelerator=accelerator, replicas=replicas,
             engine=EngineArgs(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -268,7 +304,7 @@ def what_if_command(
             seed=seed, slo=Slo(ttft_s=ttft_slo_ms / 1e3, tpot_s=tpot_slo_ms / 1e3), usd_per_gpu_hour=usd_per_gpu_hour,
             trace=trace, trace_speedup=trace_speedup)
         result = what_if(spec)
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:
         _err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
     if as_json:
@@ -360,10 +396,23 @@ def search_command(
     import time
 
     import httpx
+    from pydantic import ValidationError
 
     from controlplane.settings import Settings
 
-    url = api or f"http://{Settings().bind_host}:{Settings().api_port}"
+    try:
+        check_flag("--target-rps", target_rps, 0.0, 1e6, low_open=True)
+        check_flag("--window-s", window_s, 60.0, 7 * 86_400.0)
+        check_flag("--timeout-s", timeout_s, 0.0, 7 * 86_400.0, low_open=True)
+        url = api or f"http://{Settings().bind_host}:{Settings().api_port}"
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError too: a bad CONTROLPLANE_* setting
+        if isinstance(exc, ValidationError):
+            first = exc.errors()[0]
+            why = f"settings: {'.'.join(map(str, first['loc']))}: {first['msg']}"
+        else:
+            why = str(exc)
+        _err.print(f"error: {why}", style="red", markup=False, highlight=False)
+        raise typer.Exit(2) from None
     body = {k: v for k, v in {"target_rps": target_rps, "window_s": window_s, "canary_trials": canary,
                               "mode": mode}.items() if v is not None}
     try:
@@ -381,7 +430,7 @@ def search_command(
                         _console.print(f"  {p['line']}")
                         status.update(p["line"])
                     shown = len(job["progress"])
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
         _err.print(f"[red]error:[/] cannot reach the plane's API at {url}: {exc}")
         raise typer.Exit(1) from None
     if job["status"] == "running":

@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from controlplane.cli import app
@@ -98,6 +99,24 @@ EVIDENCE = {"target_rps": 5.0, "engine": {"max_num_seqs": 4, "max_num_batched_to
                         "usd_per_hour_needed": 0.05}}
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--window-s", "nan"], "--window-s nan: allowed"),
+    (["--target-rps", "inf"], "--target-rps inf: allowed"),
+    (["--timeout-s", "0"], "--timeout-s 0.0: allowed"),
+])
+def test_tune_search_refuses_bad_flags_before_calling_the_plane(args: list[str], message: str) -> None:
+    out = runner.invoke(app, ["tune", "search", "tiny", "--api", "http://127.0.0.1:9", *args])
+    assert out.exit_code == 2 and message in " ".join(out.output.split()) and out.exception is not None
+    assert isinstance(out.exception, SystemExit)
+
+
+def test_tune_search_names_a_bad_api_url_or_setting() -> None:
+    out = runner.invoke(app, ["tune", "search", "tiny", "--api", "http://[::bad"])
+    assert out.exit_code == 1 and "cannot reach the plane's API at http://[::bad" in " ".join(out.output.split())
+    bad = runner.invoke(app, ["tune", "search", "tiny"], env={"CONTROLPLANE_API_PORT": "abc"})
+    assert bad.exit_code == 2 and "settings: api_port" in " ".join(bad.output.split())
+
+
 def test_tune_search_prints_progress_and_what_changes_and_how_it_was_applied() -> None:
     from tests.unit.ui.plane import serve_app
 
@@ -125,3 +144,16 @@ def test_tune_search_reports_a_failed_search_and_an_unreachable_plane() -> None:
     assert failed.exit_code == 1 and "tiny-0 recorded 3 requests" in failed.output
     down = runner.invoke(app, ["tune", "search", "tiny", "--api", "http://127.0.0.1:9", "--token", "t0k"])
     assert down.exit_code == 1 and "cannot reach the plane's API at http://127.0.0.1:9" in down.output
+
+
+def test_files_where_directories_belong_and_bad_urls_are_errors_not_tracebacks(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    slos = str(Path(__file__).resolve().parents[2] / "alerts" / "slos")
+    for args in (["slo", "render", "--out", str(afile / "x"), slos], ["dashboards", "render", "--out", str(afile)]):
+        out = runner.invoke(app, args)
+        assert out.exit_code == 1 and "cannot write" in out.output and isinstance(out.exception, SystemExit), args
+    tiny = runner.invoke(app, ["model", "make-tiny", "--out", str(afile)])
+    assert tiny.exit_code == 2 and "exists and is not a directory" in " ".join(tiny.output.split())
+    ui = runner.invoke(app, ["ui", "--api-url", "ftp://x"])
+    assert ui.exit_code == 2 and "must be an http(s) URL" in ui.output

@@ -93,8 +93,17 @@ def test_the_command_can_print_json() -> None:
     (["--weights", "fp4"], "allowed: bf16, fp8, int8, int4"),
     (["--arrival", "weekly"], "allowed: poisson, bursty, diurnal"),
     (["--prompt", "5-x"], "--prompt '5-x'"),
-    (["--replicas", "0"], "replicas must be >= 1"),
-    (["--mfu", "1.5"], "mfu and bandwidth must be in (0, 1]"),
+    (["--replicas", "0"], "--replicas 0: allowed: a whole number from 1"),
+    (["--mfu", "1.5"], "--mfu 1.5: allowed: a number > 0 and <= 1"),
+    (["--rate", "inf"], "--rate inf: allowed"),
+    (["--rate", "nan"], "--rate nan: allowed"),
+    (["--rate", "1e-6"], "simulate 579 days; at most 31"),
+    (["--max-num-seqs", "0"], "--max-num-seqs 0: allowed"),
+    (["--usd-per-gpu-hour", "nan"], "--usd-per-gpu-hour nan: allowed"),
+    (["--usd-per-gpu-hour", "-1"], "--usd-per-gpu-hour -1.0: allowed"),
+    (["--ttft-slo-ms", "-1"], "--ttft-slo-ms -1.0: allowed"),
+    (["--prompt", "99999999999999999999"], "lengths at most 10,000,000 tokens"),
+    (["--prompt", "lognormal:nan:1"], "--prompt 'lognormal:nan:1'"),
 ])
 def test_bad_input_is_an_error_naming_what_was_wrong_not_a_traceback(args: list[str], message: str) -> None:
     result = runner.invoke(app, ["what-if", "--requests", "50", *args])
