@@ -47,6 +47,9 @@ class Counts:
     unknown: float = 0.0
     method: Method = "exact"
     good_bounds: tuple[float, float] | None = None
+    # Timeslices budgeting counts slices, not requests: the known requests behind them (for the minimum
+    # request rate of the alerting, which is in requests per second); None: `total` counts requests.
+    requests: float | None = None
 
     def __post_init__(self) -> None:
         if not (0 <= self.good <= self.total) or self.unknown < 0:
@@ -68,8 +71,10 @@ class Counts:
             a = self.good_bounds or (self.good, self.good)
             b = other.good_bounds or (other.good, other.good)
             bounds = (a[0] + b[0], a[1] + b[1])
+        requests = (None if self.requests is None and other.requests is None
+                    else (self.requests or 0.0) + (other.requests or 0.0))
         return Counts(self.good + other.good, self.total + other.total, self.unknown + other.unknown, method,
-                      bounds)
+                      bounds, requests)
 
 
 ZERO = Counts(0, 0)
@@ -101,13 +106,15 @@ def timeslice_counts(slices: Iterable[Counts], objective: float) -> Counts:
     """Timeslices budgeting: each slice with traffic is one event, good when its own attainment
     meets the objective; slices without traffic are no data and are not counted."""
     good = total = 0
+    requests = 0.0
     for s in slices:
         a = attainment(s)
         if isinstance(a, NoData):
             continue
         total += 1
         good += a >= objective
-    return Counts(good, total)
+        requests += s.total
+    return Counts(good, total, requests=requests)
 
 
 def month_start_utc(now_unix_s: float) -> float:
@@ -140,8 +147,9 @@ class BurnRate:
 
     @property
     def request_rate_per_s(self) -> float:
-        """Known events per second in the window (for the alerting's minimum request rate)."""
-        return self.counts.total / self.window_s
+        """Known requests per second in the window (for the alerting's minimum request rate)."""
+        c = self.counts
+        return (c.total if c.requests is None else c.requests) / self.window_s
 
 
 @dataclass(frozen=True)

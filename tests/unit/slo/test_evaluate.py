@@ -86,8 +86,23 @@ def test_calendar_month_windows_start_at_the_utc_month_start() -> None:
 
 def test_timeslices_count_slices_with_traffic_and_call_a_slice_good_when_it_meets_the_objective() -> None:
     slices = [Counts(9, 10), Counts(10, 10), Counts(0, 0, unknown=3), Counts(5, 10), Counts(0, 1)]
-    assert timeslice_counts(slices, 0.9) == Counts(2, 4)
-    assert timeslice_counts([], 0.9) == Counts(0, 0)
+    assert timeslice_counts(slices, 0.9) == Counts(2, 4, requests=31)
+    assert timeslice_counts([], 0.9) == Counts(0, 0, requests=0)
+
+
+def test_the_minimum_request_rate_of_timeslice_alerts_is_in_requests_not_slices() -> None:
+    # 10 req/s, every request late, min_request_rate_per_s 0.1: one-minute slices are 1/60 per second, so a
+    # rate read from the slice count could never reach 0.1 and nothing would ever fire.
+    from controlplane.slo.alert_state import condition
+    from controlplane.slo.evaluate import build_status
+
+    slo = replace(make_slo(objective=0.999, window_s=30 * 86400.0), budgeting="timeslices",
+                  alerting=Alerting(min_request_rate_per_s=0.1, windows=workbook_windows()))
+    lengths = {w for t in slo.alerting.windows for w in (t.long_s, t.short_s)}
+    burn = {w: timeslice_counts([Counts(0, 600)] * int(w // 60), slo.objective) for w in lengths}
+    status = build_status(slo, 1e9, (1e9 - 30 * 86400.0, 1e9), burn[max(lengths)], burn)
+    assert status.burn[0].long.request_rate_per_s == pytest.approx(10.0)
+    assert condition(status, "page").active
 
 
 def test_a_status_has_a_burn_rate_for_every_alert_window_and_no_data_where_a_window_is_empty() -> None:
