@@ -136,7 +136,7 @@ class Plane:
             if self.monitor is not None:
                 self.alerter = await asyncio.to_thread(
                     Alerter, self.engine, alertmanager_url=s.alertmanager_url, resend_s=s.slo_interval_s,
-                    api_url=api_url)
+                    api_url=api_url, configured=[slo.name for slo in self.monitor.slos])
                 self.registry.register(SloCollector(self.monitor.statuses, self.alerter.states))
             servers = [
                 _QuietServer(uvicorn.Config(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -25,6 +25,7 @@ from controlplane.store.models import SloAlert
 
 log = logging.getLogger(__name__)
 SEVERITIES: tuple[Severity, ...] = ("page", "ticket")
+STALE_ROUNDS = 3  # rounds without an evaluation after which a firing episode is no longer re-sent
 
 
 def _row(ep: Episode) -> dict[str, Any]:
@@ -37,8 +38,12 @@ def _row(ep: Episode) -> dict[str, Any]:
 class Alerter:
     def __init__(self, engine: Engine, *, alertmanager_url: str | None, client: httpx.Client | None = None,
                  resend_s: float = 30.0, runbook_base: str = "alerts/runbooks.md",
-                 api_url: str | None = None, wall_clock: Callable[[], float] = time.time) -> None:
+                 api_url: str | None = None, wall_clock: Callable[[], float] = time.time,
+                 configured: Iterable[str] | None = None) -> None:
+        """`configured`: the names of the SLOs this plane evaluates (None: every SLO it is given). An episode
+        a previous plane left open for an SLO no longer configured is resolved in the first round."""
         self.engine = engine
+        self.configured = None if configured is None else frozenset(configured)
         self.alertmanager_url = alertmanager_url.rstrip("/") if alertmanager_url else None
         self.client = client or httpx.Client(timeout=5)
         self.resend_s = resend_s
@@ -70,6 +75,14 @@ class Alerter:
     def evaluate(self, statuses: Sequence[SloStatus], now: float) -> list[tuple[Episode, str]]:
         """Advance every (SLO, severity); store transitions; notify. Returns the transitions."""
         changes: list[tuple[Episode, str]] = []
+        for key, ep in list(self.open.items()):
+            if self.configured is not None and ep.slo not in self.configured:
+                done = self._save(replace(ep, state="resolved", resolved_unix_s=now, last_eval_unix_s=now,
+                                          evidence={**ep.evidence, "why": "the SLO is no longer configured"}))
+                self.open.pop(key)
+                self._unsent_resolved.append(done)
+                changes.append((done, "resolved"))
+                log.warning("SLO %s %s alert resolved: the SLO is no longer configured", ep.slo, ep.severity)
         for status in statuses:
             slo = status.slo
             for sev in SEVERITIES:
@@ -92,7 +105,7 @@ class Alerter:
                     log.warning("SLO %s %s alert %s", slo.name, sev, transition)
                 if nxt is not None and nxt.state == "resolved":
                     self._unsent_resolved.append(nxt)
-        self._notify({s.slo.name: s for s in statuses})
+        self._notify({s.slo.name: s for s in statuses}, now)
         return changes
 
     def _save(self, ep: Episode) -> Episode:
@@ -109,11 +122,14 @@ class Alerter:
         with self.engine.begin() as conn:
             conn.execute(SloAlert.__table__.delete().where(SloAlert.id == ep.id))  # type: ignore[attr-defined]
 
-    def _notify(self, statuses: dict[str, SloStatus]) -> None:
+    def _notify(self, statuses: dict[str, SloStatus], now: float) -> None:
         if self.alertmanager_url is None:
             self._unsent_resolved.clear()
             return
-        firing = [e for e in self.open.values() if e.state == "firing"]
+        # An episode whose SLO could not be evaluated for a few rounds is not re-sent: its endsAt passes and
+        # Alertmanager resolves it, as it would if this plane had died, rather than paging on stale data.
+        firing = [e for e in self.open.values()
+                  if e.state == "firing" and now - e.last_eval_unix_s <= STALE_ROUNDS * self.resend_s]
         paging = {e.slo for e in firing if e.severity == "page"}
         self._pages_posted &= paging
         # A ticket goes out only once its SLO's page has been accepted in an earlier round. Alertmanager's

@@ -130,3 +130,25 @@ def test_a_ticket_waits_one_round_for_its_page_to_reach_alertmanager(engine: Eng
     assert [[x["labels"]["severity"] for x in p] for p in posts] == [["page"]]  # type: ignore[index]
     a.evaluate([build_status(slo, 1030.0, (0.0, 1030.0), bad[3600.0], bad)], now=1030.0)
     assert sorted(x["labels"]["severity"] for x in posts[-1]) == ["page", "ticket"]  # type: ignore[index]
+
+
+def test_a_page_of_an_slo_no_longer_configured_is_resolved_and_one_not_evaluated_stops_being_resent(
+        engine: Engine) -> None:
+    posts: list[list[dict[str, object]]] = []
+    client = httpx.Client(transport=httpx.MockTransport(
+        lambda r: posts.append(json.loads(r.content)) or httpx.Response(200)))  # type: ignore[func-returns-value]
+    a = Alerter(engine, alertmanager_url="http://am:9093", client=client, wall_clock=lambda: 5000.0)
+    a.evaluate([status(200, 20, now=1000.0)], now=1000.0)  # type: ignore[list-item]
+    assert a.states() == {"t": {"page": 2}} and len(posts) == 1
+    # Evaluation of "t" fails for a few rounds: re-sent while fresh, then left to expire in Alertmanager.
+    for k, now in enumerate((1030.0, 1060.0, 1090.0, 1120.0)):
+        a.evaluate([], now=now)
+        assert len(posts) == (2 + k if now - 1000.0 <= 90.0 else 4), (now, len(posts))
+    assert a.states() == {"t": {"page": 2}}  # still open: the SLO is configured, only its data is missing
+    # A plane restarted without "t" in its configuration resolves the episode it inherited.
+    b = Alerter(engine, alertmanager_url="http://am:9093", client=client, wall_clock=lambda: 5000.0,
+                configured=["other"])
+    changes = b.evaluate([], now=1150.0)
+    assert [(e.slo, e.state, t) for e, t in changes] == [("t", "resolved", "resolved")]
+    assert b.states() == {} and posts[-1][0]["endsAt"] == "1970-01-01T00:19:10Z"  # type: ignore[index]
+    assert [(r["state"], r["resolved_unix_s"]) for r in list_alerts(engine)] == [("resolved", 1150.0)]
