@@ -79,6 +79,7 @@ class Observation:
     tpot_p99_s: float | None = None
     slo_good_ratio: float | None = None  # of those, the share meeting every SLO; None: none finished
     finished: int | None = None
+    finished_window_s: float | None = None  # how long the window `finished` counts was (None: interval_s)
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,8 @@ def _proven_rate(obs: Observation, cfg: AutoscalerConfig, trouble: str | None) -
     # At the onset of a burst the arrivals jump while the requests finishing (and judged good) are still those
     # of the load before it: the arrival rate is proven only when the goodput kept up with it (within 10%: the
     # requests finishing in an interval lag those arriving by their service time); otherwise only the goodput.
-    goodput = obs.slo_good_ratio * obs.finished / cfg.interval_s
+    window_s = obs.finished_window_s if obs.finished_window_s and obs.finished_window_s > 0 else cfg.interval_s
+    goodput = obs.slo_good_ratio * obs.finished / window_s
     rate = obs.arrival_rate_rps if goodput >= 0.9 * obs.arrival_rate_rps else goodput
     return rate / ready
 

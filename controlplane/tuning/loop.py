@@ -122,7 +122,8 @@ def _mean(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
 
 def observe(deployment: str, *, desired: int, ready: Sequence[str], rate_rps: float | None,
             latest_samples: Mapping[str, Mapping[str, Any] | None], finished: Sequence[Mapping[str, Any]],
-            objectives: Sequence[Objective], objective: float, now: float, stale_s: float) -> Observation:
+            objectives: Sequence[Objective], objective: float, now: float, stale_s: float,
+            finished_window_s: float | None = None) -> Observation:
     """One interval of a deployment as the autoscaler sees it.
 
     `latest_samples[replica]` is the newest engine sample of each ready replica (None: none stored); a failed or
@@ -147,7 +148,7 @@ def observe(deployment: str, *, desired: int, ready: Sequence[str], rate_rps: fl
         readings=tuple(readings), mean_prompt_tokens=_mean(finished, "prompt_tokens"),
         mean_output_tokens=_mean(finished, "completion_tokens"), ttft_p99_s=_p99(finished, "ttft_s"),
         tpot_p99_s=_p99(finished, "tpot_s"), slo_good_ratio=good / known if known else None,
-        finished=known if objectives else None)
+        finished=known if objectives else None, finished_window_s=finished_window_s)
 
 
 def action_of(decision: Decision, current: int) -> str:
@@ -390,7 +391,7 @@ class Tuner:
         samples = await asyncio.to_thread(self._latest_samples, ready, now)
         obs = observe(name, desired=rt.desired, ready=ready, rate_rps=rate, latest_samples=samples,
                       finished=finished, objectives=objectives, objective=objective, now=now,
-                      stale_s=opts.stale_s)
+                      stale_s=opts.stale_s, finished_window_s=cut - window_start)
         self.last_obs[name] = obs
         g, k = slo_counts(finished, objectives, objective)
         st.history.append((cut, g, k))

@@ -266,6 +266,15 @@ def test_a_burst_onset_proves_only_the_goodput_completed_not_the_arrivals() -> N
     assert d.inputs["proven_rps_per_replica"] == pytest.approx(8.0)
 
 
+def test_the_goodput_is_over_the_window_the_finished_requests_were_counted_in() -> None:
+    # A round that took 20 s (a calibration ran in it): 150 good requests are 7.5 req/s, not 150 / 15 = 10.
+    o = replace(obs(10.0, 1, good=1.0, finished=150), finished_window_s=20.0)
+    d, _ = decide(o, PESSIMIST, AutoscalerState(), 15.0)
+    assert d.inputs["proven_rps_per_replica"] == pytest.approx(7.5)
+    d, _ = decide(replace(o, finished_window_s=None), PESSIMIST, AutoscalerState(), 15.0)
+    assert d.inputs["proven_rps_per_replica"] == pytest.approx(10.0)
+
+
 @pytest.mark.parametrize("bad", ["under_objective", "too_few", "queued", "kv_full", "unknown_reading"])
 def test_an_interval_proves_nothing_unless_the_slo_held_on_enough_requests_without_queueing(bad: str) -> None:
     kw: dict[str, Any] = {"good": 1.0, "finished": 120}
