@@ -121,6 +121,15 @@ def _range(since: float | None, until: float | None, now: float, step_s: float) 
     return start, end
 
 
+def _measured_range(since: float | None, until: float | None, now: float, step_s: float) -> tuple[float, float]:
+    """`_range`, ending no later than now: time not yet lived has no measured up time (it would read as 0
+    replicas up and $0), so the future part of a window is left out and a window wholly ahead is refused."""
+    if since is not None and since >= now:
+        raise HTTPException(400, detail=f"since ({since:g}) is not in the past (now {now:g}): nothing measured yet")
+    start, end = _range(since, None if until is not None and until > now else until, now, step_s)
+    return start, min(end, now)
+
+
 def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float | None = None, *,
                control: FleetControl | None = None, api_token: str | None = None,
                slo_statuses: Callable[[], Sequence[Any]] | None = None,
@@ -367,7 +376,7 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
                        step_s: CostStep = 300) -> dict[str, Any]:
         """Replica-hours x price and tokens per step, per deployment (watched replicas as "watched").
         Unknown price: null costs; a step without tokens: null $/1M. Default window: the last day."""
-        start, end = _range(since, until, clock(), step_s)
+        start, end = _measured_range(since, until, clock(), step_s)
         try:
             usages = queries.cost_usage(store.engine, cost.step_edges(start, end, step_s),
                                         watched_price=watched_price_per_replica_hour_usd,
@@ -383,7 +392,7 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
         deployment or of `deployment`. A replica's cost in a step is split between tenants by their share
         of the tokens it processed then; requests without a tenant are the tenant null; replica time with
         no request tokens is `unallocated`. Unknown price: null costs. Default window: the last day."""
-        start, end = _range(since, until, clock(), step_s)
+        start, end = _measured_range(since, until, clock(), step_s)
         try:
             costs = queries.tenant_cost(store.engine, start, end, step_s,
                                         watched_price=watched_price_per_replica_hour_usd,

@@ -270,6 +270,16 @@ def test_cost_refuses_bad_parameters(api: TestClient, params: dict[str, Any], st
     assert r.status_code == status and r.json()["detail"]
 
 
+def test_cost_covers_measured_time_only_never_zero_for_the_future(api: TestClient) -> None:
+    # The clock is at BASE + 3600: a window wholly ahead has nothing measured; one reaching past now stops at now.
+    for path in ("/api/v1/cost", "/api/v1/cost/tenants"):
+        ahead = api.get(path, params={"since": BASE + 7200, "until": BASE + 7800})
+        assert ahead.status_code == 400 and "not in the past" in ahead.json()["detail"]
+    body = api.get("/api/v1/cost", params={"since": BASE + 3000, "until": BASE + 7800, "step_s": 300}).json()
+    assert body["until"] == BASE + 3600
+    assert all(p["ts_unix_s"] < BASE + 3600 for item in body["items"] for p in item["points"])
+
+
 def test_the_cost_collector_reads_the_store(seeded: tuple[Store, Seed]) -> None:
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
