@@ -91,10 +91,23 @@ def burn_rate(c: Counts, objective: float) -> Figure:
     return NoData() if c.total <= 0 else (c.bad / c.total) / (1 - objective)
 
 
-def budget_remaining(c: Counts, objective: float) -> Figure:
-    """1 - bad / (total * (1 - objective)): 1 untouched, 0 spent, negative overspent (not clamped)."""
+def budget_remaining(c: Counts, objective: float, elapsed_share: float = 1.0) -> Figure:
+    """1 - burn * elapsed_share: 1 untouched, 0 spent, negative overspent (not clamped).
+
+    Budget spent = burn * window / period. A rolling window is its period (share 1); a calendar month so far
+    is `elapsed_share` of its month, and its budget is the month's: the events so far, at the rate they came,
+    extended over the whole month (10 days at 3x the allowed bad share spend all of it, not three times it)."""
     _check_objective(objective)
-    return NoData() if c.total <= 0 else 1 - c.bad / (c.total * (1 - objective))
+    if not 0 < elapsed_share <= 1:
+        raise ValueError(f"elapsed_share must be in (0, 1], got {elapsed_share}")
+    return NoData() if c.total <= 0 else 1 - c.bad / (c.total * (1 - objective)) * elapsed_share
+
+
+def month_share(start_unix_s: float, end_unix_s: float) -> float:
+    """The share of the calendar month starting at `start_unix_s` (UTC) that [start, end) covers."""
+    d = datetime.fromtimestamp(start_unix_s, UTC)
+    nxt = datetime(d.year + (d.month == 12), d.month % 12 + 1, 1, tzinfo=UTC).timestamp()
+    return min(1.0, max(end_unix_s - start_unix_s, 1e-9) / (nxt - start_unix_s))
 
 
 def _check_objective(objective: float) -> None:
@@ -227,7 +240,9 @@ def build_status(
         ))
     return SloStatus(
         slo=slo, now_unix_s=now_unix_s, window_start_unix_s=window[0], window_end_unix_s=window[1],
-        counts=counts, attainment=attainment(counts), budget_remaining=budget_remaining(counts, slo.objective),
+        counts=counts, attainment=attainment(counts),
+        budget_remaining=budget_remaining(counts, slo.objective, month_share(*window)
+                                          if slo.window.kind == "calendar_month" else 1.0),
         burn=tuple(tiers), quantiles=quantiles, budgeting=slo.budgeting,
     )
 

@@ -128,3 +128,23 @@ def test_windows_scaled_to_28_days_get_prometheus_duration_labels() -> None:
     burn = {s: Counts(1, 1) for s in burn_windows_of(slo)}
     labels = set(build_status(slo, 0.0, (0.0, 1.0), Counts(1, 1), burn).burn_rates())
     assert {"56m", "4m40s"} <= labels
+
+
+def test_a_calendar_month_spends_its_budget_in_proportion_to_the_month_elapsed() -> None:
+    # 99.9 %, 10 days into a 30-day month at 3x the allowed bad share: the month's whole budget is spent
+    # (burn x window / period = 3 x 10 / 30), not three times it.
+    from controlplane.slo.evaluate import budget_remaining, build_status, month_share
+
+    start = _ts(2024, 4, 1)
+    assert month_share(start, _ts(2024, 4, 11)) == pytest.approx(1 / 3)
+    assert month_share(_ts(2024, 2, 1), _ts(2024, 2, 15, 12)) == pytest.approx(0.5)  # a leap February
+    c = Counts(1_000_000 - 3_000, 1_000_000)
+    assert budget_remaining(c, 0.999, 1 / 3) == pytest.approx(0.0)
+    assert budget_remaining(c, 0.999) == pytest.approx(-2.0)  # a rolling window is its own period
+    slo = make_slo(objective=0.999, window_s=30 * 86400.0)
+    monthly = replace(slo, window=SloWindow("calendar_month", 30 * 86400.0))
+    lengths = {w for t in slo.alerting.windows for w in (t.long_s, t.short_s)}
+    burn = {w: c for w in lengths}
+    now = _ts(2024, 4, 11)
+    assert build_status(monthly, now, (start, now), c, burn).budget_remaining == pytest.approx(0.0)
+    assert build_status(slo, now, (now - 30 * 86400.0, now), c, burn).budget_remaining == pytest.approx(-2.0)
