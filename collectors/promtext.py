@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -51,11 +52,16 @@ async def scrape(client: httpx.AsyncClient, url: str, timeout_s: float) -> Scrap
     try:
         # Uncompressed: prometheus_client gzips /metrics (at level 9) for a client that accepts it, and that CPU
         # is spent in the replica's API server, on the serving path. The plane is near its replicas; bytes are cheap.
-        resp = await client.get(url, timeout=timeout_s, headers=_IDENTITY)
+        # httpx's timeout bounds each connect and each read, not the whole answer: a target trickling bytes
+        # would hold its scrape (and the round every target waits for) for ever. The deadline is total.
+        async with asyncio.timeout(timeout_s):
+            resp = await client.get(url, timeout=timeout_s, headers=_IDENTITY)
         if resp.status_code != 200:
             return ScrapeResult(start, time.perf_counter() - t0, error=f"HTTP {resp.status_code} from {url}")
         text = resp.text
         samples = parse(text)
+    except TimeoutError:
+        return ScrapeResult(start, time.perf_counter() - t0, error=f"no complete answer in {timeout_s:g} s ({url})")
     except httpx.HTTPError as exc:
         return ScrapeResult(start, time.perf_counter() - t0, error=f"{type(exc).__name__}: {exc} ({url})")
     except ValueError as exc:

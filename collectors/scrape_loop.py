@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from sqlalchemy.exc import SQLAlchemyError
 
 from collectors.promtext import ScrapeResult, scrape
-from collectors.vllm_metrics import CounterState, EngineReading, adjust_counters, read_engine, sum_series
+from collectors.vllm_metrics import CounterState, EngineReading, adjust_counters, counter_totals, read_engine
 from controlplane import names
 from controlplane.store.repo import Store
 
@@ -109,15 +109,18 @@ class EngineScraper:
 
     def remove(self, name: str) -> None:
         self.targets.pop(name, None)
+        self._state.pop(name, None)  # supervised names are never reused: the state would only pile up
 
     async def scrape_once(self, target: Target) -> dict[str, Any]:
         result = await scrape(self.client, target.metrics_url, self.timeout_s)
-        state = self._state[target.name]
+        state = self._state.get(target.name)
+        if state is None:  # removed while this scrape was in flight: nothing to store it against
+            return {}
         rid = state.replica_id
         if result.ok:
             reading = read_engine(result.samples)
             series, state.counters, reset = adjust_counters(reading.counter_series, state.counters)
-            counters = sum_series(series, reading.counters)
+            counters = counter_totals(series)
             row = sample_row(rid, result, reading, counters, reset)
         else:
             row = sample_row(rid, result, None, {}, False)
@@ -144,13 +147,25 @@ class EngineScraper:
         return row
 
     async def run(self, stop: asyncio.Event, interval_s: float) -> None:
+        """Every interval, start a scrape of each target whose previous one has finished: a slow target skips
+        rounds (each scrape ends within timeout_s) but never holds up the others' scrapes."""
+        inflight: dict[str, asyncio.Task[dict[str, Any]]] = {}
+
+        def reap(name: str, task: asyncio.Task[dict[str, Any]]) -> None:
+            if not task.cancelled() and task.exception() is not None:  # never let one bad scrape end the loop
+                log.error("%s: scrape failed unexpectedly", name, exc_info=task.exception())
+
         while not stop.is_set():
-            results = await asyncio.gather(*(self.scrape_once(t) for t in list(self.targets.values())),
-                                           return_exceptions=True)
-            for r in results:
-                if isinstance(r, Exception):  # never let one bad tick end the loop
-                    log.exception("scrape failed unexpectedly", exc_info=r)
+            for name, task in list(inflight.items()):
+                if task.done():
+                    reap(name, inflight.pop(name))
+            for t in list(self.targets.values()):
+                if t.name not in inflight:
+                    inflight[t.name] = asyncio.create_task(self.scrape_once(t))
             try:
                 await asyncio.wait_for(stop.wait(), timeout=interval_s)
             except TimeoutError:
                 pass
+        await asyncio.gather(*inflight.values(), return_exceptions=True)
+        for name, task in inflight.items():
+            reap(name, task)

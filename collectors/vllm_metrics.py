@@ -107,11 +107,7 @@ def read_engine(samples: Iterable[Sample]) -> EngineReading:
             if family == names.VLLM_REQUEST_SUCCESS and smp.labels.get("finished_reason") in FAILED_REASONS:
                 name = "request_errors_total"
             series[name + "{" + ",".join(f"{k}={v}" for k, v in sorted(smp.labels.items())) + "}"] = smp.value
-    counters = sum_series(series, [*COUNTERS.values(), "request_errors_total"])
-    if any(k.startswith(("request_success_total{", "request_errors_total{")) for k in series):
-        # The engine exposes finished requests: a reason with no series is a true zero.
-        for key in ("request_success_total", "request_errors_total"):
-            counters[key] = counters[key] or 0.0
+    counters = counter_totals(series)
     return EngineReading(
         counter_series=series,
         kv_usage_ratio=kv_usage,
@@ -139,6 +135,17 @@ def sum_series(adjusted: Mapping[str, float | None], fields: Iterable[str]) -> d
         if value is not None:
             out[name] = (out.get(name) or 0.0) + value
     return out
+
+
+def counter_totals(series: Mapping[str, float | None]) -> dict[str, float | None]:
+    """The per-field totals of a reading's counter series (raw or reset-adjusted). When the engine exposes
+    finished requests at all, a finished reason with no series yet (vLLM creates them on first use) is a
+    true zero, not unknown: the error-rate SLI needs both counts."""
+    counters = sum_series(series, [*COUNTERS.values(), "request_errors_total"])
+    if any(k.startswith(("request_success_total{", "request_errors_total{")) for k in series):
+        for key in ("request_success_total", "request_errors_total"):
+            counters[key] = counters[key] or 0.0
+    return counters
 
 
 def adjust_counters(

@@ -111,6 +111,9 @@ def tpot(e2e_s: float | None, ttft_s: float | None, completion_tokens: int | Non
 
 MAX_ID_CHARS = 200  # the width of request_id / replica columns
 _INT64_MAX = 2**63 - 1
+# Token counts go to 32-bit INTEGER columns (PostgreSQL refuses the whole batch for one value past them).
+_TOKENS_MAX = 2**31 - 1
+MAX_MODEL_CHARS = 500  # the model column's width
 
 
 # llm_request attribute -> (column, wanted type). Read in one pass over the span's attributes; this
@@ -142,6 +145,8 @@ def _typed(v: AnyValue, want: type) -> Any:
     x = getattr(v, kind)
     if not math.isfinite(x) or abs(x) > _INT64_MAX:
         return None
+    if want is int and not 0 <= x <= _TOKENS_MAX:  # a count: a 32-bit column, never negative
+        return None
     return want(x)
 
 
@@ -164,8 +169,10 @@ def _request_row(span: Span, replica: str, trace_id: str, span_id: str) -> Reque
         # oneof check. This loop is the hot path of ingestion.
         x: Any = v.double_value if want is float else v.int_value if want is int else v.string_value
         # NaN is truthy and NUL bytes are legal in protobuf strings: both go the careful way.
-        row[col] = x if x and (want is int or (want is float and math.isfinite(x)) or
+        row[col] = x if x and ((want is int and 0 < x <= _TOKENS_MAX) or (want is float and math.isfinite(x)) or
                                (want is str and "\x00" not in x)) else _typed(v, want)
+    if row["model"] is not None and len(row["model"]) > MAX_MODEL_CHARS:
+        row["model"] = row["model"][:MAX_MODEL_CHARS]  # the column's width: keep the span, cut the name
     if row["request_id"] is None:
         row["request_id"] = span_id
     row["tpot_s"] = tpot(row["e2e_s"], row["ttft_s"], row["completion_tokens"])

@@ -12,6 +12,7 @@ from starlette.testclient import TestClient
 
 from collectors.otlp.decode import PayloadError, decode_request, parse_json, parse_protobuf, tpot
 from collectors.otlp.receiver import Ingestor, grpc_server, http_app
+from controlplane import names
 from controlplane.store.models import LifecycleEvent, Request
 from controlplane.store.repo import Store
 from tests.conftest import free_port
@@ -224,6 +225,21 @@ def test_spans_the_store_cannot_hold_are_rejected_by_name_and_the_rest_kept(clie
     assert "start_time_unix_nano" in parsed.partial_success.error_message
     assert "cmpl-abc" in {r["request_id"] for r in store.requests()}
     assert store.count(Request) == 2
+
+
+def test_counts_past_a_32_bit_column_and_long_model_names_keep_the_batch(client: TestClient, store: Store) -> None:
+    # PostgreSQL refuses a whole INSERT for one token count past 2**31 - 1 or a model name past 500 characters:
+    # such a value is unknown (or cut), and the spans beside it are stored.
+    odd = [llm_span(completion=2**31), llm_span(**{names.ATTR_MAX_TOKENS: 2**31}), llm_span(prompt=-5),
+           llm_span(**{names.ATTR_RESPONSE_MODEL: "m" * 501})]
+    resp = client.post("/v1/traces", content=export([*odd, llm_span(), llm_span()]).SerializeToString(), headers=PB)
+    assert resp.status_code == 200, resp.text
+    rows = store.requests()
+    assert len(rows) == 6
+    # llm_span sets max_tokens to the completion count: two spans carry 2**31 there
+    assert sum(r["completion_tokens"] is None for r in rows) == 1 and sum(r["max_tokens"] is None for r in rows) == 2
+    assert sum(r["prompt_tokens"] is None for r in rows) == 1
+    assert [len(r["model"]) for r in rows if r["model"]] == [500]
 
 
 def test_an_e2e_shorter_than_ttft_gives_an_unknown_tpot_not_zero() -> None:

@@ -127,3 +127,57 @@ def test_scrapes_ask_for_an_uncompressed_exposition() -> None:
 
     asyncio.run(go())
     assert seen == ["identity"]
+
+
+def test_a_target_trickling_its_answer_times_out_in_total_and_never_holds_up_the_others(sqlite_store: Store) -> None:
+    body = b'# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{engine="0",model_name="m"} 1\n'
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dribble: bool) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+            for b in body:  # each byte well within the per-read timeout, the whole far past the scrape timeout
+                if dribble:
+                    await asyncio.sleep(0.05)
+                writer.write(bytes([b]))
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def go() -> None:
+        fast = await asyncio.start_server(lambda r, w: serve(r, w, False), "127.0.0.1", 0)
+        slow = await asyncio.start_server(lambda r, w: serve(r, w, True), "127.0.0.1", 0)
+        async with fast, slow, httpx.AsyncClient() as client:
+            scraper = EngineScraper(sqlite_store, client, timeout_s=0.3)
+            for name, srv in (("fast", fast), ("slow", slow)):
+                scraper.add(Target(name, f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"))
+            stop = asyncio.Event()
+            task = asyncio.create_task(scraper.run(stop, interval_s=0.1))
+            await asyncio.sleep(1.5)
+            stop.set()
+            await asyncio.wait_for(task, 5)
+
+    asyncio.run(go())
+    fast_rows, slow_rows = sqlite_store.engine_samples(replica="fast"), sqlite_store.engine_samples(replica="slow")
+    assert len(fast_rows) >= 8 and all(r["scrape_ok"] for r in fast_rows)  # ~15 rounds of 0.1 s
+    assert slow_rows and all(not r["scrape_ok"] and "no complete answer in 0.3 s" in r["error"] for r in slow_rows)
+    assert all(r["scrape_duration_s"] < 0.6 for r in slow_rows)
+
+
+def test_finished_requests_without_an_error_series_store_zero_errors_not_unknown(sqlite_store: Store) -> None:
+    text = ("# TYPE vllm:request_success counter\n"
+            'vllm:request_success_total{engine="0",finished_reason="stop",model_name="m"} 7.0\n'
+            'vllm:request_success_total{engine="0",finished_reason="length",model_name="m"} 3.0\n')
+    _scrape(sqlite_store, [text], 1)
+    (row,) = sqlite_store.engine_samples()
+    assert row["request_success_total"] == 10.0 and row["request_errors_total"] == 0.0
+
+
+def test_a_removed_target_leaves_no_state_behind(sqlite_store: Store) -> None:
+    scraper = EngineScraper(sqlite_store, httpx.AsyncClient(), timeout_s=1)
+    for n in range(20):
+        scraper.add(Target(f"dep-{n}", "http://127.0.0.1:9"))
+        scraper.remove(f"dep-{n}")
+    assert scraper.targets == {} and scraper._state == {}
