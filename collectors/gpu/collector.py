@@ -63,7 +63,8 @@ class GpuCollector:
         ts = self._clock()
         rows = await (self._from_dcgm(ts) if self._dcgm_url is not None else self._from_nvml(ts))
         if rows:
-            self._write(rows)
+            # Off the event loop: it also serves the API and the receivers, and a busy store can hold a write.
+            await asyncio.to_thread(self._write, rows)
         return rows
 
     async def run(self, stop: asyncio.Event, interval_s: float) -> None:
@@ -132,7 +133,12 @@ class GpuCollector:
         except nvml.NVMLError as exc:
             self._failed(f"NVML read failed: {exc}; GPU readings unknown")
             return []
-        self._recovered("NVML")
+        blind = [r["gpu_index"] for r in rows if r["uuid"] is None and r["util_ratio"] is None
+                 and r["fb_used_bytes"] is None]
+        if blind:  # e.g. a GPU fallen off the bus: its row is stored with every reading unknown
+            self._failed(f"NVML gave no reading for GPU {', '.join(map(str, blind))}; those readings are unknown")
+        else:
+            self._recovered("NVML")
         return rows
 
     def _init_nvml(self) -> str | None:

@@ -268,6 +268,36 @@ def test_the_collector_writes_nvml_rows_stamped_with_its_clock_and_host() -> Non
     assert (fake.init_calls, fake.shutdown_calls) == (1, 1)
 
 
+def test_a_gpu_lost_from_the_bus_is_stored_unknown_and_warned_about_once(caplog: pytest.LogCaptureFixture) -> None:
+    class Lost(FakeNvml):
+        lost = True
+
+        def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+            if self.lost and i == 1:
+                raise FakeNVMLError("GPU is lost")
+            return i
+
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    written: list[list[dict[str, Any]]] = []
+    fake = Lost()
+    collector = GpuCollector(written.append, dcgm_url=None, client=None, nvml_module=fake, clock=lambda: TS,
+                             host="box-1", log=logging.getLogger(LOGGER))
+
+    async def go() -> None:
+        for _ in range(2):
+            rows = await collector.collect_once()
+            assert rows[1]["gpu_index"] == 1 and rows[1]["uuid"] is None and rows[1]["util_ratio"] is None
+        fake.lost = False
+        await collector.collect_once()
+        await collector.aclose()
+
+    asyncio.run(go())
+    warnings = [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
+    assert warnings == ["NVML gave no reading for GPU 1; those readings are unknown"]
+    assert any("recovered" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+    assert len(written) == 3
+
+
 @pytest.mark.parametrize(
     "fake",
     [FakeNvml(init_error="Driver Not Loaded"), FakeNvml(count=0)],
