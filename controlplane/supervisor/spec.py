@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import httpx
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -136,7 +137,11 @@ class ExternalBackend(_Strict):
     @classmethod
     def _http(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for u in v:
-            if not re.match(r"^https?://[^/\s]+", u):
+            try:  # httpx parses it as the probes and the router will (a port like 8000x fails there, not here)
+                ok = re.match(r"^https?://[^/\s]+", u) is not None and bool(httpx.URL(u).host)
+            except (httpx.InvalidURL, ValueError, TypeError):
+                ok = False
+            if not ok:
                 raise ValueError(f"{u!r} is not an http(s) URL like http://10.0.0.5:8000")
         return v
 

@@ -96,6 +96,10 @@ class DeploymentRuntime:
     rollout: asyncio.Task[None] | None = None
     canary: Member | None = None  # the canary trial's replica while one runs
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    # Held from choosing a new replica's slot and name until it is a member: two launches at once (a scale-up
+    # in the loop, a rolling change, a canary) would otherwise both see the same slot, port and name free.
+    launch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    converge_after: float = 0.0  # a blocked rolling change is retried from here on, not every tick
 
     @property
     def active(self) -> list[Member]:
@@ -221,8 +225,15 @@ class Supervisor:
     async def tick(self) -> None:
         now = self.clock()
         for rt in self.runtimes.values():
-            await asyncio.gather(*(self._check(rt, m, now) for m in list(rt.members.values())))
-            await self._reconcile(rt, now)
+            try:  # one deployment's failure must not stop the supervision of the others
+                results = await asyncio.gather(*(self._check(rt, m, now) for m in list(rt.members.values())),
+                                               return_exceptions=True)
+                for r in results:
+                    if isinstance(r, Exception):
+                        log.error("%s: checking a replica failed", rt.dep.name, exc_info=r)
+                await self._reconcile(rt, now)
+            except Exception:  # noqa: BLE001 - logged; the next tick tries again
+                log.exception("%s: supervision round failed", rt.dep.name)
 
     async def _check(self, rt: DeploymentRuntime, m: Member, now: float) -> None:
         lc = rt.dep.lifecycle
@@ -276,7 +287,7 @@ class Supervisor:
                 if r.status_code != 200:
                     return False
             return True
-        except httpx.HTTPError:
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError):  # a URL httpx refuses fails the probe too
             return False
 
     async def _crashed(self, rt: DeploymentRuntime, m: Member, now: float, message: str, reason: str,
@@ -313,19 +324,27 @@ class Supervisor:
         active = rt.counted
         if len(active) < rt.desired:
             for _ in range(rt.desired - len(active)):
-                slot = policy.free_slot(self._used_slots(rt), rt.dep.max_replicas + 1)
-                if slot is None:
+                if await self._launch_new(rt, rt.dep.engine) is None:
                     break
-                await self._launch(rt, policy.next_replica_name(rt.dep.name, await self._all_names(rt)),
-                                   slot, rt.dep.engine)
         elif len(active) > rt.desired:
             views = [policy.ReplicaView(m.name, m.state, m.slot, self.router.outstanding(m.name), m.since)
                      for m in active]
             for name in policy.scale_down_victims(views, len(active) - rt.desired):
                 self._spawn(rt, self._drain_and_stop(rt, rt.members[name], ACTOR_SUPERVISOR, "scale_down"))
-        elif any(m.config != rt.dep.engine for m in rt.active):
-            # Members on an old config (e.g. adopted after the spec changed): roll them.
+        elif any(m.config != rt.dep.engine for m in rt.counted) and now >= rt.converge_after:
+            # Members on an old config (e.g. adopted after the spec changed, or crash-looping on it): roll them.
             rt.rollout = asyncio.create_task(self._rollout(rt, ACTOR_SUPERVISOR, "converge", None))
+
+    async def _launch_new(self, rt: DeploymentRuntime, config: EngineConfig, *, candidate: bool = False,
+                          canary: bool = False) -> Member | None:
+        """Launch a new replica on the lowest free slot (None: no slot free), slot and name reserved under the
+        deployment's launch lock until the replica is a member."""
+        async with rt.launch_lock:
+            slot = policy.free_slot(self._used_slots(rt), rt.dep.max_replicas + 1)
+            if slot is None:
+                return None
+            name = policy.next_replica_name(rt.dep.name, await self._all_names(rt))
+            return await self._launch(rt, name, slot, config, candidate=candidate, canary=canary)
 
     def _used_slots(self, rt: DeploymentRuntime) -> list[int]:
         return [m.slot for m in rt.members.values() if m.state not in (STOPPED, FAILED)]
@@ -421,14 +440,22 @@ class Supervisor:
         old_cfg = before
         await self._record(None, "rollout_started", actor, reason, before=_cfg(old_cfg) if old_cfg else None,
                            after=_cfg(new), message=f"{rt.dep.name}: rolling {len(rt.active)} replica(s)")
-        for old in [m for m in rt.active if m.config != new]:
-            if old.state not in ACTIVE_STATES:
+        for old in [m for m in rt.counted if m.config != new]:
+            if old.state not in COUNTED_STATES:  # stopped meanwhile (a scale-down); a crash-looping one is replaced
                 continue
-            slot = policy.free_slot(self._used_slots(rt), rt.dep.max_replicas + 1)
-            if slot is None:
-                break
-            name = policy.next_replica_name(rt.dep.name, await self._all_names(rt))
-            cand = await self._launch(rt, name, slot, new, candidate=True)
+            cand = await self._launch_new(rt, new, candidate=True)
+            waited_from = self.clock()
+            limit = rt.dep.lifecycle.drain_timeout_s + 30.0  # a draining replica frees its slot within this
+            while cand is None and self.clock() - waited_from < limit:
+                await asyncio.sleep(0.5)
+                cand = await self._launch_new(rt, new, candidate=True)
+            if cand is None:
+                left = [m.name for m in rt.counted if m.config != new]
+                rt.converge_after = self.clock() + 60.0
+                await self._record(None, "rollout_blocked", actor, "no_free_slot", after=_cfg(new),
+                                   message=f"{rt.dep.name}: no free replica slot for {limit:.0f} s; still on the old "
+                                           f"configuration: {', '.join(left)} (retried in 60 s)")
+                return
             while cand.state == STARTING:
                 await asyncio.sleep(0.25)
             if cand.state != READY:
@@ -506,12 +533,16 @@ class Supervisor:
         wait until it is ready or has failed. Returns (name, URL), URL None when it never became ready (it is
         then stopped and recorded as failed). One canary per deployment at a time."""
         rt, config = self._changed_engine(deployment, changes, "start a canary")
-        slot = policy.free_slot(self._used_slots(rt), rt.dep.max_replicas + 1)
-        if slot is None:
-            raise ActionError(f"{deployment}: no free replica slot for a canary ({rt.dep.max_replicas} + 1 in use)",
-                              409)
-        name = policy.next_replica_name(rt.dep.name, await self._all_names(rt))
-        rt.canary = m = await self._launch(rt, name, slot, config, canary=True)
+        async with rt.launch_lock:  # reserve the canary place before the launch (one at a time)
+            if rt.canary is not None:
+                raise ActionError(f"{deployment}: a canary trial is running ({rt.canary.name}); one at a time, "
+                                  "retry when it ends", 409)
+            slot = policy.free_slot(self._used_slots(rt), rt.dep.max_replicas + 1)
+            if slot is None:
+                raise ActionError(f"{deployment}: no free replica slot for a canary "
+                                  f"({rt.dep.max_replicas} + 1 in use)", 409)
+            name = policy.next_replica_name(rt.dep.name, await self._all_names(rt))
+            rt.canary = m = await self._launch(rt, name, slot, config, canary=True)
         await self._record(m.replica_id, "canary_started", actor, reason, after=_cfg(config),
                            message=f"{name}: trial of {dict(changes)}")
         while m.state == STARTING:

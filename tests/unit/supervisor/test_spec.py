@@ -50,6 +50,7 @@ spec:
     ({"replicas": {"min": 1, "max": 2, "initial": 5}}, "initial (5) must lie in [min, max] = [1, 2]"),
     ({"backend": {"kind": "kubernetes"}}, "spec.backend"),
     ({"backend": {"kind": "external", "urls": ["not-a-url"]}}, "is not an http(s) URL"),
+    ({"backend": {"kind": "external", "urls": ["http://10.0.0.5:8000x"]}}, "is not an http(s) URL"),
     ({"engine": {"extra_args": ["--port", "9"]}}, "--port is set by the plane"),
     ({"backend": {"kind": "local", "cpu_cores": [[0], []]}}, "every core set needs at least one core"),
     ({"hardware": {"price_per_hour_usd": float("inf")}}, "spec.hardware.price_per_hour_usd"),

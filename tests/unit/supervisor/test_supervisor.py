@@ -420,3 +420,108 @@ async def test_a_canary_left_running_by_a_dead_plane_is_stopped_not_adopted(sqli
     assert ("replica_stopped", "tiny-1", "canary_abandoned") in second.events()
     await second.until(lambda: second.states() == {"tiny-0": "ready"}, "tiny-0 adopted, nothing else")
     assert list(second.router.ready) == ["tiny-0"]
+
+
+# --- launches racing, a failing deployment, crash loops and full slots under a rolling change ------------------
+async def test_a_scale_up_and_a_canary_launched_at_once_get_their_own_slot_port_and_name(sqlite_store: Store) -> None:
+    h = make(sqlite_store)
+    await h.sup.start()
+    await h.until(lambda: h.states() == {"tiny-0": "ready"}, "the first replica")
+    await h.sup.scale("tiny", 2, actor="user", reason="test")
+    canary = asyncio.ensure_future(h.sup.start_canary("tiny", {"max_num_seqs": 2}, actor="tuner",
+                                                      reason="canary_trial", poll_s=0.005))
+    h.clock.now += 0.01
+    await h.sup.tick()  # the loop launches the scale-up replica while the canary's launch is under way
+    await h.until(canary.done, "the canary to be ready", max_ticks=200)
+    launched = [(r.replica, r.slot, r.port) for r in h.backend.launched]
+    assert len({name for name, _, _ in launched}) == len({slot for _, slot, _ in launched}) == len(launched) == 3
+    rt = h.sup.runtimes["tiny"]
+    assert rt.canary is not None and rt.members[rt.canary.name] is rt.canary
+    await h.sup.stop_canary("tiny", actor="tuner", reason="done")
+    assert sorted(h.states().values()) == ["ready", "ready", "stopped"]
+
+
+async def test_a_scale_up_and_a_rolling_change_at_once_never_share_a_port(sqlite_store: Store) -> None:
+    h = make(sqlite_store)
+    await h.sup.start()
+    await h.until(lambda: h.states() == {"tiny-0": "ready"}, "the first replica")
+    await h.sup.scale("tiny", 2, actor="user", reason="test")
+    h.clock.now += 0.01
+    tick = asyncio.ensure_future(h.sup.tick())
+    for _ in range(3):
+        await asyncio.sleep(0)
+    await h.sup.reconfigure("tiny", {"max_num_seqs": 2}, actor="user", reason="test")
+    await tick
+    rt = h.sup.runtimes["tiny"]
+    await h.until(lambda: rt.rollout is not None and rt.rollout.done() and not rt.tasks
+                  and sorted(m.config.max_num_seqs for m in rt.active) == [2, 2], "both replicas on the new config")
+    live = [(m.port, m.name) for m in rt.members.values() if m.state not in ("stopped", "failed")]
+    assert len({port for port, _ in live}) == len(live) == 2
+
+
+async def test_one_deployment_failing_its_round_does_not_stop_the_others(sqlite_store: Store) -> None:
+    from controlplane.supervisor.backends import ExternalBackend
+
+    class Broken(ExternalBackend):
+        def exit_code(self, handle: Handle) -> int | None:
+            raise RuntimeError("a backend bug")
+
+    ext = parse_deployment({"apiVersion": "controlplane/v1", "kind": "Deployment", "metadata": {"name": "ext"},
+                            "spec": {"model": {"path": "/m", "served_name": "m"}, "replicas": {"min": 1, "max": 1},
+                                     "backend": {"kind": "external", "urls": ["http://10.0.0.5:8000"]},
+                                     "lifecycle": {"probe_interval_s": 0.001}}})
+    backend, router, clock = FakeBackend(), FakeRouter(), Clock()
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200 if backend.ready.get(f"http://{request.url.host}:{request.url.port}") else 503)
+
+    sup = Supervisor([ext, spec()], {"local": backend, "external": Broken()}, sqlite_store, router,
+                     httpx.AsyncClient(transport=httpx.MockTransport(answer)), log_dir=Path("/tmp"),
+                     otlp_endpoint=None, clock=clock)
+    await sup.start()
+    for _ in range(20):
+        clock.now += 0.01
+        await sup.tick()
+        await asyncio.sleep(0.01)
+    assert {n: m.state for n, m in sup.runtimes["tiny"].members.items()} == {"tiny-0": "ready"}
+
+
+async def test_a_rolling_change_replaces_a_crash_looping_replica(sqlite_store: Store) -> None:
+    h = make(sqlite_store)
+    await h.sup.start()
+    await h.until(lambda: h.states() == {"tiny-0": "ready"}, "the first replica")
+    h.backend.fail_on_start = lambda req: req.engine.max_num_seqs == 8  # the running config keeps crashing
+    h.backend.exits[h.sup.runtimes["tiny"].members["tiny-0"].handle.url] = 1  # type: ignore[union-attr]
+    for _ in range(6):
+        await h.ticks(2)
+        h.clock.now += 100
+    assert h.states() == {"tiny-0": "crashloop"}
+    await h.sup.reconfigure("tiny", {"max_num_seqs": 4}, actor="user", reason="fix")
+    await h.until(lambda: h.states() == {"tiny-0": "stopped", "tiny-1": "ready"}, "the crash loop replaced")
+    rt = h.sup.runtimes["tiny"]
+    await h.until(lambda: rt.rollout is not None and rt.rollout.done(), "the rolling change to end")
+    assert list(h.router.ready) == ["tiny-1"]
+    assert ("rollout_finished", None, "fix") in h.events()
+
+
+async def test_a_rolling_change_with_every_slot_held_waits_for_one_and_then_rolls_every_replica(
+        sqlite_store: Store) -> None:
+    h = make(sqlite_store)  # max 3: slots 0..3
+    await h.sup.start()
+    await h.sup.scale("tiny", 3, actor="user", reason="test")
+    await h.until(lambda: list(h.states().values()) == ["ready"] * 3, "three replicas")
+    h.router.in_flight.update({"tiny-0": 5, "tiny-1": 5, "tiny-2": 1})  # tiny-2 goes, drained slowly
+    await h.sup.scale("tiny", 2, actor="user", reason="test")
+    await h.ticks(2)
+    await h.sup.scale("tiny", 3, actor="user", reason="test")
+    await h.until(lambda: sorted(h.states().values()) == ["draining", "ready", "ready", "ready"], "4 slots held")
+    await h.sup.reconfigure("tiny", {"max_num_seqs": 2}, actor="user", reason="tune")
+    rt = h.sup.runtimes["tiny"]
+    await h.ticks(10)
+    await asyncio.sleep(0.1)
+    assert rt.rollout is not None and not rt.rollout.done()  # waiting for a slot, not "finished"
+    assert [k for k, _, _ in h.events() if k.startswith("rollout")] == ["rollout_started"]
+    h.router.in_flight.clear()  # the drain ends and frees its slot
+    await h.until(lambda: rt.rollout.done(), "the rolling change", max_ticks=2000)  # type: ignore[union-attr]
+    assert sorted(m.config.max_num_seqs for m in rt.active) == [2, 2, 2]
+    assert [k for k, _, _ in h.events() if k.startswith("rollout")] == ["rollout_started", "rollout_finished"]
