@@ -33,6 +33,13 @@ class LaunchRequest:
     otlp_endpoint: str | None
     otlp_protocol: str
     log_dir: Path
+    core_index: int | None = None  # which of the backend's cpu_cores sets (None: the slot's)
+
+    def cores(self, cpu_cores: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
+        """The core set this replica is pinned to; () when the backend pins nothing."""
+        if not cpu_cores:
+            return ()
+        return cpu_cores[(self.slot if self.core_index is None else self.core_index) % len(cpu_cores)]
 
     def server_spec(self, host: str, cpu_cores: tuple[int, ...] = ()) -> VllmServerSpec:
         """How to start this replica: vLLM, or the simulated engine with the same flags (both backends use it)."""
@@ -102,8 +109,7 @@ class LocalBackend:
         self.cpu_cores = cpu_cores
 
     def launch(self, req: LaunchRequest) -> Handle:
-        # Slots cycle through the core sets (a rolling change briefly needs one slot more than max).
-        cores = self.cpu_cores[req.slot % len(self.cpu_cores)] if self.cpu_cores else ()
+        cores = req.cores(self.cpu_cores)
         spec = req.server_spec(self.host, cores)
         server = VllmServer(spec, req.log_dir / f"{req.replica}.log")
         server.start()

@@ -80,7 +80,7 @@ class RayActorBackend:
         actor = cls.options(name=req.replica, namespace=self.spec.namespace, lifetime="detached",
                             num_cpus=self.spec.num_cpus_per_replica, num_gpus=self.spec.num_gpus_per_replica,
                             get_if_exists=False).remote()
-        cores = self.spec.cpu_cores[req.slot % len(self.spec.cpu_cores)] if self.spec.cpu_cores else ()
+        cores = req.cores(self.spec.cpu_cores)
         # The actor replaces the host with its node's IP.
         spec = req.server_spec(host="0.0.0.0", cpu_cores=cores)
         info = ray.get(actor.start.remote(spec, str(req.log_dir / f"{req.replica}.log")), timeout=self.call_timeout_s)

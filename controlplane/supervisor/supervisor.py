@@ -84,6 +84,7 @@ class Member:
     next_probe_at: float = 0.0
     restarts: int = 0
     last_exit: int | None = None
+    core_index: int | None = None  # the backend's cpu_cores set it is pinned to (None: its slot's)
 
 
 @dataclass
@@ -204,8 +205,10 @@ class Supervisor:
             except SpecError:
                 config = engine
             runtime = row["runtime"]
+            core = runtime.get("core_index")
             rt.members[row["name"]] = Member(row["name"], row["id"], int(runtime.get("slot", 0)),
-                                             int(runtime.get("port", 0)), config, handle, STARTING, now)
+                                             int(runtime.get("port", 0)), config, handle, STARTING, now,
+                                             core_index=int(core) if isinstance(core, int) else None)
             await self._record(row["id"], "replica_adopted", ACTOR_SUPERVISOR, "plane_restart",
                                message=f"re-adopted {backend.kind} replica at {row['url']}",
                                attributes={"runtime": runtime})
@@ -252,8 +255,12 @@ class Supervisor:
             return
         m.next_probe_at = now + lc.probe_interval_s
         url = m.handle.url if m.handle else ""
+        before = m.state
         if m.state == STARTING:
-            if await self._probe(url, lc.probe_timeout_s, ready=True):
+            ready = await self._probe(url, lc.probe_timeout_s, ready=True)
+            if m.state != before:  # drained, stopped or restarted while the probe was out: its answer is stale
+                return
+            if ready:
                 await self._set_state(rt, m, READY, "ready", f"ready after {now - m.since:.1f} s")
                 if not m.canary:
                     self.router.set_ready(m.name, url)
@@ -263,6 +270,8 @@ class Supervisor:
                                     None)
             return
         ok = await self._probe(url, lc.probe_timeout_s, ready=False)
+        if m.state != before:  # as above: a late answer must not revive or kill a replica stopped meanwhile
+            return
         verdict = policy.on_probe(m.probe_failures, ok, lc.liveness_failures)
         m.probe_failures = verdict.failures
         if ok and m.state == UNREADY:
@@ -336,15 +345,28 @@ class Supervisor:
             rt.rollout = asyncio.create_task(self._rollout(rt, ACTOR_SUPERVISOR, "converge", None))
 
     async def _launch_new(self, rt: DeploymentRuntime, config: EngineConfig, *, candidate: bool = False,
-                          canary: bool = False) -> Member | None:
+                          canary: bool = False, replacing: Member | None = None) -> Member | None:
         """Launch a new replica on the lowest free slot (None: no slot free), slot and name reserved under the
-        deployment's launch lock until the replica is a member."""
+        deployment's launch lock until the replica is a member. One `replacing` another takes its core set."""
         async with rt.launch_lock:
             slot = policy.free_slot(self._used_slots(rt), rt.dep.max_replicas + 1)
             if slot is None:
                 return None
             name = policy.next_replica_name(rt.dep.name, await self._all_names(rt))
-            return await self._launch(rt, name, slot, config, candidate=candidate, canary=canary)
+            core = (self._free_core_set(rt) if replacing is None
+                    else replacing.slot if replacing.core_index is None else replacing.core_index)
+            return await self._launch(rt, name, slot, config, candidate=candidate, canary=canary, core_index=core)
+
+    def _free_core_set(self, rt: DeploymentRuntime) -> int | None:
+        """The backend's core set that the fewest live replicas are pinned to (lowest first). Not the slot's: a
+        rolling change leaves replicas on slots whose sets coincide (slots 0 and 2 of two sets), which would
+        pin two replicas to one core and leave the other idle. A replacement takes the replaced one's set."""
+        sets = getattr(rt.dep.backend, "cpu_cores", ())
+        if not sets:
+            return None
+        live = [m.slot if m.core_index is None else m.core_index for m in rt.members.values()
+                if m.state not in (STOPPED, FAILED)]
+        return min(range(len(sets)), key=lambda i: (sum(1 for c in live if c % len(sets) == i), i))
 
     def _used_slots(self, rt: DeploymentRuntime) -> list[int]:
         return [m.slot for m in rt.members.values() if m.state not in (STOPPED, FAILED)]
@@ -360,12 +382,15 @@ class Supervisor:
 
     # --- effects --------------------------------------------------------------------------------
     async def _launch(self, rt: DeploymentRuntime, name: str, slot: int, config: EngineConfig, *,
-                      restart_of: Member | None = None, candidate: bool = False, canary: bool = False) -> Member:
+                      restart_of: Member | None = None, candidate: bool = False, canary: bool = False,
+                      core_index: int | None = None) -> Member:
         dep = rt.dep
         port = dep.backend.base_port + slot  # type: ignore[union-attr]
         # A canary exports no spans: its synthetic trial must not enter the deployment's request history.
         otlp = None if canary else self.otlp_endpoint
-        req = LaunchRequest(name, dep, config, slot, port, otlp, self.otlp_protocol, self.log_dir)
+        if restart_of is not None:
+            core_index = restart_of.core_index
+        req = LaunchRequest(name, dep, config, slot, port, otlp, self.otlp_protocol, self.log_dir, core_index)
         now = self.clock()
         try:
             handle = await asyncio.to_thread(rt.backend.launch, req)
@@ -375,8 +400,9 @@ class Supervisor:
             launch_error: str | None = f"{type(exc).__name__}: {exc}"
         else:
             launch_error = None
-        runtime = {**(handle.runtime if handle else {}), "slot": slot, "port": port, **({"canary": True} if canary
-                                                                                          else {})}
+        runtime = {**(handle.runtime if handle else {}), "slot": slot, "port": port,
+                   **({"canary": True} if canary else {}), **({"core_index": core_index} if core_index is not None
+                                                              else {})}
         if handle is not None:
             handle.runtime = runtime
         rid = await self._save(rt, name, handle.url if handle else None, STARTING, runtime, config)
@@ -388,7 +414,7 @@ class Supervisor:
                                message=f"restart {m.restarts} on port {port}", after=_cfg(config))
         else:
             m = Member(name, rid, slot, port, config, handle, STARTING, now, candidate=candidate or canary,
-                       canary=canary)
+                       canary=canary, core_index=core_index)
             rt.members[name] = m
             why = "canary" if canary else "rollout" if candidate else "scale_up"
             await self._record(rid, "replica_started", ACTOR_SUPERVISOR, why,
@@ -443,12 +469,12 @@ class Supervisor:
         for old in [m for m in rt.counted if m.config != new]:
             if old.state not in COUNTED_STATES:  # stopped meanwhile (a scale-down); a crash-looping one is replaced
                 continue
-            cand = await self._launch_new(rt, new, candidate=True)
+            cand = await self._launch_new(rt, new, candidate=True, replacing=old)
             waited_from = self.clock()
             limit = rt.dep.lifecycle.drain_timeout_s + 30.0  # a draining replica frees its slot within this
             while cand is None and self.clock() - waited_from < limit:
                 await asyncio.sleep(0.5)
-                cand = await self._launch_new(rt, new, candidate=True)
+                cand = await self._launch_new(rt, new, candidate=True, replacing=old)
             if cand is None:
                 left = [m.name for m in rt.counted if m.config != new]
                 rt.converge_after = self.clock() + 60.0
@@ -542,7 +568,7 @@ class Supervisor:
                 raise ActionError(f"{deployment}: no free replica slot for a canary "
                                   f"({rt.dep.max_replicas} + 1 in use)", 409)
             name = policy.next_replica_name(rt.dep.name, await self._all_names(rt))
-            rt.canary = m = await self._launch(rt, name, slot, config, canary=True)
+            rt.canary = m = await self._launch(rt, name, slot, config, canary=True, core_index=self._free_core_set(rt))
         await self._record(m.replica_id, "canary_started", actor, reason, after=_cfg(config),
                            message=f"{name}: trial of {dict(changes)}")
         while m.state == STARTING:

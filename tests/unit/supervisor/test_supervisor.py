@@ -525,3 +525,68 @@ async def test_a_rolling_change_with_every_slot_held_waits_for_one_and_then_roll
     await h.until(lambda: rt.rollout.done(), "the rolling change", max_ticks=2000)  # type: ignore[union-attr]
     assert sorted(m.config.max_num_seqs for m in rt.active) == [2, 2, 2]
     assert [k for k, _, _ in h.events() if k.startswith("rollout")] == ["rollout_started", "rollout_finished"]
+
+
+async def test_after_a_rolling_change_the_replicas_are_still_pinned_to_different_cores(sqlite_store: Store) -> None:
+    backend, router, clock = FakeBackend(), FakeRouter(), Clock()
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/metrics":
+            return httpx.Response(200, text="vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n")
+        return httpx.Response(200 if backend.ready.get(f"http://{request.url.host}:{request.url.port}") else 503)
+
+    dep = parse_deployment({
+        "apiVersion": "controlplane/v1", "kind": "Deployment", "metadata": {"name": "tiny"},
+        "spec": {"model": {"path": "/m", "served_name": "tiny"}, "engine": {"max_num_seqs": 8},
+                 "backend": {"kind": "local", "cpu_cores": [[0], [1]]},
+                 "replicas": {"min": 1, "max": 2, "initial": 2},
+                 "lifecycle": {"probe_interval_s": 0.001, "drain_timeout_s": 60}}})
+    sup = Supervisor([dep], {"local": backend}, sqlite_store, router,
+                     httpx.AsyncClient(transport=httpx.MockTransport(answer)), log_dir=Path("/tmp"),
+                     otlp_endpoint=None, clock=clock)
+    h = Harness(sup, backend, router, clock, sqlite_store)
+    await sup.start()
+    await h.until(lambda: list(h.states().values()) == ["ready", "ready"], "two replicas")
+    await sup.reconfigure("tiny", {"max_num_seqs": 2}, actor="user", reason="test")
+    await h.until(lambda: sorted(h.states().values()) == ["ready", "ready", "stopped", "stopped"], "the roll")
+    pinned = {r.replica: r.cores(dep.backend.cpu_cores) for r in backend.launched}  # type: ignore[union-attr]
+    live = sorted(pinned[n] for n, s in h.states().items() if s == "ready")
+    assert live == [(0,), (1,)], pinned
+
+
+async def test_a_late_probe_answer_does_not_crash_a_replica_stopped_meanwhile(sqlite_store: Store) -> None:
+    h = make(sqlite_store, liveness_failures=1)
+    await h.sup.start()
+    await h.until(lambda: h.states() == {"tiny-0": "ready"}, "the first replica")
+    old_url = h.sup.runtimes["tiny"].members["tiny-0"].handle.url  # type: ignore[union-attr]
+    gate, slow = asyncio.Event(), {"on": False}
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        url = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
+        if request.url.path == "/metrics":
+            return httpx.Response(200, text="vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n")
+        if url == old_url and request.url.path == "/health" and slow["on"]:
+            await gate.wait()  # an overloaded replica: its /health answers late, and with a 503
+            return httpx.Response(503)
+        return httpx.Response(200 if h.backend.ready.get(url) else 503)
+
+    h.sup.client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    await h.sup.reconfigure("tiny", {"max_num_seqs": 2}, actor="user", reason="tune")
+    for _ in range(100):
+        if "tiny-1" in h.states():
+            break
+        await asyncio.sleep(0.01)
+    slow["on"] = True
+    h.clock.now += 0.01
+    tick = asyncio.ensure_future(h.sup.tick())  # probes tiny-0 (hangs) and tiny-1 (ready)
+    rollout = h.sup.runtimes["tiny"].rollout
+    assert rollout is not None
+    for _ in range(100):
+        if rollout.done():
+            break
+        await asyncio.sleep(0.05)
+    assert h.states() == {"tiny-0": "stopped", "tiny-1": "ready"}
+    gate.set()
+    await tick
+    assert h.states() == {"tiny-0": "stopped", "tiny-1": "ready"}
+    assert not any(kind == "replica_crashed" and name == "tiny-0" for kind, name, _ in h.events())
