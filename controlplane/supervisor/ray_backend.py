@@ -83,14 +83,22 @@ class RayActorBackend:
         cores = req.cores(self.spec.cpu_cores)
         # The actor replaces the host with its node's IP.
         spec = req.server_spec(host="0.0.0.0", cpu_cores=cores)
-        info = ray.get(actor.start.remote(spec, str(req.log_dir / f"{req.replica}.log")), timeout=self.call_timeout_s)
+        try:
+            info = ray.get(actor.start.remote(spec, str(req.log_dir / f"{req.replica}.log")),
+                           timeout=self.call_timeout_s)
+        except BaseException:
+            # The actor is detached: left alive it would keep its CPUs / GPUs and its name for good.
+            self._kill(actor)
+            raise
         runtime = {"actor": req.replica, "namespace": self.spec.namespace, **info}
         return Handle(req.replica, str(info["url"]), runtime, private=actor)
 
     def exit_code(self, handle: Handle) -> int | None:
         try:
             code = ray.get(handle.private.exit_code.remote(), timeout=self.call_timeout_s)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
+        except ray.exceptions.GetTimeoutError:
+            return None  # a slow cluster is not a dead replica: unknown, and the liveness probe still judges it
+        except ray.exceptions.RayError:  # the actor (or its node) is gone
             return LOST
         return None if code is None else int(code)
 
@@ -102,6 +110,10 @@ class RayActorBackend:
             ray.get(actor.stop.remote(timeout_s), timeout=timeout_s + self.call_timeout_s)
         except ray.exceptions.RayError as exc:
             log.warning("ray replica %s: stop failed (%s); killing the actor", handle.replica, exc)
+        self._kill(actor)
+
+    @staticmethod
+    def _kill(actor: Any) -> None:
         try:
             ray.kill(actor, no_restart=True)
         except (ValueError, ray.exceptions.RayError):
@@ -113,9 +125,12 @@ class RayActorBackend:
             actor = ray.get_actor(str(runtime.get("actor", replica)), namespace=self.spec.namespace)
             info = cast(dict[str, Any], ray.get(actor.info.remote(), timeout=self.call_timeout_s))
             code = ray.get(actor.exit_code.remote(), timeout=self.call_timeout_s)
-        except (ValueError, ray.exceptions.RayError):
+        except ValueError:  # no such actor
+            return None
+        except ray.exceptions.RayError:
             return None
         if code is not None or info.get("url") != url:
+            self._kill(actor)  # ours, but not the replica the store knows: it would hold its resources for good
             return None
         return Handle(replica, url, dict(runtime), private=actor)
 

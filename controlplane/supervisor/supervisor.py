@@ -247,7 +247,7 @@ class Supervisor:
                 await self._launch(rt, m.name, m.slot, m.config, restart_of=m)
             return
         if m.handle is not None and m.state != DRAINING:
-            code = rt.backend.exit_code(m.handle)
+            code = await asyncio.to_thread(rt.backend.exit_code, m.handle)  # a Ray call can take seconds
             if code is not None:
                 await self._crashed(rt, m, now, f"process exited with code {code}", "exited", code)
                 return

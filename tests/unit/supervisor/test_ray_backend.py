@@ -1,0 +1,89 @@
+"""The Ray backend's bookkeeping against a fake `ray` module: detached actors are never left behind, and a
+slow cluster is not read as a dead replica. (The real Ray head is in tests/integration/test_supervisor_ray.py.)"""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+
+from controlplane.supervisor import ray_backend as rb
+from controlplane.supervisor.backends import Handle, LaunchRequest
+from controlplane.supervisor.spec import parse_deployment
+
+DEP = parse_deployment({"apiVersion": "controlplane/v1", "kind": "Deployment", "metadata": {"name": "r"},
+                        "spec": {"model": {"path": "/m", "served_name": "r"},
+                                 "backend": {"kind": "ray", "num_gpus_per_replica": 1}}})
+
+
+class FakeRay:
+    def __init__(self) -> None:
+        self.answers: dict[str, Any] = {}
+        self.killed: list[str] = []
+        self.exceptions = ray.exceptions
+
+    def get(self, ref: tuple[str, str], timeout: float | None = None) -> Any:
+        v = self.answers[ref[1]]
+        if isinstance(v, Exception):
+            raise v
+        return v
+
+    def kill(self, actor: Any, no_restart: bool = True) -> None:
+        self.killed.append(actor.name)
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def get_actor(self, name: str, namespace: str | None = None) -> Any:
+        return _Actor(name)
+
+
+class _Actor:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __getattr__(self, method: str) -> Any:
+        return types.SimpleNamespace(remote=lambda *a: (self.name, method))
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeRay, rb.RayActorBackend]:
+    f = FakeRay()
+    monkeypatch.setattr(rb, "ray", f)
+    backend = rb.RayActorBackend(DEP.backend, call_timeout_s=0.1)  # type: ignore[arg-type]
+    backend._actor_cls = types.SimpleNamespace(options=lambda **kw: types.SimpleNamespace(
+        remote=lambda: _Actor(kw["name"])))
+    return f, backend
+
+
+def test_a_launch_that_fails_kills_the_detached_actor_it_created(fake: tuple[FakeRay, rb.RayActorBackend]) -> None:
+    f, backend = fake
+    f.answers["start"] = ray.exceptions.GetTimeoutError("no GPU free: the actor is still pending")
+    with pytest.raises(ray.exceptions.GetTimeoutError):
+        backend.launch(LaunchRequest("r-0", DEP, DEP.engine, 0, 8200, None, "grpc", Path("/tmp")))
+    assert f.killed == ["r-0"]
+
+
+def test_an_actor_adoption_refuses_is_killed_not_left_holding_its_resources(
+        fake: tuple[FakeRay, rb.RayActorBackend]) -> None:
+    f, backend = fake
+    f.answers.update(info={"url": "http://10.0.0.2:8200"}, exit_code=1)  # its vLLM exited
+    assert backend.adopt("r-1", "http://10.0.0.2:8200", {"actor": "r-1"}) is None
+    f.answers.update(exit_code=None)
+    assert backend.adopt("r-2", "http://10.0.0.9:8200", {"actor": "r-2"}) is None  # another URL than stored
+    assert f.killed == ["r-1", "r-2"]
+    assert backend.adopt("r-3", "http://10.0.0.2:8200", {"actor": "r-3"}) is not None and f.killed == ["r-1", "r-2"]
+
+
+def test_a_slow_cluster_is_unknown_and_a_dead_actor_is_lost(fake: tuple[FakeRay, rb.RayActorBackend]) -> None:
+    f, backend = fake
+    handle = Handle("r-4", "http://x", {}, private=_Actor("r-4"))
+    f.answers["exit_code"] = ray.exceptions.GetTimeoutError("GCS slow")
+    assert backend.exit_code(handle) is None
+    f.answers["exit_code"] = ray.exceptions.RayActorError()
+    assert backend.exit_code(handle) == rb.LOST
+    f.answers["exit_code"] = 3
+    assert backend.exit_code(handle) == 3
