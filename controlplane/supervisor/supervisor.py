@@ -147,8 +147,37 @@ class Supervisor:
 
     # --- start: resume what the store recorded ------------------------------------------------
     async def start(self) -> None:
+        await self._stop_orphans()  # first: a removed deployment's replica may hold a port a configured one needs
         for dep in self.specs.values():
             await self._resume(dep)
+
+    async def _stop_orphans(self) -> None:
+        """Replicas a previous plane recorded as running for a deployment no longer configured: stopped (this
+        plane would neither route to, scale nor watch them). One whose backend this plane has no object for is
+        only reported."""
+        for stored in await asyncio.to_thread(self.store.deployments):
+            if stored["name"] in self.specs:
+                continue
+            doc = stored["spec"] if isinstance(stored["spec"], dict) else {}
+            kind = str(((doc.get("spec") or doc).get("backend") or {}).get("kind", "local"))
+            for row in await asyncio.to_thread(self.store.deployment_replicas, stored["id"]):
+                if row["state"] in (STOPPED, FAILED):
+                    continue
+                backend = self.backends.get(kind)
+                if kind == "external" or not row["runtime"]:
+                    await asyncio.to_thread(self.store.set_replica_state, row["id"], STOPPED)
+                    continue  # never the plane's process: it only stops watching it
+                if backend is None:
+                    log.warning("%s: replica %s of the removed deployment may still run on the %s backend, which "
+                                "this plane does not use; stop it by hand", stored["name"], row["name"], kind)
+                    continue
+                handle = await asyncio.to_thread(backend.adopt, row["name"], row["url"], row["runtime"])
+                if handle is not None:
+                    await asyncio.to_thread(backend.stop, handle, 30.0)
+                await asyncio.to_thread(self.store.set_replica_state, row["id"], STOPPED)
+                await self._record(row["id"], "replica_stopped", ACTOR_SUPERVISOR, "deployment_removed",
+                                   message=f"{stored['name']} is no longer configured: "
+                                           + ("stopped" if handle is not None else "its process was gone"))
 
     async def _resume(self, dep: Deployment) -> None:
         backend = self.backends[dep.backend.kind]
@@ -183,6 +212,9 @@ class Supervisor:
                 rid = await self._save(rt, name, url, STARTING, {}, engine)
                 handle = backend.adopt(name, url, {})
                 rt.members[name] = Member(name, rid, i, 0, engine, handle, STARTING, now)
+            for row in await asyncio.to_thread(self.store.deployment_replicas, dep_id):
+                if row["name"] not in rt.members and row["state"] not in (STOPPED, FAILED):
+                    await asyncio.to_thread(self.store.set_replica_state, row["id"], STOPPED)  # a URL taken out
             return
         for row in await asyncio.to_thread(self.store.deployment_replicas, dep_id):
             if row["state"] in (STOPPED, FAILED) or not row["runtime"]:

@@ -590,3 +590,45 @@ async def test_a_late_probe_answer_does_not_crash_a_replica_stopped_meanwhile(sq
     await tick
     assert h.states() == {"tiny-0": "stopped", "tiny-1": "ready"}
     assert not any(kind == "replica_crashed" and name == "tiny-0" for kind, name, _ in h.events())
+
+
+async def test_a_restarted_plane_stops_the_replicas_of_a_deployment_no_longer_configured(sqlite_store: Store) -> None:
+    from controlplane.api import queries
+
+    first = make(sqlite_store)
+    await first.sup.start()
+    await first.until(lambda: first.states() == {"tiny-0": "ready"}, "the first plane's replica")
+    # The plane dies; its next configuration names only "other". tiny-0's process still runs.
+    backend = FakeBackend(adoptable={"tiny-0"}, seq=100)
+    other = parse_deployment({"apiVersion": "controlplane/v1", "kind": "Deployment", "metadata": {"name": "other"},
+                              "spec": {"model": {"path": "/m", "served_name": "other"},
+                                       "replicas": {"min": 1, "max": 1, "initial": 1},
+                                       "lifecycle": {"probe_interval_s": 0.001}}})
+    sup = Supervisor([other], {"local": backend}, sqlite_store, FakeRouter(),
+                     httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200))),
+                     log_dir=Path("/tmp"), otlp_endpoint=None, clock=Clock())
+    await sup.start()
+    assert backend.stopped == ["tiny-0"]
+    states = {r["name"]: r["state"] for r in queries.replicas(sqlite_store.engine)}
+    assert states["tiny-0"] == "stopped"
+    kinds = [(k, n, why) for k, n, why in Harness(sup, backend, FakeRouter(), Clock(), sqlite_store).events()]
+    assert ("replica_stopped", "tiny-0", "deployment_removed") in kinds
+
+
+async def test_an_external_url_taken_out_of_the_spec_is_no_longer_shown_as_serving(sqlite_store: Store) -> None:
+    from controlplane.api import queries
+    from controlplane.supervisor.backends import ExternalBackend
+
+    def ext(urls: list[str]) -> Any:
+        return parse_deployment({"apiVersion": "controlplane/v1", "kind": "Deployment", "metadata": {"name": "ext"},
+                                 "spec": {"model": {"path": "/m", "served_name": "m"},
+                                          "backend": {"kind": "external", "urls": urls},
+                                          "lifecycle": {"probe_interval_s": 0.001}}})
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200)))
+    for urls in (["http://a.fake:1", "http://b.fake:2"], ["http://a.fake:1"]):
+        sup = Supervisor([ext(urls)], {"external": ExternalBackend()}, sqlite_store, FakeRouter(), client,
+                         log_dir=Path("/tmp"), otlp_endpoint=None, clock=Clock())
+        await sup.start()
+    states = {r["name"]: r["state"] for r in queries.replicas(sqlite_store.engine)}
+    assert states["ext-1"] == "stopped" and states["ext-0"] != "stopped"
