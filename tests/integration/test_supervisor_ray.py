@@ -83,6 +83,9 @@ def test_a_searched_configuration_is_tried_on_a_canary_ray_actor_that_is_removed
     with StreamLoad(fleet.plane.router, NAME, streams=8):  # the history the search calibrates on
         wait_for("220 recorded requests", lambda: len(fleet.get(f"/api/v1/requests?replica={first}&limit=300")
                                                       ["items"]) >= 220, 300)
+        # The fit reads the KV capacity from a scrape (every 5 s here): the requests can come in sooner.
+        wait_for("a scrape that knows the KV capacity", lambda: any(
+            s["kv_capacity_tokens"] for s in fleet.get(f"/api/v1/engine-samples?replica={first}")["items"]), 60)
     r = fleet.post(f"/api/v1/deployments/{NAME}/search", {"canary_trials": 1, "mode": "recommend"})
     assert r.status_code == 202, r.text
     sid = r.json()["id"]
