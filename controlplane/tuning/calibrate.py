@@ -224,6 +224,8 @@ class Fit:
     std_errors: Coefficients | None
     coverage_ratio: float | None
     notes: tuple[str, ...] = field(default=())
+    # The most sequences per step (a phase's mean) the rows saw: predictions for larger batches extrapolate.
+    observed_max_seqs: float | None = None
 
     @property
     def step_cost(self) -> StepCost:
@@ -287,7 +289,8 @@ def fit(obs: Observations, *, prior: Coefficients | None = None, prior_weight: f
     return Fit(coefficients=Coefficients(*full), rows=len(y), outliers=int((~inlier).sum()), rel_rmse=rmse,
                rel_median_abs=float(np.median(np.abs(rel))), r2=r2,
                std_errors=Coefficients(*(std + [0.0] * (4 - cols))) if std is not None else None,
-               coverage_ratio=obs.coverage_ratio, notes=tuple(notes))
+               coverage_ratio=obs.coverage_ratio, notes=tuple(notes),
+               observed_max_seqs=float(obs.X[:, 3].max()) if obs.X.shape[1] > 3 and len(obs) else None)
 
 
 def _std_errors(Xs: Matrix, rel: NDArray[np.float64], w: NDArray[np.float64],
@@ -341,7 +344,7 @@ def update(state: CalibrationState | None, obs: Observations, *, decay: float = 
     coefs = Coefficients(*[*theta.tolist(), *([0.0] * (4 - cols))])
     combined = Fit(coefficients=coefs, rows=window.rows, outliers=window.outliers, rel_rmse=window.rel_rmse,
                    rel_median_abs=window.rel_median_abs, r2=window.r2, std_errors=window.std_errors,
-                   coverage_ratio=window.coverage_ratio, notes=window.notes)
+                   coverage_ratio=window.coverage_ratio, notes=window.notes, observed_max_seqs=window.observed_max_seqs)
     return CalibrationState(gram=gram, moment=moment, rows_effective=rows, fit=combined)
 
 

@@ -217,7 +217,9 @@ class CapacityProbe:
         if not 0 < rel_tol < 1:
             raise ValueError(f"rel_tol must be in (0, 1), got {rel_tol}")
         sat = self.saturation_rps()
-        hi = sat * 1.05
+        # Below the throughput, never at it: a finite probe past saturation can still pass (its backlog has not
+        # grown enough yet), but such a load queues without bound in steady state.
+        hi = sat * (1.0 - rel_tol)
         if sat <= 0:
             return self._result(0.0)
         lo = known_pass_rps if known_pass_rps is not None and known_pass_rps < hi else None

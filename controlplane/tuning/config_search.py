@@ -20,7 +20,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -65,7 +65,8 @@ def space_for(engine: EngineConfig, tuning: TuningSection) -> SearchSpace:
     tokens = tuning.max_num_batched_tokens or _around(engine.max_num_batched_tokens, (0.5, 1, 2), 16)
     seqs = tuple(sorted(set(seqs) | {engine.max_num_seqs}))
     tokens = tuple(sorted(set(tokens) | {engine.max_num_batched_tokens}))
-    return SearchSpace(seqs, tokens)
+    # Batch limits only: the fit predicts the precision and parallelism the replica runs, and those stay.
+    return SearchSpace(seqs, tokens, limits_only=True)
 
 
 def trial_plans(workload: Workload, rps: float, count: int, seed: int, *,
@@ -108,10 +109,12 @@ def judge(results: Sequence[ClientResult], objectives: Sequence[Objective], *, m
           note: str = "") -> CanaryVerdict:
     """Measured attainment per SLO from a trial's client timings. A failed request is bad (it was not served
     within the SLO); an SLI the client cannot measure (queue time) or fewer than `min_requests` results leave
-    the attainment unknown (None), which is never a pass."""
+    the attainment unknown (None), which is never a pass. So do fewer results than one bad request in the
+    objective's budget takes (1 / (1 - objective): 100 for 99 %): 20 good results say nothing of 99.9 %."""
     preds = []
     for o in objectives:
-        known = len(results) >= min_requests and all(t.sli != "queue" for t in o.targets)
+        enough = max(min_requests, math.ceil(1.0 / (1.0 - o.objective) - 1e-9))
+        known = len(results) >= enough and all(t.sli != "queue" for t in o.targets)
         if not known:
             preds.append(Prediction(o.name, o.objective, None, None))
             continue
@@ -138,7 +141,8 @@ def current_evidence(current_replicas: int, price: float, baseline: SearchResult
     return {"replicas": current_replicas, "usd_per_hour": current_replicas * price if price else None,
             "capacity_rps_per_replica": baseline.capacity_rps_per_replica,
             "replicas_needed": baseline.replicas,  # None: it cannot meet every SLO at the target rate
-            "usd_per_hour_needed": baseline.usd_per_hour,  # the search's currency: GPU-hours when unpriced
+            "usd_per_hour_needed": baseline.usd_per_hour if baseline.priced else None,
+            "cost_per_hour_needed": baseline.usd_per_hour,  # the search's currency: GPU-hours when unpriced
             "slos_at_replicas_needed": [{"name": p.name, "attainment": p.attainment, "margin": p.margin}
                                         for p in baseline.predictions]}
 
@@ -155,7 +159,7 @@ def proposal(dep: Deployment, current_replicas: int, result: SearchResult, *, ca
         return None
     evidence = {**result.evidence(), "calibration": dict(calibration), "workload": dict(workload),
                 "current": {"engine": engine_now, **current}}
-    needed = current.get("usd_per_hour_needed")
+    needed = current.get("cost_per_hour_needed")  # compared in the search's currency (GPU-hours when unpriced)
     if current.get("replicas_needed") is None:
         reason = "current_config_cannot_meet_slo"  # at the target rate, within the allowed replica count
     elif changes == engine_now:
@@ -165,21 +169,61 @@ def proposal(dep: Deployment, current_replicas: int, result: SearchResult, *, ca
     else:
         reason = "same_cost_more_headroom"
     rmse = calibration.get("rel_rmse")
-    confidence = None if rmse is None else round(max(0.0, min(1.0, 1.0 - float(rmse))), 3)
+    confidence = None if rmse is None else max(0.0, min(1.0, 1.0 - float(rmse)))
+    seen = calibration.get("observed_max_seqs_per_step")
+    if confidence is not None and result.chosen is not None:
+        # A fit on batches of at most `seen` sequences extrapolates to the chosen limit: trust it that much less.
+        confidence *= 0.0 if not seen else min(1.0, float(seen) / result.chosen.max_num_seqs)
+    confidence = None if confidence is None else round(confidence, 3)
     return Proposal(dep.name, "reconfigure", reason, {"engine": engine_now, "replicas": current_replicas},
                     {"engine": changes, "replicas": result.replicas}, evidence, confidence)
 
 
 # --- edges --------------------------------------------------------------------------------------------------
 async def resize_then_roll(control: Any, deployment: str, engine: Mapping[str, Any], replicas: int | None, *,
-                           current_replicas: int | None, actor: str, reason: str) -> dict[str, Any]:
-    """Apply a searched configuration: resize first (a rolling change refuses resizes while it runs), then roll
-    every replica onto `engine`. The reconfigure's answer, with the resize's under "scale" when there was one."""
+                           current_replicas: int | None, actor: str, reason: str,
+                           wait_rolled: Callable[[], Awaitable[None]] | None = None) -> dict[str, Any]:
+    """Apply a searched configuration. Growing: resize first (a rolling change refuses resizes while it runs),
+    then roll every replica onto `engine`. Shrinking: roll first and resize once the roll is over, so the fleet
+    never runs fewer replicas of the old configuration than the old configuration needs; with `wait_rolled`
+    this waits for it, without it a background task does. The reconfigure's answer, with the resize's under
+    "scale" (or what is still to come under "scale_after_roll")."""
     out: dict[str, Any] = {}
-    if replicas is not None and replicas != current_replicas:
+    shrink = replicas is not None and current_replicas is not None and replicas < current_replicas
+    if replicas is not None and replicas != current_replicas and not shrink:
         out["scale"] = await control.scale(deployment, int(replicas), actor=actor, reason=reason)
     rolled: dict[str, Any] = await control.reconfigure(deployment, dict(engine), actor=actor, reason=reason)
+    if shrink:
+        assert replicas is not None
+        later = _scale_after_roll(control, deployment, int(replicas), actor, reason, wait_rolled)
+        if wait_rolled is not None:
+            out["scale"] = await later
+        else:
+            _BACKGROUND.add(task := asyncio.ensure_future(later))
+            task.add_done_callback(_BACKGROUND.discard)
+            out["scale_after_roll"] = {"deployment": deployment, "replicas": int(replicas)}
     return rolled | out
+
+
+async def _scale_after_roll(control: Any, deployment: str, replicas: int, actor: str, reason: str,
+                            wait_rolled: Callable[[], Awaitable[None]] | None, retry_s: float = 2.0,
+                            give_up_s: float = 3600.0) -> dict[str, Any]:
+    """Resize once the rolling change is over: the supervisor refuses (409) while it runs."""
+    if wait_rolled is not None:
+        await wait_rolled()
+    waited = 0.0
+    while True:
+        try:
+            return dict(await control.scale(deployment, replicas, actor=actor, reason=reason))
+        except Exception as exc:
+            if getattr(exc, "status", None) != 409 or waited >= give_up_s:
+                log.error("%s: resize to %d after the rolling change failed: %s", deployment, replicas, exc)
+                raise
+        await asyncio.sleep(retry_s)
+        waited += retry_s
+
+
+_BACKGROUND: set[asyncio.Future[Any]] = set()  # resizes waiting for a roll (kept referenced until done)
 
 
 class CanaryControl(Protocol):
@@ -277,17 +321,19 @@ def run_search(store: Any, recs: Any, dep: Deployment, *, ready: Sequence[str], 
     canary = canary_factory(wl, objectives) if trials > 0 and canary_factory is not None else None
     if trials > 0 and canary is None:
         raise SearchInputError(f"{dep.name}: canary trials need a supervised deployment (local or ray backend)")
-    options = SearchOptions(canary_trials=max(1, trials), max_replicas=max(1, dep.max_replicas))
+    options = SearchOptions(canary_trials=max(1, trials), min_replicas=max(1, dep.min_replicas),
+                            max_replicas=max(1, dep.max_replicas))
     progress(f"searching {len(space)} configurations" + (f", up to {trials} canary trial(s)" if canary else ""))
     result = search(space, factory, objectives, wl, target_rps=params.target_rps, options=options, canary=canary)
-    running = SearchSpace((eng.max_num_seqs,), (eng.max_num_batched_tokens,))
+    running = SearchSpace((eng.max_num_seqs,), (eng.max_num_batched_tokens,), limits_only=True)
     baseline = search(running, factory, objectives, wl, target_rps=params.target_rps, options=options,
                       exhaustive=True)
     c = fit.coefficients
     calibration = {"replica": replica, "requests": len(per_replica[replica]), "steps": fit.rows,
                    "rel_rmse": fit.rel_rmse, "alpha_s": c.alpha_s, "beta_s_per_token": c.beta_s_per_token,
                    "gamma_s_per_kv_token": c.gamma_s_per_kv_token, "delta_s_per_seq": c.delta_s_per_seq,
-                   "api_path_s": model.api_path_s, "kv_capacity_tokens": model.num_kv_blocks * model.block_size}
+                   "api_path_s": model.api_path_s, "kv_capacity_tokens": model.num_kv_blocks * model.block_size,
+                   "observed_max_seqs_per_step": fit.observed_max_seqs}
     workload = {"requests": len(wl), "skipped_rows": wl.skipped_rows, "duration_s": wl.duration_s,
                 "window_s": params.window_s, "not_predicted": list(skipped)}
     now_ev = current_evidence(current_replicas, dep.price_per_replica_hour_usd, baseline)
@@ -419,7 +465,7 @@ class SearchJobs:
 
     async def _change(self, rt: Any, engine: Mapping[str, Any], replicas: int | None, reason: str) -> dict[str, Any]:
         return await resize_then_roll(self.supervisor, rt.dep.name, engine, replicas, current_replicas=rt.desired,
-                                      actor="tuner", reason=reason)
+                                      actor="tuner", reason=reason, wait_rolled=lambda: self._rolled(rt))
 
     async def _rolled(self, rt: Any) -> None:
         t0 = self.clock()
@@ -455,6 +501,16 @@ class SearchJobs:
                                     outcome={"verdict": "rollout_rolled_back", "why": why})
             progress(f"auto mode: {why}")
             return {"verdict": "rollout_rolled_back"}
+        # The spec says the new configuration; the replicas may not all run it yet (a rolling change blocked
+        # without a free slot, or past the timeout): judging then would credit the old one's requests to it.
+        behind = [m.name for m in getattr(rt, "counted", ())
+                  if any(m.config.as_dict().get(k) != v for k, v in proposed["engine"].items())]
+        if behind:
+            why = f"not every replica runs it after the rolling change ({', '.join(behind)} still on the previous one)"
+            await asyncio.to_thread(self.recs.decide, rid, FAILED, by="tuner", expect=(APPLIED,),
+                                    outcome={"verdict": "not_in_effect", "why": why})
+            progress(f"auto mode: {why}")
+            return {"verdict": "not_in_effect"}
         effective = self.clock()
         progress(f"auto mode: every replica runs it; judging it on {self.auto.verify_s:.0f} s of requests")
         await self.sleep(self.auto.verify_s)

@@ -209,12 +209,14 @@ def verdict(before: tuple[float, int], after: tuple[float, int], *, objective: f
     """After an applied change: keep it, roll it back (the SLO got worse), or wait for more requests.
 
     `before` / `after` are (good, known) counts of the requests that finished before the change and since it
-    took effect. It is rolled back only when the share of good requests fell by more than `tolerance` and now
-    misses the objective; too few requests on either side is undecided (unknown is not worse)."""
+    took effect. It is rolled back only when the share of good requests fell by more than `tolerance` (at most
+    one error budget, 1 - objective: 2 points are a 20x burn at 99.9 %) and now misses the objective; too few
+    requests on either side is undecided (unknown is not worse)."""
     if before[1] < min_requests or after[1] < min_requests:
         return UNDECIDED
     b, a = before[0] / before[1], after[0] / after[1]
-    return ROLL_BACK if a < b - tolerance and a < objective else KEPT
+    tol = min(tolerance, 1.0 - objective)
+    return ROLL_BACK if a < b - tol and a < objective else KEPT
 
 
 def slo_targets(slos: Iterable[Slo], deployment: str) -> tuple[tuple[Objective, ...], float]:

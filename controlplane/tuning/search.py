@@ -109,6 +109,9 @@ class SearchResult:
     cpu_s: float
     validated: bool | None = None  # None: no canary was asked for
     notes: tuple[str, ...] = ()
+    # False: no price was known, and the usd_* figures above are GPU-hours (the search's currency then); the
+    # evidence then says so instead of showing them as dollars.
+    priced: bool = True
 
     @property
     def engine_changes(self) -> dict[str, Any]:
@@ -117,19 +120,26 @@ class SearchResult:
     def evidence(self) -> dict[str, Any]:
         """JSON-ready: what a recommendation stores as its evidence."""
 
+        usd = self.priced
+
         def cand(c: Candidate) -> dict[str, Any]:
             return {"config": c.cell.label(), "engine": c.cell.engine_changes(), "reason": c.reason,
                     "detail": c.detail, "estimate_rps": c.estimate_rps, "capacity_rps": c.capacity_rps,
-                    "usd_per_hour": c.usd_per_hour, "goodput_per_usd": c.goodput_per_usd, "replicas": c.replicas,
+                    "usd_per_hour": c.usd_per_hour if usd else None,
+                    "goodput_per_usd": c.goodput_per_usd if usd else None, "replicas": c.replicas,
                     "simulations": c.simulations}
 
         return {
+            "cost_unit": "USD" if usd else "GPU-hours (no price configured)",
+            "cost_per_hour": self.usd_per_hour,  # in cost_unit, what the search minimised
             "config": self.chosen.label() if self.chosen else None, "engine": self.engine_changes,
             "replicas": self.replicas, "target_rps": self.target_rps,
             "slos": [{"name": p.name, "objective": p.objective, "attainment": p.attainment, "margin": p.margin,
                       "quantile_s": p.quantile_s, "threshold_s": p.threshold_s} for p in self.predictions],
-            "usd_per_hour": self.usd_per_hour, "usd_per_million_tokens": self.usd_per_million_tokens,
-            "capacity_rps_per_replica": self.capacity_rps_per_replica, "goodput_per_usd": self.goodput_per_usd,
+            "usd_per_hour": self.usd_per_hour if usd else None,
+            "usd_per_million_tokens": self.usd_per_million_tokens if usd else None,
+            "capacity_rps_per_replica": self.capacity_rps_per_replica,
+            "goodput_per_usd": self.goodput_per_usd if usd else None,
             "validated": self.validated, "simulations": self.simulations,
             "simulated_requests": self.simulated_requests, "cpu_s": self.cpu_s, "notes": list(self.notes),
             "candidates": [cand(c) for c in self.candidates],
@@ -237,6 +247,8 @@ def _fleet(e: _Eval, workload: Workload, objectives: Sequence[Objective], target
     n = min(max(opts.min_replicas, math.ceil(target / e.capacity)), opts.max_replicas)
     seen: dict[int, tuple[bool, tuple[Prediction, ...]]] = {}
 
+    saturation = e.probe.saturation_rps()
+
     def check(k: int) -> bool:
         if k not in seen:
             wl = at_rate(workload, target, opts.probe_requests * k)
@@ -244,7 +256,9 @@ def _fleet(e: _Eval, workload: Workload, objectives: Sequence[Objective], target
             tally.simulations += 1
             tally.requests += len(wl)
             preds = judge(res, objectives)
-            seen[k] = (all_hold(preds), preds)
+            # A finite probe can pass at a per-replica load past the replica's throughput; it would not last.
+            sustainable = target / k < saturation * (1.0 - opts.rel_tol)
+            seen[k] = (all_hold(preds) and sustainable, preds)
         return seen[k][0]
 
     if check(n):
@@ -335,4 +349,5 @@ def search(space: SearchSpace, factory: ReplicaFactory, objectives: Sequence[Obj
     tokens_per_h = target * _mean_tokens(workload) * 3600.0
     cap = e.capacity or 0.0
     return SearchResult(e.cell, n, target, preds, usd_h, usd_h / tokens_per_h * 1e6, cap, cap * 3600.0 / e.price,
-                        cands, tally.simulations, tally.requests, cpu, validated, tuple(notes))
+                        cands, tally.simulations, tally.requests, cpu, validated, tuple(notes),
+                        priced=bool(e.model.usd_per_hour))

@@ -32,15 +32,22 @@ class Cell:
     weights: WeightPrecision = WeightPrecision.BF16
     kv_cache: KvPrecision = KvPrecision.BF16
     tensor_parallel_size: int = 1
+    # Only the batch limits are this cell's: precision and parallelism stay as the replica runs them (a search
+    # calibrated on a running replica, which predicts only what it observed).
+    limits_only: bool = False
 
     def engine_changes(self) -> dict[str, Any]:
         """The change to the deployment's EngineConfig (field names of controlplane.supervisor.spec)."""
-        return {"max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens,
-                "quantization": _QUANTIZATION[self.weights],
+        limits = {"max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens}
+        if self.limits_only:
+            return limits
+        return {**limits, "quantization": _QUANTIZATION[self.weights],
                 "kv_cache_dtype": "auto" if self.kv_cache is KvPrecision.BF16 else "fp8",
                 "tensor_parallel_size": self.tensor_parallel_size}
 
     def label(self) -> str:
+        if self.limits_only:
+            return f"seqs={self.max_num_seqs} tokens={self.max_num_batched_tokens}"
         tp = f" tp{self.tensor_parallel_size}" if self.tensor_parallel_size != 1 else ""
         return (f"seqs={self.max_num_seqs} tokens={self.max_num_batched_tokens} "
                 f"w={self.weights.value} kv={self.kv_cache.value}{tp}")
@@ -55,6 +62,7 @@ class SearchSpace:
     weights: tuple[WeightPrecision, ...] = (WeightPrecision.BF16,)
     kv_cache: tuple[KvPrecision, ...] = (KvPrecision.BF16,)
     tensor_parallel_size: tuple[int, ...] = (1,)
+    limits_only: bool = False  # the cells change the batch limits only (see Cell.limits_only)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "weights", "kv_cache", "tensor_parallel_size"):
@@ -69,7 +77,7 @@ class SearchSpace:
                 raise ValueError(f"search space: {name} must be >= 1, got {bad}")
 
     def cells(self) -> list[Cell]:
-        return [Cell(s, t, w, k, tp) for s, t, w, k, tp in itertools.product(
+        return [Cell(s, t, w, k, tp, self.limits_only) for s, t, w, k, tp in itertools.product(
             self.max_num_seqs, self.max_num_batched_tokens, self.weights, self.kv_cache, self.tensor_parallel_size)]
 
     def __len__(self) -> int:

@@ -444,15 +444,17 @@ def search_command(
     _console.print(f"[bold]{res['outcome']}[/]")
     ev = res["evidence"]
     table = Table(title=f"{deployment}: running vs searched (target {ev['target_rps']:.3g} req/s)")
-    for col in ("", "engine", "replicas", "capacity req/s per replica", "$/h"):
+    unit = "$/h" if ev.get("cost_unit", "USD") == "USD" else "GPU-h/h (no price)"
+    for col in ("", "engine", "replicas", "capacity req/s per replica", unit):
         table.add_column(col)
     cur = ev["current"]
     now_engine, new_engine = cur.get("engine") or {}, ev.get("engine") or {}
     differ = [k for k in new_engine if new_engine.get(k) != now_engine.get(k)] or list(new_engine)[:2]
     table.add_row("running", _fields(now_engine, differ), f"{cur['replicas']} (needs {cur['replicas_needed']})",
-                  _num(cur["capacity_rps_per_replica"]), _num(cur["usd_per_hour_needed"]))
+                  _num(cur["capacity_rps_per_replica"]), _num(cur.get("cost_per_hour_needed",
+                                                                      cur.get("usd_per_hour_needed"))))
     table.add_row("searched", _fields(new_engine, differ), str(ev["replicas"]), _num(ev["capacity_rps_per_replica"]),
-                  _num(ev["usd_per_hour"]))
+                  _num(ev.get("cost_per_hour", ev.get("usd_per_hour"))))
     _console.print(table)
     rid, auto = res["recommendation_id"], res.get("auto")
     if rid is not None and auto is not None:

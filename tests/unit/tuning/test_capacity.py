@@ -76,7 +76,7 @@ def test_at_rate_keeps_the_requests_and_their_order_and_sets_the_mean_rate() -> 
 
 
 def test_capacity_is_bracketed_by_a_passing_rate_and_a_failing_one_within_the_tolerance() -> None:
-    probe = CapacityProbe(replica(), LOAD, [ttft(0.3)], requests=800)
+    probe = CapacityProbe(replica(), LOAD, [ttft(0.1)], requests=800)  # an edge below the throughput
     cap = probe.capacity(rel_tol=0.03)
     assert 0 < cap.rps < cap.saturation_rps
     assert cap.at_capacity is not None and cap.at_capacity.passed
@@ -85,6 +85,15 @@ def test_capacity_is_bracketed_by_a_passing_rate_and_a_failing_one_within_the_to
     assert cap.simulations == len(cap.probes) + 1 and cap.requests_simulated == 800 * cap.simulations
     # The capacity really is the edge: the rate meets the SLO, 10% more does not.
     assert probe.passes(cap.rps) and not probe.passes(cap.rps * 1.10)
+
+
+def test_a_loose_slo_never_puts_the_capacity_at_or_past_the_throughput() -> None:
+    # A finite probe past saturation still passes a loose SLO (its backlog has not grown enough yet); such a
+    # load would queue without bound, so the capacity stays strictly under the replica's throughput.
+    probe = CapacityProbe(replica(), LOAD, [ttft(60.0, 0.9)], requests=800)
+    assert probe.passes(probe.saturation_rps() * 1.03)  # the finite probe alone would have allowed it
+    cap = probe.capacity(rel_tol=0.02)
+    assert cap.rps <= cap.saturation_rps * 0.98 + 1e-9
 
 
 def test_an_slo_tighter_than_an_idle_replicas_prefill_has_no_capacity() -> None:

@@ -64,6 +64,26 @@ def test_trial_plans_follow_the_recorded_lengths_at_the_asked_rate_and_fit_the_m
                        max_model_len=None)
 
 
+def test_a_strict_objective_needs_as_many_results_as_its_budget_allows_one_bad_request_in() -> None:
+    strict = Objective("ttft", (LatencyTarget("ttft", 0.2),), 0.999)
+    assert cs.judge([result(0.05, 0.3)] * 20, [strict], min_requests=20).passed is None  # 20 say nothing of 99.9 %
+    assert cs.judge([result(0.05, 0.3)] * 999, [strict], min_requests=20).passed is None
+    assert cs.judge([result(0.05, 0.3)] * 1000, [strict], min_requests=20).passed is True
+    two_nines = Objective("ttft", (LatencyTarget("ttft", 0.2),), 0.99)
+    assert cs.judge([result(0.05, 0.3)] * 100, [two_nines], min_requests=50).passed is True
+
+
+def test_a_searched_configuration_keeps_the_running_precision_and_parallelism() -> None:
+    engine = EngineConfig(max_num_seqs=64, max_num_batched_tokens=2048, quantization="fp8", kv_cache_dtype="fp8",
+                          tensor_parallel_size=2)
+    space = cs.space_for(engine, TuningSection())
+    assert all(c.engine_changes() == {"max_num_seqs": c.max_num_seqs,
+                                      "max_num_batched_tokens": c.max_num_batched_tokens} for c in space.cells())
+    running = next(c for c in space.cells() if (c.max_num_seqs, c.max_num_batched_tokens) == (64, 2048))
+    merged = engine.with_changes(running.engine_changes())
+    assert merged == engine  # the running cell changes nothing: no recommendation to go back to bf16 on one GPU
+
+
 def test_a_trial_is_judged_per_slo_failures_are_bad_and_too_few_results_are_unknown() -> None:
     # 8 fast, 1 slow first token, 1 slow decode (e2e 1.0 s over 10 tokens after the first), 0 failed.
     rows = [result(0.05, 0.3)] * 8 + [result(0.5, 0.8)] + [result(0.05, 1.05)]
@@ -126,8 +146,9 @@ def test_a_search_on_recorded_requests_stores_a_reconfigure_recommendation_with_
     rec = recs.get(out["recommendation_id"])
     assert rec["kind"] == "reconfigure" and rec["mode"] == "recommend" and rec["status"] == "open"
     assert rec["reason"] in ("cheaper_config_meets_slo", "same_cost_more_headroom", "scale_to_meet_slo")
-    assert rec["current"] == {"engine": {"max_num_seqs": 16, "max_num_batched_tokens": 512, "quantization": None,
-                                         "kv_cache_dtype": "auto", "tensor_parallel_size": 1}, "replicas": 1}
+    # Only the batch limits are searched: precision and parallelism stay as the replica runs them.
+    assert rec["current"] == {"engine": {"max_num_seqs": 16, "max_num_batched_tokens": 512}, "replicas": 1}
+    assert set(rec["proposed"]["engine"]) == {"max_num_seqs", "max_num_batched_tokens"}
     ev = rec["evidence"]
     assert ev["calibration"]["replica"] == "tiny-0" and ev["calibration"]["requests"] == 1200
     assert ev["calibration"]["alpha_s"] == pytest.approx(4e-3, rel=0.15)
@@ -143,7 +164,8 @@ def test_a_search_on_recorded_requests_stores_a_reconfigure_recommendation_with_
     assert all(s["attainment"] >= s["objective"] for s in ev["slos"]) and [s["name"] for s in ev["slos"]] == ["ttft"]
     assert rec["confidence"] is not None and 0 < rec["confidence"] <= 1
     assert any("searching" in line for line in lines)
-    assert {c["config"].split(" w=")[0] for c in ev["candidates"]} >= {"seqs=4 tokens=512", "seqs=32 tokens=1024"}
+    assert {c["config"] for c in ev["candidates"]} >= {"seqs=4 tokens=512", "seqs=32 tokens=1024"}
+    assert ev["cost_unit"] == "USD" and ev["calibration"]["observed_max_seqs_per_step"] > 0
 
 
 def test_a_canary_that_fails_every_trial_leaves_nothing_recommended(sqlite_store: Store) -> None:
@@ -311,7 +333,8 @@ def test_auto_mode_puts_the_previous_config_back_when_the_slo_got_worse(sqlite_s
     job, recs = run_auto(sqlite_store, fleet, [(99, 100), (80, 100)])
     rec = recs.get(job["result"]["recommendation_id"])
     assert rec["status"] == "rolled_back" and rec["outcome"]["verdict"] == "roll_back"
-    assert fleet.calls[2:] == [("scale", 1), ("reconfigure", rec["current"]["engine"])]
+    # Back to one replica: the previous args are rolled first, then the fleet shrinks.
+    assert fleet.calls[2:] == [("reconfigure", rec["current"]["engine"]), ("scale", 1)]
     assert fleet.runtimes["tiny"].dep.engine.max_num_seqs == 16 and fleet.runtimes["tiny"].desired == 1
     assert any("putting the previous configuration back" in p["line"] for p in job["progress"])
 
@@ -336,3 +359,49 @@ def run_auto_failed(store: Store) -> tuple[dict[str, Any], Any]:
         return jobs.get(job["id"])
 
     return asyncio.run(go()), recs
+
+
+def test_shrinking_rolls_first_and_resizes_after_the_roll_growing_resizes_first() -> None:
+    import asyncio
+
+    calls: list[tuple[str, Any]] = []
+
+    class Control:
+        async def scale(self, deployment: str, replicas: int, *, actor: str, reason: str) -> dict[str, Any]:
+            calls.append(("scale", replicas))
+            return {"replicas": replicas}
+
+        async def reconfigure(self, deployment: str, engine: Mapping[str, Any], *, actor: str,
+                              reason: str) -> dict[str, Any]:
+            calls.append(("reconfigure", dict(engine)))
+            return {"changed": True}
+
+    async def rolled() -> None:
+        calls.append(("rolled", None))
+
+    engine = {"max_num_seqs": 128}
+    out = asyncio.run(cs.resize_then_roll(Control(), "tiny", engine, 2, current_replicas=4, actor="tuner",
+                                          reason="r", wait_rolled=rolled))
+    assert calls == [("reconfigure", engine), ("rolled", None), ("scale", 2)] and out["scale"] == {"replicas": 2}
+    calls.clear()
+    asyncio.run(cs.resize_then_roll(Control(), "tiny", engine, 6, current_replicas=4, actor="tuner", reason="r"))
+    assert calls == [("scale", 6), ("reconfigure", engine)]
+
+
+def test_a_search_without_a_price_does_not_show_gpu_hours_as_dollars_and_honours_min_replicas(
+        sqlite_store: Store) -> None:
+    record(sqlite_store, rate=20.0)
+    dep = parse_deployment({
+        "apiVersion": "controlplane/v1", "kind": "Deployment", "metadata": {"name": "tiny"},
+        "spec": {"model": {"path": "/m", "served_name": "tiny"},
+                 "engine": {"max_num_seqs": 16, "max_num_batched_tokens": 512, "max_model_len": 1200},
+                 "replicas": {"min": 2, "max": 4, "initial": 2}, "tuning": {"max_num_seqs": [4, 8, 16, 32]}}})
+    recs = Recommendations(sqlite_store.engine, clock=lambda: BASE + 1000)
+    out = cs.run_search(sqlite_store, recs, dep, ready=["tiny-0"], current_replicas=2,
+                        slos=[slo("ttft", (LatencyTarget("ttft", 0.5),))],
+                        params=cs.SearchParams(target_rps=10.0, window_s=1e6), now=BASE + 1000)
+    ev = out["evidence"]
+    assert ev["cost_unit"].startswith("GPU-hours") and ev["usd_per_hour"] is None and ev["cost_per_hour"] > 0
+    assert all(c["usd_per_hour"] is None for c in ev["candidates"])
+    assert ev["current"]["usd_per_hour_needed"] is None and ev["current"]["cost_per_hour_needed"] is not None
+    assert ev["replicas"] is None or ev["replicas"] >= 2  # never fewer than spec.replicas.min

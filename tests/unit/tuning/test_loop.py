@@ -129,6 +129,8 @@ def test_verdict() -> None:
     assert verdict((99, 100), (98, 100), objective=0.99, min_requests=50) == KEPT  # within tolerance
     # worse, but still meeting the objective: kept
     assert verdict((100, 100), (995, 1000), objective=0.9, min_requests=50) == KEPT
+    # At 99.9 % the tolerance is one budget (0.1 point), not 2 points: 98.1 % after 99.95 % is a 19x burn.
+    assert verdict((9995, 10000), (981, 1000), objective=0.999, min_requests=50) == ROLL_BACK
 
 
 def test_proposal_carries_prediction_at_both_counts_and_cost() -> None:
