@@ -20,7 +20,7 @@ from controlplane.tuning.autoscaler import (
 from controlplane.tuning.capacity import FleetCapacity
 
 CAP = FleetCapacity((1, 2, 4), (10.0, 11.0, 12.0), in_flight_per_replica=40.0)
-CFG = AutoscalerConfig(CAP, max_replicas=20, startup_s=90.0, interval_s=15.0)
+CFG = AutoscalerConfig(CAP, max_replicas=20, startup_s=90.0, interval_s=15.0, target_utilization=0.95)
 
 
 def obs(rate: float | None, replicas: int, *, ready: int | None = None, running: int | None = 5,
