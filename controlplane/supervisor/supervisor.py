@@ -279,7 +279,10 @@ class Supervisor:
                 await self._launch(rt, m.name, m.slot, m.config, restart_of=m)
             return
         if m.handle is not None and m.state != DRAINING:
+            seen = m.state
             code = await asyncio.to_thread(rt.backend.exit_code, m.handle)  # a Ray call can take seconds
+            if m.state != seen:  # stopped (a drain, the end of a canary trial) while we asked: not a crash
+                return
             if code is not None:
                 await self._crashed(rt, m, now, f"process exited with code {code}", "exited", code)
                 return
@@ -617,6 +620,8 @@ class Supervisor:
         if m is None:
             return
         if m.handle is not None and m.state not in (STOPPED, FAILED):
+            # Draining first: the health loop then reads its exit as the stop it is, not as a crash.
+            await self._set_state(rt, m, DRAINING, reason, "canary trial over: stopping", actor=actor)
             await asyncio.to_thread(rt.backend.stop, m.handle, 10.0)
         if m.state != FAILED:
             await self._set_state(rt, m, STOPPED, reason, "canary trial over", actor=actor)

@@ -632,3 +632,37 @@ async def test_an_external_url_taken_out_of_the_spec_is_no_longer_shown_as_servi
         await sup.start()
     states = {r["name"]: r["state"] for r in queries.replicas(sqlite_store.engine)}
     assert states["ext-1"] == "stopped" and states["ext-0"] != "stopped"
+
+
+async def test_a_canary_stopped_while_its_exit_code_is_being_read_is_stopped_not_crashed(sqlite_store: Store) -> None:
+    import threading
+
+    gate = threading.Event()
+
+    class Slow(FakeBackend):
+        asked = threading.Event()
+
+        def exit_code(self, handle: Handle) -> int | None:
+            if handle.replica == "tiny-1" and not gate.is_set():
+                self.asked.set()
+                gate.wait(5)  # a slow Ray call, answered after the trial ended and the process exited
+                return 0
+            return super().exit_code(handle)
+
+    backend = Slow()
+    h = make(sqlite_store, backend=backend)
+    await h.sup.start()
+    await h.until(lambda: h.states() == {"tiny-0": "ready"}, "the first replica")
+    canary = asyncio.ensure_future(h.sup.start_canary("tiny", {"max_num_seqs": 2}, actor="tuner",
+                                                      reason="canary_trial", poll_s=0.005))
+    gate.set()
+    await h.until(canary.done, "the canary to be ready")
+    gate.clear()
+    h.clock.now += 0.01
+    tick = asyncio.ensure_future(h.sup.tick())  # reads the canary's exit code, slowly
+    await asyncio.to_thread(backend.asked.wait, 5)
+    await h.sup.stop_canary("tiny", actor="tuner", reason="canary_done")
+    gate.set()
+    await tick
+    assert h.states()["tiny-1"] == "stopped"
+    assert not [k for k, name, _ in h.events() if name == "tiny-1" and k in ("replica_failed", "replica_crashed")]
