@@ -108,8 +108,9 @@ class EngineScraper:
         self._state.setdefault(target.name, _TargetState(rid))
 
     def remove(self, name: str) -> None:
+        # The target's counter state stays: a supervised replica that crashed comes back under its name, and its
+        # stored counters must carry on across the restart (reset offsets), not drop to the new process's values.
         self.targets.pop(name, None)
-        self._state.pop(name, None)  # supervised names are never reused: the state would only pile up
 
     async def scrape_once(self, target: Target) -> dict[str, Any]:
         result = await scrape(self.client, target.metrics_url, self.timeout_s)

@@ -175,9 +175,20 @@ def test_finished_requests_without_an_error_series_store_zero_errors_not_unknown
     assert row["request_success_total"] == 10.0 and row["request_errors_total"] == 0.0
 
 
-def test_a_removed_target_leaves_no_state_behind(sqlite_store: Store) -> None:
-    scraper = EngineScraper(sqlite_store, httpx.AsyncClient(), timeout_s=1)
-    for n in range(20):
-        scraper.add(Target(f"dep-{n}", "http://127.0.0.1:9"))
-        scraper.remove(f"dep-{n}")
-    assert scraper.targets == {} and scraper._state == {}
+def test_a_replica_restarted_under_its_name_keeps_its_stored_counters_monotonic(sqlite_store: Store) -> None:
+    # The supervisor removes a crashed replica from the scraper and adds it back, same name, once it is ready.
+    script = [_with_counter(100), _with_counter(140), _with_counter(3)]
+
+    async def go() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(FakeEngine(script))) as client:
+            scraper = EngineScraper(sqlite_store, client, timeout_s=1)
+            target = Target.from_watch("r0=http://127.0.0.1:9")
+            scraper.add(target)
+            await scraper.scrape_once(target)
+            await scraper.scrape_once(target)
+            scraper.remove("r0")
+            scraper.add(target)
+            await scraper.scrape_once(target)
+
+    asyncio.run(go())
+    assert [r["prompt_tokens_total"] for r in reversed(sqlite_store.engine_samples())] == [100, 140, 143]
