@@ -278,10 +278,12 @@ class Supervisor:
             if m.next_restart_at is not None and now >= m.next_restart_at:
                 await self._launch(rt, m.name, m.slot, m.config, restart_of=m)
             return
+        # Each await below (exit code, probes) can see the replica drained, stopped or restarted meanwhile: an
+        # answer about the state it had before is stale then, and is dropped.
+        before = m.state
         if m.handle is not None and m.state != DRAINING:
-            seen = m.state
             code = await asyncio.to_thread(rt.backend.exit_code, m.handle)  # a Ray call can take seconds
-            if m.state != seen:  # stopped (a drain, the end of a canary trial) while we asked: not a crash
+            if m.state != before:  # e.g. the end of a canary trial stopped it: its exit is not a crash
                 return
             if code is not None:
                 await self._crashed(rt, m, now, f"process exited with code {code}", "exited", code)
@@ -290,10 +292,9 @@ class Supervisor:
             return
         m.next_probe_at = now + lc.probe_interval_s
         url = m.handle.url if m.handle else ""
-        before = m.state
         if m.state == STARTING:
             ready = await self._probe(url, lc.probe_timeout_s, ready=True)
-            if m.state != before:  # drained, stopped or restarted while the probe was out: its answer is stale
+            if m.state != before:
                 return
             if ready:
                 await self._set_state(rt, m, READY, "ready", f"ready after {now - m.since:.1f} s")
@@ -305,7 +306,7 @@ class Supervisor:
                                     None)
             return
         ok = await self._probe(url, lc.probe_timeout_s, ready=False)
-        if m.state != before:  # as above: a late answer must not revive or kill a replica stopped meanwhile
+        if m.state != before:
             return
         verdict = policy.on_probe(m.probe_failures, ok, lc.liveness_failures)
         m.probe_failures = verdict.failures
