@@ -457,9 +457,9 @@ class SearchJobs:
 
     # --- auto mode ------------------------------------------------------------------------------------------
     def _stored_counts(self, rt: Any, t0: float, t1: float) -> tuple[float, int]:
-        from controlplane.tuning.loop import finished_between, recent_requests, slo_counts, slo_targets
+        from controlplane.tuning.loop import finished_between, recent_requests, slo_counts, slo_objectives
 
-        objectives, objective = slo_targets(self.slos, rt.dep.name)
+        objectives, objective = slo_objectives(self.slos, rt.dep.name)
         return slo_counts(finished_between(recent_requests(self.store, rt.members, t0 - 600.0, t1), t0, t1),
                           objectives, objective)
 
@@ -473,12 +473,12 @@ class SearchJobs:
             await self.sleep(self.auto.poll_s)
 
     async def _apply_and_judge(self, rt: Any, rid: int, progress: Callable[[str], None]) -> dict[str, Any]:
-        from controlplane.tuning.loop import ROLL_BACK, slo_targets, verdict
+        from controlplane.tuning.loop import ROLL_BACK, slo_objectives, verdict
         from controlplane.tuning.recommendations import APPLIED, FAILED, ROLLED_BACK
 
         rec = await asyncio.to_thread(self.recs.get, rid)
         proposed, current = rec["proposed"], rec["current"]
-        _, objective = slo_targets(self.slos, rt.dep.name)
+        _, objective = slo_objectives(self.slos, rt.dep.name)
         now = self.clock()
         before = await asyncio.to_thread(self.counts, rt, now - self.auto.lookback_s, now)
         reason = f"recommendation_{rid}"

@@ -219,7 +219,7 @@ def verdict(before: tuple[float, int], after: tuple[float, int], *, objective: f
     return ROLL_BACK if a < b - tol and a < objective else KEPT
 
 
-def slo_targets(slos: Iterable[Slo], deployment: str) -> tuple[tuple[Objective, ...], float]:
+def slo_objectives(slos: Iterable[Slo], deployment: str) -> tuple[tuple[Objective, ...], float]:
     """The deployment's latency SLOs and the strictest objective (the scale `slo_counts` reports on)."""
     objectives, _ = objectives_from_slos(s for s in slos if s.deployment == deployment)
     return objectives, max((o.objective for o in objectives), default=0.99)
@@ -346,7 +346,7 @@ class Tuner:
         self.last_obs: dict[str, Observation] = {}
 
     def _targets(self, deployment: str) -> tuple[tuple[Objective, ...], float]:
-        return slo_targets(self.slos, deployment)
+        return slo_objectives(self.slos, deployment)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
