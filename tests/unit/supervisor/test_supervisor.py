@@ -139,21 +139,30 @@ class Harness:
         return [(e["kind"], e["replica"], e["reason"]) for e in reversed(self.store.events())]
 
 
-def make(store: Store, backend: FakeBackend | None = None, router: FakeRouter | None = None,
-         clock: Clock | None = None, **lifecycle: Any) -> Harness:
-    backend = backend or FakeBackend()
-    router = router or FakeRouter()
-    clock = clock or Clock()
-
+def answers(backend: FakeBackend) -> Callable[[httpx.Request], httpx.Response]:
+    """The fake replicas' HTTP side: /metrics idle, /health and /v1/models 200 while `backend.ready` says so."""
     def answer(request: httpx.Request) -> httpx.Response:
         url = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
         if request.url.path == "/metrics":
             return httpx.Response(200, text="vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n")
         return httpx.Response(200 if backend.ready.get(url) else 503)
+    return answer
 
-    client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
-    sup = Supervisor([spec(**lifecycle)], {"local": backend}, store, router, client, log_dir=Path("/tmp"),
-                     otlp_endpoint=None, clock=clock)
+
+def supervisor(store: Store, deployments: list[Any], backends: dict[str, Any],
+               answer: Callable[[httpx.Request], httpx.Response], *, router: FakeRouter | None = None,
+               clock: Clock | None = None) -> Supervisor:
+    return Supervisor(deployments, backends, store, router or FakeRouter(),
+                      httpx.AsyncClient(transport=httpx.MockTransport(answer)), log_dir=Path("/tmp"),
+                      otlp_endpoint=None, clock=clock or Clock())
+
+
+def make(store: Store, backend: FakeBackend | None = None, router: FakeRouter | None = None,
+         clock: Clock | None = None, **lifecycle: Any) -> Harness:
+    backend = backend or FakeBackend()
+    router = router or FakeRouter()
+    clock = clock or Clock()
+    sup = supervisor(store, [spec(**lifecycle)], {"local": backend}, answers(backend), router=router, clock=clock)
     return Harness(sup, backend, router, clock, store)
 
 
@@ -338,9 +347,7 @@ async def test_external_replicas_are_probed_and_routed_but_never_started_or_resi
     from controlplane.supervisor.backends import ExternalBackend
 
     clock, router = Clock(), FakeRouter()
-    sup = Supervisor([dep], {"external": ExternalBackend()}, sqlite_store, router,
-                     httpx.AsyncClient(transport=httpx.MockTransport(answer)), log_dir=Path("/tmp"),
-                     otlp_endpoint=None, clock=clock)
+    sup = supervisor(sqlite_store, [dep], {"external": ExternalBackend()}, answer, router=router, clock=clock)
     await sup.start()
     for _ in range(3):
         clock.now += 0.01
@@ -470,14 +477,9 @@ async def test_one_deployment_failing_its_round_does_not_stop_the_others(sqlite_
                             "spec": {"model": {"path": "/m", "served_name": "m"}, "replicas": {"min": 1, "max": 1},
                                      "backend": {"kind": "external", "urls": ["http://10.0.0.5:8000"]},
                                      "lifecycle": {"probe_interval_s": 0.001}}})
-    backend, router, clock = FakeBackend(), FakeRouter(), Clock()
-
-    def answer(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200 if backend.ready.get(f"http://{request.url.host}:{request.url.port}") else 503)
-
-    sup = Supervisor([ext, spec()], {"local": backend, "external": Broken()}, sqlite_store, router,
-                     httpx.AsyncClient(transport=httpx.MockTransport(answer)), log_dir=Path("/tmp"),
-                     otlp_endpoint=None, clock=clock)
+    backend, clock = FakeBackend(), Clock()
+    sup = supervisor(sqlite_store, [ext, spec()], {"local": backend, "external": Broken()}, answers(backend),
+                     clock=clock)
     await sup.start()
     for _ in range(20):
         clock.now += 0.01
@@ -529,21 +531,13 @@ async def test_a_rolling_change_with_every_slot_held_waits_for_one_and_then_roll
 
 async def test_after_a_rolling_change_the_replicas_are_still_pinned_to_different_cores(sqlite_store: Store) -> None:
     backend, router, clock = FakeBackend(), FakeRouter(), Clock()
-
-    def answer(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/metrics":
-            return httpx.Response(200, text="vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n")
-        return httpx.Response(200 if backend.ready.get(f"http://{request.url.host}:{request.url.port}") else 503)
-
     dep = parse_deployment({
         "apiVersion": "controlplane/v1", "kind": "Deployment", "metadata": {"name": "tiny"},
         "spec": {"model": {"path": "/m", "served_name": "tiny"}, "engine": {"max_num_seqs": 8},
                  "backend": {"kind": "local", "cpu_cores": [[0], [1]]},
                  "replicas": {"min": 1, "max": 2, "initial": 2},
                  "lifecycle": {"probe_interval_s": 0.001, "drain_timeout_s": 60}}})
-    sup = Supervisor([dep], {"local": backend}, sqlite_store, router,
-                     httpx.AsyncClient(transport=httpx.MockTransport(answer)), log_dir=Path("/tmp"),
-                     otlp_endpoint=None, clock=clock)
+    sup = supervisor(sqlite_store, [dep], {"local": backend}, answers(backend), router=router, clock=clock)
     h = Harness(sup, backend, router, clock, sqlite_store)
     await sup.start()
     await h.until(lambda: list(h.states().values()) == ["ready", "ready"], "two replicas")
@@ -604,9 +598,7 @@ async def test_a_restarted_plane_stops_the_replicas_of_a_deployment_no_longer_co
                               "spec": {"model": {"path": "/m", "served_name": "other"},
                                        "replicas": {"min": 1, "max": 1, "initial": 1},
                                        "lifecycle": {"probe_interval_s": 0.001}}})
-    sup = Supervisor([other], {"local": backend}, sqlite_store, FakeRouter(),
-                     httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200))),
-                     log_dir=Path("/tmp"), otlp_endpoint=None, clock=Clock())
+    sup = supervisor(sqlite_store, [other], {"local": backend}, lambda r: httpx.Response(200))
     await sup.start()
     assert backend.stopped == ["tiny-0"]
     states = {r["name"]: r["state"] for r in queries.replicas(sqlite_store.engine)}
@@ -625,11 +617,9 @@ async def test_an_external_url_taken_out_of_the_spec_is_no_longer_shown_as_servi
                                           "backend": {"kind": "external", "urls": urls},
                                           "lifecycle": {"probe_interval_s": 0.001}}})
 
-    client = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200)))
     for urls in (["http://a.fake:1", "http://b.fake:2"], ["http://a.fake:1"]):
-        sup = Supervisor([ext(urls)], {"external": ExternalBackend()}, sqlite_store, FakeRouter(), client,
-                         log_dir=Path("/tmp"), otlp_endpoint=None, clock=Clock())
-        await sup.start()
+        await supervisor(sqlite_store, [ext(urls)], {"external": ExternalBackend()},
+                         lambda r: httpx.Response(200)).start()
     states = {r["name"]: r["state"] for r in queries.replicas(sqlite_store.engine)}
     assert states["ext-1"] == "stopped" and states["ext-0"] != "stopped"
 
