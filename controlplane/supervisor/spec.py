@@ -173,6 +173,10 @@ class TuningSection(_Strict):
                                           description="allowed values; empty: 1/4x to 2x the current one")
     max_num_batched_tokens: tuple[int, ...] = Field(default=(), max_length=16,
                                                     description="allowed values; empty: 1/2x to 2x the current one")
+    kv_cache_dtype: tuple[Literal["auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2"], ...] = Field(
+        default=(), max_length=5, description="KV-cache dtypes the search may choose; empty: the current one only. "
+                                              "A lower precision is recommended only after a canary trial and the "
+                                              "quality guard")
     canary_trials: int = Field(default=0, ge=0, le=5, description="configurations tried for real on a canary "
                                                                   "replica before one is recommended; 0: none")
     canary_requests: int = Field(default=200, ge=20, le=5000, description="requests of one canary trial")
@@ -182,6 +186,13 @@ class TuningSection(_Strict):
     def _positive_unique(cls, v: tuple[int, ...]) -> tuple[int, ...]:
         if any(x < 1 for x in v) or len(set(v)) != len(v):
             raise ValueError(f"values must be distinct whole numbers >= 1, got {list(v)}")
+        return v
+
+    @field_validator("kv_cache_dtype")
+    @classmethod
+    def _unique(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"values must be distinct, got {list(v)}")
         return v
 
 

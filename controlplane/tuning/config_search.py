@@ -16,6 +16,7 @@ the supervisor and drives it) and `run_search` (reads the store, runs the search
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import math
@@ -29,7 +30,9 @@ import numpy as np
 
 from controlplane.loadgen import ClientResult, RequestPlan, run_load
 from controlplane.supervisor.spec import Deployment, EngineConfig, TuningSection
+from controlplane.tuning import quality
 from controlplane.tuning.capacity import Objective, Prediction, objectives_from_slos
+from controlplane.tuning.catalog import KvPrecision, WeightPrecision
 from controlplane.tuning.recommendations import Proposal
 from controlplane.tuning.search import Canary, CanaryVerdict, SearchOptions, SearchResult, search
 from controlplane.tuning.search_space import Cell, SearchSpace
@@ -65,8 +68,34 @@ def space_for(engine: EngineConfig, tuning: TuningSection) -> SearchSpace:
     tokens = tuning.max_num_batched_tokens or _around(engine.max_num_batched_tokens, (0.5, 1, 2), 16)
     seqs = tuple(sorted(set(seqs) | {engine.max_num_seqs}))
     tokens = tuple(sorted(set(tokens) | {engine.max_num_batched_tokens}))
-    # Batch limits only: the fit predicts the precision and parallelism the replica runs, and those stay.
-    return SearchSpace(seqs, tokens, limits_only=True)
+    # Batch limits, and the KV-cache precisions the spec allows besides the running one; weights and parallelism
+    # stay (the fit predicts only what the replica runs; see CalibratedFactory for the KV prior).
+    weights, kv = running_precision(engine)
+    kvs = tuple(dict.fromkeys([kv, *(kv_precision(d) for d in tuning.kv_cache_dtype)]))
+    return SearchSpace(seqs, tokens, weights=(weights,), kv_cache=kvs, limits_only=True, baseline=(weights, kv))
+
+
+def kv_precision(kv_cache_dtype: str) -> KvPrecision:
+    """vLLM's --kv-cache-dtype as the catalog's precision: "auto" stores the model's dtype (16-bit for the
+    checkpoints this plane serves; a float32 model's cache is wider, and the canary measures it)."""
+    return KvPrecision.FP8 if kv_cache_dtype.startswith("fp8") else KvPrecision.BF16
+
+
+def running_precision(engine: EngineConfig) -> tuple[WeightPrecision, KvPrecision]:
+    """(weights, KV cache) of a running configuration; any quantization method counts by its bit width."""
+    q = engine.quantization
+    weights = (WeightPrecision.BF16 if q is None else WeightPrecision.INT4 if q in ("awq", "gptq")
+               else WeightPrecision.INT8 if q in ("int8", "w8a8") else WeightPrecision.FP8)
+    return weights, kv_precision(engine.kv_cache_dtype)
+
+
+def quality_check(reference_url: str, candidate_url: str, dep: Deployment) -> quality.QualityVerdict:
+    """The quality guard (blocking): the fixed prompts on a replica of the running configuration and on the
+    candidate, judged by the deployment's `quality` budget. Raises quality.QualityProbeError when either
+    server cannot answer."""
+    report = quality.compare_blocking(reference_url, candidate_url, dep.served_name)
+    return quality.judge(report, quality.QualityBudget(dep.quality.min_greedy_agreement,
+                                                       dep.quality.max_logprob_drift))
 
 
 def trial_plans(workload: Workload, rps: float, count: int, seed: int, *,
@@ -236,15 +265,38 @@ class SupervisorCanary(Canary):
     """Real trials (search.Canary): the supervisor starts a canary replica with the cell's engine args (never
     routed, never traced), this drives `requests` of the recorded workload at the per-replica rate the search
     assigned, straight to it, and judges the client's timings against the SLOs; then the canary is stopped.
+    A lower precision first meets the quality guard against `reference()` (a ready replica of the running
+    configuration, None when there is none): refused, it gets no load; without a reference it is unknown.
     Called from the search's worker thread; the supervisor's coroutines run on the plane's loop."""
 
     def __init__(self, control: CanaryControl, loop: asyncio.AbstractEventLoop, dep: Deployment,
                  workload: Workload, objectives: Sequence[Objective], *, requests: int, seed: int = 0,
-                 progress: Callable[[str], None] = lambda line: None) -> None:
+                 progress: Callable[[str], None] = lambda line: None,
+                 reference: Callable[[], str | None] = lambda: None,
+                 check: Callable[[str, str, Deployment], quality.QualityVerdict] = quality_check) -> None:
         self.control, self.loop, self.dep = control, loop, dep
         self.workload, self.objectives, self.requests, self.seed = workload, list(objectives), requests, seed
-        self.progress = progress
+        self.progress, self.reference, self.check = progress, reference, check
         self.tried = 0
+
+    def _guard(self, name: str, url: str) -> CanaryVerdict | dict[str, Any]:
+        """The quality guard's evidence, or the verdict that ends the trial (refused, or unknown)."""
+        ref = self.reference()
+        if ref is None:
+            return CanaryVerdict((), f"{name}: no ready replica of the running configuration to compare it with; "
+                                     "the quality guard could not run")
+        self.progress(f"canary {self.tried}: quality guard, {len(quality.PROMPTS)} prompts against {ref}")
+        try:
+            qv = self.check(ref, url, self.dep)
+        except quality.QualityProbeError as exc:
+            return CanaryVerdict((), f"{name}: the quality guard could not compare: {exc}")
+        ev = qv.evidence()
+        self.progress(f"canary {self.tried}: greedy agreement {qv.report.mean_agreement:.3f}, logprob drift "
+                      f"{qv.report.max_logprob_drift}; within the budget: {qv.ok}")
+        if not qv.ok:
+            return CanaryVerdict((), f"{name}: refused by the quality guard", quality=ev,
+                                 refused="quality guard: " + "; ".join(qv.reasons))
+        return ev
 
     def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
         fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -258,14 +310,18 @@ class SupervisorCanary(Canary):
         try:
             if url is None:
                 return CanaryVerdict((), f"{name} with {cell.label()} never became ready", started=False)
+            guard = self._guard(name, url) if cell.lower_precision else None
+            if isinstance(guard, CanaryVerdict):
+                self.progress(f"canary {self.tried}: {guard.refused or guard.note}")
+                return guard
             max_len = self.dep.engine.with_changes(dict(changes)).max_model_len
             plans = trial_plans(self.workload, rps, self.requests, self.seed + self.tried, max_model_len=max_len)
             self.progress(f"canary {self.tried}: {name} ready; {len(plans)} requests at {rps:.3g} req/s")
             results = asyncio.run(run_load(url, self.dep.served_name, plans, concurrency=max(8, len(plans))))
         finally:
             self._on_loop(self.control.stop_canary(dep, actor="tuner", reason="canary_done"))
-        verdict = judge(results, self.objectives, min_requests=min(50, self.requests),
-                        note=f"{name}, {rps:.3g} req/s, client-side timings")
+        verdict = dataclasses.replace(judge(results, self.objectives, min_requests=min(50, self.requests),
+                                            note=f"{name}, {rps:.3g} req/s, client-side timings"), quality=guard)
         self.progress(f"canary {self.tried}: {verdict.note}; passed: {verdict.passed}")
         return verdict
 
@@ -314,9 +370,12 @@ def run_search(store: Any, recs: Any, dep: Deployment, *, ready: Sequence[str], 
                                     max_num_batched_tokens=eng.max_num_batched_tokens, since_unix_s=since,
                                     until_unix_s=now, max_model_len=eng.max_model_len, fit_per_seq=True)
     price = dep.price_per_replica_hour_usd or None
+    weights, kv = running_precision(eng)
     factory = CalibratedFactory(model.step_cost, kv_capacity_tokens=model.num_kv_blocks * model.block_size,
-                                block_size=model.block_size, max_model_len=eng.max_model_len,
-                                usd_per_hour=price, api_path_s=model.api_path_s)
+                                block_size=model.block_size, weights=weights, kv_cache=kv,
+                                tensor_parallel_size=eng.tensor_parallel_size, max_model_len=eng.max_model_len,
+                                usd_per_hour=price, api_path_s=model.api_path_s,
+                                kv_capacity_scales=eng.num_gpu_blocks_override is None)
     trials = dep.tuning.canary_trials if params.canary_trials is None else params.canary_trials
     canary = canary_factory(wl, objectives) if trials > 0 and canary_factory is not None else None
     if trials > 0 and canary is None:
@@ -325,7 +384,8 @@ def run_search(store: Any, recs: Any, dep: Deployment, *, ready: Sequence[str], 
                             max_replicas=max(1, dep.max_replicas))
     progress(f"searching {len(space)} configurations" + (f", up to {trials} canary trial(s)" if canary else ""))
     result = search(space, factory, objectives, wl, target_rps=params.target_rps, options=options, canary=canary)
-    running = SearchSpace((eng.max_num_seqs,), (eng.max_num_batched_tokens,), limits_only=True)
+    running = SearchSpace((eng.max_num_seqs,), (eng.max_num_batched_tokens,), weights=(weights,), kv_cache=(kv,),
+                          limits_only=True, baseline=(weights, kv))
     baseline = search(running, factory, objectives, wl, target_rps=params.target_rps, options=options,
                       exhaustive=True)
     c = fit.coefficients
@@ -431,9 +491,15 @@ class SearchJobs:
 
         supervised = rt.backend.kind != "external"
 
+        def reference() -> str | None:  # a ready replica of the running configuration, for the quality guard
+            return next((m.handle.url for m in list(rt.members.values())
+                         if m.state == "ready" and not m.candidate and m.handle is not None
+                         and m.config == rt.dep.engine), None)
+
         def canaries(wl: Workload, objectives: Sequence[Objective]) -> Canary:
             return SupervisorCanary(self.supervisor, loop, rt.dep, wl, objectives,
-                                    requests=rt.dep.tuning.canary_requests, seed=params.seed, progress=progress)
+                                    requests=rt.dep.tuning.canary_requests, seed=params.seed, progress=progress,
+                                    reference=reference)
 
         ready = [m.name for m in rt.members.values() if m.state == "ready" and not m.candidate]
         mode = (params.mode or self.mode) if supervised else "recommend"

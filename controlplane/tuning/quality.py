@@ -70,6 +70,14 @@ class QualityVerdict:
     report: QualityReport
     budget: QualityBudget
 
+    def evidence(self) -> dict[str, object]:
+        """JSON-ready, for a recommendation's evidence: the figures, the budget and the verdict."""
+        return {"ok": self.ok, "reasons": list(self.reasons), "prompts": len(self.report.comparisons),
+                "mean_greedy_agreement": self.report.mean_agreement,
+                "max_logprob_drift": self.report.max_logprob_drift,
+                "budget": {"min_greedy_agreement": self.budget.min_greedy_agreement,
+                           "max_logprob_drift": self.budget.max_logprob_drift}}
+
 
 def compare_one(prompt: str, ref: Completion, cand: Completion) -> PromptComparison:
     n = 0

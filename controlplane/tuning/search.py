@@ -49,6 +49,8 @@ OUTRANKED = "outranked"  # fully evaluated, a cheaper fleet exists
 TOO_MANY_REPLICAS = "too_many_replicas"  # the target load needs more replicas than allowed
 CANARY_FAILED = "canary_failed"
 CANARY_UNKNOWN = "canary_unknown"  # the canary trial could not measure attainment
+NEEDS_CANARY = "needs_canary"  # another precision, predicted by a prior: recommended only after a canary trial
+QUALITY_REFUSED = "quality_refused"  # a lower precision drifted from the current one past the quality budget
 
 
 @dataclass(frozen=True)
@@ -77,10 +79,12 @@ class CanaryVerdict:
     predictions: tuple[Prediction, ...]
     note: str = ""
     started: bool = True  # False: the configuration never served (it failed to start): a fail, not unknown
+    quality: Mapping[str, Any] | None = None  # the quality guard's report, where a lower precision was compared
+    refused: str | None = None  # why the quality guard refused it (a fail)
 
     @property
     def passed(self) -> bool | None:
-        if not self.started:
+        if not self.started or self.refused is not None:
             return False
         if not self.predictions or any(p.attainment is None for p in self.predictions):
             return None
@@ -112,6 +116,7 @@ class SearchResult:
     # False: no price was known, and the usd_* figures above are GPU-hours (the search's currency then); the
     # evidence then says so instead of showing them as dollars.
     priced: bool = True
+    canary: Mapping[str, Any] | None = None  # the chosen configuration's passing trial: its note and quality report
 
     @property
     def engine_changes(self) -> dict[str, Any]:
@@ -142,6 +147,7 @@ class SearchResult:
             "goodput_per_usd": self.goodput_per_usd if usd else None,
             "validated": self.validated, "simulations": self.simulations,
             "simulated_requests": self.simulated_requests, "cpu_s": self.cpu_s, "notes": list(self.notes),
+            "canary": dict(self.canary) if self.canary is not None else None,
             "candidates": [cand(c) for c in self.candidates],
         }
 
@@ -207,7 +213,15 @@ def _sims(e: _Eval) -> int:
 
 
 def _evaluate_all(evals: list[_Eval], opts: SearchOptions, exhaustive: bool) -> list[Candidate]:
-    """Branch and bound (or, exhaustive, bisect every cell). Sets `capacity` on the cells fully evaluated."""
+    """Branch and bound (or, exhaustive, bisect every cell). Sets `capacity` on the cells fully evaluated.
+    Cells that change the running precision are bounded apart from the others: they are recommended only once a
+    canary proved them, and a bound set by one of them must not leave the running precision's best unevaluated
+    for when it fails (or no canary is allowed)."""
+    groups = [[e for e in evals if not e.cell.precision_changed], [e for e in evals if e.cell.precision_changed]]
+    return [c for g in groups if g for c in _bound(g, opts, exhaustive)]
+
+
+def _bound(evals: list[_Eval], opts: SearchOptions, exhaustive: bool) -> list[Candidate]:
     out: list[Candidate] = []
     best: _Eval | None = None
     for e in sorted(evals, key=lambda x: (-x.estimate / x.price, x.cell)):
@@ -319,21 +333,30 @@ def search(space: SearchSpace, factory: ReplicaFactory, objectives: Sequence[Obj
     sized.sort(key=lambda s: (s[0], s[1], s[2].cell))
     chosen: tuple[_Eval, int, tuple[Prediction, ...]] | None = None
     validated: bool | None = None if canary is None else False
+    passing: Mapping[str, Any] | None = None
     trials = 0
     for _, _, e, n, preds in sized:
         if chosen is not None or (canary is not None and trials >= opts.canary_trials):
             finals.append(Candidate(e.cell, OUTRANKED, f"{n} replicas at ${n * e.price:.2f}/h",
                                     e.estimate, e.capacity, e.price, n, _sims(e)))
             continue
+        if canary is None and e.cell.precision_changed:
+            finals.append(Candidate(e.cell, NEEDS_CANARY, "another precision than the running one is predicted by "
+                                    "a prior, not by the calibration: it is recommended only after a canary trial "
+                                    "(and, for a lower one, the quality guard)", e.estimate, e.capacity, e.price, n,
+                                    _sims(e)))
+            continue
         if canary is not None:
             trials += 1
             verdict = canary.trial(e.cell, e.cell.engine_changes(), target / n)
             if verdict.passed is not True:
-                code = CANARY_UNKNOWN if verdict.passed is None else CANARY_FAILED
-                finals.append(Candidate(e.cell, code, verdict.note or "the canary did not confirm the prediction",
-                                        e.estimate, e.capacity, e.price, n, _sims(e)))
+                code = (QUALITY_REFUSED if verdict.refused is not None else
+                        CANARY_UNKNOWN if verdict.passed is None else CANARY_FAILED)
+                detail = verdict.refused or verdict.note or "the canary did not confirm the prediction"
+                finals.append(Candidate(e.cell, code, detail, e.estimate, e.capacity, e.price, n, _sims(e)))
                 continue
             validated = True
+            passing = {"note": verdict.note, "quality": dict(verdict.quality) if verdict.quality else None}
         chosen = (e, n, preds)
         finals.append(Candidate(e.cell, CHOSEN, f"{n} replicas at ${n * e.price:.2f}/h", e.estimate, e.capacity,
                                 e.price, n, _sims(e)))
@@ -350,4 +373,4 @@ def search(space: SearchSpace, factory: ReplicaFactory, objectives: Sequence[Obj
     cap = e.capacity or 0.0
     return SearchResult(e.cell, n, target, preds, usd_h, usd_h / tokens_per_h * 1e6, cap, cap * 3600.0 / e.price,
                         cands, tally.simulations, tally.requests, cpu, validated, tuple(notes),
-                        priced=bool(e.model.usd_per_hour))
+                        priced=bool(e.model.usd_per_hour), canary=passing)

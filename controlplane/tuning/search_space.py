@@ -33,21 +33,47 @@ class Cell:
     kv_cache: KvPrecision = KvPrecision.BF16
     tensor_parallel_size: int = 1
     # Only the batch limits are this cell's: precision and parallelism stay as the replica runs them (a search
-    # calibrated on a running replica, which predicts only what it observed).
+    # calibrated on a running replica, which predicts only what it observed) ...
     limits_only: bool = False
+    # ... except, given the (weights, KV) precision the replica runs, a precision that differs from it: the
+    # search of a running deployment whose spec allows other KV-cache dtypes. Parallelism always stays.
+    baseline: tuple[WeightPrecision, KvPrecision] | None = None
+
+    @property
+    def precision_changed(self) -> bool:
+        """A limits-only cell that also changes the running precision: predicted from the observed one by a
+        prior, so it is recommended only once a canary trial has measured it (and the quality guard passed)."""
+        return self.limits_only and self.baseline is not None and (self.weights, self.kv_cache) != self.baseline
+
+    @property
+    def lower_precision(self) -> bool:
+        """Fewer bytes per weight or per KV element than the baseline: the quality guard must compare it."""
+        if not self.precision_changed or self.baseline is None:
+            return False
+        w, kv = self.baseline
+        return (self.weights.bytes_per_weight < w.bytes_per_weight
+                or self.kv_cache.bytes_per_element < kv.bytes_per_element)
 
     def engine_changes(self) -> dict[str, Any]:
         """The change to the deployment's EngineConfig (field names of controlplane.supervisor.spec)."""
-        limits = {"max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens}
+        limits: dict[str, Any] = {"max_num_seqs": self.max_num_seqs,
+                                  "max_num_batched_tokens": self.max_num_batched_tokens}
+        kv_arg = "auto" if self.kv_cache is KvPrecision.BF16 else "fp8"
         if self.limits_only:
+            if self.baseline is not None and self.kv_cache != self.baseline[1]:
+                limits["kv_cache_dtype"] = kv_arg
+            if self.baseline is not None and self.weights != self.baseline[0]:
+                limits["quantization"] = _QUANTIZATION[self.weights]
             return limits
-        return {**limits, "quantization": _QUANTIZATION[self.weights],
-                "kv_cache_dtype": "auto" if self.kv_cache is KvPrecision.BF16 else "fp8",
+        return {**limits, "quantization": _QUANTIZATION[self.weights], "kv_cache_dtype": kv_arg,
                 "tensor_parallel_size": self.tensor_parallel_size}
 
     def label(self) -> str:
         if self.limits_only:
-            return f"seqs={self.max_num_seqs} tokens={self.max_num_batched_tokens}"
+            changed = "" if not self.precision_changed else (
+                (f" w={self.weights.value}" if self.baseline and self.weights != self.baseline[0] else "")
+                + (f" kv={self.kv_cache.value}" if self.baseline and self.kv_cache != self.baseline[1] else ""))
+            return f"seqs={self.max_num_seqs} tokens={self.max_num_batched_tokens}{changed}"
         tp = f" tp{self.tensor_parallel_size}" if self.tensor_parallel_size != 1 else ""
         return (f"seqs={self.max_num_seqs} tokens={self.max_num_batched_tokens} "
                 f"w={self.weights.value} kv={self.kv_cache.value}{tp}")
@@ -62,7 +88,8 @@ class SearchSpace:
     weights: tuple[WeightPrecision, ...] = (WeightPrecision.BF16,)
     kv_cache: tuple[KvPrecision, ...] = (KvPrecision.BF16,)
     tensor_parallel_size: tuple[int, ...] = (1,)
-    limits_only: bool = False  # the cells change the batch limits only (see Cell.limits_only)
+    limits_only: bool = False  # the cells change the batch limits only (see Cell.limits_only) ...
+    baseline: tuple[WeightPrecision, KvPrecision] | None = None  # ... and a precision other than this one
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "weights", "kv_cache", "tensor_parallel_size"):
@@ -71,13 +98,16 @@ class SearchSpace:
                 raise ValueError(f"search space: {name} allows no value; give at least one")
             if len(set(values)) != len(values):
                 raise ValueError(f"search space: {name} lists a value twice: {values}")
+        b = self.baseline
+        if b is not None and (b[0] not in self.weights or b[1] not in self.kv_cache):
+            raise ValueError(f"search space: the running precision {self.baseline} must be among the allowed ones")
         for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
             bad = [v for v in getattr(self, name) if v < 1]
             if bad:
                 raise ValueError(f"search space: {name} must be >= 1, got {bad}")
 
     def cells(self) -> list[Cell]:
-        return [Cell(s, t, w, k, tp, self.limits_only) for s, t, w, k, tp in itertools.product(
+        return [Cell(s, t, w, k, tp, self.limits_only, self.baseline) for s, t, w, k, tp in itertools.product(
             self.max_num_seqs, self.max_num_batched_tokens, self.weights, self.kv_cache, self.tensor_parallel_size)]
 
     def __len__(self) -> int:
@@ -110,8 +140,14 @@ class RooflineFactory:
 
 @dataclass(frozen=True)
 class CalibratedFactory:
-    """Replicas from a calibrated step cost (any hardware, CPU included): only the batch limits vary; the
-    precision and parallelism it was observed with are the only ones it can predict."""
+    """Replicas from a calibrated step cost (any hardware, CPU included): the batch limits vary; parallelism and
+    weight precision stay as observed (nothing calibrated says how they would move the step cost).
+
+    Another KV-cache precision is predicted by a prior: the KV capacity scales with the bytes per element
+    (exact where vLLM sizes the cache from memory; with `kv_capacity_scales` False, as under
+    `num_gpu_blocks_override`, the block count stays), and the step cost is the observed one (an fp8 cache
+    halves the bytes a GPU reads, but vLLM's CPU backend converts on every read: the sign of the change is the
+    hardware's, so the prior claims none and the canary trial measures it)."""
 
     step_cost: StepCost
     kv_capacity_tokens: int
@@ -122,16 +158,20 @@ class CalibratedFactory:
     max_model_len: int | None = None
     usd_per_hour: float | None = None
     api_path_s: float = 0.0  # the API server's path (calibrate.api_path_s); the batch limits do not move it
+    kv_capacity_scales: bool = True  # False: the KV block count is fixed (num_gpu_blocks_override)
 
     def __call__(self, cell: Cell) -> ReplicaModel:
-        observed = (self.weights, self.kv_cache, self.tensor_parallel_size)
-        if (cell.weights, cell.kv_cache, cell.tensor_parallel_size) != observed:
-            raise ValueError(f"the calibration observed weights {self.weights.value}, KV {self.kv_cache.value}, "
-                             f"tp {self.tensor_parallel_size}; it cannot predict {cell.label()}")
+        observed = (self.weights, self.tensor_parallel_size)
+        if (cell.weights, cell.tensor_parallel_size) != observed:
+            raise ValueError(f"the calibration observed weights {self.weights.value}, tp "
+                             f"{self.tensor_parallel_size}; it cannot predict {cell.label()}")
         if cell.max_num_batched_tokens < cell.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens {cell.max_num_batched_tokens} < max_num_seqs "
                              f"{cell.max_num_seqs}: vLLM refuses it")
-        return replica_from_fit(self.step_cost, kv_capacity_tokens=self.kv_capacity_tokens,
+        kv_tokens = self.kv_capacity_tokens
+        if cell.kv_cache != self.kv_cache and self.kv_capacity_scales:
+            kv_tokens = int(kv_tokens * self.kv_cache.bytes_per_element / cell.kv_cache.bytes_per_element)
+        return replica_from_fit(self.step_cost, kv_capacity_tokens=kv_tokens,
                                 block_size=self.block_size, max_num_seqs=cell.max_num_seqs,
                                 max_num_batched_tokens=cell.max_num_batched_tokens, max_model_len=self.max_model_len,
                                 gpus=self.tensor_parallel_size, usd_per_hour=self.usd_per_hour, name=cell.label(),

@@ -1,52 +1,112 @@
-"""The quality guard on real vLLM (CPU): `--kv-cache-dtype fp8` against the `auto` (bf16) reference."""
+"""The quality guard on real vLLM (CPU): `--kv-cache-dtype fp8` against the `auto` (bf16) reference, on the
+search's own canary path (`SupervisorCanary.trial` of a KV-precision cell), before any load is sent to it."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import os
+import threading
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from controlplane.engines.vllm_server import VllmServer, VllmServerSpec, VllmStartError
-from controlplane.tuning.quality import QualityBudget, compare_blocking, judge
+from controlplane.slo.model import LatencyTarget
+from controlplane.supervisor.spec import parse_deployment
+from controlplane.tuning import config_search as cs
+from controlplane.tuning.capacity import Objective
+from controlplane.tuning.quality import compare_blocking
+from controlplane.tuning.workload import Poisson, Uniform, synthetic
 from tests.conftest import free_port
 from tests.integration.conftest import BLOCK_SIZE, KV_BLOCKS, RealVllm
 
 pytestmark = pytest.mark.vllm
 
 
-def test_fp8_kv_cache_is_measured_against_auto_and_judged_by_the_budget(real_vllm: RealVllm, tiny_model_dir: Path,
-                                                                        tmp_path: Path) -> None:
-    # The reference is the session's server (KV dtype auto); the candidate differs only in --kv-cache-dtype.
-    cores = sorted(os.sched_getaffinity(0))
-    spec = VllmServerSpec(model_dir=tiny_model_dir, port=free_port(), replica_name="fp8-candidate",
-                          served_name=real_vllm.model, num_gpu_blocks_override=KV_BLOCKS,
-                          max_model_len=(KV_BLOCKS - 1) * BLOCK_SIZE, extra_args=("--kv-cache-dtype", "fp8"),
-                          cpu_cores=(cores[-1],) if len(cores) > 1 else ())
-    candidate = VllmServer(spec, tmp_path / "fp8.log")
-    candidate.start()
-    try:
+class ServerControl:
+    """The supervisor's canary calls, answered with a real vLLM server started with the cell's changes (the
+    supervisor's own canary launch is proven by the closed-loop and Ray tests)."""
+
+    def __init__(self, base: VllmServerSpec, log: Path) -> None:
+        self.base, self.log = base, log
+        self.server: VllmServer | None = None
+        self.changes: dict[str, Any] = {}
+
+    async def start_canary(self, deployment: str, changes: Mapping[str, Any], *, actor: str,
+                           reason: str) -> tuple[str, str | None]:
+        self.changes = dict(changes)
+        extra = ("--kv-cache-dtype", str(changes["kv_cache_dtype"])) if "kv_cache_dtype" in changes else ()
+        spec = dataclasses.replace(self.base, extra_args=extra)
+        self.server = VllmServer(spec, self.log)
+        self.server.start()
         try:
-            candidate.wait_ready(timeout_s=600)
+            await asyncio.to_thread(self.server.wait_ready, 600)
         except VllmStartError:
-            # vLLM's CPU backend implements an fp8 KV cache only with AVX-512 or AMX; on a host without them the
-            # candidate cannot run at all, and there is nothing to compare. Any other start failure fails.
-            unsupported = [line for line in (tmp_path / "fp8.log").read_text(errors="replace").splitlines()
-                           if "FP8 KV cache on CPU requires" in line]
-            if unsupported:
-                pytest.skip(f"this host's CPU cannot run the fp8 candidate: {unsupported[0].split('Error: ')[-1]}")
-            raise
-        same = compare_blocking(real_vllm.base_url, real_vllm.base_url, real_vllm.model)
-        fp8 = compare_blocking(real_vllm.base_url, spec.base_url, real_vllm.model)
+            return "fp8-candidate", None
+        return "fp8-candidate", spec.base_url
+
+    async def stop_canary(self, deployment: str, *, actor: str, reason: str) -> None:
+        if self.server is not None:
+            await asyncio.to_thread(self.server.stop)
+
+
+def test_the_searchs_canary_measures_fp8_kv_against_auto_and_refuses_it_past_the_budget(
+        real_vllm: RealVllm, tiny_model_dir: Path, tmp_path: Path) -> None:
+    cores = sorted(os.sched_getaffinity(0))
+    base = VllmServerSpec(model_dir=tiny_model_dir, port=free_port(), replica_name="fp8-candidate",
+                          served_name=real_vllm.model, num_gpu_blocks_override=KV_BLOCKS,
+                          max_model_len=(KV_BLOCKS - 1) * BLOCK_SIZE, cpu_cores=(cores[-1],) if len(cores) > 1 else ())
+    dep = parse_deployment({
+        "apiVersion": "controlplane/v1", "kind": "Deployment", "metadata": {"name": "tiny"},
+        "spec": {"model": {"path": str(tiny_model_dir), "served_name": real_vllm.model},
+                 "engine": {"max_num_seqs": 8, "max_num_batched_tokens": 512},
+                 "quality": {"min_greedy_agreement": 0.9, "max_logprob_drift": 0.5},
+                 "tuning": {"kv_cache_dtype": ["fp8"], "canary_trials": 1, "canary_requests": 20}}})
+    cell = next(c for c in cs.space_for(dep.engine, dep.tuning).cells()
+                if c.lower_precision and (c.max_num_seqs, c.max_num_batched_tokens) == (8, 512))
+    assert cell.engine_changes()["kv_cache_dtype"] == "fp8"
+    control = ServerControl(base, tmp_path / "fp8.log")
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    lines: list[str] = []
+    try:
+        canary = cs.SupervisorCanary(control, loop, dep, synthetic(Poisson(2.0), Uniform(8, 32), Uniform(4, 16),
+                                                                   n=50, seed=1),
+                                     [Objective("ttft", (LatencyTarget("ttft", 5.0),), 0.9)], requests=20,
+                                     progress=lines.append, reference=lambda: real_vllm.base_url)
+        verdict = canary.trial(cell, cell.engine_changes(), 2.0)
     finally:
-        candidate.stop()
-    print(f"\nauto vs auto: agreement {same.mean_agreement:.3f}, drift {same.max_logprob_drift}"
-          f"\nfp8 vs auto:  agreement {fp8.mean_agreement:.3f}, drift {fp8.max_logprob_drift}")
-    # Greedy decoding of one request at a time is deterministic: the reference agrees with itself.
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+    print("\n" + "\n".join(lines))
+    if not verdict.started:
+        # vLLM's CPU backend implements an fp8 KV cache only with AVX-512 or AMX; on a host without them the
+        # candidate cannot run at all, and there is nothing to compare. Any other start failure fails.
+        unsupported = [line for line in (tmp_path / "fp8.log").read_text(errors="replace").splitlines()
+                       if "FP8 KV cache on CPU requires" in line]
+        if unsupported:
+            pytest.skip(f"this host's CPU cannot run the fp8 candidate: {unsupported[0].split('Error: ')[-1]}")
+        pytest.fail(f"the fp8 candidate did not start: {verdict.note}")
+    assert control.changes == {"max_num_seqs": 8, "max_num_batched_tokens": 512, "kv_cache_dtype": "fp8"}
+    assert control.server is not None and control.server.proc is not None and control.server.proc.poll() is not None
+    # Greedy decoding of one request at a time is deterministic: the reference agrees with itself ...
+    same = compare_blocking(real_vllm.base_url, real_vllm.base_url, real_vllm.model)
     assert same.mean_agreement == 1.0 and same.max_logprob_drift is not None and same.max_logprob_drift < 1e-3
-    # fp8 KV changes the numbers: the guard sees it ...
-    assert fp8.max_logprob_drift is None or fp8.max_logprob_drift > same.max_logprob_drift
-    # ... and the verdict follows the declared budget.
-    assert not judge(fp8, QualityBudget(min_greedy_agreement=1.0, max_logprob_drift=1e-3)).ok
-    loose = judge(fp8, QualityBudget(min_greedy_agreement=0.0, max_logprob_drift=50.0))
-    assert loose.ok == (fp8.max_logprob_drift is not None)
+    # ... and fp8 KV changes the numbers: the guard measured it on the canary, and judged it by the budget.
+    q = verdict.quality
+    assert q is not None and q["prompts"] == 8 and q["budget"] == {"min_greedy_agreement": 0.9,
+                                                                   "max_logprob_drift": 0.5}
+    assert q["max_logprob_drift"] is None or q["max_logprob_drift"] > same.max_logprob_drift
+    within = q["mean_greedy_agreement"] >= 0.9 and q["max_logprob_drift"] is not None \
+        and q["max_logprob_drift"] <= 0.5
+    assert q["ok"] is within
+    if not within:  # refused: a fail with the guard's reasons, and no load was sent to it
+        assert verdict.passed is False and verdict.refused is not None and verdict.refused.startswith("quality guard")
+        assert not any("requests at" in line for line in lines)
+    else:
+        assert verdict.refused is None and any("requests at" in line for line in lines)
