@@ -5,9 +5,10 @@ The model is the one the plane's tuner uses: step costs fitted from a ready repl
 engine samples (`calibrate.calibrated_replica`, per-sequence term and API path), KV capacity from its
 /metrics; the workload is the deployment's recorded trace. The search (`search.search`) then tries the
 batch limits the deployment allows (`spec.tuning`) and sizes the fleet for the target rate. A calibrated
-model predicts only the precision it observed, so quantization and KV-cache dtype stay as they are here
-(cells with another precision are reported as rejected, with the reason); the catalog prior predicts them for
-catalog models (`controlplane tune what-if`).
+model predicts the precision it observed: weight quantization and parallelism stay as they are here (the
+catalog prior predicts them for catalog models, `controlplane tune what-if`); another KV-cache dtype the spec
+allows is predicted by a prior (`search_space.CalibratedFactory`) and recommended only after a canary trial,
+where a lower one first meets the quality guard against a replica of the running configuration.
 
 Pure parts: `space_for`, `trial_plans`, `judge`, `proposal`. Edges: `SupervisorCanary` (starts a canary through
 the supervisor and drives it) and `run_search` (reads the store, runs the search, stores the recommendation).
