@@ -72,14 +72,34 @@ def space_for(engine: EngineConfig, tuning: TuningSection) -> SearchSpace:
     # Batch limits, and the KV-cache precisions the spec allows besides the running one; weights and parallelism
     # stay (the fit predicts only what the replica runs; see CalibratedFactory for the KV prior).
     weights, kv = running_precision(engine)
-    kvs = tuple(dict.fromkeys([kv, *(kv_precision(d) for d in tuning.kv_cache_dtype)]))
-    return SearchSpace(seqs, tokens, weights=(weights,), kv_cache=kvs, limits_only=True, baseline=(weights, kv))
+    # One --kv-cache-dtype per precision: the search tells them apart by bytes per element only, so the running
+    # dtype stands for its own precision, and two allowed variants of one precision (fp8_e4m3 and fp8_e5m2) would
+    # be one cell applied as whichever came first.
+    args = {kv: engine.kv_cache_dtype}
+    for d in tuning.kv_cache_dtype:
+        p = kv_precision(d)
+        if p in args and _same_format(args[p], d):
+            continue  # e.g. the running dtype again, or "fp8" next to "fp8_e4m3" (vLLM's fp8 is e4m3)
+        if p in args:
+            raise SearchInputError(f"spec.tuning.kv_cache_dtype: {d} and {args[p]}"
+                                   f"{' (running)' if p == kv else ''} are both {p.value}, which the search cannot "
+                                   "tell apart (it knows bytes per element only); allow one of them")
+        args[p] = d
+    return SearchSpace(seqs, tokens, weights=(weights,), kv_cache=tuple(args), limits_only=True,
+                       baseline=(weights, kv), kv_args=tuple(args.items()))
 
 
 def kv_precision(kv_cache_dtype: str) -> KvPrecision:
     """vLLM's --kv-cache-dtype as the catalog's precision: "auto" stores the model's dtype (16-bit for the
     checkpoints this plane serves; a float32 model's cache is wider, and the canary measures it)."""
     return KvPrecision.FP8 if kv_cache_dtype.startswith("fp8") else KvPrecision.BF16
+
+
+def _same_format(a: str, b: str) -> bool:
+    """Two --kv-cache-dtype values that store the same format ("auto" is the model's own 16-bit dtype here)."""
+    def norm(d: str) -> str:
+        return {"fp8": "fp8_e4m3", "bfloat16": "auto"}.get(d, d)
+    return norm(a) == norm(b)
 
 
 def running_precision(engine: EngineConfig) -> tuple[WeightPrecision, KvPrecision]:
@@ -295,8 +315,12 @@ class SupervisorCanary(Canary):
         self.progress(f"canary {self.tried}: greedy agreement {qv.report.mean_agreement:.3f}, logprob drift "
                       f"{qv.report.max_logprob_drift}; within the budget: {qv.ok}")
         if not qv.ok:
+            drift = qv.report.max_logprob_drift
+            figures = (f"greedy agreement {qv.report.mean_agreement:.3f}, logprob drift "
+                       f"{'unknown' if drift is None else format(drift, '.3f')} nats over {len(qv.report.comparisons)} "
+                       f"prompts against {ref}")
             return CanaryVerdict((), f"{name}: refused by the quality guard", quality=ev,
-                                 refused="quality guard: " + "; ".join(qv.reasons))
+                                 refused=f"quality guard: {'; '.join(qv.reasons)} ({figures})")
         return ev
 
     def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -325,6 +349,14 @@ class SupervisorCanary(Canary):
                                             note=f"{name}, {rps:.3g} req/s, client-side timings"), quality=guard)
         self.progress(f"canary {self.tried}: {verdict.note}; passed: {verdict.passed}")
         return verdict
+
+
+def reference_url(rt: Any) -> str | None:
+    """A ready replica of the running configuration (the quality guard's reference): never a canary or a rolling
+    change's new replica, nor one still on other engine args."""
+    return next((m.handle.url for m in list(rt.members.values())
+                 if m.state == "ready" and not m.candidate and m.handle is not None and m.config == rt.dep.engine),
+                None)
 
 
 @dataclass(frozen=True)
@@ -492,15 +524,10 @@ class SearchJobs:
 
         supervised = rt.backend.kind != "external"
 
-        def reference() -> str | None:  # a ready replica of the running configuration, for the quality guard
-            return next((m.handle.url for m in list(rt.members.values())
-                         if m.state == "ready" and not m.candidate and m.handle is not None
-                         and m.config == rt.dep.engine), None)
-
         def canaries(wl: Workload, objectives: Sequence[Objective]) -> Canary:
             return SupervisorCanary(self.supervisor, loop, rt.dep, wl, objectives,
                                     requests=rt.dep.tuning.canary_requests, seed=params.seed, progress=progress,
-                                    reference=reference)
+                                    reference=lambda: reference_url(rt))
 
         ready = [m.name for m in rt.members.values() if m.state == "ready" and not m.candidate]
         mode = (params.mode or self.mode) if supervised else "recommend"

@@ -72,9 +72,10 @@ class QualityVerdict:
 
     def evidence(self) -> dict[str, object]:
         """JSON-ready, for a recommendation's evidence: the figures, the budget and the verdict."""
+        drift = self.report.max_logprob_drift  # JSON has no infinity: an unbounded drift is in the reasons
         return {"ok": self.ok, "reasons": list(self.reasons), "prompts": len(self.report.comparisons),
                 "mean_greedy_agreement": self.report.mean_agreement,
-                "max_logprob_drift": self.report.max_logprob_drift,
+                "max_logprob_drift": drift if drift is not None and math.isfinite(drift) else None,
                 "budget": {"min_greedy_agreement": self.budget.min_greedy_agreement,
                            "max_logprob_drift": self.budget.max_logprob_drift}}
 
@@ -85,7 +86,10 @@ def compare_one(prompt: str, ref: Completion, cand: Completion) -> PromptCompari
         if a != b:
             break
         n += 1
-    drift = (statistics.fmean(abs(ref.logprobs[i] - cand.logprobs[i]) for i in range(n)) if n else None)
+    # A logprob that is not a finite number (vLLM answers -inf or null for an impossible token) makes the drift
+    # infinite, the worst: never a NaN, which would compare as within any budget.
+    diffs = [abs(ref.logprobs[i] - cand.logprobs[i]) for i in range(n)]
+    drift = None if not n else statistics.fmean(diffs) if all(math.isfinite(d) for d in diffs) else math.inf
     total = len(ref.tokens)
     return PromptComparison(prompt, total, n, n / total if total else 1.0, drift)
 
@@ -105,7 +109,7 @@ def judge(report: QualityReport, budget: QualityBudget) -> QualityVerdict:
         reasons.append(f"greedy agreement {report.mean_agreement:.3f} < {budget.min_greedy_agreement:.3f}")
     if report.max_logprob_drift is None:
         reasons.append("logprob drift unknown: no prompt agreed on its first token")
-    elif report.max_logprob_drift > budget.max_logprob_drift:
+    elif not report.max_logprob_drift <= budget.max_logprob_drift:  # NaN included
         reasons.append(f"logprob drift {report.max_logprob_drift:.3f} > {budget.max_logprob_drift:.3f} nats")
     return QualityVerdict(not reasons, tuple(reasons), report, budget)
 
@@ -124,9 +128,16 @@ async def complete(client: httpx.AsyncClient, base_url: str, model: str, prompt:
         raise QualityProbeError(f"{base_url}: {type(exc).__name__}: {exc}") from exc
     if r.status_code != 200:
         raise QualityProbeError(f"{base_url}: HTTP {r.status_code}: {r.text[:200]}")
-    lp = r.json()["choices"][0]["logprobs"]
-    values = [float(x) if x is not None and math.isfinite(x) else float("-inf") for x in lp["token_logprobs"]]
-    return Completion(tuple(lp["tokens"]), tuple(values))
+    try:
+        lp = r.json()["choices"][0]["logprobs"]
+        values = [float(x) if x is not None and math.isfinite(x) else float("-inf") for x in lp["token_logprobs"]]
+        tokens = tuple(str(t) for t in lp["tokens"])
+    except (ValueError, KeyError, IndexError, TypeError) as exc:  # not an OpenAI completions answer with logprobs
+        raise QualityProbeError(f"{base_url}: the completion has no token logprobs ({type(exc).__name__}: {exc}): "
+                                f"{r.text[:200]}") from exc
+    if len(values) != len(tokens):
+        raise QualityProbeError(f"{base_url}: {len(tokens)} tokens but {len(values)} logprobs")
+    return Completion(tokens, tuple(values))
 
 
 async def compare(reference_url: str, candidate_url: str, model: str, *, prompts: Sequence[str] = PROMPTS,

@@ -10,8 +10,11 @@ whether it can; only if it can is it bisected (and becomes the best). A cell who
 `model_slack` times larger, stays below r_need is skipped unsimulated. The grid (`grid`) bisects every cell.
 Then the replica count for the target load is sized by simulating the fleet (pooling makes N replicas
 carry more than N times one), the cheapest fleet among the evaluated cells wins, and optionally the top
-cells are tried for real on a canary (at most `canary_trials`); with a canary, only a configuration that passed its
-trial is recommended.
+cells are tried for real on a canary (at most `canary_trials` load trials); with a canary, only a configuration that
+passed its trial is recommended. Cells that change a running deployment's precision (`Cell.precision_changed`) are
+bounded and sized apart from the others, are never chosen without a canary (`needs_canary`), and a precision the
+quality guard refused on one cell is not tried again on another (its refusal sent no load, and does not count as a
+trial).
 """
 
 from __future__ import annotations
@@ -314,10 +317,13 @@ def search(space: SearchSpace, factory: ReplicaFactory, objectives: Sequence[Obj
         tally.simulations += _sims(e)
         tally.requests += e.probe.requests_simulated
     full = sorted((e for e in evals if e.capacity), key=lambda e: -(e.capacity or 0.0) / e.price)
+    rank: dict[bool, int] = {}  # per group (see _evaluate_all): the running precision keeps its own candidates
     sized: list[tuple[float, float, _Eval, int, tuple[Prediction, ...]]] = []
     finals: list[Candidate] = []
-    for i, e in enumerate(full):
-        if i >= opts.fleet_candidates:
+    for e in full:
+        group = e.cell.precision_changed
+        rank[group] = rank.get(group, 0) + 1
+        if rank[group] > opts.fleet_candidates:
             finals.append(Candidate(e.cell, OUTRANKED, "lower goodput per dollar than the cells sized for the load",
                                     e.estimate, e.capacity, e.price, simulations=_sims(e)))
             continue
@@ -335,7 +341,13 @@ def search(space: SearchSpace, factory: ReplicaFactory, objectives: Sequence[Obj
     validated: bool | None = None if canary is None else False
     passing: Mapping[str, Any] | None = None
     trials = 0
+    refused: dict[tuple[Any, Any], str] = {}  # precision -> the cell the quality guard refused it on
     for _, _, e, n, preds in sized:
+        precision = (e.cell.weights, e.cell.kv_cache)
+        if chosen is None and precision in refused:  # quality is the precision's, whatever the batch limits
+            finals.append(Candidate(e.cell, QUALITY_REFUSED, f"the quality guard refused this precision on "
+                                    f"{refused[precision]}", e.estimate, e.capacity, e.price, n, _sims(e)))
+            continue
         if chosen is not None or (canary is not None and trials >= opts.canary_trials):
             finals.append(Candidate(e.cell, OUTRANKED, f"{n} replicas at ${n * e.price:.2f}/h",
                                     e.estimate, e.capacity, e.price, n, _sims(e)))
@@ -347,8 +359,13 @@ def search(space: SearchSpace, factory: ReplicaFactory, objectives: Sequence[Obj
                                     _sims(e)))
             continue
         if canary is not None:
-            trials += 1
             verdict = canary.trial(e.cell, e.cell.engine_changes(), target / n)
+            # `canary_trials` bounds the load trials: a precision the quality guard refused got no load, and
+            # must not use up the trial of the running precision's best, to fall back on.
+            if verdict.refused is None:
+                trials += 1
+            else:
+                refused[precision] = e.cell.label()
             if verdict.passed is not True:
                 code = (QUALITY_REFUSED if verdict.refused is not None else
                         CANARY_UNKNOWN if verdict.passed is None else CANARY_FAILED)
@@ -361,7 +378,8 @@ def search(space: SearchSpace, factory: ReplicaFactory, objectives: Sequence[Obj
         finals.append(Candidate(e.cell, CHOSEN, f"{n} replicas at ${n * e.price:.2f}/h", e.estimate, e.capacity,
                                 e.price, n, _sims(e)))
     if chosen is None and canary is not None and sized:
-        notes.append(f"no configuration passed its canary trial ({trials} tried): nothing recommended")
+        guard = f", {len(refused)} precision(s) refused by the quality guard" if refused else ""
+        notes.append(f"no configuration passed its canary trial ({trials} load trial(s){guard}): nothing recommended")
     cpu = clock() - start
     cands = tuple(rejected + decided + finals)
     if chosen is None:

@@ -38,6 +38,7 @@ class Cell:
     # ... except, given the (weights, KV) precision the replica runs, a precision that differs from it: the
     # search of a running deployment whose spec allows other KV-cache dtypes. Parallelism always stays.
     baseline: tuple[WeightPrecision, KvPrecision] | None = None
+    kv_arg: str | None = None  # the exact --kv-cache-dtype the spec allows for this precision (default: auto / fp8)
 
     @property
     def precision_changed(self) -> bool:
@@ -58,7 +59,7 @@ class Cell:
         """The change to the deployment's EngineConfig (field names of controlplane.supervisor.spec)."""
         limits: dict[str, Any] = {"max_num_seqs": self.max_num_seqs,
                                   "max_num_batched_tokens": self.max_num_batched_tokens}
-        kv_arg = "auto" if self.kv_cache is KvPrecision.BF16 else "fp8"
+        kv_arg = self.kv_arg or ("auto" if self.kv_cache is KvPrecision.BF16 else "fp8")
         if self.limits_only:
             if self.baseline is not None and self.kv_cache != self.baseline[1]:
                 limits["kv_cache_dtype"] = kv_arg
@@ -90,6 +91,7 @@ class SearchSpace:
     tensor_parallel_size: tuple[int, ...] = (1,)
     limits_only: bool = False  # the cells change the batch limits only (see Cell.limits_only) ...
     baseline: tuple[WeightPrecision, KvPrecision] | None = None  # ... and a precision other than this one
+    kv_args: tuple[tuple[KvPrecision, str], ...] = ()  # the exact --kv-cache-dtype of each KV precision, if given
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "weights", "kv_cache", "tensor_parallel_size"):
@@ -107,8 +109,10 @@ class SearchSpace:
                 raise ValueError(f"search space: {name} must be >= 1, got {bad}")
 
     def cells(self) -> list[Cell]:
-        return [Cell(s, t, w, k, tp, self.limits_only, self.baseline) for s, t, w, k, tp in itertools.product(
-            self.max_num_seqs, self.max_num_batched_tokens, self.weights, self.kv_cache, self.tensor_parallel_size)]
+        args = dict(self.kv_args)
+        grid = itertools.product(self.max_num_seqs, self.max_num_batched_tokens, self.weights, self.kv_cache,
+                                 self.tensor_parallel_size)
+        return [Cell(s, t, w, k, tp, self.limits_only, self.baseline, args.get(k)) for s, t, w, k, tp in grid]
 
     def __len__(self) -> int:
         return (len(self.max_num_seqs) * len(self.max_num_batched_tokens) * len(self.weights) * len(self.kv_cache)
@@ -169,6 +173,10 @@ class CalibratedFactory:
             raise ValueError(f"max_num_batched_tokens {cell.max_num_batched_tokens} < max_num_seqs "
                              f"{cell.max_num_seqs}: vLLM refuses it")
         kv_tokens = self.kv_capacity_tokens
+        if cell.kv_cache != self.kv_cache and not cell.precision_changed:
+            raise ValueError(f"the calibration observed KV {self.kv_cache.value}; {cell.label()} can only be predicted "
+                             "by a prior, for a cell that carries the running precision (baseline) so that the "
+                             "search proves it on a canary")
         if cell.kv_cache != self.kv_cache and self.kv_capacity_scales:
             kv_tokens = int(kv_tokens * self.kv_cache.bytes_per_element / cell.kv_cache.bytes_per_element)
         return replica_from_fit(self.step_cost, kv_capacity_tokens=kv_tokens,

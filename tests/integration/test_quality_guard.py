@@ -105,8 +105,10 @@ def test_the_searchs_canary_measures_fp8_kv_against_auto_and_refuses_it_past_the
     within = q["mean_greedy_agreement"] >= 0.9 and q["max_logprob_drift"] is not None \
         and q["max_logprob_drift"] <= 0.5
     assert q["ok"] is within
-    if not within:  # refused: a fail with the guard's reasons, and no load was sent to it
-        assert verdict.passed is False and verdict.refused is not None and verdict.refused.startswith("quality guard")
-        assert not any("requests at" in line for line in lines)
-    else:
-        assert verdict.refused is None and any("requests at" in line for line in lines)
+    # The tiny model's random weights leave nearly flat next-token distributions, where fp8's rounding flips many
+    # greedy tokens (34 % kept when first measured): refused by the 0.9 budget, with the guard's reasons and
+    # figures, and no load was sent to it.
+    assert not within and q["mean_greedy_agreement"] < 0.9
+    assert verdict.passed is False and verdict.refused is not None and verdict.refused.startswith("quality guard")
+    assert f"over 8 prompts against {real_vllm.base_url}" in verdict.refused
+    assert not any("requests at" in line for line in lines)

@@ -52,6 +52,20 @@ def test_the_spec_may_allow_other_kv_dtypes_and_only_those_cells_change_the_prec
         TuningSection(kv_cache_dtype=("fp8", "fp8"))
 
 
+def test_the_cell_applies_the_dtype_the_spec_allows_and_two_fp8_formats_are_refused() -> None:
+    engine = EngineConfig(max_num_seqs=8, max_num_batched_tokens=512)
+    e5m2 = cs.space_for(engine, TuningSection(kv_cache_dtype=("fp8_e5m2",)))
+    assert {c.engine_changes().get("kv_cache_dtype") for c in e5m2.cells()} == {None, "fp8_e5m2"}
+    # vLLM's "fp8" is e4m3: one cell; "bfloat16" next to a running "auto" is the running precision.
+    one = cs.space_for(engine, TuningSection(kv_cache_dtype=("fp8", "fp8_e4m3", "bfloat16")))
+    assert len(one.cells()) == 2 * len(one.max_num_seqs) * len(one.max_num_batched_tokens)
+    with pytest.raises(cs.SearchInputError, match="fp8_e5m2 and fp8 are both fp8"):
+        cs.space_for(engine, TuningSection(kv_cache_dtype=("fp8", "fp8_e5m2")))
+    running_e5m2 = EngineConfig(max_num_seqs=8, max_num_batched_tokens=512, kv_cache_dtype="fp8_e5m2")
+    with pytest.raises(cs.SearchInputError, match=r"fp8_e4m3 and fp8_e5m2 \(running\) are both fp8"):
+        cs.space_for(running_e5m2, TuningSection(kv_cache_dtype=("fp8_e4m3",)))
+
+
 def test_the_prior_doubles_a_memory_sized_kv_cache_and_keeps_a_fixed_block_count() -> None:
     cost = StepCost.linear(Coefficients(4e-3, 3e-5, 2e-7))
     factory = CalibratedFactory(cost, kv_capacity_tokens=1600, block_size=16)
@@ -63,6 +77,9 @@ def test_the_prior_doubles_a_memory_sized_kv_cache_and_keeps_a_fixed_block_count
     assert factory(fp8).step_cost == cost  # the prior claims no speed change: the canary measures it
     fixed = CalibratedFactory(cost, kv_capacity_tokens=1600, block_size=16, kv_capacity_scales=False)
     assert fixed(fp8).num_kv_blocks == 100
+    # A cell that does not carry the running precision would skip the canary the prior needs: refused.
+    with pytest.raises(ValueError, match="only be predicted by a prior"):
+        factory(Cell(8, 512, WeightPrecision.BF16, KvPrecision.FP8, 1, True))
     int8 = Cell(8, 512, WeightPrecision.INT8, KvPrecision.BF16, 1, True, (WeightPrecision.BF16, KvPrecision.BF16))
     with pytest.raises(ValueError, match="cannot predict"):
         factory(int8)
@@ -117,7 +134,8 @@ def test_a_kv_bound_replica_gets_fp8_recommended_only_after_its_canary_passed(sq
     plain = search(sqlite_store, kv_tight(kv_cache_dtype=["fp8"]))
     reasons = {c["config"]: c["reason"] for c in plain["evidence"]["candidates"]}
     assert reasons["seqs=16 tokens=512 kv=fp8"] == "needs_canary", reasons
-    assert plain["rec"] is None or "kv_cache_dtype" not in plain["rec"]["proposed"]["engine"]
+    # The running precision was evaluated too (bounded apart), and its 4 replicas are what runs: nothing to do.
+    assert reasons["seqs=16 tokens=512"] == "chosen" and plain["rec"] is None
     # Searched again with a canary that passes: fp8 is tried first, recommended, with its trial's evidence.
     canary = QualityCanary([True])
     tried = search(sqlite_store, kv_tight(kv_cache_dtype=["fp8"], canary_trials=1), canary)
@@ -143,17 +161,45 @@ def test_a_quality_refusal_is_its_own_reason_and_the_search_falls_back_to_the_ru
             return CanaryVerdict((Prediction("ttft", 0.95, 0.99, 0.04),), "fake")
 
     canary = Refusing([])
-    out = search(sqlite_store, kv_tight(kv_cache_dtype=["fp8"], canary_trials=2), canary, current=2)
+    # One load trial allowed: the refusal sent no load, so the one trial is still there for the running precision.
+    out = search(sqlite_store, kv_tight(kv_cache_dtype=["fp8"], canary_trials=1), canary, current=2)
     assert [c.kv_cache for c in canary.tried] == [KvPrecision.FP8, KvPrecision.BF16]
     cands = {c["config"]: c for c in out["evidence"]["candidates"]}
     assert cands["seqs=16 tokens=512 kv=fp8"]["reason"] == "quality_refused"
     assert cands["seqs=16 tokens=512 kv=fp8"]["detail"] == "quality guard: agreement 0.3"
     # The running precision passed its trial: two more replicas of it, not fp8.
     rec = out["rec"]
-    assert rec is not None and rec["proposed"] == {"engine": {"max_num_seqs": 16, "max_num_batched_tokens": 512},
-                                                   "replicas": 4}
+    assert rec is not None and "kv_cache_dtype" not in rec["proposed"]["engine"] and rec["proposed"]["replicas"] > 2
     assert rec["evidence"]["canary"]["quality"] is None
     assert CanaryVerdict((Prediction("t", 0.9, 1.0, 0.1),), refused="x").passed is False
+
+
+def test_a_precision_refused_on_one_cell_is_not_tried_again_on_another() -> None:
+    from controlplane.tuning.search import SearchOptions
+    from controlplane.tuning.search import search as plain_search
+
+    space = cs.space_for(EngineConfig(max_num_seqs=16, max_num_batched_tokens=512),
+                         TuningSection(max_num_seqs=(12, 16), max_num_batched_tokens=(512,), kv_cache_dtype=("fp8",)))
+    factory = CalibratedFactory(StepCost.linear(Coefficients(4e-3, 3e-5, 2e-7)), kv_capacity_tokens=KV_BLOCKS * 16,
+                                block_size=16, max_model_len=1200)
+    wl = synthetic(Poisson(20.0), Uniform(50, 400), Uniform(10, 100), n=600, seed=3)
+    tried: list[Cell] = []
+
+    class Refuses:
+        def trial(self, cell: Cell, changes: Mapping[str, Any], rps: float) -> CanaryVerdict:
+            tried.append(cell)
+            if cell.lower_precision:
+                return CanaryVerdict((), "refused", refused="quality guard: agreement 0.3")
+            return CanaryVerdict((Prediction("ttft", 0.95, 0.99, 0.04),), "fake")
+
+    # Exhaustive, so both fp8 cells are sized; one load trial.
+    res = plain_search(space, factory, [Objective("ttft", (LatencyTarget("ttft", 0.5),), 0.95)], wl, target_rps=60.0,
+                       options=SearchOptions(canary_trials=1, max_replicas=8), canary=Refuses(), exhaustive=True)
+    assert [c.lower_precision for c in tried] == [True, False] and res.chosen == tried[1]
+    fp8 = [c for c in res.candidates if c.cell.lower_precision]
+    assert len(fp8) == 2 and {c.reason for c in fp8} == {"quality_refused"}
+    assert {c.detail for c in fp8} == {"quality guard: agreement 0.3",
+                                       f"the quality guard refused this precision on {tried[0].label()}"}
 
 
 # --- SupervisorCanary's guard, with a fake supervisor and fake load -------------------------------------------
@@ -220,6 +266,7 @@ def test_a_lower_precision_refused_by_the_guard_gets_no_load_and_the_canary_is_s
     refused = canary_for(loop, control, ref="http://tiny-0:1", ok=False, calls=calls).trial(FP8, FP8.engine_changes(),
                                                                                            5.0)
     assert refused.passed is False and refused.refused is not None and "greedy agreement 0.300" in refused.refused
+    assert "logprob drift 0.020 nats over 1 prompts against http://tiny-0:1" in refused.refused
     assert refused.quality is not None and refused.quality["mean_greedy_agreement"] == pytest.approx(0.3)
     assert calls == [("http://tiny-0:1", "http://canary:1")] and sent == []
     assert control.events == ["start {'max_num_seqs': 16, 'max_num_batched_tokens': 512, 'kv_cache_dtype': 'fp8'}",
@@ -237,3 +284,20 @@ def test_a_lower_precision_refused_by_the_guard_gets_no_load_and_the_canary_is_s
     limits = Cell(8, 512, WeightPrecision.BF16, KvPrecision.BF16, 1, True, (WeightPrecision.BF16, KvPrecision.BF16))
     assert canary_for(loop, Control(), ref=None, ok=False, calls=calls).trial(limits, {}, 5.0).passed is True
     assert calls == []
+
+
+def test_the_guards_reference_is_a_ready_replica_on_the_running_args_never_a_canary_or_a_new_one() -> None:
+    from types import SimpleNamespace
+
+    dep = kv_tight()
+
+    def member(url: str, state: str = "ready", candidate: bool = False, config: Any = None) -> Any:
+        return SimpleNamespace(state=state, candidate=candidate, config=config or dep.engine,
+                               handle=SimpleNamespace(url=url))
+
+    other = dep.engine.with_changes({"max_num_seqs": 4})
+    members = {"a": member("http://a", state="starting"), "b": member("http://b", candidate=True),
+               "c": member("http://c", config=other), "d": member("http://d")}
+    assert cs.reference_url(SimpleNamespace(dep=dep, members=members)) == "http://d"
+    del members["d"]
+    assert cs.reference_url(SimpleNamespace(dep=dep, members=members)) is None

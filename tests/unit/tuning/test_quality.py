@@ -38,3 +38,32 @@ def test_drift_that_cannot_be_measured_fails_instead_of_reading_as_zero() -> Non
     assert report.max_logprob_drift is None
     verdict = judge(report, QualityBudget(min_greedy_agreement=0.0, max_logprob_drift=100.0))
     assert not verdict.ok and "unknown" in verdict.reasons[0]
+
+
+def test_a_non_finite_logprob_is_the_worst_drift_never_a_nan_within_budget() -> None:
+    inf = float("-inf")
+    # Both sides -inf on an agreed token: |-inf - -inf| is NaN, which compares as within any budget.
+    report = summarize([compare_one("p", c("ab", [-1.0, inf]), c("ab", [-3.9, inf])),
+                        compare_one("q", c("ab", [-1, -1]), c("ab", [-1, -1]))])
+    assert report.max_logprob_drift == float("inf")
+    verdict = judge(report, QualityBudget(min_greedy_agreement=0.0, max_logprob_drift=100.0))
+    assert not verdict.ok and verdict.reasons == ("logprob drift inf > 100.000 nats",)
+    assert verdict.evidence()["max_logprob_drift"] is None  # JSON has no infinity; the reason says it
+
+
+@pytest.mark.parametrize("body", ['{"choices": []}', '{"choices": [{"logprobs": null}]}', "not json",
+                                  '{"choices": [{"logprobs": {"tokens": ["a"], "token_logprobs": []}}]}'])
+def test_an_answer_without_token_logprobs_is_a_probe_error_naming_the_server(body: str) -> None:
+    import asyncio
+
+    import httpx
+
+    from controlplane.tuning.quality import QualityProbeError, complete
+
+    async def go() -> None:
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, text=body))
+        async with httpx.AsyncClient(transport=transport) as client:
+            await complete(client, "http://tiny-0:8000", "tiny", "hello", 4)
+
+    with pytest.raises(QualityProbeError, match="http://tiny-0:8000"):
+        asyncio.run(go())
