@@ -54,13 +54,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.cpu import CoreWatch  # noqa: E402
 from controlplane.demo_loop import PlaneProcess  # noqa: E402
-from controlplane.engines.tiny_model import make_tiny_model  # noqa: E402
+from controlplane.engines.tiny_model import TinyModelSpec, make_tiny_model  # noqa: E402
 from controlplane.engines.vllm_server import VllmServer, VllmServerSpec  # noqa: E402
 from controlplane.loadgen import ClientResult, RequestPlan, mixed_plans, run_load  # noqa: E402
 from controlplane.store.db import make_engine  # noqa: E402
 from controlplane.store.models import EngineSample, Request  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+# --model: the tests' tiny model (2 layers, hidden 256: about 14 ms of server CPU per request, most of it the API
+# server's), or a small one with random weights (6 layers, hidden 768, 12 heads, GQA 4 KV heads: ~47M parameters,
+# GPT-2-small's shape with a smaller vocabulary), where the engine's work per token is a larger share of a request,
+# as it is on a real model. Both are built locally; nothing is downloaded.
+MODELS = {"tiny": ("tiny-model", TinyModelSpec()),
+          "small": ("small-model", TinyModelSpec(hidden_size=768, intermediate_size=2048, num_hidden_layers=6,
+                                                 num_attention_heads=12, num_key_value_heads=4))}
 TARGET_LOSS = 0.02
 Arm = Literal["with", "without"]
 Instrument = Literal["both", "trace", "scrape"]
@@ -326,7 +333,8 @@ def run(args: argparse.Namespace, log_dir: Path) -> tuple[list[Block], dict[str,
     vllm_core = args.vllm_core if args.vllm_core is not None else (cores[-1] if len(cores) >= 2 else None)
     os.sched_setaffinity(0, {c for c in cores if c != vllm_core} or set(cores))  # client and plane: other cores
     wait_for_no_vllm(args.wait_s)
-    model_dir, _ = make_tiny_model(REPO / ".cache" / "tiny-model", progress=progress.print)
+    folder, recipe = MODELS[args.model]
+    model_dir, _ = make_tiny_model(REPO / ".cache" / folder, recipe, progress=progress.print)
     plane = Plane(log_dir / "plane", args.scrape_s)
     servers: dict[Arm, VllmServer] = {}
     traced, scraped = args.instrument in ("both", "trace"), args.instrument in ("both", "scrape")
@@ -412,7 +420,7 @@ def report(blocks: list[Block], evidence: dict[str, int], args: argparse.Namespa
     summary = summarise(blocks)
     what = {"both": "traced + scraped", "trace": "traced only", "scrape": "scraped only"}[args.instrument]
     table = Table(title=f"vLLM throughput with and without the plane ({what}): {args.blocks} blocks each of "
-                        f"{args.requests} requests, {args.concurrency} in flight (tiny model, CPU, one core)")
+                        f"{args.requests} requests, {args.concurrency} in flight ({args.model} model, CPU, one core)")
     for col in ("server", "output tok/s", "min .. max", "spread", "req/s", "min .. max", "others on core"):
         table.add_column(col, justify="left" if col == "server" else "right")
     tok, req = summary["tokens_per_s"], summary["requests_per_s"]
@@ -459,6 +467,8 @@ def main() -> int:
                     help="what the instrumented server gets: tracing and scraping (default), or one of them")
     ap.add_argument("--otlp-protocol", choices=("grpc", "http/protobuf"), default="grpc",
                     help="how vLLM exports its spans to the plane (default grpc)")
+    ap.add_argument("--model", choices=tuple(MODELS), default="tiny",
+                    help="tiny (the tests' model, default) or small (6 layers, hidden 768; see MODELS)")
     ap.add_argument("--quick", action="store_true", help="a short smoke run: 3 blocks per arm of 96 requests")
     ap.add_argument("--json", type=Path, help="write the blocks and the summary here")
     ap.add_argument("--log-dir", type=Path, help="keep vLLM and plane logs and the store here (default: a temp dir)")

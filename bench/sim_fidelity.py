@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/sim_fidelity.py [--requests 300] [--loads 0.3,0.6,0.85] [--configs A,B,C]
         [--capacity-requests 96] [--calibrate ramp|first|burst+first|all] [--core 1] [--engine vllm|sim]
-        [--json OUT] [--replay FILE]
+        [--repeat 2] [--json OUT] [--replay FILE]
 
 For each configuration (max_num_seqs, max_num_batched_tokens, KV blocks) it starts vLLM pinned to one core
 (after waiting until no other vLLM API server runs on this shared machine), measures the replica's capacity
@@ -14,6 +14,10 @@ and the API server's path) from the calibration load of each configuration, neve
 on, and replays every judged load's exact arrivals and lengths; a second table uses one calibration (the first
 configuration's) for every configuration, the way the tuner would predict a config it has not run. Printed:
 TTFT p50/p90 and TPOT p50, measured vs predicted, relative error, and whether within 15%.
+`--repeat 2` runs every judged load a second time with the same requests (same arrivals, lengths and prompts),
+after all of them ran once: the reference for the simulator's error is then real vLLM's own, the rerun against
+the first run, on this shared host. The simulator is judged against the first run as without it, and also
+against both runs pooled (the real distribution estimated from twice the requests).
 `--engine sim` runs the same pipeline against the simulated engine (a self-check of the bench, no vLLM).
 Every run saves its raw rows (JSON in --log-dir); `--replay FILE` redoes the analysis from them without vLLM,
 e.g. with another `--calibrate` choice.
@@ -216,6 +220,7 @@ class LoadRun:
     preemptions: float | None
     engine_cpu: float | None = None  # vLLM's CPU seconds per wall second (its core)
     others_cpu: float | None = None  # other processes' CPU seconds per wall second on vLLM's core
+    reruns: list[list[RequestRow]] = field(default_factory=list)  # --repeat: the same requests, sent again
 
 
 @dataclass
@@ -240,14 +245,23 @@ def measure(engine: Engine, sink: SpanSink, args: argparse.Namespace) -> ConfigR
     for k, fraction in enumerate(args.loads):
         before = engine.counters().get("preemptions_total")
         watch.start()
-        rows = drive(engine, sink, plans(args.requests, seed=10 + k, rate=fraction * run.capacity_rps))
+        rows = drive(engine, sink, load_plans(args, k, fraction, run.capacity_rps))
         own, others = watch.shares()
         after = engine.counters().get("preemptions_total")
         arrivals = sorted(r["arrival_unix_s"] for r in rows)
         offered = (len(rows) - 1) / (arrivals[-1] - arrivals[0])
         run.loads.append(LoadRun(fraction, offered, rows, None if before is None or after is None else after - before,
                                  own, others))
+    for _ in range(args.repeat - 1):  # every load once more, in the same order, after all of them ran once
+        for k, load in enumerate(run.loads):
+            load.reruns.append(drive(engine, sink, load_plans(args, k, load.fraction, run.capacity_rps)))
+        console.print(f"config {engine.shape.name}: every load sent again with the same requests")
     return run
+
+
+def load_plans(args: argparse.Namespace, k: int, fraction: float, capacity_rps: float) -> list[RequestPlan]:
+    """The k-th judged load: the same requests every time it is asked for (its own seed)."""
+    return plans(args.requests, seed=10 + k, rate=fraction * capacity_rps)
 
 
 def measure_all(args: argparse.Namespace, shapes: list[Shape]) -> list[ConfigRun]:
@@ -269,7 +283,8 @@ def dump_runs(runs: list[ConfigRun]) -> list[dict[str, Any]]:
     """Everything measured, raw rows included, so the analysis can be redone without vLLM (--replay)."""
     return [{"config": r.shape.name, "capacity_rps": r.capacity_rps, "burst": r.burst, "ramp": r.ramp,
              "loads": [{"fraction": x.fraction, "offered_rps": x.offered_rps, "preemptions": x.preemptions,
-                        "engine_cpu": x.engine_cpu, "others_cpu": x.others_cpu, "rows": x.rows} for x in r.loads]}
+                        "engine_cpu": x.engine_cpu, "others_cpu": x.others_cpu, "rows": x.rows,
+                        "reruns": x.reruns} for x in r.loads]}
             for r in runs]
 
 
@@ -279,7 +294,8 @@ def load_runs(path: Path) -> list[ConfigRun]:
         raise SystemExit(f"{path} holds no raw measurements ('runs'); only files written by this version can replay")
     return [ConfigRun(SHAPES[r["config"]], r["capacity_rps"],
                       [LoadRun(x["fraction"], x["offered_rps"], x["rows"], x["preemptions"], x["engine_cpu"],
-                               x["others_cpu"]) for x in r["loads"]], r.get("burst", []), r.get("ramp", []))
+                               x["others_cpu"], x.get("reruns", [])) for x in r["loads"]], r.get("burst", []),
+                      r.get("ramp", []))
             for r in doc["runs"]]
 
 
@@ -324,14 +340,65 @@ def _p(values: list[float], q: float) -> float:
     return percentile(sorted(values), q)
 
 
-def compare(rows: list[RequestRow], res: SimResult) -> dict[str, tuple[float, float]]:
-    """Measured and predicted TTFT p50/p90 and TPOT p50 (seconds)."""
+STATS = ("ttft_p50", "ttft_p90", "tpot_p50")
+
+
+def stats_of(rows: list[RequestRow]) -> dict[str, float]:
+    """TTFT p50/p90 and TPOT p50 (seconds) of measured rows."""
     ttft = [r["ttft_s"] for r in rows if r["ttft_s"] is not None]
     tpot = [r["tpot_s"] for r in rows if r["tpot_s"] is not None]
+    return {"ttft_p50": _p(ttft, 50), "ttft_p90": _p(ttft, 90), "tpot_p50": _p(tpot, 50)}
+
+
+def compare(rows: list[RequestRow], res: SimResult) -> dict[str, tuple[float, float]]:
+    """Measured and predicted TTFT p50/p90 and TPOT p50 (seconds)."""
     p_ttft = res.ttft_s[np.isfinite(res.ttft_s)].tolist()
     p_tpot = res.tpot_s[np.isfinite(res.tpot_s)].tolist()
-    return {"ttft_p50": (_p(ttft, 50), _p(p_ttft, 50)), "ttft_p90": (_p(ttft, 90), _p(p_ttft, 90)),
-            "tpot_p50": (_p(tpot, 50), _p(p_tpot, 50))}
+    predicted = {"ttft_p50": _p(p_ttft, 50), "ttft_p90": _p(p_ttft, 90), "tpot_p50": _p(p_tpot, 50)}
+    measured = stats_of(rows)
+    return {k: (measured[k], predicted[k]) for k in STATS}
+
+
+def errors(measured: dict[str, float], other: dict[str, float]) -> dict[str, float]:
+    return {k: (other[k] - measured[k]) / measured[k] for k in STATS}
+
+
+def noise_floor(runs: list[ConfigRun], models: dict[str, Calibrated]) -> list[dict[str, Any]]:
+    """--repeat: real vLLM's rerun against its first run (the same requests), next to the simulator against the
+    first run and against both runs pooled."""
+    table = Table(title="real vLLM against itself (the same requests sent again) next to the simulator "
+                        "(calibrated per configuration)")
+    for col in ("config", "load", "rerun vs first: TTFT p50 / p90 / TPOT p50", "<=15%",
+                "simulator vs first", "<=15%", "simulator vs both runs pooled", "<=15%"):
+        table.add_column(col, justify="left" if col == "config" else "right")
+    out = []
+
+    def fmt(e: dict[str, float]) -> list[str]:
+        ok = all(abs(x) <= TARGET for x in e.values())
+        return [" / ".join(f"{e[k]:+.0%}" for k in STATS), "[green]yes[/]" if ok else "[red]no[/]"]
+
+    for run in runs:
+        replica = models[run.shape.name].replica(run.shape)
+        for load in run.loads:
+            if not load.reruns:
+                continue
+            predicted = {k: p for k, (_, p) in compare(load.rows, simulate(
+                from_rows([dict(r) for r in load.rows]), [replica], sample_interval_s=None)).items()}
+            first = stats_of(load.rows)
+            rerun = errors(first, stats_of(load.reruns[0]))
+            vs_first = errors(first, predicted)
+            pooled = errors(stats_of(load.rows + [r for rr in load.reruns for r in rr]), predicted)
+            table.add_row(run.shape.name, f"{load.fraction:.0%}", *fmt(rerun), *fmt(vs_first), *fmt(pooled))
+            out.append({"config": run.shape.name, "load": load.fraction, "rerun_vs_first": rerun,
+                        "simulator_vs_first": vs_first, "simulator_vs_pooled": pooled})
+    console.print(table)
+    for key, what in (("rerun_vs_first", "real vLLM rerun vs its first run"),
+                      ("simulator_vs_first", "simulator vs the first run"),
+                      ("simulator_vs_pooled", "simulator vs both runs pooled")):
+        judged = [r for r in out if r["load"] <= 0.85 + 1e-9]
+        ok = sum(all(abs(x) <= TARGET for x in r[key].values()) for r in judged)
+        console.print(f"{what}: {ok} of {len(judged)} cells within 15% on all three statistics")
+    return out
 
 
 def _share(x: float | None) -> str:
@@ -378,6 +445,8 @@ def main() -> None:
     ap.add_argument("--loads", default="0.3,0.6,0.85", help="fractions of the measured capacity")
     ap.add_argument("--requests", type=int, default=300, help="requests per load")
     ap.add_argument("--capacity-requests", type=int, default=96)
+    ap.add_argument("--repeat", type=int, default=1, choices=(1, 2, 3),
+                    help="send every judged load this many times (2: real vLLM's rerun is the reference)")
     ap.add_argument("--calibrate", choices=CALIBRATIONS, default="ramp",
                     help="which rows calibrate each configuration (see calibration_rows)")
     ap.add_argument("--core", type=int, default=1, help="the CPU core vLLM is pinned to")
@@ -430,13 +499,14 @@ def main() -> None:
         judged = [r for r in rows if r["load"] <= 0.85 + 1e-9]
         console.print(f"{name}: {sum(r['within_15pct'] for r in judged)} of {len(judged)} (config, load) cells "
                       "within 15% on all three statistics")
+    floor = noise_floor(runs, models) if any(load.reruns for run in runs for load in run.loads) else []
     console.print(f"wall time {time.monotonic() - t0:.0f} s. The API path (vLLM's TTFT - queue - prefill on the "
                   "calibration rows that found the replica idle) is part of the replica model: a request enters the "
                   "engine that long after it arrives. 'vLLM/others CPU' = CPU seconds per second on vLLM's core "
                   "taken by vLLM and by every other process (the shared host).")
     if args.json:
         args.json.write_text(json.dumps({"engine": args.engine, "calibration": args.calibrate, "per_config": each,
-                                         "calibrated_once": once, "runs": dump_runs(runs),
+                                         "calibrated_once": once, "noise_floor": floor, "runs": dump_runs(runs),
                                          "capacity_rps": {r.shape.name: r.capacity_rps for r in runs},
                                          "fits": {n: m.fit.coefficients.as_list() for n, m in models.items()},
                                          "api_path_s": {n: m.api_path_s for n, m in models.items()}}, indent=2))
