@@ -62,7 +62,7 @@ from controlplane.store.models import EngineSample, Request  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # --model: the tests' tiny model (2 layers, hidden 256: about 14 ms of server CPU per request, most of it the API
-# server's), or a small one with random weights (6 layers, hidden 768, 12 heads, GQA 4 KV heads: ~47M parameters,
+# server's), or a small one with random weights (6 layers, hidden 768, 12 heads, GQA 4 KV heads: ~41M parameters,
 # GPT-2-small's shape with a smaller vocabulary), where the engine's work per token is a larger share of a request,
 # as it is on a real model. Both are built locally; nothing is downloaded.
 MODELS = {"tiny": ("tiny-model", TinyModelSpec()),
