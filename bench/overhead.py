@@ -1,9 +1,10 @@
 """The plane's cost to real vLLM throughput: traced and scraped every 1 s vs neither, measured in the same run.
 
     .venv/bin/python bench/overhead.py [--blocks 6] [--requests 400] [--concurrency 48] [--quick] [--json OUT]
-        [--instrument both|trace|scrape]
+        [--instrument both|trace|scrape] [--model tiny|small]
 
-Two vLLM servers (tiny model, CPU) with the same configuration run pinned to the same core: "with" exports its
+Two vLLM servers (CPU; the tiny model by default, or `--model small`) with the same configuration run pinned to
+the same core: "with" exports its
 `llm_request` spans over OTLP/gRPC to a running plane (`controlplane up`, SQLite in a temp dir) that also scrapes
 its /metrics every second (`--watch`); "without" has no tracing and nobody scrapes it. They are never loaded at
 the same time: blocks alternate with / without / without / with / with / without ... (ABBA), so drift on this

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/sim_fidelity.py [--requests 300] [--loads 0.3,0.6,0.85] [--configs A,B,C]
         [--capacity-requests 96] [--calibrate ramp|first|burst+first|all] [--core 1] [--engine vllm|sim]
-        [--repeat 2] [--json OUT] [--replay FILE]
+        [--repeat 2] [--same-load] [--json OUT] [--replay FILE]
 
 For each configuration (max_num_seqs, max_num_batched_tokens, KV blocks) it starts vLLM pinned to one core
 (after waiting until no other vLLM API server runs on this shared machine), measures the replica's capacity
@@ -14,10 +14,11 @@ and the API server's path) from the calibration load of each configuration, neve
 on, and replays every judged load's exact arrivals and lengths; a second table uses one calibration (the first
 configuration's) for every configuration, the way the tuner would predict a config it has not run. Printed:
 TTFT p50/p90 and TPOT p50, measured vs predicted, relative error, and whether within 15%.
-`--repeat 2` runs every judged load a second time with the same requests (same arrivals, lengths and prompts),
-after all of them ran once: the reference for the simulator's error is then real vLLM's own, the rerun against
-the first run, on this shared host. The simulator is judged against the first run as without it, and also
-against both runs pooled (the real distribution estimated from twice the requests).
+`--repeat N` (2 or 3) runs every judged load N-1 more times with the same requests (same arrivals, lengths and
+prompts), after all of them ran once: the reference for the simulator's error is then real vLLM's own, the first
+rerun against the first run, on this shared host (reruns are not CPU-watched). The simulator is judged against
+the first run as without it, and also against all runs pooled (the real distribution from N times the requests).
+`--same-load` adds a diagnostic table: step costs fitted on each judged load's own rows (see same_load).
 `--engine sim` runs the same pipeline against the simulated engine (a self-check of the bench, no vLLM).
 Every run saves its raw rows (JSON in --log-dir); `--replay FILE` redoes the analysis from them without vLLM,
 e.g. with another `--calibrate` choice.
@@ -370,7 +371,7 @@ def noise_floor(runs: list[ConfigRun], models: dict[str, Calibrated]) -> list[di
     table = Table(title="real vLLM against itself (the same requests sent again) next to the simulator "
                         "(calibrated per configuration)")
     for col in ("config", "load", "rerun vs first: TTFT p50 / p90 / TPOT p50", "<=15%",
-                "simulator vs first", "<=15%", "simulator vs both runs pooled", "<=15%"):
+                "simulator vs first", "<=15%", "simulator vs all runs pooled", "<=15%"):
         table.add_column(col, justify="left" if col == "config" else "right")
     out = []
 
@@ -395,7 +396,7 @@ def noise_floor(runs: list[ConfigRun], models: dict[str, Calibrated]) -> list[di
     console.print(table)
     for key, what in (("rerun_vs_first", "real vLLM rerun vs its first run"),
                       ("simulator_vs_first", "simulator vs the first run"),
-                      ("simulator_vs_pooled", "simulator vs both runs pooled")):
+                      ("simulator_vs_pooled", "simulator vs all runs pooled")):
         judged = [r for r in out if r["load"] <= 0.85 + 1e-9]
         ok = sum(all(abs(x) <= TARGET for x in r[key].values()) for r in judged)
         console.print(f"{what}: {ok} of {len(judged)} cells within 15% on all three statistics")

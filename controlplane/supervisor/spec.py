@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -178,7 +179,9 @@ class TuningSection(_Strict):
                                               "A lower precision is recommended only after a canary trial and the "
                                               "quality guard")
     canary_trials: int = Field(default=0, ge=0, le=5, description="configurations tried for real on a canary "
-                                                                  "replica before one is recommended; 0: none")
+                                                                  "replica before one is recommended (another KV "
+                                                                  "dtype that failed before any load does not "
+                                                                  "count); 0: none")
     canary_requests: int = Field(default=200, ge=20, le=5000, description="requests of one canary trial")
 
     @field_validator("max_num_seqs", "max_num_batched_tokens")
@@ -206,6 +209,40 @@ class DeploymentBody(_Strict):
     lifecycle: LifecycleSection = LifecycleSection()
     quality: QualitySection = QualitySection()
     tuning: TuningSection = TuningSection()
+
+    @model_validator(mode="after")
+    def _kv_dtypes_apart(self) -> DeploymentBody:
+        why = kv_dtype_conflict(self.engine.kv_cache_dtype, self.tuning.kv_cache_dtype)
+        if why is not None:
+            raise ValueError(f"tuning.kv_cache_dtype: {why}")
+        return self
+
+
+# vLLM's --kv-cache-dtype values by the format they store: "auto" is the model's own dtype (16-bit for the
+# checkpoints this plane serves), and vLLM's "fp8" is e4m3.
+_KV_FORMAT = {"auto": "bf16", "bfloat16": "bf16", "fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
+
+
+def kv_dtype_width(kv_cache_dtype: str) -> int:
+    """Bytes per KV element of a --kv-cache-dtype value (as the search tells precisions apart)."""
+    return 1 if kv_cache_dtype.startswith("fp8") else 2
+
+
+def same_kv_format(a: str, b: str) -> bool:
+    return _KV_FORMAT.get(a, a) == _KV_FORMAT.get(b, b)
+
+
+def kv_dtype_conflict(running: str, allowed: Sequence[str]) -> str | None:
+    """Why the search could not tell the allowed KV-cache dtypes apart, or None: it knows bytes per element only,
+    so two formats of one width (fp8_e4m3 and fp8_e5m2, the running one included) would be one cell."""
+    seen = {kv_dtype_width(running): running}
+    for d in allowed:
+        first = seen.setdefault(kv_dtype_width(d), d)
+        if not same_kv_format(first, d):
+            running_note = " (the running one)" if first == running else ""
+            return (f"{d} and {first}{running_note} store different formats of one width, which the search cannot "
+                    "tell apart (it knows bytes per element only); allow one of them")
+    return None
 
 
 class Metadata(_Strict):

@@ -30,7 +30,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from controlplane.loadgen import ClientResult, RequestPlan, run_load
-from controlplane.supervisor.spec import Deployment, EngineConfig, TuningSection
+from controlplane.supervisor.spec import Deployment, EngineConfig, TuningSection, kv_dtype_conflict, kv_dtype_width
 from controlplane.tuning import quality
 from controlplane.tuning.capacity import Objective, Prediction, objectives_from_slos
 from controlplane.tuning.catalog import KvPrecision, WeightPrecision
@@ -60,7 +60,8 @@ def _around(current: int, factors: Sequence[float], lo: int) -> tuple[int, ...]:
 
 def space_for(engine: EngineConfig, tuning: TuningSection) -> SearchSpace:
     """The batch limits to try: the spec's `tuning` lists, or powers of two around the current values (1/4x to
-    2x sequences, 1/2x to 2x tokens). The current values are always included, so the comparison has them."""
+    2x sequences, 1/2x to 2x tokens); and the KV-cache precisions `tuning.kv_cache_dtype` allows besides the
+    running one. The current values are always included, so the comparison has them."""
     if engine.max_num_seqs is None or engine.max_num_batched_tokens is None:
         raise SearchInputError("spec.engine.max_num_seqs and max_num_batched_tokens must be set: the fit of the "
                                "running replica's step costs needs its own limits (vLLM's defaults differ by "
@@ -72,19 +73,14 @@ def space_for(engine: EngineConfig, tuning: TuningSection) -> SearchSpace:
     # Batch limits, and the KV-cache precisions the spec allows besides the running one; weights and parallelism
     # stay (the fit predicts only what the replica runs; see CalibratedFactory for the KV prior).
     weights, kv = running_precision(engine)
-    # One --kv-cache-dtype per precision: the search tells them apart by bytes per element only, so the running
-    # dtype stands for its own precision, and two allowed variants of one precision (fp8_e4m3 and fp8_e5m2) would
-    # be one cell applied as whichever came first.
+    # One --kv-cache-dtype per precision, the spec's own string: the search tells them apart by bytes per element
+    # only (the spec refuses two formats of one width; checked again here for a config built in code).
+    why = kv_dtype_conflict(engine.kv_cache_dtype, tuning.kv_cache_dtype)
+    if why is not None:
+        raise SearchInputError(f"spec.tuning.kv_cache_dtype: {why}")
     args = {kv: engine.kv_cache_dtype}
     for d in tuning.kv_cache_dtype:
-        p = kv_precision(d)
-        if p in args and _same_format(args[p], d):
-            continue  # e.g. the running dtype again, or "fp8" next to "fp8_e4m3" (vLLM's fp8 is e4m3)
-        if p in args:
-            raise SearchInputError(f"spec.tuning.kv_cache_dtype: {d} and {args[p]}"
-                                   f"{' (running)' if p == kv else ''} are both {p.value}, which the search cannot "
-                                   "tell apart (it knows bytes per element only); allow one of them")
-        args[p] = d
+        args.setdefault(kv_precision(d), d)
     return SearchSpace(seqs, tokens, weights=(weights,), kv_cache=tuple(args), limits_only=True,
                        baseline=(weights, kv), kv_args=tuple(args.items()))
 
@@ -92,14 +88,7 @@ def space_for(engine: EngineConfig, tuning: TuningSection) -> SearchSpace:
 def kv_precision(kv_cache_dtype: str) -> KvPrecision:
     """vLLM's --kv-cache-dtype as the catalog's precision: "auto" stores the model's dtype (16-bit for the
     checkpoints this plane serves; a float32 model's cache is wider, and the canary measures it)."""
-    return KvPrecision.FP8 if kv_cache_dtype.startswith("fp8") else KvPrecision.BF16
-
-
-def _same_format(a: str, b: str) -> bool:
-    """Two --kv-cache-dtype values that store the same format ("auto" is the model's own 16-bit dtype here)."""
-    def norm(d: str) -> str:
-        return {"fp8": "fp8_e4m3", "bfloat16": "auto"}.get(d, d)
-    return norm(a) == norm(b)
+    return KvPrecision.FP8 if kv_dtype_width(kv_cache_dtype) == 1 else KvPrecision.BF16
 
 
 def running_precision(engine: EngineConfig) -> tuple[WeightPrecision, KvPrecision]:

@@ -10,11 +10,11 @@ whether it can; only if it can is it bisected (and becomes the best). A cell who
 `model_slack` times larger, stays below r_need is skipped unsimulated. The grid (`grid`) bisects every cell.
 Then the replica count for the target load is sized by simulating the fleet (pooling makes N replicas
 carry more than N times one), the cheapest fleet among the evaluated cells wins, and optionally the top
-cells are tried for real on a canary (at most `canary_trials` load trials); with a canary, only a configuration that
+cells are tried for real on a canary (at most `canary_trials` trials); with a canary, only a configuration that
 passed its trial is recommended. Cells that change a running deployment's precision (`Cell.precision_changed`) are
-bounded and sized apart from the others, are never chosen without a canary (`needs_canary`), and a precision the
-quality guard refused on one cell is not tried again on another (its refusal sent no load, and does not count as a
-trial).
+bounded and sized apart from the others, are never chosen without a canary (`needs_canary`), and a precision that
+failed before any load on one cell (refused by the quality guard, never ready, or not comparable) is not started
+again on another and does not count as a trial.
 """
 
 from __future__ import annotations
@@ -341,12 +341,15 @@ def search(space: SearchSpace, factory: ReplicaFactory, objectives: Sequence[Obj
     validated: bool | None = None if canary is None else False
     passing: Mapping[str, Any] | None = None
     trials = 0
-    refused: dict[tuple[Any, Any], str] = {}  # precision -> the cell the quality guard refused it on
+    # A changed precision that failed before any load (refused by the quality guard, never ready, or the guard
+    # could not compare) failed as a precision, whatever the batch limits: precision -> (reason, the cell).
+    dropped: dict[tuple[Any, Any], tuple[str, str]] = {}
     for _, _, e, n, preds in sized:
         precision = (e.cell.weights, e.cell.kv_cache)
-        if chosen is None and precision in refused:  # quality is the precision's, whatever the batch limits
-            finals.append(Candidate(e.cell, QUALITY_REFUSED, f"the quality guard refused this precision on "
-                                    f"{refused[precision]}", e.estimate, e.capacity, e.price, n, _sims(e)))
+        if chosen is None and precision in dropped:
+            code, on = dropped[precision]
+            finals.append(Candidate(e.cell, code, f"not tried: this precision failed before any load on {on}",
+                                    e.estimate, e.capacity, e.price, n, _sims(e)))
             continue
         if chosen is not None or (canary is not None and trials >= opts.canary_trials):
             finals.append(Candidate(e.cell, OUTRANKED, f"{n} replicas at ${n * e.price:.2f}/h",
@@ -360,15 +363,16 @@ def search(space: SearchSpace, factory: ReplicaFactory, objectives: Sequence[Obj
             continue
         if canary is not None:
             verdict = canary.trial(e.cell, e.cell.engine_changes(), target / n)
-            # `canary_trials` bounds the load trials: a precision the quality guard refused got no load, and
-            # must not use up the trial of the running precision's best, to fall back on.
-            if verdict.refused is None:
-                trials += 1
+            code = (QUALITY_REFUSED if verdict.refused is not None else
+                    CANARY_UNKNOWN if verdict.passed is None else CANARY_FAILED)
+            # `canary_trials` bounds the trials of the running precision and the load trials: a changed precision
+            # that failed before its load (no predictions judged) must not use up the trial of the running
+            # precision's best, to fall back on, and is not started again with other limits.
+            if e.cell.precision_changed and not verdict.predictions and verdict.passed is not True:
+                dropped[precision] = (code, e.cell.label())
             else:
-                refused[precision] = e.cell.label()
+                trials += 1
             if verdict.passed is not True:
-                code = (QUALITY_REFUSED if verdict.refused is not None else
-                        CANARY_UNKNOWN if verdict.passed is None else CANARY_FAILED)
                 detail = verdict.refused or verdict.note or "the canary did not confirm the prediction"
                 finals.append(Candidate(e.cell, code, detail, e.estimate, e.capacity, e.price, n, _sims(e)))
                 continue
@@ -378,8 +382,8 @@ def search(space: SearchSpace, factory: ReplicaFactory, objectives: Sequence[Obj
         finals.append(Candidate(e.cell, CHOSEN, f"{n} replicas at ${n * e.price:.2f}/h", e.estimate, e.capacity,
                                 e.price, n, _sims(e)))
     if chosen is None and canary is not None and sized:
-        guard = f", {len(refused)} precision(s) refused by the quality guard" if refused else ""
-        notes.append(f"no configuration passed its canary trial ({trials} load trial(s){guard}): nothing recommended")
+        more = f", {len(dropped)} precision(s) failed before any load" if dropped else ""
+        notes.append(f"no configuration passed its canary trial ({trials} trial(s){more}): nothing recommended")
     cpu = clock() - start
     cands = tuple(rejected + decided + finals)
     if chosen is None:

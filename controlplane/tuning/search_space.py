@@ -73,7 +73,8 @@ class Cell:
         if self.limits_only:
             changed = "" if not self.precision_changed else (
                 (f" w={self.weights.value}" if self.baseline and self.weights != self.baseline[0] else "")
-                + (f" kv={self.kv_cache.value}" if self.baseline and self.kv_cache != self.baseline[1] else ""))
+                + (f" kv={self.kv_arg or self.kv_cache.value}" if self.baseline and self.kv_cache != self.baseline[1]
+                   else ""))
             return f"seqs={self.max_num_seqs} tokens={self.max_num_batched_tokens}{changed}"
         tp = f" tp{self.tensor_parallel_size}" if self.tensor_parallel_size != 1 else ""
         return (f"seqs={self.max_num_seqs} tokens={self.max_num_batched_tokens} "

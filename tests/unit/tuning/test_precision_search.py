@@ -13,7 +13,7 @@ import pytest
 from controlplane.loadgen import ClientResult, RequestPlan
 from controlplane.slo.model import LatencyTarget
 from controlplane.store.repo import Store
-from controlplane.supervisor.spec import EngineConfig, TuningSection, parse_deployment
+from controlplane.supervisor.spec import EngineConfig, SpecError, TuningSection, parse_deployment
 from controlplane.tuning import config_search as cs
 from controlplane.tuning import quality
 from controlplane.tuning.capacity import Objective, Prediction
@@ -56,14 +56,18 @@ def test_the_cell_applies_the_dtype_the_spec_allows_and_two_fp8_formats_are_refu
     engine = EngineConfig(max_num_seqs=8, max_num_batched_tokens=512)
     e5m2 = cs.space_for(engine, TuningSection(kv_cache_dtype=("fp8_e5m2",)))
     assert {c.engine_changes().get("kv_cache_dtype") for c in e5m2.cells()} == {None, "fp8_e5m2"}
+    assert {c.label() for c in e5m2.cells() if c.precision_changed} >= {"seqs=8 tokens=512 kv=fp8_e5m2"}
     # vLLM's "fp8" is e4m3: one cell; "bfloat16" next to a running "auto" is the running precision.
     one = cs.space_for(engine, TuningSection(kv_cache_dtype=("fp8", "fp8_e4m3", "bfloat16")))
     assert len(one.cells()) == 2 * len(one.max_num_seqs) * len(one.max_num_batched_tokens)
-    with pytest.raises(cs.SearchInputError, match="fp8_e5m2 and fp8 are both fp8"):
+    with pytest.raises(cs.SearchInputError, match="fp8_e5m2 and fp8 store different formats of one width"):
         cs.space_for(engine, TuningSection(kv_cache_dtype=("fp8", "fp8_e5m2")))
     running_e5m2 = EngineConfig(max_num_seqs=8, max_num_batched_tokens=512, kv_cache_dtype="fp8_e5m2")
-    with pytest.raises(cs.SearchInputError, match=r"fp8_e4m3 and fp8_e5m2 \(running\) are both fp8"):
+    with pytest.raises(cs.SearchInputError, match=r"fp8_e4m3 and fp8_e5m2 \(the running one\)"):
         cs.space_for(running_e5m2, TuningSection(kv_cache_dtype=("fp8_e4m3",)))
+    # The spec refuses them when it is loaded, naming the field, before anything starts.
+    with pytest.raises(SpecError, match="tuning.kv_cache_dtype: fp8_e5m2 and fp8 store different formats"):
+        kv_tight(kv_cache_dtype=["fp8", "fp8_e5m2"])
 
 
 def test_the_prior_doubles_a_memory_sized_kv_cache_and_keeps_a_fixed_block_count() -> None:
@@ -199,7 +203,27 @@ def test_a_precision_refused_on_one_cell_is_not_tried_again_on_another() -> None
     fp8 = [c for c in res.candidates if c.cell.lower_precision]
     assert len(fp8) == 2 and {c.reason for c in fp8} == {"quality_refused"}
     assert {c.detail for c in fp8} == {"quality guard: agreement 0.3",
-                                       f"the quality guard refused this precision on {tried[0].label()}"}
+                                       f"not tried: this precision failed before any load on {tried[0].label()}"}
+
+
+def test_an_fp8_canary_that_never_starts_leaves_the_trial_to_the_running_precision(sqlite_store: Store) -> None:
+    # vLLM's CPU backend without AVX-512 or AMX cannot start an fp8 KV cache: that is the precision's failure.
+    record_kv_tight(sqlite_store)
+    tried: list[Cell] = []
+
+    class NoFp8:
+        def trial(self, cell: Cell, changes: Mapping[str, Any], rps: float) -> CanaryVerdict:
+            tried.append(cell)
+            if cell.lower_precision:
+                return CanaryVerdict((), "tiny-9 never became ready", started=False)
+            return CanaryVerdict((Prediction("ttft", 0.95, 0.99, 0.04),), "fake")
+
+    out = search(sqlite_store, kv_tight(kv_cache_dtype=["fp8"], canary_trials=1), NoFp8(), current=2)
+    assert [c.lower_precision for c in tried] == [True, False]
+    cands = {c["config"]: c for c in out["evidence"]["candidates"]}
+    assert cands["seqs=16 tokens=512 kv=fp8"]["reason"] == "canary_failed"
+    assert out["rec"] is not None and "kv_cache_dtype" not in out["rec"]["proposed"]["engine"]
+    assert out["validated"] is True
 
 
 # --- SupervisorCanary's guard, with a fake supervisor and fake load -------------------------------------------
