@@ -4,7 +4,11 @@ A tier is active when the burn rate over its long AND its short window exceeds i
 long window saw at least the SLO's minimum request rate. A severity (page / ticket) is active when
 any of its tiers is. An episode goes pending -> firing (after the tier's `for`, immediately when 0)
 -> resolved; a pending episode whose condition clears is dropped. A window without traffic is "no
-data": it never activates a tier (never NaN, never a page on three requests an hour).
+data": it never activates a tier (never NaN, never a page on three requests an hour), and it never
+clears one either: a severity is inactive only when each of its tiers has a known burn rate at or
+under the threshold in one of its windows. Otherwise it is unknown, which holds an open episode as it
+is: a backlog in which no request finished within the short window, or an outage in which none
+finishes at all, must not resolve the page it raised.
 
 The same alert names and labels as the generated Prometheus rules are used, so one Alertmanager
 configuration (routing, inhibition of a ticket by the page of the same SLO) serves both paths.
@@ -30,6 +34,7 @@ class Condition:
     active: bool
     for_s: float
     evidence: dict[str, Any]
+    known: bool = True  # False: not active, but not shown inactive either (a window without data): hold
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,7 @@ def condition(status: SloStatus, severity: Severity) -> Condition:
     enabled = slo.alerting.page if severity == "page" else slo.alerting.ticket
     tiers: list[dict[str, Any]] = []
     active_for: list[float] = []
+    unknown = False
     for tier in status.burn:
         if tier.window.severity != severity:
             continue
@@ -64,21 +70,29 @@ def condition(status: SloStatus, severity: Severity) -> Condition:
         known = not isinstance(long_r, NoData) and not isinstance(short_r, NoData)
         on = (enabled and known and rate_ok and float(long_r) > tier.window.burn_rate  # type: ignore[arg-type]
               and float(short_r) > tier.window.burn_rate)  # type: ignore[arg-type]
+        # Inactive is proven only by a known burn at or under the threshold (the tier needs both windows over).
+        cleared = any(not isinstance(r, NoData) and float(r) <= tier.window.burn_rate
+                      for r in (long_r, short_r))
         if on:
             active_for.append(tier.window.for_s)
+        elif enabled and not cleared:
+            unknown = True
         tiers.append({
             "long": tier.long.label, "short": tier.short.label, "threshold": tier.window.burn_rate,
             "burn_long": None if isinstance(long_r, NoData) else long_r,
             "burn_short": None if isinstance(short_r, NoData) else short_r,
             "request_rate_per_s": tier.long.request_rate_per_s, "active": on,
         })
-    return Condition(bool(active_for), min(active_for, default=0.0), {"tiers": tiers})
+    active = bool(active_for)
+    return Condition(active, min(active_for, default=0.0), {"tiers": tiers}, known=active or not unknown)
 
 
 def step(prev: Episode | None, cond: Condition, *, slo: str, deployment: str, severity: Severity,
          now: float) -> tuple[Episode | None, Transition | None]:
     """The next episode (None: nothing active) and the transition that happened, if any."""
     live = prev if prev is not None and prev.state != "resolved" else None
+    if live is not None and not cond.active and not cond.known:  # unknown holds what is open, as it is
+        return replace(live, last_eval_unix_s=now, evidence={**cond.evidence, "held": "unknown"}), None
     if live is None:
         if not cond.active:
             return None, None

@@ -63,6 +63,31 @@ def test_episode_goes_pending_firing_resolved_and_pending_that_clears_is_cancell
     assert again is not None and (again.state, tr, again.started_unix_s) == ("firing", "firing", 300.0)
 
 
+def test_a_window_without_finished_requests_holds_a_firing_page_and_only_a_known_low_burn_resolves_it() -> None:
+    # Seen in the demo: a backlog in which no request finished within the 20 s short window resolved the page
+    # (burn_long 4.8x its threshold) while 1.7 % of the burst's requests met the SLO.
+    kw = {"slo": "t", "deployment": "d", "severity": "page"}
+    fired, tr = step(None, condition(status(200, 20), "page"), now=0.0, **kw)  # type: ignore[arg-type]
+    assert fired is not None and (fired.state, tr) == ("firing", "firing")
+    backlog = condition(status(200, 0, total_short=0), "page")  # type: ignore[arg-type]
+    assert not backlog.active and not backlog.known
+    held, tr = step(fired, backlog, now=30.0, **kw)  # type: ignore[arg-type]
+    assert held is not None and (held.state, tr, held.last_eval_unix_s) == ("firing", None, 30.0)
+    assert held.evidence["held"] == "unknown"
+    # Nothing finished at all (an outage): still held, never read as a burn of zero.
+    dark = condition(status(0, 0, total_long=0, total_short=0), "page")  # type: ignore[arg-type]
+    assert step(held, dark, now=60.0, **kw)[0].state == "firing"  # type: ignore[arg-type,union-attr]
+    # A known short-window burn under the threshold proves the tier inactive: resolved.
+    done, tr = step(held, condition(status(200, 1), "page"), now=90.0, **kw)  # type: ignore[arg-type]
+    assert done is not None and (done.state, tr) == ("resolved", "resolved")
+    # Unknown never starts an episode, and a pending one waits through it (neither cancelled nor promoted).
+    assert step(None, backlog, now=0.0, **kw) == (None, None)  # type: ignore[arg-type]
+    pending = Condition(True, 120.0, {})
+    ep, _ = step(None, pending, now=0.0, **kw)  # type: ignore[arg-type]
+    waited, tr = step(ep, Condition(False, 0.0, {}, known=False), now=200.0, **kw)  # type: ignore[arg-type]
+    assert waited is not None and (waited.state, tr) == ("pending", None)
+
+
 def test_payload_keeps_a_firing_alert_alive_for_four_resends_and_ends_a_resolved_one() -> None:
     on = Condition(True, 0.0, condition(status(200, 20), "page").evidence)  # type: ignore[arg-type]
     ep, _ = step(None, on, slo="t", deployment="d", severity="page", now=1000.0)
