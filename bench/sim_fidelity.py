@@ -352,12 +352,16 @@ def stats_of(rows: list[RequestRow]) -> dict[str, float]:
     return {"ttft_p50": _p(ttft, 50), "ttft_p90": _p(ttft, 90), "tpot_p50": _p(tpot, 50)}
 
 
-def compare(rows: list[RequestRow], res: SimResult) -> dict[str, tuple[float, float]]:
-    """Measured and predicted TTFT p50/p90 and TPOT p50 (seconds)."""
+def predicted_stats(res: SimResult) -> dict[str, float]:
+    """TTFT p50/p90 and TPOT p50 (seconds) of a simulation."""
     p_ttft = res.ttft_s[np.isfinite(res.ttft_s)].tolist()
     p_tpot = res.tpot_s[np.isfinite(res.tpot_s)].tolist()
-    predicted = {"ttft_p50": _p(p_ttft, 50), "ttft_p90": _p(p_ttft, 90), "tpot_p50": _p(p_tpot, 50)}
-    measured = stats_of(rows)
+    return {"ttft_p50": _p(p_ttft, 50), "ttft_p90": _p(p_ttft, 90), "tpot_p50": _p(p_tpot, 50)}
+
+
+def compare(rows: list[RequestRow], res: SimResult) -> dict[str, tuple[float, float]]:
+    """Measured and predicted TTFT p50/p90 and TPOT p50 (seconds)."""
+    measured, predicted = stats_of(rows), predicted_stats(res)
     return {k: (measured[k], predicted[k]) for k in STATS}
 
 
@@ -384,8 +388,8 @@ def noise_floor(runs: list[ConfigRun], models: dict[str, Calibrated]) -> list[di
         for load in run.loads:
             if not load.reruns:
                 continue
-            predicted = {k: p for k, (_, p) in compare(load.rows, simulate(
-                from_rows([dict(r) for r in load.rows]), [replica], sample_interval_s=None)).items()}
+            predicted = predicted_stats(simulate(from_rows([dict(r) for r in load.rows]), [replica],
+                                                 sample_interval_s=None))
             first = stats_of(load.rows)
             rerun = errors(first, stats_of(load.reruns[0]))
             vs_first = errors(first, predicted)

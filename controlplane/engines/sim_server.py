@@ -36,14 +36,6 @@ from controlplane.tuning.perf_model import Coefficients, EngineArgs, ReplicaMode
 
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.92  # vLLM 0.32's default
 DEFAULT_BLOCK_SIZE = 16  # vLLM's default on GPUs
-_QUANTIZATION = {"fp8": WeightPrecision.FP8, "awq": WeightPrecision.INT4, "awq_marlin": WeightPrecision.INT4,
-                 "gptq": WeightPrecision.INT4, "gptq_marlin": WeightPrecision.INT4, "marlin": WeightPrecision.INT4,
-                 "bitsandbytes": WeightPrecision.INT4,
-                 "int8": WeightPrecision.INT8, "w8a8": WeightPrecision.INT8,
-                 # compressed-tensors checkpoints vary; INT8 (W8A8) is the common case. Say so in the config.
-                 "compressed-tensors": WeightPrecision.INT8}
-_KV_DTYPES = {"auto": KvPrecision.BF16, "bfloat16": KvPrecision.BF16, "float16": KvPrecision.BF16,
-              "fp8": KvPrecision.FP8, "fp8_e4m3": KvPrecision.FP8, "fp8_e5m2": KvPrecision.FP8}
 _DTYPES = ("auto", "bfloat16", "float16", "half", "bf16")
 
 
@@ -130,8 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--gpu-memory-utilization", type=float, default=DEFAULT_GPU_MEMORY_UTILIZATION)
     ap.add_argument("--num-gpu-blocks-override", type=int)
     ap.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
-    ap.add_argument("--kv-cache-dtype", default="auto", choices=sorted(_KV_DTYPES))
-    ap.add_argument("--quantization", "-q", default=None, choices=sorted(_QUANTIZATION))
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=sorted(catalog.VLLM_KV_CACHE_DTYPE))
+    ap.add_argument("--quantization", "-q", default=None, choices=sorted(catalog.VLLM_QUANTIZATION))
     ap.add_argument("--dtype", default="auto", choices=_DTYPES)
     ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     ap.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, choices=[1],
@@ -186,8 +178,8 @@ def config_from_args(argv: Sequence[str]) -> SimServerConfig:
         max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len,
         gpu_memory_utilization=a.gpu_memory_utilization, block_size=a.block_size,
         tensor_parallel_size=a.tensor_parallel_size,
-        weights=_QUANTIZATION[a.quantization] if a.quantization else WeightPrecision.BF16,
-        kv_cache=_KV_DTYPES[a.kv_cache_dtype], num_gpu_blocks_override=a.num_gpu_blocks_override,
+        weights=catalog.vllm_weights(a.quantization),
+        kv_cache=catalog.VLLM_KV_CACHE_DTYPE[a.kv_cache_dtype], num_gpu_blocks_override=a.num_gpu_blocks_override,
         step_cost=_coefficients(a.step_coefficients) if a.step_coefficients else None)
     return SimServerConfig(
         replica=replica, served_model_name=a.served_model_name or a.model, model=model,

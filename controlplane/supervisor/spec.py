@@ -218,14 +218,14 @@ class DeploymentBody(_Strict):
         return self
 
 
-# vLLM's --kv-cache-dtype values by the format they store: "auto" is the model's own dtype (16-bit for the
-# checkpoints this plane serves), and vLLM's "fp8" is e4m3.
-_KV_FORMAT = {"auto": "bf16", "bfloat16": "bf16", "fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
+# vLLM's --kv-cache-dtype values that are another name of one format: "auto" is the model's own dtype (16-bit
+# for the checkpoints this plane serves), and vLLM's "fp8" is e4m3.
+_KV_FORMAT = {"auto": "bfloat16", "fp8": "fp8_e4m3"}
 
 
-def kv_dtype_width(kv_cache_dtype: str) -> int:
+def _kv_width(kv_cache_dtype: str) -> float:
     """Bytes per KV element of a --kv-cache-dtype value (as the search tells precisions apart)."""
-    return 1 if kv_cache_dtype.startswith("fp8") else 2
+    return catalog.VLLM_KV_CACHE_DTYPE[kv_cache_dtype].bytes_per_element
 
 
 def same_kv_format(a: str, b: str) -> bool:
@@ -235,9 +235,9 @@ def same_kv_format(a: str, b: str) -> bool:
 def kv_dtype_conflict(running: str, allowed: Sequence[str]) -> str | None:
     """Why the search could not tell the allowed KV-cache dtypes apart, or None: it knows bytes per element only,
     so two formats of one width (fp8_e4m3 and fp8_e5m2, the running one included) would be one cell."""
-    seen = {kv_dtype_width(running): running}
+    seen = {_kv_width(running): running}
     for d in allowed:
-        first = seen.setdefault(kv_dtype_width(d), d)
+        first = seen.setdefault(_kv_width(d), d)
         if not same_kv_format(first, d):
             running_note = " (the running one)" if first == running else ""
             return (f"{d} and {first}{running_note} store different formats of one width, which the search cannot "

@@ -38,6 +38,25 @@ class KvPrecision(StrEnum):
         return {"bf16": 2.0, "fp8": 1.0}[self.value]
 
 
+# vLLM's --quantization and --kv-cache-dtype values by the precision they store (the catalog's terms), for
+# the simulated engine's flags and the search of a running deployment alike.
+VLLM_QUANTIZATION: dict[str, WeightPrecision] = {
+    "fp8": WeightPrecision.FP8, "awq": WeightPrecision.INT4, "awq_marlin": WeightPrecision.INT4,
+    "gptq": WeightPrecision.INT4, "gptq_marlin": WeightPrecision.INT4, "marlin": WeightPrecision.INT4,
+    "bitsandbytes": WeightPrecision.INT4, "int8": WeightPrecision.INT8, "w8a8": WeightPrecision.INT8,
+    # compressed-tensors checkpoints vary; INT8 (W8A8) is the common case. Say so in the config.
+    "compressed-tensors": WeightPrecision.INT8}
+# "auto" stores the model's own dtype: 16-bit for the checkpoints this plane serves.
+VLLM_KV_CACHE_DTYPE: dict[str, KvPrecision] = {
+    "auto": KvPrecision.BF16, "bfloat16": KvPrecision.BF16, "float16": KvPrecision.BF16,
+    "fp8": KvPrecision.FP8, "fp8_e4m3": KvPrecision.FP8, "fp8_e5m2": KvPrecision.FP8}
+
+
+def vllm_weights(quantization: str | None) -> WeightPrecision:
+    """The weight precision of vLLM's --quantization (None: the checkpoint's 16-bit weights)."""
+    return WeightPrecision.BF16 if quantization is None else VLLM_QUANTIZATION[quantization]
+
+
 class CatalogError(ValueError):
     """An unknown name or an impossible combination, with what is allowed."""
 

@@ -30,8 +30,8 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from controlplane.loadgen import ClientResult, RequestPlan, run_load
-from controlplane.supervisor.spec import Deployment, EngineConfig, TuningSection, kv_dtype_conflict, kv_dtype_width
-from controlplane.tuning import quality
+from controlplane.supervisor.spec import Deployment, EngineConfig, TuningSection, kv_dtype_conflict
+from controlplane.tuning import catalog, quality
 from controlplane.tuning.capacity import Objective, Prediction, objectives_from_slos
 from controlplane.tuning.catalog import KvPrecision, WeightPrecision
 from controlplane.tuning.recommendations import Proposal
@@ -80,23 +80,14 @@ def space_for(engine: EngineConfig, tuning: TuningSection) -> SearchSpace:
         raise SearchInputError(f"spec.tuning.kv_cache_dtype: {why}")
     args = {kv: engine.kv_cache_dtype}
     for d in tuning.kv_cache_dtype:
-        args.setdefault(kv_precision(d), d)
+        args.setdefault(catalog.VLLM_KV_CACHE_DTYPE[d], d)
     return SearchSpace(seqs, tokens, weights=(weights,), kv_cache=tuple(args), limits_only=True,
                        baseline=(weights, kv), kv_args=tuple(args.items()))
 
 
-def kv_precision(kv_cache_dtype: str) -> KvPrecision:
-    """vLLM's --kv-cache-dtype as the catalog's precision: "auto" stores the model's dtype (16-bit for the
-    checkpoints this plane serves; a float32 model's cache is wider, and the canary measures it)."""
-    return KvPrecision.FP8 if kv_dtype_width(kv_cache_dtype) == 1 else KvPrecision.BF16
-
-
 def running_precision(engine: EngineConfig) -> tuple[WeightPrecision, KvPrecision]:
-    """(weights, KV cache) of a running configuration; any quantization method counts by its bit width."""
-    q = engine.quantization
-    weights = (WeightPrecision.BF16 if q is None else WeightPrecision.INT4 if q in ("awq", "gptq")
-               else WeightPrecision.INT8 if q in ("int8", "w8a8") else WeightPrecision.FP8)
-    return weights, kv_precision(engine.kv_cache_dtype)
+    """(weights, KV cache) of a running configuration, by the precision its vLLM flags store."""
+    return catalog.vllm_weights(engine.quantization), catalog.VLLM_KV_CACHE_DTYPE[engine.kv_cache_dtype]
 
 
 def quality_check(reference_url: str, candidate_url: str, dep: Deployment) -> quality.QualityVerdict:

@@ -174,12 +174,13 @@ class CalibratedFactory:
             raise ValueError(f"max_num_batched_tokens {cell.max_num_batched_tokens} < max_num_seqs "
                              f"{cell.max_num_seqs}: vLLM refuses it")
         kv_tokens = self.kv_capacity_tokens
-        if cell.kv_cache != self.kv_cache and not cell.precision_changed:
-            raise ValueError(f"the calibration observed KV {self.kv_cache.value}; {cell.label()} can only be predicted "
-                             "by a prior, for a cell that carries the running precision (baseline) so that the "
-                             "search proves it on a canary")
-        if cell.kv_cache != self.kv_cache and self.kv_capacity_scales:
-            kv_tokens = int(kv_tokens * self.kv_cache.bytes_per_element / cell.kv_cache.bytes_per_element)
+        if cell.kv_cache != self.kv_cache:
+            if not cell.precision_changed:
+                raise ValueError(f"the calibration observed KV {self.kv_cache.value}; {cell.label()} can only be "
+                                 "predicted by a prior, for a cell that carries the running precision (baseline) so "
+                                 "that the search proves it on a canary")
+            if self.kv_capacity_scales:
+                kv_tokens = int(kv_tokens * self.kv_cache.bytes_per_element / cell.kv_cache.bytes_per_element)
         return replica_from_fit(self.step_cost, kv_capacity_tokens=kv_tokens,
                                 block_size=self.block_size, max_num_seqs=cell.max_num_seqs,
                                 max_num_batched_tokens=cell.max_num_batched_tokens, max_model_len=self.max_model_len,
