@@ -1,0 +1,99 @@
+"""When the closed loop's story calls the backlog drained (`caught_up`), and the load's own record of what is in
+flight, against a local streaming server."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from controlplane.demo_loop import LoopConfig, OpenLoopLoad, Sent, caught_up
+from controlplane.loadgen import ClientResult
+
+CFG = LoopConfig(ttft_threshold_s=0.5, objective=0.9)
+NOW = 1_000.0
+
+
+def served(sent_at: list[float], ttft_s: float = 0.05) -> list[Sent]:
+    return [Sent("catch-up", ClientResult(f"t{i}", True, t, ttft_s, ttft_s + 0.2, 16)) for i, t in
+            enumerate(sent_at)]
+
+
+def window(rate_rps: float = 10.0, start: float = NOW - 15.0, end: float = NOW - 5.0) -> list[float]:
+    n = int((end - start) * rate_rps)
+    return [start + (end - start) * i / n for i in range(n)]
+
+
+def test_a_window_served_in_time_with_nothing_older_in_flight_is_caught_up() -> None:
+    assert caught_up(served(window()), NOW, CFG, 10.0, in_flight_sent=[NOW - 1.0, NOW - 0.5])
+
+
+def test_new_requests_served_in_time_are_not_enough_while_old_ones_are_still_queued() -> None:
+    # The CI run's case: the new replica answers every new request in time while the old one still drains
+    # 40 requests sent before the window.
+    backlog = [NOW - 40.0 + i * 0.5 for i in range(40)]
+    assert not caught_up(served(window()), NOW, CFG, 10.0, in_flight_sent=backlog)
+
+
+def test_a_few_stragglers_do_not_hold_the_story() -> None:
+    # 5% of the window's 100 requests: a request stuck on a slow connection is not a backlog.
+    assert caught_up(served(window()), NOW, CFG, 10.0, in_flight_sent=[NOW - 60.0] * 5)
+    assert not caught_up(served(window()), NOW, CFG, 10.0, in_flight_sent=[NOW - 60.0] * 6)
+
+
+def test_late_answers_or_missing_answers_in_the_window_are_not_caught_up() -> None:
+    assert not caught_up(served(window(), ttft_s=0.8), NOW, CFG, 10.0, in_flight_sent=[])
+    assert not caught_up(served(window()[:80]), NOW, CFG, 10.0, in_flight_sent=[])  # 80 of 100 back
+    assert not caught_up([], NOW, CFG, 10.0, in_flight_sent=[])
+
+
+def test_the_load_knows_when_each_request_in_flight_was_sent() -> None:
+    pytest.importorskip("uvicorn")
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    release = threading.Event()
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def completions() -> StreamingResponse:
+        async def body():  # type: ignore[no-untyped-def]
+            while not release.is_set():
+                await asyncio.sleep(0.02)
+            yield 'data: {"choices": [{"text": "a"}]}\n\n'
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    load = OpenLoopLoad(f"http://127.0.0.1:{port}", "m", LoopConfig(seed=3))
+    try:
+        before = time.time()
+        load.start()
+        load.set("burst", 50.0)
+        deadline = time.time() + 10.0
+        while load.in_flight < 5 and time.time() < deadline:
+            time.sleep(0.02)
+        load.set("idle", 0.0)
+        time.sleep(0.1)
+        sent = load.in_flight_sent()
+        assert len(sent) >= 5 and len(sent) == load.in_flight and not load.results
+        assert all(before <= t <= time.time() for t in sent)
+        release.set()
+        deadline = time.time() + 10.0
+        while load.in_flight and time.time() < deadline:
+            time.sleep(0.02)
+        assert load.in_flight_sent() == [] and len(load.results) == len(sent)
+        assert all(s.result.ok for s in load.results)
+    finally:
+        release.set()
+        load.stop(10.0)
+        server.should_exit = True
+        thread.join(10.0)
