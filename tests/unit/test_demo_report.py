@@ -93,10 +93,10 @@ def test_caught_up_needs_nearly_every_recent_request_back_and_within_the_slo() -
     def sent(n: int, ttft: float, start: float = now - 15.0) -> list[Sent]:
         return [Sent("catch-up", ClientResult("t", True, start + i * 10.0 / n, ttft, 1.0, 5)) for i in range(n)]
 
-    assert caught_up(sent(100, 0.1), now, cfg, 10.0)
-    assert not caught_up(sent(60, 0.1), now, cfg, 10.0)  # 40 of the 100 sent are still in flight
-    assert not caught_up(sent(90, 0.1) + sent(15, 0.9), now, cfg, 10.0)  # 14% late > 10%
-    assert not caught_up(sent(100, 0.1, start=now - 40.0), now, cfg, 10.0)  # nothing sent in the window
+    assert caught_up(sent(100, 0.1), now, cfg, 10.0, [])
+    assert not caught_up(sent(60, 0.1), now, cfg, 10.0, [])  # 40 of the 100 sent are still in flight
+    assert not caught_up(sent(90, 0.1) + sent(15, 0.9), now, cfg, 10.0, [])  # 14% late > 10%
+    assert not caught_up(sent(100, 0.1, start=now - 40.0), now, cfg, 10.0, [])  # nothing sent in the window
 
 
 def test_load_rates_follow_the_probe_or_fall_back_to_the_configured_ones() -> None:
