@@ -28,6 +28,10 @@ def test_the_demo_specs_are_valid_for_the_plane(tmp_path: Path) -> None:
     dep = parse_deployment(deployment_doc(cfg, tmp_path, 8100))
     assert (dep.min_replicas, dep.max_replicas, dep.engine.max_num_seqs) == (1, 2, cfg.max_num_seqs)
     assert dep.price_per_replica_hour_usd == cfg.price_per_core_hour_usd
+    # vLLM streams a chunk per 8 tokens: the two cores' Python processes carry an eighth of the chunks.
+    assert dep.engine.extra_args == ("--stream-interval", "8")
+    assert "--stream-interval" in dep.engine.vllm_args()
+    assert parse_deployment(deployment_doc(LoopConfig(stream_interval=1), tmp_path, 8100)).engine.extra_args == ()
     [slo] = load_slos(write_specs(cfg, tmp_path, tmp_path, 8100)[1])
     assert slo.name == "tiny-ttft" and slo.objective == cfg.objective
     assert slo.targets[0].threshold_s == pytest.approx(cfg.ttft_threshold_s)
