@@ -123,8 +123,9 @@ def run_demo(settings: Settings, console: Console, *, engine: str = "vllm", keep
 
         if cfg.probe_s > 0:
             console.print(f"driving the load: {cfg.steady_factor:g}x what one replica serves (measured first, "
-                          f"{cfg.probe_s:.0f} s) for {cfg.steady_s:.0f} s, then {cfg.burst_factor:g}x until the "
-                          f"plane has reacted and recovered (SLO: TTFT <= {cfg.ttft_threshold_s:g} s for "
+                          f"{cfg.probe_s:.0f} s) for {cfg.steady_s:.0f} s, then {cfg.burst_factor:g}x (raised "
+                          f"{cfg.raise_factor - 1:.0%} after each {cfg.raise_after_s:.0f} s one replica carries it) "
+                          f"until the plane has reacted and recovered (SLO: TTFT <= {cfg.ttft_threshold_s:g} s for "
                           f"{cfg.objective:.0%})")
         else:
             console.print(f"driving the load: {cfg.steady_rps:g} req/s for {cfg.steady_s:.0f} s, then "

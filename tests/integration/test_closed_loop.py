@@ -55,7 +55,8 @@ def test_burst_breaks_the_ttft_slo_and_the_tuner_adds_a_replica_that_restores_it
         plane.stop()
 
     log = (tmp_path / "plane.log").read_text(errors="replace")[-3000:]
-    assert result.notes == [], f"{result.notes}; plane log tail:\n{log}"
+    story = timeline(result, requests, cfg.ttft_threshold_s)
+    assert result.notes == [], f"{result.notes}\n{story}\nplane log tail:\n{log}"
     # The rates came from the probe of one replica: steady well under it, the burst past it.
     assert result.probed_rps is not None and result.probed_rps > 0
     assert result.steady_rps < result.probed_rps < result.burst_rps
@@ -66,7 +67,6 @@ def test_burst_breaks_the_ttft_slo_and_the_tuner_adds_a_replica_that_restores_it
     s_share, s_n = attainment(requests, cfg.ttft_threshold_s, *steady)
     b_share, b_n = attainment(requests, cfg.ttft_threshold_s, *burst)
     r_share, r_n = attainment(requests, cfg.ttft_threshold_s, *recovered)
-    story = timeline(result, requests, cfg.ttft_threshold_s)
     assert s_n > 30 and s_share is not None and s_share >= cfg.objective, (s_share, s_n, story)
     assert b_n > 100 and b_share is not None and b_share < cfg.objective, (b_share, b_n, story)
     # ... and was met again once the second replica served, at the same burst rate.

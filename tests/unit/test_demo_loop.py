@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from controlplane.demo_loop import LoopConfig, OpenLoopLoad, Sent, caught_up
+from controlplane.demo_loop import LoopConfig, OpenLoopLoad, Sent, caught_up, raise_burst
 from controlplane.loadgen import ClientResult
 
 CFG = LoopConfig(ttft_threshold_s=0.5, objective=0.9)
@@ -43,6 +43,16 @@ def test_a_few_stragglers_do_not_hold_the_story() -> None:
     assert not caught_up(served(window()), NOW, CFG, 10.0, in_flight_sent=[NOW - 60.0] * 6)
 
 
+def test_a_burst_one_replica_carries_within_the_slo_is_raised_until_it_breaks() -> None:
+    since = NOW - 60.0
+    carried = served(window(10.0, since, NOW - 5.0))
+    assert raise_burst(carried, NOW, CFG, 10.0, since) == 10.5
+    assert raise_burst(carried, NOW - 1.0, CFG, 10.0, since) == 10.0  # not carried for raise_after_s yet
+    assert raise_burst(served(window(10.0, since, NOW - 5.0), ttft_s=0.8), NOW, CFG, 10.0, since) == 10.0
+    assert raise_burst(carried[: len(carried) * 8 // 10], NOW, CFG, 10.0, since) == 10.0  # answers missing
+    assert raise_burst([], NOW, CFG, 10.0, since) == 10.0
+
+
 def test_the_load_knows_when_each_request_in_flight_was_sent() -> None:
     pytest.importorskip("uvicorn")
     import uvicorn
@@ -64,7 +74,9 @@ def test_the_load_knows_when_each_request_in_flight_was_sent() -> None:
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
+    deadline = time.time() + 10.0
     while not server.started:
+        assert time.time() < deadline, "the local streaming server did not start"
         time.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
     load = OpenLoopLoad(f"http://127.0.0.1:{port}", "m", LoopConfig(seed=3))
@@ -76,7 +88,7 @@ def test_the_load_knows_when_each_request_in_flight_was_sent() -> None:
         while load.in_flight < 5 and time.time() < deadline:
             time.sleep(0.02)
         load.set("idle", 0.0)
-        time.sleep(0.1)
+        time.sleep(0.5)  # the arrival already drawn (at most a fraction of a second away at 50/s) goes out
         sent = load.in_flight_sent()
         assert len(sent) >= 5 and len(sent) == load.in_flight and not load.results
         assert all(before <= t <= time.time() for t in sent)
