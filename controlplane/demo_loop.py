@@ -146,11 +146,10 @@ class OpenLoopLoad:
     rate_rps: float = 0.0
     phase: str = "idle"
     results: list[Sent] = field(default_factory=list)
-    # When each request still in flight was sent (by a counter key): a backlog is requests sent long ago and
-    # not back yet. Written on the load thread, read on the caller's: under the lock.
-    _sent_in_flight: dict[int, float] = field(default_factory=dict)
+    # When each request still in flight was sent (keyed by an object of its own): a backlog is requests sent long
+    # ago and not back yet. Written on the load thread, read on the caller's: under the lock.
+    _sent_in_flight: dict[object, float] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _next_key: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -199,8 +198,8 @@ class OpenLoopLoad:
                 await asyncio.gather(*pending, return_exceptions=True)
 
     async def _one(self, client: httpx.AsyncClient, plan: RequestPlan, phase: str) -> None:
+        key = object()
         with self._lock:
-            key, self._next_key = self._next_key, self._next_key + 1
             self._sent_in_flight[key] = time.time()
         try:
             result = await stream_one(client, self.base_url, self.model, plan)
@@ -267,19 +266,17 @@ def run_closed_loop(cfg: LoopConfig, *, router_url: str, api_url: str, token: st
         while clock() - t0 < cfg.max_s:
             time.sleep(2.0)
             now = clock()
-            if scaled_at is None:
-                raised = raise_burst(load.results, now, cfg, burst_rps, rate_since)
-                if raised != burst_rps:
-                    status(f"one replica carried {burst_rps:g} req/s within the SLO for {now - rate_since:.0f} s: "
-                           f"raising the burst to {raised:g} req/s")
-                    burst_rps, rate_since = raised, now
-                    load.set("burst", burst_rps)
             if alert_at is None:
                 alert_at = _alert_fired(api, f"{cfg.deployment}-ttft")
             if scaled_at is None:
                 rec = _applied_scale_up(api, cfg.deployment)
                 if rec is not None:
                     scaled_at = float(rec["decided_unix_s"])
+                elif (raised := raise_burst(load.results, now, cfg, burst_rps, rate_since)) != burst_rps:
+                    status(f"one replica carried {burst_rps:g} req/s within the SLO for {now - rate_since:.0f} s: "
+                           f"raising the burst to {raised:g} req/s")
+                    burst_rps, rate_since = raised, now
+                    load.set("burst", burst_rps)
             if scaled_at is not None and ready2_at is None and _ready_replicas(api, cfg.deployment) >= 2:
                 ready2_at = now
                 phases["burst"] = (burst_start, ready2_at)
@@ -342,18 +339,23 @@ async def probe_capacity(base_url: str, cfg: LoopConfig) -> float | None:
     return len(counted) / (end - half) if counted and end > half else None
 
 
+def served_in_time(results: list[Sent], lo: float, hi: float, rate_rps: float, cfg: LoopConfig) -> bool:
+    """Have the requests sent in [lo, hi) nearly all come back (90% of the rate's count) with at most the SLO's
+    share of them late? Late answers still in flight count against it by being missing."""
+    done = [s.result for s in results
+            if lo <= s.result.sent_unix_s < hi and s.result.ok and s.result.ttft_s is not None]
+    if not done or len(done) < 0.9 * rate_rps * (hi - lo):
+        return False
+    late = sum(1 for r in done if r.ttft_s is not None and r.ttft_s > cfg.ttft_threshold_s)
+    return late / len(done) <= 1 - cfg.objective
+
+
 def raise_burst(results: list[Sent], now: float, cfg: LoopConfig, rate_rps: float, since: float) -> float:
     """The burst rate from now on: raised by `raise_factor` when it has run for `raise_after_s` and the requests
     sent in that time (all but the last 5 s) came back within the SLO at the objective; else unchanged."""
-    if now - since < cfg.raise_after_s:
-        return rate_rps
-    sent = [s.result for s in results if since <= s.result.sent_unix_s < now - 5.0]
-    done = [r for r in sent if r.ok and r.ttft_s is not None]
-    expected = rate_rps * (now - 5.0 - since)
-    if not done or len(done) < 0.9 * expected:
-        return rate_rps  # answers missing: a queue is building
-    late = sum(1 for r in done if r.ttft_s is not None and r.ttft_s > cfg.ttft_threshold_s)
-    return round(rate_rps * cfg.raise_factor, 2) if late / len(done) <= 1 - cfg.objective else rate_rps
+    if now - since >= cfg.raise_after_s and served_in_time(results, since, now - 5.0, rate_rps, cfg):
+        return round(rate_rps * cfg.raise_factor, 2)
+    return rate_rps
 
 
 def caught_up(results: list[Sent], now: float, cfg: LoopConfig, rate_rps: float, in_flight_sent: list[float],
@@ -367,15 +369,10 @@ def caught_up(results: list[Sent], now: float, cfg: LoopConfig, rate_rps: float,
     old replica still drains its backlog, every new request goes to the new one, and those come back in time
     for a while even when the new replica alone cannot carry the rate. Judged on them alone, a CI run declared
     the backlog drained early, and the "recovered" phase then met the SLO for 4% of its requests."""
-    sent = [s.result for s in results if now - lag_s - window_s <= s.result.sent_unix_s < now - lag_s]
-    expected = rate_rps * window_s
-    if sum(1 for t in in_flight_sent if t < now - lag_s - window_s) > backlog_share * expected:
+    lo, hi = now - lag_s - window_s, now - lag_s
+    if sum(1 for t in in_flight_sent if t < lo) > backlog_share * rate_rps * window_s:
         return False
-    done = [r for r in sent if r.ok and r.ttft_s is not None]
-    if len(done) < 0.9 * expected or not done:
-        return False
-    late = sum(1 for r in done if r.ttft_s is not None and r.ttft_s > cfg.ttft_threshold_s)
-    return late / len(done) <= 1 - cfg.objective
+    return served_in_time(results, lo, hi, rate_rps, cfg)
 
 
 def _phase_loop(load: OpenLoopLoad, until: float, cfg: LoopConfig, status: Status, phase: str,

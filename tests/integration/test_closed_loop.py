@@ -10,6 +10,7 @@ import secrets
 import sqlite3
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -146,8 +147,7 @@ def timeline(result: LoopResult, requests: list[dict[str, Any]], threshold_s: fl
         by_step.setdefault(int((float(r["arrival_unix_s"]) - t0) // step_s), []).append(r)
     for k in sorted(by_step):
         rows = by_step[k]
-        per = {name: sum(1 for r in rows if r.get("replica") == name) for name in sorted({r.get("replica") for r in
-                                                                                        rows}, key=str)}
+        per = dict(sorted(Counter(str(r.get("replica")) for r in rows).items()))
         share, n = attainment(rows, threshold_s, -math.inf, math.inf)
         lines.append(f"  {k * step_s:5.0f} s: {n} requests, {share if share is None else round(share, 3)} within, "
                      f"per replica {per}")
