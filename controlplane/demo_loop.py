@@ -61,10 +61,11 @@ class LoopConfig:
     burst_factor: float = 1.1
     steady_s: float = 60.0
     burst_min_s: float = 30.0  # at least this long at the burst rate before anything may end it
-    # The probe can underestimate what one replica serves (twice on 2026-12-06 one replica carried 1.1x for
-    # 45-75 s before its queue grew). Until the plane has scaled up, a burst that one replica has carried
+    # The probe can underestimate what one replica serves (on 2026-12-06 one replica carried 1.1x for 45-75 s
+    # before its queue grew, twice, and once carried it until the tuner's forecast scale-up 66 s into the
+    # burst, so the SLO never broke). Until the plane has scaled up, a burst that one replica has carried
     # within the SLO for `raise_after_s` is raised by `raise_factor`: the load rises until the SLO breaks.
-    raise_after_s: float = 60.0
+    raise_after_s: float = 20.0
     raise_factor: float = 1.05
     recovery_s: float = 75.0  # at the burst rate after the added replica is ready
     max_s: float = 900.0  # give up on the story after this long in all

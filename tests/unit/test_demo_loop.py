@@ -44,7 +44,7 @@ def test_a_few_stragglers_do_not_hold_the_story() -> None:
 
 
 def test_a_burst_one_replica_carries_within_the_slo_is_raised_until_it_breaks() -> None:
-    since = NOW - 60.0
+    since = NOW - CFG.raise_after_s
     carried = served(window(10.0, since, NOW - 5.0))
     assert raise_burst(carried, NOW, CFG, 10.0, since) == 10.5
     assert raise_burst(carried, NOW - 1.0, CFG, 10.0, since) == 10.0  # not carried for raise_after_s yet
