@@ -7,6 +7,9 @@ The simulation below evaluates the same windows tick by tick, the way Prometheus
 samples (a range [t - w, t] holds samples at both ends, so rate() = (v(t) - v(t - w)) / w with no extrapolation;
 ranges reaching before the first sample start at it, since counters starting at 0 are not extrapolated).
 Tests assert that the closed forms and the simulation agree; promtool then checks the real rules against both.
+
+A window in which no request finished has no ratio: it is unknown, and holds a firing alert as it is (the rules'
+second branch, on the alert's own ALERTS series); it never starts one. `Traffic.pause` models it.
 """
 
 from __future__ import annotations
@@ -19,17 +22,26 @@ from controlplane.slo.model import BurnWindow, Slo
 
 @dataclass(frozen=True)
 class Traffic:
-    """Constant request rate; every request in (errors_from_s, errors_until_s] is bad, all others good."""
+    """Constant request rate; every request in (errors_from_s, errors_until_s] is bad, all others good; none
+    arrives in the pause (from, until], if one is given."""
 
     rate_per_s: float
     errors_from_s: float
     errors_until_s: float
+    pause: tuple[float, float] | None = None
+
+    def _requests(self, a: float, b: float) -> float:
+        """Requests in (a, b], none in the pause."""
+        span = max(0.0, b - a)
+        if self.pause is not None:
+            span -= max(0.0, min(b, self.pause[1]) - max(a, self.pause[0]))
+        return self.rate_per_s * span
 
     def total(self, t: float) -> float:
-        return self.rate_per_s * t
+        return self._requests(0.0, t)
 
     def bad(self, t: float) -> float:
-        return self.rate_per_s * min(max(t - self.errors_from_s, 0.0), self.errors_until_s - self.errors_from_s)
+        return self._requests(self.errors_from_s, min(t, self.errors_until_s))
 
     def window(self, t: float, w: float) -> tuple[float | None, float]:
         """(bad fraction or None when there was no traffic, requests/s) over the window ending at t."""
@@ -63,14 +75,16 @@ def threshold(slo: Slo, tier: BurnWindow) -> float:
     return tier.burn_rate * (1 - slo.objective)
 
 
-def active(slo: Slo, tier: BurnWindow, traffic: Traffic, t: float) -> bool:
-    """The alert expression of one tier at time t: both windows burn and the long window has enough traffic."""
+def active(slo: Slo, tier: BurnWindow, traffic: Traffic, t: float, firing: bool = False) -> bool:
+    """The alert expression of one tier at time t: both windows burn and the long window has enough traffic; or
+    the alert was firing at the last evaluation (`firing`), the long window still burns with enough traffic, and
+    no request finished in the short window (unknown: it holds)."""
     thr = threshold(slo, tier)
     long_ratio, long_rate = traffic.window(t, tier.long_s)
     short_ratio, _ = traffic.window(t, tier.short_s)
-    if long_ratio is None or short_ratio is None:
+    if long_ratio is None or not (long_ratio > thr and long_rate >= slo.alerting.min_request_rate_per_s):
         return False
-    return long_ratio > thr and short_ratio > thr and long_rate >= slo.alerting.min_request_rate_per_s
+    return firing if short_ratio is None else short_ratio > thr
 
 
 def margin(slo: Slo, tier: BurnWindow, traffic: Traffic, t: float) -> float:
@@ -90,10 +104,11 @@ def margin(slo: Slo, tier: BurnWindow, traffic: Traffic, t: float) -> float:
 
 def firing_ticks(slo: Slo, tier: BurnWindow, traffic: Traffic, interval_s: float, end_s: float) -> list[bool]:
     """Firing state at every evaluation 0, i, 2i, ... end (Prometheus: pending until active for `for`)."""
-    states, active_since = [], None
+    states: list[bool] = []
+    active_since = None
     for k in range(int(round(end_s / interval_s)) + 1):
         t = k * interval_s
-        if active(slo, tier, traffic, t):
+        if active(slo, tier, traffic, t, firing=bool(states) and states[-1]):
             active_since = t if active_since is None else active_since
             states.append(t - active_since >= tier.for_s)
         else:

@@ -8,7 +8,8 @@ steps x rules)
 from vLLM's histograms (bad = _count - _bucket{le=threshold}) or, for error_rate, from
 vllm:request_success_total (bad = finished_reason abort|error). Ratios divide by `(requests > 0)`, so zero traffic
 gives no sample instead of NaN (Sloth #531). Each tier alerts when both windows burn faster than
-`burn_rate * (1 - objective)` and the long-window request rate is at least the SLO's minimum (Pyrra #1925).
+`burn_rate * (1 - objective)` and the long-window request rate is at least the SLO's minimum (Pyrra #1925). A short
+window in which no request finished is unknown: a firing alert holds through it while its long window still burns.
 
 Goodput cannot be expressed on histograms (they cannot join one request's TTFT and TPOT). The rules use a lower
 bound instead: a request missing any target is bad, so the joint bad fraction is at least the largest per-target
@@ -25,7 +26,7 @@ from controlplane import names
 from controlplane.slo.durations import format_duration
 from controlplane.slo.model import BurnWindow, LatencyTarget, Slo
 from controlplane.slo.options import RuleOptions, runbook_url
-from controlplane.slo.promql import Aggregate, Binary, Expr, Matcher, Number, Selector, and_, rate, sum_of
+from controlplane.slo.promql import Aggregate, Binary, Call, Expr, Matcher, Number, Selector, and_, rate, sum_of
 from controlplane.slo.rulemodel import AlertRule, Labels, RecordingRule, Rule, RuleGroup, RuleSet
 
 # Histogram and default bucket edges (seconds) per latency SLI, from vLLM's metrics (TELEMETRY.md).
@@ -35,6 +36,7 @@ _TOKEN_EDGES = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
                 80.0)
 _REQUEST_EDGES = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                   480.0, 960.0, 1920.0, 7680.0)
+ALERTS = "ALERTS"  # Prometheus's own series of pending and firing alerts
 HISTOGRAMS: dict[str, tuple[str, tuple[float, ...]]] = {
     "ttft": (names.VLLM_TTFT_HIST, _TTFT_EDGES),
     "tpot": (names.VLLM_TPOT_HIST, _TOKEN_EDGES),
@@ -161,12 +163,23 @@ def burn_threshold(slo: Slo, tier: BurnWindow) -> Expr:
 def burn_alert(slo: Slo, tier: BurnWindow, options: RuleOptions) -> AlertRule:
     long_w, short_w = format_duration(tier.long_s), format_duration(tier.short_s)
     threshold = burn_threshold(slo, tier)
-    parts: list[Expr] = [Binary(">", _own(names.REC_SLO_ERROR_RATIO + long_w, slo), threshold),
-                         Binary(">", _own(names.REC_SLO_ERROR_RATIO + short_w, slo), threshold)]
+    long_burns: list[Expr] = [Binary(">", _own(names.REC_SLO_ERROR_RATIO + long_w, slo), threshold)]
     if slo.alerting.min_request_rate_per_s > 0:
-        parts.append(Binary(">=", _own(names.REC_SLO_REQUESTS_RATE + long_w, slo),
-                            Number(slo.alerting.min_request_rate_per_s)))
+        long_burns.append(Binary(">=", _own(names.REC_SLO_REQUESTS_RATE + long_w, slo),
+                                 Number(slo.alerting.min_request_rate_per_s)))
     name = names.ALERT_SLO_BURN_PAGE if tier.severity == "page" else names.ALERT_SLO_BURN_TICKET
+    fresh = and_(long_burns[0], Binary(">", _own(names.REC_SLO_ERROR_RATIO + short_w, slo), threshold),
+                 *long_burns[1:])
+    # No request finished in the short window (its request rate is 0, or absent when every replica is gone): its
+    # ratio is unknown, not good, so an alert that was firing keeps firing while the long window still burns. Without
+    # this a hung engine or a backlog in which nothing finishes resolves the page it raised. The state comes from
+    # the alert's own ALERTS series at the previous evaluation (an instant selector: within Prometheus's 5 m
+    # lookback for any evaluation interval under 5 m); an alert that is not firing is never started by it.
+    short_rate = _own(names.REC_SLO_REQUESTS_RATE + short_w, slo)
+    unknown = Binary("or", Binary("==", short_rate, Number(0)), Call("absent", (short_rate,)))
+    was_firing = Selector(ALERTS, (Matcher("alertname", name), Matcher("alertstate", "firing"),
+                                   Matcher(names.LABEL_SLO, slo.name), Matcher(names.LABEL_LONG_WINDOW, long_w)))
+    held = Binary("and", Binary("and", and_(*long_burns), unknown, on=()), was_firing, on=())
     labels: Labels = ((names.LABEL_SLO, slo.name), (names.LABEL_DEPLOYMENT, slo.deployment),
                       (names.LABEL_SLI, slo.sli), (names.LABEL_SEVERITY, tier.severity),
                       (names.LABEL_LONG_WINDOW, long_w), (names.LABEL_SHORT_WINDOW, short_w),
@@ -182,10 +195,11 @@ def burn_alert(slo: Slo, tier: BurnWindow, options: RuleOptions) -> AlertRule:
                         f"{bad_requests_text(slo)} over both the last {long_w} and {short_w} (objective "
                         f"{_pct(slo.objective)} over {period_text}, budget {_pct(budget)}). At {tier.burn_rate:g}x "
                         f"the whole budget lasts {format_duration(round(period / tier.burn_rate))}; this tier fires "
-                        f"once {_pct(tier.budget_spent_ratio(period))} of it is spent.{min_rate}"),
+                        f"once {_pct(tier.budget_spent_ratio(period))} of it is spent.{min_rate} While no request "
+                        f"finishes in the {short_w} window, a firing alert holds."),
         ("runbook_url", slo.runbook_url or runbook_url(options, name)),
     )
-    return AlertRule(name, and_(*parts), labels, annotations, tier.for_s)
+    return AlertRule(name, Binary("or", fresh, held), labels, annotations, tier.for_s)
 
 
 def events(slo: Slo) -> str:

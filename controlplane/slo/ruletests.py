@@ -3,8 +3,10 @@
 For each SLO and tier: one long window of good traffic, then 100% bad requests until just after the tier fires,
 then good traffic until just after it resolves. The expected fire and resolve times come from the workbook
 arithmetic (oracle.py), rounded up to promtool's evaluation ticks; every other tier's state at those ticks is
-checked too. Per SLO, a guard file shows: nothing fires below the minimum request rate (and the same errors above
-it do fire), zero traffic records no ratio (no NaN), and a counter reset fires nothing.
+checked too. The fastest page tier's file also shows a firing page holding while no request finishes in its short
+window, and resolving on the first good requests after. Per SLO, a guard file shows: nothing fires below the
+minimum request rate (and the same errors above it do fire), zero traffic records no ratio (no NaN), and a counter
+reset fires nothing.
 """
 
 from __future__ import annotations
@@ -168,15 +170,51 @@ def tier_test_file(slo: Slo, tier: BurnWindow, rule_file: str, options: RuleOpti
             f"{_fmt(p.resolves_at_s - stop)} after they stop (workbook: short x (1 - burn x budget) = "
             f"{oracle.resolve_after_s(slo, tier):.6g} s)")
     checks = (p.fires_at_s - p.interval_s, p.fires_at_s, p.resolves_at_s - p.interval_s, p.resolves_at_s)
+    tests = [{
+        "name": name,
+        "interval": _fmt(p.interval_s),
+        "input_series": _traffic_series(slo, p.traffic, p.interval_s, p.end_s),
+        "alert_rule_test": _alert_checks(slo, tiers, p.states, checks, p.interval_s, options),
+    }]
+    if tier == fastest_page(slo):  # the hold, once per SLO, where the evaluation interval is short
+        tests.append(hold_test(slo, p, options))
+    return {"rule_files": [rule_file], "evaluation_interval": _fmt(p.interval_s), "tests": tests}
+
+
+# Prometheus's default lookback: the rules read their alert's ALERTS sample from the previous evaluation.
+LOOKBACK_S = 300.0
+
+
+def fastest_page(slo: Slo) -> BurnWindow | None:
+    pages = [t for t in live_tiers(slo)[0] if t.severity == "page"]
+    return min(pages, key=lambda t: t.long_s) if pages else None
+
+
+def hold_test(slo: Slo, p: TierPlan, options: RuleOptions) -> dict[str, Any]:
+    """The page fires, then no request arrives for more than a short window (a hung engine, a backlog in which
+    nothing finishes): the page holds; the first good requests after it resolve it."""
+    tiers, _ = live_tiers(slo)
+    i, tier = p.interval_s, p.tier
+    if i >= LOOKBACK_S:
+        raise ValueError(f"{slo.name}: a hold test needs an evaluation interval under {LOOKBACK_S:g} s, got {i:g} s")
+    pause_from = p.fires_at_s + i
+    pause_until = pause_from + tier.short_s + 4 * i
+    traffic = oracle.Traffic(traffic_rate(slo), p.traffic.errors_from_s, pause_from, (pause_from, pause_until))
+    end = pause_until + 2 * i
+    states = {w: oracle.firing_ticks(slo, w, traffic, i, end) for w in tiers}
+    checks = (p.fires_at_s, pause_from + tier.short_s + i, pause_until, pause_until + i)
+    k = [int(round(t / i)) for t in checks]
+    if [states[tier][x] for x in k] != [True, True, True, False]:
+        raise AssertionError(f"{slo.name}: the simulation does not hold and then resolve the page: {states[tier]}")
+    if any(oracle.margin(slo, w, traffic, t) <= MIN_MARGIN for w in tiers for t in checks):
+        raise ValueError(f"{slo.name}: the hold test's checks fall on a threshold tie at interval {i:g} s")
     return {
-        "rule_files": [rule_file],
-        "evaluation_interval": _fmt(p.interval_s),
-        "tests": [{
-            "name": name,
-            "interval": _fmt(p.interval_s),
-            "input_series": _traffic_series(slo, p.traffic, p.interval_s, p.end_s),
-            "alert_rule_test": _alert_checks(slo, tiers, p.states, checks, p.interval_s, options),
-        }],
+        "name": f"{slo.name} {tier.severity} {tier.burn_rate:g}x over {_fmt(tier.long_s)}/{_fmt(tier.short_s)}: "
+                f"fires, then no request finishes for {_fmt(pause_until - pause_from)} (over a short window): the "
+                f"page holds; the first good requests after that resolve it",
+        "interval": _fmt(i),
+        "input_series": _traffic_series(slo, traffic, i, end),
+        "alert_rule_test": _alert_checks(slo, tiers, states, checks, i, options),
     }
 
 

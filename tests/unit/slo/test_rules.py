@@ -39,10 +39,14 @@ def test_a_ttft_slo_records_requests_and_bad_ratio_per_window_and_pages_on_both(
             '(controlplane_slo:requests:rate1h{slo="t"} - on () group_left sum (rate('
             'vllm:time_to_first_token_seconds_bucket{deployment="tiny", le="0.5"}[1h]))) / '
             '(controlplane_slo:requests:rate1h{slo="t"} > 0)',
-        names.ALERT_SLO_BURN_PAGE:
-            '((controlplane_slo:request_errors_per_request:ratio_rate1h{slo="t"} > (14.4 * (1 - 0.999))) and '
+        names.ALERT_SLO_BURN_PAGE:  # both windows burn; or it was firing and the short window saw no request
+            '(((controlplane_slo:request_errors_per_request:ratio_rate1h{slo="t"} > (14.4 * (1 - 0.999))) and '
             '(controlplane_slo:request_errors_per_request:ratio_rate5m{slo="t"} > (14.4 * (1 - 0.999)))) and '
-            '(controlplane_slo:requests:rate1h{slo="t"} >= 0.5)',
+            '(controlplane_slo:requests:rate1h{slo="t"} >= 0.5)) or '
+            '((((controlplane_slo:request_errors_per_request:ratio_rate1h{slo="t"} > (14.4 * (1 - 0.999))) and '
+            '(controlplane_slo:requests:rate1h{slo="t"} >= 0.5)) and on () '
+            '((controlplane_slo:requests:rate5m{slo="t"} == 0) or absent(controlplane_slo:requests:rate5m{slo="t"}))) '
+            'and on () ALERTS{alertname="VllmSloErrorBudgetBurnPage", alertstate="firing", slo="t", long_window="1h"})',
     }
     assert all(r.to_dict()["labels"] == {"slo": "t", "deployment": "tiny"} for r in burn.rules[:-1])
     assert budget.name == "slo-t-budget" and budget.interval_s == 300

@@ -12,7 +12,7 @@ from controlplane.slo import oracle
 from controlplane.slo.durations import parse_duration_s
 from controlplane.slo.model import BurnWindow, LatencyTarget, Slo
 from controlplane.slo.options import RuleOptions
-from controlplane.slo.ruletests import guard_file, plan_tier, series_values, tier_test_file
+from controlplane.slo.ruletests import guard_file, hold_test, plan_tier, series_values, tier_test_file
 from tests.unit.slo.rule_factories import make_slo
 
 WORKBOOK = make_slo(sli="error_rate", objective=0.999, window_days=30, min_rate=0.1)
@@ -53,7 +53,8 @@ def test_the_workbook_page_test_checks_one_tick_before_and_at_52_seconds() -> No
     window = WORKBOOK.alerting.windows[0]
     test = tier_test_file(WORKBOOK, window, "../rules/x.yaml", RuleOptions())
     assert test["evaluation_interval"] == "4s"
-    (case,) = test["tests"]
+    case, hold = test["tests"]
+    assert "the page holds" in hold["name"]  # the fastest page tier's file also carries the hold case
     assert "fires 52s after 100% errors start (workbook: burn x budget x long = 51.84 s" in case["name"]
     page = [c for c in case["alert_rule_test"] if c["alertname"] == names.ALERT_SLO_BURN_PAGE]
     times = [parse_duration_s(c["eval_time"]) - 3600 for c in page]
@@ -95,3 +96,29 @@ def expand(notation: str) -> list[float]:
                                     [0.05 * k for k in range(7)]])
 def test_series_notation_expands_back_to_the_samples(values: list[float]) -> None:
     assert expand(series_values(values)) == pytest.approx(values)
+
+
+def test_a_short_window_without_requests_holds_a_firing_tier_and_starts_none() -> None:
+    tier = WORKBOOK.alerting.windows[0]  # 14.4x over 1h / 5m
+    # 100 s of errors after an hour of good traffic (the long window burns), then nothing for 10 minutes
+    traffic = oracle.Traffic(1.0, 3600, 3700, pause=(3700, 4300))
+    t = 3700 + tier.short_s + 4  # the short window holds no request
+    assert traffic.window(t, tier.short_s) == (None, 0.0)
+    assert traffic.window(t, tier.long_s)[0] == pytest.approx(100 / (3600 - (t - 3700)))  # above 14.4 x 0.1 %
+    assert oracle.active(WORKBOOK, tier, traffic, t, firing=True)
+    assert not oracle.active(WORKBOOK, tier, traffic, t, firing=False)
+    # good requests again: the short window is known and clean, so the page resolves whatever it was
+    assert not oracle.active(WORKBOOK, tier, traffic, 4300 + 4, firing=True)
+
+
+def test_the_hold_case_expects_the_page_through_the_gap_and_resolved_on_the_first_good_requests() -> None:
+    tier = WORKBOOK.alerting.windows[0]
+    hold = hold_test(WORKBOOK, plan_tier(WORKBOOK, tier), RuleOptions())
+    page = [c for c in hold["alert_rule_test"] if c["alertname"] == names.ALERT_SLO_BURN_PAGE]
+    fired = ["14.4" in {a["exp_labels"]["burn_rate"] for a in c["exp_alerts"]} for c in page]
+    assert fired == [True, True, True, False]
+    times = [parse_duration_s(c["eval_time"]) for c in page]
+    assert times[1] - times[0] > tier.short_s  # the second check sees a short window with no request in it
+    total = expand(next(s["values"] for s in hold["input_series"] if 'finished_reason="stop"' in s["series"]))
+    gap = [k for k in range(1, len(total)) if total[k] == total[k - 1]]
+    assert len(gap) * 4 > tier.short_s  # the series really stop growing for more than a short window
