@@ -1,7 +1,7 @@
 """Simulator fidelity: real vLLM (tiny model, CPU) vs the calibrated simulator, at several loads and configurations.
 
     .venv/bin/python bench/sim_fidelity.py [--requests 300] [--loads 0.3,0.6,0.85] [--configs A,B,C]
-        [--capacity-requests 96] [--calibrate ramp|first|burst+first|all] [--core 1] [--engine vllm|sim]
+        [--capacity-requests 96] [--calibrate ramp|nearest|first|burst+first|all] [--core 1] [--engine vllm|sim]
         [--repeat 2] [--same-load] [--json OUT] [--replay FILE]
 
 For each configuration (max_num_seqs, max_num_batched_tokens, KV blocks) it starts vLLM pinned to one core
@@ -18,6 +18,9 @@ TTFT p50/p90 and TPOT p50, measured vs predicted, relative error, and whether wi
 prompts), after all of them ran once: the reference for the simulator's error is then real vLLM's own, the first
 rerun against the first run, on this shared host (reruns are not CPU-watched). The simulator is judged against
 the first run as without it, and also against all runs pooled (the real distribution from N times the requests).
+`--calibrate nearest` sends a calibration ramp of its own (new requests) right before every judged load and
+calibrates each load from the ramp just before it, minutes closer in time than the configuration's one ramp: what
+the plane's online calibration does, refitting on the latest separate traffic, on a host whose speed drifts.
 `--same-load` adds a diagnostic table: step costs fitted on each judged load's own rows (see same_load).
 `--engine sim` runs the same pipeline against the simulated engine (a self-check of the bench, no vLLM).
 Every run saves its raw rows (JSON in --log-dir); `--replay FILE` redoes the analysis from them without vLLM,
@@ -223,6 +226,7 @@ class LoadRun:
     engine_cpu: float | None = None  # vLLM's CPU seconds per wall second (its core)
     others_cpu: float | None = None  # other processes' CPU seconds per wall second on vLLM's core
     reruns: list[list[RequestRow]] = field(default_factory=list)  # --repeat: the same requests, sent again
+    ramp: list[RequestRow] = field(default_factory=list)  # --calibrate nearest: the ramp sent just before this load
 
 
 @dataclass
@@ -245,6 +249,10 @@ def measure(engine: Engine, sink: SpanSink, args: argparse.Namespace) -> ConfigR
     run.ramp = drive(engine, sink, ramp_plans(args.requests, 7, lo * run.capacity_rps, hi * run.capacity_rps))
     watch = CoreWatch(args.core, engine.vllm.pid if engine.vllm else None)
     for k, fraction in enumerate(args.loads):
+        ramp = run.ramp
+        if args.calibrate == "nearest" and k > 0:  # a fresh ramp (its own requests) just before this load
+            ramp = drive(engine, sink, ramp_plans(args.requests, 70 + k, lo * run.capacity_rps,
+                                                  hi * run.capacity_rps))
         before = engine.counters().get("preemptions_total")
         watch.start()
         rows = drive(engine, sink, load_plans(args, k, fraction, run.capacity_rps))
@@ -253,7 +261,7 @@ def measure(engine: Engine, sink: SpanSink, args: argparse.Namespace) -> ConfigR
         arrivals = sorted(r["arrival_unix_s"] for r in rows)
         offered = (len(rows) - 1) / (arrivals[-1] - arrivals[0])
         run.loads.append(LoadRun(fraction, offered, rows, None if before is None or after is None else after - before,
-                                 own, others))
+                                 own, others, ramp=ramp if args.calibrate == "nearest" else []))
     for _ in range(args.repeat - 1):  # every load once more, in the same order, after all of them ran once
         for k, load in enumerate(run.loads):
             load.reruns.append(drive(engine, sink, load_plans(args, k, load.fraction, run.capacity_rps)))
@@ -286,7 +294,7 @@ def dump_runs(runs: list[ConfigRun]) -> list[dict[str, Any]]:
     return [{"config": r.shape.name, "capacity_rps": r.capacity_rps, "burst": r.burst, "ramp": r.ramp,
              "loads": [{"fraction": x.fraction, "offered_rps": x.offered_rps, "preemptions": x.preemptions,
                         "engine_cpu": x.engine_cpu, "others_cpu": x.others_cpu, "rows": x.rows,
-                        "reruns": x.reruns} for x in r.loads]}
+                        "reruns": x.reruns, "ramp": x.ramp} for x in r.loads]}
             for r in runs]
 
 
@@ -296,20 +304,22 @@ def load_runs(path: Path) -> list[ConfigRun]:
         raise SystemExit(f"{path} holds no raw measurements ('runs'); only files written by this version can replay")
     return [ConfigRun(SHAPES[r["config"]], r["capacity_rps"],
                       [LoadRun(x["fraction"], x["offered_rps"], x["rows"], x["preemptions"], x["engine_cpu"],
-                               x["others_cpu"], x.get("reruns", [])) for x in r["loads"]], r.get("burst", []),
+                               x["others_cpu"], x.get("reruns", []), x.get("ramp", [])) for x in r["loads"]],
+                      r.get("burst", []),
                       r.get("ramp", []))
             for r in doc["runs"]]
 
 
-CALIBRATIONS = ("ramp", "first", "burst+first", "all")
+CALIBRATIONS = ("ramp", "nearest", "first", "burst+first", "all")
 
 
 def calibration_rows(run: ConfigRun, which: str) -> list[RequestRow]:
     """The rows a configuration is calibrated from. 'ramp' (default): a load of its own whose rate climbs from
-    20% to 90% of the capacity, measured before the judged loads; 'first': the first judged load; 'burst+first':
+    20% to 90% of the capacity, measured before the judged loads ('nearest': the same for the configuration's
+    own fit, and each load its own ramp, see `nearest`); 'first': the first judged load; 'burst+first':
     with the capacity burst too (its arrival storm loads the shared core, so its steps look slower than steady
     ones); 'all' pools every load (an upper bound on what calibration can do: it sees the loads it predicts)."""
-    if which == "ramp":
+    if which in ("ramp", "nearest"):
         return run.ramp
     if which == "first":
         return run.loads[0].rows
@@ -418,6 +428,21 @@ def per_config(models: dict[str, Calibrated]) -> ModelFor:
     return lambda run, load: models[run.shape.name].replica(run.shape)
 
 
+def nearest(models: dict[str, Calibrated], per_seq: bool) -> ModelFor:
+    """--calibrate nearest: each judged load calibrated from the ramp sent just before it (never from its own rows);
+    the first load's is the configuration's ramp."""
+    def model(run: ConfigRun, load: LoadRun) -> ReplicaModel:
+        if load is run.loads[0]:
+            return models[run.shape.name].replica(run.shape)
+        if not load.ramp:
+            raise SystemExit(f"config {run.shape.name}, load {load.fraction:.0%}: no ramp of its own was measured; "
+                             "only a run made with --calibrate nearest can be replayed with it")
+        fit, path = calibrate.fit_rows([dict(r) for r in load.ramp],
+                                       max_num_batched_tokens=run.shape.max_num_batched_tokens, fit_per_seq=per_seq)
+        return Calibrated(fit, path).replica(run.shape)
+    return model
+
+
 def same_load(per_seq: bool) -> ModelFor:
     """--same-load (a diagnostic, not a prediction): step costs fitted on the judged load's own rows, so the
     simulator's scheduling and queueing are judged given the engine's speed at that moment; its TTFT and TPOT
@@ -517,7 +542,7 @@ def main() -> None:
     if args.replay:
         engine_name += " (replayed from saved rows)"
     each = report(f"{engine_name}: measured vs simulator calibrated per configuration ({args.calibrate})", runs,
-                  per_config(models))
+                  nearest(models, args.fit_per_seq) if args.calibrate == "nearest" else per_config(models))
     first = runs[0].shape.name
     once = report(f"{engine_name}: measured vs simulator calibrated once (config {first}, {args.calibrate}) for all",
                   runs, per_config({run.shape.name: models[first] for run in runs}))

@@ -17,6 +17,7 @@ from bench.sim_fidelity import (
     dump_runs,
     errors,
     load_runs,
+    nearest,
     noise_floor,
     stats_of,
 )
@@ -57,3 +58,33 @@ def test_a_rerun_is_compared_with_the_first_run_and_survives_a_save_and_replay(t
     saved.write_text(json.dumps(old))
     assert load_runs(saved)[0].loads[0].reruns == []
     assert noise_floor(load_runs(saved), {"A": Calibrated(fit, 0.0)}) == []
+
+
+def test_nearest_calibrates_each_load_from_the_ramp_just_before_it(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    shape = SHAPES["A"]
+    fitted: list[list[Any]] = []
+    slow = Coefficients(2e-3, 1e-6, 0.0)
+
+    def fit_rows(rows: list[Any], **_: Any) -> tuple[calibrate.Fit, float]:
+        fitted.append(rows)
+        return calibrate.Fit(slow, len(rows), 0, None, None, None, None, None), 0.001
+
+    monkeypatch.setattr(calibrate, "fit_rows", fit_rows)
+    config_fit = calibrate.Fit(Coefficients(1e-3, 1e-6, 0.0), 100, 0, None, None, None, None, None)
+    first = LoadRun(0.3, 10.0, rows(100, 0.010, 0.005), 0.0)
+    second = LoadRun(0.6, 20.0, rows(100, 0.012, 0.005), 0.0, ramp=rows(50, 0.02, 0.006, rate=5.0))
+    run = ConfigRun(shape, 30.0, [first, second], ramp=rows(60, 0.01, 0.005))
+    model = nearest({"A": Calibrated(config_fit, 0.0)}, per_seq=True)
+    assert model(run, first).step_cost == config_fit.step_cost  # the configuration's own ramp
+    assert fitted == []
+    near = model(run, second)
+    assert near.step_cost == calibrate.Fit(slow, 50, 0, None, None, None, None, None).step_cost
+    assert near.api_path_s == 0.001
+    assert fitted == [[dict(r) for r in second.ramp]]  # its own ramp, never the judged load's rows
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps({"runs": dump_runs([run])}))
+    assert load_runs(saved)[0].loads[1].ramp == second.ramp
+    second.ramp = []  # a run measured without --calibrate nearest
+    with pytest.raises(SystemExit, match="only a run made with --calibrate nearest"):
+        model(run, second)
