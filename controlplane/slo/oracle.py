@@ -9,7 +9,7 @@ ranges reaching before the first sample start at it, since counters starting at 
 Tests assert that the closed forms and the simulation agree; promtool then checks the real rules against both.
 
 A window in which no request finished has no ratio: it is unknown, and holds a firing alert as it is (the rules'
-second branch, on the alert's own ALERTS series); it never starts one. `Traffic.pause` models it.
+second branch, on the alert's own ALERTS series); it never starts one. `Traffic.pauses` model it.
 """
 
 from __future__ import annotations
@@ -23,18 +23,18 @@ from controlplane.slo.model import BurnWindow, Slo
 @dataclass(frozen=True)
 class Traffic:
     """Constant request rate; every request in (errors_from_s, errors_until_s] is bad, all others good; none
-    arrives in the pause (from, until], if one is given."""
+    arrives in a pause (from, until] (pauses do not overlap)."""
 
     rate_per_s: float
     errors_from_s: float
     errors_until_s: float
-    pause: tuple[float, float] | None = None
+    pauses: tuple[tuple[float, float], ...] = ()
 
     def _requests(self, a: float, b: float) -> float:
-        """Requests in (a, b], none in the pause."""
+        """Requests in (a, b], none in the pauses."""
         span = max(0.0, b - a)
-        if self.pause is not None:
-            span -= max(0.0, min(b, self.pause[1]) - max(a, self.pause[0]))
+        for lo, hi in self.pauses:
+            span -= max(0.0, min(b, hi) - max(a, lo))
         return self.rate_per_s * span
 
     def total(self, t: float) -> float:

@@ -170,20 +170,25 @@ def burn_alert(slo: Slo, tier: BurnWindow, options: RuleOptions) -> AlertRule:
     name = names.ALERT_SLO_BURN_PAGE if tier.severity == "page" else names.ALERT_SLO_BURN_TICKET
     fresh = and_(long_burns[0], Binary(">", _own(names.REC_SLO_ERROR_RATIO + short_w, slo), threshold),
                  *long_burns[1:])
-    # No request finished in the short window (its request rate is 0, or absent when every replica is gone): its
-    # ratio is unknown, not good, so an alert that was firing keeps firing while the long window still burns. Without
-    # this a hung engine or a backlog in which nothing finishes resolves the page it raised. The state comes from
-    # the alert's own ALERTS series at the previous evaluation (an instant selector: within Prometheus's 5 m
-    # lookback for any evaluation interval under 5 m); an alert that is not firing is never started by it.
-    short_rate = _own(names.REC_SLO_REQUESTS_RATE + short_w, slo)
-    unknown = Binary("or", Binary("==", short_rate, Number(0)), Call("absent", (short_rate,)))
-    was_firing = Selector(ALERTS, (Matcher("alertname", name), Matcher("alertstate", "firing"),
-                                   Matcher(names.LABEL_SLO, slo.name), Matcher(names.LABEL_LONG_WINDOW, long_w)))
-    held = Binary("and", Binary("and", and_(*long_burns), unknown, on=()), was_firing, on=())
     labels: Labels = ((names.LABEL_SLO, slo.name), (names.LABEL_DEPLOYMENT, slo.deployment),
                       (names.LABEL_SLI, slo.sli), (names.LABEL_SEVERITY, tier.severity),
                       (names.LABEL_LONG_WINDOW, long_w), (names.LABEL_SHORT_WINDOW, short_w),
                       (names.LABEL_BURN_RATE, f"{tier.burn_rate:g}"))
+    # No request recorded in the short window (its request rate is 0, or absent when every replica is gone): its
+    # ratio is unknown, not good, so an alert that was firing keeps firing while the long window still burns. Without
+    # this a hung engine or a backlog in which nothing finishes resolves the page it raised. The state comes from
+    # this tier's own ALERTS sample (every label of the rule: two tiers may share a long window) at the previous
+    # evaluation, an instant selector within Prometheus's lookback (--query.lookback-delta, 5 m by default); a tier
+    # that is not firing is never started by it. Goodput: unknown as soon as one target recorded nothing (a decode
+    # backlog still records TTFTs, but no TPOT, so its joint ratio is not known).
+    short_rate: Expr = _own(names.REC_SLO_REQUESTS_RATE + short_w, slo)
+    if slo.sli == "goodput":
+        short_rate = Aggregate("min", _own(names.REC_SLO_TARGET_REQUESTS_RATE + short_w, slo),
+                               without=(names.LABEL_TARGET,))
+    unknown = Binary("or", Binary("==", short_rate, Number(0)), Call("absent", (short_rate,)))
+    was_firing = Selector(ALERTS, (Matcher("alertname", name), Matcher("alertstate", "firing"),
+                                   *(Matcher(k, v) for k, v in labels)))
+    held = Binary("and", Binary("and", and_(*long_burns), unknown, on=()), was_firing, on=())
     budget, period = slo.error_budget_ratio, slo.window.duration_s
     period_text = "calendar month" if slo.window.kind == "calendar_month" else format_duration(period)
     min_rate = (f" Only while the deployment serves at least {slo.alerting.min_request_rate_per_s:g} requests/s "
@@ -195,8 +200,8 @@ def burn_alert(slo: Slo, tier: BurnWindow, options: RuleOptions) -> AlertRule:
                         f"{bad_requests_text(slo)} over both the last {long_w} and {short_w} (objective "
                         f"{_pct(slo.objective)} over {period_text}, budget {_pct(budget)}). At {tier.burn_rate:g}x "
                         f"the whole budget lasts {format_duration(round(period / tier.burn_rate))}; this tier fires "
-                        f"once {_pct(tier.budget_spent_ratio(period))} of it is spent.{min_rate} While no request "
-                        f"finishes in the {short_w} window, a firing alert holds."),
+                        f"once {_pct(tier.budget_spent_ratio(period))} of it is spent.{min_rate} While the {short_w} "
+                        f"window records no request, a firing alert holds as long as the {long_w} window burns."),
         ("runbook_url", slo.runbook_url or runbook_url(options, name)),
     )
     return AlertRule(name, Binary("or", fresh, held), labels, annotations, tier.for_s)

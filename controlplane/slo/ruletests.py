@@ -192,26 +192,32 @@ def fastest_page(slo: Slo) -> BurnWindow | None:
 
 def hold_test(slo: Slo, p: TierPlan, options: RuleOptions) -> dict[str, Any]:
     """The page fires, then no request arrives for more than a short window (a hung engine, a backlog in which
-    nothing finishes): the page holds; the first good requests after it resolve it."""
+    nothing finishes): the page holds; the first good requests after it resolve it. Then a second gap while the
+    long window still burns: a page that is not firing is not started by it."""
     tiers, _ = live_tiers(slo)
     i, tier = p.interval_s, p.tier
     if i >= LOOKBACK_S:
         raise ValueError(f"{slo.name}: a hold test needs an evaluation interval under {LOOKBACK_S:g} s, got {i:g} s")
-    pause_from = p.fires_at_s + i
-    pause_until = pause_from + tier.short_s + 4 * i
-    traffic = oracle.Traffic(traffic_rate(slo), p.traffic.errors_from_s, pause_from, (pause_from, pause_until))
-    end = pause_until + 2 * i
+    gap = tier.short_s + 4 * i
+    first = (p.fires_at_s + i, p.fires_at_s + i + gap)
+    second = (first[1] + 2 * i, first[1] + 2 * i + gap)
+    traffic = oracle.Traffic(traffic_rate(slo), p.traffic.errors_from_s, first[0], (first, second))
+    end = second[1] + 2 * i
     states = {w: oracle.firing_ticks(slo, w, traffic, i, end) for w in tiers}
-    checks = (p.fires_at_s, pause_from + tier.short_s + i, pause_until, pause_until + i)
-    k = [int(round(t / i)) for t in checks]
-    if [states[tier][x] for x in k] != [True, True, True, False]:
-        raise AssertionError(f"{slo.name}: the simulation does not hold and then resolve the page: {states[tier]}")
+    checks = (p.fires_at_s, first[0] + tier.short_s + i, first[1], first[1] + i, second[0] + tier.short_s + i,
+              second[1])
+    expected = [True, True, True, False, False, False]
+    if [states[tier][int(round(t / i))] for t in checks] != expected:
+        raise AssertionError(f"{slo.name}: the simulation does not hold, resolve and stay resolved: {states[tier]}")
+    thr = oracle.threshold(slo, tier)
+    if not all((traffic.window(t, tier.long_s)[0] or 0.0) > thr for t in checks[1:]):
+        raise ValueError(f"{slo.name}: the long window stops burning during the hold test; the gaps prove nothing")
     if any(oracle.margin(slo, w, traffic, t) <= MIN_MARGIN for w in tiers for t in checks):
         raise ValueError(f"{slo.name}: the hold test's checks fall on a threshold tie at interval {i:g} s")
     return {
         "name": f"{slo.name} {tier.severity} {tier.burn_rate:g}x over {_fmt(tier.long_s)}/{_fmt(tier.short_s)}: "
-                f"fires, then no request finishes for {_fmt(pause_until - pause_from)} (over a short window): the "
-                f"page holds; the first good requests after that resolve it",
+                f"fires, then no request for {_fmt(gap)} (over a short window): the page holds; the first good "
+                f"requests resolve it; a second gap while the long window still burns does not start it again",
         "interval": _fmt(i),
         "input_series": _traffic_series(slo, traffic, i, end),
         "alert_rule_test": _alert_checks(slo, tiers, states, checks, i, options),

@@ -20,8 +20,9 @@ _BURN_STEPS = """\
    and preemptions (KV pressure), `up` and replica readiness (capacity lost), recent configuration changes
    (`GET /api/v1/events`).
 3. Restore capacity first (scale out, roll back the last applied recommendation), then find the cause.
-4. The alert resolves about one short window after the bad requests stop. While no request finishes at all (a
-   hung engine, a backlog, every replica down) it keeps firing: nothing says the requests are good again."""
+4. The alert resolves about one short window after the bad requests stop. While the short window records no
+   request at all (a hung engine, a backlog in which nothing finishes, every replica down) it keeps firing as long
+   as the long window still burns: nothing says the requests are good again."""
 
 
 def runbooks_markdown(slos: Sequence[Slo], options: RuleOptions) -> str:

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -93,6 +94,32 @@ def test_promtool_rejects_a_page_expected_one_tick_early(prometheus_tools: dict[
     mutated.write_text(yaml.safe_dump(data, sort_keys=False))
     result = run(prometheus_tools["promtool"], "test", "rules", str(mutated), cwd=tmp_path)
     assert result.returncode != 0 and "FAILED" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(("mutation", "why"), [
+    (lambda e: re.sub(r"^\((.*)\) or \(.*ALERTS.*$", r"\1", e), "without the hold, the gap resolves the page"),
+    (lambda e: re.sub(r" and on \(\) ALERTS\{[^}]*\}", "", e), "without its own ALERTS, a gap starts the page"),
+], ids=["no-hold", "hold-without-alerts"])
+def test_promtool_rejects_the_burn_rule_without_its_hold(prometheus_tools: dict[str, str], tmp_path: Path,
+                                                         mutation: Callable[[str], str], why: str) -> None:
+    """The hold case has teeth: each half of the rule's second branch is needed for it to pass."""
+    rules = yaml.safe_load((ALERTS / "rules" / "slo-tiny-errors.rules.yaml").read_text())
+    changed = 0
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            if rule.get("alert") == names.ALERT_SLO_BURN_PAGE:
+                mutated = mutation(rule["expr"])
+                changed += mutated != rule["expr"]
+                rule["expr"] = mutated
+    assert changed == 2, why  # both page tiers
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules, sort_keys=False))
+    data = yaml.safe_load((ALERTS / "tests" / "slo-tiny-errors.page-14.4x-1h.test.yaml").read_text())
+    data["rule_files"] = ["rules.yaml"]
+    (tmp_path / "hold.test.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    result = run(prometheus_tools["promtool"], "test", "rules", "hold.test.yaml", cwd=tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0 and "FAILED" in out, why
+    assert "the page holds" in out, out  # the hold case failed, not the tier case before it
 
 
 @pytest.fixture
