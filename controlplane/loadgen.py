@@ -22,6 +22,9 @@ WORDS = (
 ).split()
 
 
+KEEPALIVE_S = 2.0  # idle connections are closed after this; replicas keep theirs longer (vllm_server)
+
+
 @dataclass(frozen=True)
 class RequestPlan:
     prompt: str | list[int]  # text, or token ids (no tokenisation before the engine stamps arrival)
@@ -116,9 +119,11 @@ async def run_load(base_url: str, model: str, plans: Sequence[RequestPlan], conc
                    timeout_s: float = 300.0) -> list[ClientResult]:
     """Send `plans` (honouring their start offsets) with at most `concurrency` in flight."""
     sem = asyncio.Semaphore(concurrency)
-    # Idle connections are dropped by the client after 2 s, before uvicorn's own 5 s keep-alive timeout: at
-    # httpx's default (also 5 s) the server could close one just as a request went out on it (a ReadError).
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency, keepalive_expiry=2.0)
+    # Idle connections are dropped by the client after 2 s, before the server's keep-alive timeout (60 s for the
+    # replicas the plane starts, vLLM's own default 5 s otherwise): at httpx's default (also 5 s) the server could
+    # close one just as a request went out on it (a ReadError, no response).
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency,
+                          keepalive_expiry=KEEPALIVE_S)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
         # Open the keep-alive connections before the clock starts: a TCP connect is not TTFT. The plan's
         # clock starts after them: opening hundreds takes seconds on a busy server, and starting it before

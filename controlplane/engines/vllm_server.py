@@ -26,6 +26,16 @@ VLLM_ENTRYPOINT = "vllm.entrypoints.openai.api_server"
 SIM_ENTRYPOINT = "controlplane.engines.sim_server"
 
 
+# How long vLLM's API server (uvicorn) keeps an idle connection open; vLLM's default is 5 s. It must exceed how long
+# every client pools one (the router 30 s, the load generator 2 s): a request sent on a connection the server
+# is closing is lost with no response. A busy API server makes that likely, not rare: when its event loop falls
+# seconds behind, the due keep-alive timer runs before the request that arrived on that connection is read, and
+# closing a socket with unread data resets it (httpx: ReadError, no status). Measured on 2 cores with the KV cache
+# saturated (120 streams, 40 at once): a lost stream in 5 of 24 loads at 5 s, none in 14 at 60 s. The operator's
+# environment wins.
+KEEPALIVE_S = 60
+
+
 @dataclass(frozen=True)
 class SimulatedEngine:
     """What the simulated engine pretends to run: names as the catalog spells them (controlplane.tuning.catalog)."""
@@ -96,6 +106,7 @@ class VllmServerSpec:
         })
         # The batch span processor's defaults (5 s delay) are fine for a fleet, slow for a demo.
         env.setdefault("OTEL_BSP_SCHEDULE_DELAY", "500")
+        env.setdefault("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", str(KEEPALIVE_S))
         if self.cpu_cores:
             # vLLM's CPU backend binds its OpenMP threads itself ("auto" = a whole NUMA node), which
             # would step outside the affinity mask; give it exactly the pinned cores.

@@ -44,6 +44,8 @@ from controlplane.store.models import RouterSpan
 
 log = logging.getLogger(__name__)
 
+# Idle connections to replicas are kept this long; replicas started by the plane keep theirs longer (vllm_server).
+KEEPALIVE_S = 30
 # Hop-by-hop headers (RFC 9110 7.6.1) and ones aiohttp recomputes; everything else passes through.
 _DROP_REQUEST = {"host", "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
                  "upgrade", "content-length"}
@@ -370,7 +372,7 @@ class Router:
         # No total timeout: a long generation streams for minutes. Connecting must be quick.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=3)
         self._session = aiohttp.ClientSession(
-            timeout=timeout, connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+            timeout=timeout, connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S),
             auto_decompress=False)
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_get("/health", self._health)

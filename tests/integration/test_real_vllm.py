@@ -121,12 +121,12 @@ def test_a_shrunk_kv_cache_shows_saturation_in_the_stored_samples(real_vllm: Rea
         t0 = time.monotonic()
         results = asyncio.run(run_load(real_vllm.base_url, real_vllm.model, plans, 40))
         print(f"saturating load took {time.monotonic() - t0:.1f} s")
-        # The subject here is the KV cache, not the client: one lost stream of 120 under this saturating load
-        # (seen once in a CI run, not reproduced, its error not recorded then) is printed, not fatal; more is.
+        # No stream may be lost. Under this load vLLM's API server falls seconds behind; with vLLM's default 5 s
+        # keep-alive it closed a connection just as the client reused it: 1-2 streams of 120 lost (a ReadError
+        # before any response) in 5 of 24 loads. The replicas the plane starts keep idle connections for 60 s
+        # (vllm_server.KEEPALIVE_S), longer than any client of theirs pools them: none lost in 14 loads since.
         failed = [r.error for r in results if not r.ok]
-        if failed:
-            print(f"{len(failed)} of {len(results)} requests failed: {failed[:3]}")
-        assert len(failed) <= 1, f"{len(failed)} of {len(results)} requests failed: {failed[:3]}"
+        assert not failed, f"{len(failed)} of {len(results)} requests failed: {failed[:3]}"
         time.sleep(5.5)
         ok = [s for s in _samples(real_vllm.plane.api, since, real_vllm.replica) if s["scrape_ok"]]
         if len(ok) >= 2 and (max(s["kv_usage_ratio"] for s in ok) >= 0.9

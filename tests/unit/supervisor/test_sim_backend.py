@@ -12,9 +12,12 @@ import httpx
 import psutil
 import pytest
 
+from controlplane import loadgen
+from controlplane.engines import vllm_server
 from controlplane.engines.sim_server import config_from_args
 from controlplane.engines.vllm_server import SIM_ENTRYPOINT, VLLM_ENTRYPOINT
 from controlplane.store.repo import Store
+from controlplane.supervisor import router
 from controlplane.supervisor.backends import LaunchRequest, LocalBackend
 from controlplane.supervisor.spec import Deployment, parse_deployment
 from controlplane.supervisor.supervisor import Supervisor
@@ -118,3 +121,13 @@ async def test_describe_marks_a_simulated_deployment_and_its_replicas_and_only_t
     assert described["chat"]["simulated"] is True and described["real"]["simulated"] is False
     assert [r["simulated"] for r in described["chat"]["replicas"]] == [True]
     assert [r["simulated"] for r in described["real"]["replicas"]] == [False]
+
+
+def test_a_replica_keeps_idle_connections_longer_than_its_clients_pool_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Else a request sent on a connection the replica is closing is lost with no response (a ReadError)."""
+    monkeypatch.delenv("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", raising=False)
+    spec = launch_request(deployment(False), 8105).server_spec("127.0.0.1")
+    server_s = int(spec.environ()["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"])
+    assert server_s == vllm_server.KEEPALIVE_S > router.KEEPALIVE_S > loadgen.KEEPALIVE_S
+    monkeypatch.setenv("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", "90")  # the operator's setting wins
+    assert spec.environ()["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] == "90"
