@@ -193,8 +193,9 @@ def _free_port() -> int:
 
 
 def drive(engine: Engine, sink: SpanSink, plans: list[RequestPlan]) -> list[RequestRow]:
-    """Send the plans; the rows of the requests that completed. A connection the server closed while idle
-    (uvicorn's 5 s keep-alive) can fail a request now and then: up to 1% are dropped, with a line saying so."""
+    """Send the plans; the rows of the requests that completed. A connection the server closed while idle can
+    fail a request now and then (vLLM's default 5 s keep-alive; servers started here keep 60 s): up to 1% are
+    dropped, with a line saying so."""
     results = asyncio.run(run_load(engine.base_url, "tiny", plans, concurrency=len(plans)))
     failed = [r.error for r in results if not r.ok]
     if len(failed) > 0.01 * len(results):
@@ -383,7 +384,7 @@ def noise_floor(runs: list[ConfigRun], models: dict[str, Calibrated]) -> list[di
     """--repeat: real vLLM's rerun against its first run (the same requests), next to the simulator against the
     first run and against both runs pooled."""
     table = Table(title="real vLLM against itself (the same requests sent again) next to the simulator "
-                        "(calibrated per configuration)")
+                        "(calibrated per configuration, from its one ramp)")
     for col in ("config", "load", "rerun vs first: TTFT p50 / p90 / TPOT p50", "<=15%",
                 "simulator vs first", "<=15%", "simulator vs all runs pooled", "<=15%"):
         table.add_column(col, justify="left" if col == "config" else "right")
@@ -544,7 +545,8 @@ def main() -> None:
     each = report(f"{engine_name}: measured vs simulator calibrated per configuration ({args.calibrate})", runs,
                   nearest(models, args.fit_per_seq) if args.calibrate == "nearest" else per_config(models))
     first = runs[0].shape.name
-    once = report(f"{engine_name}: measured vs simulator calibrated once (config {first}, {args.calibrate}) for all",
+    once_from = "ramp" if args.calibrate == "nearest" else args.calibrate
+    once = report(f"{engine_name}: measured vs simulator calibrated once (config {first}, {once_from}) for all",
                   runs, per_config({run.shape.name: models[first] for run in runs}))
     tables = [("per-configuration calibration", each), ("one calibration for all", once)]
     if args.same_load:

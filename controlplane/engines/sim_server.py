@@ -204,15 +204,22 @@ def build(config: SimServerConfig) -> tuple[Any, LiveEngine, SimTelemetry]:
     return build_app(engine, telemetry, served, stream_interval=config.stream_interval), engine, telemetry
 
 
+def keepalive_s() -> int:
+    """Idle seconds before a kept-alive connection is closed: VLLM_HTTP_TIMEOUT_KEEP_ALIVE, as vLLM reads it (default
+    5 s; the replicas the plane starts get 60 s, see vllm_server.KEEPALIVE_S)."""
+    return int(os.environ.get("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", "5"))
+
+
 def serve_in_thread(app: Any, host: str, port: int, *, access_log: bool = False,
-                    timeout_s: float = 30.0) -> tuple[uvicorn.Server, threading.Thread, int]:
+                    timeout_s: float = 30.0, keep_alive_s: int = 5) -> tuple[uvicorn.Server, threading.Thread, int]:
     """Serve an ASGI app from a daemon thread (its own event loop); port 0 picks a free port. Returns once
     it accepts connections: the server (set `should_exit` to stop it), the thread and the bound port."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound = int(sock.getsockname()[1])
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=access_log))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=access_log,
+                                           timeout_keep_alive=keep_alive_s))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=f"uvicorn-{bound}")
     thread.start()
     deadline = time.monotonic() + timeout_s
@@ -240,7 +247,8 @@ class SimServer:
 
     def start(self, timeout_s: float = 30.0) -> SimServer:
         self._server, self._thread, self.port = serve_in_thread(
-            self.app, self.config.host, self.config.port, access_log=self.config.access_log, timeout_s=timeout_s)
+            self.app, self.config.host, self.config.port, access_log=self.config.access_log, timeout_s=timeout_s,
+            keep_alive_s=keepalive_s())
         return self
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -268,7 +276,8 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"max_num_seqs {r.max_num_seqs}, max_num_batched_tokens {r.max_num_batched_tokens}, KV "
           f"{config.num_gpu_blocks} blocks of {r.block_size} ({r.kv_capacity_tokens} usable tokens), max_model_len "
           f"{r.max_model_len}, speedup {config.speedup:g}; pid {os.getpid()}", flush=True)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=config.access_log)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=config.access_log,
+                timeout_keep_alive=keepalive_s())
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from controlplane import loadgen
-from controlplane.engines import vllm_server
+from controlplane.engines import sim_server, vllm_server
 from controlplane.engines.sim_server import config_from_args
 from controlplane.engines.vllm_server import SIM_ENTRYPOINT, VLLM_ENTRYPOINT
 from controlplane.store.repo import Store
@@ -131,3 +131,19 @@ def test_a_replica_keeps_idle_connections_longer_than_its_clients_pool_them(monk
     assert server_s == vllm_server.KEEPALIVE_S > router.KEEPALIVE_S > loadgen.KEEPALIVE_S
     monkeypatch.setenv("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", "90")  # the operator's setting wins
     assert spec.environ()["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] == "90"
+    pinned = dataclasses.replace(spec, env={"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "120"})  # and a spec's own env over that
+    assert pinned.environ()["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] == "120"
+
+
+def test_the_simulated_engine_keeps_connections_as_long_as_its_environment_says(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(sim_server.uvicorn, "run", lambda app, **kw: seen.update(kw))
+    dep = deployment(True, max_num_seqs=8)
+    argv = launch_request(dep, 8105).server_spec("127.0.0.1").argv()[3:]
+    monkeypatch.setenv("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", str(vllm_server.KEEPALIVE_S))
+    sim_server.main(argv)
+    assert seen["timeout_keep_alive"] == vllm_server.KEEPALIVE_S
+    monkeypatch.delenv("VLLM_HTTP_TIMEOUT_KEEP_ALIVE")
+    sim_server.main(argv)
+    assert seen["timeout_keep_alive"] == 5  # vLLM's own default when nothing says otherwise
