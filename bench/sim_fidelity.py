@@ -340,13 +340,19 @@ class Calibrated:
         return shape.replica(self.fit.step_cost, self.api_path_s)
 
 
+def fit_on(rows: list[RequestRow], shape: Shape, per_seq: bool) -> Calibrated:
+    """Step costs and the API path fitted on these rows, for this configuration's token budget."""
+    fit, path = calibrate.fit_rows([dict(r) for r in rows], max_num_batched_tokens=shape.max_num_batched_tokens,
+                                   fit_per_seq=per_seq)
+    return Calibrated(fit, path)
+
+
 def calibrate_run(run: ConfigRun, which: str, per_seq: bool = False) -> Calibrated:
-    rows = [dict(r) for r in calibration_rows(run, which)]
+    rows = calibration_rows(run, which)
     if not rows:
         raise SystemExit(f"config {run.shape.name}: no rows for calibration {which!r} (a file from an older version "
                          "of this bench has no burst or ramp rows; use --calibrate first)")
-    fit, path = calibrate.fit_rows(rows, max_num_batched_tokens=run.shape.max_num_batched_tokens, fit_per_seq=per_seq)
-    return Calibrated(fit, path)
+    return fit_on(rows, run.shape, per_seq)
 
 
 def _p(values: list[float], q: float) -> float:
@@ -438,9 +444,7 @@ def nearest(models: dict[str, Calibrated], per_seq: bool) -> ModelFor:
         if not load.ramp:
             raise SystemExit(f"config {run.shape.name}, load {load.fraction:.0%}: no ramp of its own was measured; "
                              "only a run made with --calibrate nearest can be replayed with it")
-        fit, path = calibrate.fit_rows([dict(r) for r in load.ramp],
-                                       max_num_batched_tokens=run.shape.max_num_batched_tokens, fit_per_seq=per_seq)
-        return Calibrated(fit, path).replica(run.shape)
+        return fit_on(load.ramp, run.shape, per_seq).replica(run.shape)
     return model
 
 
@@ -449,9 +453,7 @@ def same_load(per_seq: bool) -> ModelFor:
     simulator's scheduling and queueing are judged given the engine's speed at that moment; its TTFT and TPOT
     percentiles are still the simulation's, never read from the rows."""
     def model(run: ConfigRun, load: LoadRun) -> ReplicaModel:
-        fit, path = calibrate.fit_rows([dict(r) for r in load.rows],
-                                       max_num_batched_tokens=run.shape.max_num_batched_tokens, fit_per_seq=per_seq)
-        return Calibrated(fit, path).replica(run.shape)
+        return fit_on(load.rows, run.shape, per_seq).replica(run.shape)
     return model
 
 
