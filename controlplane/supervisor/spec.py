@@ -62,7 +62,8 @@ class EngineSection(_Strict):
     max_num_batched_tokens: int | None = Field(default=None, ge=16, le=4_194_304)
     max_model_len: int | None = Field(default=None, ge=16)
     dtype: Literal["auto", "bfloat16", "float16", "float32", "half", "float"] = "auto"
-    quantization: Literal["fp8", "awq", "gptq", "compressed-tensors", "bitsandbytes", "int8", "w8a8"] | None = None
+    quantization: Literal["fp8", "fp8_per_tensor", "fp8_per_channel", "fp8_per_block", "awq", "gptq",
+                          "compressed-tensors", "bitsandbytes", "int8", "w8a8"] | None = None
     kv_cache_dtype: Literal["auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
     gpu_memory_utilization: float | None = Field(default=None, gt=0.0, le=1.0)
     tensor_parallel_size: int = Field(default=1, ge=1, le=64)
@@ -178,6 +179,12 @@ class TuningSection(_Strict):
         default=(), max_length=5, description="KV-cache dtypes the search may choose; empty: the current one only. "
                                               "A lower precision is recommended only after a canary trial and the "
                                               "quality guard")
+    quantization: tuple[Literal["none", "fp8", "fp8_per_tensor", "fp8_per_channel", "fp8_per_block",
+                                "bitsandbytes"], ...] = Field(
+        default=(), max_length=6, description="weight quantizations the search may choose, among vLLM's that "
+                                              "quantize the 16-bit checkpoint as it loads ('none': its own "
+                                              "weights); empty: the current one only. A lower precision is "
+                                              "recommended only after a canary trial and the quality guard")
     canary_trials: int = Field(default=0, ge=0, le=5, description="configurations tried for real on a canary "
                                                                   "replica before one is recommended (another KV "
                                                                   "dtype that failed before any load does not "
@@ -191,7 +198,7 @@ class TuningSection(_Strict):
             raise ValueError(f"values must be distinct whole numbers >= 1, got {list(v)}")
         return v
 
-    @field_validator("kv_cache_dtype")
+    @field_validator("kv_cache_dtype", "quantization")
     @classmethod
     def _unique(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         if len(set(v)) != len(v):
@@ -215,6 +222,9 @@ class DeploymentBody(_Strict):
         why = kv_dtype_conflict(self.engine.kv_cache_dtype, self.tuning.kv_cache_dtype)
         if why is not None:
             raise ValueError(f"tuning.kv_cache_dtype: {why}")
+        why = quantization_conflict(self.engine.quantization, self.tuning.quantization)
+        if why is not None:
+            raise ValueError(f"tuning.quantization: {why}")
         return self
 
 
@@ -242,6 +252,26 @@ def kv_dtype_conflict(running: str, allowed: Sequence[str]) -> str | None:
             running_note = " (the running one)" if first == running else ""
             return (f"{d} and {first}{running_note} store different formats of one width, which the search cannot "
                     "tell apart (it knows bytes per element only); allow one of them")
+    return None
+
+
+def quantization_conflict(running: str | None, allowed: Sequence[str]) -> str | None:
+    """Why the search could not switch the weights among `allowed`, or None. It switches by vLLM's flag only, so
+    the running weights must be the checkpoint's own or an online quantization; and it knows bytes per weight
+    only, so two quantizations of one width (fp8 and fp8_per_channel, the running one included) would be one
+    cell."""
+    if not allowed:
+        return None
+    if running is not None and running not in catalog.ONLINE_QUANTIZATION:
+        return (f"the running weights come from a checkpoint quantized with {running}; the search cannot change "
+                "them by a flag (serve another checkpoint instead), so allow no other quantization")
+    seen = {catalog.vllm_weights(running): running or "none"}
+    for q in allowed:
+        first = seen.setdefault(catalog.vllm_weights(None if q == "none" else q), q)
+        if first != q:
+            running_note = " (the running one)" if first == (running or "none") else ""
+            return (f"{q} and {first}{running_note} quantize to one width, which the search cannot tell apart (it "
+                    "knows bytes per weight only); allow one of them")
     return None
 
 

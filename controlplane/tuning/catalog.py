@@ -42,10 +42,17 @@ class KvPrecision(StrEnum):
 # the simulated engine's flags and the search of a running deployment alike.
 VLLM_QUANTIZATION: dict[str, WeightPrecision] = {
     "fp8": WeightPrecision.FP8, "awq": WeightPrecision.INT4, "awq_marlin": WeightPrecision.INT4,
+    # vLLM's online FP8 shorthands: a 16-bit checkpoint quantized while it loads (per tensor, channel or block).
+    "fp8_per_tensor": WeightPrecision.FP8, "fp8_per_channel": WeightPrecision.FP8,
+    "fp8_per_block": WeightPrecision.FP8,
     "gptq": WeightPrecision.INT4, "gptq_marlin": WeightPrecision.INT4, "marlin": WeightPrecision.INT4,
     "bitsandbytes": WeightPrecision.INT4, "int8": WeightPrecision.INT8, "w8a8": WeightPrecision.INT8,
     # compressed-tensors checkpoints vary; INT8 (W8A8) is the common case. Say so in the config.
     "compressed-tensors": WeightPrecision.INT8}
+# The --quantization values that quantize a 16-bit checkpoint as it loads, so a running deployment can switch to
+# them (or back, "none") by a flag; the others need a checkpoint quantized beforehand (another model path).
+# vLLM 0.32's CPU backend runs fp8_per_channel; its plain "fp8" lacks a CPU kernel (measured here).
+ONLINE_QUANTIZATION: tuple[str, ...] = ("fp8", "fp8_per_tensor", "fp8_per_channel", "fp8_per_block", "bitsandbytes")
 # "auto" stores the model's own dtype: 16-bit for the checkpoints this plane serves.
 VLLM_KV_CACHE_DTYPE: dict[str, KvPrecision] = {
     "auto": KvPrecision.BF16, "bfloat16": KvPrecision.BF16, "float16": KvPrecision.BF16,

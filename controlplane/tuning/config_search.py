@@ -25,18 +25,26 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from controlplane.loadgen import ClientResult, RequestPlan, run_load
-from controlplane.supervisor.spec import Deployment, EngineConfig, TuningSection, kv_dtype_conflict
+from controlplane.supervisor.spec import (
+    Deployment,
+    EngineConfig,
+    TuningSection,
+    kv_dtype_conflict,
+    quantization_conflict,
+)
 from controlplane.tuning import catalog, quality
 from controlplane.tuning.capacity import Objective, Prediction, objectives_from_slos
 from controlplane.tuning.catalog import KvPrecision, WeightPrecision
+from controlplane.tuning.perf_model import EngineArgs
 from controlplane.tuning.recommendations import Proposal
 from controlplane.tuning.search import Canary, CanaryVerdict, SearchOptions, SearchResult, search
-from controlplane.tuning.search_space import Cell, SearchSpace
+from controlplane.tuning.search_space import Cell, SearchSpace, WeightPrior, roofline_weight_prior
 from controlplane.tuning.workload import Workload
 
 T = TypeVar("T")
@@ -60,8 +68,9 @@ def _around(current: int, factors: Sequence[float], lo: int) -> tuple[int, ...]:
 
 def space_for(engine: EngineConfig, tuning: TuningSection) -> SearchSpace:
     """The batch limits to try: the spec's `tuning` lists, or powers of two around the current values (1/4x to
-    2x sequences, 1/2x to 2x tokens); and the KV-cache precisions `tuning.kv_cache_dtype` allows besides the
-    running one. The current values are always included, so the comparison has them."""
+    2x sequences, 1/2x to 2x tokens); and the KV-cache precisions `tuning.kv_cache_dtype` and the weight
+    quantizations `tuning.quantization` allow besides the running ones. The current values are always included,
+    so the comparison has them."""
     if engine.max_num_seqs is None or engine.max_num_batched_tokens is None:
         raise SearchInputError("spec.engine.max_num_seqs and max_num_batched_tokens must be set: the fit of the "
                                "running replica's step costs needs its own limits (vLLM's defaults differ by "
@@ -70,8 +79,8 @@ def space_for(engine: EngineConfig, tuning: TuningSection) -> SearchSpace:
     tokens = tuning.max_num_batched_tokens or _around(engine.max_num_batched_tokens, (0.5, 1, 2), 16)
     seqs = tuple(sorted(set(seqs) | {engine.max_num_seqs}))
     tokens = tuple(sorted(set(tokens) | {engine.max_num_batched_tokens}))
-    # Batch limits, and the KV-cache precisions the spec allows besides the running one; weights and parallelism
-    # stay (the fit predicts only what the replica runs; see CalibratedFactory for the KV prior).
+    # Batch limits, and the precisions the spec allows besides the running ones; parallelism stays (the fit
+    # predicts only what the replica runs; see CalibratedFactory for the priors of another precision).
     weights, kv = running_precision(engine)
     # One --kv-cache-dtype per precision, the spec's own string: the search tells them apart by bytes per element
     # only (the spec refuses two formats of one width; checked again here for a config built in code).
@@ -81,13 +90,61 @@ def space_for(engine: EngineConfig, tuning: TuningSection) -> SearchSpace:
     args = {kv: engine.kv_cache_dtype}
     for d in tuning.kv_cache_dtype:
         args.setdefault(catalog.VLLM_KV_CACHE_DTYPE[d], d)
-    return SearchSpace(seqs, tokens, weights=(weights,), kv_cache=tuple(args), limits_only=True,
-                       baseline=(weights, kv), kv_args=tuple(args.items()))
+    # Likewise the weights: one --quantization per precision ("none": the checkpoint's own weights), switched by
+    # the flag only, so never away from a checkpoint quantized beforehand.
+    why = quantization_conflict(engine.quantization, tuning.quantization)
+    if why is not None:
+        raise SearchInputError(f"spec.tuning.quantization: {why}")
+    quants: dict[WeightPrecision, str] = {weights: engine.quantization or "none"}
+    for q in tuning.quantization:
+        quants.setdefault(catalog.vllm_weights(None if q == "none" else q), q)
+    return SearchSpace(seqs, tokens, weights=tuple(quants), kv_cache=tuple(args), limits_only=True,
+                       baseline=(weights, kv), kv_args=tuple(args.items()), quant_args=tuple(quants.items()))
 
 
 def running_precision(engine: EngineConfig) -> tuple[WeightPrecision, KvPrecision]:
     """(weights, KV cache) of a running configuration, by the precision its vLLM flags store."""
     return catalog.vllm_weights(engine.quantization), catalog.VLLM_KV_CACHE_DTYPE[engine.kv_cache_dtype]
+
+
+def _catalog_model(dep: Deployment) -> catalog.ModelShape | None:
+    """The deployment's model in the catalog: the simulated engine's, or the served name's or model directory's
+    when the catalog knows it (the tiny model's shape is in the catalog, but a CPU has no roofline)."""
+    names = [dep.simulated.model] if dep.simulated is not None else [dep.served_name, Path(dep.model_path).name]
+    for name in names:
+        try:
+            return catalog.model(name)
+        except catalog.CatalogError:
+            continue
+    return None
+
+
+def weight_priors(dep: Deployment, space: SearchSpace) -> tuple[tuple[WeightPrecision, WeightPrior], ...]:
+    """The prior of each weight precision the space allows besides the running one: the roofline's ratios when
+    the deployment's accelerator and model are in the catalog, else none (the calibrated figures are kept). A
+    precision the roofline says cannot run there (weights that do not fit, FP8 on a card without it) is
+    rejected by the search's factory with the roofline's reason."""
+    running, kv = running_precision(dep.engine)
+    others = [w for w in space.weights if w != running]
+    shape = _catalog_model(dep)
+    try:
+        accel = catalog.accelerator(dep.accelerator)
+    except catalog.CatalogError:
+        return ()
+    if not others or shape is None:
+        return ()
+    eng = dep.engine
+    args = EngineArgs(max_num_seqs=eng.max_num_seqs, max_num_batched_tokens=eng.max_num_batched_tokens,
+                      gpu_memory_utilization=eng.gpu_memory_utilization or EngineArgs.gpu_memory_utilization,
+                      max_model_len=eng.max_model_len, tensor_parallel_size=eng.tensor_parallel_size,
+                      weights=running, kv_cache=kv)
+    out = []
+    for w in others:
+        try:
+            out.append((w, roofline_weight_prior(shape, accel, args, w)))
+        except ValueError as exc:
+            out.append((w, WeightPrior(basis=f"roofline of {shape.name} on {accel.name}", cannot_run=str(exc))))
+    return tuple(out)
 
 
 def quality_check(reference_url: str, candidate_url: str, dep: Deployment) -> quality.QualityVerdict:
@@ -388,7 +445,8 @@ def run_search(store: Any, recs: Any, dep: Deployment, *, ready: Sequence[str], 
                                 block_size=model.block_size, weights=weights, kv_cache=kv,
                                 tensor_parallel_size=eng.tensor_parallel_size, max_model_len=eng.max_model_len,
                                 usd_per_hour=price, api_path_s=model.api_path_s,
-                                kv_capacity_scales=eng.num_gpu_blocks_override is None)
+                                kv_capacity_scales=eng.num_gpu_blocks_override is None,
+                                weight_priors=weight_priors(dep, space))
     trials = dep.tuning.canary_trials if params.canary_trials is None else params.canary_trials
     canary = canary_factory(wl, objectives) if trials > 0 and canary_factory is not None else None
     if trials > 0 and canary is None:
@@ -406,7 +464,11 @@ def run_search(store: Any, recs: Any, dep: Deployment, *, ready: Sequence[str], 
                    "rel_rmse": fit.rel_rmse, "alpha_s": c.alpha_s, "beta_s_per_token": c.beta_s_per_token,
                    "gamma_s_per_kv_token": c.gamma_s_per_kv_token, "delta_s_per_seq": c.delta_s_per_seq,
                    "api_path_s": model.api_path_s, "kv_capacity_tokens": model.num_kv_blocks * model.block_size,
-                   "observed_max_seqs_per_step": fit.observed_max_seqs}
+                   "observed_max_seqs_per_step": fit.observed_max_seqs,
+                   "weight_priors": {w.value: {"step_scale": factory.weight_prior(w).step_scale,
+                                               "kv_scale": factory.weight_prior(w).kv_scale,
+                                               "basis": factory.weight_prior(w).basis}
+                                     for w in space.weights if w != weights}}
     workload = {"requests": len(wl), "skipped_rows": wl.skipped_rows, "duration_s": wl.duration_s,
                 "window_s": params.window_s, "not_predicted": list(skipped)}
     now_ev = current_evidence(current_replicas, dep.price_per_replica_hour_usd, baseline)

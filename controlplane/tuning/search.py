@@ -336,7 +336,8 @@ def search(space: SearchSpace, factory: ReplicaFactory, objectives: Sequence[Obj
         per_dollar = (e.capacity or 0.0) / e.price
         key = n * e.price if opts.goal == "usd_per_hour" else 1.0 / per_dollar
         sized.append((key, -per_dollar, e, n, preds))
-    sized.sort(key=lambda s: (s[0], s[1], s[2].cell))
+    # At an equal cost the running precision goes first: another one needs a canary and risks quality for nothing.
+    sized.sort(key=lambda s: (s[0], s[1], s[2].cell.precision_changed, s[2].cell))
     chosen: tuple[_Eval, int, tuple[Prediction, ...]] | None = None
     validated: bool | None = None if canary is None else False
     passing: Mapping[str, Any] | None = None

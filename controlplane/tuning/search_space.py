@@ -8,14 +8,22 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from controlplane.tuning.capacity import Objective
 from controlplane.tuning.catalog import Accelerator, KvPrecision, ModelShape, WeightPrecision
-from controlplane.tuning.perf_model import Efficiency, EngineArgs, ReplicaModel, StepCost, replica_from_fit, roofline
+from controlplane.tuning.perf_model import (
+    Efficiency,
+    EngineArgs,
+    ReplicaModel,
+    Roof,
+    StepCost,
+    replica_from_fit,
+    roofline,
+)
 from controlplane.tuning.workload import Workload
 
 # vLLM's --quantization for each weight precision (EngineConfig.quantization); int4 needs an AWQ checkpoint.
@@ -39,6 +47,7 @@ class Cell:
     # search of a running deployment whose spec allows other KV-cache dtypes. Parallelism always stays.
     baseline: tuple[WeightPrecision, KvPrecision] | None = None
     kv_arg: str | None = None  # the exact --kv-cache-dtype the spec allows for this precision (default: auto / fp8)
+    quant_arg: str | None = None  # likewise the exact --quantization ("none": the checkpoint's own weights)
 
     @property
     def precision_changed(self) -> bool:
@@ -64,7 +73,8 @@ class Cell:
             if self.baseline is not None and self.kv_cache != self.baseline[1]:
                 limits["kv_cache_dtype"] = kv_arg
             if self.baseline is not None and self.weights != self.baseline[0]:
-                limits["quantization"] = _QUANTIZATION[self.weights]
+                limits["quantization"] = (_QUANTIZATION[self.weights] if self.quant_arg is None
+                                          else None if self.quant_arg == "none" else self.quant_arg)
             return limits
         return {**limits, "quantization": _QUANTIZATION[self.weights], "kv_cache_dtype": kv_arg,
                 "tensor_parallel_size": self.tensor_parallel_size}
@@ -72,7 +82,8 @@ class Cell:
     def label(self) -> str:
         if self.limits_only:
             changed = "" if not self.precision_changed else (
-                (f" w={self.weights.value}" if self.baseline and self.weights != self.baseline[0] else "")
+                (f" w={self.quant_arg or self.weights.value}" if self.baseline and self.weights != self.baseline[0]
+                 else "")
                 + (f" kv={self.kv_arg or self.kv_cache.value}" if self.baseline and self.kv_cache != self.baseline[1]
                    else ""))
             return f"seqs={self.max_num_seqs} tokens={self.max_num_batched_tokens}{changed}"
@@ -93,6 +104,7 @@ class SearchSpace:
     limits_only: bool = False  # the cells change the batch limits only (see Cell.limits_only) ...
     baseline: tuple[WeightPrecision, KvPrecision] | None = None  # ... and a precision other than this one
     kv_args: tuple[tuple[KvPrecision, str], ...] = ()  # the exact --kv-cache-dtype of each KV precision, if given
+    quant_args: tuple[tuple[WeightPrecision, str], ...] = ()  # likewise the --quantization of each weight precision
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "weights", "kv_cache", "tensor_parallel_size"):
@@ -110,10 +122,11 @@ class SearchSpace:
                 raise ValueError(f"search space: {name} must be >= 1, got {bad}")
 
     def cells(self) -> list[Cell]:
-        args = dict(self.kv_args)
+        args, quants = dict(self.kv_args), dict(self.quant_args)
         grid = itertools.product(self.max_num_seqs, self.max_num_batched_tokens, self.weights, self.kv_cache,
                                  self.tensor_parallel_size)
-        return [Cell(s, t, w, k, tp, self.limits_only, self.baseline, args.get(k)) for s, t, w, k, tp in grid]
+        return [Cell(s, t, w, k, tp, self.limits_only, self.baseline, args.get(k), quants.get(w))
+                for s, t, w, k, tp in grid]
 
     def __len__(self) -> int:
         return (len(self.max_num_seqs) * len(self.max_num_batched_tokens) * len(self.weights) * len(self.kv_cache)
@@ -144,9 +157,47 @@ class RooflineFactory:
 
 
 @dataclass(frozen=True)
+class WeightPrior:
+    """How another weight precision moves a calibrated replica: its step cost and (memory-sized) KV capacity are
+    multiplied by these. The default claims nothing: the canary trial measures it."""
+
+    step_scale: float = 1.0
+    kv_scale: float = 1.0
+    basis: str = "none: no roofline for this hardware and model, the calibrated figures are kept"
+    cannot_run: str | None = None  # why the precision cannot run there (the roofline's reason): the cell is rejected
+
+
+# Steps the roofline's ratio is taken at (tokens, KV tokens read, sequences): one decode, a full batch of
+# decodes, a prefill chunk. The prior keeps the smallest gain of the three.
+def _prior_steps(max_num_seqs: int, max_num_batched_tokens: int, context: int) -> list[tuple[int, int, int]]:
+    return [(1, context, 1), (max_num_seqs, max_num_seqs * context, max_num_seqs),
+            (max_num_batched_tokens, 0, 1)]
+
+
+def roofline_weight_prior(model: ModelShape, accelerator: Accelerator, args: EngineArgs,
+                          weights: WeightPrecision, context: int = 1024) -> WeightPrior:
+    """The roofline's view of switching `args` to `weights` on this accelerator: the step cost scales by the
+    largest new/old step-time ratio of `_prior_steps` (the smallest gain), the KV capacity by the ratio of the
+    memory left for it. Raises CatalogError (a ValueError) when the new precision cannot run there."""
+    old = roofline(model, accelerator, args)
+    new = roofline(model, accelerator, replace(args, weights=weights))
+    ratio = max(new.step_cost.step_time(t, kv, s) / old.step_cost.step_time(t, kv, s)
+                for t, kv, s in _prior_steps(old.max_num_seqs, old.max_num_batched_tokens, context))
+    kv = new.memory.kv_capacity_tokens / old.memory.kv_capacity_tokens
+    return WeightPrior(ratio, kv, f"roofline of {model.name} on {accelerator.name}: {args.weights.value} -> "
+                                  f"{weights.value} scales a step by {ratio:.3f} (least gain of a decode, a full "
+                                  f"batch and a prefill chunk) and the KV cache by {kv:.3f}")
+
+
+@dataclass(frozen=True)
 class CalibratedFactory:
-    """Replicas from a calibrated step cost (any hardware, CPU included): the batch limits vary; parallelism and
-    weight precision stay as observed (nothing calibrated says how they would move the step cost).
+    """Replicas from a calibrated step cost (any hardware, CPU included): the batch limits vary; parallelism stays
+    as observed (nothing calibrated says how it would move the step cost).
+
+    Another weight precision is predicted by `weight_priors` (the roofline's ratios where the hardware and model
+    are in the catalog; otherwise nothing is claimed and the step cost and KV capacity stay as observed: on vLLM's
+    CPU backend an fp8 weight is converted on every read, and the sign of the change is the hardware's). Either
+    way, such a cell is recommended only after a canary trial has measured it.
 
     Another KV-cache precision is predicted by a prior: the KV capacity scales with the bytes per element
     (exact where vLLM sizes the cache from memory; with `kv_capacity_scales` False, as under
@@ -164,12 +215,19 @@ class CalibratedFactory:
     usd_per_hour: float | None = None
     api_path_s: float = 0.0  # the API server's path (calibrate.api_path_s); the batch limits do not move it
     kv_capacity_scales: bool = True  # False: the KV block count is fixed (num_gpu_blocks_override)
+    weight_priors: tuple[tuple[WeightPrecision, WeightPrior], ...] = ()  # absent: WeightPrior() (claims nothing)
+
+    def weight_prior(self, weights: WeightPrecision) -> WeightPrior:
+        return dict(self.weight_priors).get(weights, WeightPrior())
 
     def __call__(self, cell: Cell) -> ReplicaModel:
-        observed = (self.weights, self.tensor_parallel_size)
-        if (cell.weights, cell.tensor_parallel_size) != observed:
+        if cell.tensor_parallel_size != self.tensor_parallel_size or (
+                cell.weights != self.weights and not cell.precision_changed):
             raise ValueError(f"the calibration observed weights {self.weights.value}, tp "
-                             f"{self.tensor_parallel_size}; it cannot predict {cell.label()}")
+                             f"{self.tensor_parallel_size}; it cannot predict {cell.label()}"
+                             + ("" if cell.tensor_parallel_size != self.tensor_parallel_size else
+                                " (another precision only for a cell that carries the running one, baseline, so "
+                                "that the search proves it on a canary)"))
         if cell.max_num_batched_tokens < cell.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens {cell.max_num_batched_tokens} < max_num_seqs "
                              f"{cell.max_num_seqs}: vLLM refuses it")
@@ -181,11 +239,26 @@ class CalibratedFactory:
                                  "that the search proves it on a canary")
             if self.kv_capacity_scales:
                 kv_tokens = int(kv_tokens * self.kv_cache.bytes_per_element / cell.kv_cache.bytes_per_element)
-        return replica_from_fit(self.step_cost, kv_capacity_tokens=kv_tokens,
+        cost = self.step_cost
+        if cell.weights != self.weights:
+            prior = self.weight_prior(cell.weights)
+            if prior.cannot_run is not None:
+                raise ValueError(prior.cannot_run)
+            cost = scaled(cost, prior.step_scale)
+            if self.kv_capacity_scales:
+                kv_tokens = int(kv_tokens * prior.kv_scale)
+        return replica_from_fit(cost, kv_capacity_tokens=kv_tokens,
                                 block_size=self.block_size, max_num_seqs=cell.max_num_seqs,
                                 max_num_batched_tokens=cell.max_num_batched_tokens, max_model_len=self.max_model_len,
                                 gpus=self.tensor_parallel_size, usd_per_hour=self.usd_per_hour, name=cell.label(),
                                 api_path_s=self.api_path_s)
+
+
+def scaled(cost: StepCost, factor: float) -> StepCost:
+    """Every coefficient of every roof times `factor`."""
+    if factor == 1.0:
+        return cost
+    return StepCost(tuple(Roof(*(v * factor for v in r.as_tuple())) for r in cost.roofs))
 
 
 def price_per_hour(model: ReplicaModel) -> float:

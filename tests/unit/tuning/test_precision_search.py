@@ -84,7 +84,8 @@ def test_the_prior_doubles_a_memory_sized_kv_cache_and_keeps_a_fixed_block_count
     # A cell that does not carry the running precision would skip the canary the prior needs: refused.
     with pytest.raises(ValueError, match="only be predicted by a prior"):
         factory(Cell(8, 512, WeightPrecision.BF16, KvPrecision.FP8, 1, True))
-    int8 = Cell(8, 512, WeightPrecision.INT8, KvPrecision.BF16, 1, True, (WeightPrecision.BF16, KvPrecision.BF16))
+    # Likewise for the weights (their prior: test_weight_search.py).
+    int8 = Cell(8, 512, WeightPrecision.INT8, KvPrecision.BF16, 1, True)
     with pytest.raises(ValueError, match="cannot predict"):
         factory(int8)
 
