@@ -186,9 +186,9 @@ class TuningSection(_Strict):
                                               "weights); empty: the current one only. A lower precision is "
                                               "recommended only after a canary trial and the quality guard")
     canary_trials: int = Field(default=0, ge=0, le=5, description="configurations tried for real on a canary "
-                                                                  "replica before one is recommended (another KV "
-                                                                  "dtype that failed before any load does not "
-                                                                  "count); 0: none")
+                                                                  "replica before one is recommended (another "
+                                                                  "precision that failed before any load does "
+                                                                  "not count); 0: none")
     canary_requests: int = Field(default=200, ge=20, le=5000, description="requests of one canary trial")
 
     @field_validator("max_num_seqs", "max_num_batched_tokens")

@@ -9,8 +9,10 @@ assumptions, not quotes: pass your own to the what-if.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from controlplane.engines.tiny_model import TinyModelSpec
 
@@ -226,6 +228,24 @@ def model(name: str) -> ModelShape:
     except KeyError:
         raise CatalogError(f"unknown model {name!r}; known: {', '.join(MODELS)} "
                            "(or their Hugging Face ids)") from None
+
+
+def shape_from_hf_config(config: Mapping[str, Any], name: str) -> ModelShape:
+    """A decoder's shape from its Hugging Face config.json (Llama-style keys, as vLLM reads them), so a model the
+    catalog does not list still gets a roofline. Raises CatalogError naming a missing or bad key."""
+    def whole(key: str, default: int | None = None) -> int:
+        value = config.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CatalogError(f"{name}: config.json has no whole number >= 1 for {key!r} (got {value!r})")
+        return value
+
+    hidden, heads = whole("hidden_size"), whole("num_attention_heads")
+    return ModelShape(name, layers=whole("num_hidden_layers"), hidden=hidden, heads=heads,
+                      kv_heads=whole("num_key_value_heads", heads), head_dim=whole("head_dim", hidden // heads),
+                      intermediate=whole("intermediate_size"), vocab=whole("vocab_size"),
+                      tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+                      max_position=whole("max_position_embeddings", 2048), published_params=None,
+                      source=f"{name}: its config.json")
 
 
 def weight_precision(name: str) -> WeightPrecision:

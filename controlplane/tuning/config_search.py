@@ -5,9 +5,9 @@ The model is the one the plane's tuner uses: step costs fitted from a ready repl
 engine samples (`calibrate.calibrated_replica`, per-sequence term and API path), KV capacity from its
 /metrics; the workload is the deployment's recorded trace. The search (`search.search`) then tries the
 batch limits the deployment allows (`spec.tuning`) and sizes the fleet for the target rate. A calibrated
-model predicts the precision it observed: weight quantization and parallelism stay as they are here (the
-catalog prior predicts them for catalog models, `controlplane tune what-if`); another KV-cache dtype the spec
-allows is predicted by a prior (`search_space.CalibratedFactory`) and recommended only after a canary trial,
+model predicts the precision it observed, and parallelism stays as it is; another KV-cache dtype or weight
+quantization the spec allows is predicted by a prior (`search_space.CalibratedFactory`; for weights the
+roofline's ratios where the card and the model's shape are known) and recommended only after a canary trial,
 where a lower one first meets the quality guard against a replica of the running configuration.
 
 Pure parts: `space_for`, `trial_plans`, `judge`, `proposal`. Edges: `SupervisorCanary` (starts a canary through
@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import json
 import logging
 import math
 import time
@@ -44,7 +45,7 @@ from controlplane.tuning.catalog import KvPrecision, WeightPrecision
 from controlplane.tuning.perf_model import EngineArgs
 from controlplane.tuning.recommendations import Proposal
 from controlplane.tuning.search import Canary, CanaryVerdict, SearchOptions, SearchResult, search
-from controlplane.tuning.search_space import Cell, SearchSpace, WeightPrior, roofline_weight_prior
+from controlplane.tuning.search_space import Cell, RooflineWeightPriors, SearchSpace, WeightPriors
 from controlplane.tuning.workload import Workload
 
 T = TypeVar("T")
@@ -66,11 +67,12 @@ def _around(current: int, factors: Sequence[float], lo: int) -> tuple[int, ...]:
     return tuple(sorted({max(lo, int(round(current * f))) for f in factors}))
 
 
-def space_for(engine: EngineConfig, tuning: TuningSection) -> SearchSpace:
+def space_for(engine: EngineConfig, tuning: TuningSection, *, checkpoint: str | None = None) -> SearchSpace:
     """The batch limits to try: the spec's `tuning` lists, or powers of two around the current values (1/4x to
     2x sequences, 1/2x to 2x tokens); and the KV-cache precisions `tuning.kv_cache_dtype` and the weight
     quantizations `tuning.quantization` allow besides the running ones. The current values are always included,
-    so the comparison has them."""
+    so the comparison has them. `checkpoint`: the quantization the checkpoint itself was saved with (its
+    config.json), which no flag can change."""
     if engine.max_num_seqs is None or engine.max_num_batched_tokens is None:
         raise SearchInputError("spec.engine.max_num_seqs and max_num_batched_tokens must be set: the fit of the "
                                "running replica's step costs needs its own limits (vLLM's defaults differ by "
@@ -92,6 +94,10 @@ def space_for(engine: EngineConfig, tuning: TuningSection) -> SearchSpace:
         args.setdefault(catalog.VLLM_KV_CACHE_DTYPE[d], d)
     # Likewise the weights: one --quantization per precision ("none": the checkpoint's own weights), switched by
     # the flag only, so never away from a checkpoint quantized beforehand.
+    if checkpoint is not None and tuning.quantization:
+        raise SearchInputError(f"spec.tuning.quantization: the checkpoint itself is quantized ({checkpoint}, in its "
+                               "config.json's quantization_config); the search cannot change its weights by a flag "
+                               "(serve another checkpoint instead), so allow no other quantization")
     why = quantization_conflict(engine.quantization, tuning.quantization)
     if why is not None:
         raise SearchInputError(f"spec.tuning.quantization: {why}")
@@ -107,44 +113,62 @@ def running_precision(engine: EngineConfig) -> tuple[WeightPrecision, KvPrecisio
     return catalog.vllm_weights(engine.quantization), catalog.VLLM_KV_CACHE_DTYPE[engine.kv_cache_dtype]
 
 
-def _catalog_model(dep: Deployment) -> catalog.ModelShape | None:
-    """The deployment's model in the catalog: the simulated engine's, or the served name's or model directory's
-    when the catalog knows it (the tiny model's shape is in the catalog, but a CPU has no roofline)."""
-    names = [dep.simulated.model] if dep.simulated is not None else [dep.served_name, Path(dep.model_path).name]
-    for name in names:
+def read_hf_config(model_path: str) -> dict[str, Any] | None:
+    """The model directory's config.json, or None where this host cannot read it (a Ray node's path, a
+    simulated deployment, a bad file): then nothing is inferred from it."""
+    try:
+        data = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def checkpoint_quantization(hf_config: Mapping[str, Any] | None) -> str | None:
+    """The quantization a checkpoint was saved with (config.json's quantization_config.quant_method), or None."""
+    qc = (hf_config or {}).get("quantization_config")
+    if not isinstance(qc, Mapping):
+        return None
+    return str(qc.get("quant_method") or "unnamed")
+
+
+def model_shape(dep: Deployment, hf_config: Mapping[str, Any] | None) -> catalog.ModelShape | None:
+    """The deployment's model shape for the roofline: the simulated engine's catalog model, or the shape in the
+    model directory's config.json (never a guess from the served name, which is a client-facing label)."""
+    if dep.simulated is not None:
         try:
-            return catalog.model(name)
+            return catalog.model(dep.simulated.model)
         except catalog.CatalogError:
-            continue
-    return None
+            return None
+    if hf_config is None:
+        return None
+    try:
+        return catalog.shape_from_hf_config(hf_config, Path(dep.model_path).name or dep.served_name)
+    except catalog.CatalogError as exc:
+        log.info("no roofline shape for %s: %s", dep.name, exc)
+        return None
 
 
-def weight_priors(dep: Deployment, space: SearchSpace) -> tuple[tuple[WeightPrecision, WeightPrior], ...]:
-    """The prior of each weight precision the space allows besides the running one: the roofline's ratios when
-    the deployment's accelerator and model are in the catalog, else none (the calibrated figures are kept). A
-    precision the roofline says cannot run there (weights that do not fit, FP8 on a card without it) is
-    rejected by the search's factory with the roofline's reason."""
-    running, kv = running_precision(dep.engine)
-    others = [w for w in space.weights if w != running]
-    shape = _catalog_model(dep)
+def weight_priors(dep: Deployment, shape: catalog.ModelShape | None, workload: Workload) -> WeightPriors | None:
+    """Each cell's weight prior: the roofline's ratios at the cell's limits when the deployment's accelerator is
+    in the catalog and its model's shape is known, else None (the calibrated figures are kept). A precision the
+    roofline says cannot run there (weights that do not fit) is rejected by the search's factory with the
+    roofline's reason."""
     try:
         accel = catalog.accelerator(dep.accelerator)
     except catalog.CatalogError:
-        return ()
-    if not others or shape is None:
-        return ()
+        return None
+    if shape is None:
+        return None
     eng = dep.engine
+    weights, kv = running_precision(eng)
     args = EngineArgs(max_num_seqs=eng.max_num_seqs, max_num_batched_tokens=eng.max_num_batched_tokens,
                       gpu_memory_utilization=eng.gpu_memory_utilization or EngineArgs.gpu_memory_utilization,
                       max_model_len=eng.max_model_len, tensor_parallel_size=eng.tensor_parallel_size,
-                      weights=running, kv_cache=kv)
-    out = []
-    for w in others:
-        try:
-            out.append((w, roofline_weight_prior(shape, accel, args, w)))
-        except ValueError as exc:
-            out.append((w, WeightPrior(basis=f"roofline of {shape.name} on {accel.name}", cannot_run=str(exc))))
-    return tuple(out)
+                      weights=weights, kv_cache=kv)
+    context = 1024
+    if len(workload):
+        context = max(1, int(float(np.mean(workload.prompt_tokens)) + float(np.mean(workload.output_tokens)) / 2))
+    return RooflineWeightPriors(shape, accel, args, context)
 
 
 def quality_check(reference_url: str, candidate_url: str, dep: Deployment) -> quality.QualityVerdict:
@@ -420,7 +444,8 @@ def run_search(store: Any, recs: Any, dep: Deployment, *, ready: Sequence[str], 
     if not objectives:
         raise SearchInputError(f"no latency SLO names deployment {dep.name!r}: the search judges configurations "
                                "by them (add one to the SLO file)")
-    space = space_for(dep.engine, dep.tuning)
+    hf_config = read_hf_config(dep.model_path) if dep.simulated is None else None
+    space = space_for(dep.engine, dep.tuning, checkpoint=checkpoint_quantization(hf_config))
     if not ready:
         raise SearchInputError(f"{dep.name} has no ready replica to calibrate on")
     since = now - params.window_s
@@ -446,7 +471,7 @@ def run_search(store: Any, recs: Any, dep: Deployment, *, ready: Sequence[str], 
                                 tensor_parallel_size=eng.tensor_parallel_size, max_model_len=eng.max_model_len,
                                 usd_per_hour=price, api_path_s=model.api_path_s,
                                 kv_capacity_scales=eng.num_gpu_blocks_override is None,
-                                weight_priors=weight_priors(dep, space))
+                                weight_priors=weight_priors(dep, model_shape(dep, hf_config), wl))
     trials = dep.tuning.canary_trials if params.canary_trials is None else params.canary_trials
     canary = canary_factory(wl, objectives) if trials > 0 and canary_factory is not None else None
     if trials > 0 and canary is None:
@@ -465,9 +490,9 @@ def run_search(store: Any, recs: Any, dep: Deployment, *, ready: Sequence[str], 
                    "gamma_s_per_kv_token": c.gamma_s_per_kv_token, "delta_s_per_seq": c.delta_s_per_seq,
                    "api_path_s": model.api_path_s, "kv_capacity_tokens": model.num_kv_blocks * model.block_size,
                    "observed_max_seqs_per_step": fit.observed_max_seqs,
-                   "weight_priors": {w.value: {"step_scale": factory.weight_prior(w).step_scale,
-                                               "kv_scale": factory.weight_prior(w).kv_scale,
-                                               "basis": factory.weight_prior(w).basis}
+                   # at the running limits; each cell's own limits were used for it
+                   "weight_priors": {w.value: dataclasses.asdict(factory.weight_prior(w, eng.max_num_seqs,
+                                                                                      eng.max_num_batched_tokens))
                                      for w in space.weights if w != weights}}
     workload = {"requests": len(wl), "skipped_rows": wl.skipped_rows, "duration_s": wl.duration_s,
                 "window_s": params.window_s, "not_predicted": list(skipped)}

@@ -12,7 +12,8 @@ Then the replica count for the target load is sized by simulating the fleet (poo
 carry more than N times one), the cheapest fleet among the evaluated cells wins, and optionally the top
 cells are tried for real on a canary (at most `canary_trials` trials); with a canary, only a configuration that
 passed its trial is recommended. Cells that change a running deployment's precision (`Cell.precision_changed`) are
-bounded and sized apart from the others, are never chosen without a canary (`needs_canary`), and a precision that
+bounded and sized per precision, apart from the running one's, are never chosen without a canary (`needs_canary`),
+go after the running precision at an equal cost, and a precision that
 failed before any load on one cell (refused by the quality guard, never ready, or not comparable) is not started
 again on another and does not count as a trial.
 """
@@ -220,8 +221,16 @@ def _evaluate_all(evals: list[_Eval], opts: SearchOptions, exhaustive: bool) -> 
     Cells that change the running precision are bounded apart from the others: they are recommended only once a
     canary proved them, and a bound set by one of them must not leave the running precision's best unevaluated
     for when it fails (or no canary is allowed)."""
-    groups = [[e for e in evals if not e.cell.precision_changed], [e for e in evals if e.cell.precision_changed]]
-    return [c for g in groups if g for c in _bound(g, opts, exhaustive)]
+    groups: dict[tuple[Any, Any] | None, list[_Eval]] = {}
+    for e in evals:
+        groups.setdefault(_group(e.cell), []).append(e)
+    return [c for g in groups.values() for c in _bound(g, opts, exhaustive)]
+
+
+def _group(cell: Cell) -> tuple[Any, Any] | None:
+    """Cells bounded and ranked together: the running precision's (None), and each changed precision's own, so
+    that one precision failing its canary before any load (dropped) never leaves another unevaluated."""
+    return (cell.weights, cell.kv_cache) if cell.precision_changed else None
 
 
 def _bound(evals: list[_Eval], opts: SearchOptions, exhaustive: bool) -> list[Candidate]:
@@ -317,11 +326,11 @@ def search(space: SearchSpace, factory: ReplicaFactory, objectives: Sequence[Obj
         tally.simulations += _sims(e)
         tally.requests += e.probe.requests_simulated
     full = sorted((e for e in evals if e.capacity), key=lambda e: -(e.capacity or 0.0) / e.price)
-    rank: dict[bool, int] = {}  # per group (see _evaluate_all): the running precision keeps its own candidates
+    rank: dict[tuple[Any, Any] | None, int] = {}  # per group (see _evaluate_all): each keeps its own candidates
     sized: list[tuple[float, float, _Eval, int, tuple[Prediction, ...]]] = []
     finals: list[Candidate] = []
     for e in full:
-        group = e.cell.precision_changed
+        group = _group(e.cell)
         rank[group] = rank.get(group, 0) + 1
         if rank[group] > opts.fleet_candidates:
             finals.append(Candidate(e.cell, OUTRANKED, "lower goodput per dollar than the cells sized for the load",
@@ -336,8 +345,9 @@ def search(space: SearchSpace, factory: ReplicaFactory, objectives: Sequence[Obj
         per_dollar = (e.capacity or 0.0) / e.price
         key = n * e.price if opts.goal == "usd_per_hour" else 1.0 / per_dollar
         sized.append((key, -per_dollar, e, n, preds))
-    # At an equal cost the running precision goes first: another one needs a canary and risks quality for nothing.
-    sized.sort(key=lambda s: (s[0], s[1], s[2].cell.precision_changed, s[2].cell))
+    # At an equal cost the running precision goes first, whatever headroom another is predicted to have: another
+    # one needs a canary and risks quality for no saving.
+    sized.sort(key=lambda s: (s[0], s[2].cell.precision_changed, s[1], s[2].cell))
     chosen: tuple[_Eval, int, tuple[Prediction, ...]] | None = None
     validated: bool | None = None if canary is None else False
     passing: Mapping[str, Any] | None = None

@@ -5,6 +5,7 @@ orders the search (best first) before anything is simulated.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from controlplane.tuning.capacity import Objective
-from controlplane.tuning.catalog import Accelerator, KvPrecision, ModelShape, WeightPrecision
+from controlplane.tuning.catalog import Accelerator, CatalogError, KvPrecision, ModelShape, WeightPrecision
 from controlplane.tuning.perf_model import (
     Efficiency,
     EngineArgs,
@@ -174,19 +175,50 @@ def _prior_steps(max_num_seqs: int, max_num_batched_tokens: int, context: int) -
             (max_num_batched_tokens, 0, 1)]
 
 
+@functools.lru_cache(maxsize=512)
 def roofline_weight_prior(model: ModelShape, accelerator: Accelerator, args: EngineArgs,
                           weights: WeightPrecision, context: int = 1024) -> WeightPrior:
-    """The roofline's view of switching `args` to `weights` on this accelerator: the step cost scales by the
-    largest new/old step-time ratio of `_prior_steps` (the smallest gain), the KV capacity by the ratio of the
-    memory left for it. Raises CatalogError (a ValueError) when the new precision cannot run there."""
-    old = roofline(model, accelerator, args)
-    new = roofline(model, accelerator, replace(args, weights=weights))
+    """The roofline's view of switching `args` (batch limits included) to `weights` on this accelerator: the step
+    cost scales by the largest new/old step-time ratio of `_prior_steps` (the smallest gain), the KV capacity by
+    the ratio of the memory left for it. Where the roofline cannot model `args` itself, it claims nothing; where
+    it says the new precision cannot run there (weights that do not fit), the prior says so (`cannot_run`)."""
+    where = f"roofline of {model.name} on {accelerator.name}"
+    try:
+        old = roofline(model, accelerator, args)
+    except CatalogError as exc:
+        return WeightPrior(basis=f"none: the {where} cannot model the running precision here ({exc}); the "
+                                 "calibrated figures are kept")
+    try:
+        new = roofline(model, accelerator, replace(args, weights=weights))
+    except CatalogError as exc:
+        return WeightPrior(basis=where, cannot_run=f"{weights.value} weights: {exc}")
     ratio = max(new.step_cost.step_time(t, kv, s) / old.step_cost.step_time(t, kv, s)
                 for t, kv, s in _prior_steps(old.max_num_seqs, old.max_num_batched_tokens, context))
-    kv = new.memory.kv_capacity_tokens / old.memory.kv_capacity_tokens
-    return WeightPrior(ratio, kv, f"roofline of {model.name} on {accelerator.name}: {args.weights.value} -> "
-                                  f"{weights.value} scales a step by {ratio:.3f} (least gain of a decode, a full "
-                                  f"batch and a prefill chunk) and the KV cache by {kv:.3f}")
+    kv = (new.memory.kv_capacity_tokens / old.memory.kv_capacity_tokens if old.memory.kv_capacity_tokens > 0
+          else 1.0)
+    return WeightPrior(ratio, kv, f"{where}: {args.weights.value} -> {weights.value} at {old.max_num_seqs} "
+                                  f"sequences, {old.max_num_batched_tokens} tokens, {context}-token context: a step "
+                                  f"x{ratio:.3f} (least gain of a decode, a full batch and a prefill chunk), the "
+                                  f"KV cache x{kv:.3f}")
+
+
+@dataclass(frozen=True)
+class RooflineWeightPriors:
+    """Each cell's weight prior from the roofline, at the cell's own batch limits (the ratio moves with the batch:
+    Llama-3.1-8B on an H100, bf16 -> fp8, scales a step by about 0.61 at 16 sequences and 0.86 at 256)."""
+
+    model: ModelShape
+    accelerator: Accelerator
+    running: EngineArgs  # the running configuration: its precision, memory and model length
+    context: int = 1024  # context tokens per decoding sequence (the workload's mean prompt + half its output)
+
+    def __call__(self, weights: WeightPrecision, max_num_seqs: int, max_num_batched_tokens: int) -> WeightPrior:
+        args = replace(self.running, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+        return roofline_weight_prior(self.model, self.accelerator, args, weights, self.context)
+
+
+WeightPriors = Callable[[WeightPrecision, int, int], WeightPrior]
+"""(weights, max_num_seqs, max_num_batched_tokens) -> the prior of that cell's weights."""
 
 
 @dataclass(frozen=True)
@@ -194,10 +226,11 @@ class CalibratedFactory:
     """Replicas from a calibrated step cost (any hardware, CPU included): the batch limits vary; parallelism stays
     as observed (nothing calibrated says how it would move the step cost).
 
-    Another weight precision is predicted by `weight_priors` (the roofline's ratios where the hardware and model
-    are in the catalog; otherwise nothing is claimed and the step cost and KV capacity stay as observed: on vLLM's
-    CPU backend an fp8 weight is converted on every read, and the sign of the change is the hardware's). Either
-    way, such a cell is recommended only after a canary trial has measured it.
+    Another weight precision is predicted by `weight_priors`: the roofline's ratios at the cell's batch limits,
+    where the accelerator is in the catalog and the model's shape is known; otherwise nothing is claimed and the
+    step cost and KV capacity stay as observed (on vLLM's CPU backend an fp8 weight is converted on every read,
+    and the sign of the change is the hardware's). Either way, such a cell is recommended only after a canary
+    trial has measured it.
 
     Another KV-cache precision is predicted by a prior: the KV capacity scales with the bytes per element
     (exact where vLLM sizes the cache from memory; with `kv_capacity_scales` False, as under
@@ -215,10 +248,12 @@ class CalibratedFactory:
     usd_per_hour: float | None = None
     api_path_s: float = 0.0  # the API server's path (calibrate.api_path_s); the batch limits do not move it
     kv_capacity_scales: bool = True  # False: the KV block count is fixed (num_gpu_blocks_override)
-    weight_priors: tuple[tuple[WeightPrecision, WeightPrior], ...] = ()  # absent: WeightPrior() (claims nothing)
+    weight_priors: WeightPriors | None = None  # None: WeightPrior() for every cell (claims nothing)
 
-    def weight_prior(self, weights: WeightPrecision) -> WeightPrior:
-        return dict(self.weight_priors).get(weights, WeightPrior())
+    def weight_prior(self, weights: WeightPrecision, max_num_seqs: int, max_num_batched_tokens: int) -> WeightPrior:
+        if self.weight_priors is None:
+            return WeightPrior()
+        return self.weight_priors(weights, max_num_seqs, max_num_batched_tokens)
 
     def __call__(self, cell: Cell) -> ReplicaModel:
         if cell.tensor_parallel_size != self.tensor_parallel_size or (
@@ -241,7 +276,7 @@ class CalibratedFactory:
                 kv_tokens = int(kv_tokens * self.kv_cache.bytes_per_element / cell.kv_cache.bytes_per_element)
         cost = self.step_cost
         if cell.weights != self.weights:
-            prior = self.weight_prior(cell.weights)
+            prior = self.weight_prior(cell.weights, cell.max_num_seqs, cell.max_num_batched_tokens)
             if prior.cannot_run is not None:
                 raise ValueError(prior.cannot_run)
             cost = scaled(cost, prior.step_scale)

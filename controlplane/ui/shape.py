@@ -360,8 +360,25 @@ def change_rows(current: Mapping[str, Any] | None, proposed: Mapping[str, Any] |
         return out
 
     cur, new = flat(current), flat(proposed)
-    return [{"setting": k, "current": text(cur.get(k)), "proposed": text(new.get(k))}
+    return [{"setting": k, "current": setting_text(k, cur), "proposed": setting_text(k, new)}
             for k in sorted(set(cur) | set(new))]
+
+
+def setting_text(key: str, values: Mapping[str, Any]) -> str:
+    """A configuration value: an engine argument set to None is vLLM's default (for `quantization`, the
+    checkpoint's own weights), not unknown; a setting not recorded at all is unknown."""
+    if key not in values:
+        return UNKNOWN
+    v = values[key]
+    name = key.removeprefix("engine.")
+    if v is None and name in ENGINE_ARGS:
+        return "none (the checkpoint's weights)" if name == "quantization" else "vLLM default"
+    return text(v)
+
+
+# EngineConfig's fields (controlplane.supervisor.spec), where None means vLLM's default.
+ENGINE_ARGS = frozenset({"max_num_seqs", "max_num_batched_tokens", "max_model_len", "quantization",
+                         "gpu_memory_utilization", "num_gpu_blocks_override", "kv_cache_space_gib"})
 
 
 def evidence_parts(evidence: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -394,7 +411,7 @@ def action_rows(actions: Sequence[Mapping[str, Any]], simulated: set[str]) -> li
                      "deployment": text(a.get("deployment")),
                      "replica": label(a.get("replica"), simulated) if a.get("replica") else "-",
                      "reason": text(a.get("reason")), "message": a.get("message") or "",
-                     "config change": ", ".join(f"{k}: {text(before.get(k))} -> {text(after.get(k))}"
+                     "config change": ", ".join(f"{k}: {setting_text(k, before)} -> {setting_text(k, after)}"
                                                 for k in changed)})
     return rows
 

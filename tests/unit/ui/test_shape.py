@@ -128,6 +128,13 @@ def test_change_rows_compare_current_and_proposed_one_level_deep() -> None:
     rows = shape.change_rows({"engine": {"max_num_seqs": 4}}, {"engine": {"max_num_seqs": 8, "quantization": "fp8"}})
     assert rows == [{"setting": "engine.max_num_seqs", "current": "4", "proposed": "8"},
                     {"setting": "engine.quantization", "current": "unknown", "proposed": "fp8"}]
+    # An engine argument set to None is vLLM's default (for quantization, the checkpoint's weights), not unknown.
+    back = shape.change_rows({"engine": {"quantization": "fp8_per_channel", "max_num_seqs": None}},
+                             {"engine": {"quantization": None, "max_num_seqs": 8}, "replicas": None})
+    assert back == [{"setting": "engine.max_num_seqs", "current": "vLLM default", "proposed": "8"},
+                    {"setting": "engine.quantization", "current": "fp8_per_channel",
+                     "proposed": "none (the checkpoint's weights)"},
+                    {"setting": "replicas", "current": "unknown", "proposed": "unknown"}]
 
 
 def test_evidence_is_split_into_inputs_predictions_and_comparison() -> None:
@@ -142,6 +149,9 @@ def test_action_rows_show_only_the_settings_that_changed() -> None:
     rows = shape.action_rows([{"ts_unix_s": 0, "actor": "user", "kind": "reconfigure", "replica": "r",
                                "before_config": {"a": 1, "b": 2}, "after_config": {"a": 1, "b": 3, "c": None}}], {"r"})
     assert rows[0]["config change"] == "b: 2 -> 3" and rows[0]["replica"] == "r (simulated)"
+    w8 = shape.action_rows([{"ts_unix_s": 0, "actor": "tuner", "kind": "reconfigure",
+                             "before_config": {"quantization": None}, "after_config": {"quantization": "fp8"}}], set())
+    assert w8[0]["config change"] == "quantization: none (the checkpoint's weights) -> fp8"
 
 
 def test_history_frame_leaves_steps_without_requests_as_gaps() -> None:
