@@ -230,11 +230,22 @@ def model(name: str) -> ModelShape:
                            "(or their Hugging Face ids)") from None
 
 
+_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
+
+
 def shape_from_hf_config(config: Mapping[str, Any], name: str) -> ModelShape:
-    """A decoder's shape from its Hugging Face config.json (Llama-style keys, as vLLM reads them), so a model the
-    catalog does not list still gets a roofline. Raises CatalogError naming a missing or bad key."""
+    """A dense decoder's shape from its Hugging Face config.json (Llama-style keys, as vLLM reads them), so a model
+    the catalog does not list still gets a roofline. Raises CatalogError naming a missing or bad key, and for a
+    mixture of experts (the roofline models dense layers only). A missing `tie_word_embeddings` is taken as
+    untied, the default of the Llama, Mistral and Qwen2 config classes."""
+    experts = [k for k in _EXPERT_KEYS if config.get(k)]
+    if experts:
+        raise CatalogError(f"{name}: config.json describes a mixture of experts ({', '.join(experts)}); the roofline "
+                           "models dense layers only")
+
     def whole(key: str, default: int | None = None) -> int:
-        value = config.get(key, default)
+        value = config.get(key)
+        value = default if value is None else value
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise CatalogError(f"{name}: config.json has no whole number >= 1 for {key!r} (got {value!r})")
         return value

@@ -113,22 +113,36 @@ def running_precision(engine: EngineConfig) -> tuple[WeightPrecision, KvPrecisio
     return catalog.vllm_weights(engine.quantization), catalog.VLLM_KV_CACHE_DTYPE[engine.kv_cache_dtype]
 
 
-def read_hf_config(model_path: str) -> dict[str, Any] | None:
-    """The model directory's config.json, or None where this host cannot read it (a Ray node's path, a
-    simulated deployment, a bad file): then nothing is inferred from it."""
+def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        data = json.loads((Path(model_path) / "config.json").read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
 
 
-def checkpoint_quantization(hf_config: Mapping[str, Any] | None) -> str | None:
-    """The quantization a checkpoint was saved with (config.json's quantization_config.quant_method), or None."""
-    qc = (hf_config or {}).get("quantization_config")
-    if not isinstance(qc, Mapping):
+def read_hf_config(model_path: str) -> dict[str, Any] | None:
+    """The model directory's config.json, or None where this host cannot read it (a Ray node's path, a
+    simulated deployment, a bad file): then nothing is inferred from it. A separate hf_quant_config.json (older
+    ModelOpt checkpoints; vLLM reads it too) is merged in as its quantization_config."""
+    data = _read_json(Path(model_path) / "config.json")
+    if data is None:
         return None
-    return str(qc.get("quant_method") or "unnamed")
+    extra = _read_json(Path(model_path) / "hf_quant_config.json")
+    if extra is not None and "quantization_config" not in data:
+        data["quantization_config"] = {"quant_method": "modelopt", **extra}
+    return data
+
+
+def checkpoint_quantization(hf_config: Mapping[str, Any] | None) -> str | None:
+    """The quantization a checkpoint was saved with (config.json's quantization_config.quant_method, or the
+    compression_config of older compressed-tensors checkpoints, as vLLM reads them), or None."""
+    for key in ("quantization_config", "compression_config"):
+        qc = (hf_config or {}).get(key)
+        if isinstance(qc, Mapping):
+            return str(qc.get("quant_method") or ("compressed-tensors" if key == "compression_config" else
+                                                   "unnamed"))
+    return None
 
 
 def model_shape(dep: Deployment, hf_config: Mapping[str, Any] | None) -> catalog.ModelShape | None:
@@ -157,9 +171,9 @@ def weight_priors(dep: Deployment, shape: catalog.ModelShape | None, workload: W
         accel = catalog.accelerator(dep.accelerator)
     except catalog.CatalogError:
         return None
-    if shape is None:
-        return None
     eng = dep.engine
+    if shape is None or eng.pipeline_parallel_size != 1:  # the roofline places every weight on each GPU
+        return None
     weights, kv = running_precision(eng)
     args = EngineArgs(max_num_seqs=eng.max_num_seqs, max_num_batched_tokens=eng.max_num_batched_tokens,
                       gpu_memory_utilization=eng.gpu_memory_utilization or EngineArgs.gpu_memory_utilization,

@@ -141,8 +141,8 @@ def test_the_roofline_prior_of_fp8_weights_on_an_h100_is_faster_with_more_kv() -
     up = roofline_weight_prior(seventy, h100, EngineArgs(max_model_len=8192, weights=WeightPrecision.INT4),
                                WeightPrecision.BF16)
     assert up.cannot_run is not None and "does not fit" in up.cannot_run
-    # Where the roofline cannot model the running configuration itself (70B in fp8 does not fit one H100 in its
-    # estimate), it claims nothing, and blames nothing on the candidate.
+    # Where the roofline cannot model the running configuration itself (70B in bf16 does not fit one H100), it
+    # claims nothing, and blames nothing on the candidate.
     none = roofline_weight_prior(seventy, h100, EngineArgs(max_model_len=8192), WeightPrecision.FP8)
     assert (none.step_scale, none.kv_scale, none.cannot_run) == (1.0, 1.0, None)
     assert none.basis.startswith("none: the roofline of Llama-3.1-70B on H100-80GB cannot model")
@@ -226,14 +226,45 @@ def test_the_model_shape_comes_from_the_checkpoints_config_never_from_the_served
         catalog.shape_from_hf_config(bad, "x")
 
 
-def test_a_checkpoint_saved_quantized_cannot_be_switched_by_a_flag(tmp_path: Path) -> None:
+def test_a_checkpoint_saved_quantized_cannot_be_switched_by_a_flag(tmp_path: Path, sqlite_store: Store) -> None:
     assert cs.checkpoint_quantization(LLAMA_8B_CONFIG) is None and cs.checkpoint_quantization(None) is None
     fp8_ckpt = {**LLAMA_8B_CONFIG, "quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic"}}
     assert cs.checkpoint_quantization(fp8_ckpt) == "fp8"
+    assert cs.checkpoint_quantization({**LLAMA_8B_CONFIG, "compression_config": {}}) == "compressed-tensors"
     # vLLM reads it from config.json with no --quantization: "none" would leave the weights in fp8.
     with pytest.raises(cs.SearchInputError, match=r"the checkpoint itself is quantized \(fp8"):
         cs.space_for(ENGINE, TuningSection(quantization=("none",)), checkpoint="fp8")
     assert len(cs.space_for(ENGINE, TuningSection(kv_cache_dtype=("fp8",)), checkpoint="fp8").kv_cache) == 2
+    # The search reads it from the deployment's model directory itself, before anything is fitted or started.
+    record_kv_tight(sqlite_store)
+    (tmp_path / "config.json").write_text(json.dumps(fp8_ckpt))
+    dep = dataclasses.replace(kv_tight(quantization=["fp8_per_channel"]), model_path=str(tmp_path))
+    with pytest.raises(cs.SearchInputError, match=r"the checkpoint itself is quantized \(fp8, in its config"):
+        search(sqlite_store, dep)
+    # An older ModelOpt checkpoint says so in a file of its own.
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_8B_CONFIG))
+    (tmp_path / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "FP8"}}))
+    assert cs.checkpoint_quantization(cs.read_hf_config(str(tmp_path))) == "modelopt"
+
+
+def test_a_real_deployment_on_a_catalog_card_gets_its_prior_from_its_config_json(tmp_path: Path,
+                                                                                 sqlite_store: Store) -> None:
+    record_kv_tight(sqlite_store)
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_8B_CONFIG))
+    dep = dataclasses.replace(kv_tight(quantization=["fp8_per_channel"]), model_path=str(tmp_path),
+                              accelerator="H100-80GB")
+    prior = search(sqlite_store, dep)["evidence"]["calibration"]["weight_priors"]["fp8"]
+    assert prior["basis"].startswith(f"roofline of {tmp_path.name} on H100-80GB: bf16 -> fp8 at 16 sequences")
+    assert prior["step_scale"] < 1 and prior["kv_scale"] > 1
+    # Under pipeline parallelism the roofline would put every weight on each GPU: no prior.
+    piped = dataclasses.replace(dep, engine=dep.engine.with_changes({"pipeline_parallel_size": 2}))
+    assert search(sqlite_store, piped)["evidence"]["calibration"]["weight_priors"]["fp8"]["basis"].startswith("none")
+    # A mixture of experts is not a dense shape: no prior either.
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA_8B_CONFIG, "num_local_experts": 8}))
+    assert cs.model_shape(dep, cs.read_hf_config(str(tmp_path))) is None
+    # A null value is a missing one (its default), not an error.
+    nulls = {**LLAMA_8B_CONFIG, "head_dim": None, "num_key_value_heads": 8}
+    assert catalog.shape_from_hf_config(nulls, "x").head_dim == 128
 
 
 class Refuses:
