@@ -255,13 +255,17 @@ def kv_dtype_conflict(running: str, allowed: Sequence[str]) -> str | None:
     return None
 
 
-def quantization_conflict(running: str | None, allowed: Sequence[str]) -> str | None:
+def quantization_conflict(running: str | None, allowed: Sequence[str], *, checkpoint: str | None = None) -> str | None:
     """Why the search could not switch the weights among `allowed`, or None. It switches by vLLM's flag only, so
-    the running weights must be the checkpoint's own or an online quantization; and it knows bytes per weight
-    only, so two quantizations of one width (fp8 and fp8_per_channel, the running one included) would be one
-    cell."""
+    the running weights must be the checkpoint's own (not saved quantized: `checkpoint`, from its config.json, when
+    known) or an online quantization; and it knows bytes per weight only, so two quantizations of one width (fp8
+    and fp8_per_channel, the running one included) would be one cell."""
     if not allowed:
         return None
+    if checkpoint is not None:
+        return (f"the checkpoint itself is quantized ({checkpoint}, in its config.json's quantization_config); the "
+                "search cannot change its weights by a flag (serve another checkpoint instead), so allow no other "
+                "quantization")
     if running is not None and running not in catalog.ONLINE_QUANTIZATION:
         return (f"the running weights come from a checkpoint quantized with {running}; the search cannot change "
                 "them by a flag (serve another checkpoint instead), so allow no other quantization")

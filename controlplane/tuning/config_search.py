@@ -94,11 +94,7 @@ def space_for(engine: EngineConfig, tuning: TuningSection, *, checkpoint: str | 
         args.setdefault(catalog.VLLM_KV_CACHE_DTYPE[d], d)
     # Likewise the weights: one --quantization per precision ("none": the checkpoint's own weights), switched by
     # the flag only, so never away from a checkpoint quantized beforehand.
-    if checkpoint is not None and tuning.quantization:
-        raise SearchInputError(f"spec.tuning.quantization: the checkpoint itself is quantized ({checkpoint}, in its "
-                               "config.json's quantization_config); the search cannot change its weights by a flag "
-                               "(serve another checkpoint instead), so allow no other quantization")
-    why = quantization_conflict(engine.quantization, tuning.quantization)
+    why = quantization_conflict(engine.quantization, tuning.quantization, checkpoint=checkpoint)
     if why is not None:
         raise SearchInputError(f"spec.tuning.quantization: {why}")
     quants: dict[WeightPrecision, str] = {weights: engine.quantization or "none"}

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import fields
 from datetime import UTC, datetime
 from typing import Any
 
 import pandas as pd
+
+from controlplane.supervisor.spec import EngineConfig
 
 UNKNOWN = "unknown"
 NO_DATA = "no data"
@@ -376,9 +379,8 @@ def setting_text(key: str, values: Mapping[str, Any]) -> str:
     return text(v)
 
 
-# EngineConfig's fields (controlplane.supervisor.spec), where None means vLLM's default.
-ENGINE_ARGS = frozenset({"max_num_seqs", "max_num_batched_tokens", "max_model_len", "quantization",
-                         "gpu_memory_utilization", "num_gpu_blocks_override", "kv_cache_space_gib"})
+# EngineConfig's fields whose None means vLLM's default.
+ENGINE_ARGS = frozenset(f.name for f in fields(EngineConfig) if f.default is None)
 
 
 def evidence_parts(evidence: Mapping[str, Any] | None) -> dict[str, Any]:
