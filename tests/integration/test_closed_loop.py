@@ -56,7 +56,7 @@ def test_burst_breaks_the_ttft_slo_and_the_tuner_adds_a_replica_that_restores_it
         plane.stop()
 
     log = (tmp_path / "plane.log").read_text(errors="replace")[-3000:]
-    story = timeline(result, requests, cfg.ttft_threshold_s)
+    story = timeline(result, requests, cfg.ttft_threshold_s) + "\n" + diagnosis(tmp_path, result.started_unix_s)
     assert result.notes == [], f"{result.notes}\n{story}\nplane log tail:\n{log}"
     # The rates came from the probe of one replica: steady well under it, the burst past it.
     assert result.probed_rps is not None and result.probed_rps > 0
@@ -68,10 +68,10 @@ def test_burst_breaks_the_ttft_slo_and_the_tuner_adds_a_replica_that_restores_it
     s_share, s_n = attainment(requests, cfg.ttft_threshold_s, *steady)
     b_share, b_n = attainment(requests, cfg.ttft_threshold_s, *burst)
     r_share, r_n = attainment(requests, cfg.ttft_threshold_s, *recovered)
-    assert s_n > 30 and s_share is not None and s_share >= cfg.objective, (s_share, s_n, story)
-    assert b_n > 100 and b_share is not None and b_share < cfg.objective, (b_share, b_n, story)
+    assert s_n > 30 and s_share is not None and s_share >= cfg.objective, f"{(s_share, s_n)}\n{story}"
+    assert b_n > 100 and b_share is not None and b_share < cfg.objective, f"{(b_share, b_n)}\n{story}"
     # ... and was met again once the second replica served, at the same burst rate.
-    assert r_n > 200 and r_share is not None and r_share >= cfg.objective, f"{(r_share, r_n)}\n{story}\n{log}"
+    assert r_n > 200 and r_share is not None and r_share >= cfg.objective, f"{(r_share, r_n)}\n{story}"
     assert result.scaled_unix_s is not None
 
     db = sqlite3.connect(tmp_path / "controlplane.db")
@@ -151,4 +151,24 @@ def timeline(result: LoopResult, requests: list[dict[str, Any]], threshold_s: fl
         share, n = attainment(rows, threshold_s, -math.inf, math.inf)
         lines.append(f"  {k * step_s:5.0f} s: {n} requests, {share if share is None else round(share, 3)} within, "
                      f"per replica {per}")
+    return "\n".join(lines)
+
+
+def diagnosis(data_dir: Path, t0: float, step_s: float = 15.0) -> str:
+    """What tells a request lost between vLLM and the store from a loop that went wrong: every step_s, the
+    requests the router proxied next to those whose `llm_request` span was stored (matched by trace id), and
+    the warnings of the plane and the replicas' lines about exporting spans."""
+    lines = ["router-proxied vs stored (by trace id), per step:"]
+    with sqlite3.connect(data_dir / "controlplane.db") as db:
+        rows = db.execute("SELECT CAST((r.started_unix_s - ?) / ? AS INTEGER) AS k, count(*), count(q.id) "
+                          "FROM router_spans r LEFT JOIN requests q ON q.trace_id = r.trace_id "
+                          "GROUP BY k ORDER BY k", (t0, step_s)).fetchall()
+    lines += [f"  {k * step_s:5.0f} s: {n} proxied, {stored} stored" for k, n, stored in rows]
+    plane = (data_dir / "plane.log").read_text(errors="replace").splitlines()
+    lines += ["plane warnings:"] + [x[:300] for x in plane if " WARNING " in x or " ERROR " in x][-30:]
+    for log in sorted((data_dir / "replicas").glob("*.log")):
+        hits = [x[:300] for x in log.read_text(errors="replace").splitlines()
+                if any(w in x.lower() for w in ("export", "otlp", "grpc", "span")) and "non-default args" not in x
+                and "Initializing a V1" not in x]
+        lines += [f"{log.name}, lines about spans:"] + hits[-15:]
     return "\n".join(lines)
