@@ -137,6 +137,7 @@ PLANE_REPLICA_RESTARTS: Final = "controlplane_replica_restarts"  # Counter {depl
 PLANE_REPLICA_RESTARTS_TOTAL: Final = "controlplane_replica_restarts_total"
 PLANE_COST_PER_MTOK: Final = "controlplane_cost_per_million_tokens_usd"  # {deployment}
 PLANE_COST_USD_PER_HOUR: Final = "controlplane_cost_usd_per_hour"  # {deployment}
+PLANE_SPAN_COVERAGE: Final = "controlplane_span_coverage_ratio"  # {replica}: served requests with a stored span
 PLANE_TUNER_DECISIONS: Final = "controlplane_tuner_decisions"  # counter {deployment, action, reason}; exposed _total
 PLANE_TUNER_DECISIONS_TOTAL: Final = "controlplane_tuner_decisions_total"
 PLANE_TUNER_CAPACITY_RPS: Final = "controlplane_tuner_capacity_rps"  # {deployment}

@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import httpx
 import uvicorn
@@ -21,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from collectors.gpu.collector import GpuCollector
 from collectors.otlp.receiver import Ingestor, grpc_server, http_app
 from collectors.scrape_loop import EngineScraper, Target
-from controlplane import cost
+from controlplane import cost, coverage
 from controlplane.api.app import create_app
 from controlplane.api.queries import cost_source
 from controlplane.settings import Settings
@@ -133,6 +134,7 @@ class Plane:
             self.registry.register(cost.CostCollector(
                 cost_source(self.engine, watched_price=s.watched_price_per_replica_hour_usd, max_gap_s=gap),
                 window_s=s.cost_interval_s * 5))
+            self.registry.register(coverage.SpanCoverageCollector(partial(coverage.span_coverage, self.engine)))
             if self.monitor is not None:
                 self.alerter = await asyncio.to_thread(
                     Alerter, self.engine, alertmanager_url=s.alertmanager_url, resend_s=s.slo_interval_s,

@@ -16,7 +16,9 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from controlplane import names
 from controlplane.demo_loop import LoopConfig, LoopResult, PlaneProcess, run_closed_loop, wait_ready, write_specs
 from controlplane.report import attainment
 from tests.conftest import free_port
@@ -46,6 +48,7 @@ def test_burst_breaks_the_ttft_slo_and_the_tuner_adds_a_replica_that_restores_it
         result = run_closed_loop(cfg, router_url=plane.router_url, api_url=plane.api_url, token=token)
         requests = httpx.get(plane.api_url + "/api/v1/requests",
                              params={"since": result.started_unix_s, "limit": 10_000}).json()["items"]
+        metrics = httpx.get(plane.api_url + "/metrics").text
         # Then a configuration search on what the loop recorded, with one real canary trial, through the CLI.
         search = subprocess.run([exe, "tune", "search", cfg.deployment, "--api", plane.api_url, "--canary", "1",
                                  "--window-s", "3600", "--timeout-s", "600", "--mode", "recommend"], env=env,
@@ -104,6 +107,10 @@ def test_burst_breaks_the_ttft_slo_and_the_tuner_adds_a_replica_that_restores_it
         assert fired >= 1 and result.alert_fired_unix_s is not None
     if result.alert_fired_unix_s is not None:
         assert fired >= 1
+    # The plane's own count of served requests whose span it stored, over the 5 minutes before the last 30 s.
+    coverage = {s.labels["replica"]: s.value for f in text_string_to_metric_families(metrics) for s in f.samples
+                if s.name == names.PLANE_SPAN_COVERAGE}
+    assert coverage.get("tiny-0", 0.0) >= 0.99 and coverage.get("tiny-1", 0.0) >= 0.99, f"{coverage}\n{story}"
     # the requests that failed at the client are few next to those served (the router retries, never drops)
     failed = [s for s in result.sent if not s.result.ok]
     assert len(failed) <= 0.01 * len(result.sent), failed[:3]
