@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW_S = 300.0
 DEFAULT_GRACE_S = 30.0
+MAX_REQUEST_S = 600.0  # requests that ran longer than this are not counted
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,15 @@ class Coverage:
 
 
 def span_coverage(engine: Engine, since: float, until: float) -> dict[str, Coverage]:
-    """Per replica the router answered from: requests that ended in [since, until) with status 200, and how
-    many of them have a stored `llm_request` span with the same trace id."""
+    """Per replica the router answered from: requests that started at most `MAX_REQUEST_S` before `since`,
+    ended in [since, until) with a complete 200 response, and how many of them have a stored `llm_request`
+    span with the same trace id. (The bound on the start lets the query range-scan the started index instead
+    of reading every router span ever stored.)"""
     rs = RouterSpan
     stored = exists().where(Request.trace_id == rs.trace_id)
     stmt = (select(rs.replica, func.count(), func.count().filter(stored))
-            .where(and_(rs.ended_unix_s >= since, rs.ended_unix_s < until, rs.status == 200,
+            .where(and_(rs.started_unix_s >= since - MAX_REQUEST_S, rs.started_unix_s < until,
+                        rs.ended_unix_s >= since, rs.ended_unix_s < until, rs.status == 200, rs.ok.is_(True),
                         rs.replica.is_not(None)))
             .group_by(rs.replica))
     with engine.connect() as conn:

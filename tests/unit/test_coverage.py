@@ -35,6 +35,8 @@ def test_requests_served_without_a_stored_span_are_counted_per_replica(store: St
     writer.record(served(21, None, 1005.0, status=503))  # no replica answered: not counted
     writer.record(served(22, "tiny-0", 900.0))  # ended before the window
     writer.record(served(23, "tiny-0", 1100.0))  # ended after it
+    writer.record(RouterRecord(f"{24:032x}", f"{24:016x}", None, None, "tiny-0", 1000.0, 1001.0, 200, False))
+    # ^ the client left mid-stream: vLLM aborted it, no complete response, not counted
     writer.close()
     store.write_spans([vllm_span(k, "tiny-0", 999.0 + k) for k in range(7)]
                       + [vllm_span(k, "tiny-1", 999.0 + k) for k in range(10, 14)], [])
