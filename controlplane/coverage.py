@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, and_, exists, func, select
 
 from controlplane import names
-from controlplane.store.models import Request, RouterSpan
+from controlplane.store.models import Deployment, Replica, Request, RouterSpan
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ MAX_REQUEST_S = 600.0  # requests that ran longer than this are not counted
 class Coverage:
     served: int  # requests the router proxied to this replica and answered with 200
     with_span: int  # of those, the ones whose llm_request span is stored
+    deployment: str | None = None  # the replica's deployment, None when the plane does not know the replica
 
     @property
     def ratio(self) -> float | None:
@@ -46,17 +47,19 @@ def span_coverage(engine: Engine, since: float, until: float) -> dict[str, Cover
     of reading every router span ever stored.)"""
     rs = RouterSpan
     stored = exists().where(Request.trace_id == rs.trace_id)
-    stmt = (select(rs.replica, func.count(), func.count().filter(stored))
+    stmt = (select(rs.replica, Deployment.name, func.count(), func.count().filter(stored))
+            .outerjoin(Replica, Replica.name == rs.replica)
+            .outerjoin(Deployment, Deployment.id == Replica.deployment_id)
             .where(and_(rs.started_unix_s >= since - MAX_REQUEST_S, rs.started_unix_s < until,
                         rs.ended_unix_s >= since, rs.ended_unix_s < until, rs.status == 200, rs.ok.is_(True),
                         rs.replica.is_not(None)))
-            .group_by(rs.replica))
+            .group_by(rs.replica, Deployment.name))
     with engine.connect() as conn:
-        return {str(r): Coverage(int(n), int(m)) for r, n, m in conn.execute(stmt)}
+        return {str(r): Coverage(int(n), int(m), d) for r, d, n, m in conn.execute(stmt)}
 
 
 class SpanCoverageCollector(Collector):
-    """`controlplane_span_coverage_ratio{replica}` over the requests that ended between `window_s + grace_s`
+    """`controlplane_span_coverage_ratio{deployment, replica}` over the requests that ended between `window_s + grace_s`
     and `grace_s` ago, computed at scrape time. No series for a replica the router served nothing from there,
     and none at all when the read fails (logged): a missing figure, never a zero."""
 
@@ -80,9 +83,9 @@ class SpanCoverageCollector(Collector):
         g = GaugeMetricFamily(names.PLANE_SPAN_COVERAGE,
                               f"Share of the requests the router served (status 200, ended {self.grace_s:g}-"
                               f"{self.window_s + self.grace_s:g} s ago) whose llm_request span is stored",
-                              labels=[names.LABEL_REPLICA])
+                              labels=[names.LABEL_DEPLOYMENT, names.LABEL_REPLICA])
         for replica, cov in sorted(per_replica.items()):
             if cov.ratio is not None:
-                g.add_metric([replica], cov.ratio)
+                g.add_metric([cov.deployment or "", replica], cov.ratio)
         if g.samples:
             yield g

@@ -1,5 +1,6 @@
 """Operational alerts that are not about one SLO: KV cache saturation, preemptions, replicas down or
-crash-looping, failing scrapes, GPU XID errors and temperature, cost per million tokens (pure; no I/O).
+crash-looping, failing scrapes, spans missing from the store, GPU XID errors and temperature, cost per million
+tokens (pure; no I/O).
 
 They cover every deployment at once (`by (deployment, replica)`), so they carry `deployment` from the series and
 no `slo` label. Annotation templates use only `{{ $labels.X }}`, which the promtool tests expand exactly.
@@ -95,6 +96,17 @@ def operational_alerts(options: RuleOptions | None = None) -> list[OperationalAl
             "see this target.", o),
             "Check that the target is up and reachable from Prometheus; a replica that stopped answering /metrics "
             "is often overloaded or hung."),
+        OperationalAlert(_alert(
+            names.ALERT_SPANS_MISSING, Binary("<", Aggregate("min", Selector(names.PLANE_SPAN_COVERAGE),
+                                                             by=DEP_REPLICA), Number(o.span_coverage_ratio)),
+            "ticket", o.span_coverage_for_s,
+            f"Spans of {rep} are missing from the store",
+            f"Fewer than {o.span_coverage_ratio:.0%} of the requests the router served from {rep} have their "
+            f"llm_request span stored ({names.PLANE_SPAN_COVERAGE}) for {format_duration(o.span_coverage_for_s)}: "
+            "its SLOs are judged on a sample, and cost per tenant misses tokens.", o),
+            "vLLM's exporter drops a batch after 10 s of failed retries. Look for `OTLP batch not stored` in the "
+            "plane's log (a locked or unreachable store) and for export errors in the replica's engine log "
+            "(`data/logs/`); check that the replica's `--otlp-traces-endpoint` is the plane's OTLP port."),
         OperationalAlert(_alert(
             names.ALERT_GPU_XID, Binary(">", over_time("max", Selector(names.DCGM_XID), o.gpu_xid_window_s),
                                         Number(0)), "ticket", 0.0,

@@ -81,6 +81,10 @@ def _cases(o: RuleOptions, i: float, n: int) -> list[Case]:
             (names.PROM_UP, {"job": "vllm", "instance": "127.0.0.1:8100", **_rep("tiny", "tiny-0")}, flat(0)),
             (names.PROM_UP, {"job": "vllm", "instance": "127.0.0.1:8101", **_rep("tiny", "tiny-1")}, flat(1))),
             ({"job": "vllm", "instance": "127.0.0.1:8100", **_rep("tiny", "tiny-0")},), 0.0),
+        Case(names.ALERT_SPANS_MISSING, (
+            (names.PLANE_SPAN_COVERAGE, _rep("tiny", "tiny-0"), flat(o.span_coverage_ratio / 2)),
+            (names.PLANE_SPAN_COVERAGE, _rep("tiny", "tiny-1"), flat(1))),
+            (_rep("tiny", "tiny-0"),), 0.0),
         Case(names.ALERT_GPU_XID, (
             (names.DCGM_XID, _gpu(0), xid), (names.DCGM_XID, _gpu(1), flat(0))),
             (_gpu(0),), xid_at * i, xid_at * i + o.gpu_xid_window_s + i),
@@ -106,7 +110,8 @@ def operational_test_file(rule_file: str, options: RuleOptions | None = None) ->
     rules = {a.rule.alert: a.rule for a in operational_alerts(o)}
     seconds = [int(round(x)) for x in (60, o.kv_cache_for_s, o.preemptions_for_s, o.replica_down_for_s,
                                        o.deployment_down_for_s, o.scrape_failing_for_s, o.gpu_temp_for_s,
-                                       o.gpu_xid_window_s, o.cost_for_s, o.crashloop_window_s) if x]
+                                       o.gpu_xid_window_s, o.cost_for_s, o.crashloop_window_s,
+                                       o.span_coverage_for_s) if x]
     i = float(math.gcd(*seconds))
     longest = max(r.for_s for r in rules.values()) + o.gpu_xid_window_s + o.crashloop_window_s
     n = int(longest // i) + 12

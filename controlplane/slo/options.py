@@ -41,6 +41,8 @@ class RuleOptions:
     gpu_xid_window_s: float = 300.0
     cost_budget_per_million_tokens_usd: float | None = None  # None: no cost alert
     cost_for_s: float = 1800.0
+    span_coverage_ratio: float = 0.99  # below this share of served requests with a stored span, spans are lost
+    span_coverage_for_s: float = 600.0
     page_webhook_url: str | None = None  # Alertmanager receivers; None: a receiver with no integration
     ticket_webhook_url: str | None = None
 
@@ -65,6 +67,8 @@ class OptionsBody(_Spec):
     gpu_xid_window: Duration = RuleOptions.gpu_xid_window_s
     cost_budget_per_million_tokens_usd: Annotated[float | None, Field(gt=0)] = None
     cost_for: DurationOrZero = RuleOptions.cost_for_s
+    span_coverage_ratio: Annotated[float, Field(gt=0, le=1)] = RuleOptions.span_coverage_ratio
+    span_coverage_for: DurationOrZero = RuleOptions.span_coverage_for_s
     page_webhook_url: str | None = None
     ticket_webhook_url: str | None = None
 
@@ -93,6 +97,7 @@ def load_options(path: Path) -> RuleOptions:
         crashloop_window_s=body.crashloop_window, scrape_failing_for_s=body.scrape_failing_for,
         gpu_temp_c=body.gpu_temp_c, gpu_temp_for_s=body.gpu_temp_for, gpu_xid_window_s=body.gpu_xid_window,
         cost_budget_per_million_tokens_usd=body.cost_budget_per_million_tokens_usd, cost_for_s=body.cost_for,
+        span_coverage_ratio=body.span_coverage_ratio, span_coverage_for_s=body.span_coverage_for,
         page_webhook_url=body.page_webhook_url, ticket_webhook_url=body.ticket_webhook_url)
 
 

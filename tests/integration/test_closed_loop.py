@@ -108,9 +108,10 @@ def test_burst_breaks_the_ttft_slo_and_the_tuner_adds_a_replica_that_restores_it
     if result.alert_fired_unix_s is not None:
         assert fired >= 1
     # The plane's own count of served requests whose span it stored, over the 5 minutes before the last 30 s.
-    coverage = {s.labels["replica"]: s.value for f in text_string_to_metric_families(metrics) for s in f.samples
-                if s.name == names.PLANE_SPAN_COVERAGE}
-    assert coverage.get("tiny-0", 0.0) >= 0.99 and coverage.get("tiny-1", 0.0) >= 0.99, f"{coverage}\n{story}"
+    coverage = {(s.labels["deployment"], s.labels["replica"]): s.value for f in text_string_to_metric_families(metrics)
+                for s in f.samples if s.name == names.PLANE_SPAN_COVERAGE}
+    assert coverage.get(("tiny", "tiny-0"), 0.0) >= 0.99 and coverage.get(("tiny", "tiny-1"), 0.0) >= 0.99, \
+        f"{coverage}\n{story}"
     # the requests that failed at the client are few next to those served (the router retries, never drops)
     failed = [s for s in result.sent if not s.result.ok]
     assert len(failed) <= 0.01 * len(result.sent), failed[:3]

@@ -38,19 +38,23 @@ def test_requests_served_without_a_stored_span_are_counted_per_replica(store: St
     writer.record(RouterRecord(f"{24:032x}", f"{24:016x}", None, None, "tiny-0", 1000.0, 1001.0, 200, False))
     # ^ the client left mid-stream: vLLM aborted it, no complete response, not counted
     writer.close()
+    dep = store.save_deployment("tiny", model="tiny", spec={}, desired_replicas=1, engine_config={})
+    store.save_replica("tiny-0", deployment_id=dep, url=None, backend="local", state="ready", runtime=None,
+                       config=None)  # tiny-1 is unknown to the plane (a replica row only from its spans)
     store.write_spans([vllm_span(k, "tiny-0", 999.0 + k) for k in range(7)]
                       + [vllm_span(k, "tiny-1", 999.0 + k) for k in range(10, 14)], [])
     got = span_coverage(store.engine, 950.0, 1050.0)
-    assert got == {"tiny-0": Coverage(10, 7), "tiny-1": Coverage(4, 4)}
+    assert got == {"tiny-0": Coverage(10, 7, "tiny"), "tiny-1": Coverage(4, 4, None)}
     assert got["tiny-0"].ratio == pytest.approx(0.7) and got["tiny-1"].ratio == 1.0
     assert span_coverage(store.engine, 0.0, 10.0) == {}
 
 
-def metric(source: object, now: float = 2000.0) -> dict[str, float]:
+def metric(source: object, now: float = 2000.0) -> dict[tuple[str, str], float]:
     registry = CollectorRegistry()
     registry.register(SpanCoverageCollector(source, window_s=300.0, grace_s=30.0,  # type: ignore[arg-type]
                                             clock=lambda: now))
-    return {s.labels[names.LABEL_REPLICA]: s.value for m in registry.collect() for s in m.samples}
+    return {(s.labels[names.LABEL_DEPLOYMENT], s.labels[names.LABEL_REPLICA]): s.value
+            for m in registry.collect() for s in m.samples}
 
 
 def test_the_gauge_covers_the_window_before_the_grace_and_is_absent_when_unknown() -> None:
@@ -58,9 +62,10 @@ def test_the_gauge_covers_the_window_before_the_grace_and_is_absent_when_unknown
 
     def source(since: float, until: float) -> Mapping[str, Coverage]:
         asked.append((since, until))
-        return {"a": Coverage(4, 3), "b": Coverage(0, 0)}
+        return {"a-0": Coverage(4, 3, "a"), "b-0": Coverage(0, 0, "b"), "x": Coverage(2, 2)}
 
-    assert metric(source) == {"a": 0.75}  # b served nothing: no series, not 0 and not 1
+    # b-0 served nothing: no series, not 0 and not 1; x is a replica the plane has no deployment for
+    assert metric(source) == {("a", "a-0"): 0.75, ("", "x"): 1.0}
     assert asked == [(1670.0, 1970.0)]
 
     def broken(_since: float, _until: float) -> Mapping[str, Coverage]:

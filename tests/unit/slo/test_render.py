@@ -76,12 +76,15 @@ def test_warnings_reach_the_user(tmp_path: Path) -> None:
 
 def test_options_come_from_the_alerting_file_next_to_the_output(tmp_path: Path) -> None:
     (tmp_path / "alerting.yaml").write_text("apiVersion: controlplane/v1\nkind: AlertingOptions\nspec:\n"
-                                            "  cost_budget_per_million_tokens_usd: 3\n  kv_cache_for: 2m\n")
+                                            "  cost_budget_per_million_tokens_usd: 3\n  kv_cache_for: 2m\n"
+                                            "  span_coverage_ratio: 0.95\n  span_coverage_for: 15m\n")
     assert load_options(tmp_path / "alerting.yaml") == RuleOptions(cost_budget_per_million_tokens_usd=3.0,
-                                                                   kv_cache_for_s=120.0)
+                                                                   kv_cache_for_s=120.0, span_coverage_ratio=0.95,
+                                                                   span_coverage_for_s=900.0)
     render([SLOS], tmp_path)
     text = (tmp_path / "rules" / "operational.rules.yaml").read_text()
     assert "controlplane_cost_per_million_tokens_usd) > 3" in text and "for: 2m" in text
+    assert "(controlplane_span_coverage_ratio) < 0.95\n    for: 15m" in text
 
 
 def test_a_bad_options_file_names_the_field(tmp_path: Path) -> None:

@@ -157,7 +157,7 @@ def test_every_alert_carries_runbook_summary_description_and_severity() -> None:
     options = RuleOptions(cost_budget_per_million_tokens_usd=2.0, runbook_base_url="https://runbooks.example/x.md")
     burn = [a for g in slo_rules([make_slo(), make_slo("e", sli="error_rate")], options).groups for a in g.alerts()]
     ops = operational_group(options).alerts()
-    assert len(burn) == 8 and len(ops) == 9
+    assert len(burn) == 8 and len(ops) == 10
     for alert in [*burn, *ops]:
         annotations = dict(alert.annotations)
         assert set(annotations) == {"summary", "description", "runbook_url"}, alert.alert
@@ -183,6 +183,7 @@ def test_operational_alerts_read_the_series_names_module_owns() -> None:
         "(max by (deployment, replica) (controlplane_replica_crashloop) == 1) or "
         "(sum by (deployment, replica) (increase(controlplane_replica_restarts_total[15m])) >= 3)")
     assert exprs[names.ALERT_SCRAPE_FAILING] == "up == 0"
+    assert exprs[names.ALERT_SPANS_MISSING] == "min by (deployment, replica) (controlplane_span_coverage_ratio) < 0.99"
     assert exprs[names.ALERT_GPU_XID] == "max_over_time(DCGM_FI_DEV_XID_ERRORS[5m]) > 0"
     assert exprs[names.ALERT_GPU_TEMP] == "DCGM_FI_DEV_GPU_TEMP > 85"
     assert exprs[names.ALERT_COST] == "max by (deployment) (controlplane_cost_per_million_tokens_usd) > 2"
