@@ -17,6 +17,7 @@ from controlplane.grafana.render import app as dashboards_app
 from controlplane.settings import Settings
 from controlplane.slo.render import app as slo_app
 from controlplane.tuning.whatif import app as tune_app
+from controlplane.ui.client import ENV_API_URL
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="SLO control plane for vLLM fleets.")
@@ -164,17 +165,18 @@ def demo(
 
 @app.command()
 def ui(
-    api_url: Annotated[str | None, typer.Option(help="The plane's REST API (default: from CONTROLPLANE_BIND_HOST "
-                                                     "and CONTROLPLANE_API_PORT).")] = None,
+    api_url: Annotated[str | None, typer.Option(help="The plane's REST API (default: CONTROLPLANE_API_URL, else "
+                                                     "from CONTROLPLANE_BIND_HOST and CONTROLPLANE_API_PORT).")]
+    = None,
     host: Annotated[str, typer.Option(help="Address the app listens on (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port of the app.", min=1, max=65535)] = 8501,
 ) -> None:
     """Run the Streamlit app. It reads only the REST API; CONTROLPLANE_API_TOKEN enables Apply / Dismiss."""
     from controlplane.ui.launch import streamlit_argv
 
-    if api_url is None:  # the plane this machine's settings describe, as `tune search` does
+    if api_url is None:  # the URL the app itself reads, else the plane this machine's settings describe
         s = _settings()
-        api_url = f"http://{s.bind_host}:{s.api_port}"
+        api_url = os.environ.get(ENV_API_URL) or s.local_url(s.api_port)
     try:
         argv = streamlit_argv(api_url, host, port)
     except ValueError as exc:

@@ -103,8 +103,7 @@ def run_demo(settings: Settings, console: Console, *, engine: str = "vllm", keep
     if s.alertmanager_url:
         env["CONTROLPLANE_ALERTMANAGER_URL"] = s.alertmanager_url
     exe = str(Path(sys.executable).parent / "controlplane")
-    api_url = f"http://{s.bind_host}:{s.api_port}"
-    router_url = f"http://{s.bind_host}:{s.router_port}"
+    api_url, router_url = s.local_url(s.api_port), s.local_url(s.router_port)
     plane = PlaneProcess([exe, "up", "--config", str(dep_path), "--slo", str(slo_path)], env,
                          run_dir / "plane.log", api_url, router_url)
     ui_proc: subprocess.Popen[bytes] | None = None

@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     def _expand(cls, v: Path) -> Path:
         return v.expanduser()
 
+    def local_url(self, port: int) -> str:
+        """How a process on this host reaches a server of the plane listening on `bind_host`:`port`. A wildcard
+        address is reached on loopback, and an IPv6 literal gets its brackets."""
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.bind_host, self.bind_host)
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url

@@ -69,7 +69,8 @@ def operational_alerts(options: RuleOptions | None = None) -> list[OperationalAl
             f"Replica {rep} is not ready",
             f"The control plane reports replica {rep} not ready ({names.PLANE_REPLICA_UP} == 0) for "
             f"{format_duration(o.replica_down_for_s)}.", o),
-            "Read the replica's engine log (`data/logs/`) and lifecycle events (`GET /api/v1/events`). The "
+            "Read the replica's engine log (`replicas/<replica>.log` in the plane's data directory, `data/` by "
+            "default) and lifecycle events (`GET /api/v1/events`). The "
             "supervisor restarts it; if it does not come back, check GPU memory and the last configuration change."),
         OperationalAlert(_alert(
             names.ALERT_DEPLOYMENT_DOWN, Binary("==", Aggregate("max", Selector(names.PLANE_REPLICA_UP),
@@ -106,7 +107,8 @@ def operational_alerts(options: RuleOptions | None = None) -> list[OperationalAl
             "its SLOs are judged on a sample, and cost per tenant misses tokens.", o),
             "vLLM's exporter drops a batch after 10 s of failed retries. Look for `OTLP batch not stored` in the "
             "plane's log (a locked or unreachable store) and for export errors in the replica's engine log "
-            "(`data/logs/`); check that the replica's `--otlp-traces-endpoint` is the plane's OTLP port."),
+            "(`replicas/<replica>.log` in the plane's data directory); check that the replica's "
+            "`--otlp-traces-endpoint` is the plane's OTLP port."),
         OperationalAlert(_alert(
             names.ALERT_GPU_XID, Binary(">", over_time("max", Selector(names.DCGM_XID), o.gpu_xid_window_s),
                                         Number(0)), "ticket", 0.0,

@@ -251,3 +251,5 @@ class RouterSpan(Base):
     ended_unix_s: Mapped[float]
     status: Mapped[int | None]  # HTTP status sent to the client; NULL: the client left before any
     ok: Mapped[bool] = mapped_column(Boolean)  # a complete response with a status below 500
+    method: Mapped[str | None] = mapped_column(String(16))  # NULL: rows stored before migration 0006
+    path: Mapped[str | None] = mapped_column(String(300))  # without the query string

@@ -116,6 +116,8 @@ class RouterRecord:
     ended_unix_s: float
     status: int | None  # sent to the client; None when the client left before a status went out
     ok: bool
+    method: str | None = None
+    path: str | None = None  # without the query string (it may carry what a client would not have stored)
 
 
 class RequestRecorder(Protocol):
@@ -276,7 +278,8 @@ class Router:
         finally:
             if self.recorder is not None:
                 record = RouterRecord(ctx.trace_id, ctx.span_id, ctx.parent_span_id, tenant, outcome.replica,
-                                      started, self.clock(), outcome.status, outcome.ok)
+                                      started, self.clock(), outcome.status, outcome.ok, request.method,
+                                      request.path[:300])
                 try:
                     self.recorder.record(record)
                 except Exception:  # noqa: BLE001 - a lost span must never fail the client's request

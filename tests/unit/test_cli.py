@@ -165,7 +165,14 @@ def test_the_ui_reads_the_api_the_settings_describe_unless_told_otherwise(monkey
     monkeypatch.setenv("CONTROLPLANE_API_PORT", "9123")
     assert runner.invoke(app, ["ui"]).exit_code == 0
     assert runner.invoke(app, ["ui", "--api-url", "http://10.0.0.5:8080"]).exit_code == 0
-    assert [a[a.index("--api-url") + 1] for a in execs] == ["http://127.0.0.1:9123", "http://10.0.0.5:8080"]
+    monkeypatch.setenv("CONTROLPLANE_BIND_HOST", "::")  # listening everywhere: reached on loopback
+    assert runner.invoke(app, ["ui"]).exit_code == 0
+    monkeypatch.setenv("CONTROLPLANE_API_URL", "http://plane.internal:8080")  # what the app itself reads wins
+    assert runner.invoke(app, ["ui"]).exit_code == 0
+    assert [a[a.index("--api-url") + 1] for a in execs] == ["http://127.0.0.1:9123", "http://10.0.0.5:8080",
+                                                            "http://[::1]:9123", "http://plane.internal:8080"]
+    monkeypatch.delenv("CONTROLPLANE_API_URL")
+    monkeypatch.delenv("CONTROLPLANE_BIND_HOST")
     monkeypatch.setenv("CONTROLPLANE_API_PORT", "99999")  # a bad setting is named, not a traceback
     bad = runner.invoke(app, ["ui"])
     assert bad.exit_code == 2 and "CONTROLPLANE_API_PORT" in bad.output

@@ -1,4 +1,4 @@
-"""The router_spans table (migration 0005) on SQLite and PostgreSQL, and the SpanWriter that fills it."""
+"""The router_spans table (migrations 0005 and 0006) on SQLite and PostgreSQL, and the SpanWriter that fills it."""
 
 from __future__ import annotations
 
@@ -56,3 +56,20 @@ def test_a_failed_write_is_counted_and_the_writer_carries_on(tmp_path: Path) -> 
     writer.close()
     assert registry.get_sample_value(f"{names.PLANE_ROUTER_SPANS_DROPPED}_total", {"reason": "store_error"}) == 2
     engine.dispose()
+
+
+def test_migration_0006_adds_method_and_path_and_keeps_the_spans_either_way(store: Store) -> None:
+    writer = SpanWriter(store.engine)
+    writer.record(RouterRecord(f"{1:032x}", f"{1:016x}", None, None, "tiny-0", 100.0, 101.0, 200, True, "POST",
+                               "/v1/completions"))
+    writer.close()
+    cfg = alembic_config(store.engine)
+    command.downgrade(cfg, "0005")
+    try:
+        cols = {c["name"] for c in inspect(store.engine).get_columns(names.T_ROUTER_SPANS)}
+        assert "method" not in cols and "path" not in cols
+    finally:
+        upgrade(store.engine)
+    with store.engine.connect() as conn:
+        rows = conn.execute(select(RouterSpan.trace_id, RouterSpan.method, RouterSpan.path)).all()
+    assert rows == [(f"{1:032x}", None, None)]  # kept; what the old schema could not hold is unknown

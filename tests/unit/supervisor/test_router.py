@@ -306,6 +306,7 @@ def test_a_request_without_traceparent_gets_a_new_sampled_trace_and_the_span_rec
     assert "tracestate" not in {k.lower() for k in a.seen_headers[0]}  # it belonged to no trace we keep
     assert (second.replica, second.status, second.ok, second.tenant) == ("a", 200, True, None)
     assert second.started_unix_s < second.ended_unix_s  # the injected clock ticks once per reading
+    assert (second.method, second.path) == ("POST", "/v1/completions")  # what span coverage counts by
 
 
 def test_a_client_traceparent_is_kept_and_the_router_span_is_its_child(traced: Traced,
