@@ -11,7 +11,8 @@ today's is added to the next forecast, up to the highest load the history sustai
 So a load that bursts has its bursts provisioned for from its lulls, never above their height, and a load that
 ramps smoothly costs nothing extra. The price: a load accelerating past its old high (a ramp that steepens)
 gets no margin beyond its trend's rise, so it can be under-forecast by its acceleration over one lead time;
-the autoscaler's observed-SLO-risk path covers that. Unknown readings are skipped: they neither move the level nor count as zero.
+the autoscaler's observed-SLO-risk path covers that. Unknown readings are skipped: they neither move the level
+nor count as zero.
 """
 
 from __future__ import annotations
