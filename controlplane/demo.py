@@ -107,7 +107,7 @@ def run_demo(settings: Settings, console: Console, *, engine: str = "vllm", keep
     plane = PlaneProcess([exe, "up", "--config", str(dep_path), "--slo", str(slo_path)], env,
                          run_dir / "plane.log", api_url, router_url)
     ui_proc: subprocess.Popen[bytes] | None = None
-    ui_url = f"http://{s.bind_host}:8501"
+    ui_url = s.local_url(8501)
     rc = 1
     leave_up = False
     try:

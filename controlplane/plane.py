@@ -129,7 +129,7 @@ class Plane:
                                      min_finished=s.tuner_min_finished),
                         calibrate=calibrated_capacity(self.store, self.slos))
                     self.registry.register(self.tuner)
-            api_url = f"http://{s.bind_host}:{api_sock.getsockname()[1]}"
+            api_url = s.local_url(api_sock.getsockname()[1])
             gap = max(cost.DEFAULT_MAX_GAP_S, 3 * s.scrape_interval_s)  # a replica is "up" between close scrapes
             self.registry.register(cost.CostCollector(
                 cost_source(self.engine, watched_price=s.watched_price_per_replica_hour_usd, max_gap_s=gap),

@@ -87,15 +87,14 @@ def _sustained(t: np.ndarray, rate: np.ndarray, sustain_s: float) -> np.ndarray:
     return out
 
 
-def margin(history: tuple[Point, ...], lead_s: float, sustain_s: float, q: float, neighbours: float) -> float:
+def margin(history: tuple[Point, ...], sustained: np.ndarray, lead_s: float, q: float, neighbours: float) -> float:
     """The q-quantile of past misses at the points whose level was nearest the current one (the nearest
     `neighbours` share of them): a surge is likely from a lull, not from the top of a burst. 0 until one full
-    lead time of history exists."""
+    lead time of history exists. `sustained`: each point's rate sustained over `sustain_s` (`_sustained`)."""
     if len(history) < 3:
         return 0.0
     h = np.asarray(history)
-    t, rate, level = h[:, 0], h[:, 1], h[:, 2]
-    sustained = _sustained(t, rate, sustain_s)
+    t, level = h[:, 0], h[:, 2]
     misses, levels = [], []
     for i, p in enumerate(history):
         if t[-1] < p[0] + lead_s:
@@ -126,12 +125,13 @@ def step(state: ForecastState, rate: float | None, now: float, lead_s: float,
         return state, None
     last = state.history[-1]
     base = float(_predicted(last, np.asarray([last[0] + lead_s]))[0])
-    extra = margin(state.history, lead_s, cfg.sustain_s, cfg.surge_quantile, cfg.neighbours)
+    h = np.asarray(state.history)
+    sustained = _sustained(h[:, 0], h[:, 1], cfg.sustain_s)
+    extra = margin(state.history, sustained, lead_s, cfg.surge_quantile, cfg.neighbours)
     # The margin stops at the highest load the history sustained, raised by what the trend adds over the lead
     # time: bursts recur at their height, not above it, and a rising load may pass its old high only as fast as
     # it rises. (Dropping the cap whenever the trend was above zero let a slope of noise, 0.005 req/s per s in a
     # lull between bursts, add a 50 req/s margin over a 100 req/s peak: 43 replicas where 38 had served it.)
-    h = np.asarray(state.history)
-    peak = float(_sustained(h[:, 0], h[:, 1], cfg.sustain_s).max()) * (1 + cfg.peak_slack) + last[3] * lead_s
+    peak = float(sustained.max()) * (1 + cfg.peak_slack) + last[3] * lead_s
     extra = max(0.0, min(extra, peak - base))
     return state, Forecast(last[2], last[3], base, extra)

@@ -404,7 +404,7 @@ def search_command(
         check_flag("--target-rps", target_rps, 0.0, 1e6, low_open=True)
         check_flag("--window-s", window_s, 60.0, 7 * 86_400.0)
         check_flag("--timeout-s", timeout_s, 0.0, 7 * 86_400.0, low_open=True)
-        url = api or Settings().local_url(Settings().api_port)
+        url = api or (local := Settings()).local_url(local.api_port)
     except ValueError as exc:  # pydantic's ValidationError is a ValueError too: a bad CONTROLPLANE_* setting
         if isinstance(exc, ValidationError):
             first = exc.errors()[0]
