@@ -115,7 +115,8 @@ class Plane:
             if router is not None:
                 supervisor = Supervisor(
                     self.deployments, default_backends(self.deployments), self.store, router, client,
-                    log_dir=s.data_dir / "replicas", otlp_endpoint=f"{s.bind_host}:{grpc_port}",
+                    log_dir=s.data_dir / "replicas",
+                    otlp_endpoint=s.replica_otlp_endpoint or s.local_address(grpc_port),
                     on_replica_up=lambda name, url: scraper.add(Target(name, url), backend="supervised"),
                     on_replica_gone=scraper.remove,
                 )

@@ -21,6 +21,11 @@ class Settings(BaseSettings):
     router_port: int = Field(default=8000, ge=0, le=65535, description="OpenAI-compatible router (supervised fleets)")
     otlp_http_port: int = Field(default=4318, ge=0, le=65535)
     otlp_grpc_port: int = Field(default=4317, ge=0, le=65535)
+    replica_otlp_endpoint: str | None = Field(
+        default=None, pattern=r"^\S+:\d{1,5}$",
+        description="host:port where the replicas the plane starts send their spans (OTLP/gRPC); default: this "
+                    "host's receiver (bind_host, a wildcard reached on loopback). Set it when replicas run on "
+                    "other hosts (a Ray cluster), with bind_host reachable from them.")
     api_token: str | None = Field(default=None, description="Bearer token required by mutating endpoints.")
     scrape_interval_s: float = Field(default=5.0, gt=0)
     scrape_timeout_s: float = Field(default=3.0, gt=0)
@@ -67,11 +72,15 @@ class Settings(BaseSettings):
     def _expand(cls, v: Path) -> Path:
         return v.expanduser()
 
-    def local_url(self, port: int) -> str:
-        """How a process on this host reaches a server of the plane listening on `bind_host`:`port`. A wildcard
-        address is reached on loopback, and an IPv6 literal gets its brackets."""
+    def local_address(self, port: int) -> str:
+        """host:port by which a process on this host reaches a server of the plane listening on `bind_host`:`port`.
+        A wildcard address is reached on loopback, and an IPv6 literal gets its brackets."""
         host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.bind_host, self.bind_host)
-        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        return f"{f'[{host}]' if ':' in host else host}:{port}"
+
+    def local_url(self, port: int) -> str:
+        """The http:// URL of `local_address`."""
+        return f"http://{self.local_address(port)}"
 
     def resolved_database_url(self) -> str:
         if self.database_url:

@@ -16,6 +16,7 @@ them again with `ray.get_actor`.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 from pathlib import Path
 from typing import Any, cast
@@ -90,6 +91,8 @@ class RayActorBackend:
             # The actor is detached: left alive it would keep its CPUs / GPUs and its name for good.
             self._kill(actor)
             raise
+        if warning := lost_spans_warning(req.replica, spec.otlp_endpoint, str(info["node_ip"]), self._plane_ip()):
+            log.warning("%s", warning)
         runtime = {"actor": req.replica, "namespace": self.spec.namespace, **info}
         return Handle(req.replica, str(info["url"]), runtime, private=actor)
 
@@ -111,6 +114,13 @@ class RayActorBackend:
         except ray.exceptions.RayError as exc:
             log.warning("ray replica %s: stop failed (%s); killing the actor", handle.replica, exc)
         self._kill(actor)
+
+    @staticmethod
+    def _plane_ip() -> str | None:
+        try:
+            return str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+        except Exception:  # noqa: BLE001 - only feeds a warning
+            return None
 
     @staticmethod
     def _kill(actor: Any) -> None:
@@ -137,3 +147,20 @@ class RayActorBackend:
     def close(self) -> None:
         if ray.is_initialized():
             ray.shutdown()
+
+
+def lost_spans_warning(replica: str, endpoint: str | None, replica_ip: str, plane_ip: str | None) -> str | None:
+    """A warning when a replica on another node than the plane's would send its spans to a loopback address: that
+    is its own node, where no receiver listens, so every span would be lost (and its SLOs judged on nothing)."""
+    if not endpoint or plane_ip is None or replica_ip == plane_ip:
+        return None
+    host = endpoint.rsplit(":", 1)[0].strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return None  # a name: where it points is the operator's choice
+    if not loopback:
+        return None
+    return (f"ray replica {replica} runs on node {replica_ip}, not on the plane's node ({plane_ip}), but sends its "
+            f"spans to {endpoint}, its own loopback: they will be lost. Set CONTROLPLANE_REPLICA_OTLP_ENDPOINT to "
+            f"an address of the plane that node reaches, and CONTROLPLANE_BIND_HOST so the receiver listens there")

@@ -176,3 +176,14 @@ def test_the_ui_reads_the_api_the_settings_describe_unless_told_otherwise(monkey
     monkeypatch.setenv("CONTROLPLANE_API_PORT", "99999")  # a bad setting is named, not a traceback
     bad = runner.invoke(app, ["ui"])
     assert bad.exit_code == 2 and "CONTROLPLANE_API_PORT" in bad.output
+
+
+def test_replicas_send_spans_to_an_address_they_reach() -> None:
+    from controlplane.settings import Settings
+
+    assert Settings(bind_host="0.0.0.0").local_address(4317) == "127.0.0.1:4317"
+    assert Settings(bind_host="::").local_address(4317) == "[::1]:4317"
+    assert Settings(bind_host="fd00::5").local_url(8080) == "http://[fd00::5]:8080"
+    assert Settings(replica_otlp_endpoint="10.0.0.5:4317").replica_otlp_endpoint == "10.0.0.5:4317"
+    with pytest.raises(ValueError, match="replica_otlp_endpoint"):
+        Settings(replica_otlp_endpoint="http://10.0.0.5")

@@ -87,3 +87,16 @@ def test_a_slow_cluster_is_unknown_and_a_dead_actor_is_lost(fake: tuple[FakeRay,
     assert backend.exit_code(handle) == rb.LOST
     f.answers["exit_code"] = 3
     assert backend.exit_code(handle) == 3
+
+
+def test_a_replica_on_another_node_sending_spans_to_loopback_is_warned_about() -> None:
+    warn = rb.lost_spans_warning("r-0", "127.0.0.1:4317", "10.0.0.7", "10.0.0.5")
+    assert warn is not None and "10.0.0.7" in warn and "CONTROLPLANE_REPLICA_OTLP_ENDPOINT" in warn
+    assert rb.lost_spans_warning("r-0", "[::1]:4317", "10.0.0.7", "10.0.0.5") is not None
+    assert rb.lost_spans_warning("r-0", "localhost:4317", "10.0.0.7", "10.0.0.5") is not None
+    # the plane's own node, an address the node can reach, a name, no tracing, an unknown plane IP: no warning
+    assert rb.lost_spans_warning("r-0", "127.0.0.1:4317", "10.0.0.5", "10.0.0.5") is None
+    assert rb.lost_spans_warning("r-0", "10.0.0.5:4317", "10.0.0.7", "10.0.0.5") is None
+    assert rb.lost_spans_warning("r-0", "plane.internal:4317", "10.0.0.7", "10.0.0.5") is None
+    assert rb.lost_spans_warning("r-0", None, "10.0.0.7", "10.0.0.5") is None
+    assert rb.lost_spans_warning("r-0", "127.0.0.1:4317", "10.0.0.7", None) is None
