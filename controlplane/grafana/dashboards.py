@@ -118,6 +118,7 @@ def vllm_fleet(options: RuleOptions) -> DashboardSpec:
 
 def slos(options: RuleOptions) -> DashboardSpec:
     sel = (DEP, SLO)
+    coverage = options.span_coverage_ratio
     budget_steps = (Step(BAD), Step(WARN, 0), Step(GOOD, 0.25))
     state = (Step(GOOD, 0, "inactive"), Step(WARN, 1, "pending"), Step(BAD, 2, "firing"))
     now = Row("Now", (
@@ -148,7 +149,14 @@ def slos(options: RuleOptions) -> DashboardSpec:
         Panel("Latency quantiles over the window", "timeseries", (Query(
             by_vars(names.SLO_LATENCY_QUANTILE, *sel),
             f"{{{{{SLO}}}}} {{{{{names.LABEL_SLI}}}}} q{{{{{names.LABEL_QUANTILE}}}}}"),),
-              "From per-request rows (exact, not bucketed).", unit="s", width=24),
+              "From per-request rows (exact, not bucketed).", unit="s"),
+        Panel("Served requests with a stored span", "timeseries",
+              (Query(by_vars(names.PLANE_SPAN_COVERAGE, DEP), f"{{{{{REP}}}}}"),),
+              "Per replica, the share of the router's served inference requests (30 s to 5.5 min ago) whose "
+              "llm_request span reached the store. The SLOs are judged on stored spans: below "
+              f"{coverage:.0%} for {options.span_coverage_for_s / 60:g} min the span-loss ticket fires. No value: "
+              "fewer than 100 requests in the window, or no router.",
+              unit="percentunit", min=0, max=1, thresholds=(Step(BAD), Step(GOOD, coverage))),
     ))
     return DashboardSpec(
         "controlplane-slos", "SLOs and error budgets",

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from controlplane import names
 from controlplane.cost import CostCollector, Usage
+from controlplane.coverage import Coverage, SpanCoverageCollector
 from controlplane.grafana.dashboards import dashboards
 from controlplane.slo.export import SloCollector
 from controlplane.slo.options import RuleOptions
@@ -44,7 +45,8 @@ def _usage(edges: np.ndarray) -> list[Usage]:
 
 def plane_names() -> set[str]:
     """The plane's collectors (as plane.py registers them) rendered by prometheus_client: one ready replica,
-    one tuner decision, one deployment with a cost; the SLO families with no SLO yet."""
+    one tuner decision, one deployment with a cost, one replica's span coverage; the SLO families with no SLO
+    yet."""
     member = SimpleNamespace(state=READY, name="tiny-0", restarts=1, canary=False)
     runtime = SimpleNamespace(dep=SimpleNamespace(name="tiny"), desired=1, members={"tiny-0": member})
     fleet = SimpleNamespace(runtimes={"tiny": runtime})
@@ -55,6 +57,7 @@ def plane_names() -> set[str]:
     registry.register(tuner)
     registry.register(CostCollector(_usage, window_s=300))
     registry.register(SloCollector(lambda: [], lambda: {}))
+    registry.register(SpanCoverageCollector(lambda since, until: {"tiny-0": Coverage(200, 199, "tiny")}))
     return exposed_names(generate_latest(registry).decode())
 
 
