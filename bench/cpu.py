@@ -3,6 +3,7 @@ of a shared host), from psutil's per-core and per-process times between `start()
 
 from __future__ import annotations
 
+import os
 import time
 
 import psutil
@@ -11,8 +12,10 @@ import psutil
 class CoreWatch:
     """How busy the server's core was and how much of it others took; unknown (None) without a core or a pid."""
 
-    def __init__(self, core: int | None, pid: int | None) -> None:
-        self.core, self.pid = core, pid
+    def __init__(self, core: int | None, pid: int | None, children_only: bool = False) -> None:
+        # children_only: count the server's child processes only (vLLM's engine core, when its API server was
+        # moved to another core by `move_api_server`).
+        self.core, self.pid, self.children_only = core, pid, children_only
         self.t0: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     def _read(self) -> tuple[float, float, float]:
@@ -21,7 +24,7 @@ class CoreWatch:
         busy = t.user + t.nice + t.system + t.irq + t.softirq + t.steal
         own = 0.0
         root = psutil.Process(self.pid)
-        for p in [root, *root.children(recursive=True)]:
+        for p in [*([] if self.children_only else [root]), *root.children(recursive=True)]:
             try:
                 c = p.cpu_times()
                 own += c.user + c.system
@@ -47,3 +50,13 @@ class CoreWatch:
             return None, None
         own, others, wall = got
         return own / wall, others / wall
+
+
+def move_api_server(pid: int, cores: set[int]) -> int:
+    """Pin every thread of a vLLM API server process (not its engine-core children) to `cores`, so that the
+    engine core has its own core, as on a GPU host where the API server never shares the engine's compute. Threads
+    it starts later inherit the affinity of the thread that starts them. Returns how many threads were moved."""
+    threads = psutil.Process(pid).threads()
+    for t in threads:
+        os.sched_setaffinity(t.id, cores)
+    return len(threads)

@@ -1,7 +1,7 @@
 """The plane's cost to real vLLM throughput: traced and scraped every 1 s vs neither, measured in the same run.
 
     .venv/bin/python bench/overhead.py [--blocks 6] [--requests 400] [--concurrency 48] [--quick] [--json OUT]
-        [--instrument both|trace|scrape] [--model tiny|small]
+        [--instrument both|trace|scrape] [--model tiny|small] [--api-core 0]
 
 Two vLLM servers (CPU; the tiny model by default, or `--model small`) with the same configuration run pinned to
 the same core: "with" exports its
@@ -20,6 +20,12 @@ traced server do not steal the shared core from the reference. A tiny model make
 are made and /metrics is served) a larger share of each token's cost than a real model would, so a loss measured
 here likely overstates the loss on a real model.
 The loss is the median over pairs of 1 - with/without, with a percentile-bootstrap interval over the pairs.
+
+`--api-core N` moves each server's API server (where spans are made and /metrics is served) to core N, with the
+client and the plane, once it is ready, leaving the engine core alone on vLLM's core: the shape of a GPU host,
+where the API server runs on CPU cores of its own and the engine's compute is elsewhere. The instrumentation's
+CPU then slows the engine only if it delays the API server's feeding of the engine; the plane's own CPU (paused
+in the reference blocks) shares the API servers' core, so it counts against the traced server.
 
 Attribution: `--instrument trace` keeps only the tracing (the plane receives spans but scrapes nothing) and
 `--instrument scrape` only the scraping (no OTLP exporter in vLLM). Each block also reads the CPU seconds the
@@ -53,7 +59,7 @@ from sqlalchemy import Select, func, select
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.cpu import CoreWatch  # noqa: E402
+from bench.cpu import CoreWatch, move_api_server  # noqa: E402
 from controlplane.demo_loop import PlaneProcess  # noqa: E402
 from controlplane.engines.tiny_model import TinyModelSpec, make_tiny_model  # noqa: E402
 from controlplane.engines.vllm_server import VllmServer, VllmServerSpec  # noqa: E402
@@ -292,6 +298,7 @@ class Block:
     others_cpu: float | None  # CPU share on the vLLM core taken by other processes during the block
     other_vllm: int  # other vLLM API servers running on the host when the block started
     server_cpu_s: float | None  # CPU seconds of the server's processes (API server + engine core) in the block
+    engine_cpu_s: float | None = None  # of which the engine core's (the API server's is the rest)
 
 
 @dataclass(frozen=True)
@@ -316,7 +323,7 @@ def drive(server: VllmServer, plans: list[RequestPlan], concurrency: int) -> tup
 
 
 def start_server(name: str, model_dir: Path, core: int | None, log_dir: Path, max_num_seqs: int,
-                 otlp: str | None, protocol: str = "grpc") -> VllmServer:
+                 otlp: str | None, protocol: str = "grpc", api_core: int | None = None) -> VllmServer:
     spec = VllmServerSpec(model_dir=model_dir, port=_free_port(), replica_name=name, otlp_endpoint=otlp,
                           otlp_protocol=protocol, max_num_seqs=max_num_seqs,
                           cpu_cores=(core,) if core is not None else ())
@@ -325,7 +332,10 @@ def start_server(name: str, model_dir: Path, core: int | None, log_dir: Path, ma
                    f"{' with tracing to the plane' if otlp else ' (no tracing)'} ...")
     server.start()
     waited = server.wait_ready(timeout_s=600)
-    progress.print(f"{name}: ready in {waited:.0f} s at {spec.base_url}")
+    if api_core is not None and server.pid is not None:
+        move_api_server(server.pid, {api_core})
+    progress.print(f"{name}: ready in {waited:.0f} s at {spec.base_url}"
+                   + (f" (API server moved to core {api_core})" if api_core is not None else ""))
     return server
 
 
@@ -343,13 +353,14 @@ def run(args: argparse.Namespace, log_dir: Path) -> tuple[list[Block], dict[str,
         endpoint = (f"127.0.0.1:{plane.grpc_port}" if args.otlp_protocol == "grpc"
                     else f"http://127.0.0.1:{plane.http_port}/v1/traces")
         servers[WITH] = start_server("traced", model_dir, vllm_core, log_dir, args.max_num_seqs,
-                                     endpoint if traced else None, args.otlp_protocol)
+                                     endpoint if traced else None, args.otlp_protocol, args.api_core)
         progress.print("plane: starting controlplane up"
                        + (f", scraping the instrumented server every {args.scrape_s:g} s" if scraped else
                           " (receiving spans, scraping nothing)") + " ...")
         plane.start(("traced", servers[WITH].spec.base_url) if scraped else None)
         progress.print(f"plane: up at {plane.api_url} (log {plane.log_path})")
-        servers[WITHOUT] = start_server("reference", model_dir, vllm_core, log_dir, args.max_num_seqs, None)
+        servers[WITHOUT] = start_server("reference", model_dir, vllm_core, log_dir, args.max_num_seqs, None,
+                                        api_core=args.api_core)
         progress.print(f"warm-up: {args.warmup} unmeasured requests on each server ...")
         for arm in (WITH, WITHOUT):
             plane.pause(arm == WITHOUT)
@@ -365,15 +376,20 @@ def run(args: argparse.Namespace, log_dir: Path) -> tuple[list[Block], dict[str,
             if arm == WITH and scraped:
                 time.sleep(1.5 * args.scrape_s)  # the scraper back in its rhythm before the clock starts
             others_vllm = _other_vllm(mine)
-            watch = CoreWatch(vllm_core, server.pid)
+            watch = CoreWatch(vllm_core, server.pid)  # the server's CPU, API server included, wherever it runs
+            engine_watch = CoreWatch(vllm_core, server.pid, children_only=True)  # the engine core's alone
             watch.start()
+            engine_watch.start()
             results, fig = drive(server, plans_for(pair, args.requests), args.concurrency)
-            secs = watch.seconds()
-            others = None if secs is None else secs[1] / secs[2]
+            secs, engine_secs = watch.seconds(), engine_watch.seconds()
+            # what else ran on vLLM's core: with the API server moved away, only the engine core is vLLM's there
+            on_core = secs if args.api_core is None else engine_secs
+            others = None if on_core is None else on_core[1] / on_core[2]
             if arm == WITH and traced:
                 plane.wait_spans([r.trace_id for r in results])
             blocks.append(Block(k, pair, arm, fig.requests, fig.output_tokens, fig.wall_s, fig.tokens_per_s,
-                                fig.requests_per_s, others, others_vllm, None if secs is None else secs[0]))
+                                fig.requests_per_s, others, others_vllm, None if secs is None else secs[0],
+                                None if engine_secs is None else engine_secs[0]))
             progress.print(f"block {k + 1}/{len(order)} ({arm:>7}, pair {pair + 1}): {fig.tokens_per_s:7.1f} "
                            f"output tok/s, {fig.requests_per_s:5.2f} req/s in {fig.wall_s:5.1f} s"
                            + ("" if others is None else f"; others on the vLLM core {others:.0%}")
@@ -417,11 +433,25 @@ def _loss_line(what: str, s: MetricSummary) -> str:
             f"target <= {TARGET_LOSS:.0%}: [{colour}]{s.verdict}[/]")
 
 
+def _api_share(blocks: Sequence[Block]) -> str:
+    """'; API server x / y ms of it (with / without)': where a request's server CPU goes."""
+    per_arm = []
+    for arm in (WITH, WITHOUT):
+        api = [((b.server_cpu_s or 0.0) - b.engine_cpu_s) / b.requests for b in _arm(blocks, arm)
+               if b.server_cpu_s is not None and b.engine_cpu_s is not None]
+        if not api:
+            return ""
+        per_arm.append(f"{1e3 * statistics.median(api):.2f}")
+    return f"; the API server's part: {per_arm[0]} / {per_arm[1]} ms"
+
+
 def report(blocks: list[Block], evidence: dict[str, int], args: argparse.Namespace) -> dict[str, MetricSummary]:
     summary = summarise(blocks)
     what = {"both": "traced + scraped", "trace": "traced only", "scrape": "scraped only"}[args.instrument]
     table = Table(title=f"vLLM throughput with and without the plane ({what}): {args.blocks} blocks each of "
-                        f"{args.requests} requests, {args.concurrency} in flight ({args.model} model, CPU, one core)")
+                        f"{args.requests} requests, {args.concurrency} in flight ({args.model} model, CPU, "
+                        + ("one core)" if args.api_core is None else
+                           f"engine core alone on a core, API server on core {args.api_core})"))
     for col in ("server", "output tok/s", "min .. max", "spread", "req/s", "min .. max", "others on core"):
         table.add_column(col, justify="left" if col == "server" else "right")
     tok, req = summary["tokens_per_s"], summary["requests_per_s"]
@@ -446,7 +476,8 @@ def report(blocks: list[Block], evidence: dict[str, int], args: argparse.Namespa
     cpu = summary.get("requests_per_cpu_s")
     if cpu is not None:
         console.print(f"Server CPU per request: with {1e3 / cpu.with_plane.median:.2f} ms, without "
-                      f"{1e3 / cpu.without_plane.median:.2f} ms (API server and engine core, medians over blocks)")
+                      f"{1e3 / cpu.without_plane.median:.2f} ms (API server and engine core, medians over blocks)"
+                      + _api_share(blocks))
         console.print(_loss_line("CPU-bound throughput (requests per server CPU second)", cpu))
     console.print(f"Instrumentation ran: {evidence['spans_stored']} llm_request spans in the plane's store, "
                   f"{evidence['scrapes_ok']} successful scrapes of the traced server.")
@@ -462,6 +493,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=48, help="unmeasured requests per server first (default 48)")
     ap.add_argument("--scrape-s", type=float, default=1.0, help="the plane's scrape interval (default 1 s)")
     ap.add_argument("--vllm-core", type=int, default=None, help="core for both vLLM servers (default: the last)")
+    ap.add_argument("--api-core", type=int, default=None,
+                    help="move both servers' API servers to this core once ready, with the client and the plane, so "
+                         "each engine core has --vllm-core to itself, as on a GPU host (default: they share it)")
     ap.add_argument("--wait-s", type=float, default=1200.0,
                     help="wait this long for other vLLM servers on the host to finish (default 1200)")
     ap.add_argument("--instrument", choices=("both", "trace", "scrape"), default="both",
@@ -486,6 +520,9 @@ def main() -> int:
     cores = sorted(os.sched_getaffinity(0))
     if args.vllm_core is not None and args.vllm_core not in cores:
         ap.error(f"--vllm-core {args.vllm_core} is not one of this process's cores {cores}")
+    if args.api_core is not None and (args.api_core not in cores or args.api_core == args.vllm_core
+                                      or (args.vllm_core is None and args.api_core == cores[-1])):
+        ap.error(f"--api-core {args.api_core} must be one of this process's cores {cores} other than vLLM's")
     if len(cores) < 2:
         progress.print("[yellow]one core: vLLM, the plane and the client share it; the loss includes the plane's "
                        "own CPU[/]")

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/sim_fidelity.py [--requests 300] [--loads 0.3,0.6,0.85] [--configs A,B,C]
         [--capacity-requests 96] [--calibrate ramp|nearest|first|burst+first|all] [--core 1] [--engine vllm|sim]
-        [--repeat 2] [--same-load] [--json OUT] [--replay FILE]
+        [--repeat 2] [--same-load] [--api-core 0] [--json OUT] [--replay FILE]
 
 For each configuration (max_num_seqs, max_num_batched_tokens, KV blocks) it starts vLLM pinned to one core
 (after waiting until no other vLLM API server runs on this shared machine), measures the replica's capacity
@@ -22,6 +22,8 @@ the first run as without it, and also against all runs pooled (the real distribu
 calibrates each load from the ramp just before it, minutes closer in time than the configuration's one ramp: what
 the plane's online calibration does, refitting on the latest separate traffic, on a host whose speed drifts.
 `--same-load` adds a diagnostic table: step costs fitted on each judged load's own rows (see same_load).
+`--api-core N` moves vLLM's API server to core N (with this client) once it is ready, so that its engine core has
+--core to itself, as on a GPU host where the API server never takes turns with the engine's compute.
 `--engine sim` runs the same pipeline against the simulated engine (a self-check of the bench, no vLLM).
 Every run saves its raw rows (JSON in --log-dir); `--replay FILE` redoes the analysis from them without vLLM,
 e.g. with another `--calibrate` choice.
@@ -55,7 +57,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.cpu import CoreWatch  # noqa: E402
+from bench.cpu import CoreWatch, move_api_server  # noqa: E402
 from collectors.otlp.decode import RequestRow, decode_request  # noqa: E402
 from collectors.promtext import parse  # noqa: E402
 from collectors.vllm_metrics import read_engine  # noqa: E402
@@ -147,7 +149,8 @@ def wait_for_no_vllm(limit_s: float = 1200.0, poll_s: float = 30.0) -> None:
 class Engine:
     """A real vLLM server, or (--engine sim) the simulated engine with a CPU-like step cost."""
 
-    def __init__(self, kind: str, shape: Shape, sink: SpanSink, core: int, log_dir: Path, ready_s: float) -> None:
+    def __init__(self, kind: str, shape: Shape, sink: SpanSink, core: int, log_dir: Path, ready_s: float,
+                 api_core: int | None = None) -> None:
         self.kind, self.shape = kind, shape
         self.vllm: VllmServer | None = None
         self.sim: SimServer | None = None
@@ -171,7 +174,12 @@ class Engine:
         self.vllm = VllmServer(spec, log_dir / f"vllm-{shape.name}.log")
         self.vllm.start()
         waited = self.vllm.wait_ready(timeout_s=ready_s)
-        console.print(f"config {shape.name}: vLLM ready in {waited:.0f} s (pinned to core {core})")
+        where = f"pinned to core {core}"
+        if api_core is not None:
+            assert self.vllm.proc is not None
+            move_api_server(self.vllm.proc.pid, {api_core})
+            where = f"engine core pinned to core {core}, API server to core {api_core}"
+        console.print(f"config {shape.name}: vLLM ready in {waited:.0f} s ({where})")
         self.base_url = spec.base_url
 
     def counters(self) -> dict[str, float | None]:
@@ -248,7 +256,7 @@ def measure(engine: Engine, sink: SpanSink, args: argparse.Namespace) -> ConfigR
     console.print(f"config {engine.shape.name}: capacity {run.capacity_rps:.2f} req/s ({len(burst)} requests at once)")
     lo, hi = RAMP
     run.ramp = drive(engine, sink, ramp_plans(args.requests, 7, lo * run.capacity_rps, hi * run.capacity_rps))
-    watch = CoreWatch(args.core, engine.vllm.pid if engine.vllm else None)
+    watch = CoreWatch(args.core, engine.vllm.pid if engine.vllm else None, children_only=args.api_core is not None)
     for k, fraction in enumerate(args.loads):
         ramp = run.ramp
         if args.calibrate == "nearest" and k > 0:  # a fresh ramp (its own requests) just before this load
@@ -280,7 +288,7 @@ def measure_all(args: argparse.Namespace, shapes: list[Shape]) -> list[ConfigRun
     runs: list[ConfigRun] = []
     try:
         for shape in shapes:
-            engine = Engine(args.engine, shape, sink, args.core, args.log_dir, args.ready_timeout)
+            engine = Engine(args.engine, shape, sink, args.core, args.log_dir, args.ready_timeout, args.api_core)
             try:
                 runs.append(measure(engine, sink, args))
             finally:
@@ -502,6 +510,9 @@ def main() -> None:
     ap.add_argument("--calibrate", choices=CALIBRATIONS, default="ramp",
                     help="which rows calibrate each configuration (see calibration_rows)")
     ap.add_argument("--core", type=int, default=1, help="the CPU core vLLM is pinned to")
+    ap.add_argument("--api-core", type=int, default=None,
+                    help="move vLLM's API server to this core once it is ready, leaving the engine core alone on "
+                         "--core (default: both share --core)")
     ap.add_argument("--client-core", type=int, default=None,
                     help="pin this process (client, span receiver) here; default: another core than vLLM's")
     ap.add_argument("--ready-timeout", type=float, default=300.0)
@@ -515,6 +526,8 @@ def main() -> None:
                     help="leave out the per-sequence step cost (delta): one token sampled and streamed per sequence")
     args = ap.parse_args()
     args.loads = [float(x) for x in args.loads.split(",")]
+    if args.api_core is not None and args.api_core == args.core:
+        ap.error(f"--api-core {args.api_core} is vLLM's --core; give the API server another core, or leave it out")
     shapes = [SHAPES[name.strip()] for name in args.configs.split(",")]
     args.log_dir.mkdir(parents=True, exist_ok=True)
     if args.engine == "vllm" and not args.replay:
@@ -567,6 +580,7 @@ def main() -> None:
                   "taken by vLLM and by every other process (the shared host).")
     if args.json:
         args.json.write_text(json.dumps({"engine": args.engine, "calibration": args.calibrate, "per_config": each,
+                                         "core": args.core, "api_core": args.api_core,
                                          "calibrated_once": once, "noise_floor": floor, "runs": dump_runs(runs),
                                          "capacity_rps": {r.shape.name: r.capacity_rps for r in runs},
                                          "fits": {n: m.fit.coefficients.as_list() for n, m in models.items()},
