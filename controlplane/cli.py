@@ -14,7 +14,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from controlplane.grafana.render import app as dashboards_app
-from controlplane.settings import Settings
+from controlplane.settings import Settings, is_loopback_host
 from controlplane.slo.render import app as slo_app
 from controlplane.tuning.whatif import app as tune_app
 from controlplane.ui.client import ENV_API_URL
@@ -124,6 +124,10 @@ def up(
         console.print(f"  REST API     {e.api}  (health {e.api}/healthz)")
         console.print(f"  OTLP/HTTP    {e.otlp_http}")
         console.print(f"  OTLP/gRPC    {e.otlp_grpc}")
+        if not is_loopback_host(settings.bind_host, wildcard=False):
+            console.print(f"  [yellow]listening on {settings.bind_host or 'every interface'}, not loopback only[/]: "
+                          + ("mutating endpoints need the API token" if settings.api_token else
+                             "no API token is set, so mutating endpoints are off"))
         if e.router:
             console.print(f"  router       {e.router}/v1  (OpenAI-compatible)")
         for d in deployments:

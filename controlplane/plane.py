@@ -113,10 +113,11 @@ class Plane:
             self._scraper = scraper
             supervisor: Supervisor | None = None
             if router is not None:
+                if warning := s.replica_spans_warning():
+                    log.warning("%s", warning)
                 supervisor = Supervisor(
                     self.deployments, default_backends(self.deployments), self.store, router, client,
-                    log_dir=s.data_dir / "replicas",
-                    otlp_endpoint=s.replica_otlp_endpoint or s.local_address(grpc_port),
+                    log_dir=s.data_dir / "replicas", otlp_endpoint=s.replica_spans_endpoint(grpc_port),
                     on_replica_up=lambda name, url: scraper.add(Target(name, url), backend="supervised"),
                     on_replica_gone=scraper.remove,
                 )
@@ -176,12 +177,11 @@ class Plane:
                 if any(t.done() for t in tasks):
                     break
                 await asyncio.sleep(0.02)
-            host = s.bind_host
-            endpoints = Endpoints(
-                api=f"http://{host}:{api_sock.getsockname()[1]}",
-                otlp_http=f"http://{host}:{otlp_sock.getsockname()[1]}/v1/traces",
-                otlp_grpc=f"{host}:{grpc_port}",
-                router=f"http://{host}:{router.bound_port}" if router is not None else None,
+            endpoints = Endpoints(  # as reached from this host (a wildcard bind on loopback)
+                api=s.local_url(api_sock.getsockname()[1]),
+                otlp_http=f"{s.local_url(otlp_sock.getsockname()[1])}/v1/traces",
+                otlp_grpc=s.local_address(grpc_port),
+                router=s.local_url(router.bound_port) if router is not None and router.bound_port else None,
             )
             if self.on_ready:
                 self.on_ready(endpoints)

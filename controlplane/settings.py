@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from pathlib import Path
 
 from pydantic import Field, field_validator
@@ -22,7 +24,7 @@ class Settings(BaseSettings):
     otlp_http_port: int = Field(default=4318, ge=0, le=65535)
     otlp_grpc_port: int = Field(default=4317, ge=0, le=65535)
     replica_otlp_endpoint: str | None = Field(
-        default=None, pattern=r"^\S+:\d{1,5}$",
+        default=None,
         description="host:port where the replicas the plane starts send their spans (OTLP/gRPC); default: this "
                     "host's receiver (bind_host, a wildcard reached on loopback). Set it when replicas run on "
                     "other hosts (a Ray cluster), with bind_host reachable from them.")
@@ -67,6 +69,13 @@ class Settings(BaseSettings):
             raise ValueError(f"database {url.get_backend_name()!r} is not supported; use sqlite or postgresql")
         return v
 
+    @field_validator("replica_otlp_endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None:
+            split_host_port(v)
+        return v
+
     @field_validator("data_dir")
     @classmethod
     def _expand(cls, v: Path) -> Path:
@@ -76,7 +85,25 @@ class Settings(BaseSettings):
         """host:port by which a process on this host reaches a server of the plane listening on `bind_host`:`port`.
         A wildcard address is reached on loopback, and an IPv6 literal gets its brackets."""
         host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.bind_host, self.bind_host)
-        return f"{f'[{host}]' if ':' in host else host}:{port}"
+        return host_port(host, port)
+
+    def replica_spans_endpoint(self, grpc_port: int) -> str:
+        """Where the replicas the plane starts send their spans: `replica_otlp_endpoint`, else this host's
+        receiver."""
+        return self.replica_otlp_endpoint or self.local_address(grpc_port)
+
+    def replica_spans_warning(self) -> str | None:
+        """Replicas told to send their spans to an address off this host, to a receiver that listens on loopback
+        only: every span they send would be lost."""
+        if self.replica_otlp_endpoint is None or not is_loopback_host(self.bind_host, wildcard=False):
+            return None
+        host, _ = split_host_port(self.replica_otlp_endpoint)
+        if is_loopback_host(host):
+            return None
+        return (f"CONTROLPLANE_REPLICA_OTLP_ENDPOINT is {self.replica_otlp_endpoint}, but the plane's receiver listens "
+                f"on {self.bind_host} only: replicas sending there reach no receiver and their spans are lost. Set "
+                f"CONTROLPLANE_BIND_HOST to an address they reach (it also exposes the API and the router: set "
+                f"CONTROLPLANE_API_TOKEN)")
 
     def local_url(self, port: int) -> str:
         """The http:// URL of `local_address`."""
@@ -86,3 +113,45 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'controlplane.db').resolve()}"
+
+
+LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost", "ip6-loopback"})
+_HOST_PORT = re.compile(r"\[(?P<v6>[0-9A-Fa-f:.]+)\]:(?P<p6>\d{1,5})|(?P<host>[A-Za-z0-9._-]+):(?P<port>\d{1,5})")
+
+
+def host_port(host: str, port: int) -> str:
+    """host:port, with an IPv6 literal in brackets (what gRPC and URLs expect)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def split_host_port(endpoint: str) -> tuple[str, int]:
+    """(host, port) of a gRPC `host:port` target such as 10.0.0.5:4317, plane.internal:4317 or [fd00::5]:4317;
+    ValueError saying what is allowed otherwise."""
+    m = _HOST_PORT.fullmatch(endpoint)
+    allowed = ("expected host:port as the replicas reach the plane's OTLP/gRPC receiver, e.g. 10.0.0.5:4317, "
+               "plane.internal:4317 or [fd00::5]:4317, with no scheme (vLLM exports over gRPC without TLS)")
+    if m is None:
+        raise ValueError(f"{endpoint!r}: {allowed}")
+    host, port = (m["v6"], int(m["p6"])) if m["v6"] else (m["host"], int(m["port"]))
+    if m["v6"]:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{endpoint!r}: {host!r} is not an IPv6 address; {allowed}") from None
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{endpoint!r}: port {port} is not in 1..65535")
+    return host, port
+
+
+def is_loopback_host(host: str, *, wildcard: bool = True) -> bool:
+    """A host that is this machine from wherever it is used: a loopback address or name, or (`wildcard`) 0.0.0.0
+    or ::, which reach oneself when connected to. With wildcard=False, for an address listened on: loopback only
+    (a wildcard listens everywhere)."""
+    host = host.strip("[]")
+    if host.lower().rstrip(".") in LOOPBACK_NAMES:
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or (wildcard and address.is_unspecified)

@@ -31,6 +31,7 @@ from starlette.routing import Route
 
 from collectors.otlp.decode import PayloadError, decode_request, event_dict, parse_json, parse_protobuf
 from controlplane import names
+from controlplane.settings import host_port
 from controlplane.store.repo import Store
 
 log = logging.getLogger(__name__)
@@ -206,9 +207,10 @@ def grpc_server(
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
         _TraceService(ingestor), server
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = host_port(host, port)  # an IPv6 literal needs its brackets here
+    bound = server.add_insecure_port(address)
     if bound == 0:
-        raise OSError(f"cannot bind OTLP/gRPC on {host}:{port}")
+        raise OSError(f"cannot bind OTLP/gRPC on {address}")
     server.start()
     return server, bound
 

@@ -16,7 +16,6 @@ them again with `ray.get_actor`.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import logging
 from pathlib import Path
 from typing import Any, cast
@@ -24,6 +23,7 @@ from typing import Any, cast
 import ray
 
 from controlplane.engines.vllm_server import VllmServer, VllmServerSpec
+from controlplane.settings import is_loopback_host, split_host_port
 from controlplane.supervisor.backends import LOST, Handle, LaunchRequest
 from controlplane.supervisor.spec import RayBackend as RaySpec
 
@@ -91,7 +91,8 @@ class RayActorBackend:
             # The actor is detached: left alive it would keep its CPUs / GPUs and its name for good.
             self._kill(actor)
             raise
-        if warning := lost_spans_warning(req.replica, spec.otlp_endpoint, str(info["node_ip"]), self._plane_ip()):
+        if warning := lost_spans_warning(req.replica, spec.otlp_endpoint, str(info.get("node_ip", "")),
+                                         self._plane_ip()):
             log.warning("%s", warning)
         runtime = {"actor": req.replica, "namespace": self.spec.namespace, **info}
         return Handle(req.replica, str(info["url"]), runtime, private=actor)
@@ -150,16 +151,16 @@ class RayActorBackend:
 
 
 def lost_spans_warning(replica: str, endpoint: str | None, replica_ip: str, plane_ip: str | None) -> str | None:
-    """A warning when a replica on another node than the plane's would send its spans to a loopback address: that
-    is its own node, where no receiver listens, so every span would be lost (and its SLOs judged on nothing)."""
-    if not endpoint or plane_ip is None or replica_ip == plane_ip:
+    """A warning when a replica on another node than the plane's would send its spans to a loopback (or wildcard)
+    address: that is its own node, where no receiver listens, so every span would be lost (and its SLOs judged on
+    nothing)."""
+    if not endpoint or not replica_ip or plane_ip is None or replica_ip == plane_ip:
         return None
-    host = endpoint.rsplit(":", 1)[0].strip("[]")
     try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        host, _ = split_host_port(endpoint)
     except ValueError:
-        return None  # a name: where it points is the operator's choice
-    if not loopback:
+        return None  # not a target this check can read; the settings validate the plane's own
+    if not is_loopback_host(host):  # another name or address: where it points is the operator's choice
         return None
     return (f"ray replica {replica} runs on node {replica_ip}, not on the plane's node ({plane_ip}), but sends its "
             f"spans to {endpoint}, its own loopback: they will be lost. Set CONTROLPLANE_REPLICA_OTLP_ENDPOINT to "

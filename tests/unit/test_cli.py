@@ -181,9 +181,26 @@ def test_the_ui_reads_the_api_the_settings_describe_unless_told_otherwise(monkey
 def test_replicas_send_spans_to_an_address_they_reach() -> None:
     from controlplane.settings import Settings
 
-    assert Settings(bind_host="0.0.0.0").local_address(4317) == "127.0.0.1:4317"
-    assert Settings(bind_host="::").local_address(4317) == "[::1]:4317"
+    assert Settings(bind_host="0.0.0.0").replica_spans_endpoint(4317) == "127.0.0.1:4317"
+    assert Settings(bind_host="::").replica_spans_endpoint(4317) == "[::1]:4317"  # not ':::4317'
     assert Settings(bind_host="fd00::5").local_url(8080) == "http://[fd00::5]:8080"
-    assert Settings(replica_otlp_endpoint="10.0.0.5:4317").replica_otlp_endpoint == "10.0.0.5:4317"
-    with pytest.raises(ValueError, match="replica_otlp_endpoint"):
-        Settings(replica_otlp_endpoint="http://10.0.0.5")
+    for ok in ("10.0.0.5:4317", "plane.internal:4317", "[fd00::5]:4317"):
+        assert Settings(replica_otlp_endpoint=ok, bind_host="0.0.0.0").replica_spans_endpoint(4317) == ok
+    # a scheme (https would make the exporter use TLS), a bare IPv6 literal (read as a host on port 443), no port,
+    # a port out of range, a broken bracket: each refused with what is allowed
+    for bad in ("http://10.0.0.5:4317", "https://plane:4317", "fd00::5:4317", "10.0.0.5", "10.0.0.5:0",
+                "10.0.0.5:70000", "[::1:4317", "[fd00::zz]:4317"):
+        with pytest.raises(ValueError, match="replica_otlp_endpoint") as err:
+            Settings(replica_otlp_endpoint=bad)
+        assert "host:port" in str(err.value) or "port" in str(err.value), bad
+
+
+def test_spans_sent_off_host_to_a_loopback_receiver_are_warned_about() -> None:
+    from controlplane.settings import Settings
+
+    warn = Settings(replica_otlp_endpoint="10.0.0.5:4317").replica_spans_warning()
+    assert warn is not None and "CONTROLPLANE_BIND_HOST" in warn and "127.0.0.1" in warn
+    assert Settings(replica_otlp_endpoint="10.0.0.5:4317", bind_host="0.0.0.0").replica_spans_warning() is None
+    assert Settings(replica_otlp_endpoint="10.0.0.5:4317", bind_host="10.0.0.5").replica_spans_warning() is None
+    assert Settings(replica_otlp_endpoint="localhost:4317").replica_spans_warning() is None
+    assert Settings().replica_spans_warning() is None

@@ -174,6 +174,28 @@ def test_otlp_grpc_export_is_stored_and_startup_spans_become_events(sqlite_store
         server.stop(grace=None)
 
 
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this host")
+def test_the_grpc_receiver_binds_an_ipv6_address(sqlite_store: Store) -> None:
+    server, port = grpc_server(Ingestor(sqlite_store), "::1", 0, 4 * 1024 * 1024)  # ':::0' would not bind
+    try:
+        with grpc.insecure_channel(f"[::1]:{port}") as channel:
+            trace_service_pb2_grpc.TraceServiceStub(channel).Export(export([llm_span()]), timeout=10)
+        assert sqlite_store.count(Request) == 1
+    finally:
+        server.stop(grace=None)
+
+
 def test_a_grpc_message_over_the_limit_is_refused_with_resource_exhausted(sqlite_store: Store) -> None:
     server, port = grpc_server(Ingestor(sqlite_store), "127.0.0.1", free_port(), 1024)
     try:

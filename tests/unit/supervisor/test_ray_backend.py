@@ -37,6 +37,8 @@ class FakeRay:
     def is_initialized(self) -> bool:
         return True
 
+    util = types.SimpleNamespace(get_node_ip_address=lambda: "10.0.0.5")  # the plane's node
+
     def get_actor(self, name: str, namespace: str | None = None) -> Any:
         return _Actor(name)
 
@@ -89,11 +91,26 @@ def test_a_slow_cluster_is_unknown_and_a_dead_actor_is_lost(fake: tuple[FakeRay,
     assert backend.exit_code(handle) == 3
 
 
+def test_a_launch_on_another_node_with_a_loopback_spans_endpoint_logs_a_warning(
+        fake: tuple[FakeRay, rb.RayActorBackend], caplog: pytest.LogCaptureFixture) -> None:
+    f, backend = fake
+    f.answers["start"] = {"pid": 7, "node_ip": "10.0.0.7", "url": "http://10.0.0.7:8200", "port": 8200, "log": "x"}
+    handle = backend.launch(LaunchRequest("r-0", DEP, DEP.engine, 0, 8200, "127.0.0.1:4317", "grpc", Path("/tmp")))
+    assert handle.url == "http://10.0.0.7:8200" and f.killed == []
+    assert [r.getMessage() for r in caplog.records if "r-0 runs on node 10.0.0.7" in r.getMessage()]
+    caplog.clear()
+    f.answers["start"] = {**f.answers["start"], "node_ip": "10.0.0.5"}  # the plane's own node: its loopback
+    backend.launch(LaunchRequest("r-1", DEP, DEP.engine, 1, 8201, "127.0.0.1:4317", "grpc", Path("/tmp")))
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 def test_a_replica_on_another_node_sending_spans_to_loopback_is_warned_about() -> None:
     warn = rb.lost_spans_warning("r-0", "127.0.0.1:4317", "10.0.0.7", "10.0.0.5")
     assert warn is not None and "10.0.0.7" in warn and "CONTROLPLANE_REPLICA_OTLP_ENDPOINT" in warn
     assert rb.lost_spans_warning("r-0", "[::1]:4317", "10.0.0.7", "10.0.0.5") is not None
     assert rb.lost_spans_warning("r-0", "localhost:4317", "10.0.0.7", "10.0.0.5") is not None
+    assert rb.lost_spans_warning("r-0", "LOCALHOST.:4317", "10.0.0.7", "10.0.0.5") is not None
+    assert rb.lost_spans_warning("r-0", "0.0.0.0:4317", "10.0.0.7", "10.0.0.5") is not None  # reaches itself too
     # the plane's own node, an address the node can reach, a name, no tracing, an unknown plane IP: no warning
     assert rb.lost_spans_warning("r-0", "127.0.0.1:4317", "10.0.0.5", "10.0.0.5") is None
     assert rb.lost_spans_warning("r-0", "10.0.0.5:4317", "10.0.0.7", "10.0.0.5") is None
