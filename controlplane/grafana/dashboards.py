@@ -8,6 +8,7 @@ turns red where the alert fires. `dashboards(options)` is pure; render.py writes
 from __future__ import annotations
 
 from controlplane import names
+from controlplane.coverage import DEFAULT_GRACE_S, DEFAULT_MIN_SERVED, DEFAULT_WINDOW_S
 from controlplane.grafana.model import DashboardSpec, Panel, Query, Row, Step, Variable
 from controlplane.grafana.promql import (
     RANGE,
@@ -119,6 +120,7 @@ def vllm_fleet(options: RuleOptions) -> DashboardSpec:
 def slos(options: RuleOptions) -> DashboardSpec:
     sel = (DEP, SLO)
     coverage = options.span_coverage_ratio
+    grace, window, min_served = DEFAULT_GRACE_S, DEFAULT_WINDOW_S, DEFAULT_MIN_SERVED
     budget_steps = (Step(BAD), Step(WARN, 0), Step(GOOD, 0.25))
     state = (Step(GOOD, 0, "inactive"), Step(WARN, 1, "pending"), Step(BAD, 2, "firing"))
     now = Row("Now", (
@@ -152,11 +154,11 @@ def slos(options: RuleOptions) -> DashboardSpec:
               "From per-request rows (exact, not bucketed).", unit="s"),
         Panel("Served requests with a stored span", "timeseries",
               (Query(by_vars(names.PLANE_SPAN_COVERAGE, DEP), f"{{{{{REP}}}}}"),),
-              "Per replica, the share of the router's served inference requests (30 s to 5.5 min ago) whose "
-              "llm_request span reached the store. The SLOs are judged on stored spans: below "
-              f"{coverage:.0%} for {options.span_coverage_for_s / 60:g} min the span-loss ticket fires. No value: "
-              "fewer than 100 requests in the window, or no router.",
-              unit="percentunit", min=0, max=1, thresholds=(Step(BAD), Step(GOOD, coverage))),
+              f"Per replica, the share of the router's served inference requests ({grace:g} s to "
+              f"{(grace + window) / 60:g} min ago) whose llm_request span reached the store. The SLOs are judged "
+              f"on stored spans: below {coverage:.2%} for {options.span_coverage_for_s / 60:g} min the span-loss "
+              f"ticket fires. No value: fewer than {min_served} requests in the window, or no router.",
+              unit="percentunit", max=1, thresholds=(Step(BAD), Step(GOOD, coverage))),
     ))
     return DashboardSpec(
         "controlplane-slos", "SLOs and error budgets",

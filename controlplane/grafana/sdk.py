@@ -61,6 +61,8 @@ def _kind(p: Panel) -> _PanelBuilder:
             ts = ts.stacking(cb.StackingConfig().mode(common.StackingMode.NORMAL))
         if p.bars:
             ts = ts.draw_style(common.GraphDrawStyle.BARS).fill_opacity(80)
+        if p.thresholds:  # Grafana draws a time series' thresholds only when asked to
+            ts = ts.thresholds_style(cb.GraphThresholdsStyleConfig().mode(common.GraphThresholdsStyleMode.DASHED))
         return ts
     if p.kind == "stat":
         return (stat.Panel().reduce_options(_last_value()).graph_mode(common.BigValueGraphMode.AREA)

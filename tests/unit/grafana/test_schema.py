@@ -105,3 +105,14 @@ def test_the_fleet_dashboard_filters_by_deployment_and_replica() -> None:
     for p in panels(data):
         for t in p["targets"]:
             assert 'deployment=~"$deployment"' in t["expr"] and 'replica=~"$replica"' in t["expr"], p["title"]
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_a_time_series_draws_the_thresholds_it_colours_by(path: Path) -> None:
+    """Grafana draws a time series' thresholds only with a threshold style; without one the alert's line on a
+    panel (KV usage, span coverage, burn rate) would be invisible."""
+    for p in panels(load(path)):
+        defaults = p.get("fieldConfig", {}).get("defaults", {})
+        steps = [s for s in defaults.get("thresholds", {}).get("steps", []) if s.get("value") is not None]
+        if p["type"] == "timeseries" and steps:
+            assert defaults["custom"].get("thresholdsStyle", {}).get("mode") == "dashed", p["title"]
