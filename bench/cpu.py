@@ -52,11 +52,20 @@ class CoreWatch:
         return own / wall, others / wall
 
 
-def move_api_server(pid: int, cores: set[int]) -> int:
+def move_api_server(pid: int, cores: set[int], passes: int = 5) -> int:
     """Pin every thread of a vLLM API server process (not its engine-core children) to `cores`, so that the
     engine core has its own core, as on a GPU host where the API server never shares the engine's compute. Threads
-    it starts later inherit the affinity of the thread that starts them. Returns how many threads were moved."""
-    threads = psutil.Process(pid).threads()
-    for t in threads:
-        os.sched_setaffinity(t.id, cores)
-    return len(threads)
+    it starts later inherit the affinity of the thread that starts them; one started while this runs, by a thread
+    not yet moved, is caught by another pass. Returns how many threads are pinned."""
+    for _ in range(passes):
+        moved = 0
+        for t in psutil.Process(pid).threads():
+            try:
+                if os.sched_getaffinity(t.id) != cores:
+                    os.sched_setaffinity(t.id, cores)
+                    moved += 1
+            except ProcessLookupError:  # the thread ended meanwhile
+                continue
+        if moved == 0:
+            return len(psutil.Process(pid).threads())
+    raise RuntimeError(f"process {pid} kept starting threads outside cores {sorted(cores)}")

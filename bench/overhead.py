@@ -21,11 +21,12 @@ are made and /metrics is served) a larger share of each token's cost than a real
 here likely overstates the loss on a real model.
 The loss is the median over pairs of 1 - with/without, with a percentile-bootstrap interval over the pairs.
 
-`--api-core N` moves each server's API server (where spans are made and /metrics is served) to core N, with the
-client and the plane, once it is ready, leaving the engine core alone on vLLM's core: the shape of a GPU host,
+`--api-core N` moves each server's API server (where spans are made and /metrics is served) to core N once it is
+ready (the client and the plane go to a third core where there is one, else share N), leaving the engine core
+alone on vLLM's core: the shape of a GPU host,
 where the API server runs on CPU cores of its own and the engine's compute is elsewhere. The instrumentation's
-CPU then slows the engine only if it delays the API server's feeding of the engine; the plane's own CPU (paused
-in the reference blocks) shares the API servers' core, so it counts against the traced server.
+CPU then slows the engine only if it delays the API server's feeding of the engine. On two cores the plane's own
+CPU (paused in the reference blocks) shares the API servers' core, so it counts against the traced server.
 
 Attribution: `--instrument trace` keeps only the tracing (the plane receives spans but scrapes nothing) and
 `--instrument scrape` only the scraping (no OTLP exporter in vLLM). Each block also reads the CPU seconds the
@@ -342,7 +343,9 @@ def start_server(name: str, model_dir: Path, core: int | None, log_dir: Path, ma
 def run(args: argparse.Namespace, log_dir: Path) -> tuple[list[Block], dict[str, int]]:
     cores = sorted(os.sched_getaffinity(0))
     vllm_core = args.vllm_core if args.vllm_core is not None else (cores[-1] if len(cores) >= 2 else None)
-    os.sched_setaffinity(0, {c for c in cores if c != vllm_core} or set(cores))  # client and plane: other cores
+    # client and plane: the other cores; with --api-core, the cores neither vLLM process has where there are any
+    client_cores = {c for c in cores if c not in (vllm_core, args.api_core)} or {c for c in cores if c != vllm_core}
+    os.sched_setaffinity(0, client_cores or set(cores))
     wait_for_no_vllm(args.wait_s)
     folder, recipe = MODELS[args.model]
     model_dir, _ = make_tiny_model(REPO / ".cache" / folder, recipe, progress=progress.print)
@@ -494,8 +497,9 @@ def main() -> int:
     ap.add_argument("--scrape-s", type=float, default=1.0, help="the plane's scrape interval (default 1 s)")
     ap.add_argument("--vllm-core", type=int, default=None, help="core for both vLLM servers (default: the last)")
     ap.add_argument("--api-core", type=int, default=None,
-                    help="move both servers' API servers to this core once ready, with the client and the plane, so "
-                         "each engine core has --vllm-core to itself, as on a GPU host (default: they share it)")
+                    help="move both servers' API servers to this core once ready (the client and the plane go to "
+                         "a third core if there is one), so each engine core has --vllm-core to itself, as on a GPU "
+                         "host (default: they share it)")
     ap.add_argument("--wait-s", type=float, default=1200.0,
                     help="wait this long for other vLLM servers on the host to finish (default 1200)")
     ap.add_argument("--instrument", choices=("both", "trace", "scrape"), default="both",

@@ -22,8 +22,9 @@ the first run as without it, and also against all runs pooled (the real distribu
 calibrates each load from the ramp just before it, minutes closer in time than the configuration's one ramp: what
 the plane's online calibration does, refitting on the latest separate traffic, on a host whose speed drifts.
 `--same-load` adds a diagnostic table: step costs fitted on each judged load's own rows (see same_load).
-`--api-core N` moves vLLM's API server to core N (with this client) once it is ready, so that its engine core has
---core to itself, as on a GPU host where the API server never takes turns with the engine's compute.
+`--api-core N` moves vLLM's API server to core N once it is ready, so that its engine core has --core to itself,
+as on a GPU host where the API server never takes turns with the engine's compute (this client goes to a third
+core where there is one, else shares N); the CPU columns then count the engine core alone.
 `--engine sim` runs the same pipeline against the simulated engine (a self-check of the bench, no vLLM).
 Every run saves its raw rows (JSON in --log-dir); `--replay FILE` redoes the analysis from them without vLLM,
 e.g. with another `--calibrate` choice.
@@ -177,7 +178,11 @@ class Engine:
         where = f"pinned to core {core}"
         if api_core is not None:
             assert self.vllm.proc is not None
-            move_api_server(self.vllm.proc.pid, {api_core})
+            try:
+                move_api_server(self.vllm.proc.pid, {api_core})
+            except BaseException:
+                self.vllm.stop()  # the caller holds no Engine yet to stop it
+                raise
             where = f"engine core pinned to core {core}, API server to core {api_core}"
         console.print(f"config {shape.name}: vLLM ready in {waited:.0f} s ({where})")
         self.base_url = spec.base_url
@@ -531,7 +536,12 @@ def main() -> None:
     shapes = [SHAPES[name.strip()] for name in args.configs.split(",")]
     args.log_dir.mkdir(parents=True, exist_ok=True)
     if args.engine == "vllm" and not args.replay:
-        others = sorted(os.sched_getaffinity(0) - {args.core})
+        allowed = os.sched_getaffinity(0)
+        if args.api_core is not None and args.api_core not in allowed:
+            ap.error(f"--api-core {args.api_core} is not one of this process's cores {sorted(allowed)}")
+        others = sorted(allowed - {args.core})
+        if args.api_core is not None:  # a core of its own for the client where there is one, else the API server's
+            others = sorted(allowed - {args.core, args.api_core}) or [args.api_core]
         client = args.client_core if args.client_core is not None else (others[0] if others else None)
         if client is not None:
             os.sched_setaffinity(0, {client})  # the client must not take vLLM's core
@@ -539,7 +549,8 @@ def main() -> None:
     t0 = time.monotonic()
     if args.replay:
         runs = load_runs(args.replay)
-        args.engine = json.loads(args.replay.read_text()).get("engine", args.engine)
+        saved = json.loads(args.replay.read_text())
+        args.engine, args.api_core = saved.get("engine", args.engine), saved.get("api_core", args.api_core)
         console.print(f"replaying the measurements saved in {args.replay} (no engine started)")
     else:
         runs = measure_all(args, shapes)
@@ -577,7 +588,9 @@ def main() -> None:
     console.print(f"wall time {time.monotonic() - t0:.0f} s. The API path (vLLM's TTFT - queue - prefill on the "
                   "calibration rows that found the replica idle) is part of the replica model: a request enters the "
                   "engine that long after it arrives. 'vLLM/others CPU' = CPU seconds per second on vLLM's core "
-                  "taken by vLLM and by every other process (the shared host).")
+                  "taken by vLLM" + (f" (its engine core alone: the API server ran on core {args.api_core})"
+                                     if args.api_core is not None else "")
+                  + " and by every other process (the shared host).")
     if args.json:
         args.json.write_text(json.dumps({"engine": args.engine, "calibration": args.calibrate, "per_config": each,
                                          "core": args.core, "api_core": args.api_core,
