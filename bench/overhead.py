@@ -332,9 +332,13 @@ def start_server(name: str, model_dir: Path, core: int | None, log_dir: Path, ma
     progress.print(f"{name}: starting vLLM on core {core if core is not None else 'any'}"
                    f"{' with tracing to the plane' if otlp else ' (no tracing)'} ...")
     server.start()
-    waited = server.wait_ready(timeout_s=600)
-    if api_core is not None and server.pid is not None:
-        move_api_server(server.pid, {api_core})
+    try:
+        waited = server.wait_ready(timeout_s=600)
+        if api_core is not None and server.pid is not None:
+            move_api_server(server.pid, {api_core})
+    except BaseException:
+        server.stop()  # in its own session, it would outlive this bench; the caller holds no handle on it yet
+        raise
     progress.print(f"{name}: ready in {waited:.0f} s at {spec.base_url}"
                    + (f" (API server moved to core {api_core})" if api_core is not None else ""))
     return server

@@ -174,16 +174,16 @@ class Engine:
                               num_gpu_blocks_override=shape.kv_blocks, cpu_cores=(core,))
         self.vllm = VllmServer(spec, log_dir / f"vllm-{shape.name}.log")
         self.vllm.start()
-        waited = self.vllm.wait_ready(timeout_s=ready_s)
         where = f"pinned to core {core}"
-        if api_core is not None:
-            assert self.vllm.proc is not None
-            try:
+        try:
+            waited = self.vllm.wait_ready(timeout_s=ready_s)
+            if api_core is not None:
+                assert self.vllm.proc is not None
                 move_api_server(self.vllm.proc.pid, {api_core})
-            except BaseException:
-                self.vllm.stop()  # the caller holds no Engine yet to stop it
-                raise
-            where = f"engine core pinned to core {core}, API server to core {api_core}"
+                where = f"engine core pinned to core {core}, API server to core {api_core}"
+        except BaseException:
+            self.vllm.stop()  # the caller holds no Engine yet to stop it
+            raise
         console.print(f"config {shape.name}: vLLM ready in {waited:.0f} s ({where})")
         self.base_url = spec.base_url
 

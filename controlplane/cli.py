@@ -125,7 +125,8 @@ def up(
         console.print(f"  OTLP/HTTP    {e.otlp_http}")
         console.print(f"  OTLP/gRPC    {e.otlp_grpc}")
         if not is_loopback_host(settings.bind_host, wildcard=False):
-            console.print(f"  [yellow]listening on {settings.bind_host or 'every interface'}, not loopback only[/]: "
+            console.print(f"  [yellow]listening on {settings.bind_host}, not loopback only[/]: reads, the router and "
+                          "/metrics are open to the network; "
                           + ("mutating endpoints need the API token" if settings.api_token else
                              "no API token is set, so mutating endpoints are off"))
         if e.router:

@@ -69,6 +69,13 @@ class Settings(BaseSettings):
             raise ValueError(f"database {url.get_backend_name()!r} is not supported; use sqlite or postgresql")
         return v
 
+    @field_validator("bind_host")
+    @classmethod
+    def _bind_host(cls, v: str) -> str:
+        # '' (every interface, to Python's sockets) is no address gRPC can bind; brackets are for URLs, not binds
+        v = v.strip().removeprefix("[").removesuffix("]")
+        return v or "0.0.0.0"
+
     @field_validator("replica_otlp_endpoint")
     @classmethod
     def _endpoint(cls, v: str | None) -> str | None:
@@ -116,7 +123,10 @@ class Settings(BaseSettings):
 
 
 LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost", "ip6-loopback"})
-_HOST_PORT = re.compile(r"\[(?P<v6>[0-9A-Fa-f:.]+)\]:(?P<p6>\d{1,5})|(?P<host>[A-Za-z0-9._-]+):(?P<port>\d{1,5})")
+# An optional plaintext scheme (vLLM's docs write grpc://; the exporter strips it and stays without TLS), then a
+# bracketed IPv6 literal or a name / IPv4 address, then the port. ASCII only: gRPC reads no other digits.
+_HOST_PORT = re.compile(r"(?:grpc://|http://)?(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]:(?P<p6>[0-9]{1,5})"
+                        r"|(?P<host>[A-Za-z0-9._-]+):(?P<port>[0-9]{1,5}))")
 
 
 def host_port(host: str, port: int) -> str:
@@ -129,7 +139,8 @@ def split_host_port(endpoint: str) -> tuple[str, int]:
     ValueError saying what is allowed otherwise."""
     m = _HOST_PORT.fullmatch(endpoint)
     allowed = ("expected host:port as the replicas reach the plane's OTLP/gRPC receiver, e.g. 10.0.0.5:4317, "
-               "plane.internal:4317 or [fd00::5]:4317, with no scheme (vLLM exports over gRPC without TLS)")
+               "plane.internal:4317 or [fd00::5]:4317 (an IPv6 address in brackets, without a zone), optionally "
+               "after grpc:// or http://; not https:// (the plane's receiver has no TLS)")
     if m is None:
         raise ValueError(f"{endpoint!r}: {allowed}")
     host, port = (m["v6"], int(m["p6"])) if m["v6"] else (m["host"], int(m["port"]))
@@ -154,4 +165,5 @@ def is_loopback_host(host: str, *, wildcard: bool = True) -> bool:
         address = ipaddress.ip_address(host)
     except ValueError:
         return False
-    return address.is_loopback or (wildcard and address.is_unspecified)
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return address.is_loopback or (mapped is not None and mapped.is_loopback) or (wildcard and address.is_unspecified)

@@ -30,6 +30,7 @@ import uvicorn
 from controlplane.engines.sim_api import ServedModel, build_app
 from controlplane.engines.sim_engine import LiveEngine
 from controlplane.engines.sim_metrics import RequestSpans, SimTelemetry
+from controlplane.settings import host_port
 from controlplane.tuning import catalog
 from controlplane.tuning.catalog import CatalogError, KvPrecision, WeightPrecision
 from controlplane.tuning.perf_model import Coefficients, EngineArgs, ReplicaModel, StepCost, roofline
@@ -243,7 +244,7 @@ class SimServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.config.host}:{self.port}"
+        return f"http://{host_port(self.config.host, self.port)}"
 
     def start(self, timeout_s: float = 30.0) -> SimServer:
         self._server, self._thread, self.port = serve_in_thread(

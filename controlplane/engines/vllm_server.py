@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 
 from controlplane import names
+from controlplane.settings import host_port
 
 VLLM_ENTRYPOINT = "vllm.entrypoints.openai.api_server"
 SIM_ENTRYPOINT = "controlplane.engines.sim_server"
@@ -70,7 +71,7 @@ class VllmServerSpec:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"http://{host_port(self.host, self.port)}"
 
     def argv(self) -> list[str]:
         if self.simulated is None:

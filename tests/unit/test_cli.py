@@ -184,12 +184,14 @@ def test_replicas_send_spans_to_an_address_they_reach() -> None:
     assert Settings(bind_host="0.0.0.0").replica_spans_endpoint(4317) == "127.0.0.1:4317"
     assert Settings(bind_host="::").replica_spans_endpoint(4317) == "[::1]:4317"  # not ':::4317'
     assert Settings(bind_host="fd00::5").local_url(8080) == "http://[fd00::5]:8080"
-    for ok in ("10.0.0.5:4317", "plane.internal:4317", "[fd00::5]:4317"):
+    assert Settings(bind_host="").local_address(4317) == "127.0.0.1:4317"  # '' is every interface: 0.0.0.0
+    assert Settings(bind_host="[::1]").local_address(4317) == "[::1]:4317"
+    for ok in ("10.0.0.5:4317", "plane.internal:4317", "[fd00::5]:4317", "grpc://10.0.0.5:4317"):
         assert Settings(replica_otlp_endpoint=ok, bind_host="0.0.0.0").replica_spans_endpoint(4317) == ok
-    # a scheme (https would make the exporter use TLS), a bare IPv6 literal (read as a host on port 443), no port,
-    # a port out of range, a broken bracket: each refused with what is allowed
-    for bad in ("http://10.0.0.5:4317", "https://plane:4317", "fd00::5:4317", "10.0.0.5", "10.0.0.5:0",
-                "10.0.0.5:70000", "[::1:4317", "[fd00::zz]:4317"):
+    # https (the exporter would use TLS), a bare IPv6 literal (read as a host on port 443), no port, a port out of
+    # range, a broken bracket, digits gRPC cannot read, a zone id: each refused with what is allowed
+    for bad in ("https://plane:4317", "fd00::5:4317", "10.0.0.5", "10.0.0.5:0", "10.0.0.5:70000", "[::1:4317",
+                "[fd00::zz]:4317", "10.0.0.5:\u0664\u0663\u0661\u0667", "[fe80::1%eth0]:4317"):
         with pytest.raises(ValueError, match="replica_otlp_endpoint") as err:
             Settings(replica_otlp_endpoint=bad)
         assert "host:port" in str(err.value) or "port" in str(err.value), bad
