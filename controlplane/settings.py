@@ -100,17 +100,26 @@ class Settings(BaseSettings):
         return self.replica_otlp_endpoint or self.local_address(grpc_port)
 
     def replica_spans_warning(self) -> str | None:
-        """Replicas told to send their spans to an address off this host, to a receiver that listens on loopback
-        only: every span they send would be lost."""
-        if self.replica_otlp_endpoint is None or not is_loopback_host(self.bind_host, wildcard=False):
+        """Replicas told to send their spans to an address the receiver does not listen on: an address off this
+        host while it listens on loopback only, or another IP address than the one it is bound to. Every span they
+        send would be lost. Names other than localhost are the operator's to point."""
+        if self.replica_otlp_endpoint is None or self.bind_host in WILDCARDS:
             return None
         host, _ = split_host_port(self.replica_otlp_endpoint)
-        if is_loopback_host(host):
+        endpoint_ip, bind_ip = _ip(host), _ip(self.bind_host)
+        if endpoint_ip is not None and bind_ip is not None:
+            lost = endpoint_ip != bind_ip
+        elif is_loopback_host(self.bind_host, wildcard=False):
+            lost = not is_loopback_host(host)
+        else:
+            lost = False
+        if not lost:
             return None
         return (f"CONTROLPLANE_REPLICA_OTLP_ENDPOINT is {self.replica_otlp_endpoint}, but the plane's receiver listens "
                 f"on {self.bind_host} only: replicas sending there reach no receiver and their spans are lost. Set "
-                f"CONTROLPLANE_BIND_HOST to an address they reach (it also exposes the API and the router: set "
-                f"CONTROLPLANE_API_TOKEN)")
+                f"CONTROLPLANE_BIND_HOST to the address they are sent to, or the endpoint to one the receiver listens "
+                f"on (a bind beyond loopback also opens the API's reads and the router to the network: set "
+                f"CONTROLPLANE_API_TOKEN for the mutating endpoints)")
 
     def local_url(self, port: int) -> str:
         """The http:// URL of `local_address`."""
@@ -123,6 +132,14 @@ class Settings(BaseSettings):
 
 
 LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost", "ip6-loopback"})
+WILDCARDS = frozenset({"0.0.0.0", "::"})
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
 # An optional plaintext scheme (vLLM's docs write grpc://; the exporter strips it and stays without TLS), then a
 # bracketed IPv6 literal or a name / IPv4 address, then the port. ASCII only: gRPC reads no other digits.
 _HOST_PORT = re.compile(r"(?:grpc://|http://)?(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]:(?P<p6>[0-9]{1,5})"

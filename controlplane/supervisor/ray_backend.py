@@ -57,7 +57,8 @@ class VllmReplicaActor:
     def info(self) -> dict[str, Any]:
         proc = self.server.proc if self.server else None
         return {"pid": proc.pid if proc else None, "url": self.server.spec.base_url if self.server else None,
-                "port": self.server.spec.port if self.server else None}
+                "port": self.server.spec.port if self.server else None,
+                "otlp_endpoint": self.server.spec.otlp_endpoint if self.server else None}
 
 
 class RayActorBackend:
@@ -143,6 +144,10 @@ class RayActorBackend:
         if code is not None or info.get("url") != url:
             self._kill(actor)  # ours, but not the replica the store knows: it would hold its resources for good
             return None
+        # it keeps the spans endpoint it was started with (an actor from an older plane does not say which)
+        if warning := lost_spans_warning(replica, info.get("otlp_endpoint"), str(runtime.get("node_ip", "")),
+                                         self._plane_ip()):
+            log.warning("%s", warning)
         return Handle(replica, url, dict(runtime), private=actor)
 
     def close(self) -> None:

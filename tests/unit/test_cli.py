@@ -206,3 +206,8 @@ def test_spans_sent_off_host_to_a_loopback_receiver_are_warned_about() -> None:
     assert Settings(replica_otlp_endpoint="10.0.0.5:4317", bind_host="10.0.0.5").replica_spans_warning() is None
     assert Settings(replica_otlp_endpoint="localhost:4317").replica_spans_warning() is None
     assert Settings().replica_spans_warning() is None
+    # bound to one address, replicas sent to another: lost too; a name is the operator's to point
+    assert Settings(replica_otlp_endpoint="127.0.0.1:4317", bind_host="10.0.0.5").replica_spans_warning() is not None
+    assert Settings(replica_otlp_endpoint="10.0.0.6:4317", bind_host="10.0.0.5").replica_spans_warning() is not None
+    assert Settings(replica_otlp_endpoint="plane.internal:4317", bind_host="10.0.0.5").replica_spans_warning() is None
+    assert Settings(replica_otlp_endpoint="[::1]:4317", bind_host="::1").replica_spans_warning() is None

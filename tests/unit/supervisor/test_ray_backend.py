@@ -80,6 +80,14 @@ def test_an_actor_adoption_refuses_is_killed_not_left_holding_its_resources(
     assert backend.adopt("r-3", "http://10.0.0.2:8200", {"actor": "r-3"}) is not None and f.killed == ["r-1", "r-2"]
 
 
+def test_an_adopted_replica_on_another_node_with_a_loopback_spans_endpoint_is_warned_about(
+        fake: tuple[FakeRay, rb.RayActorBackend], caplog: pytest.LogCaptureFixture) -> None:
+    f, backend = fake
+    f.answers.update(info={"url": "http://10.0.0.7:8200", "otlp_endpoint": "127.0.0.1:4317"}, exit_code=None)
+    assert backend.adopt("r-5", "http://10.0.0.7:8200", {"actor": "r-5", "node_ip": "10.0.0.7"}) is not None
+    assert [r for r in caplog.records if "r-5 runs on node 10.0.0.7" in r.getMessage()]
+
+
 def test_a_slow_cluster_is_unknown_and_a_dead_actor_is_lost(fake: tuple[FakeRay, rb.RayActorBackend]) -> None:
     f, backend = fake
     handle = Handle("r-4", "http://x", {}, private=_Actor("r-4"))
