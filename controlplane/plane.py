@@ -178,7 +178,7 @@ class Plane:
                     break
                 await asyncio.sleep(0.02)
             endpoints = Endpoints(  # as reached from this host (a wildcard bind on loopback)
-                api=s.local_url(api_sock.getsockname()[1]),
+                api=api_url,
                 otlp_http=f"{s.local_url(otlp_sock.getsockname()[1])}/v1/traces",
                 otlp_grpc=s.local_address(grpc_port),
                 router=s.local_url(router.bound_port) if router is not None and router.bound_port else None,

@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     def local_address(self, port: int) -> str:
         """host:port by which a process on this host reaches a server of the plane listening on `bind_host`:`port`.
         A wildcard address is reached on loopback, and an IPv6 literal gets its brackets."""
-        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.bind_host, self.bind_host)
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.bind_host, self.bind_host)  # '' became 0.0.0.0
         return host_port(host, port)
 
     def replica_spans_endpoint(self, grpc_port: int) -> str:
@@ -140,6 +140,8 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return None
+
+
 # An optional plaintext scheme (vLLM's docs write grpc://; the exporter strips it and stays without TLS), then a
 # bracketed IPv6 literal or a name / IPv4 address, then the port. ASCII only: gRPC reads no other digits.
 _HOST_PORT = re.compile(r"(?:grpc://|http://)?(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]:(?P<p6>[0-9]{1,5})"
@@ -175,12 +177,10 @@ def is_loopback_host(host: str, *, wildcard: bool = True) -> bool:
     """A host that is this machine from wherever it is used: a loopback address or name, or (`wildcard`) 0.0.0.0
     or ::, which reach oneself when connected to. With wildcard=False, for an address listened on: loopback only
     (a wildcard listens everywhere)."""
-    host = host.strip("[]")
-    if host.lower().rstrip(".") in LOOPBACK_NAMES:
+    if host.strip("[]").lower().rstrip(".") in LOOPBACK_NAMES:
         return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
+    address = _ip(host)
+    if address is None:
         return False
     mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
     return address.is_loopback or (mapped is not None and mapped.is_loopback) or (wildcard and address.is_unspecified)

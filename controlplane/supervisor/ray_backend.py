@@ -92,9 +92,7 @@ class RayActorBackend:
             # The actor is detached: left alive it would keep its CPUs / GPUs and its name for good.
             self._kill(actor)
             raise
-        if warning := lost_spans_warning(req.replica, spec.otlp_endpoint, str(info.get("node_ip", "")),
-                                         self._plane_ip()):
-            log.warning("%s", warning)
+        self._warn_lost_spans(req.replica, spec.otlp_endpoint, info.get("node_ip"))
         runtime = {"actor": req.replica, "namespace": self.spec.namespace, **info}
         return Handle(req.replica, str(info["url"]), runtime, private=actor)
 
@@ -118,11 +116,13 @@ class RayActorBackend:
         self._kill(actor)
 
     @staticmethod
-    def _plane_ip() -> str | None:
+    def _warn_lost_spans(replica: str, endpoint: str | None, node_ip: object) -> None:
         try:
-            return str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+            plane_ip: str | None = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
         except Exception:  # noqa: BLE001 - only feeds a warning
-            return None
+            plane_ip = None
+        if warning := lost_spans_warning(replica, endpoint, str(node_ip or ""), plane_ip):
+            log.warning("%s", warning)
 
     @staticmethod
     def _kill(actor: Any) -> None:
@@ -145,9 +145,7 @@ class RayActorBackend:
             self._kill(actor)  # ours, but not the replica the store knows: it would hold its resources for good
             return None
         # it keeps the spans endpoint it was started with (an actor from an older plane does not say which)
-        if warning := lost_spans_warning(replica, info.get("otlp_endpoint"), str(runtime.get("node_ip", "")),
-                                         self._plane_ip()):
-            log.warning("%s", warning)
+        self._warn_lost_spans(replica, info.get("otlp_endpoint"), runtime.get("node_ip"))
         return Handle(replica, url, dict(runtime), private=actor)
 
     def close(self) -> None:
