@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import PurePath
 from typing import Any
 
@@ -70,7 +70,8 @@ class SimServerConfig:
                 "kv_cache_size_tokens": str(tokens),
                 "kv_cache_max_concurrency": f"{tokens / self.replica.max_model_len:.2f}",
                 "cache_dtype": self.kv_cache_dtype, "gpu_memory_utilization": str(self.gpu_memory_utilization),
-                "enable_prefix_caching": "False", "num_gpu_blocks_override": str(self.num_gpu_blocks_override),
+                "enable_prefix_caching": str(self.replica.prefix_caching),
+                "num_gpu_blocks_override": str(self.num_gpu_blocks_override),
                 "simulated": "True"}
 
 
@@ -132,9 +133,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--otlp-traces-endpoint", default=None)
     ap.add_argument("--stream-interval", type=int, default=1)
     ap.add_argument("--disable-uvicorn-access-log", action="store_true")
+    ap.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                    help="vLLM V1's default: on (a preempted request gets back the KV blocks not yet reused)")
     # Accepted so that vLLM argv works unchanged; they change nothing the simulation models.
-    for flag in ("--enable-prefix-caching", "--no-enable-prefix-caching", "--disable-log-requests",
-                 "--disable-log-stats", "--enable-chunked-prefill", "--trust-remote-code", "--enforce-eager"):
+    for flag in ("--disable-log-requests", "--disable-log-stats", "--enable-chunked-prefill", "--trust-remote-code",
+                 "--enforce-eager"):
         ap.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
     for flag in ("--seed", "--distributed-executor-backend", "--uvicorn-log-level", "--swap-space"):
         ap.add_argument(flag, help=argparse.SUPPRESS)
@@ -183,7 +186,8 @@ def config_from_args(argv: Sequence[str]) -> SimServerConfig:
         kv_cache=catalog.VLLM_KV_CACHE_DTYPE[a.kv_cache_dtype], num_gpu_blocks_override=a.num_gpu_blocks_override,
         step_cost=_coefficients(a.step_coefficients) if a.step_coefficients else None)
     return SimServerConfig(
-        replica=replica, served_model_name=a.served_model_name or a.model, model=model,
+        replica=replace(replica, prefix_caching=a.enable_prefix_caching),
+        served_model_name=a.served_model_name or a.model, model=model,
         accelerator=catalog.accelerator(a.accelerator).name, num_gpu_blocks=total, host=a.host, port=a.port,
         speedup=a.speedup, otlp_traces_endpoint=a.otlp_traces_endpoint, stream_interval=a.stream_interval,
         access_log=not a.disable_uvicorn_access_log, gpu_memory_utilization=a.gpu_memory_utilization,

@@ -112,6 +112,8 @@ class ReplicaModel:
     num_kv_blocks: int
     max_model_len: int
     reserve_full_sequence: bool = True  # vLLM's scheduler_reserve_full_isl (on by default)
+    # vLLM V1's prefix cache (on by default): a preempted request gets back the blocks not yet reused
+    prefix_caching: bool = True
     gpus: int = 1
     usd_per_hour: float | None = None  # the whole replica; None: unknown
     name: str = "replica"

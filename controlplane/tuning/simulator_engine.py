@@ -5,7 +5,8 @@ decode 1 token and a partial prefill its remaining chunk, within the max_num_bat
 then waiting requests FCFS while budget and max_num_seqs allow (the full sequence must fit in free
 KV blocks: scheduler_reserve_full_isl), the last one's prefill chunked to the budget left; no
 admissions in a step that preempted; when a running request cannot get a block, the last running
-request is preempted (blocks freed, back to the head of the queue, recomputed from scratch later).
+request is preempted (blocks freed, back to the head of the queue, recomputed later, except the leading
+blocks the prefix cache still holds when it is scheduled again: simulator_parts.FreeQueue).
 
 Why it is fast: in this scheduler the running list is always [decoding..., at most one partial
 prefill], and every decoding request advances one token per step. So between events (an arrival,
@@ -15,8 +16,8 @@ state is kept lazily (tokens so far = tokens at admission + steps since), block 
 histogram of block-boundary phases, finishes from a heap keyed by step number. No approximation:
 `simulator_reference.ReferenceEngine` steps naively and the tests hold the two equal.
 
-Not modelled (vLLM behaviours that change these numbers): prefix caching (a resumed request would
-find part of its KV still cached; here it recomputes all of it), the KV watermark (0 by default),
+Not modelled (vLLM behaviours that change these numbers): prefix-cache hits on other requests' blocks
+(workloads carry lengths, not tokens), the KV watermark (0 by default),
 long_prefill_token_threshold (off by default), speculative decoding, async scheduling overlap.
 """
 
@@ -26,7 +27,7 @@ from collections import deque
 from heapq import heappop, heappush
 
 from controlplane.tuning.perf_model import ReplicaModel
-from controlplane.tuning.simulator_parts import Book, Line, Samples, first_reach, stretch_time
+from controlplane.tuning.simulator_parts import Book, FreeQueue, Line, Samples, first_reach, stretch_time
 
 
 class FastEngine:
@@ -34,7 +35,7 @@ class FastEngine:
 
     __slots__ = ("index", "bs", "budget", "max_seqs", "nblocks", "max_len", "full_fit", "roofs", "b", "clock",
                  "G", "dec", "pre", "pre_done", "waiting", "heap", "h2", "S", "U", "outstanding", "last_fin",
-                 "planned", "plan_n", "plan_end", "steps", "tokens", "preemptions", "samples")
+                 "planned", "plan_n", "plan_end", "steps", "tokens", "preemptions", "samples", "fq", "caching")
 
     def __init__(self, model: ReplicaModel, book: Book, index: int, sample_interval_s: float | None) -> None:
         self.index = index
@@ -56,6 +57,8 @@ class FastEngine:
         self.h2 = [0] * (2 * self.bs)  # decoders per block-phase, stored twice for wrap-around slices
         self.S = 0  # KV tokens computed, summed over decoders
         self.U = 0  # KV blocks in use
+        self.fq = FreeQueue(model.num_kv_blocks)  # the free ones, in vLLM's eviction order
+        self.caching = model.prefix_caching
         self.outstanding = 0
         self.last_fin = 0  # requests finished at the end of the last step or stretch
         self.planned = False
@@ -167,11 +170,15 @@ class FastEngine:
             return False
         r = self.waiting[0]
         target = self.b.prompt[r] + self.b.kk[r]
-        free = self.nblocks - self.U - self.h2[self.G % self.bs]
+        need = self.h2[self.G % self.bs]
+        free = self.nblocks - self.U - need
         bs = self.bs
         if self.full_fit and -(-target // bs) > free:
             return False
-        return -(-min(target, left) // bs) <= free
+        # Cached blocks it would get back (after this step's decoders took theirs): fewer later in a stretch,
+        # but each block lost costs a free block too, so a head that does not fit now does not fit later.
+        have = self.fq.hits(r, (target - 1) // bs, need) * bs if self.fq.owned else 0
+        return -(-min(target, have + left) // bs) <= free
 
     def _commit(self, n: int, end: float) -> None:
         d = len(self.dec)
@@ -181,7 +188,9 @@ class FastEngine:
             while smp.next_s < end:
                 m = first_reach(lines, n, smp.next_s - self.clock)
                 smp.take(d, len(self.waiting), (self.U + self._blocks_over(m)) / self.nblocks)
-        self.U += self._blocks_over(n)
+        k = self._blocks_over(n)
+        self.U += k
+        self.fq.take(k)
         self.S += n * d
         self.G += n
         self.clock = end
@@ -204,7 +213,9 @@ class FastEngine:
             h2[e + bs] -= 1
             comp = b.prompt[r] + b.output[r] - 1
             self.S -= comp
-            self.U -= -(-comp // bs)
+            blocks = -(-comp // bs)
+            self.U -= blocks
+            self.fq.give(blocks, comp // bs)
             gfin[r] = -1
             b.kk[r] = b.output[r]
             b.t_fin[r] = self.clock
@@ -223,6 +234,7 @@ class FastEngine:
         self.S -= comp
         blocks = -(-comp // bs)
         self.U -= blocks
+        self.fq.give(blocks, comp // bs, r if self.caching else -1)
         b.kk[r] = k
         b.gfin[r] = -1
         b.preempt[r] += 1
@@ -233,6 +245,7 @@ class FastEngine:
     def _drop_prefill(self) -> int:
         r, blocks = self.pre, -(-self.pre_done // self.bs)
         self.U -= blocks
+        self.fq.give(blocks, self.pre_done // self.bs, r if self.caching else -1)
         self.pre = -1
         self.b.preempt[r] += 1
         self.preemptions += 1
@@ -261,6 +274,7 @@ class FastEngine:
                 break
             free -= 1
             self.U += 1
+            self.fq.take(1)
 
     def _general_step(self) -> None:
         b, bs = self.b, self.bs
@@ -273,6 +287,7 @@ class FastEngine:
         preempted = False
         if need <= free:
             self.U += need
+            self.fq.take(need)
             free -= need
         else:
             before = self.preemptions
@@ -297,6 +312,7 @@ class FastEngine:
                 else:
                     free -= new_blocks
                     self.U += new_blocks
+                    self.fq.take(new_blocks)
                     budget -= chunk
                     tokens += chunk
                     seqs += 1
@@ -309,31 +325,36 @@ class FastEngine:
                         self.pre_done = have + chunk
         running = d + (self.pre >= 0) + (p >= 0 and self.pre < 0 and not preempted)
         if not preempted:
-            waiting, full_fit, max_seqs = self.waiting, self.full_fit, self.max_seqs
+            waiting, full_fit, max_seqs, fq = self.waiting, self.full_fit, self.max_seqs, self.fq
             while budget > 0 and waiting and running < max_seqs:
                 r = waiting[0]
                 target = prompt[r] + kk[r]
                 if full_fit and -(-target // bs) > free:
                     break
-                chunk = min(target, budget)
-                new_blocks = -(-chunk // bs)
+                hit = fq.hits(r, (target - 1) // bs) if fq.owned else 0
+                have = hit * bs
+                chunk = min(target - have, budget)
+                new_blocks = -(-(have + chunk) // bs)  # the hits count against the free blocks too
                 if new_blocks > free:
                     break
                 waiting.popleft()
+                if fq.owned:
+                    fq.claim(r, hit)
+                fq.take(new_blocks - hit)
                 free -= new_blocks
                 self.U += new_blocks
                 budget -= chunk
                 running += 1
                 tokens += chunk
                 seqs += 1
-                kv += chunk
-                attn += chunk * (chunk + 1) // 2
+                kv += have + chunk
+                attn += chunk * have + chunk * (chunk + 1) // 2
                 if b.t_sched[r] != b.t_sched[r]:  # NaN: first time scheduled
                     b.t_sched[r] = t0
-                if chunk == target:
+                if have + chunk == target:
                     done.append(r)
                 else:
-                    self.pre, self.pre_done = r, chunk
+                    self.pre, self.pre_done = r, have + chunk
         if tokens:
             dt = 0.0
             for c, kt, kvc, ks, ka in self.roofs:
@@ -361,6 +382,7 @@ class FastEngine:
             target = prompt[r] + kk[r]
             if k >= b.output[r]:
                 self.U -= -(-target // bs)
+                self.fq.give(-(-target // bs), target // bs)
                 kk[r] = k
                 b.t_fin[r] = t1
                 self.outstanding -= 1

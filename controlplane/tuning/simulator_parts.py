@@ -5,6 +5,7 @@ sums of a decode stretch's step times (a max of lines in the step index).
 from __future__ import annotations
 
 import math
+from collections import deque
 
 Line = tuple[float, float]  # a roof along a decode stretch: step k costs A + V*k
 
@@ -40,6 +41,84 @@ class Book:
         self.gfin[slot] = -1
         self.t_sched[slot] = self.t_first[slot] = self.t_fin[slot] = math.nan
         return slot
+
+
+class FreeQueue:
+    """vLLM V1's free KV-block queue, as far as its prefix cache can hand blocks back to a preempted request.
+
+    vLLM (v1/core/block_pool.py: free_blocks, get_new_blocks) puts freed blocks without a hash (a request's
+    partial last block) at the head of the free queue, to be reused first, and full, hashed blocks at the tail,
+    last block first; new allocations pop from the head and evict what they pop. A preempted request scheduled
+    again gets its leading full blocks that are still in the queue as prefix-cache hits and recomputes only
+    the rest. Blocks of finished requests and of requests that never ran are anonymous here: the workloads carry
+    lengths, not token contents, so a hit on another request's blocks is not modelled.
+
+    Segments are [owner, blocks]: owner -1 for anonymous blocks, else a preempted request's cached blocks in
+    queue order (its last one first), so the leading `blocks` of that request are still cached. A plain deque
+    with lazy deletion: between preemptions it is one anonymous segment, and the hot path a subtraction.
+    """
+
+    __slots__ = ("segs", "owned")
+
+    def __init__(self, blocks: int) -> None:
+        self.segs: deque[list[int]] = deque([[-1, blocks]])
+        self.owned: dict[int, list[int]] = {}
+
+    def take(self, k: int) -> None:
+        """Pop k blocks from the head for new allocations, evicting whatever they cached."""
+        segs = self.segs
+        while k:
+            s = segs[0]
+            if s[1] > k:
+                s[1] -= k
+                return
+            k -= s[1]
+            segs.popleft()
+            if s[0] >= 0:
+                del self.owned[s[0]]
+
+    def give(self, blocks: int, full: int, owner: int = -1) -> None:
+        """Free a request's `blocks`, of which the first `full` are full (hashed): those go to the tail, as
+        `owner`'s cached prefix when owner >= 0 (a preempted request), the partial one to the head."""
+        segs = self.segs
+        if full:
+            if owner >= 0:
+                seg = [owner, full]
+                segs.append(seg)
+                self.owned[owner] = seg
+            elif segs and segs[-1][0] < 0:
+                segs[-1][1] += full
+            else:
+                segs.append([-1, full])
+        if blocks > full:
+            if segs and segs[0][0] < 0:
+                segs[0][1] += blocks - full
+            else:
+                segs.appendleft([-1, blocks - full])
+
+    def hits(self, owner: int, cap: int, popped: int = 0) -> int:
+        """Leading blocks of `owner` still cached (at most cap), after `popped` more blocks leave the head."""
+        seg = self.owned.get(owner)
+        if seg is None:
+            return 0
+        left = seg[1]
+        if popped:
+            for s in self.segs:
+                if s is seg:
+                    break
+                popped -= s[1]
+                if popped <= 0:
+                    break
+            if popped > 0:
+                left -= popped
+        return max(0, min(left, cap))
+
+    def claim(self, owner: int, hit: int) -> None:
+        """`owner` is scheduled again and takes back its first `hit` blocks; the rest of its segment stays
+        in the queue as anonymous blocks."""
+        seg = self.owned.pop(owner, None)
+        if seg is not None:
+            seg[0], seg[1] = -1, seg[1] - hit
 
 
 class Samples:

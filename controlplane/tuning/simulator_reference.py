@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import deque
 
 from controlplane.tuning.perf_model import ReplicaModel
-from controlplane.tuning.simulator_parts import Book, Samples
+from controlplane.tuning.simulator_parts import Book, FreeQueue, Samples
 
 
 class _Req:
@@ -37,6 +37,7 @@ class ReferenceEngine:
         self.running: list[_Req] = []
         self.waiting: deque[_Req] = deque()
         self.used = 0
+        self.fq = FreeQueue(model.num_kv_blocks)
         self.outstanding = 0
         self.last_fin = 0
         self.steps = 0
@@ -69,8 +70,13 @@ class ReferenceEngine:
     def _blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.m.block_size)
 
+    def _take(self, k: int) -> None:
+        self.used += k
+        self.fq.take(k)
+
     def _preempt(self, req: _Req) -> None:
         self.used -= req.blocks
+        self.fq.give(req.blocks, req.computed // self.m.block_size, req.rid if self.m.prefix_caching else -1)
         req.blocks = 0
         req.computed = 0
         self.b.preempt[req.rid] += 1
@@ -103,7 +109,7 @@ class ReferenceEngine:
             if self_preempted:
                 break
             req.blocks += need
-            self.used += need
+            self._take(need)
             scheduled.append((req, new))
             budget -= new
             i += 1
@@ -113,14 +119,19 @@ class ReferenceEngine:
                 free = m.num_kv_blocks - self.used
                 if m.reserve_full_sequence and self._blocks_for(req.num_tokens) > free:
                     break
-                new = min(req.num_tokens, budget)
-                need = self._blocks_for(new)
+                hit = self.fq.hits(req.rid, (req.num_tokens - 1) // m.block_size)
+                have = hit * m.block_size
+                new = min(req.num_tokens - have, budget)
+                need = self._blocks_for(have + new)  # the hits count against the free blocks too, as in vLLM
                 if need > free:
                     break
                 self.waiting.popleft()
                 self.running.append(req)
+                self.fq.claim(req.rid, hit)
+                req.computed = have
                 req.blocks = need
-                self.used += need
+                self.used += hit
+                self._take(need - hit)
                 if b.t_sched[req.rid] != b.t_sched[req.rid]:
                     b.t_sched[req.rid] = t0
                 scheduled.append((req, new))
@@ -147,6 +158,7 @@ class ReferenceEngine:
             if req.k >= req.output:
                 self.running.remove(req)
                 self.used -= req.blocks
+                self.fq.give(req.blocks, req.computed // m.block_size)
                 b.t_fin[req.rid] = t1
                 b.kk[req.rid] = req.k
                 self.outstanding -= 1

@@ -353,6 +353,10 @@ def test_vllm_argv_the_supervisor_builds_configures_the_simulated_replica() -> N
     assert (small.num_gpu_blocks, small.replica.num_kv_blocks, small.replica.max_model_len) == (100, 99, 99 * 16)
     assert small.cache_info()["kv_cache_size_tokens"] == "1600"
     assert small.replica.step_cost == StepCost.linear(Coefficients(0.004, 2e-5, 1e-7))
+    # Prefix caching is on unless turned off, as in vLLM V1, and the engine reports which.
+    assert r.prefix_caching and small.replica.prefix_caching and small.cache_info()["enable_prefix_caching"] == "True"
+    off = config_from_args(["--model", "Llama-3.1-8B", "--no-enable-prefix-caching"])
+    assert not off.replica.prefix_caching and off.cache_info()["enable_prefix_caching"] == "False"
 
 
 REFUSED = {

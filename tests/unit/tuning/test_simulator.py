@@ -4,6 +4,7 @@ import pytest
 from controlplane.store.models import Request
 from controlplane.tuning.perf_model import Coefficients, ReplicaModel, Roof, StepCost
 from controlplane.tuning.simulator import SimResult, Slo, goodput, simulate
+from controlplane.tuning.simulator_parts import FreeQueue
 from controlplane.tuning.workload import LogNormal, OnOff, Poisson, Uniform, Workload, synthetic
 
 ALPHA, BETA, GAMMA = 4e-3, 2e-5, 1e-7
@@ -13,9 +14,11 @@ TWO_ROOFS = StepCost((Roof(const_s=1e-3, per_token_s=5e-5, per_seq_s=1e-4, per_a
 
 
 def replica(cost: StepCost = LINEAR, *, seqs: int = 32, budget: int = 512, blocks: int = 2000, bs: int = 16,
-            max_len: int = 1200, full: bool = True, name: str = "r", api: float = 0.0) -> ReplicaModel:
+            max_len: int = 1200, full: bool = True, name: str = "r", api: float = 0.0,
+            caching: bool = True) -> ReplicaModel:
     return ReplicaModel(cost, max_num_seqs=seqs, max_num_batched_tokens=budget, block_size=bs, num_kv_blocks=blocks,
-                        max_model_len=max_len, reserve_full_sequence=full, name=name, api_path_s=api)
+                        max_model_len=max_len, reserve_full_sequence=full, name=name, api_path_s=api,
+                        prefix_caching=caching)
 
 
 def workload(times: list[float], prompt: list[int], output: list[int]) -> Workload:
@@ -40,6 +43,8 @@ CASES = {
     "two roofs (compute and memory)": dict(cost=TWO_ROOFS),
     "tight KV forces preemption": dict(blocks=45, max_len=600),
     "tight KV without full-sequence reservation": dict(blocks=45, max_len=600, full=False),
+    "tight KV without prefix caching (preemption)": dict(blocks=45, max_len=600, caching=False),
+    "tight KV, small budget (preemption mid-prefill)": dict(blocks=45, max_len=600, budget=64, seqs=8),
     "block size 1": dict(bs=1, blocks=900, max_len=600),
     "small budget chunks prefills": dict(budget=64, seqs=8),
     "max_num_seqs binds": dict(seqs=4, budget=256),
@@ -105,6 +110,37 @@ def test_replica_model_refuses_a_negative_or_infinite_api_path() -> None:
     for bad in (-0.001, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="api_path_s must be a finite number >= 0"):
             replica(api=bad)
+
+
+def test_a_preempted_request_recomputes_only_what_the_prefix_cache_lost() -> None:
+    wl = synthetic(Poisson(30), Uniform(100, 300), Uniform(100, 200), n=300, seed=3)
+    cached = simulate(wl, [replica(blocks=60, max_len=600)])
+    uncached = simulate(wl, [replica(blocks=60, max_len=600, caching=False)])
+    assert cached.preemptions.sum() > 0 and uncached.preemptions.sum() > 0
+    # Tokens computed beyond each request's prompt + outputs - 1 are recomputation after preemptions.
+    floor = int((wl.prompt_tokens + wl.output_tokens - 1).sum())
+    redo_cached = cached.series[0].tokens - floor
+    redo_uncached = uncached.series[0].tokens - floor
+    assert 0 <= redo_cached < 0.5 * redo_uncached
+    assert redo_uncached / uncached.preemptions.sum() > 100  # without the cache each preemption redoes a prompt
+
+
+def test_the_free_queue_evicts_partial_blocks_first_and_a_preempted_requests_tail_before_its_head() -> None:
+    fq = FreeQueue(10)
+    fq.take(10)
+    fq.give(4, 3, owner=7)  # a preempted request: 3 full blocks to the tail, its partial block to the head
+    assert fq.hits(7, cap=99) == 3
+    fq.take(1)  # the partial block goes first
+    assert fq.hits(7, cap=99) == 3
+    assert fq.hits(7, cap=99, popped=2) == 1  # two more pops would evict its last two blocks
+    assert fq.hits(7, cap=2) == 2
+    fq.give(2, 2)  # a finished request's full blocks queue behind it
+    fq.take(1)
+    assert fq.hits(7, cap=99) == 2
+    fq.claim(7, 2)
+    assert fq.hits(7, cap=99) == 0 and not fq.owned
+    fq.take(2)  # the finished request's blocks; nothing is left
+    assert not fq.segs
 
 
 def test_max_num_seqs_caps_the_running_batch_and_the_rest_queue_in_order() -> None:
