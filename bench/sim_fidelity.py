@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/sim_fidelity.py [--requests 300] [--loads 0.3,0.6,0.85] [--configs A,B,C]
         [--capacity-requests 96] [--calibrate ramp|nearest|first|burst+first|all] [--core 1] [--engine vllm|sim]
-        [--repeat 2] [--same-load] [--api-core 0] [--json OUT] [--replay FILE]
+        [--repeat 2] [--same-load] [--api-core 0] [--json OUT] [--replay FILE] [--sim-no-prefix-caching]
 
 For each configuration (max_num_seqs, max_num_batched_tokens, KV blocks) it starts vLLM pinned to one core
 (after waiting until no other vLLM API server runs on this shared machine), measures the replica's capacity
@@ -75,6 +75,7 @@ from controlplane.tuning.workload import from_rows  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCK = 128  # vLLM's KV block on CPU
+SIM_PREFIX_CACHING = True  # the simulator's model of vLLM's prefix cache (vLLM's is on); --sim-no-prefix-caching
 TARGET = 0.15
 RAMP = (0.2, 0.9)  # the calibration load's rate, from and to, as fractions of the measured capacity
 PROMPT_TOKENS, OUTPUT_TOKENS = (32, 512), (16, 64)
@@ -98,7 +99,7 @@ class Shape:
     def replica(self, cost: StepCost, api_path_s: float = 0.0) -> ReplicaModel:
         return ReplicaModel(cost, max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
                             block_size=BLOCK, num_kv_blocks=self.kv_blocks - 1, max_model_len=self.max_model_len,
-                            name=self.name, api_path_s=api_path_s)
+                            name=self.name, api_path_s=api_path_s, prefix_caching=SIM_PREFIX_CACHING)
 
 
 SHAPES = {s.name: s for s in (
@@ -527,10 +528,14 @@ def main() -> None:
     ap.add_argument("--replay", type=Path, default=None, help="analyse a saved JSON instead of measuring")
     ap.add_argument("--same-load", action="store_true",
                     help="also a table with step costs fitted on each judged load's own rows (see same_load)")
+    ap.add_argument("--sim-no-prefix-caching", action="store_true",
+                    help="simulate as if a preempted request recomputed everything (vLLM itself is unchanged)")
     ap.add_argument("--no-fit-per-seq", dest="fit_per_seq", action="store_false",
                     help="leave out the per-sequence step cost (delta): one token sampled and streamed per sequence")
     args = ap.parse_args()
     args.loads = [float(x) for x in args.loads.split(",")]
+    global SIM_PREFIX_CACHING
+    SIM_PREFIX_CACHING = not args.sim_no_prefix_caching
     if args.api_core is not None and args.api_core == args.core:
         ap.error(f"--api-core {args.api_core} is vLLM's --core; give the API server another core, or leave it out")
     shapes = [SHAPES[name.strip()] for name in args.configs.split(",")]

@@ -174,14 +174,17 @@ def ui(
                                                      "from CONTROLPLANE_BIND_HOST and CONTROLPLANE_API_PORT).")]
     = None,
     host: Annotated[str, typer.Option(help="Address the app listens on (loopback by default).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port of the app.", min=1, max=65535)] = 8501,
+    port: Annotated[int | None, typer.Option(help="Port of the app (default: CONTROLPLANE_UI_PORT, else 8501).",
+                                             min=1, max=65535)] = None,
 ) -> None:
     """Run the Streamlit app. It reads only the REST API; CONTROLPLANE_API_TOKEN enables Apply / Dismiss."""
     from controlplane.ui.launch import streamlit_argv
 
-    if api_url is None:  # the URL the app itself reads, else the plane this machine's settings describe
+    if api_url is None or port is None:
         s = _settings()
-        api_url = os.environ.get(ENV_API_URL) or s.local_url(s.api_port)
+        port = s.ui_port if port is None else port
+        # the URL the app itself reads, else the plane this machine's settings describe
+        api_url = api_url or os.environ.get(ENV_API_URL) or s.local_url(s.api_port)
     try:
         argv = streamlit_argv(api_url, host, port)
     except ValueError as exc:

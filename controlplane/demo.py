@@ -34,6 +34,8 @@ from controlplane.engines.tiny_model import TinyModelSpec, make_tiny_model
 from controlplane.report import ReportInput, fetch, render
 from controlplane.settings import Settings
 
+UI_READY_TIMEOUT_S = 30.0
+
 
 class _Ticker:
     """A status line on a terminal; without one (CI, a log file), a plain line every `every_s` seconds."""
@@ -107,9 +109,9 @@ def run_demo(settings: Settings, console: Console, *, engine: str = "vllm", keep
     plane = PlaneProcess([exe, "up", "--config", str(dep_path), "--slo", str(slo_path)], env,
                          run_dir / "plane.log", api_url, router_url)
     ui_proc: subprocess.Popen[bytes] | None = None
-    ui_url = s.local_url(8501)
+    ui_url = s.local_url(s.ui_port)
     rc = 1
-    leave_up = False
+    leave_up = ui_up = False
     try:
         with console.status("starting the plane"):
             plane.start()
@@ -117,8 +119,19 @@ def run_demo(settings: Settings, console: Console, *, engine: str = "vllm", keep
         with console.status("starting the first replica") as st:
             waited = wait_ready(api_url, cfg.deployment, 1, ready_timeout, _Ticker(console, st))
         console.print(f"[green]✓[/] first replica of {cfg.deployment} ready in {waited:.0f} s ({engine_label})")
-        ui_proc = _start_ui(exe, api_url, s.bind_host, run_dir, token)
-        console.print(f"[green]✓[/] Streamlit app: {ui_url}")
+        # The story goes on without the app (the report and the API tell it too), saying why.
+        if not ports_free(s.ui_port, 1, s.bind_host):
+            console.print(f"[yellow]the Streamlit app was not started:[/] port {s.ui_port} is taken (another "
+                          "`controlplane ui`?); set CONTROLPLANE_UI_PORT to another port")
+        else:
+            with console.status("starting the Streamlit app"):
+                ui_proc = _start_ui(exe, api_url, s.bind_host, s.ui_port, run_dir, token)
+                ui_up = ui_proc is not None and _wait_ui(ui_url, ui_proc, UI_READY_TIMEOUT_S)
+            if ui_up:
+                console.print(f"[green]✓[/] Streamlit app: {ui_url}")
+            else:
+                console.print(f"[yellow]the Streamlit app did not answer at {ui_url}[/] within "
+                              f"{UI_READY_TIMEOUT_S:.0f} s; its log: {run_dir / 'streamlit.log'}")
 
         if cfg.probe_s > 0:
             console.print(f"driving the load: {cfg.steady_factor:g}x what one replica serves (measured first, "
@@ -138,7 +151,8 @@ def run_demo(settings: Settings, console: Console, *, engine: str = "vllm", keep
             report = _report(cfg, result, api_url, token, run_dir, engine_label)
         console.print(f"[green]✓[/] report: {report}")
         if keep_running:
-            console.print(f"[bold]still running[/] (--keep-running): API {api_url}, Streamlit {ui_url}, token in "
+            console.print(f"[bold]still running[/] (--keep-running): API {api_url}, "
+                          f"Streamlit {ui_url if ui_up else '(not up)'}, token in "
                           f"{run_dir / 'token'}; stop with: kill -TERM {plane.proc.pid}"
                           + (f" {ui_proc.pid}" if ui_proc else ""))
             fd = os.open(run_dir / "token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # never readable by others
@@ -146,7 +160,8 @@ def run_demo(settings: Settings, console: Console, *, engine: str = "vllm", keep
                 f.write(token + "\n")
             leave_up = True
             return rc
-        console.print(f"Streamlit was at {ui_url} (run with --keep-running to explore it after the demo)")
+        if ui_up:
+            console.print(f"Streamlit was at {ui_url} (run with --keep-running to explore it after the demo)")
     except (RuntimeError, httpx.HTTPError) as exc:
         console.print(f"[red]demo failed:[/] {exc}")
         rc = 1
@@ -154,19 +169,42 @@ def run_demo(settings: Settings, console: Console, *, engine: str = "vllm", keep
         if not leave_up:
             with console.status("stopping the plane and its replicas"):
                 if ui_proc is not None:
-                    ui_proc.terminate()
+                    _stop(ui_proc)
                 plane.stop()
     return rc
 
 
-def _start_ui(exe: str, api_url: str, host: str, run_dir: Path, token: str) -> subprocess.Popen[bytes] | None:
+def _start_ui(exe: str, api_url: str, host: str, port: int, run_dir: Path,
+              token: str) -> subprocess.Popen[bytes] | None:
     env = {**os.environ, "CONTROLPLANE_API_TOKEN": token}
     try:
         with (run_dir / "streamlit.log").open("ab") as log:
-            return subprocess.Popen([exe, "ui", "--api-url", api_url, "--host", host], env=env, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            return subprocess.Popen([exe, "ui", "--api-url", api_url, "--host", host, "--port", str(port)], env=env,
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     except OSError:
         return None
+
+
+def _stop(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _wait_ui(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
+    """True once Streamlit's health endpoint answers; False if the app exited (a taken port) or took too long."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/_stcore/health", timeout=2.0).status_code == 200:
+                return proc.poll() is None  # ours, not an app that held the port before it
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return False
 
 
 def _summarise(console: Console, cfg: LoopConfig, r: LoopResult) -> int:

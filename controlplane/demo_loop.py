@@ -426,9 +426,10 @@ def ports_free(base: int, n: int, host: str = "127.0.0.1") -> bool:
     """Can n consecutive ports from base be bound now (replica slots take base + slot)?"""
     import socket
 
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         for p in range(base, base + n):
-            with socket.socket() as s:
+            with socket.socket(family) as s:
                 s.bind((host, p))
     except OSError:
         return False

@@ -23,6 +23,7 @@ class Settings(BaseSettings):
     router_port: int = Field(default=8000, ge=0, le=65535, description="OpenAI-compatible router (supervised fleets)")
     otlp_http_port: int = Field(default=4318, ge=0, le=65535)
     otlp_grpc_port: int = Field(default=4317, ge=0, le=65535)
+    ui_port: int = Field(default=8501, ge=1, le=65535, description="The Streamlit app (`controlplane ui`, the demo)")
     replica_otlp_endpoint: str | None = Field(
         default=None,
         description="host:port where the replicas the plane starts send their spans (OTLP/gRPC); default: this "

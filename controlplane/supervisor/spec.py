@@ -328,6 +328,17 @@ class EngineConfig:
     def with_changes(self, changes: dict[str, Any]) -> EngineConfig:
         return EngineConfig.from_dict({**self.as_dict(), **changes})
 
+    @property
+    def prefix_caching(self) -> bool:
+        """Whether vLLM runs with its prefix cache: on (V1's default) unless extra_args turn it off; the last of
+        --enable-prefix-caching / --no-enable-prefix-caching wins, as in vLLM's argparse."""
+        on = True
+        for arg in self.extra_args:
+            flag = arg.replace("_", "-")  # vLLM's parser takes --enable_prefix_caching too
+            if flag in ("--enable-prefix-caching", "--no-enable-prefix-caching"):
+                on = flag == "--enable-prefix-caching"
+        return on
+
     def vllm_args(self) -> list[str]:
         """The vLLM command-line flags for this config (defaults left to vLLM)."""
         args: list[str] = []

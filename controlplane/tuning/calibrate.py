@@ -380,10 +380,10 @@ def kv_capacity(samples: Sequence[Mapping[str, Any]]) -> tuple[int, int] | None:
 def calibrated_replica(store: Store, replica: str, *, max_num_seqs: int, max_num_batched_tokens: int,
                        since_unix_s: float | None = None, until_unix_s: float | None = None,
                        prior: Coefficients | None = None, prior_weight: float = 0.0, fit_per_seq: bool = False,
-                       max_model_len: int | None = None) -> tuple[ReplicaModel, Fit]:
+                       max_model_len: int | None = None, prefix_caching: bool = True) -> tuple[ReplicaModel, Fit]:
     """A replica model of an observed replica (GPU or CPU): coefficients fitted from its rows in the window,
     KV capacity and block size from its newest engine sample, the API path from its rows (`api_path_s`). The
-    engine limits are the replica's own args."""
+    engine limits and whether vLLM's prefix cache is on are the replica's own args."""
     reqs, samples = load_rows(store, replica, since_unix_s=since_unix_s, until_unix_s=until_unix_s)
     result, path = fit_rows(reqs, samples, max_num_batched_tokens=max_num_batched_tokens, prior=prior,
                             prior_weight=prior_weight, fit_per_seq=fit_per_seq)
@@ -393,5 +393,6 @@ def calibrated_replica(store: Store, replica: str, *, max_num_seqs: int, max_num
                          "(kv_capacity_tokens and kv_block_size_tokens): scrape it first")
     model = replica_from_fit(result.step_cost, kv_capacity_tokens=cap[0], block_size=cap[1],
                              max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                             max_model_len=max_model_len, name=replica, api_path_s=path)
+                             max_model_len=max_model_len, name=replica, api_path_s=path,
+                             prefix_caching=prefix_caching)
     return model, result

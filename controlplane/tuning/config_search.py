@@ -473,13 +473,15 @@ def run_search(store: Any, recs: Any, dep: Deployment, *, ready: Sequence[str], 
     progress(f"fitting step costs on {replica} ({len(per_replica[replica])} requests)")
     model, fit = calibrated_replica(store, replica, max_num_seqs=eng.max_num_seqs,
                                     max_num_batched_tokens=eng.max_num_batched_tokens, since_unix_s=since,
-                                    until_unix_s=now, max_model_len=eng.max_model_len, fit_per_seq=True)
+                                    until_unix_s=now, max_model_len=eng.max_model_len, fit_per_seq=True,
+                                    prefix_caching=eng.prefix_caching)
     price = dep.price_per_replica_hour_usd or None
     weights, kv = running_precision(eng)
     factory = CalibratedFactory(model.step_cost, kv_capacity_tokens=model.num_kv_blocks * model.block_size,
                                 block_size=model.block_size, weights=weights, kv_cache=kv,
                                 tensor_parallel_size=eng.tensor_parallel_size, max_model_len=eng.max_model_len,
                                 usd_per_hour=price, api_path_s=model.api_path_s,
+                                prefix_caching=model.prefix_caching,
                                 kv_capacity_scales=eng.num_gpu_blocks_override is None,
                                 weight_priors=weight_priors(dep, model_shape(dep, hf_config), wl))
     trials = dep.tuning.canary_trials if params.canary_trials is None else params.canary_trials

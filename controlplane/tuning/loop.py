@@ -284,7 +284,8 @@ def calibrated_capacity(store: Any, slos: Sequence[Slo], *, window_s: float = 18
         model, fit = calibrated_replica(store, replica, max_num_seqs=eng.max_num_seqs,
                                         max_num_batched_tokens=eng.max_num_batched_tokens,
                                         since_unix_s=now - window_s, max_model_len=eng.max_model_len,
-                                        fit_per_seq=True)  # as bench/sim_fidelity.py measured it
+                                        # fit_per_seq as bench/sim_fidelity.py measured it
+                                        fit_per_seq=True, prefix_caching=eng.prefix_caching)
         fc = measure_fleet_capacity(model, from_rows(rows), objectives, sizes=sizes, requests=800)
         rmse = "unknown" if fit.rel_rmse is None else f"{fit.rel_rmse:.3f}"
         return fc, (f"calibrated on {replica} ({fit.rows} steps, relative RMSE {rmse}, API path "

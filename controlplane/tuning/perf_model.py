@@ -300,10 +300,10 @@ def roofline(model: ModelShape, accel: Accelerator, args: EngineArgs | None = No
 def replica_from_fit(cost: StepCost, *, kv_capacity_tokens: int, block_size: int, max_num_seqs: int,
                      max_num_batched_tokens: int, max_model_len: int | None = None, gpus: int = 1,
                      usd_per_hour: float | None = None, name: str = "replica",
-                     api_path_s: float = 0.0) -> ReplicaModel:
+                     api_path_s: float = 0.0, prefix_caching: bool = True) -> ReplicaModel:
     """A replica from calibrated coefficients and its measured KV capacity (`vllm:cache_config_info`)."""
     blocks = kv_capacity_tokens // block_size
     return ReplicaModel(step_cost=cost, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                         block_size=block_size, num_kv_blocks=blocks,
                         max_model_len=max_model_len or blocks * block_size, gpus=gpus,
-                        usd_per_hour=usd_per_hour, name=name, api_path_s=api_path_s)
+                        usd_per_hour=usd_per_hour, name=name, api_path_s=api_path_s, prefix_caching=prefix_caching)

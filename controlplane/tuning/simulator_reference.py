@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import deque
 
 from controlplane.tuning.perf_model import ReplicaModel
-from controlplane.tuning.simulator_parts import Book, FreeQueue, Samples
+from controlplane.tuning.simulator_parts import Book, Samples
 
 
 class _Req:
@@ -26,6 +26,36 @@ class _Req:
         return self.prompt + self.k
 
 
+class _FreeBlocks:
+    """vLLM's free block queue kept block by block, (owner, index) each, to check `simulator_parts.FreeQueue`'s
+    segments against: freed blocks without a hash (a partial last block) to the head, full ones to the tail
+    last block first, new blocks from the head; a preempted request's blocks carry its id (-1: anonymous)."""
+
+    def __init__(self, blocks: int) -> None:
+        self.q: deque[tuple[int, int]] = deque((-1, 0) for _ in range(blocks))
+
+    def take(self, k: int) -> None:
+        for _ in range(k):
+            self.q.popleft()
+
+    def give(self, blocks: int, full: int, owner: int = -1) -> None:
+        for _ in range(blocks - full):
+            self.q.appendleft((-1, 0))
+        for i in reversed(range(full)):
+            self.q.append((owner, i if owner >= 0 else 0))
+
+    def hits(self, owner: int, cap: int) -> int:
+        have = {i for o, i in self.q if o == owner}
+        h = 0
+        while h < cap and h in have:
+            h += 1
+        return h
+
+    def claim(self, owner: int, hit: int) -> None:
+        """Take back the first `hit` blocks; the owner's others stay, anonymous."""
+        self.q = deque((-1, 0) if o == owner else (o, i) for o, i in self.q if not (o == owner and i < hit))
+
+
 class ReferenceEngine:
     """Same interface as `FastEngine`; `cut` is ignored (every step that starts before t is run)."""
 
@@ -37,7 +67,7 @@ class ReferenceEngine:
         self.running: list[_Req] = []
         self.waiting: deque[_Req] = deque()
         self.used = 0
-        self.fq = FreeQueue(model.num_kv_blocks)
+        self.fq = _FreeBlocks(model.num_kv_blocks)
         self.outstanding = 0
         self.last_fin = 0
         self.steps = 0

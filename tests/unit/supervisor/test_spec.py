@@ -100,6 +100,15 @@ def test_engine_changes_are_validated_like_the_spec() -> None:
     assert EngineConfig.from_dict(base.as_dict()) == base
 
 
+@pytest.mark.parametrize(("extra", "on"), [((), True), (("--no-enable-prefix-caching",), False),
+                                           (("--enable-prefix-caching",), True),
+                                           (("--no-enable-prefix-caching", "--enable-prefix-caching"), True),
+                                           (("--enable-prefix-caching", "--seed", "1", "--no-enable-prefix-caching"),
+                                            False), (("--no_enable_prefix_caching",), False)])
+def test_prefix_caching_is_vllms_default_unless_the_last_flag_turns_it_off(extra: tuple[str, ...], on: bool) -> None:
+    assert EngineConfig(extra_args=extra).prefix_caching is on
+
+
 # --- the simulated engine --------------------------------------------------------------------------------------
 def sim_doc(**spec: Any) -> dict[str, Any]:
     body = {"model": {"served_name": "llama-8b"}, "simulated": {"model": "meta-llama/Llama-3.1-8B-Instruct"},

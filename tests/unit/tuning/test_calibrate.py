@@ -169,7 +169,10 @@ def test_a_replica_observed_in_the_store_becomes_a_model_that_predicts_it(store:
                                "kv_capacity_tokens": 4000 * 16, "kv_block_size_tokens": 16})
     model, fit = cal.calibrated_replica(store, "cpu-0", max_num_seqs=64, max_num_batched_tokens=BUDGET,
                                         max_model_len=1200)
-    assert model.num_kv_blocks == 4000 and model.name == "cpu-0" and fit.rows > 2000
+    assert model.num_kv_blocks == 4000 and model.name == "cpu-0" and fit.rows > 2000 and model.prefix_caching
+    off, _ = cal.calibrated_replica(store, "cpu-0", max_num_seqs=64, max_num_batched_tokens=BUDGET,
+                                    max_model_len=1200, prefix_caching=False)
+    assert not off.prefix_caching and off.step_cost == model.step_cost
     again = simulate(res.workload, [model])
     assert np.nanpercentile(again.tpot_s, 90) == pytest.approx(np.nanpercentile(res.tpot_s, 90), rel=0.05)
 
