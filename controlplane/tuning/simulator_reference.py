@@ -29,22 +29,30 @@ class _Req:
 class _FreeBlocks:
     """vLLM's free block queue kept block by block, (owner, index) each, to check `simulator_parts.FreeQueue`'s
     segments against: freed blocks without a hash (a partial last block) to the head, full ones to the tail
-    last block first, new blocks from the head; a preempted request's blocks carry its id (-1: anonymous)."""
+    last block first, new blocks from the head; a preempted request's blocks carry its id (-1: anonymous).
+    `owned` counts each owner's blocks in the queue, so that a lookup without any costs nothing."""
 
     def __init__(self, blocks: int) -> None:
         self.q: deque[tuple[int, int]] = deque((-1, 0) for _ in range(blocks))
+        self.owned: dict[int, int] = {}
 
     def take(self, k: int) -> None:
         for _ in range(k):
-            self.q.popleft()
+            owner, _ = self.q.popleft()
+            if owner >= 0:
+                self.owned[owner] -= 1
 
     def give(self, blocks: int, full: int, owner: int = -1) -> None:
         for _ in range(blocks - full):
             self.q.appendleft((-1, 0))
         for i in reversed(range(full)):
             self.q.append((owner, i if owner >= 0 else 0))
+        if owner >= 0:
+            self.owned[owner] = self.owned.get(owner, 0) + full
 
     def hits(self, owner: int, cap: int) -> int:
+        if not self.owned.get(owner):
+            return 0
         have = {i for o, i in self.q if o == owner}
         h = 0
         while h < cap and h in have:
@@ -53,7 +61,8 @@ class _FreeBlocks:
 
     def claim(self, owner: int, hit: int) -> None:
         """Take back the first `hit` blocks; the owner's others stay, anonymous."""
-        self.q = deque((-1, 0) if o == owner else (o, i) for o, i in self.q if not (o == owner and i < hit))
+        if self.owned.pop(owner, None) is not None:
+            self.q = deque((-1, 0) if o == owner else (o, i) for o, i in self.q if not (o == owner and i < hit))
 
 
 class ReferenceEngine:
