@@ -52,6 +52,30 @@ class CoreWatch:
         return own / wall, others / wall
 
 
+class CoreBusy:
+    """How busy one core was, all processes together, per wall second between start() and share(): e.g. the core
+    vLLM's API server was moved to, which it shares with the load generator. None without a core."""
+
+    def __init__(self, core: int | None) -> None:
+        self.core = core
+        self.t0 = (0.0, 0.0)
+
+    def _read(self) -> tuple[float, float]:
+        assert self.core is not None
+        t = psutil.cpu_times(percpu=True)[self.core]
+        return time.monotonic(), t.user + t.nice + t.system + t.irq + t.softirq + t.steal
+
+    def start(self) -> None:
+        if self.core is not None:
+            self.t0 = self._read()
+
+    def share(self) -> float | None:
+        if self.core is None:
+            return None
+        (w0, b0), (w1, b1) = self.t0, self._read()
+        return (b1 - b0) / (w1 - w0) if w1 > w0 else None
+
+
 def move_api_server(pid: int, cores: set[int], passes: int = 5) -> int:
     """Pin every thread of a vLLM API server process (not its engine-core children) to `cores`, so that the
     engine core has its own core, as on a GPU host where the API server never shares the engine's compute. Threads

@@ -58,7 +58,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.cpu import CoreWatch, move_api_server  # noqa: E402
+from bench.cpu import CoreBusy, CoreWatch, move_api_server  # noqa: E402
 from collectors.otlp.decode import RequestRow, decode_request  # noqa: E402
 from collectors.promtext import parse  # noqa: E402
 from collectors.vllm_metrics import read_engine  # noqa: E402
@@ -242,6 +242,7 @@ class LoadRun:
     others_cpu: float | None = None  # other processes' CPU seconds per wall second on vLLM's core
     reruns: list[list[RequestRow]] = field(default_factory=list)  # --repeat: the same requests, sent again
     ramp: list[RequestRow] = field(default_factory=list)  # --calibrate nearest: the ramp sent just before this load
+    api_core_busy: float | None = None  # --api-core: that core's busy share, every process on it (API server, client)
 
 
 @dataclass
@@ -263,6 +264,7 @@ def measure(engine: Engine, sink: SpanSink, args: argparse.Namespace) -> ConfigR
     lo, hi = RAMP
     run.ramp = drive(engine, sink, ramp_plans(args.requests, 7, lo * run.capacity_rps, hi * run.capacity_rps))
     watch = CoreWatch(args.core, engine.vllm.pid if engine.vllm else None, children_only=args.api_core is not None)
+    api_busy = CoreBusy(args.api_core if engine.vllm else None)
     for k, fraction in enumerate(args.loads):
         ramp = run.ramp
         if args.calibrate == "nearest" and k > 0:  # a fresh ramp (its own requests) just before this load
@@ -270,13 +272,16 @@ def measure(engine: Engine, sink: SpanSink, args: argparse.Namespace) -> ConfigR
                                                   hi * run.capacity_rps))
         before = engine.counters().get("preemptions_total")
         watch.start()
+        api_busy.start()
         rows = drive(engine, sink, load_plans(args, k, fraction, run.capacity_rps))
         own, others = watch.shares()
+        api_share = api_busy.share()
         after = engine.counters().get("preemptions_total")
         arrivals = sorted(r["arrival_unix_s"] for r in rows)
         offered = (len(rows) - 1) / (arrivals[-1] - arrivals[0])
         run.loads.append(LoadRun(fraction, offered, rows, None if before is None or after is None else after - before,
-                                 own, others, ramp=ramp if args.calibrate == "nearest" else []))
+                                 own, others, ramp=ramp if args.calibrate == "nearest" else [],
+                                 api_core_busy=api_share))
     for _ in range(args.repeat - 1):  # every load once more, in the same order, after all of them ran once
         for k, load in enumerate(run.loads):
             load.reruns.append(drive(engine, sink, load_plans(args, k, load.fraction, run.capacity_rps)))
@@ -309,7 +314,7 @@ def dump_runs(runs: list[ConfigRun]) -> list[dict[str, Any]]:
     return [{"config": r.shape.name, "capacity_rps": r.capacity_rps, "burst": r.burst, "ramp": r.ramp,
              "loads": [{"fraction": x.fraction, "offered_rps": x.offered_rps, "preemptions": x.preemptions,
                         "engine_cpu": x.engine_cpu, "others_cpu": x.others_cpu, "rows": x.rows,
-                        "reruns": x.reruns, "ramp": x.ramp} for x in r.loads]}
+                        "reruns": x.reruns, "ramp": x.ramp, "api_core_busy": x.api_core_busy} for x in r.loads]}
             for r in runs]
 
 
@@ -319,7 +324,8 @@ def load_runs(path: Path) -> list[ConfigRun]:
         raise SystemExit(f"{path} holds no raw measurements ('runs'); only files written by this version can replay")
     return [ConfigRun(SHAPES[r["config"]], r["capacity_rps"],
                       [LoadRun(x["fraction"], x["offered_rps"], x["rows"], x["preemptions"], x["engine_cpu"],
-                               x["others_cpu"], x.get("reruns", []), x.get("ramp", [])) for x in r["loads"]],
+                               x["others_cpu"], x.get("reruns", []), x.get("ramp", []), x.get("api_core_busy"))
+                       for x in r["loads"]],
                       r.get("burst", []),
                       r.get("ramp", []))
             for r in doc["runs"]]
@@ -474,7 +480,8 @@ def same_load(per_seq: bool) -> ModelFor:
 def report(title: str, runs: list[ConfigRun], models: ModelFor) -> list[dict[str, Any]]:
     table = Table(title=title)
     for col in ("config", "load", "req/s", "n", "TTFT p50 ms meas/pred", "err", "TTFT p90 ms meas/pred", "err",
-                "TPOT p50 ms meas/pred", "err", "<=15%", "preempt meas/pred", "vLLM/others CPU"):
+                "TPOT p50 ms meas/pred", "err", "<=15%", "preempt meas/pred", "vLLM/others CPU",
+                "API core busy"):
         table.add_column(col, justify="left" if col in ("config", "<=15%") else "right")
     out = []
     for run in runs:
@@ -493,12 +500,14 @@ def report(title: str, runs: list[ConfigRun], models: ModelFor) -> list[dict[str
             table.add_row(run.shape.name, f"{load.fraction:.0%}", f"{load.offered_rps:.2f}", str(len(load.rows)),
                           *cells, verdict,
                           f"{load.preemptions if load.preemptions is not None else '?'} / "
-                          f"{int(res.preemptions.sum())}", f"{_share(load.engine_cpu)} / {_share(load.others_cpu)}")
+                          f"{int(res.preemptions.sum())}", f"{_share(load.engine_cpu)} / {_share(load.others_cpu)}",
+                          _share(load.api_core_busy))
             out.append({"config": run.shape.name, "load": load.fraction, "offered_rps": load.offered_rps,
                         "n": len(load.rows), **{k: {"measured_s": m, "predicted_s": p, "rel_error": errs[k]}
                                                 for k, (m, p) in stats.items()},
                         "within_15pct": ok, "api_path_s": replica.api_path_s,
                         "vllm_cpu_share": load.engine_cpu, "others_cpu_share_on_vllm_core": load.others_cpu,
+                        "api_core_busy_share": load.api_core_busy,
                         "preemptions_measured": load.preemptions, "preemptions_predicted": int(res.preemptions.sum())})
     console.print(table)
     return out
@@ -595,7 +604,10 @@ def main() -> None:
                   "engine that long after it arrives. 'vLLM/others CPU' = CPU seconds per second on vLLM's core "
                   "taken by vLLM" + (f" (its engine core alone: the API server ran on core {args.api_core})"
                                      if args.api_core is not None else "")
-                  + " and by every other process (the shared host).")
+                  + " and by every other process (the shared host)."
+                  + (" 'API core busy' = that core's busy share, every process on it: vLLM's API server, this "
+                     "client and its span receiver (near 100%: the load generator, not the engine, set the pace)."
+                     if args.api_core is not None else ""))
     if args.json:
         args.json.write_text(json.dumps({"engine": args.engine, "calibration": args.calibrate, "per_config": each,
                                          "core": args.core, "api_core": args.api_core,

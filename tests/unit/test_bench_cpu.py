@@ -9,7 +9,7 @@ import sys
 import psutil
 import pytest
 
-from bench.cpu import move_api_server
+from bench.cpu import CoreBusy, move_api_server
 
 CORES = sorted(os.sched_getaffinity(0))
 
@@ -41,3 +41,16 @@ def test_the_api_server_moves_with_every_thread_and_its_children_stay() -> None:
             p.kill()
         proc.kill()
         proc.wait()
+
+
+def test_core_busy_reads_a_pinned_busy_loop_and_is_unknown_without_a_core() -> None:
+    core = CORES[-1]
+    busy = CoreBusy(core)
+    loop = "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 0.6: pass"
+    spin = subprocess.Popen([sys.executable, "-c", loop],
+                            preexec_fn=lambda: os.sched_setaffinity(0, {core}))  # noqa: PLW1509
+    busy.start()
+    spin.wait()
+    share = busy.share()
+    assert share is not None and 0.5 < share <= 1.05  # the loop alone fills most of the core
+    assert CoreBusy(None).share() is None
