@@ -9,6 +9,12 @@ import time
 import psutil
 
 
+def core_busy_s(core: int) -> float:
+    """CPU seconds the core has been busy since boot, every process together."""
+    t = psutil.cpu_times(percpu=True)[core]
+    return float(t.user + t.nice + t.system + t.irq + t.softirq + t.steal)
+
+
 class CoreWatch:
     """How busy the server's core was and how much of it others took; unknown (None) without a core or a pid."""
 
@@ -20,8 +26,7 @@ class CoreWatch:
 
     def _read(self) -> tuple[float, float, float]:
         assert self.core is not None and self.pid is not None
-        t = psutil.cpu_times(percpu=True)[self.core]
-        busy = t.user + t.nice + t.system + t.irq + t.softirq + t.steal
+        busy = core_busy_s(self.core)
         own = 0.0
         root = psutil.Process(self.pid)
         for p in [*([] if self.children_only else [root]), *root.children(recursive=True)]:
@@ -62,8 +67,7 @@ class CoreBusy:
 
     def _read(self) -> tuple[float, float]:
         assert self.core is not None
-        t = psutil.cpu_times(percpu=True)[self.core]
-        return time.monotonic(), t.user + t.nice + t.system + t.irq + t.softirq + t.steal
+        return time.monotonic(), core_busy_s(self.core)
 
     def start(self) -> None:
         if self.core is not None:

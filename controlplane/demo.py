@@ -27,6 +27,7 @@ from controlplane.demo_loop import (
     ports_free,
     run_closed_loop,
     slo_doc,
+    terminate,
     wait_ready,
     write_specs,
 )
@@ -169,7 +170,7 @@ def run_demo(settings: Settings, console: Console, *, engine: str = "vllm", keep
         if not leave_up:
             with console.status("stopping the plane and its replicas"):
                 if ui_proc is not None:
-                    _stop(ui_proc)
+                    terminate(ui_proc, 10.0)
                 plane.stop()
     return rc
 
@@ -183,15 +184,6 @@ def _start_ui(exe: str, api_url: str, host: str, port: int, run_dir: Path,
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     except OSError:
         return None
-
-
-def _stop(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
-    proc.terminate()
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def _wait_ui(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -450,8 +451,6 @@ class PlaneProcess:
     proc: Any = None
 
     def start(self, timeout_s: float = 90.0) -> None:
-        import subprocess
-
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         try:  # another plane (say, one left up with --keep-running) answering here would be mistaken for this one
             if httpx.get(self.api_url + "/healthz", timeout=1.0).status_code == 200:
@@ -476,16 +475,20 @@ class PlaneProcess:
         raise RuntimeError(f"the plane did not answer {self.api_url}/healthz in {timeout_s:.0f} s; see {self.log_path}")
 
     def stop(self, timeout_s: float = 150.0) -> None:  # the plane stops each replica first (up to ~20 s each)
-        import signal
-        import subprocess
+        if self.proc is not None:
+            terminate(self.proc, timeout_s)  # on SIGTERM the plane stops its replicas first
 
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)  # the plane stops its replicas first
-        try:
-            self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+
+def terminate(proc: subprocess.Popen[Any], timeout_s: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within timeout_s; reaped either way."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def wait_ready(api_url: str, deployment: str, want: int, timeout_s: float, status: Status) -> float:
