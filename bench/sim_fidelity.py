@@ -3,6 +3,7 @@
     .venv/bin/python bench/sim_fidelity.py [--requests 300] [--loads 0.3,0.6,0.85] [--configs A,B,C]
         [--capacity-requests 96] [--calibrate ramp|nearest|first|burst+first|all] [--core 1] [--engine vllm|sim]
         [--repeat 2] [--same-load] [--api-core 0] [--json OUT] [--replay FILE] [--sim-no-prefix-caching]
+        [--constant-api-path]
 
 For each configuration (max_num_seqs, max_num_batched_tokens, KV blocks) it starts vLLM pinned to one core
 (after waiting until no other vLLM API server runs on this shared machine), measures the replica's capacity
@@ -10,9 +11,10 @@ with a burst, runs a calibration load whose Poisson rate climbs from 20% to 90% 
 Poisson loads at fractions of it with streamed, token-id prompts (ignore_eos). Each request's timings are
 vLLM's own: its `llm_request` spans, received over OTLP/gRPC and decoded by the plane's decoder. The simulator
 is calibrated (controlplane/tuning/calibrate.py: step cost alpha + beta*tokens + gamma*KV read + delta*seqs,
-and the API server's path) from the calibration load of each configuration, never from the loads it is judged
-on, and replays every judged load's exact arrivals and lengths; a second table uses one calibration (the first
-configuration's) for every configuration, the way the tuner would predict a config it has not run. Printed:
+and the API server's path with its growth per request in flight) from the calibration load of each
+configuration, never from the loads it is judged on, and replays every judged load's exact arrivals and
+lengths; a second table uses one calibration (the first configuration's) for every configuration, the way
+the tuner would predict a config it has not run. Printed:
 TTFT p50/p90 and TPOT p50, measured vs predicted, relative error, and whether within 15%.
 `--repeat N` (2 or 3) runs every judged load N-1 more times with the same requests (same arrivals, lengths and
 prompts), after all of them ran once: the reference for the simulator's error is then real vLLM's own, the first
@@ -76,6 +78,7 @@ from controlplane.tuning.workload import from_rows  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 BLOCK = 128  # vLLM's KV block on CPU
 SIM_PREFIX_CACHING = True  # the simulator's model of vLLM's prefix cache (vLLM's is on); --sim-no-prefix-caching
+API_PATH_GROWS = True  # calibrate the API path's growth with the requests in flight; --constant-api-path
 TARGET = 0.15
 RAMP = (0.2, 0.9)  # the calibration load's rate, from and to, as fractions of the measured capacity
 PROMPT_TOKENS, OUTPUT_TOKENS = (32, 512), (16, 64)
@@ -355,16 +358,21 @@ def calibration_rows(run: ConfigRun, which: str) -> list[RequestRow]:
 class Calibrated:
     fit: calibrate.Fit
     api_path_s: float
+    api_path_per_request_s: float = 0.0
 
     def replica(self, shape: Shape) -> ReplicaModel:
-        return shape.replica(self.fit.step_cost, self.api_path_s)
+        return replace(shape.replica(self.fit.step_cost, self.api_path_s),
+                       api_path_per_request_s=self.api_path_per_request_s)
 
 
 def fit_on(rows: list[RequestRow], shape: Shape, per_seq: bool) -> Calibrated:
     """Step costs and the API path fitted on these rows, for this configuration's token budget."""
-    fit, path = calibrate.fit_rows([dict(r) for r in rows], max_num_batched_tokens=shape.max_num_batched_tokens,
-                                   fit_per_seq=per_seq)
-    return Calibrated(fit, path)
+    dicts = [dict(r) for r in rows]
+    fit, path = calibrate.fit_rows(dicts, max_num_batched_tokens=shape.max_num_batched_tokens, fit_per_seq=per_seq)
+    per_request = 0.0
+    if API_PATH_GROWS:
+        per_request = calibrate.api_path_per_request_s(dicts, shape.replica(fit.step_cost, path)) or 0.0
+    return Calibrated(fit, path, per_request)
 
 
 def calibrate_run(run: ConfigRun, which: str, per_seq: bool = False) -> Calibrated:
@@ -539,12 +547,16 @@ def main() -> None:
                     help="also a table with step costs fitted on each judged load's own rows (see same_load)")
     ap.add_argument("--sim-no-prefix-caching", action="store_true",
                     help="simulate as if a preempted request recomputed everything (vLLM itself is unchanged)")
+    ap.add_argument("--constant-api-path", action="store_true",
+                    help="keep the API path constant (as before 2026-12-07) instead of fitting its growth per request "
+                         "in flight (calibrate.api_path_per_request_s)")
     ap.add_argument("--no-fit-per-seq", dest="fit_per_seq", action="store_false",
                     help="leave out the per-sequence step cost (delta): one token sampled and streamed per sequence")
     args = ap.parse_args()
     args.loads = [float(x) for x in args.loads.split(",")]
-    global SIM_PREFIX_CACHING
+    global SIM_PREFIX_CACHING, API_PATH_GROWS
     SIM_PREFIX_CACHING = not args.sim_no_prefix_caching
+    API_PATH_GROWS = not args.constant_api_path
     if args.api_core is not None and args.api_core == args.core:
         ap.error(f"--api-core {args.api_core} is vLLM's --core; give the API server another core, or leave it out")
     shapes = [SHAPES[name.strip()] for name in args.configs.split(",")]
@@ -578,7 +590,8 @@ def main() -> None:
         console.print(f"config {name} calibrated from {args.calibrate} ({f.rows} rows): alpha "
                       f"{c.alpha_s * 1e3:.2f} ms, beta {c.beta_s_per_token * 1e6:.1f} us/token, gamma "
                       f"{c.gamma_s_per_kv_token * 1e9:.1f} ns/KV token, delta {c.delta_s_per_seq * 1e6:.0f} us/seq; "
-                      f"R^2 {r2}, rel RMSE {rmse}, outliers {f.outliers}; API path {m.api_path_s * 1e3:.2f} ms")
+                      f"R^2 {r2}, rel RMSE {rmse}, outliers {f.outliers}; API path {m.api_path_s * 1e3:.2f} ms "
+                      f"+ {m.api_path_per_request_s * 1e3:.2f} ms per request in flight")
     engine_name = "real vLLM 0.32 (CPU, tiny model)" if args.engine == "vllm" else "the SIMULATED engine (self-check)"
     if args.replay:
         engine_name += " (replayed from saved rows)"
@@ -600,10 +613,11 @@ def main() -> None:
                       "within 15% on all three statistics")
     floor = noise_floor(runs, models) if any(load.reruns for run in runs for load in run.loads) else []
     console.print(f"wall time {time.monotonic() - t0:.0f} s. The API path (vLLM's TTFT - queue - prefill on the "
-                  "calibration rows that found the replica idle) is part of the replica model: a request enters the "
-                  "engine that long after it arrives. 'vLLM/others CPU' = CPU seconds per second on vLLM's core "
-                  "taken by vLLM" + (f" (its engine core alone: the API server ran on core {args.api_core})"
-                                     if args.api_core is not None else "")
+                  "calibration rows that found the replica idle, and its growth per request in flight) is part of the "
+                  "replica model: a request enters the engine that long after it arrives. 'vLLM/others CPU' = CPU "
+                  "seconds per second on vLLM's core taken by vLLM"
+                  + (f" (its engine core alone: the API server ran on core {args.api_core})"
+                     if args.api_core is not None else "")
                   + " and by every other process (the shared host)."
                   + (" 'API core busy' = that core's busy share, every process on it: vLLM's API server, this "
                      "client and its span receiver (near 100%: the load generator, not the engine, set the pace)."

@@ -15,6 +15,8 @@ check that: `coverage_ratio` compares the reconstructed batch with the scraped o
 
 from __future__ import annotations
 
+import dataclasses
+import heapq
 import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -26,6 +28,8 @@ from numpy.typing import NDArray
 
 from controlplane.store.repo import Store
 from controlplane.tuning.perf_model import Coefficients, ReplicaModel, StepCost, replica_from_fit
+from controlplane.tuning.simulator import simulate
+from controlplane.tuning.workload import Workload
 
 Matrix = NDArray[np.float64]
 NAMES = ("alpha_s", "beta_s_per_token", "gamma_s_per_kv_token", "delta_s_per_seq")
@@ -189,6 +193,55 @@ def api_path_s(requests: Iterable[Mapping[str, Any]], *, min_idle: int = 10) -> 
         busy_until = max(busy_until, end)
     chosen = idle if len(idle) >= min_idle else [path for _, _, path in rows]
     return float(np.median(chosen))
+
+
+def api_path_per_request_s(requests: Iterable[Mapping[str, Any]], model: ReplicaModel, *,
+                           min_rows: int = 30) -> float | None:
+    """How much longer the API path gets per request already on the replica (`ReplicaModel.api_path_per_request_s`),
+    from the rows `model` was fitted on.
+
+    vLLM's API server runs one event loop: it takes new requests in and also streams every running request's
+    tokens, so a request that arrives while others are in flight waits longer before its engine sees it. The rows
+    are replayed through `model` with its constant path; for each request that vLLM and the replay both scheduled
+    right after it entered the engine (queue under 1 ms), the measured arrival-to-scheduled time (TTFT - prefill)
+    minus the replayed one is what the constant path misses (the step it waited for is in both). The estimate is
+    the slope through the origin of that gap, less its median with nothing in flight, against the requests in flight
+    at the arrival (from the rows: arrived earlier, not finished), fitted on the median gap at each count so that a
+    few requests the host stalled do not set it. None: fewer than `min_rows` such requests with others in flight."""
+    kept: list[tuple[float, float, float, float, float, int, int]] = []
+    for r in requests:
+        arr, ttft, q, pre, e2e = (_num(r, k) for k in ("arrival_unix_s", "ttft_s", "queue_s", "prefill_s", "e2e_s"))
+        p, c = r.get("prompt_tokens"), r.get("completion_tokens")
+        if (arr is not None and ttft is not None and q is not None and pre is not None and e2e is not None
+                and p is not None and c is not None and p >= 1 and c >= 1):
+            kept.append((arr, ttft, q, pre, e2e, int(p), int(c)))
+    if len(kept) < min_rows:
+        return None
+    kept.sort()
+    arrivals = np.array([k[0] for k in kept])
+    res = simulate(Workload(arrivals - arrivals[0], np.array([k[5] for k in kept]), np.array([k[6] for k in kept])),
+                   [dataclasses.replace(model, api_path_per_request_s=0.0)], sample_interval_s=None)
+    measured_to_sched = np.array([k[1] - k[3] for k in kept])
+    gap = measured_to_sched - (res.scheduled_s - res.workload.arrival_s)
+    both_at_once = (np.array([k[2] for k in kept]) < 1e-3) & (res.queue_s < 1e-3)
+    in_flight = np.zeros(len(kept), dtype=np.int64)
+    ends: list[float] = []
+    for i, k in enumerate(kept):
+        while ends and ends[0] <= k[0]:
+            heapq.heappop(ends)
+        in_flight[i] = len(ends)
+        heapq.heappush(ends, k[0] + k[4])
+    busy = both_at_once & (in_flight >= 1)
+    if busy.sum() < min_rows:
+        return None
+    idle = both_at_once & (in_flight == 0)
+    base = float(np.median(gap[idle])) if idle.any() else 0.0
+    num = den = 0.0
+    for n in np.unique(in_flight[busy]):
+        at_n = busy & (in_flight == n)
+        num += at_n.sum() * n * (float(np.median(gap[at_n])) - base)
+        den += at_n.sum() * n * n
+    return max(0.0, num / den)
 
 
 # --- solving --------------------------------------------------------------------------------------
@@ -382,7 +435,8 @@ def calibrated_replica(store: Store, replica: str, *, max_num_seqs: int, max_num
                        prior: Coefficients | None = None, prior_weight: float = 0.0, fit_per_seq: bool = False,
                        max_model_len: int | None = None, prefix_caching: bool = True) -> tuple[ReplicaModel, Fit]:
     """A replica model of an observed replica (GPU or CPU): coefficients fitted from its rows in the window,
-    KV capacity and block size from its newest engine sample, the API path from its rows (`api_path_s`). The
+    KV capacity and block size from its newest engine sample, the API path and its growth with the load from its
+    rows (`api_path_s`, `api_path_per_request_s`). The
     engine limits and whether vLLM's prefix cache is on are the replica's own args."""
     reqs, samples = load_rows(store, replica, since_unix_s=since_unix_s, until_unix_s=until_unix_s)
     result, path = fit_rows(reqs, samples, max_num_batched_tokens=max_num_batched_tokens, prior=prior,
@@ -395,4 +449,5 @@ def calibrated_replica(store: Store, replica: str, *, max_num_seqs: int, max_num
                              max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                              max_model_len=max_model_len, name=replica, api_path_s=path,
                              prefix_caching=prefix_caching)
-    return model, result
+    per_request = api_path_per_request_s(reqs, model)
+    return dataclasses.replace(model, api_path_per_request_s=per_request or 0.0), result

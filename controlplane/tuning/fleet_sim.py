@@ -100,12 +100,13 @@ class FleetRun:
 
 
 class _Member:
-    __slots__ = ("engine", "span_start", "ready_s", "drain_s", "end_s", "name")
+    __slots__ = ("engine", "span_start", "ready_s", "drain_s", "end_s", "name", "last_entry")
 
     def __init__(self, engine: FastEngine, start: float, ready: float, name: str) -> None:
         self.engine, self.span_start, self.ready_s, self.name = engine, start, ready, name
         self.drain_s: float | None = None
         self.end_s: float | None = None
+        self.last_entry = -math.inf  # its API server takes requests in arrival order (simulate._route_loaded)
 
 
 class _Fleet:
@@ -114,6 +115,7 @@ class _Fleet:
     def __init__(self, replica: ReplicaModel, book: Book, cfg: FleetSimConfig) -> None:
         self.replica, self.book, self.cfg = replica, book, cfg
         self.members: list[_Member] = []
+        self.paths = np.zeros(len(book.t_first), dtype=np.float64)  # each routed request's API path
         for _ in range(cfg.initial_replicas):
             self.add(0.0, ready=0.0)
 
@@ -141,9 +143,13 @@ class _Fleet:
             load = m.engine.outstanding_at(t)
             if best_load < 0 or load < best_load:
                 best, best_load = m, load
-        d = self.replica.api_path_s
-        best.engine.advance(t + d, True)
-        return best.engine.index if best.engine.enqueue(r, t + d) else -1
+        entry = max(best.last_entry, t + self.replica.api_path_s + self.replica.api_path_per_request_s * best_load)
+        best.last_entry = entry
+        best.engine.advance(entry, True)
+        if not best.engine.enqueue(r, entry):
+            return -1
+        self.paths[r] = entry - t
+        return best.engine.index
 
     def settle(self, t: float) -> None:
         """Advance everyone to t; a draining replica with nothing left ends at its last step."""
@@ -262,6 +268,6 @@ def run_fleet(workload: Workload, replica: ReplicaModel, policy: Policy[Any], ob
     result = SimResult(workload=workload, replica=routed, scheduled_s=np.asarray(book.t_sched),
                        first_token_s=np.asarray(book.t_first), finished_s=np.asarray(book.t_fin),
                        preemptions=np.asarray(book.preempt, dtype=np.int64), series=(),
-                       api_path_s=np.where(routed >= 0, replica.api_path_s, 0.0) if replica.api_path_s else None)
+                       api_path_s=fleet.paths if replica.api_path_s or replica.api_path_per_request_s else None)
     spans = tuple(ReplicaSpan(m.span_start, m.ready_s, m.drain_s, m.end_s) for m in fleet.members)
     return FleetRun(policy.name, result, tuple(ticks), tuple(records), spans, horizon, replica.gpus)

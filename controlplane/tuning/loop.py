@@ -289,7 +289,8 @@ def calibrated_capacity(store: Any, slos: Sequence[Slo], *, window_s: float = 18
         fc = measure_fleet_capacity(model, from_rows(rows), objectives, sizes=sizes, requests=800)
         rmse = "unknown" if fit.rel_rmse is None else f"{fit.rel_rmse:.3f}"
         return fc, (f"calibrated on {replica} ({fit.rows} steps, relative RMSE {rmse}, API path "
-                    f"{model.api_path_s * 1e3:.1f} ms) at {now:.0f}")
+                    f"{model.api_path_s * 1e3:.1f} ms + {model.api_path_per_request_s * 1e3:.2f} ms per request in "
+                    f"flight) at {now:.0f}")
 
     return fn
 

@@ -121,10 +121,15 @@ class ReplicaModel:
     # it arrives (HTTP, input processing, the hop to the engine core; on a shared CPU core also the output hop
     # back). vLLM's spans show it as TTFT - queue - prefill; `calibrate.api_path_s` measures it.
     api_path_s: float = 0.0
+    # ... plus this much per request already on the replica when it arrives (in the engine or on its way there):
+    # the API server's one event loop also streams their tokens, so a new request waits its turn longer the more
+    # it serves. `calibrate.api_path_per_request_s` measures it; 0 keeps the path constant.
+    api_path_per_request_s: float = 0.0
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.api_path_s) and self.api_path_s >= 0):
-            raise ValueError(f"{self.name}: api_path_s must be a finite number >= 0, got {self.api_path_s}")
+        for fld, path in (("api_path_s", self.api_path_s), ("api_path_per_request_s", self.api_path_per_request_s)):
+            if not (math.isfinite(path) and path >= 0):
+                raise ValueError(f"{self.name}: {fld} must be a finite number >= 0, got {path}")
         limits = {"max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens,
                   "block_size": self.block_size, "num_kv_blocks": self.num_kv_blocks,
                   "max_model_len": self.max_model_len}
@@ -300,10 +305,12 @@ def roofline(model: ModelShape, accel: Accelerator, args: EngineArgs | None = No
 def replica_from_fit(cost: StepCost, *, kv_capacity_tokens: int, block_size: int, max_num_seqs: int,
                      max_num_batched_tokens: int, max_model_len: int | None = None, gpus: int = 1,
                      usd_per_hour: float | None = None, name: str = "replica",
-                     api_path_s: float = 0.0, prefix_caching: bool = True) -> ReplicaModel:
+                     api_path_s: float = 0.0, prefix_caching: bool = True,
+                     api_path_per_request_s: float = 0.0) -> ReplicaModel:
     """A replica from calibrated coefficients and its measured KV capacity (`vllm:cache_config_info`)."""
     blocks = kv_capacity_tokens // block_size
     return ReplicaModel(step_cost=cost, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                         block_size=block_size, num_kv_blocks=blocks,
                         max_model_len=max_model_len or blocks * block_size, gpus=gpus,
-                        usd_per_hour=usd_per_hour, name=name, api_path_s=api_path_s, prefix_caching=prefix_caching)
+                        usd_per_hour=usd_per_hour, name=name, api_path_s=api_path_s, prefix_caching=prefix_caching,
+                        api_path_per_request_s=api_path_per_request_s)

@@ -247,6 +247,7 @@ class CalibratedFactory:
     max_model_len: int | None = None
     usd_per_hour: float | None = None
     api_path_s: float = 0.0  # the API server's path (calibrate.api_path_s); the batch limits do not move it
+    api_path_per_request_s: float = 0.0  # its growth per request in flight (calibrate.api_path_per_request_s)
     prefix_caching: bool = True  # the running engine's (EngineConfig.prefix_caching); no cell changes it
     kv_capacity_scales: bool = True  # False: the KV block count is fixed (num_gpu_blocks_override)
     weight_priors: WeightPriors | None = None  # None: WeightPrior() for every cell (claims nothing)
@@ -287,7 +288,8 @@ class CalibratedFactory:
                                 block_size=self.block_size, max_num_seqs=cell.max_num_seqs,
                                 max_num_batched_tokens=cell.max_num_batched_tokens, max_model_len=self.max_model_len,
                                 gpus=self.tensor_parallel_size, usd_per_hour=self.usd_per_hour, name=cell.label(),
-                                api_path_s=self.api_path_s, prefix_caching=self.prefix_caching)
+                                api_path_s=self.api_path_s, prefix_caching=self.prefix_caching,
+                                api_path_per_request_s=self.api_path_per_request_s)
 
 
 def scaled(cost: StepCost, factor: float) -> StepCost:

@@ -3,7 +3,8 @@
 `simulate(workload, replicas)` replays arrivals in time order; each arrival goes to the replica with
 the fewest requests routed and not yet finished (ties to the lowest index), and each replica runs
 vLLM V1's scheduler (see simulator_engine). A request reaches its replica's engine `api_path_s` after
-it arrives (the API server's share of TTFT). Times are seconds from the workload's start. TTFT ends
+it arrives (the API server's share of TTFT), plus `api_path_per_request_s` for each request already on
+that replica, in arrival order. Times are seconds from the workload's start. TTFT ends
 with the step that samples the first output token; TPOT = (e2e - TTFT) / (output tokens - 1), as
 the store computes it. A request longer than a replica's max_model_len is rejected there (vLLM
 answers 400) and counts as not served.
@@ -134,26 +135,27 @@ def simulate(workload: Workload, replicas: Sequence[ReplicaModel], *, sample_int
     engines: list[Engine] = [kind(m, book, i, sample_interval_s) for i, m in enumerate(replicas)]
     routed = [-1] * len(workload)
     arrivals = workload.arrival_s.tolist()
-    # A constant delay per replica keeps each engine's arrivals in time order, so it only shifts when they enter.
     delay = [m.api_path_s for m in replicas]
-    if len(engines) == 1:
-        only, d = engines[0], delay[0]
-        for i, t in enumerate(arrivals):
-            only.advance(t + d, True)
-            if only.enqueue(i, t + d):
-                routed[i] = 0
+    per_request = [m.api_path_per_request_s for m in replicas]
+    paths: FloatArray | None
+    if any(per_request):
+        paths = _route_loaded(engines, arrivals, delay, per_request, routed)
     else:
-        for i, t in enumerate(arrivals):
-            best, best_load = engines[0], -1
-            for e in engines:
-                e.advance(t, False)
-                load = e.outstanding_at(t)
-                if best_load < 0 or load < best_load:
-                    best, best_load = e, load
-            d = delay[best.index]
-            best.advance(t + d, True)
-            if best.enqueue(i, t + d):
-                routed[i] = best.index
+        # A constant delay per replica keeps each engine's arrivals in time order, so it only shifts when they enter.
+        if len(engines) == 1:
+            only, d = engines[0], delay[0]
+            for i, t in enumerate(arrivals):
+                only.advance(t + d, True)
+                if only.enqueue(i, t + d):
+                    routed[i] = 0
+        else:
+            for i, t in enumerate(arrivals):
+                best, _ = _least_outstanding(engines, t)
+                d = delay[best.index]
+                best.advance(t + d, True)
+                if best.enqueue(i, t + d):
+                    routed[i] = best.index
+        paths = _api_paths(routed, delay)
     for e in engines:
         e.advance(math.inf, True)
     series = tuple(
@@ -167,7 +169,39 @@ def simulate(workload: Workload, replicas: Sequence[ReplicaModel], *, sample_int
     return SimResult(workload=workload, replica=np.asarray(routed, dtype=np.int64),
                      scheduled_s=np.asarray(book.t_sched), first_token_s=np.asarray(book.t_first),
                      finished_s=np.asarray(book.t_fin), preemptions=np.asarray(book.preempt, dtype=np.int64),
-                     series=series, api_path_s=_api_paths(routed, delay))
+                     series=series, api_path_s=paths)
+
+
+def _least_outstanding(engines: Sequence[Engine], t: float) -> tuple[Engine, int]:
+    """The replica with the fewest requests routed to it and not finished at t (the first on a tie), and that
+    count; every replica is advanced to t."""
+    best, best_load = engines[0], -1
+    for e in engines:
+        e.advance(t, False)
+        load = e.outstanding_at(t)
+        if best_load < 0 or load < best_load:
+            best, best_load = e, load
+    return best, best_load
+
+
+def _route_loaded(engines: Sequence[Engine], arrivals: list[float], delay: list[float], per_request: list[float],
+                  routed: list[int]) -> FloatArray:
+    """Route with API paths that grow with the replica's load (`ReplicaModel.api_path_per_request_s`): a request
+    enters the engine `api_path_s + per_request * n` after it arrives, n being the requests already routed to that
+    replica and not finished (on their way in, queued or running), and never before one that arrived earlier (the
+    API server's one event loop takes them in order). Returns each request's path (0 for a rejected one)."""
+    last_entry = [-math.inf] * len(engines)
+    paths = np.zeros(len(arrivals), dtype=np.float64)
+    for i, t in enumerate(arrivals):
+        best, load = _least_outstanding(engines, t)
+        k = best.index
+        entry = max(last_entry[k], t + delay[k] + per_request[k] * load)
+        last_entry[k] = entry
+        best.advance(entry, True)
+        if best.enqueue(i, entry):
+            routed[i] = k
+            paths[i] = entry - t
+    return paths
 
 
 def _api_paths(routed: list[int], delay: list[float]) -> FloatArray | None:

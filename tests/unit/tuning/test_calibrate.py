@@ -1,3 +1,4 @@
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -206,3 +207,30 @@ def test_a_calibrated_replica_carries_the_api_path_its_rows_show(store: Store) -
     assert model.api_path_s == pytest.approx(0.004, rel=1e-6)
     again = simulate(res.workload, [model])
     assert np.median(again.ttft_s) == pytest.approx(np.median(res.ttft_s), rel=0.05)
+
+
+@pytest.mark.parametrize("per_request", [0.0, 0.001])
+def test_the_api_paths_growth_per_request_in_flight_is_recovered_from_the_rows(store: Store,
+                                                                                 per_request: float) -> None:
+    true = ReplicaModel(StepCost.linear(TRUE), max_num_seqs=64, max_num_batched_tokens=BUDGET, block_size=16,
+                        num_kv_blocks=4000, max_model_len=1200, api_path_s=0.003, api_path_per_request_s=per_request)
+    res = simulate(synthetic(Poisson(8.0), Uniform(50, 800), Uniform(10, 200), n=1500, seed=5), [true])
+    store_replica_run(store, res, "cpu-1", base_unix_s=BASE, kv_blocks=4000)
+    model, _ = cal.calibrated_replica(store, "cpu-1", max_num_seqs=64, max_num_batched_tokens=BUDGET,
+                                      max_model_len=1200)
+    assert model.api_path_s == pytest.approx(0.003, rel=1e-6)
+    assert model.api_path_per_request_s == pytest.approx(per_request, abs=1.5e-4)
+    if per_request:
+        again = simulate(res.workload, [model])
+        assert np.percentile(again.ttft_s, 90) == pytest.approx(np.percentile(res.ttft_s, 90), rel=0.05)
+        constant = simulate(res.workload, [dataclasses.replace(model, api_path_per_request_s=0.0)])
+        assert np.percentile(constant.ttft_s, 90) < 0.95 * np.percentile(res.ttft_s, 90)  # what it adds matters
+
+
+def test_the_api_paths_growth_is_unknown_from_too_few_busy_arrivals() -> None:
+    true = ReplicaModel(StepCost.linear(TRUE), max_num_seqs=64, max_num_batched_tokens=BUDGET, block_size=16,
+                        num_kv_blocks=4000, max_model_len=1200)
+    res = simulate(synthetic(Poisson(0.5), Uniform(50, 800), Uniform(10, 50), n=60, seed=1), [true])
+    rows = res.rows(base_unix_s=BASE)
+    assert cal.api_path_per_request_s(rows, true) is None
+    assert cal.api_path_per_request_s([], true) is None

@@ -1,3 +1,4 @@
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,9 +41,12 @@ def cfg(**kw: object) -> FleetSimConfig:
     return FleetSimConfig(**(base | kw))  # type: ignore[arg-type]
 
 
-def test_a_fleet_that_never_changes_serves_exactly_as_the_plain_simulator() -> None:
-    run = run_fleet(LOAD, REPLICA, Script({}), OBJ, cfg(initial_replicas=3))
-    ref = simulate(LOAD, [REPLICA] * 3, sample_interval_s=None)
+@pytest.mark.parametrize("replica", [REPLICA, dataclasses.replace(REPLICA, api_path_s=0.003,
+                                                                  api_path_per_request_s=0.001)],
+                         ids=["no API path", "an API path that grows with the load"])
+def test_a_fleet_that_never_changes_serves_exactly_as_the_plain_simulator(replica: ReplicaModel) -> None:
+    run = run_fleet(LOAD, replica, Script({}), OBJ, cfg(initial_replicas=3))
+    ref = simulate(LOAD, [replica] * 3, sample_interval_s=None)
     assert np.array_equal(run.result.replica, ref.replica)
     for k in ("ttft_s", "e2e_s", "queue_s"):  # equal up to summation order (stretches are cut at each tick)
         assert np.allclose(getattr(run.result, k), getattr(ref, k), rtol=1e-9, atol=1e-12), k

@@ -156,3 +156,10 @@ def test_the_per_token_goal_picks_the_best_goodput_per_dollar_among_the_sized_ce
     sized = [c for c in res.candidates if c.replicas is not None]
     assert res.chosen is not None and sized
     assert res.goodput_per_usd == max(c.goodput_per_usd or 0.0 for c in sized)
+
+
+def test_every_cell_keeps_the_calibrated_api_path_and_its_growth_and_the_prefix_cache_setting() -> None:
+    factory = replace(FACTORY, api_path_s=0.003, api_path_per_request_s=0.0007, prefix_caching=False)
+    for cell in (Cell(4, 256), Cell(64, 4096)):
+        model = factory(cell)
+        assert (model.api_path_s, model.api_path_per_request_s, model.prefix_caching) == (0.003, 0.0007, False)

@@ -15,10 +15,10 @@ TWO_ROOFS = StepCost((Roof(const_s=1e-3, per_token_s=5e-5, per_seq_s=1e-4, per_a
 
 def replica(cost: StepCost = LINEAR, *, seqs: int = 32, budget: int = 512, blocks: int = 2000, bs: int = 16,
             max_len: int = 1200, full: bool = True, name: str = "r", api: float = 0.0,
-            caching: bool = True) -> ReplicaModel:
+            caching: bool = True, api_per_request: float = 0.0) -> ReplicaModel:
     return ReplicaModel(cost, max_num_seqs=seqs, max_num_batched_tokens=budget, block_size=bs, num_kv_blocks=blocks,
                         max_model_len=max_len, reserve_full_sequence=full, name=name, api_path_s=api,
-                        prefix_caching=caching)
+                        prefix_caching=caching, api_path_per_request_s=api_per_request)
 
 
 def workload(times: list[float], prompt: list[int], output: list[int]) -> Workload:
@@ -50,6 +50,9 @@ CASES = {
     "max_num_seqs binds": dict(seqs=4, budget=256),
     "three replicas behind the router": dict(replicas=3, blocks=60, max_len=600),
     "three replicas with an API path": dict(replicas=3, blocks=60, max_len=600, api=0.003),
+    "an API path that grows with the load": dict(api=0.003, api_per_request=0.002, blocks=45, max_len=600),
+    "three replicas, API paths that grow": dict(replicas=3, blocks=60, max_len=600, api=0.003,
+                                                api_per_request=0.001),
 }
 
 
@@ -110,6 +113,35 @@ def test_replica_model_refuses_a_negative_or_infinite_api_path() -> None:
     for bad in (-0.001, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="api_path_s must be a finite number >= 0"):
             replica(api=bad)
+        with pytest.raises(ValueError, match="api_path_per_request_s must be a finite number >= 0"):
+            replica(api_per_request=bad)
+
+
+def test_the_api_path_grows_by_its_per_request_share_for_each_request_already_on_the_replica() -> None:
+    api, per = 0.002, 0.001
+    prefill = ALPHA + BETA * 100 + GAMMA * 100
+    # Three at once: the first finds the replica empty, the second one request on it, the third two.
+    res = simulate(workload([1.0, 1.0, 1.0, 5.0], [100, 100, 100, 100], [50, 50, 50, 2]),
+                   [replica(api=api, api_per_request=per)])
+    assert res.api_path_s is not None
+    assert res.api_path_s.tolist() == pytest.approx([api, api + per, api + 2 * per, api])  # the last: all done
+    assert res.ttft_s[3] == pytest.approx(api + prefill)
+    const = simulate(res.workload, [replica(api=api)])
+    assert (res.ttft_s[1:3] > const.ttft_s[1:3]).all()
+
+
+def test_a_request_never_enters_the_engine_before_one_that_arrived_earlier() -> None:
+    # When requests finish between two arrivals, the later one's own path (fewer on the replica) can be shorter
+    # than the earlier one's by more than the time between them; the API server still takes them in order.
+    api, per = 0.002, 0.004
+    wl = synthetic(OnOff(60, 2, 1, 1), LogNormal(60, 0.5, 1, 200), Uniform(1, 20), n=400, seed=3)
+    res = simulate(wl, [replica(api=api, api_per_request=per)])
+    assert res.api_path_s is not None
+    entries = wl.arrival_s + res.api_path_s
+    assert (np.diff(entries) >= -1e-12).all()
+    steps = (res.api_path_s - api) / per
+    held = np.abs(steps - np.round(steps)) > 1e-6  # a path that is no whole number of shares: held back
+    assert held.sum() > 0
 
 
 def test_a_preempted_request_recomputes_only_what_the_prefix_cache_lost() -> None:
