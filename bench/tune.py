@@ -245,14 +245,18 @@ def _real(args: argparse.Namespace) -> None:
     cost = fit.step_cost
     kv = metrics.kv_capacity_tokens or 65_536
     block = metrics.kv_block_size_tokens or 16
+    middle_model = CalibratedFactory(cost, kv_capacity_tokens=kv, block_size=block, max_model_len=REAL_MAX_LEN,
+                                     api_path_s=api_path)(middle)
+    per_request = calibrate.api_path_per_request_s(rows, middle_model) or 0.0
     c = fit.coefficients
     console.print(f"calibrated on {middle.label()} from {len(rows)} spans: alpha {c.alpha_s * 1e3:.2f} ms, beta "
                   f"{c.beta_s_per_token * 1e6:.1f} us/token, gamma {c.gamma_s_per_kv_token * 1e9:.1f} ns/KV token, "
-                  f"delta {c.delta_s_per_seq * 1e6:.0f} us/seq, API path {api_path * 1e3:.2f} ms; KV {kv:,} tokens, "
+                  f"delta {c.delta_s_per_seq * 1e6:.0f} us/seq, API path {api_path * 1e3:.2f} ms + "
+                  f"{per_request * 1e3:.2f} ms per request in flight; KV {kv:,} tokens, "
                   f"block {block}")
     space = SearchSpace(REAL_SEQS, REAL_TOKENS)
     factory = CalibratedFactory(cost, kv_capacity_tokens=kv, block_size=block, max_model_len=REAL_MAX_LEN,
-                                usd_per_hour=1.0, api_path_s=api_path)
+                                usd_per_hour=1.0, api_path_s=api_path, api_path_per_request_s=per_request)
     opts = SearchOptions(probe_requests=400)
     pick = search(space, factory, objectives, wl, target_rps=args.real_rate, options=opts)
     grid = search(space, factory, objectives, wl, target_rps=args.real_rate, options=opts, exhaustive=True)

@@ -196,52 +196,76 @@ def api_path_s(requests: Iterable[Mapping[str, Any]], *, min_idle: int = 10) -> 
 
 
 def api_path_per_request_s(requests: Iterable[Mapping[str, Any]], model: ReplicaModel, *,
-                           min_rows: int = 30) -> float | None:
+                           min_rows: int = 30, min_idle: int = 5) -> float | None:
     """How much longer the API path gets per request already on the replica (`ReplicaModel.api_path_per_request_s`),
     from the rows `model` was fitted on.
 
     vLLM's API server runs one event loop: it takes new requests in and also streams every running request's
     tokens, so a request that arrives while others are in flight waits longer before its engine sees it. The rows
-    are replayed through `model` with its constant path; for each request that vLLM and the replay both scheduled
-    right after it entered the engine (queue under 1 ms), the measured arrival-to-scheduled time (TTFT - prefill)
-    minus the replayed one is what the constant path misses (the step it waited for is in both). The estimate is
-    the slope through the origin of that gap, less its median with nothing in flight, against the requests in flight
-    at the arrival (from the rows: arrived earlier, not finished), fitted on the median gap at each count so that a
-    few requests the host stalled do not set it. None: fewer than `min_rows` such requests with others in flight."""
-    kept: list[tuple[float, float, float, float, float, int, int]] = []
+    are replayed through `model`; for each request that vLLM scheduled right after it reached the engine (its
+    queue time under 1 ms), the measured arrival-to-scheduled time (TTFT - prefill) minus the replayed one is what
+    the model's path misses. Both hold the wait for the step running when the request reached the engine (vLLM
+    stamps its queue time only after that step), so what is left is the API server's share. The estimate is the
+    slope through the origin of that gap, less its median with nothing in flight, against the requests in flight at
+    the arrival (every row that knows its arrival and end, whether or not it can be replayed), fitted on the
+    median gap at each count so that a few requests the host stalled do not set it; the replay is redone with the
+    estimate until the slope left is under 10 us. None: fewer than `min_rows` such requests with others in flight,
+    or fewer than `min_idle` with none. Rows whose queue time holds the step wait (the simulator's own rows) bias
+    it low: their queue filter keeps only the requests that happened to reach the engine between two steps."""
+    if min_rows < 1 or min_idle < 1:
+        raise ValueError(f"min_rows and min_idle must be >= 1, got {min_rows} and {min_idle}")
+    spans: list[tuple[float, float]] = []
+    kept: list[tuple[float, float, float, int, int]] = []
     for r in requests:
         arr, ttft, q, pre, e2e = (_num(r, k) for k in ("arrival_unix_s", "ttft_s", "queue_s", "prefill_s", "e2e_s"))
+        end = e2e if e2e is not None else ttft
+        if arr is None or end is None:
+            continue
+        spans.append((arr, arr + end))
         p, c = r.get("prompt_tokens"), r.get("completion_tokens")
-        if (arr is not None and ttft is not None and q is not None and pre is not None and e2e is not None
-                and p is not None and c is not None and p >= 1 and c >= 1):
-            kept.append((arr, ttft, q, pre, e2e, int(p), int(c)))
+        if ttft is not None and q is not None and pre is not None and p is not None and c is not None \
+                and p >= 1 and c >= 1:
+            kept.append((arr, ttft - pre, q, int(p), int(c)))
     if len(kept) < min_rows:
         return None
     kept.sort()
-    arrivals = np.array([k[0] for k in kept])
-    res = simulate(Workload(arrivals - arrivals[0], np.array([k[5] for k in kept]), np.array([k[6] for k in kept])),
-                   [dataclasses.replace(model, api_path_per_request_s=0.0)], sample_interval_s=None)
-    measured_to_sched = np.array([k[1] - k[3] for k in kept])
-    gap = measured_to_sched - (res.scheduled_s - res.workload.arrival_s)
-    both_at_once = (np.array([k[2] for k in kept]) < 1e-3) & (res.queue_s < 1e-3)
+    spans.sort()
     in_flight = np.zeros(len(kept), dtype=np.int64)
     ends: list[float] = []
-    for i, k in enumerate(kept):
-        while ends and ends[0] <= k[0]:
+    j = 0
+    for i, (arr, *_rest) in enumerate(kept):
+        while j < len(spans) and spans[j][0] < arr:  # arrived earlier (its own row and ties are not counted)
+            heapq.heappush(ends, spans[j][1])
+            j += 1
+        while ends and ends[0] <= arr:
             heapq.heappop(ends)
         in_flight[i] = len(ends)
-        heapq.heappush(ends, k[0] + k[4])
-    busy = both_at_once & (in_flight >= 1)
-    if busy.sum() < min_rows:
+    at_once = np.array([k[2] for k in kept]) < 1e-3
+    busy, idle = at_once & (in_flight >= 1), at_once & (in_flight == 0)
+    if busy.sum() < min_rows or idle.sum() < min_idle:
         return None
-    idle = both_at_once & (in_flight == 0)
-    base = float(np.median(gap[idle])) if idle.any() else 0.0
-    num = den = 0.0
-    for n in np.unique(in_flight[busy]):
-        at_n = busy & (in_flight == n)
-        num += at_n.sum() * n * (float(np.median(gap[at_n])) - base)
-        den += at_n.sum() * n * n
-    return max(0.0, num / den)
+    arrivals = np.array([k[0] for k in kept])
+    workload = Workload(arrivals - arrivals[0], np.array([k[3] for k in kept]), np.array([k[4] for k in kept]))
+    measured = np.array([k[1] for k in kept])
+    per_request = 0.0
+    for _ in range(5):
+        res = simulate(workload, [dataclasses.replace(model, api_path_per_request_s=per_request)],
+                       sample_interval_s=None)
+        gap = measured - (res.scheduled_s - workload.arrival_s)
+        ok = np.isfinite(gap)
+        if (busy & ok).sum() < min_rows or (idle & ok).sum() < min_idle:
+            return None
+        base = float(np.median(gap[idle & ok]))
+        num = den = 0.0
+        for n in np.unique(in_flight[busy & ok]):
+            at_n = busy & ok & (in_flight == n)
+            num += at_n.sum() * n * (float(np.median(gap[at_n])) - base)
+            den += at_n.sum() * n * n
+        slope = num / den
+        per_request = max(0.0, per_request + slope)
+        if abs(slope) < 1e-5:
+            break
+    return per_request
 
 
 # --- solving --------------------------------------------------------------------------------------

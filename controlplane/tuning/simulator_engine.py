@@ -34,7 +34,7 @@ class FastEngine:
     """The event-driven replica. `advance(t)` runs the steps that start before t; `enqueue` adds a request."""
 
     __slots__ = ("index", "bs", "budget", "max_seqs", "nblocks", "max_len", "full_fit", "roofs", "b", "clock",
-                 "G", "dec", "pre", "pre_done", "waiting", "heap", "h2", "S", "U", "outstanding", "last_fin",
+                 "G", "dec", "pre", "pre_done", "waiting", "heap", "h2", "S", "U", "outstanding", "fins",
                  "planned", "plan_n", "plan_end", "steps", "tokens", "preemptions", "samples", "fq", "caching")
 
     def __init__(self, model: ReplicaModel, book: Book, index: int, sample_interval_s: float | None) -> None:
@@ -60,7 +60,7 @@ class FastEngine:
         self.fq = FreeQueue(model.num_kv_blocks)  # the free ones, in vLLM's eviction order
         self.caching = model.prefix_caching
         self.outstanding = 0
-        self.last_fin = 0  # requests finished at the end of the last step or stretch
+        self.fins: deque[float] = deque()  # finish times not yet passed by outstanding_at, in order
         self.planned = False
         self.plan_n = 0
         self.plan_end = 0.0
@@ -97,8 +97,12 @@ class FastEngine:
         return len(self.dec) + (self.pre >= 0), len(self.waiting), self.U / self.nblocks
 
     def outstanding_at(self, t: float) -> int:
-        """Requests routed here and not finished by t (finishes at the end of a step past t not yet)."""
-        return self.outstanding + (self.last_fin if self.clock > t else 0)
+        """Requests routed here and not finished by t: the engine may have run past t (to a later request's entry),
+        so the ones it finished after t count again. t never decreases from one call to the next."""
+        fins = self.fins
+        while fins and fins[0] <= t:
+            fins.popleft()
+        return self.outstanding + len(fins)
 
     def advance(self, t: float, cut: bool) -> None:
         """Run every step that starts before t. With cut=False a decode stretch that ends after t is left
@@ -196,7 +200,6 @@ class FastEngine:
         self.clock = end
         self.steps += n
         self.tokens += n * d
-        self.last_fin = 0
         self._finish_due()
         self.planned = False
 
@@ -220,7 +223,7 @@ class FastEngine:
             b.kk[r] = b.output[r]
             b.t_fin[r] = self.clock
             self.outstanding -= 1
-            self.last_fin += 1
+            self.fins.append(self.clock)
 
     # --- the general step (admissions, prefills, preemptions) -------------------------------------
     def _drop_decoder(self, r: int) -> int:
@@ -280,7 +283,6 @@ class FastEngine:
         b, bs = self.b, self.bs
         prompt, kk = b.prompt, b.kk
         t0 = self.clock
-        self.last_fin = 0
         budget = self.budget
         free = self.nblocks - self.U
         need = self.h2[self.G % bs]
@@ -386,7 +388,7 @@ class FastEngine:
                 kk[r] = k
                 b.t_fin[r] = t1
                 self.outstanding -= 1
-                self.last_fin += 1
+                self.fins.append(t1)
                 continue
             kk[r] = k
             b.g1[r] = g

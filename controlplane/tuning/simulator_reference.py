@@ -78,7 +78,7 @@ class ReferenceEngine:
         self.used = 0
         self.fq = _FreeBlocks(model.num_kv_blocks)
         self.outstanding = 0
-        self.last_fin = 0
+        self.fins: deque[float] = deque()  # finish times, in order
         self.steps = 0
         self.tokens = 0
         self.preemptions = 0
@@ -100,7 +100,9 @@ class ReferenceEngine:
         return True
 
     def outstanding_at(self, t: float) -> int:
-        return self.outstanding + (self.last_fin if self.clock > t else 0)
+        while self.fins and self.fins[0] <= t:
+            self.fins.popleft()
+        return self.outstanding + len(self.fins)
 
     def advance(self, t: float, cut: bool) -> None:
         while self.busy() and self.clock < t:
@@ -125,7 +127,6 @@ class ReferenceEngine:
     def _step(self) -> None:
         m, b = self.m, self.b
         t0 = self.clock
-        self.last_fin = 0
         budget = m.max_num_batched_tokens
         scheduled: list[tuple[_Req, int]] = []
         preempted = False
@@ -201,4 +202,4 @@ class ReferenceEngine:
                 b.t_fin[req.rid] = t1
                 b.kk[req.rid] = req.k
                 self.outstanding -= 1
-                self.last_fin += 1
+                self.fins.append(t1)

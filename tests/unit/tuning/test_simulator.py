@@ -131,17 +131,34 @@ def test_the_api_path_grows_by_its_per_request_share_for_each_request_already_on
 
 
 def test_a_request_never_enters_the_engine_before_one_that_arrived_earlier() -> None:
-    # When requests finish between two arrivals, the later one's own path (fewer on the replica) can be shorter
-    # than the earlier one's by more than the time between them; the API server still takes them in order.
-    api, per = 0.002, 0.004
-    wl = synthetic(OnOff(60, 2, 1, 1), LogNormal(60, 0.5, 1, 200), Uniform(1, 20), n=400, seed=3)
-    res = simulate(wl, [replica(api=api, api_per_request=per)])
+    # Four at t=0 with one output token each: the first runs alone, the other three share the next step and finish
+    # together. X arrives before that step ends (3 on the replica: path 3 ms); Y after it (only X: 1 ms), so Y's
+    # own path would have it enter before X. The API server takes them in order: Y waits for X.
+    per = 0.001
+    t_x, t_y = 0.009, 0.0100
+    res = simulate(workload([0, 0, 0, 0, t_x, t_y], [20] * 6, [1] * 6), [replica(api_per_request=per)])
     assert res.api_path_s is not None
-    entries = wl.arrival_s + res.api_path_s
-    assert (np.diff(entries) >= -1e-12).all()
-    steps = (res.api_path_s - api) / per
-    held = np.abs(steps - np.round(steps)) > 1e-6  # a path that is no whole number of shares: held back
-    assert held.sum() > 0
+    three = res.finished_s[1:4]
+    assert three.min() == three.max() and t_x < three[0] < t_y  # the case is what it says
+    assert res.api_path_s[4] == pytest.approx(3 * per)
+    assert t_y + per < t_x + 3 * per
+    assert t_y + res.api_path_s[5] == pytest.approx(t_x + 3 * per)
+
+
+@pytest.mark.parametrize("reference", [False, True], ids=["event-driven", "naive"])
+def test_each_path_counts_exactly_the_earlier_requests_not_finished_at_its_arrival(reference: bool) -> None:
+    # The engine runs ahead to each request's entry, past later arrivals; requests it finished in that gap, in one
+    # step or several, still count for those arrivals.
+    api, per = 0.002, 0.003
+    wl = synthetic(OnOff(80, 2, 1, 1), LogNormal(60, 0.5, 1, 200), Uniform(1, 8), n=400, seed=4)
+    res = simulate(wl, [replica(api=api, api_per_request=per)], reference=reference)
+    assert res.api_path_s is not None
+    t, fin = wl.arrival_s, res.finished_s
+    entry = -np.inf
+    for i in range(len(wl)):
+        n = int((fin[:i] > t[i]).sum())
+        entry = max(entry, t[i] + api + per * n)
+        assert res.api_path_s[i] == pytest.approx(entry - t[i], abs=1e-12), i
 
 
 def test_a_preempted_request_recomputes_only_what_the_prefix_cache_lost() -> None:
