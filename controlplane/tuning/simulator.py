@@ -62,7 +62,9 @@ class SimResult:
 
     @property
     def queue_s(self) -> FloatArray:
-        """In the engine's queue, as vLLM's queue time counts it: from entering the engine to being scheduled."""
+        """In the engine's queue: from entering the engine to being scheduled, the wait for the step running then
+        included. vLLM stamps its queue time only after that step, so its spans show that wait in
+        TTFT - queue - prefill instead (see calibrate.api_path_s)."""
         queued = self.scheduled_s - self.workload.arrival_s
         return queued if self.api_path_s is None else queued - self.api_path_s
 
