@@ -207,46 +207,43 @@ def api_path_per_request_s(requests: Iterable[Mapping[str, Any]], model: Replica
     the model's path misses. Both hold the wait for the step running when the request reached the engine (vLLM
     stamps its queue time only after that step), so what is left is the API server's share. The estimate is the
     slope through the origin of that gap, less its median with nothing in flight, against the requests in flight at
-    the arrival (every row that knows its arrival and end, whether or not it can be replayed), fitted on the
-    median gap at each count so that a few requests the host stalled do not set it; the replay is redone with the
-    estimate until the slope left is under 10 us. None: fewer than `min_rows` such requests with others in flight,
+    the arrival (the earlier rows not finished then), fitted on the median gap at each count so that a few requests
+    the host stalled do not set it; the replay is redone with the estimate, up to 5 times, until the slope left is
+    under 10 us (medians move in steps, so it can end oscillating within a few tens of us). Every row that knows
+    its arrival, end and token counts is replayed and counted; its other times only select it. Rows without token
+    counts are neither, so many of them make the estimate too high (the load they added is unseen).
+    None: fewer than `min_rows` such requests with others in flight,
     or fewer than `min_idle` with none. Rows whose queue time holds the step wait (the simulator's own rows) bias
     it low: their queue filter keeps only the requests that happened to reach the engine between two steps."""
     if min_rows < 1 or min_idle < 1:
         raise ValueError(f"min_rows and min_idle must be >= 1, got {min_rows} and {min_idle}")
-    spans: list[tuple[float, float]] = []
-    kept: list[tuple[float, float, float, int, int]] = []
+    # (arrival, end, measured arrival -> scheduled or NaN, queue or NaN, prompt, completion)
+    kept: list[tuple[float, float, float, float, int, int]] = []
     for r in requests:
         arr, ttft, q, pre, e2e = (_num(r, k) for k in ("arrival_unix_s", "ttft_s", "queue_s", "prefill_s", "e2e_s"))
         end = e2e if e2e is not None else ttft
-        if arr is None or end is None:
-            continue
-        spans.append((arr, arr + end))
         p, c = r.get("prompt_tokens"), r.get("completion_tokens")
-        if ttft is not None and q is not None and pre is not None and p is not None and c is not None \
-                and p >= 1 and c >= 1:
-            kept.append((arr, ttft - pre, q, int(p), int(c)))
+        if arr is None or end is None or p is None or c is None or p < 1 or c < 1:
+            continue  # cannot be replayed, so not counted in flight either: the replay and the count must agree
+        kept.append((arr, arr + end, ttft - pre if ttft is not None and pre is not None else math.nan,
+                     q if q is not None else math.nan, int(p), int(c)))
     if len(kept) < min_rows:
         return None
-    kept.sort()
-    spans.sort()
+    kept.sort(key=lambda k: k[0])  # stable: ties keep the rows' order, as the replay does
     in_flight = np.zeros(len(kept), dtype=np.int64)
     ends: list[float] = []
-    j = 0
-    for i, (arr, *_rest) in enumerate(kept):
-        while j < len(spans) and spans[j][0] < arr:  # arrived earlier (its own row and ties are not counted)
-            heapq.heappush(ends, spans[j][1])
-            j += 1
+    for i, (arr, end, *_rest) in enumerate(kept):
         while ends and ends[0] <= arr:
             heapq.heappop(ends)
-        in_flight[i] = len(ends)
-    at_once = np.array([k[2] for k in kept]) < 1e-3
+        in_flight[i] = len(ends)  # the earlier rows not finished at this arrival
+        heapq.heappush(ends, end)
+    measured = np.array([k[2] for k in kept])
+    at_once = (np.array([k[3] for k in kept]) < 1e-3) & np.isfinite(measured)  # NaN compares False
     busy, idle = at_once & (in_flight >= 1), at_once & (in_flight == 0)
     if busy.sum() < min_rows or idle.sum() < min_idle:
         return None
     arrivals = np.array([k[0] for k in kept])
-    workload = Workload(arrivals - arrivals[0], np.array([k[3] for k in kept]), np.array([k[4] for k in kept]))
-    measured = np.array([k[1] for k in kept])
+    workload = Workload(arrivals - arrivals[0], np.array([k[4] for k in kept]), np.array([k[5] for k in kept]))
     per_request = 0.0
     for _ in range(5):
         res = simulate(workload, [dataclasses.replace(model, api_path_per_request_s=per_request)],

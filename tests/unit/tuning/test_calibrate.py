@@ -238,6 +238,11 @@ def test_the_growth_is_recovered_from_rows_shaped_like_vllms_spans_that_leave_th
     vllm_like = [{**r, "queue_s": 0.0} for r in rows]
     plain = dataclasses.replace(true, api_path_per_request_s=0.0)
     assert cal.api_path_per_request_s(vllm_like, plain) == pytest.approx(0.001, abs=1.5e-4)
+    # Rows that lack a queue or prefill time still loaded the replica: they are replayed and counted in flight,
+    # only not judged. Leaving them out of one but not the other would inflate the estimate.
+    gappy = [{**r, "queue_s": None} if i % 3 == 0 else {**r, "prefill_s": None} if i % 3 == 1 else r
+             for i, r in enumerate(vllm_like)]
+    assert cal.api_path_per_request_s(gappy, plain) == pytest.approx(0.001, abs=1.5e-4)
 
 
 def test_the_api_paths_growth_is_unknown_from_too_few_busy_arrivals() -> None:
