@@ -22,7 +22,7 @@ import numpy as np
 from controlplane.tuning.autoscaler import DecisionRecord, Observation, Policy, ReplicaReading
 from controlplane.tuning.capacity import Objective, Prediction, good_mask, judge
 from controlplane.tuning.perf_model import ReplicaModel
-from controlplane.tuning.simulator import SimResult
+from controlplane.tuning.simulator import SimResult, entry_time
 from controlplane.tuning.simulator_engine import FastEngine
 from controlplane.tuning.simulator_parts import Book
 from controlplane.tuning.workload import Workload
@@ -106,7 +106,7 @@ class _Member:
         self.engine, self.span_start, self.ready_s, self.name = engine, start, ready, name
         self.drain_s: float | None = None
         self.end_s: float | None = None
-        self.last_entry = -math.inf  # its API server takes requests in arrival order (simulate._route_loaded)
+        self.last_entry = -math.inf  # its API server takes requests in arrival order (simulator.entry_time)
 
 
 class _Fleet:
@@ -143,8 +143,7 @@ class _Fleet:
             load = m.engine.outstanding_at(t)
             if best_load < 0 or load < best_load:
                 best, best_load = m, load
-        entry = max(best.last_entry, t + self.replica.api_path_s + self.replica.api_path_per_request_s * best_load)
-        best.last_entry = entry
+        entry = best.last_entry = entry_time(self.replica, t, best_load, best.last_entry)
         best.engine.advance(entry, True)
         if not best.engine.enqueue(r, entry):
             return -1

@@ -137,27 +137,19 @@ def simulate(workload: Workload, replicas: Sequence[ReplicaModel], *, sample_int
     engines: list[Engine] = [kind(m, book, i, sample_interval_s) for i, m in enumerate(replicas)]
     routed = [-1] * len(workload)
     arrivals = workload.arrival_s.tolist()
-    delay = [m.api_path_s for m in replicas]
-    per_request = [m.api_path_per_request_s for m in replicas]
     paths: FloatArray | None
-    if any(per_request):
-        paths = _route_loaded(engines, arrivals, delay, per_request, routed)
+    if len(engines) == 1 and not replicas[0].api_path_per_request_s:
+        # A constant delay keeps the arrivals in time order, so it only shifts when they enter: the hot path.
+        only, d = engines[0], replicas[0].api_path_s
+        for i, t in enumerate(arrivals):
+            only.advance(t + d, True)
+            if only.enqueue(i, t + d):
+                routed[i] = 0
+        paths = np.where(np.asarray(routed) >= 0, d, 0.0) if d else None
     else:
-        # A constant delay per replica keeps each engine's arrivals in time order, so it only shifts when they enter.
-        if len(engines) == 1:
-            only, d = engines[0], delay[0]
-            for i, t in enumerate(arrivals):
-                only.advance(t + d, True)
-                if only.enqueue(i, t + d):
-                    routed[i] = 0
-        else:
-            for i, t in enumerate(arrivals):
-                best, _ = _least_outstanding(engines, t)
-                d = delay[best.index]
-                best.advance(t + d, True)
-                if best.enqueue(i, t + d):
-                    routed[i] = best.index
-        paths = _api_paths(routed, delay)
+        paths = _route(engines, replicas, arrivals, routed)
+        if not any(m.api_path_s or m.api_path_per_request_s for m in replicas):
+            paths = None
     for e in engines:
         e.advance(math.inf, True)
     series = tuple(
@@ -186,30 +178,28 @@ def _least_outstanding(engines: Sequence[Engine], t: float) -> tuple[Engine, int
     return best, best_load
 
 
-def _route_loaded(engines: Sequence[Engine], arrivals: list[float], delay: list[float], per_request: list[float],
-                  routed: list[int]) -> FloatArray:
-    """Route with API paths that grow with the replica's load (`ReplicaModel.api_path_per_request_s`): a request
-    enters the engine `api_path_s + per_request * n` after it arrives, n being the requests already routed to that
-    replica and not finished (on their way in, queued or running), and never before one that arrived earlier (the
-    API server's one event loop takes them in order). Returns each request's path (0 for a rejected one)."""
+def entry_time(model: ReplicaModel, t: float, in_flight: int, last_entry: float) -> float:
+    """When a request arriving at t reaches the engine of a replica with `in_flight` requests routed to it and not
+    finished: `api_path_s + api_path_per_request_s * in_flight` later, and never before the one that arrived before
+    it there (`last_entry`; the API server's one event loop takes them in order)."""
+    return max(last_entry, t + model.api_path_s + model.api_path_per_request_s * in_flight)
+
+
+def _route(engines: Sequence[Engine], replicas: Sequence[ReplicaModel], arrivals: list[float],
+           routed: list[int]) -> FloatArray:
+    """Least-outstanding routing, each request entering its replica's engine at `entry_time`. Returns each
+    request's API path (0 for a rejected one)."""
     last_entry = [-math.inf] * len(engines)
     paths = np.zeros(len(arrivals), dtype=np.float64)
     for i, t in enumerate(arrivals):
         best, load = _least_outstanding(engines, t)
         k = best.index
-        entry = max(last_entry[k], t + delay[k] + per_request[k] * load)
-        last_entry[k] = entry
+        entry = last_entry[k] = entry_time(replicas[k], t, load, last_entry[k])
         best.advance(entry, True)
         if best.enqueue(i, entry):
             routed[i] = k
             paths[i] = entry - t
     return paths
-
-
-def _api_paths(routed: list[int], delay: list[float]) -> FloatArray | None:
-    if not any(delay):
-        return None
-    return np.array([delay[r] if r >= 0 else 0.0 for r in routed], dtype=np.float64)
 
 
 @dataclass(frozen=True)
