@@ -145,6 +145,27 @@ def test_a_request_never_enters_the_engine_before_one_that_arrived_earlier() -> 
     assert t_y + res.api_path_s[5] == pytest.approx(t_x + 3 * per)
 
 
+def test_one_replica_with_a_constant_path_keeps_no_finish_times(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only routing asks how many requests are in flight; with one replica and a constant path nothing does, so
+    # the engine must not keep a float per finished request until the run ends.
+    import controlplane.tuning.simulator as sim
+
+    made: list[sim.FastEngine] = []
+
+    class Recording(sim.FastEngine):
+        def __init__(self, *a: object, **k: object) -> None:
+            super().__init__(*a, **k)  # type: ignore[arg-type]
+            made.append(self)
+
+    monkeypatch.setattr(sim, "FastEngine", Recording)
+    wl = synthetic(Poisson(50), Uniform(20, 60), Uniform(1, 8), n=500, seed=2)
+    kept = simulate(wl, [replica(api=0.002)])
+    assert len(made) == 1 and len(made[0].fins) == 0
+    routed = simulate(wl, [replica(api=0.002), replica(api=0.002, name="s")])  # routing keeps what it needs
+    assert sum(len(e.fins) for e in made[1:]) > 0
+    assert kept.completed.all() and routed.completed.all()
+
+
 @pytest.mark.parametrize("reference", [False, True], ids=["event-driven", "naive"])
 def test_each_path_counts_exactly_the_earlier_requests_not_finished_at_its_arrival(reference: bool) -> None:
     # The engine runs ahead to each request's entry, past later arrivals; requests it finished in that gap, in one
