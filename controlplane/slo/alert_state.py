@@ -84,7 +84,8 @@ def condition(status: SloStatus, severity: Severity) -> Condition:
             "request_rate_per_s": tier.long.request_rate_per_s, "active": on,
         })
     active = bool(active_for)
-    return Condition(active, min(active_for, default=0.0), {"tiers": tiers}, known=active or not unknown)
+    return Condition(active, min(active_for, default=0.0), {"sli": slo.sli, "tiers": tiers},
+                     known=active or not unknown)
 
 
 def step(prev: Episode | None, cond: Condition, *, slo: str, deployment: str, severity: Severity,

@@ -53,6 +53,7 @@ class Alerter:
         self.open: dict[tuple[str, str], Episode] = {}
         self._unsent_resolved: list[Episode] = []
         self._pages_posted: set[str] = set()  # SLOs whose firing page Alertmanager has accepted
+        self._last_round: float | None = None  # `now` of the previous evaluation
         self._load()
 
     def _load(self) -> None:
@@ -73,39 +74,54 @@ class Alerter:
         return out
 
     def evaluate(self, statuses: Sequence[SloStatus], now: float) -> list[tuple[Episode, str]]:
-        """Advance every (SLO, severity); store transitions; notify. Returns the transitions."""
+        """Advance every (SLO, severity); store transitions; notify. Returns the transitions. An SLO whose
+        judging fails is logged and left as it was; the others are judged and notified all the same."""
         changes: list[tuple[Episode, str]] = []
         for key, ep in list(self.open.items()):
             if self.configured is not None and ep.slo not in self.configured:
+                self.open.pop(key)
+                if ep.state == "pending":  # never sent, so there is nothing for Alertmanager to resolve
+                    self._delete(ep)
+                    changes.append((ep, "cancelled"))
+                    log.warning("SLO %s %s alert cancelled: the SLO is no longer configured", ep.slo, ep.severity)
+                    continue
                 done = self._save(replace(ep, state="resolved", resolved_unix_s=now, last_eval_unix_s=now,
                                           evidence={**ep.evidence, "why": "the SLO is no longer configured"}))
-                self.open.pop(key)
                 self._unsent_resolved.append(done)
                 changes.append((done, "resolved"))
                 log.warning("SLO %s %s alert resolved: the SLO is no longer configured", ep.slo, ep.severity)
         for status in statuses:
-            slo = status.slo
-            for sev in SEVERITIES:
-                key = (slo.name, sev)
-                prev = self.open.get(key)
-                nxt, transition = step(prev, condition(status, sev), slo=slo.name, deployment=slo.deployment,
-                                       severity=sev, now=now)
-                if nxt is not None and prev is not None and prev.id is not None:
-                    nxt = replace(nxt, id=prev.id)
-                if transition == "cancelled" and prev is not None:
-                    self._delete(prev)
-                elif nxt is not None:
-                    nxt = self._save(nxt)
-                if nxt is None or nxt.state == "resolved":
-                    self.open.pop(key, None)
-                else:
-                    self.open[key] = nxt
-                if transition is not None and nxt is not None:
-                    changes.append((nxt, transition))
-                    log.warning("SLO %s %s alert %s", slo.name, sev, transition)
-                if nxt is not None and nxt.state == "resolved":
-                    self._unsent_resolved.append(nxt)
+            try:
+                changes += self._judge(status, now)
+            except Exception:  # noqa: BLE001 - one SLO that cannot be judged must not hold back the others' pages
+                log.exception("judging the alerts of SLO %s failed; it is left as it was", status.slo.name)
         self._notify({s.slo.name: s for s in statuses}, now)
+        self._last_round = now
+        return changes
+
+    def _judge(self, status: SloStatus, now: float) -> list[tuple[Episode, str]]:
+        slo = status.slo
+        changes: list[tuple[Episode, str]] = []
+        for sev in SEVERITIES:
+            key = (slo.name, sev)
+            prev = self.open.get(key)
+            nxt, transition = step(prev, condition(status, sev), slo=slo.name, deployment=slo.deployment,
+                                   severity=sev, now=now)
+            if nxt is not None and prev is not None and prev.id is not None:
+                nxt = replace(nxt, id=prev.id)
+            if transition == "cancelled" and prev is not None:
+                self._delete(prev)
+            elif nxt is not None:
+                nxt = self._save(nxt)
+            if nxt is None or nxt.state == "resolved":
+                self.open.pop(key, None)
+            else:
+                self.open[key] = nxt
+            if transition is not None and nxt is not None:
+                changes.append((nxt, transition))
+                log.warning("SLO %s %s alert %s", slo.name, sev, transition)
+            if nxt is not None and nxt.state == "resolved":
+                self._unsent_resolved.append(nxt)
         return changes
 
     def _save(self, ep: Episode) -> Episode:
@@ -123,26 +139,34 @@ class Alerter:
             conn.execute(SloAlert.__table__.delete().where(SloAlert.id == ep.id))  # type: ignore[attr-defined]
 
     def _notify(self, statuses: dict[str, SloStatus], now: float) -> None:
+        # Only episodes that fired were ever sent; a resolved one that never fired has nothing to resolve.
+        self._unsent_resolved = [e for e in self._unsent_resolved if e.fired_unix_s is not None]
         if self.alertmanager_url is None:
             self._unsent_resolved.clear()
             return
+        # The time between rounds is the interval plus the round's own work: alerts must outlive it.
+        period = max(self.resend_s, now - self._last_round) if self._last_round is not None else self.resend_s
         # An episode whose SLO could not be evaluated for a few rounds is not re-sent: its endsAt passes and
         # Alertmanager resolves it, as it would if this plane had died, rather than paging on stale data.
         firing = [e for e in self.open.values()
-                  if e.state == "firing" and now - e.last_eval_unix_s <= STALE_ROUNDS * self.resend_s]
+                  if e.state == "firing" and now - e.last_eval_unix_s <= STALE_ROUNDS * period]
         paging = {e.slo for e in firing if e.severity == "page"}
         self._pages_posted &= paging
         # A ticket goes out only once its SLO's page has been accepted in an earlier round. Alertmanager's
         # inhibitor learns of new alerts asynchronously and flushes an alert older than group_wait at once, so a
         # page and its ticket posted together can both be delivered (seen here) instead of the page alone.
         held = paging - self._pages_posted
-        to_send = [e for e in firing if not (e.severity == "ticket" and e.slo in held)] + self._unsent_resolved
+        sending = [e for e in firing if not (e.severity == "ticket" and e.slo in held)]
+        # A resolved episode whose (SLO, severity) fires again is the same alert to Alertmanager (same labels):
+        # sent next to the new one it could overwrite it, so it is dropped; the rest go first.
+        again = {(e.slo, e.severity) for e in sending}
+        to_send = [e for e in self._unsent_resolved if (e.slo, e.severity) not in again] + sending
         if not to_send:
             return
         wall = self.wall_clock()
         body = [alertmanager_payload(
-            e, sli=statuses[e.slo].slo.sli if e.slo in statuses else "unknown", wall_now=wall,
-            resend_s=self.resend_s, runbook_url=f"{self.runbook_base}#{e.alertname.lower()}",
+            e, sli=self._sli(e, statuses), wall_now=wall, resend_s=period,
+            runbook_url=f"{self.runbook_base}#{e.alertname.lower()}",
             generator_url=f"{self.api_url}/api/v1/alerts?slo={e.slo}" if self.api_url else None) for e in to_send]
         try:
             r = self.client.post(self.alertmanager_url + "/api/v2/alerts", json=body)
@@ -156,6 +180,14 @@ class Alerter:
         ids = [e.id for e in to_send if e.id is not None]
         with self.engine.begin() as conn:
             conn.execute(update(SloAlert).where(SloAlert.id.in_(ids)).values(notified_unix_s=wall))
+
+    @staticmethod
+    def _sli(ep: Episode, statuses: dict[str, SloStatus]) -> str:
+        """The SLI label the episode was raised with: a label that changed would be a new alert to Alertmanager
+        (a second page, and the first one resolving), so a round that could not evaluate the SLO keeps it."""
+        if ep.slo in statuses:
+            return statuses[ep.slo].slo.sli
+        return str(ep.evidence.get("sli", "unknown"))  # "unknown" only for episodes stored before it was kept
 
 
 def list_alerts(engine: Engine, *, limit: int = 200, slo: str | None = None) -> list[dict[str, Any]]:

@@ -33,9 +33,15 @@ class SloMonitor:
         self.max_rows_per_tick = max_rows_per_tick  # bounds one tick; a big backlog is caught up over ticks
         self.statuses = LatestStatuses()
 
-    def tick(self, now: float) -> tuple[RollupReport, list[SloStatus]]:
-        """Roll up, then evaluate each SLO; an SLO whose evaluation fails is logged and left out."""
-        report = run(self.engine, rollup_keys(self.slos), now, max_rows=self.max_rows_per_tick)
+    def tick(self, now: float) -> tuple[RollupReport | None, list[SloStatus]]:
+        """Roll up, then evaluate each SLO; an SLO whose evaluation fails is logged and left out. A failed rollup
+        (e.g. a locked SQLite file) does not stop the evaluation: the queries read the rows not yet rolled up raw,
+        and skipping every SLO would let open pages lapse in Alertmanager."""
+        try:
+            report = run(self.engine, rollup_keys(self.slos), now, max_rows=self.max_rows_per_tick)
+        except Exception:  # noqa: BLE001 - retried next tick; the evaluation below does not depend on it
+            log.exception("rolling up request rows failed; evaluating from the rows as they are")
+            report = None
         out = []
         for slo in self.slos:
             try:

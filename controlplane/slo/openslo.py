@@ -14,6 +14,7 @@ not a silent approximation.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Literal, cast
 
@@ -49,7 +50,7 @@ _UNITS_S = {"m": 60.0, "h": 3600.0, "d": DAY_S, "w": 7 * DAY_S}
 
 
 class _Open(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
 
 class Metadata(_Open):
@@ -105,7 +106,7 @@ class SliDocument(_Open):
 
 
 class TimeWindow(_Open):
-    duration: str = Field(pattern=r"^\d+[mhdwMQY]$")
+    duration: str = Field(pattern=r"^[1-9]\d*[mhdwMQY]$")
     isRolling: bool = False  # noqa: N815
     calendar: dict[str, Any] | None = None
 
@@ -237,7 +238,14 @@ def _recognise(where: str, sli: SliSpec) -> tuple[SliKind, float | None]:
         raise SpecError(f"{where}: indicator ratioMetric: recognised are a good query on <histogram>_bucket"
                         f'{{le="SECONDS"}} of {", ".join(HISTOGRAM_SLI)}, or queries on '
                         f"{names.VLLM_REQUEST_SUCCESS_TOTAL} (error rate)")
-    return HISTOGRAM_SLI[hist], float(le.group(1))
+    try:
+        threshold = float(le.group(1))
+    except ValueError:
+        threshold = math.nan
+    if not (0 < threshold < math.inf):
+        raise SpecError(f'{where}: indicator ratioMetric: le="{le.group(1)}" is not a latency in seconds; allowed: a '
+                        "finite number > 0")
+    return HISTOGRAM_SLI[hist], threshold
 
 
 def _histogram_in(text: str) -> str | None:

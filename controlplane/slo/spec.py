@@ -77,9 +77,20 @@ class BurnWindowSpec(_Spec):
 
     @model_validator(mode="after")
     def _short_below_long(self) -> BurnWindowSpec:
+        for name, v in (("long", self.long), ("short", self.short)):
+            if v is not None and abs(v * 1000 - round(v * 1000)) > 1e-6:
+                raise ValueError(f"{name} ({v:g} s) must be a whole number of milliseconds")
         if self.short is not None and self.short >= self.long:
             raise ValueError(f"short ({self.short:g} s) must be shorter than long ({self.long:g} s)")
+        if self.short_s < 1:
+            raise ValueError(f"the short window ({self.short_s:g} s) must be at least 1 s"
+                             + ("" if self.short is not None else
+                                f" (by default it is long / 12 in whole seconds; long is {self.long:g} s)"))
         return self
+
+    @property
+    def short_s(self) -> float:
+        return self.short if self.short is not None else float(round(self.long / 12))
 
 
 class AlertingSpec(_Spec):
@@ -171,8 +182,7 @@ def to_domain(doc: SloDocument) -> Slo:
     if body.alerting.windows is None:
         windows = workbook_windows(period)
     else:
-        windows = tuple(BurnWindow(w.severity, w.long, w.short if w.short is not None else float(round(w.long / 12)),
-                                   w.burn_rate, w.for_) for w in body.alerting.windows)
+        windows = tuple(BurnWindow(w.severity, w.long, w.short_s, w.burn_rate, w.for_) for w in body.alerting.windows)
     targets: tuple[LatencyTarget, ...]
     if body.targets is not None:
         targets = tuple(LatencyTarget(t.sli, t.threshold) for t in body.targets)

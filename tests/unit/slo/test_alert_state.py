@@ -177,3 +177,91 @@ def test_a_page_of_an_slo_no_longer_configured_is_resolved_and_one_not_evaluated
     assert [(e.slo, e.state, t) for e, t in changes] == [("t", "resolved", "resolved")]
     assert b.states() == {} and posts[-1][0]["endsAt"] == "1970-01-01T00:19:10Z"  # type: ignore[index]
     assert [(r["state"], r["resolved_unix_s"]) for r in list_alerts(engine)] == [("resolved", 1150.0)]
+
+
+def _recording_am() -> tuple[httpx.Client, list[list[dict[str, object]]], dict[str, bool]]:
+    posts: list[list[dict[str, object]]] = []
+    up = {"ok": True}
+
+    def am(request: httpx.Request) -> httpx.Response:
+        if not up["ok"]:
+            return httpx.Response(503)
+        posts.append(json.loads(request.content))
+        return httpx.Response(200)
+
+    return httpx.Client(transport=httpx.MockTransport(am)), posts, up
+
+
+def test_a_pending_alert_of_an_slo_no_longer_configured_is_cancelled_and_the_others_still_page(
+        engine: Engine) -> None:
+    client, posts, _ = _recording_am()
+    slow = (SLOW_PAGE, TICKET)
+    a = Alerter(engine, alertmanager_url="http://am:9093", client=client, wall_clock=lambda: 5000.0)
+    a.evaluate([status(200, 20, windows=slow, now=1000.0, name="x")], now=1000.0)  # type: ignore[list-item]
+    assert a.states() == {"x": {"page": 1}} and posts == []  # pending: nothing sent
+    b = Alerter(engine, alertmanager_url="http://am:9093", client=client, wall_clock=lambda: 5000.0,
+                configured=["y"])
+    changes = b.evaluate([status(200, 20, now=1030.0, name="y")], now=1030.0)  # type: ignore[list-item]
+    assert sorted((e.slo, t) for e, t in changes) == [("x", "cancelled"), ("y", "firing")]
+    assert [[(p["labels"]["slo"], p["labels"]["severity"]) for p in batch] for batch in posts] == [  # type: ignore[index]
+        [("y", "page")]]
+    assert [r["slo"] for r in list_alerts(engine)] == ["y"]  # the pending row is gone, as a cancelled one is
+
+
+def test_an_slo_that_cannot_be_judged_does_not_hold_back_the_others_pages(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    import controlplane.slo.alerter as alerter
+
+    def judged(st: object, sev: str) -> Condition:
+        if st.slo.name == "broken":  # type: ignore[attr-defined]
+            raise ValueError("a window that cannot be labelled")
+        return condition(st, sev)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(alerter, "condition", judged)
+    client, posts, _ = _recording_am()
+    a = Alerter(engine, alertmanager_url="http://am:9093", client=client, wall_clock=lambda: 5000.0)
+    changes = a.evaluate([status(200, 20, now=1000.0, name="broken"),  # type: ignore[list-item]
+                          status(200, 20, now=1000.0, name="fine")], now=1000.0)
+    assert [(e.slo, t) for e, t in changes] == [("fine", "firing")]
+    assert [p["labels"]["slo"] for p in posts[0]] == ["fine"]  # type: ignore[index]
+
+
+def test_a_round_that_cannot_evaluate_the_slo_keeps_its_sli_label(engine: Engine) -> None:
+    # Alertmanager tells alerts apart by their labels: a changed `sli` would be a second page and the first
+    # one resolving.
+    client, posts, _ = _recording_am()
+    a = Alerter(engine, alertmanager_url="http://am:9093", client=client, wall_clock=lambda: 5000.0)
+    a.evaluate([status(200, 20, now=1000.0)], now=1000.0)  # type: ignore[list-item]
+    a.evaluate([], now=1030.0)
+    b = Alerter(engine, alertmanager_url="http://am:9093", client=client, wall_clock=lambda: 5000.0)
+    b.evaluate([], now=1060.0)  # a restarted plane, whose first round fails too
+    slis = [batch[0]["labels"]["sli"] for batch in posts]  # type: ignore[index]
+    assert slis == ["ttft"] * 3
+
+
+def test_a_resolved_alert_is_not_sent_next_to_the_same_alert_firing_again(engine: Engine) -> None:
+    client, posts, up = _recording_am()
+    a = Alerter(engine, alertmanager_url="http://am:9093", client=client, wall_clock=lambda: 5000.0)
+    a.evaluate([status(200, 20, now=1000.0)], now=1000.0)  # type: ignore[list-item]
+    up["ok"] = False  # Alertmanager is down while the page resolves and fires again
+    a.evaluate([status(200, 0, now=1030.0)], now=1030.0)  # type: ignore[list-item]
+    a.evaluate([status(200, 20, now=1060.0)], now=1060.0)  # type: ignore[list-item]
+    up["ok"] = True
+    a.evaluate([status(200, 20, now=1090.0)], now=1090.0)  # type: ignore[list-item]
+    last = posts[-1]
+    # Same labels, so Alertmanager would let the later one in the batch win: only the firing one goes.
+    assert [(p["labels"]["severity"], p["startsAt"]) for p in last] == [  # type: ignore[index]
+        ("page", "1970-01-01T00:17:40Z")]
+    # With nothing firing again, the resolved one still goes out, before any firing alert.
+    a.evaluate([status(200, 0, now=1120.0)], now=1120.0)  # type: ignore[list-item]
+    assert posts[-1][0]["endsAt"] == "1970-01-01T00:18:40Z"  # type: ignore[index]
+
+
+def test_a_firing_alert_outlives_rounds_slower_than_the_interval(engine: Engine) -> None:
+    client, posts, _ = _recording_am()
+    a = Alerter(engine, alertmanager_url="http://am:9093", client=client, resend_s=30,
+                wall_clock=lambda: 5000.0)
+    a.evaluate([status(200, 20, now=1000.0)], now=1000.0)  # type: ignore[list-item]
+    assert posts[-1][0]["endsAt"] == "1970-01-01T01:25:20Z"  # type: ignore[index]  # 5000 + 4 x 30 s
+    a.evaluate([status(200, 20, now=1200.0)], now=1200.0)  # type: ignore[list-item]  # the round took 200 s
+    assert posts[-1][0]["endsAt"] == "1970-01-01T01:36:40Z"  # type: ignore[index]  # 5000 + 4 x 200 s

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from sqlalchemy.exc import OperationalError
 
 from controlplane import names
 from controlplane.slo import query
@@ -47,3 +48,21 @@ def test_one_failing_slo_is_left_out_and_the_others_still_publish(
     monitor = SloMonitor(store.engine, [make_slo(name="bad"), make_slo(name="good")])
     monitor.tick(NOW)
     assert [s.slo.name for s in monitor.statuses()] == ["good"]
+
+
+def test_a_failed_rollup_still_evaluates_every_slo_from_the_rows_as_they_are(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed_fleet(store.engine)
+    rows = random_rows(1500, seed=11)
+    insert_rows(store.engine, rows)
+
+    def locked(*a: object, **k: object) -> None:
+        raise OperationalError("UPDATE rollup_state", {}, Exception("database is locked"))
+
+    monkeypatch.setattr("controlplane.slo.monitor.run", locked)
+    slo = make_slo(name="lat")
+    report, statuses = SloMonitor(store.engine, [slo]).tick(NOW)
+    assert report is None and [s.slo.name for s in statuses] == ["lat"]
+    c = statuses[0].counts
+    assert (c.good, c.total, c.unknown) == brute_counts(rows, (("ttft", 0.2),), NOW - 2 * 86400.0, NOW)

@@ -106,6 +106,11 @@ def test_prometheus_durations_print_largest_units_first() -> None:
      "spec.alerting.windows[0]: short (7200 s) must be shorter than long (3600 s)"),
     (TTFT + "  alerting:\n    windows:\n      - {severity: sms, long: 1h, burn_rate: 2}\n",
      "spec.alerting.windows[0].severity: Input should be 'page' or 'ticket'"),
+    (TTFT + "  alerting:\n    windows:\n      - {severity: page, long: 5s, burn_rate: 10}\n",
+     "spec.alerting.windows[0]: the short window (0 s) must be at least 1 s (by default it is long / 12 in whole "
+     "seconds; long is 5 s)"),
+    (TTFT + "  alerting:\n    windows:\n      - {severity: page, long: 1h, short: 0.0001, burn_rate: 10}\n",
+     "spec.alerting.windows[0]: short (0.0001 s) must be a whole number of milliseconds"),
 ], ids=['unknown-field',
     'objective-as-percent',
     'bad-duration',
@@ -118,7 +123,9 @@ def test_prometheus_durations_print_largest_units_first() -> None:
     'impossible-burn-rate',
     'tier-longer-than-window',
     'short-not-shorter',
-    'unknown-severity'])
+    'unknown-severity',
+    'default-short-window-under-a-second',
+    'short-window-not-whole-milliseconds'])
 def test_bad_specs_are_rejected_naming_the_field_and_what_is_allowed(spec: str, expected: str) -> None:
     assert expected in error_of(doc(spec))
 
@@ -209,6 +216,17 @@ def test_openslo_threshold_objectives_become_one_slo_each() -> None:
     assert fast.alerting.windows[0].long_s == 3360  # workbook tiers scaled to 28 days, as for native specs
 
 
+BUCKET = """  indicator:
+    metadata: {name: tpot}
+    spec:
+      ratioMetric:
+        counter: true
+        good:
+          metricSource:
+            spec: {query: 'vllm:request_time_per_output_token_seconds_bucket{le="0.05"}'}
+        total: {metricSource: {type: Prometheus, spec: {query: 'vllm:request_time_per_output_token_seconds_count'}}}"""
+
+
 def test_openslo_ratio_on_a_histogram_bucket_reads_the_threshold_from_le() -> None:
     ratio = """  indicator:
     metadata: {name: tpot}
@@ -257,11 +275,26 @@ spec: {description: the demo}
      "spec.timeWindow[0]: supported are a rolling window in m/h/d/w"),
     (openslo(THRESHOLD, "    - {op: lte, value: 0.5, target: 0.99}\n", extra="  alertPolicies: [page]\n"),
      "spec.alertPolicies: unknown field; allowed: description, service, indicator, indicatorRef, timeWindow"),
+    (openslo(THRESHOLD, "    - {op: lte, value: .nan, target: 0.99}\n"),
+     "spec.objectives[0].value: Input should be a finite number"),
+    (openslo(THRESHOLD, "    - {op: lte, value: .inf, target: 0.99}\n"),
+     "spec.objectives[0].value: Input should be a finite number"),
+    (openslo(BUCKET.replace("0.05", "1e"), "    - {target: 0.99}\n"),
+     'indicator ratioMetric: le="1e" is not a latency in seconds; allowed: a finite number > 0'),
+    (openslo(BUCKET.replace("0.05", "-1"), "    - {target: 0.99}\n"),
+     'indicator ratioMetric: le="-1" is not a latency in seconds'),
+    (openslo(THRESHOLD, "    - {op: lte, value: 0.5, target: 0.99}\n", "0d"),
+     "spec.timeWindow[0].duration: String should match pattern"),
 ], ids=['timeslices',
     'gte-latency',
     'unknown-metric',
     'missing-sli-ref',
     'quarter-window',
-    'alert-policies'])
+    'alert-policies',
+    'nan-threshold',
+    'infinite-threshold',
+    'le-not-a-number',
+    'le-negative',
+    'zero-window'])
 def test_openslo_features_that_cannot_be_carried_over_are_errors_not_approximations(text: str, expected: str) -> None:
     assert expected in error_of(text)
