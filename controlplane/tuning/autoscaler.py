@@ -80,6 +80,7 @@ class Observation:
     slo_good_ratio: float | None = None  # of those, the share meeting every SLO; None: none finished
     finished: int | None = None
     finished_window_s: float | None = None  # how long the window `finished` counts was (None: interval_s)
+    lost_replicas: int = 0  # counted in `replicas` but not coming back by themselves (crash-looping)
 
 
 @dataclass(frozen=True)
@@ -300,7 +301,9 @@ def decide(obs: Observation, cfg: AutoscalerConfig, state: AutoscalerState,
     state = replace(state, troubled=state.troubled + 1 if trouble else 0)
     state = _remember_proven(state, obs, cfg, trouble, now)
     risk = trouble if state.troubled >= cfg.risk_intervals else None
-    starting = obs.ready_replicas is not None and obs.ready_replicas < n
+    # Replicas on their way to ready. A crash-looping one is counted by the supervisor but will not get there:
+    # taken for "starting" it would hold every SLO-risk scale-up and every scale-down for as long as it loops.
+    starting = obs.ready_replicas is not None and obs.ready_replicas < n - obs.lost_replicas
     inputs: dict[str, float | int | str | None] = {
         "rate_rps": obs.arrival_rate_rps, "ready": obs.ready_replicas, "good_ratio": obs.slo_good_ratio,
         "capacity_rps_per_replica": cfg.capacity.per_replica(max(n, 1)) if cfg.capacity else None, "risk": trouble,
@@ -346,6 +349,10 @@ def decide(obs: Observation, cfg: AutoscalerConfig, state: AutoscalerState,
     # the delay and the window of wants are counted in intervals of known data, never in unobserved time.
     if not all_known:
         return Decision(n, HOLD_UNKNOWN, inputs), state
+    if state.down_wants and now - state.down_wants[-1][0] > cfg.down_delay_s:
+        # Unknown intervals pause the delay, but a pause longer than the delay itself leaves nothing of what was
+        # learned before it current: start over rather than scale down on the first known interval after it.
+        state = _no_down(state)
     known_s = 0.0 if state.down_known_s is None else state.down_known_s + cfg.interval_s
     keep = math.ceil(cfg.down_delay_s / cfg.interval_s) + 1
     wants = (state.down_wants + ((now, want_down),))[-keep:]

@@ -46,6 +46,7 @@ from controlplane.tuning.recommendations import (
 log = logging.getLogger(__name__)
 
 ACTOR: Final = "tuner"
+MAX_DOWN_HOLD_S: Final = 4 * 3600.0  # the longest hold on scale-downs after reversals in a row
 _SLI_FIELDS: Final = {"ttft": "ttft_s", "tpot": "tpot_s", "e2e": "e2e_s", "queue": "queue_s", "itl": "tpot_s"}
 
 
@@ -123,8 +124,9 @@ def _mean(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
 def observe(deployment: str, *, desired: int, ready: Sequence[str], rate_rps: float | None,
             latest_samples: Mapping[str, Mapping[str, Any] | None], finished: Sequence[Mapping[str, Any]],
             objectives: Sequence[Objective], objective: float, now: float, stale_s: float,
-            finished_window_s: float | None = None) -> Observation:
-    """One interval of a deployment as the autoscaler sees it.
+            finished_window_s: float | None = None, lost: int = 0) -> Observation:
+    """One interval of a deployment as the autoscaler sees it (`lost`: replicas counted in `desired` that are
+    crash-looping).
 
     `latest_samples[replica]` is the newest engine sample of each ready replica (None: none stored); a failed or
     older-than-`stale_s` one is unknown. `finished` are the requests that finished in the interval; their good
@@ -136,9 +138,9 @@ def observe(deployment: str, *, desired: int, ready: Sequence[str], rate_rps: fl
         if s is None or not fresh:
             readings.append(ReplicaReading(name))
             continue
-        running, waiting = s.get("num_running"), s.get("num_waiting")
+        running, waiting, kv = (_finite(s.get(k)) for k in ("num_running", "num_waiting", "kv_usage_ratio"))
         readings.append(ReplicaReading(name, None if running is None else int(running),
-                                       None if waiting is None else int(waiting), s.get("kv_usage_ratio")))
+                                       None if waiting is None else int(waiting), kv))
     good, known = slo_counts(finished, objectives, objective)
     # With no replica ready the router turns requests away before counting them: a rate of 0 would read as
     # "no demand" during an outage. Unknown instead.
@@ -148,7 +150,16 @@ def observe(deployment: str, *, desired: int, ready: Sequence[str], rate_rps: fl
         readings=tuple(readings), mean_prompt_tokens=_mean(finished, "prompt_tokens"),
         mean_output_tokens=_mean(finished, "completion_tokens"), ttft_p99_s=_p99(finished, "ttft_s"),
         tpot_p99_s=_p99(finished, "tpot_s"), slo_good_ratio=good / known if known else None,
-        finished=known if objectives else None, finished_window_s=finished_window_s)
+        finished=known if objectives else None, finished_window_s=finished_window_s, lost_replicas=lost)
+
+
+def _finite(v: Any) -> float | None:
+    """A gauge as a number, or None (unknown) when missing or not finite: a NaN an exporter sends (PostgreSQL
+    keeps it; SQLite turns it into NULL) must not pass a safety check that a known value would fail."""
+    if v is None:
+        return None
+    f = float(v)
+    return f if math.isfinite(f) else None
 
 
 def action_of(decision: Decision, current: int) -> str:
@@ -318,6 +329,7 @@ class _DeploymentState:
     applied: Applied | None = None
     history: list[tuple[float, float, int]] = field(default_factory=list)  # (finish-interval end, good, known)
     no_down_until: float = 0.0  # after a rolled-back scale-down, no other one before this time
+    down_hold_s: float | None = None  # the last hold after a reversed scale-down (doubles while they repeat)
     engine: str | None = None  # the engine configuration the capacity model and the proven floor belong to
 
 
@@ -364,7 +376,10 @@ class Tuner:
         for name, rt in list(self.fleet.runtimes.items()):
             if rt.backend.kind == "external":  # the plane cannot change the size of what it only watches
                 continue
-            out.append(await self._tick_one(name, rt))
+            try:
+                out.append(await self._tick_one(name, rt))
+            except Exception:  # noqa: BLE001 - one deployment that cannot be judged must not stop the others
+                log.exception("tuner round for %s failed", name)
         return out
 
     async def _tick_one(self, name: str, rt: Any) -> Decision:
@@ -380,6 +395,7 @@ class Tuner:
             st.engine = engine
         members = [m for m in rt.members.values() if not getattr(m, "candidate", False)]
         ready = sorted(m.name for m in members if m.state == "ready")
+        lost = sum(1 for m in members if m.state == "crashloop")
         member_names = {m.name for m in rt.members.values()}
         # A replica counted last round and removed since still has its last requests in the router's count.
         known = member_names | set(st.counters or ())
@@ -395,13 +411,15 @@ class Tuner:
         samples = await asyncio.to_thread(self._latest_samples, ready, now)
         obs = observe(name, desired=rt.desired, ready=ready, rate_rps=rate, latest_samples=samples,
                       finished=finished, objectives=objectives, objective=objective, now=now,
-                      stale_s=opts.stale_s, finished_window_s=cut - window_start)
+                      stale_s=opts.stale_s, finished_window_s=cut - window_start, lost=lost)
         self.last_obs[name] = obs
         g, k = slo_counts(finished, objectives, objective)
         st.history.append((cut, g, k))
         st.history = [h for h in st.history if h[0] > now - 3600]
         await self._maybe_calibrate(name, rt, st, ready, now)
-        cfg = AutoscalerConfig(capacity=st.capacity, min_replicas=rt.dep.min_replicas,
+        # The spec allows min 0 (a deployment that may be scaled to nothing by hand); the autoscaler never goes
+        # below one replica, as the configuration search does not.
+        cfg = AutoscalerConfig(capacity=st.capacity, min_replicas=max(1, rt.dep.min_replicas),
                                max_replicas=rt.dep.max_replicas, startup_s=opts.startup_s,
                                interval_s=opts.interval_s, slo_objective=objective,
                                min_finished=opts.min_finished)
@@ -426,7 +444,8 @@ class Tuner:
         judging_down = st.applied is not None and st.applied.to_replicas < st.applied.from_replicas
         if decision.desired_replicas < rt.desired and judging_down:
             return decision  # one scale-down at a time: the last one is still being judged
-        if opts.mode != "off":
+        rolling = getattr(rt, "rollout", None) is not None and not rt.rollout.done()
+        if opts.mode != "off" and not rolling:  # the supervisor refuses to scale during a rolling change
             await self._recommend(name, rt, st, obs, decision, objective, now)
         return decision
 
@@ -482,6 +501,14 @@ class Tuner:
             return
         before = self._counts_since(st, now - self.options.lookback_s)
         await asyncio.to_thread(self.recs.claim, rid, by=ACTOR)
+        if rt.desired != obs.replicas:
+            # Changed while this round read the store (a person, through the API): the decision was made for
+            # another count, and its N-1 check and rollback would be wrong for this one. Nothing awaits between
+            # this check and the supervisor setting the new count.
+            await asyncio.to_thread(self.recs.decide, rid, "failed", by=ACTOR, expect=(APPLIED,), outcome={
+                "error": f"the count changed from {obs.replicas} to {rt.desired} while this was decided; "
+                         "the next round decides again"})
+            return
         try:
             result = await self.fleet.scale(name, decision.desired_replicas, actor=ACTOR,
                                             reason=f"recommendation_{rid}")
@@ -495,6 +522,8 @@ class Tuner:
         old = st.applied
         if old is not None:  # a change still being judged is closed by this one
             reversed_down = old.to_replicas < old.from_replicas and decision.desired_replicas > old.to_replicas
+            if reversed_down:
+                self._hold_down_after_reversal(st, now)
             await asyncio.to_thread(
                 self.recs.decide, old.rid, ROLLED_BACK if reversed_down else APPLIED, by=ACTOR, expect=(APPLIED,),
                 outcome={"verdict": ROLL_BACK if reversed_down else "superseded", "by": f"recommendation_{rid}",
@@ -539,14 +568,32 @@ class Tuner:
         elif v == ROLL_BACK and a.to_replicas < a.from_replicas:
             try:
                 await self.fleet.scale(name, a.from_replicas, actor=ACTOR, reason=f"rollback_recommendation_{a.rid}")
-            except Exception as exc:  # noqa: BLE001 - recorded with the outcome
-                outcome["rollback_error"] = str(exc)
+            except Exception as exc:  # noqa: BLE001 - kept open and retried next round; nothing else moves
+                st.applied = a
+                log.warning("tuner: scaling %s back to %d replicas failed (retrying next round): %s", name,
+                            a.from_replicas, exc)
+                await asyncio.to_thread(
+                    self.store.record_action, None, DECISION_KIND, actor=ACTOR, reason="rollback_failed",
+                    message=f"{name}: scaling back to {a.from_replicas} failed: {exc}"[:500],
+                    before={"replicas": rt.desired}, after={"replicas": a.from_replicas},
+                    attributes={"deployment": name, "recommendation": a.rid}, ts_unix_s=now)
+                return True
             await asyncio.to_thread(self.recs.decide, a.rid, ROLLED_BACK, by=ACTOR, outcome=outcome,
                                     expect=(APPLIED,))
-            st.no_down_until = now + 3 * self.options.verify_s
+            self._hold_down_after_reversal(st, now)
             return True
+        if a.to_replicas < a.from_replicas and v == KEPT:
+            st.down_hold_s = None  # a scale-down that held: the model's spare capacity was real
         await asyncio.to_thread(self.recs.decide, a.rid, APPLIED, by=ACTOR, outcome=outcome, expect=(APPLIED,))
         return False
+
+    def _hold_down_after_reversal(self, st: _DeploymentState, now: float) -> None:
+        """A scale-down was reversed (rolled back, or undone by SLO risk): the capacity model that proposed it was
+        optimistic, and it will propose it again. Hold scale-downs off, twice as long after each reversal in a
+        row (3 x verify_s first, at most MAX_DOWN_HOLD_S), until one holds."""
+        first = 3 * self.options.verify_s
+        st.down_hold_s = first if st.down_hold_s is None else min(2 * st.down_hold_s, max(first, MAX_DOWN_HOLD_S))
+        st.no_down_until = max(st.no_down_until, now + st.down_hold_s)
 
     # --- metrics --------------------------------------------------------------------------------------------
     def collect(self) -> Iterator[Metric]:

@@ -316,3 +316,25 @@ def test_observed_trouble_overrides_the_floor() -> None:
 def test_the_floor_needs_a_positive_window() -> None:
     with pytest.raises(ValueError, match="proven_window_s"):
         replace(PESSIMIST, proven_window_s=0.0)
+
+
+def test_a_pause_in_known_data_longer_than_the_downscale_delay_starts_the_delay_over() -> None:
+    cfg = AutoscalerConfig(capacity=FleetCapacity((1,), (10.0,)), max_replicas=8)
+    known = Observation("d", 4, 4, 5.0, tuple(ReplicaReading(f"r{i}", 1, 0, 0.1) for i in range(4)))
+    unknown = Observation("d", 4, 4, None, tuple(ReplicaReading(f"r{i}") for i in range(4)))
+    st, t = AutoscalerState(), 0.0
+    for _ in range(6):  # 90 s of known, light load: wanting fewer
+        t += 15
+        d, st = decide(known, cfg, st, t)
+    for _ in range(100):  # 25 minutes without readings
+        t += 15
+        d, st = decide(unknown, cfg, st, t)
+    assert d.reason == a.HOLD_UNKNOWN
+    for _ in range(2):
+        t += 15
+        d, st = decide(known, cfg, st, t)
+        assert d.desired_replicas == 4 and d.reason == a.HOLD_DOWNSCALE_DELAY  # not on 30 s of data after the gap
+    while d.desired_replicas == 4:  # a whole delay of known data again, then down
+        t += 15
+        d, st = decide(known, cfg, st, t)
+    assert t >= 100 * 15 + 6 * 15 + cfg.down_delay_s and d.reason == a.SCALE_DOWN_SPARE

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -454,3 +454,149 @@ def test_a_replica_removed_between_rounds_still_counts_its_last_requests(tmp_pat
     clock.t += 15.0
     asyncio.run(tuner.tick())
     assert tuner.last_obs["d"].arrival_rate_rps == pytest.approx(60 / 15.0)
+
+
+
+def _timed(fleet: FakeFleet, clock: Clock) -> list[tuple[float, int]]:
+    """Record (time, replicas) of every scale the fleet is asked for."""
+    times: list[tuple[float, int]] = []
+    inner = fleet.scale
+
+    async def scale(deployment: str, replicas: int, *, actor: str, reason: str) -> dict[str, Any]:
+        times.append((clock.t, replicas))
+        for m in fleet.runtimes[deployment].members.values():  # a stopped one is started again when needed
+            if m.state == "stopped" and sum(x.state != "stopped" for x in
+                                            fleet.runtimes[deployment].members.values()) < replicas:
+                m.state = "starting"
+        return await inner(deployment, replicas, actor=actor, reason=reason)
+
+    fleet.scale = scale  # type: ignore[method-assign]
+    return times
+
+
+def test_a_scale_down_reversed_again_and_again_is_held_off_longer_each_time(tmp_path: Path) -> None:
+    # One replica misses 2 of 30 requests (93 % good against 99 %, under the risk burn); two serve all. The
+    # capacity model keeps saying one would do, so each rollback is followed by the same scale-down.
+    tuner, fleet, router, store, clock, recs = _tuner(tmp_path, "auto", 2, capacity=FleetCapacity((1,), (100.0,)))
+    tuner.options = replace(tuner.options, verify_s=120.0)
+    times = _timed(fleet, clock)
+    for _ in range(200):  # 50 minutes of 15 s rounds; replicas come up within a round
+        for m in fleet.runtimes["d"].members.values():
+            m.state = "ready" if m.state == "starting" else m.state
+        ready = sorted(n for n, m in fleet.runtimes["d"].members.items() if m.state == "ready")
+        if len(ready) == 1:
+            store.add_interval(ready, clock.t, clock.t + 15.0, 2, 2.0, samples=False)
+            _interval(tuner, router, store, clock, ready, 28, 0.1)
+        else:
+            _interval(tuner, router, store, clock, ready, 30, 0.1)
+    ups = [t for t, n in times if n == 2]
+    downs = [t for t, n in times if n == 1]
+    assert len(downs) >= 2 and len(ups) >= len(downs) - 1
+    gaps = [d - u for u, d in zip(ups, downs[1:], strict=False)]  # from each rollback to the next scale-down
+    assert gaps[0] >= 3 * 120.0 and all(b >= 2 * a - 15.0 for a, b in zip(gaps, gaps[1:], strict=False)), gaps
+    assert len(downs) <= 4, downs  # 6 before, one 6 minutes after each rollback
+
+
+def test_a_crash_looping_replica_does_not_hold_back_an_slo_risk_scale_up(tmp_path: Path) -> None:
+    # The supervisor keeps a crash-looping replica in the desired count and does not replace it: it is not
+    # "starting", so the burning SLO gets a new replica.
+    for capacity in (None, FleetCapacity((1,), (100.0,))):
+        tuner, fleet, router, store, clock, recs = _tuner(tmp_path / str(capacity is None), "auto", 2,
+                                                          capacity=capacity) \
+            if (tmp_path / str(capacity is None)).mkdir() is None else _never()
+        fleet.runtimes["d"].members["d-1"].state = "crashloop"
+        for _ in range(4):
+            _interval(tuner, router, store, clock, ["d-0"], 60, 2.0)
+        assert [c[1] for c in fleet.calls] == [3], capacity
+
+
+def _never() -> Any:
+    raise AssertionError
+
+
+def test_a_deployment_that_cannot_be_judged_does_not_stop_the_others(tmp_path: Path) -> None:
+    # min 0 is a valid spec (scaled to nothing by hand); the autoscaler works from one replica up.
+    tuner, fleet, router, store, clock, recs = _tuner(tmp_path, "auto", 1)
+    fleet.runtimes["d"].dep.min_replicas = 0
+    for ttft in (0.1, 2.0, 2.0):
+        _interval(tuner, router, store, clock, ["d-0"], 60, ttft)
+    assert [c[1] for c in fleet.calls] == [2]
+
+    class Broken:
+        dep, backend = FakeDep(name="x"), FakeBackend()
+
+        @property
+        def members(self) -> dict[str, Any]:
+            raise RuntimeError("a runtime the tuner cannot read")
+
+    runtimes = {"x": Broken(), **fleet.runtimes}
+    type(fleet).runtimes = property(lambda self: runtimes)  # type: ignore[assignment,method-assign]
+    try:
+        decisions = asyncio.run(tuner.tick())
+    finally:
+        type(fleet).runtimes = property(lambda self: {self._rt.dep.name: self._rt})  # type: ignore[assignment]
+    assert len(decisions) == 1  # "d" was judged; "x" was logged and skipped
+
+
+def test_nan_engine_gauges_are_unknown_not_numbers() -> None:
+    sample = {"scrape_ok": True, "ts_unix_s": 0.0, "num_running": float("nan"), "num_waiting": float("inf"),
+              "kv_usage_ratio": float("nan")}
+    obs = observe("d", desired=1, ready=["r"], rate_rps=1.0, latest_samples={"r": sample}, finished=[],
+                  objectives=TTFT_SLO, objective=0.99, now=1.0, stale_s=20.0)
+    (r,) = obs.readings
+    assert (r.num_running, r.num_waiting, r.kv_usage_ratio, r.known) == (None, None, None, False)
+
+
+def test_a_rollback_the_supervisor_refuses_is_retried_and_not_recorded_as_done(tmp_path: Path) -> None:
+    tuner, fleet, router, store, clock, recs = _tuner(tmp_path, "auto", 2, capacity=FleetCapacity((1,), (100.0,)))
+    _until_scaled_down(tuner, fleet, router, store, clock)
+    [rec] = recs.list(deployment="d")
+    inner = fleet.scale
+    refuse = {"on": True}
+
+    async def scale(deployment: str, replicas: int, *, actor: str, reason: str) -> dict[str, Any]:
+        if refuse["on"] and reason.startswith("rollback_"):
+            raise RuntimeError("d: a rolling change is in progress; retry when it ends")
+        return await inner(deployment, replicas, actor=actor, reason=reason)
+
+    fleet.scale = scale  # type: ignore[method-assign]
+    for _ in range(5):  # 93 % good on one replica: judged worse, scaled back; the supervisor refuses
+        store.add_interval(["d-0"], clock.t, clock.t + 15.0, 2, 2.0, samples=False)
+        _interval(tuner, router, store, clock, ["d-0"], 28, 0.1)
+    assert recs.get(rec["id"])["status"] == "applied" and fleet.runtimes["d"].desired == 1
+    assert any(a["reason"] == "rollback_failed" for a in store.actions)
+    refuse["on"] = False
+    store.add_interval(["d-0"], clock.t, clock.t + 15.0, 2, 2.0, samples=False)
+    _interval(tuner, router, store, clock, ["d-0"], 28, 0.1)
+    assert recs.get(rec["id"])["status"] == "rolled_back" and fleet.runtimes["d"].desired == 2
+
+
+def test_a_count_changed_while_the_round_decided_is_not_overwritten(tmp_path: Path) -> None:
+    tuner, fleet, router, store, clock, recs = _tuner(tmp_path, "auto", 2, capacity=FleetCapacity((1,), (100.0,)))
+    add = recs.add
+
+    def add_while_a_person_scales(p: Any, mode: Any) -> int:
+        fleet.runtimes["d"].desired = 3  # POST /scale lands between the decision and the supervisor call
+        fleet.runtimes["d"].members["d-2"] = FakeMember("d-2", state="starting")
+        return add(p, mode)
+
+    recs.add = add_while_a_person_scales  # type: ignore[method-assign]
+    for _ in range(8):
+        _interval(tuner, router, store, clock, ["d-0", "d-1"], 30, 0.1)
+        if recs.list(deployment="d"):
+            break
+    [rec] = recs.list(deployment="d")
+    assert fleet.calls == [] and fleet.runtimes["d"].desired == 3
+    assert rec["status"] == "failed" and "changed from 2 to 3" in rec["outcome"]["error"]
+
+
+def test_no_recommendation_is_made_while_a_rolling_change_runs(tmp_path: Path) -> None:
+    class Running:
+        def done(self) -> bool:
+            return False
+
+    tuner, fleet, router, store, clock, recs = _tuner(tmp_path, "auto", 1)
+    fleet.runtimes["d"].rollout = Running()  # type: ignore[attr-defined]
+    for ttft in (0.1, 2.0, 2.0, 2.0):
+        d = _interval(tuner, router, store, clock, ["d-0"], 60, ttft)
+    assert d.reason == "scale_up_slo_risk" and fleet.calls == [] and recs.list(deployment="d") == []
