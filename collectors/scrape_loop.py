@@ -42,12 +42,14 @@ class Target:
         name, sep, url = spec.partition("=")
         if not sep:
             name, url = "", spec
-        parts = urlsplit(url)
+        expected = "expected an http(s) URL of a vLLM server, e.g. http://127.0.0.1:8000 or name=http://host:port"
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0-65535
+        except ValueError as exc:
+            raise ValueError(f"--watch {spec!r}: {exc}; {expected}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(
-                f"--watch {spec!r}: expected an http(s) URL of a vLLM server, e.g. http://127.0.0.1:8000 "
-                "or name=http://host:port"
-            )
+            raise ValueError(f"--watch {spec!r}: {expected}")
         return cls(name or parts.netloc, url)
 
 

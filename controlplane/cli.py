@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -36,9 +37,22 @@ def _settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         for err in exc.errors():
-            field = "CONTROLPLANE_" + str(err["loc"][0]).upper() if err["loc"] else "settings"
-            console.print(f"[red]error:[/] {field}: {err['msg']} (got {err.get('input')!r})")
+            name = str(err["loc"][0]) if err["loc"] else ""
+            field = "CONTROLPLANE_" + name.upper() if name else "settings"
+            console.print(f"[red]error:[/] {field}: {err['msg']} (got {_shown(name, err.get('input'))})")
         raise typer.Exit(2) from None
+
+
+def _shown(name: str, value: object) -> str:
+    """A bad setting as the error repeats it, without the secrets it may hold."""
+    if name == "api_token":
+        return "a token (not shown)"
+    if name == "database_url" and isinstance(value, str):
+        try:
+            return repr(make_url(value).render_as_string(hide_password=True))
+        except Exception:  # noqa: BLE001 - not even a URL: it has no password part to hide
+            return repr(re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", value))
+    return repr(value)
 
 
 def _store_error(url: str, exc: BaseException) -> NoReturn:
@@ -110,7 +124,12 @@ def up(
     try:
         targets = [Target.from_watch(w) for w in watch or []]
         deployments = [load_deployment(p) for p in config or []]
-        slos = [s for p in slo or [] for s in load_slos(p)]
+        slos = []
+        for p in slo or []:
+            found = load_slos(p)
+            if not found:  # a typo'd directory or an empty file would leave the plane judging nothing, silently
+                raise ValueError(f"--slo {p}: no SLO document found (a directory is read for *.yaml and *.yml)")
+            slos += found
     except (ValueError, SpecError, SloSpecError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None

@@ -11,7 +11,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CONTROLPLANE_", extra="forbid")
+    # inf and nan are no interval, port or price: `gt=0` alone lets "inf" through (a scrape loop that never
+    # scrapes again, a cost gauge of 0 per hour).
+    model_config = SettingsConfigDict(env_prefix="CONTROLPLANE_", extra="forbid", allow_inf_nan=False)
 
     data_dir: Path = Field(default=Path("data"), description="Where the SQLite store, models and reports live.")
     database_url: str | None = Field(
@@ -30,22 +32,23 @@ class Settings(BaseSettings):
                     "host's receiver (bind_host, a wildcard reached on loopback). Set it when replicas run on "
                     "other hosts (a Ray cluster), with bind_host reachable from them.")
     api_token: str | None = Field(default=None, description="Bearer token required by mutating endpoints.")
-    scrape_interval_s: float = Field(default=5.0, gt=0)
-    scrape_timeout_s: float = Field(default=3.0, gt=0)
-    gpu_interval_s: float = Field(default=10.0, gt=0)
+    scrape_interval_s: float = Field(default=5.0, ge=0.1, le=3600)
+    scrape_timeout_s: float = Field(default=3.0, ge=0.1, le=600)
+    gpu_interval_s: float = Field(default=10.0, ge=0.1, le=3600)
     dcgm_url: str | None = Field(default=None, description="dcgm-exporter /metrics URL; NVML is used without it.")
     otlp_max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
-    slo_interval_s: float = Field(default=30.0, gt=0, description="How often SLOs are evaluated and alerts decided.")
+    slo_interval_s: float = Field(default=30.0, ge=0.1, le=3600,
+                                  description="How often SLOs are evaluated and alerts decided.")
     alertmanager_url: str | None = Field(
         default=None, description="Alertmanager base URL (e.g. http://127.0.0.1:9093); alerts go to its v2 API.")
     watched_price_per_replica_hour_usd: float | None = Field(
         default=None, gt=0, description="Price of one watched (not supervised) replica per hour, for cost per token; "
                                         "unknown (no cost shown) when unset.")
-    cost_interval_s: float = Field(default=60.0, gt=0,
+    cost_interval_s: float = Field(default=60.0, ge=1, le=86_400,
                                    description="The /metrics cost gauges cover the last 5 x this, s.")
     tuner_mode: str = Field(default="recommend", pattern=r"^(off|recommend|auto)$",
                             description="off | recommend (a person applies) | auto (the plane applies, audited).")
-    tuner_interval_s: float = Field(default=15.0, gt=0, description="How often the autoscaler decides.")
+    tuner_interval_s: float = Field(default=15.0, ge=0.1, le=3600, description="How often the autoscaler decides.")
     tuner_startup_s: float = Field(default=90.0, ge=0, description="Replica start-up time the autoscaler plans "
                                                                    "ahead for (its forecast lead time).")
     tuner_min_finished: int = Field(default=50, ge=1, description="Finished requests an interval needs before its "
@@ -87,7 +90,20 @@ class Settings(BaseSettings):
     @field_validator("data_dir")
     @classmethod
     def _expand(cls, v: Path) -> Path:
-        return v.expanduser()
+        try:
+            return v.expanduser()
+        except RuntimeError as exc:  # ~user that does not exist, or ~ with no HOME: pydantic would not wrap it
+            raise ValueError(f"cannot expand '~' in {str(v)!r}: {exc}") from None
+
+    @field_validator("api_token")
+    @classmethod
+    def _token(cls, v: str | None) -> str | None:
+        # HTTP headers carry bytes, read as latin-1 by the server and written as ASCII by httpx: a token outside
+        # printable ASCII could never be sent or matched, so every mutating call would fail with a 401.
+        if v is not None and not re.fullmatch(r"[\x21-\x7e]+", v):
+            raise ValueError("the token must be printable ASCII without spaces (e.g. `openssl rand -hex 32`), at "
+                             "least one character")
+        return v
 
     def local_address(self, port: int) -> str:
         """host:port by which a process on this host reaches a server of the plane listening on `bind_host`:`port`.

@@ -37,14 +37,17 @@ Since = Annotated[float | None, Query(description="Window start, UNIX seconds (i
                                       allow_inf_nan=False)]
 Until = Annotated[float | None, Query(description="Window end, UNIX seconds (exclusive).", ge=0, le=MAX_UNIX_S,
                                       allow_inf_nan=False)]
-ReplicaQ = Annotated[str | None, Query(description="Replica name.", max_length=200)]
+# Free text reaches SQL as a bound parameter; PostgreSQL refuses a NUL byte in text (a 503 "store unavailable"
+# for bad input), so control characters are refused here, as a 422 naming the parameter.
+NO_CONTROL = r"^[^\x00-\x1f\x7f]*$"
+ReplicaQ = Annotated[str | None, Query(description="Replica name.", max_length=200, pattern=NO_CONTROL)]
 Limit = Annotated[int, Query(description="Most rows returned, newest first.", ge=1, le=10_000)]
 DeploymentQ = Annotated[str | None, Query(description="Deployment name.", max_length=50, pattern=r"^[a-z0-9-]+$")]
 BeforeId = Annotated[int | None, Query(description="Only rows older than this one: `next_before_id` of the "
                                                    "previous page.", ge=1, le=2**62)]
 ActorQ = Annotated[str | None, Query(description="Who acted: user, tuner or supervisor.",
                                      pattern=r"^(user|tuner|supervisor)$")]
-SloName = Annotated[str, Path(max_length=200, description="SLO name, as in /api/v1/slos.")]
+SloName = Annotated[str, Path(max_length=200, pattern=NO_CONTROL, description="SLO name, as in /api/v1/slos.")]
 HistoryStep = Annotated[int, Query(description="Step of the series in seconds, a whole number of minutes.",
                                    ge=60, le=86_400, multiple_of=60)]
 CostStep = Annotated[int, Query(description="Step of the series in seconds.", ge=10, le=86_400)]
@@ -283,7 +286,8 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
         return queries.slo_history(store.engine, slo, start, end, step_s)
 
     @app.get("/api/v1/alerts")
-    def alerts(slo: Annotated[str | None, Query(max_length=200)] = None, limit: Limit = 200) -> dict[str, Any]:
+    def alerts(slo: Annotated[str | None, Query(max_length=200, pattern=NO_CONTROL)] = None,
+               limit: Limit = 200) -> dict[str, Any]:
         """SLO alert episodes, newest first: pending / firing / resolved with their times and evidence."""
         from controlplane.slo.alerter import list_alerts
 
@@ -331,7 +335,7 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
         return _search_call(lambda s, i: s.get(i), sid)
 
     @app.get("/api/v1/recommendations")
-    def recommendations(deployment: Annotated[str | None, Query(max_length=50)] = None,
+    def recommendations(deployment: Annotated[str | None, Query(max_length=50, pattern=NO_CONTROL)] = None,
                         status: Annotated[str | None, Query(pattern=r"^(open|applied|dismissed|superseded|"
                                                                     r"rolled_back|failed)$")] = None,
                         limit: Limit = 100) -> dict[str, Any]:
@@ -350,8 +354,22 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
         if rec["status"] != "open":
             raise HTTPException(409, detail=f"recommendation {rid} is {rec['status']}; only open ones can be applied")
         ctl = need_control()
+        was = (rec["current"] or {}).get("replicas")
+        now_n = next((d.get("desired_replicas") for d in ctl.describe() if d.get("name") == rec["deployment"]), None)
+        if was is not None and now_n is not None and int(was) != int(now_n):
+            # Its predicted effect, its N-1 check and a later rollback are all relative to the count it saw.
+            raise HTTPException(409, detail=f"recommendation {rid} was made for {was} replica(s) of "
+                                            f"{rec['deployment']}, which now has {now_n}; it is stale: dismiss it "
+                                            "and ask for a new one")
         reason = f"recommendation_{rid}"
         _rec_call(recs.claim, rid, by="user")  # 409 if someone applied, dismissed or superseded it meanwhile
+
+        def failed(error: Any) -> None:
+            try:
+                recs.decide(rid, FAILED, by="user", outcome={"error": error}, expect=(APPLIED,))
+            except Exception:  # noqa: BLE001 - the store is what failed; the claim says when it was tried
+                log.exception("recommendation %s: could not record that applying it failed", rid)
+
         try:
             if rec["kind"] == "scale":
                 result = await _act(ctl.scale(rec["deployment"], int(rec["proposed"]["replicas"]), actor="user",
@@ -363,7 +381,15 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
                     ctl, rec["deployment"], rec["proposed"]["engine"], rec["proposed"].get("replicas"),
                     current_replicas=(rec["current"] or {}).get("replicas"), actor="user", reason=reason))
         except HTTPException as exc:
-            _rec_call(recs.decide, rid, FAILED, by="user", outcome={"error": exc.detail}, expect=(APPLIED,))
+            failed(exc.detail)
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            detail = (f"recommendation {rid} cannot be applied: its proposal is malformed "
+                      f"({type(exc).__name__}: {exc})")
+            failed(detail)
+            raise HTTPException(422, detail=detail) from None
+        except BaseException as exc:  # a store error (503 below) or a cancelled request: never left "applied"
+            failed(f"{type(exc).__name__}: {exc}")
             raise
         return _rec_call(recs.decide, rid, APPLIED, by="user", outcome={"applied": result}, expect=(APPLIED,))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -405,6 +406,8 @@ def search_command(
         check_flag("--window-s", window_s, 60.0, 7 * 86_400.0)
         check_flag("--timeout-s", timeout_s, 0.0, 7 * 86_400.0, low_open=True)
         url = api or (local := Settings()).local_url(local.api_port)
+        if token is not None and not re.fullmatch(r"[\x21-\x7e]+", token):
+            raise ValueError("--token / CONTROLPLANE_API_TOKEN: the token must be printable ASCII without spaces")
     except ValueError as exc:  # pydantic's ValidationError is a ValueError too: a bad CONTROLPLANE_* setting
         if isinstance(exc, ValidationError):
             first = exc.errors()[0]
@@ -425,7 +428,11 @@ def search_command(
             with _console.status(f"search {job['id']} of {deployment}") as status:
                 while job["status"] == "running" and time.monotonic() - t0 < timeout_s:
                     time.sleep(1.0)
-                    job = c.get(f"/api/v1/searches/{job['id']}").json()
+                    got = c.get(f"/api/v1/searches/{job['id']}")
+                    if got.status_code != 200:  # e.g. 404 from a plane restarted meanwhile (searches live in it)
+                        _err.print(f"[red]error:[/] search {job['id']}: {got.status_code}: {_detail(got)}")
+                        raise typer.Exit(1)
+                    job = got.json()
                     for p in job["progress"][shown:]:
                         _console.print(f"  {p['line']}")
                         status.update(p["line"])

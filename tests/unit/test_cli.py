@@ -211,3 +211,56 @@ def test_spans_sent_off_host_to_a_loopback_receiver_are_warned_about() -> None:
     assert Settings(replica_otlp_endpoint="10.0.0.6:4317", bind_host="10.0.0.5").replica_spans_warning() is not None
     assert Settings(replica_otlp_endpoint="plane.internal:4317", bind_host="10.0.0.5").replica_spans_warning() is None
     assert Settings(replica_otlp_endpoint="[::1]:4317", bind_host="::1").replica_spans_warning() is None
+
+
+@pytest.mark.parametrize(("env", "shown"), [
+    ({"CONTROLPLANE_SCRAPE_INTERVAL_S": "inf"}, "CONTROLPLANE_SCRAPE_INTERVAL_S: Input should be a finite number"),
+    ({"CONTROLPLANE_COST_INTERVAL_S": "1e-300"}, "CONTROLPLANE_COST_INTERVAL_S: Input should be greater than or "
+                                                 "equal to 1"),
+    ({"CONTROLPLANE_API_TOKEN": "tökén"}, "CONTROLPLANE_API_TOKEN: Value error, the token must be printable ASCII "
+                                          "without spaces"),
+    ({"CONTROLPLANE_DATA_DIR": "~nosuchuser-cp/x"}, "CONTROLPLANE_DATA_DIR: Value error, cannot expand '~' in"),
+    ({"CONTROLPLANE_DATABASE_URL": "mysql://bob:hunter2@db/x"}, "is not supported; use sqlite or postgresql (got "
+                                                                "'mysql://bob:***@db/x')"),
+])
+def test_bad_settings_are_named_without_a_traceback_or_a_secret(env: dict[str, str], shown: str) -> None:
+    result = runner.invoke(app, ["db", "upgrade"], env=env)
+    out = " ".join(result.output.split())
+    assert result.exit_code == 2 and shown in out and "Traceback" not in out, out
+    assert "hunter2" not in out and "tökén" not in out
+
+
+def test_tune_search_says_when_the_plane_lost_the_search_and_refuses_a_token_it_cannot_send() -> None:
+    from fastapi import FastAPI, HTTPException
+
+    from tests.unit.ui.plane import serve_app
+
+    api = FastAPI()
+
+    @api.post("/api/v1/deployments/{name}/search", status_code=202)
+    def start(name: str) -> dict[str, object]:
+        return {"id": 7, "status": "running", "progress": []}
+
+    @api.get("/api/v1/searches/7")
+    def gone() -> dict[str, object]:
+        raise HTTPException(404, detail="no search 7 (searches are kept in memory by the plane that ran them)")
+
+    with serve_app(api) as url:
+        out = runner.invoke(app, ["tune", "search", "tiny", "--api", url, "--token", "t0k"])
+    text = " ".join(out.output.split())
+    assert out.exit_code == 1 and "search 7: 404: no search 7" in text and out.exception is not None
+    assert isinstance(out.exception, SystemExit)
+    bad = runner.invoke(app, ["tune", "search", "tiny", "--api", "http://127.0.0.1:9", "--token", "tökén"])
+    assert bad.exit_code == 2 and "the token must be printable ASCII" in " ".join(bad.output.split())
+
+
+def test_up_refuses_a_watch_port_that_is_no_port_and_an_slo_path_without_slos(tmp_path: Path) -> None:
+    for watch, why in (("a=http://127.0.0.1:abc", "Port could not be cast to integer value as 'abc'"),
+                       ("http://h:99999", "Port out of range 0-65535"), ("http://[::1", "Invalid IPv6 URL")):
+        out = runner.invoke(app, ["up", "--watch", watch])
+        text = " ".join(out.output.split())
+        assert out.exit_code == 2 and f"--watch '{watch}': {why}" in text and "Traceback" not in text, text
+    empty = tmp_path / "slos"
+    empty.mkdir()
+    out = runner.invoke(app, ["up", "--slo", str(empty)])
+    assert out.exit_code == 2 and f"--slo {empty}: no SLO document found" in " ".join(out.output.split())

@@ -56,3 +56,12 @@ def test_the_plane_exposes_its_own_metrics(sqlite_store: Store) -> None:
     Counter("controlplane_probe", "x", registry=registry).inc()
     resp = TestClient(create_app(sqlite_store, registry)).get("/metrics")
     assert "controlplane_probe_total 1.0" in resp.text
+
+
+@pytest.mark.parametrize("url", ["/api/v1/requests?replica=a%00b", "/api/v1/engine-samples?replica=%00",
+                                 "/api/v1/alerts?slo=a%00b", "/api/v1/recommendations?deployment=%00"])
+def test_a_control_character_in_a_text_filter_is_a_422_naming_it_on_every_store(store: Store, url: str) -> None:
+    # PostgreSQL refuses a NUL byte in text: it reached the store as a 503 "store unavailable" before.
+    r = TestClient(create_app(store, CollectorRegistry())).get(url)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"][0] == "query" and "pattern" in r.json()["detail"][0]["msg"]

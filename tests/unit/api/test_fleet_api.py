@@ -201,3 +201,38 @@ def test_unrenderable_bad_input_still_gets_a_422_naming_the_field(api: TestClien
 def test_a_window_past_the_year_5138_is_refused_rather_than_stepped_for_ever(api: TestClient) -> None:
     r = api.get("/api/v1/slos/x/history", params={"since": 5e18, "until": 5.000000000000008192e18})
     assert r.status_code == 422 and "since" in r.text
+
+
+def test_a_recommendation_that_fails_in_an_unexpected_way_is_marked_failed_not_left_applied(
+        sqlite_store: Store) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    class Locked(FakeControl):
+        async def scale(self, deployment: str, replicas: int, *, actor: str, reason: str) -> dict[str, Any]:
+            raise OperationalError("UPDATE deployments", {}, Exception("database is locked"))
+
+    api = TestClient(create_app(sqlite_store, CollectorRegistry(), control=Locked(), api_token="s3cret"))
+    rid = _propose(sqlite_store)
+    r = api.post(f"/api/v1/recommendations/{rid}/apply", headers=AUTH)
+    assert r.status_code == 503 and r.json()["detail"] == "store unavailable: OperationalError"
+    got = api.get(f"/api/v1/recommendations/{rid}").json()
+    assert got["status"] == "failed" and "database is locked" in got["outcome"]["error"]
+    # A proposal without the engine it should roll to: a clear 422, not a 500, and failed too.
+    from controlplane.tuning.recommendations import Proposal, Recommendations
+
+    bad = Recommendations(sqlite_store.engine).add(Proposal(
+        "tiny", "reconfigure", "searched", {"replicas": 1}, {"replicas": 1}, {}, 0.5), mode="recommend")
+    r = api.post(f"/api/v1/recommendations/{bad}/apply", headers=AUTH)
+    assert r.status_code == 422 and "its proposal is malformed (KeyError: 'engine')" in r.json()["detail"]
+    assert api.get(f"/api/v1/recommendations/{bad}").json()["status"] == "failed"
+
+
+def test_a_recommendation_made_for_another_count_is_refused_as_stale(sqlite_store: Store, api: TestClient,
+                                                                      control: FakeControl) -> None:
+    from controlplane.tuning.recommendations import Proposal, Recommendations
+
+    rid = Recommendations(sqlite_store.engine).add(Proposal(
+        "tiny", "scale", "scale_up_slo_risk", {"replicas": 6}, {"replicas": 7}, {}, 0.8), mode="recommend")
+    r = api.post(f"/api/v1/recommendations/{rid}/apply", headers=AUTH)  # the fake fleet runs 1 replica
+    assert r.status_code == 409 and "was made for 6 replica(s) of tiny, which now has 1" in r.json()["detail"]
+    assert control.calls == [] and api.get(f"/api/v1/recommendations/{rid}").json()["status"] == "open"
