@@ -100,7 +100,9 @@ class Settings(BaseSettings):
     def _token(cls, v: str | None) -> str | None:
         # HTTP headers carry bytes, read as latin-1 by the server and written as ASCII by httpx: a token outside
         # printable ASCII could never be sent or matched, so every mutating call would fail with a 401.
-        if v is not None and not re.fullmatch(r"[\x21-\x7e]+", v):
+        if not v:
+            return None  # set but empty: unset, as the API and the app have always read it (endpoints off)
+        if not re.fullmatch(r"[\x21-\x7e]+", v):
             raise ValueError("the token must be printable ASCII without spaces (e.g. `openssl rand -hex 32`), at "
                              "least one character")
         return v

@@ -56,6 +56,14 @@ DEFAULT_RANGE_S = 86_400.0  # history, cost and GPU summary cover the last day u
 MAX_POINTS = 2_000  # per series: bounds the work one request can ask for
 
 
+def _replicas_of(current: Any) -> int | None:
+    """The replica count a recommendation was made for, or None when it has none (or not a number)."""
+    try:
+        return int(current["replicas"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 class FleetControl(Protocol):
     """What the API may ask of the supervisor (the only owner of replica count and configuration)."""
 
@@ -354,12 +362,13 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
         if rec["status"] != "open":
             raise HTTPException(409, detail=f"recommendation {rid} is {rec['status']}; only open ones can be applied")
         ctl = need_control()
-        was = (rec["current"] or {}).get("replicas")
-        now_n = next((d.get("desired_replicas") for d in ctl.describe() if d.get("name") == rec["deployment"]), None)
-        if was is not None and now_n is not None and int(was) != int(now_n):
-            # Its predicted effect, its N-1 check and a later rollback are all relative to the count it saw.
+        live = next((d.get("desired_replicas") for d in ctl.describe() if d.get("name") == rec["deployment"]), None)
+        was = _replicas_of(rec.get("current"))
+        if rec["kind"] == "scale" and was is not None and live is not None and was != live:
+            # A count is relative to the count it was decided on (its predicted effect, its N-1 check, a later
+            # rollback); a searched engine is not, and is applied with the live count below.
             raise HTTPException(409, detail=f"recommendation {rid} was made for {was} replica(s) of "
-                                            f"{rec['deployment']}, which now has {now_n}; it is stale: dismiss it "
+                                            f"{rec['deployment']}, which now has {live}; it is stale: dismiss it "
                                             "and ask for a new one")
         reason = f"recommendation_{rid}"
         _rec_call(recs.claim, rid, by="user")  # 409 if someone applied, dismissed or superseded it meanwhile
@@ -379,7 +388,7 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
 
                 result = await _act(resize_then_roll(
                     ctl, rec["deployment"], rec["proposed"]["engine"], rec["proposed"].get("replicas"),
-                    current_replicas=(rec["current"] or {}).get("replicas"), actor="user", reason=reason))
+                    current_replicas=live if live is not None else was, actor="user", reason=reason))
         except HTTPException as exc:
             failed(exc.detail)
             raise

@@ -79,17 +79,12 @@ class Alerter:
         changes: list[tuple[Episode, str]] = []
         for key, ep in list(self.open.items()):
             if self.configured is not None and ep.slo not in self.configured:
-                self.open.pop(key)
-                if ep.state == "pending":  # never sent, so there is nothing for Alertmanager to resolve
-                    self._delete(ep)
-                    changes.append((ep, "cancelled"))
-                    log.warning("SLO %s %s alert cancelled: the SLO is no longer configured", ep.slo, ep.severity)
+                try:
+                    changes.append(self._retire(ep, now))
+                except Exception:  # noqa: BLE001 - kept open (in memory and in the store) and retried next round
+                    log.exception("closing the %s alert of SLO %s, no longer configured, failed", ep.severity, ep.slo)
                     continue
-                done = self._save(replace(ep, state="resolved", resolved_unix_s=now, last_eval_unix_s=now,
-                                          evidence={**ep.evidence, "why": "the SLO is no longer configured"}))
-                self._unsent_resolved.append(done)
-                changes.append((done, "resolved"))
-                log.warning("SLO %s %s alert resolved: the SLO is no longer configured", ep.slo, ep.severity)
+                self.open.pop(key)
         for status in statuses:
             try:
                 changes += self._judge(status, now)
@@ -98,6 +93,19 @@ class Alerter:
         self._notify({s.slo.name: s for s in statuses}, now)
         self._last_round = now
         return changes
+
+    def _retire(self, ep: Episode, now: float) -> tuple[Episode, str]:
+        """Close the episode of an SLO no longer configured: a pending one was never sent and is dropped, a
+        firing one is resolved (and Alertmanager told)."""
+        if ep.state == "pending":
+            self._delete(ep)
+            log.warning("SLO %s %s alert cancelled: the SLO is no longer configured", ep.slo, ep.severity)
+            return ep, "cancelled"
+        done = self._save(replace(ep, state="resolved", resolved_unix_s=now, last_eval_unix_s=now,
+                                  evidence={**ep.evidence, "why": "the SLO is no longer configured"}))
+        self._unsent_resolved.append(done)
+        log.warning("SLO %s %s alert resolved: the SLO is no longer configured", ep.slo, ep.severity)
+        return done, "resolved"
 
     def _judge(self, status: SloStatus, now: float) -> list[tuple[Episode, str]]:
         slo = status.slo

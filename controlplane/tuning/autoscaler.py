@@ -48,6 +48,7 @@ HOLD_UNCALIBRATED: Final = "hold_capacity_unknown"  # no calibrated capacity yet
 # The model says the forecast load needs more replicas, but the fleet served at least that load within the SLO
 # in the last proven_window_s (the observed-goodput floor): a pessimistic model does not buy replicas.
 HOLD_PROVEN: Final = "hold_observed_goodput"
+HOLD_AT_ZERO: Final = "hold_scaled_to_zero"  # a person scaled it to 0 (its spec allows it): theirs to bring back
 DECISION_KIND: Final = "autoscale_decision"  # the lifecycle-event kind a decision is recorded under
 
 
@@ -147,6 +148,10 @@ class AutoscalerConfig:
     upscale_delay_s: float = 0.0  # a forecast-driven scale-up must be wanted this long (observed risk: at once)
     # None: one lead time (start-up + interval). Removing a replica needed again sooner costs more than keeping it.
     downscale_delay_s: float | None = None
+    # Unknown intervals pause the downscale delay; a run of them longer than this (and than the delay) is a
+    # blackout after which what was learned before is stale, and the delay starts over. Counted in intervals,
+    # not wall-clock time, and long, so a large fleet in which some scrape fails in most intervals still scales.
+    down_blackout_s: float = 600.0
     forecast: ForecastConfig = field(default_factory=ForecastConfig)
     slo_objective: float = 0.99
     risk_burn_rate: float = 4.0  # an interval's bad share over (1 - objective) at or above this is risk
@@ -185,6 +190,8 @@ class AutoscalerConfig:
             raise ValueError("autoscaler: slo_objective must be in (0, 1), risk_burn_rate > 0, risk_intervals >= 1")
         if self.proven_window_s <= 0 or self.proven_waiting_per_replica < 0:
             raise ValueError("autoscaler: proven_window_s must be > 0 and proven_waiting_per_replica >= 0")
+        if self.down_blackout_s < 0:
+            raise ValueError("autoscaler: down_blackout_s must be >= 0")
         if self.interval_s <= 0 or self.startup_s < 0 or self.upscale_delay_s < 0 or self.down_delay_s < 0:
             raise ValueError("autoscaler: interval_s must be > 0; startup and delays >= 0")
 
@@ -204,6 +211,7 @@ class AutoscalerState:
     # Seconds of known data in the current run of intervals wanting fewer (None: no such run); intervals with
     # unknown readings in between neither count nor end the run.
     down_known_s: float | None = None
+    down_paused_s: float = 0.0  # unknown time in a row since the last known interval of that run
     troubled: int = 0  # consecutive intervals with observed SLO trouble
     recent_good: float = 0.0  # finished requests meeting every SLO, exponentially decayed over feedback_window_s
     recent_finished: float = 0.0
@@ -348,11 +356,10 @@ def decide(obs: Observation, cfg: AutoscalerConfig, state: AutoscalerState,
     # (a reset would starve a large fleet, where some scrape fails in most intervals, of every scale-down), so
     # the delay and the window of wants are counted in intervals of known data, never in unobserved time.
     if not all_known:
-        return Decision(n, HOLD_UNKNOWN, inputs), state
-    if state.down_wants and now - state.down_wants[-1][0] > cfg.down_delay_s:
-        # Unknown intervals pause the delay, but a pause longer than the delay itself leaves nothing of what was
-        # learned before it current: start over rather than scale down on the first known interval after it.
-        state = _no_down(state)
+        return Decision(n, HOLD_UNKNOWN, inputs), replace(state, down_paused_s=state.down_paused_s + cfg.interval_s)
+    if state.down_paused_s > max(cfg.down_blackout_s, cfg.down_delay_s):
+        state = _no_down(state)  # a blackout: start the delay over rather than scale down right after it
+    state = replace(state, down_paused_s=0.0)
     known_s = 0.0 if state.down_known_s is None else state.down_known_s + cfg.interval_s
     keep = math.ceil(cfg.down_delay_s / cfg.interval_s) + 1
     wants = (state.down_wants + ((now, want_down),))[-keep:]
@@ -369,7 +376,7 @@ def decide(obs: Observation, cfg: AutoscalerConfig, state: AutoscalerState,
 
 
 def _no_down(state: AutoscalerState) -> AutoscalerState:
-    return replace(state, down_known_s=None, down_wants=())
+    return replace(state, down_known_s=None, down_wants=(), down_paused_s=0.0)
 
 
 def _up(target: int, n: int, cfg: AutoscalerConfig, reason: str, inputs: dict[str, float | int | str | None],

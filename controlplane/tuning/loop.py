@@ -25,6 +25,7 @@ from controlplane import names
 from controlplane.slo.model import LatencyTarget, Slo
 from controlplane.tuning.autoscaler import (
     DECISION_KIND,
+    HOLD_AT_ZERO,
     AutoscalerConfig,
     AutoscalerState,
     Decision,
@@ -314,6 +315,7 @@ class Applied:
     to_replicas: int
     before: tuple[float, int]
     effective_at: float | None = None  # when the ready count first reached the new size
+    rollback_failed_at: float | None = None  # the first failed attempt to scale it back
 
 
 @dataclass
@@ -417,8 +419,17 @@ class Tuner:
         st.history.append((cut, g, k))
         st.history = [h for h in st.history if h[0] > now - 3600]
         await self._maybe_calibrate(name, rt, st, ready, now)
-        # The spec allows min 0 (a deployment that may be scaled to nothing by hand); the autoscaler never goes
-        # below one replica, as the configuration search does not.
+        if rt.desired == 0 and rt.dep.min_replicas == 0:
+            # Scaled to nothing by hand, as its spec allows: bringing it back is a person's call, not a bound.
+            decision = Decision(0, HOLD_AT_ZERO, {"current": 0})
+            if decision.reason != st.last_reason:
+                await asyncio.to_thread(
+                    self.store.record_action, None, DECISION_KIND, actor=ACTOR, reason=decision.reason,
+                    message=f"{name}: scaled to 0 replicas; the autoscaler leaves it there",
+                    before={"replicas": 0}, after={"replicas": 0}, attributes={"deployment": name}, ts_unix_s=now)
+                st.last_reason = decision.reason
+            return decision
+        # Otherwise min 0 means one replica to the autoscaler, as to the configuration search.
         cfg = AutoscalerConfig(capacity=st.capacity, min_replicas=max(1, rt.dep.min_replicas),
                                max_replicas=rt.dep.max_replicas, startup_s=opts.startup_s,
                                interval_s=opts.interval_s, slo_objective=objective,
@@ -478,8 +489,17 @@ class Tuner:
     async def _recommend(self, name: str, rt: Any, st: _DeploymentState, obs: Observation, decision: Decision,
                          objective: float, now: float) -> None:
         current = rt.desired
+        if current != obs.replicas:
+            return  # a person changed the count while this round read the store: the next round decides on it
         open_recs = await asyncio.to_thread(self.recs.list, deployment=name, status=OPEN, limit=10)
         open_scale = [r for r in open_recs if r["kind"] == "scale"]
+        for r in open_scale:  # made for another count: the API refuses it as stale, so it would stay open
+            was = (r.get("current") or {}).get("replicas")
+            if was is not None and was != current:
+                with contextlib.suppress(RecommendationError):  # a person decided it meanwhile: theirs stands
+                    await asyncio.to_thread(self.recs.decide, r["id"], SUPERSEDED, by=ACTOR, outcome={
+                        "why": f"made for {was} replica(s); the deployment has {current} now"})
+        open_scale = [r for r in open_scale if (r.get("current") or {}).get("replicas") in (None, current)]
         if decision.desired_replicas == current:
             for r in open_scale:  # nothing to change any more: what was proposed is stale
                 if int(r["proposed"]["replicas"]) != current:
@@ -562,21 +582,29 @@ class Tuner:
         if a.to_replicas > a.from_replicas and v == ROLL_BACK:
             # Fewer replicas would not serve better: a scale-up is kept, and the worse SLO is put on record.
             outcome |= {"verdict": KEPT, "slo_worse_after": True}
-        if v == ROLL_BACK and a.to_replicas < a.from_replicas and rt.desired != a.to_replicas:
+        if v == ROLL_BACK and a.to_replicas < a.from_replicas and rt.desired not in (a.to_replicas, a.from_replicas):
             outcome |= {"verdict": "superseded", "why": f"the count was changed to {rt.desired} meanwhile; "
                                                          "not scaled back"}
         elif v == ROLL_BACK and a.to_replicas < a.from_replicas:
             try:
-                await self.fleet.scale(name, a.from_replicas, actor=ACTOR, reason=f"rollback_recommendation_{a.rid}")
-            except Exception as exc:  # noqa: BLE001 - kept open and retried next round; nothing else moves
-                st.applied = a
-                log.warning("tuner: scaling %s back to %d replicas failed (retrying next round): %s", name,
-                            a.from_replicas, exc)
+                if rt.desired != a.from_replicas:  # a failed attempt may have set the count before it raised
+                    await self.fleet.scale(name, a.from_replicas, actor=ACTOR,
+                                           reason=f"rollback_recommendation_{a.rid}")
+            except Exception as exc:  # noqa: BLE001 - retried next round for as long as a change may take
+                a.rollback_failed_at = a.rollback_failed_at or now
+                log.warning("tuner: scaling %s back to %d replicas failed: %s", name, a.from_replicas, exc)
                 await asyncio.to_thread(
                     self.store.record_action, None, DECISION_KIND, actor=ACTOR, reason="rollback_failed",
                     message=f"{name}: scaling back to {a.from_replicas} failed: {exc}"[:500],
                     before={"replicas": rt.desired}, after={"replicas": a.from_replicas},
                     attributes={"deployment": name, "recommendation": a.rid}, ts_unix_s=now)
+                if now - a.rollback_failed_at < give_up:
+                    st.applied = a  # judged again next round, and scaled back if still worse
+                    return True
+                outcome |= {"verdict": "rollback_failed", "rollback_error": str(exc)[:500]}
+                await asyncio.to_thread(self.recs.decide, a.rid, APPLIED, by=ACTOR, outcome=outcome,
+                                        expect=(APPLIED,))
+                self._hold_down_after_reversal(st, now)
                 return True
             await asyncio.to_thread(self.recs.decide, a.rid, ROLLED_BACK, by=ACTOR, outcome=outcome,
                                     expect=(APPLIED,))
@@ -592,6 +620,8 @@ class Tuner:
         optimistic, and it will propose it again. Hold scale-downs off, twice as long after each reversal in a
         row (3 x verify_s first, at most MAX_DOWN_HOLD_S), until one holds."""
         first = 3 * self.options.verify_s
+        if st.down_hold_s is not None and now - st.no_down_until > MAX_DOWN_HOLD_S:
+            st.down_hold_s = None  # the last reversal is long past: not "in a row"
         st.down_hold_s = first if st.down_hold_s is None else min(2 * st.down_hold_s, max(first, MAX_DOWN_HOLD_S))
         st.no_down_until = max(st.no_down_until, now + st.down_hold_s)
 

@@ -264,3 +264,8 @@ def test_up_refuses_a_watch_port_that_is_no_port_and_an_slo_path_without_slos(tm
     empty.mkdir()
     out = runner.invoke(app, ["up", "--slo", str(empty)])
     assert out.exit_code == 2 and f"--slo {empty}: no SLO document found" in " ".join(out.output.split())
+
+
+def test_an_empty_api_token_means_unset_as_the_api_reads_it(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("CONTROLPLANE_API_TOKEN", "")
+    assert Settings().api_token is None

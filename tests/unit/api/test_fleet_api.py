@@ -236,3 +236,22 @@ def test_a_recommendation_made_for_another_count_is_refused_as_stale(sqlite_stor
     r = api.post(f"/api/v1/recommendations/{rid}/apply", headers=AUTH)  # the fake fleet runs 1 replica
     assert r.status_code == 409 and "was made for 6 replica(s) of tiny, which now has 1" in r.json()["detail"]
     assert control.calls == [] and api.get(f"/api/v1/recommendations/{rid}").json()["status"] == "open"
+
+
+def test_a_searched_configuration_is_applied_with_the_live_count_and_a_malformed_current_is_no_500(
+        sqlite_store: Store, api: TestClient, control: FakeControl) -> None:
+    from controlplane.tuning.recommendations import Proposal, Recommendations
+
+    recs = Recommendations(sqlite_store.engine)
+    # Searched when the deployment had 4 replicas; it has 1 now (the fake). The engine change is not stale:
+    # it grows 1 -> 2 and rolls, rather than taking 4 for the current count (no resize: "2 < 4" would shrink).
+    rid = recs.add(Proposal("tiny", "reconfigure", "searched", {"replicas": 4, "engine": {"max_num_seqs": 4}},
+                            {"replicas": 2, "engine": {"max_num_seqs": 8}}, {}, 0.5), mode="recommend")
+    r = api.post(f"/api/v1/recommendations/{rid}/apply", headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert control.calls == [("tiny", 2, "user", f"recommendation_{rid}"),
+                             ("tiny", {"max_num_seqs": 8}, "user", f"recommendation_{rid}")]
+    odd = recs.add(Proposal("tiny", "scale", "scale_up_slo_risk", {"replicas": "many"}, {"replicas": 2}, {}, 0.5),
+                   mode="recommend")
+    r = api.post(f"/api/v1/recommendations/{odd}/apply", headers=AUTH)
+    assert r.status_code == 200 and r.json()["status"] == "applied"

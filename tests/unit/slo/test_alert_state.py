@@ -265,3 +265,27 @@ def test_a_firing_alert_outlives_rounds_slower_than_the_interval(engine: Engine)
     assert posts[-1][0]["endsAt"] == "1970-01-01T01:25:20Z"  # type: ignore[index]  # 5000 + 4 x 30 s
     a.evaluate([status(200, 20, now=1200.0)], now=1200.0)  # type: ignore[list-item]  # the round took 200 s
     assert posts[-1][0]["endsAt"] == "1970-01-01T01:36:40Z"  # type: ignore[index]  # 5000 + 4 x 200 s
+
+
+def test_closing_the_alert_of_an_slo_no_longer_configured_is_retried_when_the_store_fails(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    client, posts, _ = _recording_am()
+    a = Alerter(engine, alertmanager_url="http://am:9093", client=client, wall_clock=lambda: 5000.0)
+    a.evaluate([status(200, 20, now=1000.0, name="x")], now=1000.0)  # type: ignore[list-item]
+    b = Alerter(engine, alertmanager_url="http://am:9093", client=client, wall_clock=lambda: 5000.0,
+                configured=["y"])
+    save = b._save
+    calls = {"n": 0}
+
+    def locked_once(ep: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OperationalError("UPDATE slo_alerts", {}, Exception("database is locked"))
+        return save(ep)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(b, "_save", locked_once)
+    assert b.evaluate([], now=1030.0) == [] and b.states() == {"x": {"page": 2}}  # still open, in memory too
+    assert [(e.slo, t) for e, t in b.evaluate([], now=1060.0)] == [("x", "resolved")]
+    assert [r["state"] for r in list_alerts(engine)] == ["resolved"] and posts[-1][0]["endsAt"] is not None

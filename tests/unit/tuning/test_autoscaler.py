@@ -326,7 +326,7 @@ def test_a_pause_in_known_data_longer_than_the_downscale_delay_starts_the_delay_
     for _ in range(6):  # 90 s of known, light load: wanting fewer
         t += 15
         d, st = decide(known, cfg, st, t)
-    for _ in range(100):  # 25 minutes without readings
+    for _ in range(41):  # 10 min 15 s without readings (longer than down_blackout_s)
         t += 15
         d, st = decide(unknown, cfg, st, t)
     assert d.reason == a.HOLD_UNKNOWN
@@ -337,4 +337,20 @@ def test_a_pause_in_known_data_longer_than_the_downscale_delay_starts_the_delay_
     while d.desired_replicas == 4:  # a whole delay of known data again, then down
         t += 15
         d, st = decide(known, cfg, st, t)
-    assert t >= 100 * 15 + 6 * 15 + cfg.down_delay_s and d.reason == a.SCALE_DOWN_SPARE
+    assert t >= 41 * 15 + 6 * 15 + cfg.down_delay_s and d.reason == a.SCALE_DOWN_SPARE
+
+
+def test_shorter_pauses_and_slow_rounds_only_pause_the_downscale_delay() -> None:
+    # A large fleet where some scrape fails in most intervals, and rounds that take longer than the interval,
+    # must still scale down: only a long run of unknown intervals starts the delay over.
+    cfg = AutoscalerConfig(capacity=FleetCapacity((1,), (10.0,)), max_replicas=8, startup_s=0.0)
+    known = Observation("d", 4, 4, 5.0, tuple(ReplicaReading(f"r{i}", 1, 0, 0.1) for i in range(4)))
+    unknown = Observation("d", 4, 4, None, tuple(ReplicaReading(f"r{i}") for i in range(4)))
+    st, t, reasons = AutoscalerState(), 0.0, []
+    for k in range(40):
+        t += 15.05  # each round a little late
+        d, st = decide(unknown if k % 3 else known, cfg, st, t)  # two of three rounds unknown
+        reasons.append(d.reason)
+        if d.desired_replicas < 4:
+            break
+    assert d.reason == a.SCALE_DOWN_SPARE, reasons

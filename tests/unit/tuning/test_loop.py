@@ -600,3 +600,79 @@ def test_no_recommendation_is_made_while_a_rolling_change_runs(tmp_path: Path) -
     for ttft in (0.1, 2.0, 2.0, 2.0):
         d = _interval(tuner, router, store, clock, ["d-0"], 60, ttft)
     assert d.reason == "scale_up_slo_risk" and fleet.calls == [] and recs.list(deployment="d") == []
+
+
+def test_a_deployment_scaled_to_zero_by_hand_is_left_there(tmp_path: Path) -> None:
+    tuner, fleet, router, store, clock, recs = _tuner(tmp_path, "auto", 1)
+    rt = fleet.runtimes["d"]
+    rt.dep.min_replicas, rt.desired, rt.members = 0, 0, {}
+    for _ in range(3):
+        clock.t += 15.0
+        (d,) = asyncio.run(tuner.tick())
+    assert (d.desired_replicas, d.reason) == (0, "hold_scaled_to_zero") and fleet.calls == []
+    assert recs.list(deployment="d") == []
+
+
+def test_recommend_mode_proposes_nothing_for_a_count_that_changed_during_the_round(tmp_path: Path) -> None:
+    tuner, fleet, router, store, clock, recs = _tuner(tmp_path, "recommend", 1)
+    _interval(tuner, router, store, clock, ["d-0"], 60, 0.1)
+    _interval(tuner, router, store, clock, ["d-0"], 60, 2.0)
+    record = store.record_action
+
+    def scaled_meanwhile(*a: Any, **kw: Any) -> None:
+        fleet.runtimes["d"].desired = 3  # a person scales while the round writes its decision
+        record(*a, **kw)
+
+    store.record_action = scaled_meanwhile  # type: ignore[method-assign]
+    d = _interval(tuner, router, store, clock, ["d-0"], 60, 2.0)
+    assert d.reason == "scale_up_slo_risk" and recs.list(deployment="d") == []  # "3 -> 2" was never proposed
+
+
+def test_an_open_recommendation_made_for_another_count_is_superseded(tmp_path: Path) -> None:
+    tuner, fleet, router, store, clock, recs = _tuner(tmp_path, "recommend", 1)
+    for ttft in (0.1, 2.0, 2.0):
+        _interval(tuner, router, store, clock, ["d-0"], 60, ttft)
+    [old] = recs.list(deployment="d")
+    assert old["status"] == "open" and old["current"]["replicas"] == 1
+    fleet.runtimes["d"].desired = 2  # a person applied something else by hand
+    fleet.runtimes["d"].members["d-1"] = FakeMember("d-1")
+    _interval(tuner, router, store, clock, ["d-0", "d-1"], 60, 2.0)
+    assert recs.get(old["id"])["status"] == "superseded"
+    assert "made for 1 replica(s); the deployment has 2 now" in recs.get(old["id"])["outcome"]["why"]
+
+
+def test_a_rollback_that_set_the_count_before_failing_counts_as_done_and_one_never_done_gives_up(
+        tmp_path: Path) -> None:
+    for partial in (True, False):
+        tuner, fleet, router, store, clock, recs = _tuner(tmp_path / str(partial), "auto", 2,
+                                                          capacity=FleetCapacity((1,), (100.0,))) \
+            if (tmp_path / str(partial)).mkdir() is None else _never()
+        _until_scaled_down(tuner, fleet, router, store, clock)
+        [rec] = recs.list(deployment="d")
+        _fail_rollbacks(fleet, partial)
+        for _ in range(40):  # 10 minutes, longer than the tuner keeps retrying (3 x start-up + verify_s)
+            store.add_interval(["d-0"], clock.t, clock.t + 15.0, 2, 2.0, samples=False)
+            _interval(tuner, router, store, clock, ["d-0"], 28, 0.1)
+        got = recs.get(rec["id"])
+        if partial:
+            assert got["status"] == "rolled_back" and fleet.runtimes["d"].desired == 2
+        else:
+            assert got["status"] == "applied" and got["outcome"]["verdict"] == "rollback_failed"
+            assert "database is locked" in got["outcome"]["rollback_error"]
+            fails = [a for a in store.actions if a["reason"] == "rollback_failed"]
+            assert 2 <= len(fails) < 40  # retried, then given up
+        assert tuner.state["d"].down_hold_s is not None  # either way, scale-downs were held off after it
+
+
+def _fail_rollbacks(fleet: FakeFleet, partial: bool) -> None:
+    """Every rollback fails; `partial`: after setting the count (as when the supervisor's store write fails)."""
+    inner = fleet.scale
+
+    async def scale(deployment: str, replicas: int, *, actor: str, reason: str) -> dict[str, Any]:
+        if reason.startswith("rollback_"):
+            if partial:
+                fleet.runtimes[deployment].desired = replicas
+            raise RuntimeError("database is locked")
+        return await inner(deployment, replicas, actor=actor, reason=reason)
+
+    fleet.scale = scale  # type: ignore[method-assign]
