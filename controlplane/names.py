@@ -138,6 +138,8 @@ PLANE_REPLICA_RESTARTS_TOTAL: Final = "controlplane_replica_restarts_total"
 PLANE_COST_PER_MTOK: Final = "controlplane_cost_per_million_tokens_usd"  # {deployment}
 PLANE_COST_USD_PER_HOUR: Final = "controlplane_cost_usd_per_hour"  # {deployment}
 PLANE_SPAN_COVERAGE: Final = "controlplane_span_coverage_ratio"  # {deployment, replica}: served, span stored
+# {slo, deployment}: seconds since the SLO was last evaluated (since the plane started, before the first time)
+PLANE_SLO_EVALUATION_AGE: Final = "controlplane_slo_evaluation_age_seconds"
 PLANE_TUNER_DECISIONS: Final = "controlplane_tuner_decisions"  # counter {deployment, action, reason}; exposed _total
 PLANE_TUNER_DECISIONS_TOTAL: Final = "controlplane_tuner_decisions_total"
 PLANE_TUNER_CAPACITY_RPS: Final = "controlplane_tuner_capacity_rps"  # {deployment}
@@ -164,6 +166,7 @@ ALERT_GPU_XID: Final = "GpuXidError"
 ALERT_GPU_TEMP: Final = "GpuTemperatureHigh"
 ALERT_COST: Final = "VllmCostPerMillionTokensOverBudget"
 ALERT_SPANS_MISSING: Final = "ControlplaneSpansMissing"
+ALERT_SLO_EVALUATION_STALE: Final = "ControlplaneSloEvaluationStale"
 
 # --- Simulated engine (controlplane/engines/sim_*): vLLM-compatible series, labelled as simulated -----
 SIM_ENGINE_INFO: Final = "controlplane_simulated_engine_info"  # {model, accelerator} 1 on a simulated engine

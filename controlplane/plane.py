@@ -141,7 +141,9 @@ class Plane:
                 self.alerter = await asyncio.to_thread(
                     Alerter, self.engine, alertmanager_url=s.alertmanager_url, resend_s=s.slo_interval_s,
                     api_url=api_url, configured=[slo.name for slo in self.monitor.slos])
-                self.registry.register(SloCollector(self.monitor.statuses, self.alerter.states))
+                monitor = self.monitor
+                self.registry.register(SloCollector(monitor.statuses, self.alerter.states,
+                                                    lambda: monitor.evaluation_ages(time.time())))
             servers = [
                 _QuietServer(uvicorn.Config(
                     create_app(self.store, self.registry, control=supervisor, api_token=s.api_token,

@@ -32,6 +32,8 @@ class AlertState(IntEnum):
 StatusProvider = Callable[[], Sequence[SloStatus]]
 # slo name -> severity ("page" | "ticket") -> state; comes from the live alerting.
 AlertProvider = Callable[[], Mapping[str, Mapping[str, AlertState]]]
+# (slo, deployment) -> seconds since its last successful evaluation; comes from the monitor.
+AgeProvider = Callable[[], Mapping[tuple[str, str], float]]
 
 _BASE = [names.LABEL_SLO, names.LABEL_DEPLOYMENT, names.LABEL_SLI]
 
@@ -55,15 +57,19 @@ def _families() -> dict[str, GaugeMetricFamily]:
                       labels=[*_BASE, names.LABEL_QUANTILE]),
         "alert": g(names.SLO_ALERT_STATE, "Burn-rate alert state: 0 inactive, 1 pending, 2 firing",
                    labels=[names.LABEL_SLO, names.LABEL_DEPLOYMENT, names.LABEL_SEVERITY]),
+        "age": g(names.PLANE_SLO_EVALUATION_AGE, "Seconds since the SLO was last evaluated (since the plane started "
+                 "when it has not been yet)", labels=[names.LABEL_SLO, names.LABEL_DEPLOYMENT]),
     }
 
 
 class SloCollector(Collector):
     """Per SLO: objective, attainment, budget remaining, burn rate per window, events, quantiles, alerts."""
 
-    def __init__(self, status_provider: StatusProvider, alert_provider: AlertProvider | None = None) -> None:
+    def __init__(self, status_provider: StatusProvider, alert_provider: AlertProvider | None = None,
+                 age_provider: AgeProvider | None = None) -> None:
         self._statuses = status_provider
         self._alerts = alert_provider
+        self._ages = age_provider
 
     def describe(self) -> Iterator[Metric]:
         # Names only, so registering never calls the providers.
@@ -74,9 +80,12 @@ class SloCollector(Collector):
         try:
             statuses = list(self._statuses())
             alerts = dict(self._alerts()) if self._alerts is not None else None
+            ages = dict(self._ages()) if self._ages is not None else {}
         except Exception:  # noqa: BLE001 - a broken provider must not take the plane's /metrics down
             log.exception("SLO status provider failed; exporting no SLO series this scrape")
             return
+        for (slo_name, deployment), age in sorted(ages.items()):
+            fam["age"].add_metric([slo_name, deployment], age)
         for st in statuses:
             slo = st.slo
             base = [slo.name, slo.deployment, slo.sli]

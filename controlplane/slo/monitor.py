@@ -7,6 +7,7 @@ read `statuses`. Kept apart from the arithmetic and the queries so both stay fre
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 from sqlalchemy import Engine
@@ -27,11 +28,20 @@ def rollup_keys(slos: Sequence[Slo]) -> set[str]:
 
 
 class SloMonitor:
-    def __init__(self, engine: Engine, slos: Sequence[Slo], *, max_rows_per_tick: int = 500_000) -> None:
+    def __init__(self, engine: Engine, slos: Sequence[Slo], *, max_rows_per_tick: int = 500_000,
+                 started_unix_s: float | None = None) -> None:
         self.engine = engine
         self.slos = tuple(slos)
         self.max_rows_per_tick = max_rows_per_tick  # bounds one tick; a big backlog is caught up over ticks
         self.statuses = LatestStatuses()
+        self.started_unix_s = time.time() if started_unix_s is None else started_unix_s
+        self.evaluated_unix_s: dict[str, float] = {}  # SLO name -> `now` of its last successful evaluation
+
+    def evaluation_ages(self, now: float) -> dict[tuple[str, str], float]:
+        """(SLO, deployment) -> seconds since its last successful evaluation, or since the monitor started when
+        it has none: an SLO that is not evaluated cannot page, and this is what says so."""
+        return {(s.name, s.deployment): max(0.0, now - self.evaluated_unix_s.get(s.name, self.started_unix_s))
+                for s in self.slos}
 
     def tick(self, now: float) -> tuple[RollupReport | None, list[SloStatus]]:
         """Roll up, then evaluate each SLO; an SLO whose evaluation fails is logged and left out. A failed rollup
@@ -46,6 +56,7 @@ class SloMonitor:
         for slo in self.slos:
             try:
                 out.append(evaluate(self.engine, slo, now))
+                self.evaluated_unix_s[slo.name] = now
             except Exception:  # noqa: BLE001 - one broken SLO must not hide the others
                 log.exception("evaluating SLO %s failed", slo.name)
         self.statuses.update(out)

@@ -124,6 +124,19 @@ def operational_alerts(options: RuleOptions | None = None) -> list[OperationalAl
             f"{names.DCGM_TEMP} of GPU {{{{ $labels.gpu }}}} has stayed above {o.gpu_temp_c:g} C for "
             f"{format_duration(o.gpu_temp_for_s)}; it will throttle clocks and slow every replica on it.", o),
             "Check cooling and fan state; compare `DCGM_FI_DEV_SM_CLOCK` with its usual value to see throttling."),
+        OperationalAlert(_alert(
+            names.ALERT_SLO_EVALUATION_STALE,
+            Binary(">", Aggregate("max", Selector(names.PLANE_SLO_EVALUATION_AGE),
+                                  by=(names.LABEL_DEPLOYMENT, names.LABEL_SLO)), Number(o.slo_evaluation_stale_s)),
+            "ticket", 0.0,
+            "SLO {{ $labels.slo }} of {{ $labels.deployment }} has not been evaluated for "
+            f"{format_duration(o.slo_evaluation_stale_s)}",
+            "The control plane has not evaluated SLO {{ $labels.slo }} for more than "
+            f"{format_duration(o.slo_evaluation_stale_s)} ({names.PLANE_SLO_EVALUATION_AGE}): its burn-rate alerts "
+            "cannot fire, and pages it had raised expire in Alertmanager.", o),
+            "Look for `evaluating SLO` and `SLO evaluation round failed` in the plane's log: a store that is "
+            "unreachable or locked, or a query that fails for this SLO. `GET /api/v1/slos` lists the SLOs evaluated "
+            "in the last round. If the plane itself is down, Prometheus's scrape of it fails too."),
     ]
     if o.cost_budget_per_million_tokens_usd is not None:
         budget = o.cost_budget_per_million_tokens_usd

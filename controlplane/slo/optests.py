@@ -91,6 +91,12 @@ def _cases(o: RuleOptions, i: float, n: int) -> list[Case]:
         Case(names.ALERT_GPU_TEMP, (
             (names.DCGM_TEMP, _gpu(0), flat(o.gpu_temp_c + 5)), (names.DCGM_TEMP, _gpu(1), flat(o.gpu_temp_c - 20))),
             (_gpu(0),), 0.0),
+        Case(names.ALERT_SLO_EVALUATION_STALE, (
+            (names.PLANE_SLO_EVALUATION_AGE, {names.LABEL_SLO: "tiny-ttft", names.LABEL_DEPLOYMENT: "tiny"},
+             tuple(o.slo_evaluation_stale_s - 2 * i + k * i for k in range(n + 1))),  # evaluation stopped
+            (names.PLANE_SLO_EVALUATION_AGE, {names.LABEL_SLO: "tiny-tpot", names.LABEL_DEPLOYMENT: "tiny"},
+             tuple(float(k % 2) * 30.0 for k in range(n + 1)))),  # evaluated every round
+            ({names.LABEL_SLO: "tiny-ttft", names.LABEL_DEPLOYMENT: "tiny"},), 3 * i),
     ]
     if o.cost_budget_per_million_tokens_usd is not None:
         budget = o.cost_budget_per_million_tokens_usd
@@ -111,7 +117,7 @@ def operational_test_file(rule_file: str, options: RuleOptions | None = None) ->
     seconds = [int(round(x)) for x in (60, o.kv_cache_for_s, o.preemptions_for_s, o.replica_down_for_s,
                                        o.deployment_down_for_s, o.scrape_failing_for_s, o.gpu_temp_for_s,
                                        o.gpu_xid_window_s, o.cost_for_s, o.crashloop_window_s,
-                                       o.span_coverage_for_s) if x]
+                                       o.span_coverage_for_s, o.slo_evaluation_stale_s) if x]
     i = float(math.gcd(*seconds))
     longest = max(r.for_s for r in rules.values()) + o.gpu_xid_window_s + o.crashloop_window_s
     n = int(longest // i) + 12

@@ -66,3 +66,28 @@ def test_a_failed_rollup_still_evaluates_every_slo_from_the_rows_as_they_are(
     assert report is None and [s.slo.name for s in statuses] == ["lat"]
     c = statuses[0].counts
     assert (c.good, c.total, c.unknown) == brute_counts(rows, (("ttft", 0.2),), NOW - 2 * 86400.0, NOW)
+
+
+def test_each_slo_reports_how_long_ago_it_was_last_evaluated_for_the_stale_evaluation_alert(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed_fleet(store.engine)
+    real = query.evaluate
+    broken = {"bad"}
+
+    def flaky(engine, slo, now):  # type: ignore[no-untyped-def]
+        if slo.name in broken:
+            raise RuntimeError("boom")
+        return real(engine, slo, now)
+
+    monkeypatch.setattr("controlplane.slo.monitor.evaluate", flaky)
+    monitor = SloMonitor(store.engine, [make_slo(name="bad"), make_slo(name="good")], started_unix_s=NOW - 100)
+    monitor.tick(NOW)
+    assert monitor.evaluation_ages(NOW + 30) == {("bad", "d"): 130.0, ("good", "d"): 30.0}
+    broken.clear()
+    monitor.tick(NOW + 60)
+    assert monitor.evaluation_ages(NOW + 60) == {("bad", "d"): 0.0, ("good", "d"): 0.0}
+    registry = CollectorRegistry()
+    registry.register(SloCollector(monitor.statuses, age_provider=lambda: monitor.evaluation_ages(NOW + 75)))
+    text = generate_latest(registry).decode()
+    assert f'{names.PLANE_SLO_EVALUATION_AGE}{{deployment="d",slo="bad"}} 15.0' in text
