@@ -10,6 +10,12 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def is_sendable_token(token: str) -> bool:
+    """Whether a bearer token can go in an HTTP header and match there: printable ASCII without spaces (headers
+    carry bytes, read as latin-1 by the server and written as ASCII by httpx)."""
+    return re.fullmatch(r"[\x21-\x7e]+", token) is not None
+
+
 class Settings(BaseSettings):
     # inf and nan are no interval, port or price: `gt=0` alone lets "inf" through (a scrape loop that never
     # scrapes again, a cost gauge of 0 per hour).
@@ -98,11 +104,10 @@ class Settings(BaseSettings):
     @field_validator("api_token")
     @classmethod
     def _token(cls, v: str | None) -> str | None:
-        # HTTP headers carry bytes, read as latin-1 by the server and written as ASCII by httpx: a token outside
-        # printable ASCII could never be sent or matched, so every mutating call would fail with a 401.
+        # Any other token could never be sent or matched, so every mutating call would fail with a 401.
         if not v:
             return None  # set but empty: unset, as the API and the app have always read it (endpoints off)
-        if not re.fullmatch(r"[\x21-\x7e]+", v):
+        if not is_sendable_token(v):
             raise ValueError("the token must be printable ASCII without spaces (e.g. `openssl rand -hex 32`), at "
                              "least one character")
         return v

@@ -147,8 +147,6 @@ class Alerter:
             conn.execute(SloAlert.__table__.delete().where(SloAlert.id == ep.id))  # type: ignore[attr-defined]
 
     def _notify(self, statuses: dict[str, SloStatus], now: float) -> None:
-        # Only episodes that fired were ever sent; a resolved one that never fired has nothing to resolve.
-        self._unsent_resolved = [e for e in self._unsent_resolved if e.fired_unix_s is not None]
         if self.alertmanager_url is None:
             self._unsent_resolved.clear()
             return

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -399,14 +398,14 @@ def search_command(
     import httpx
     from pydantic import ValidationError
 
-    from controlplane.settings import Settings
+    from controlplane.settings import Settings, is_sendable_token
 
     try:
         check_flag("--target-rps", target_rps, 0.0, 1e6, low_open=True)
         check_flag("--window-s", window_s, 60.0, 7 * 86_400.0)
         check_flag("--timeout-s", timeout_s, 0.0, 7 * 86_400.0, low_open=True)
         url = api or (local := Settings()).local_url(local.api_port)
-        if token is not None and not re.fullmatch(r"[\x21-\x7e]+", token):
+        if token is not None and not is_sendable_token(token):
             raise ValueError("--token / CONTROLPLANE_API_TOKEN: the token must be printable ASCII without spaces")
     except ValueError as exc:  # pydantic's ValidationError is a ValueError too: a bad CONTROLPLANE_* setting
         if isinstance(exc, ValidationError):

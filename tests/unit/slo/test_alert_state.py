@@ -110,17 +110,22 @@ def engine(tmp_path: Path) -> Engine:
     return e
 
 
-def test_alerter_stores_episodes_posts_firing_and_resolved_and_survives_restart(engine: Engine) -> None:
+def _recording_am() -> tuple[httpx.Client, list[list[dict[str, object]]], dict[str, bool]]:
     posts: list[list[dict[str, object]]] = []
-    am_up = {"ok": False}
+    up = {"ok": True}
 
     def am(request: httpx.Request) -> httpx.Response:
-        if not am_up["ok"]:
+        if not up["ok"]:
             return httpx.Response(503)
         posts.append(json.loads(request.content))
         return httpx.Response(200)
 
-    client = httpx.Client(transport=httpx.MockTransport(am))
+    return httpx.Client(transport=httpx.MockTransport(am)), posts, up
+
+
+def test_alerter_stores_episodes_posts_firing_and_resolved_and_survives_restart(engine: Engine) -> None:
+    client, posts, am_up = _recording_am()
+    am_up["ok"] = False
     a = Alerter(engine, alertmanager_url="http://am:9093", client=client, wall_clock=lambda: 5000.0)
     changes = a.evaluate([status(200, 20, now=1000.0)], now=1000.0)  # type: ignore[list-item]
     assert [(e.severity, t) for e, t in changes] == [("page", "firing")]
@@ -177,19 +182,6 @@ def test_a_page_of_an_slo_no_longer_configured_is_resolved_and_one_not_evaluated
     assert [(e.slo, e.state, t) for e, t in changes] == [("t", "resolved", "resolved")]
     assert b.states() == {} and posts[-1][0]["endsAt"] == "1970-01-01T00:19:10Z"  # type: ignore[index]
     assert [(r["state"], r["resolved_unix_s"]) for r in list_alerts(engine)] == [("resolved", 1150.0)]
-
-
-def _recording_am() -> tuple[httpx.Client, list[list[dict[str, object]]], dict[str, bool]]:
-    posts: list[list[dict[str, object]]] = []
-    up = {"ok": True}
-
-    def am(request: httpx.Request) -> httpx.Response:
-        if not up["ok"]:
-            return httpx.Response(503)
-        posts.append(json.loads(request.content))
-        return httpx.Response(200)
-
-    return httpx.Client(transport=httpx.MockTransport(am)), posts, up
 
 
 def test_a_pending_alert_of_an_slo_no_longer_configured_is_cancelled_and_the_others_still_page(

@@ -228,16 +228,7 @@ BUCKET = """  indicator:
 
 
 def test_openslo_ratio_on_a_histogram_bucket_reads_the_threshold_from_le() -> None:
-    ratio = """  indicator:
-    metadata: {name: tpot}
-    spec:
-      ratioMetric:
-        counter: true
-        good:
-          metricSource:
-            spec: {query: 'vllm:request_time_per_output_token_seconds_bucket{le="0.05"}'}
-        total: {metricSource: {type: Prometheus, spec: {query: 'vllm:request_time_per_output_token_seconds_count'}}}"""
-    (slo,) = load_slos(openslo(ratio, "    - {target: 0.99}\n"))
+    (slo,) = load_slos(openslo(BUCKET, "    - {target: 0.99}\n"))
     assert slo.name == "ttft" and slo.sli == "tpot" and slo.targets == (LatencyTarget("tpot", 0.05),)
 
 
