@@ -2,15 +2,15 @@
 
     .venv/bin/python bench/slo_query.py [--rows N] [--skip-pg] [--skip-sqlite] [--pg-url URL]
 
-Generates N request rows (default 10,000,000) over the 31 days before a fixed `now`, for two deployments
-of three replicas, with skewed latencies (lognormal bodies, Pareto tails) and NULL TPOTs (one-token
-outputs). Rows get their ids in finish order (arrival + e2e + export delay), so arrivals are out of id
-order as in the plane. The rollup is built over all but the newest 2,000 rows, which are inserted after
-it (the evaluation reads them raw), then three 30-day SLOs are evaluated with every burn window and
-p50/p90/p95/p99: a TTFT latency SLO, a goodput SLO (TTFT and TPOT) and an e2e SLO on the other
-deployment. The naive reference computes the same counts with one SQL aggregate per window and the exact
-quantiles from every value of the window (numpy, inverted CDF). The run fails loudly if any count differs.
-SQLite uses a temporary file; PostgreSQL a fresh temporary database, dropped afterwards.
+Generates N request rows (default 10,000,000) over the 31 days before a fixed `now`, for two deployments of
+three replicas, with skewed latencies (lognormal bodies, Pareto tails) and NULL TPOTs (one-token outputs).
+Rows get their ids in the order they are stored (finish + export delay), so finish times are out of id order
+as in the plane; windows count a request at its finish. The rollup is built over all but the newest 2,000
+rows, which are inserted after it (the evaluation reads them raw), then three 30-day SLOs are evaluated with
+every burn window and p50/p90/p95/p99: a TTFT latency SLO, a goodput SLO (TTFT and TPOT) and an e2e SLO on
+the other deployment. The naive reference computes the same counts with one SQL aggregate per window and the
+exact quantiles from every value of the window (numpy, inverted CDF). The run fails loudly if any count
+differs. SQLite uses a temporary file; PostgreSQL a fresh temporary database, dropped afterwards.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ SPAN_S = 31 * 86400.0
 CHUNK = 200_000
 HELD_BACK = 2_000  # newest rows inserted after the rollup build: the unrolled tail of a live plane
 FLEET = {"chat": (1, 2, 3), "batch": (4, 5, 6)}
-COLUMNS = ("id", "request_id", "replica_id", "model", "arrival_unix_s", "queue_s", "ttft_s", "e2e_s", "tpot_s",
-           "prompt_tokens", "completion_tokens", "trace_id", "span_id")
+COLUMNS = ("id", "request_id", "replica_id", "model", "arrival_unix_s", "finish_unix_s", "queue_s", "ttft_s", "e2e_s",
+           "tpot_s", "prompt_tokens", "completion_tokens", "trace_id", "span_id")
 SLI_COLUMN = {"ttft": "ttft_s", "tpot": "tpot_s", "e2e": "e2e_s", "queue": "queue_s"}
 console = Console(width=180)
 
@@ -80,16 +80,16 @@ def chunks(n: int, seed: int) -> Iterator[list[tuple[Any, ...]]]:
         e2e = ttft + (out_tokens - 1) * tpot
         tpot[out_tokens <= 1] = np.nan  # no TPOT for a one-token output: unknown
         queue = np.where(rng.random(m) < 0.4, 0.0, rng.exponential(0.02, m))
-        finish = arrival + e2e + rng.uniform(0, 5, m)
-        order = np.argsort(finish, kind="stable")
+        finish = arrival + e2e
+        order = np.argsort(finish + rng.uniform(0, 5, m), kind="stable")  # stored after an export delay
         ids = np.arange(next_id, next_id + m)
         next_id += m
-        cols = [a[order].tolist() for a in (arrival, queue, ttft, e2e, tpot)]
-        cols[4] = [None if x != x else x for x in cols[4]]
+        cols = [a[order].tolist() for a in (arrival, finish, queue, ttft, e2e, tpot)]
+        cols[5] = [None if x != x else x for x in cols[5]]
         rep = rng.choice(replicas, m)[order].tolist()
         prompt = rng.integers(16, 2048, m).tolist()
         toks = out_tokens[order].tolist()
-        yield [(int(i), f"r{i}", rep[j], "bench", cols[0][j], cols[1][j], cols[2][j], cols[3][j], cols[4][j],
+        yield [(int(i), f"r{i}", rep[j], "bench", *(c[j] for c in cols),
                 prompt[j], toks[j], f"{i:032x}", "0000000000000001") for j, i in enumerate(ids.tolist())]
 
 
@@ -126,7 +126,7 @@ def _scan_counts(engine: Engine, slo: Slo, start: float, end: float) -> tuple[in
     met = " AND ".join(f"({SLI_COLUMN[t.sli]} <= {t.threshold_s!r})" for t in slo.targets)
     sql = (f"SELECT SUM(CASE WHEN {met} THEN 1 ELSE 0 END), SUM(CASE WHEN ({met}) OR ({miss}) THEN 1 ELSE 0 END), "
            f"COUNT(*) FROM requests WHERE replica_id IN ({', '.join(map(str, FLEET[slo.deployment]))}) "
-           f"AND arrival_unix_s >= :start AND arrival_unix_s < :end")
+           f"AND finish_unix_s >= :start AND finish_unix_s < :end")
     with engine.connect() as c:
         good, known, rows = c.execute(text(sql), {"start": start, "end": end}).one()
     return int(good or 0), int(known or 0), int(rows) - int(known or 0)
@@ -134,7 +134,7 @@ def _scan_counts(engine: Engine, slo: Slo, start: float, end: float) -> tuple[in
 
 def _scan_values(engine: Engine, slo: Slo, column: str, start: float, end: float) -> np.ndarray:
     sql = (f"SELECT {column} FROM requests WHERE replica_id IN ({', '.join(map(str, FLEET[slo.deployment]))}) "
-           f"AND arrival_unix_s >= :start AND arrival_unix_s < :end AND {column} IS NOT NULL")
+           f"AND finish_unix_s >= :start AND finish_unix_s < :end AND {column} IS NOT NULL")
     parts = []
     with engine.connect() as c:
         result = c.execute(text(sql), {"start": start, "end": end})

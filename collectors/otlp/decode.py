@@ -20,6 +20,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from controlplane import names
+from controlplane.store.models import finish_of
 
 UNATTRIBUTED = "unattributed"
 
@@ -35,6 +36,7 @@ class RequestRow(TypedDict):
     replica: str
     model: str | None
     arrival_unix_s: float
+    finish_unix_s: float
     queue_s: float | None
     prefill_s: float | None
     decode_s: float | None
@@ -153,7 +155,7 @@ def _typed(v: AnyValue, want: type) -> Any:
 def _request_row(span: Span, replica: str, trace_id: str, span_id: str) -> RequestRow:
     row: dict[str, Any] = {
         "request_id": None, "replica": replica, "model": None,
-        "arrival_unix_s": span.start_time_unix_nano / 1e9,
+        "arrival_unix_s": span.start_time_unix_nano / 1e9, "finish_unix_s": None,
         "queue_s": None, "prefill_s": None, "decode_s": None, "inference_s": None, "ttft_s": None,
         "e2e_s": None, "tpot_s": None, "prompt_tokens": None, "completion_tokens": None, "max_tokens": None,
         "trace_id": trace_id, "span_id": span_id,
@@ -176,6 +178,7 @@ def _request_row(span: Span, replica: str, trace_id: str, span_id: str) -> Reque
     if row["request_id"] is None:
         row["request_id"] = span_id
     row["tpot_s"] = tpot(row["e2e_s"], row["ttft_s"], row["completion_tokens"])
+    row["finish_unix_s"] = finish_of(row["arrival_unix_s"], row["e2e_s"], span.end_time_unix_nano)
     return row  # type: ignore[return-value]
 
 

@@ -3,7 +3,7 @@
 A window [start, end) splits into its minute-aligned middle and two partial minutes at the edges. The
 middle is covered by a few rollup buckets (days in the centre, hours and minutes towards the edges, see
 `decompose`); the edges, and the rows of the middle that the rollup has not reached yet (ids above its
-watermark or in its open gaps), are read raw through the (replica_id, arrival) and primary-key
+watermark or in its open gaps), are read raw through the (replica_id, finish) and primary-key
 indexes. The two parts never overlap, so the counts are exact for every configured target.
 
 Reads are not in one database snapshot (SQLite has no cheap read snapshot through SQLAlchemy's
@@ -117,16 +117,16 @@ class Reader:
         return Batch.from_rows(rows)
 
     def raw(self, lo: float, hi: float) -> Batch:
-        """Every row of the deployment arriving in [lo, hi), rolled up or not."""
+        """Every row of the deployment finishing in [lo, hi), rolled up or not."""
         if (lo, hi) not in self._raw:
-            self._raw[(lo, hi)] = self._rows(Request.arrival_unix_s >= lo, Request.arrival_unix_s < hi)
+            self._raw[(lo, hi)] = self._rows(Request.finish_unix_s >= lo, Request.finish_unix_s < hi)
         return self._raw[(lo, hi)]
 
     def unrolled(self) -> Batch:
         """The deployment's rows the rollup has not counted: above the watermark or in an open gap.
 
         Selected by id alone (primary key ranges) and filtered by replica here: with a replica filter
-        in SQL a planner may prefer the (replica_id, arrival) index and scan the deployment's history.
+        in SQL a planner may prefer the (replica_id, finish) index and scan the deployment's history.
         Its size is the rollup's lag; on a store whose rollup never ran it is every request.
         """
         if self._unrolled is None:
@@ -144,7 +144,7 @@ class Reader:
         if rolled:
             u = self.unrolled()
             lo, hi = min(p.lo for p in rolled), max(p.hi for p in rolled)
-            parts.append(u.select((u.arrival >= lo) & (u.arrival < hi)))
+            parts.append(u.select((u.at >= lo) & (u.at < hi)))
         return _concat(parts)
 
     # --- counts -----------------------------------------------------------------------------------
@@ -166,7 +166,7 @@ class Reader:
         batch = self.rows(pieces)
         if len(batch):
             good, known = good_known(batch.cols, targets)
-            bins = _bin_of(batch.arrival, start, bin_s)
+            bins = _bin_of(batch.at, start, bin_s)
             for b in np.unique(bins):
                 m = bins == b
                 _add(out, float(b), Counts(int(good[m].sum()), int(known[m].sum()), int((~known[m]).sum())))
@@ -236,7 +236,7 @@ def _concat(parts: Sequence[Batch]) -> Batch:
     if not parts:
         return Batch.from_rows([])
     return Batch(np.concatenate([p.ids for p in parts]), np.concatenate([p.replica for p in parts]),
-                 np.concatenate([p.arrival for p in parts]),
+                 np.concatenate([p.at for p in parts]),
                  {c: np.concatenate([p.cols[c] for p in parts]) for c in parts[0].cols})
 
 
@@ -244,8 +244,8 @@ def _bin_start(bucket: int, start: float, bin_s: int | None) -> float:
     return start if bin_s is None else float(bucket - bucket % bin_s)
 
 
-def _bin_of(arrival: sk.FloatArray, start: float, bin_s: int | None) -> Any:
-    return np.full(arrival.shape, start) if bin_s is None else bucket_starts(arrival, bin_s).astype(np.float64)
+def _bin_of(at: sk.FloatArray, start: float, bin_s: int | None) -> Any:
+    return np.full(at.shape, start) if bin_s is None else bucket_starts(at, bin_s).astype(np.float64)
 
 
 def _add(out: dict[float, Counts], b: float, c: Counts) -> None:

@@ -1,11 +1,11 @@
 """Maintenance of the SLO rollups: exact per-target counts and latency sketches per bucket and replica.
 
 Why rollups: a 30-day evaluation over 10 million requests cannot scan them in under a second. Every
-request is added once to its bucket at each level (1 min, 1 h, 1 d, by arrival time, UTC-aligned) so a
+request is added once to its bucket at each level (1 min, 1 h, 1 d, by finish time, UTC-aligned) so a
 window is a sum of a few hundred rows. Counts of the configured targets are exact; latency quantiles
 come from mergeable log histograms (relative error <= sketch.RELATIVE_ACCURACY).
 
-Progress follows request ids, not arrival times: spans arrive late and out of order, and every update
+Progress follows request ids, not finish times: spans arrive late and out of order, and every update
 is additive, so a late row simply lands in an old bucket. Each batch and the watermark move in one
 transaction, so a crash or a second runner never double counts (the state row is locked first).
 Ids below the watermark that were missing when it passed ("gaps", e.g. a PostgreSQL transaction that
@@ -83,7 +83,7 @@ def _groups(batch: Batch, level_s: int) -> tuple[sk.IntArray, sk.IntArray, sk.In
     """(bucket starts, replica ids, inverse index) of the distinct (bucket, replica) pairs."""
     if batch.replica.size and int(batch.replica.max()) >= 2**_REPLICA_BITS:
         raise OverflowError(f"replica id {int(batch.replica.max())} exceeds the rollup's 2^{_REPLICA_BITS}")
-    code = (bucket_starts(batch.arrival, level_s) // level_s) * 2**_REPLICA_BITS + batch.replica
+    code = (bucket_starts(batch.at, level_s) // level_s) * 2**_REPLICA_BITS + batch.replica
     uniq, inv = np.unique(code, return_inverse=True)
     return (uniq >> _REPLICA_BITS) * level_s, uniq & (2**_REPLICA_BITS - 1), inv.ravel()
 

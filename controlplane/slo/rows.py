@@ -21,7 +21,7 @@ from controlplane.store.models import Request
 SLI_COLUMNS: Final[dict[str, str]] = {"ttft": "ttft_s", "tpot": "tpot_s", "itl": "tpot_s", "e2e": "e2e_s",
                                       "queue": "queue_s"}
 SKETCH_COLUMNS: Final = ("ttft_s", "tpot_s", "e2e_s", "queue_s")
-ROW_COLUMNS: Final = (Request.id, Request.replica_id, Request.arrival_unix_s,
+ROW_COLUMNS: Final = (Request.id, Request.replica_id, Request.finish_unix_s,
                       *(Request.__table__.c[c] for c in SKETCH_COLUMNS))
 
 
@@ -43,12 +43,12 @@ def parse_key(key: str) -> tuple[LatencyTarget, ...]:
     return tuple(out)
 
 
-def bucket_starts(arrival: sk.FloatArray, level_s: int) -> sk.IntArray:
-    """floor(arrival / level) * level, corrected so `start <= arrival < start + level` holds exactly
-    in float comparisons (the SQL range filters compare the same way)."""
-    b = np.floor(arrival / level_s) * level_s
-    b = np.where(arrival < b, b - level_s, b)
-    b = np.where(arrival >= b + level_s, b + level_s, b)
+def bucket_starts(at: sk.FloatArray, level_s: int) -> sk.IntArray:
+    """floor(at / level) * level, corrected so `start <= at < start + level` holds exactly in float
+    comparisons (the SQL range filters compare the same way)."""
+    b = np.floor(at / level_s) * level_s
+    b = np.where(at < b, b - level_s, b)
+    b = np.where(at >= b + level_s, b + level_s, b)
     return b.astype(np.int64)
 
 
@@ -70,16 +70,21 @@ def good_known(cols: dict[str, sk.FloatArray], targets: Sequence[LatencyTarget])
 
 @dataclass(frozen=True)
 class Batch:
-    """Request rows as arrays; NULL values are NaN here (in memory only), NULL replicas dropped."""
+    """Request rows as arrays; NULL values are NaN here (in memory only), NULL replicas dropped.
+
+    `at` is when the request finished: SLO windows and rollup buckets count a request then, since
+    that is when it is stored and known good or bad (as a Prometheus histogram counts it). By
+    arrival, a window ending now would miss the requests still running, the slow ones first.
+    """
 
     ids: sk.IntArray
     replica: sk.IntArray
-    arrival: sk.FloatArray
+    at: sk.FloatArray
     cols: dict[str, sk.FloatArray]
 
     @classmethod
     def from_rows(cls, rows: Sequence[Sequence[Any]]) -> Batch:
-        """Rows of (id, replica_id, arrival_unix_s, *SKETCH_COLUMNS)."""
+        """Rows of (id, replica_id, finish_unix_s, *SKETCH_COLUMNS)."""
         # Plain tuples: numpy probing SQLAlchemy Row objects for array protocols costs more than the rows.
         a = np.array([tuple(r) for r in rows], dtype=np.float64).reshape(len(rows), 3 + len(SKETCH_COLUMNS))
         a = a[~np.isnan(a[:, 1])]  # a request of no replica belongs to no deployment
@@ -87,7 +92,7 @@ class Batch:
                    {c: a[:, 3 + i] for i, c in enumerate(SKETCH_COLUMNS)})
 
     def select(self, mask: Any) -> Batch:
-        return Batch(self.ids[mask], self.replica[mask], self.arrival[mask],
+        return Batch(self.ids[mask], self.replica[mask], self.at[mask],
                      {c: v[mask] for c, v in self.cols.items()})
 
     def __len__(self) -> int:

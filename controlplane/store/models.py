@@ -8,6 +8,7 @@ metric), which downstream code must never read as zero.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from sqlalchemy import (
@@ -77,6 +78,17 @@ class ReplicaConfig(Base):
     created_unix_s: Mapped[float]
 
 
+def finish_of(arrival_unix_s: float, e2e_s: float | None, end_unix_nano: int = 0) -> float:
+    """When a request finished: its span's end when that is set and not before the arrival, else
+    arrival + e2e, else (neither known) the arrival."""
+    end = end_unix_nano / 1e9
+    if end_unix_nano > 0 and end >= arrival_unix_s:
+        return end
+    if e2e_s is not None and math.isfinite(e2e_s) and e2e_s >= 0:
+        return arrival_unix_s + e2e_s
+    return arrival_unix_s
+
+
 class Request(Base):
     """One finished request, from vLLM's `llm_request` span."""
 
@@ -85,12 +97,16 @@ class Request(Base):
         UniqueConstraint("trace_id", "span_id", name="uq_requests_span"),
         Index("ix_requests_arrival", "arrival_unix_s"),
         Index("ix_requests_replica_arrival", "replica_id", "arrival_unix_s"),
+        Index("ix_requests_replica_finish", "replica_id", "finish_unix_s"),
     )
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     request_id: Mapped[str] = mapped_column(String(200))
     replica_id: Mapped[int | None] = mapped_column(ForeignKey(f"{names.T_REPLICAS}.id"))
     model: Mapped[str | None] = mapped_column(String(500))
     arrival_unix_s: Mapped[float]
+    # When the request finished (the span's end): the time it counts at in SLO windows, because a
+    # request is only stored, and only known good or bad, once it has finished.
+    finish_unix_s: Mapped[float]
     queue_s: Mapped[float | None]
     prefill_s: Mapped[float | None]
     decode_s: Mapped[float | None]

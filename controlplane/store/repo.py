@@ -19,6 +19,7 @@ from controlplane.store.models import (
     Replica,
     ReplicaConfig,
     Request,
+    finish_of,
 )
 
 
@@ -218,7 +219,11 @@ class Store:
         self, requests: Iterable[Mapping[str, Any]], events: Iterable[Mapping[str, Any]]
     ) -> tuple[int, int]:
         """Store request rows and lifecycle events (with a `replica` name key) in one transaction."""
-        requests, events = list(requests), list(events)
+        # Rows from the span decoder carry their finish time; other writers (the simulator, fixtures)
+        # may give only arrival and e2e.
+        requests = [r if r.get("finish_unix_s") is not None else
+                    {**r, "finish_unix_s": finish_of(r["arrival_unix_s"], r.get("e2e_s"))} for r in requests]
+        events = list(events)
         pending: dict[str, int] = {}
         with self._write_lock, self.engine.begin() as conn:
             ids = {r: self.ensure_replica(conn, r, pending=pending)

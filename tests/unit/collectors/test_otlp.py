@@ -33,6 +33,20 @@ def test_an_llm_request_span_becomes_a_request_row_with_every_phase() -> None:
     assert row["tpot_s"] == pytest.approx(0.1)  # (1.1 - 0.2) / (10 - 1)
     assert (row["prompt_tokens"], row["completion_tokens"]) == (33, 10)
     assert row["trace_id"] == span.trace_id.hex() and row["span_id"] == span.span_id.hex()
+    assert row["finish_unix_s"] == pytest.approx(1_700_000_001.6)  # the span's end
+
+
+def test_the_finish_time_falls_back_to_arrival_plus_e2e_then_to_arrival() -> None:
+    start = 1_700_000_000_000_000_000
+    no_end = llm_span(e2e=2.5, start_ns=start)
+    no_end.end_time_unix_nano = 0
+    ends_before_start = llm_span(e2e=2.5, start_ns=start)
+    ends_before_start.end_time_unix_nano = start - 1
+    neither = llm_span(start_ns=start)
+    neither.end_time_unix_nano = 0
+    del neither.attributes[:]
+    rows = decode_request(export([no_end, ends_before_start, neither])).requests
+    assert [r["finish_unix_s"] for r in rows] == pytest.approx([1_700_000_002.5, 1_700_000_002.5, 1_700_000_000.0])
 
 
 def test_tpot_is_unknown_for_a_single_token_or_missing_timings() -> None:

@@ -40,15 +40,16 @@ def seed_fleet(engine: Engine, fleet: dict[str, list[int]] | None = None) -> Non
 
 @dataclass
 class Rows:
-    """Request rows as arrays (NaN = NULL), in the order they will be inserted."""
+    """Request rows as arrays (NaN = NULL), in the order they will be inserted. `finish` is when each
+    request finished: the time SLO windows count it at (its arrival is finish - e2e)."""
 
     ids: np.ndarray
     replica: np.ndarray
-    arrival: np.ndarray
+    finish: np.ndarray
     cols: dict[str, np.ndarray]
 
     def take(self, idx: Any) -> Rows:
-        return Rows(self.ids[idx], self.replica[idx], self.arrival[idx], {c: v[idx] for c, v in self.cols.items()})
+        return Rows(self.ids[idx], self.replica[idx], self.finish[idx], {c: v[idx] for c, v in self.cols.items()})
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -56,9 +57,9 @@ class Rows:
 
 def random_rows(n: int, *, seed: int = 0, span_s: float = 3 * 86400.0, end: float = NOW, first_id: int = 1,
                 replicas: tuple[int, ...] = (1, 2, 3), null_ratio: float = 0.05) -> Rows:
-    """Skewed latencies (lognormal bodies, Pareto tails), some NULLs, arrivals over [end - span, end)."""
+    """Skewed latencies (lognormal bodies, Pareto tails), some NULLs, finishes over [end - span, end)."""
     rng = np.random.default_rng(seed)
-    arrival = end - rng.uniform(0, span_s, n)
+    finish = end - rng.uniform(0, span_s, n)
     cols = {
         "ttft_s": rng.lognormal(-2.0, 1.0, n) * np.where(rng.random(n) < 0.02, rng.pareto(1.5, n) + 1, 1.0),
         "tpot_s": rng.lognormal(-4.0, 0.5, n),
@@ -67,7 +68,7 @@ def random_rows(n: int, *, seed: int = 0, span_s: float = 3 * 86400.0, end: floa
     }
     for c in cols.values():
         c[rng.random(n) < null_ratio] = np.nan
-    return Rows(np.arange(first_id, first_id + n), rng.choice(np.array(replicas), n), arrival, cols)
+    return Rows(np.arange(first_id, first_id + n), rng.choice(np.array(replicas), n), finish, cols)
 
 
 def insert_rows(engine: Engine, rows: Rows) -> None:
@@ -76,7 +77,8 @@ def insert_rows(engine: Engine, rows: Rows) -> None:
 
     data = [{"id": int(rows.ids[i]), "request_id": f"q{rows.ids[i]}",
              "replica_id": None if rows.replica[i] < 0 else int(rows.replica[i]),
-             "arrival_unix_s": float(rows.arrival[i]), **{c: val(rows.cols[c][i]) for c in COLUMNS},
+             "arrival_unix_s": float(rows.finish[i] - np.nan_to_num(rows.cols["e2e_s"][i])),
+             "finish_unix_s": float(rows.finish[i]), **{c: val(rows.cols[c][i]) for c in COLUMNS},
              "trace_id": f"{int(rows.ids[i]):032x}", "span_id": "0" * 16} for i in range(len(rows))]
     with engine.begin() as c:
         for i in range(0, len(data), 5000):
@@ -88,7 +90,7 @@ def brute_counts(rows: Rows, targets: tuple[tuple[str, float], ...], start: floa
     """(good, known, unknown) by the three-valued rule, computed row by row in plain Python."""
     good = known = unknown = 0
     for i in range(len(rows)):
-        if not (start <= rows.arrival[i] < end) or int(rows.replica[i]) not in replicas:
+        if not (start <= rows.finish[i] < end) or int(rows.replica[i]) not in replicas:
             continue
         values = [rows.cols[SLI_COLUMN[s]][i] for s, _ in targets]
         if any(not np.isnan(v) and v > t for v, (_, t) in zip(values, targets, strict=True)):

@@ -61,7 +61,7 @@ def test_quantiles_are_within_one_percent_of_exact_and_say_how_many_requests_the
     rows = _load(store, n=6000, seed=1)
     slo = make_slo("goodput", GOODPUT)
     status = query.evaluate(store.engine, slo, NOW)
-    inside = (rows.arrival >= NOW - 2 * 86400.0) & np.isin(rows.replica, [1, 2])
+    inside = (rows.finish >= NOW - 2 * 86400.0) & np.isin(rows.replica, [1, 2])
     for q in status.quantiles:
         values = rows.cols[SLI_COLUMNS[q.sli]][inside]
         values = values[~np.isnan(values)]
@@ -221,3 +221,27 @@ def test_sketch_accuracy_is_stated_with_the_quantiles(store: Store) -> None:
     _load(store, n=200)
     (q,) = query.evaluate(store.engine, make_slo(), NOW).quantiles
     assert q.relative_error == sk.RELATIVE_ACCURACY <= 0.01
+
+
+@pytest.mark.parametrize("rolled_up", [False, True], ids=["raw", "rolled-up"])
+def test_a_request_counts_when_it_finishes_so_slow_ones_reach_the_short_burn_window(
+    store: Store, rolled_up: bool
+) -> None:
+    """A request is stored only once it has finished. Counted by arrival, the 5-minute window would
+    hold only the fast requests (the slow ones arrived before it opened) and read no burn at all."""
+    seed_fleet(store.engine)
+
+    def row(i: int, arrival: float, e2e: float) -> dict[str, object]:
+        return {"replica": "r1", "request_id": f"q{i}", "arrival_unix_s": arrival, "e2e_s": e2e,
+                "ttft_s": 0.01, "trace_id": f"{i:032x}", "span_id": "1" * 16}
+
+    # Slow: arrived 510 s ago, finished 120 s ago (in whole rollup minutes of the window, not its edges).
+    slow = [row(i, NOW - 510.0, 390.0) for i in range(10)]
+    fast = [row(100 + i, NOW - 101.0, 1.0) for i in range(10)]
+    store.write_spans([*slow, *fast], [])
+    slo = make_slo("e2e", (("e2e", 60.0),), objective=0.99)
+    if rolled_up:
+        rollup.run(store.engine, {_key((("e2e", 60.0),))}, NOW)
+    short = {b.window_s: b for tier in query.evaluate(store.engine, slo, NOW).burn for b in (tier.short,)}[300.0]
+    assert _as_tuple(short.counts) == (10, 20, 0)
+    assert short.rate == pytest.approx(0.5 / 0.01)

@@ -1,8 +1,9 @@
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import Engine, inspect, text
 
 from collectors.otlp.decode import decode_request, event_dict
+from controlplane.slo import rollup
 from controlplane.store.db import upgrade
 from controlplane.store.models import Base, ReplicaConfig
 from controlplane.store.repo import Store
@@ -30,6 +31,7 @@ def test_time_window_queries_are_indexed(store: Store) -> None:
     indexed = {tuple(ix["column_names"]) for t in ("requests", "engine_samples", "gpu_samples",
                                                      "lifecycle_events") for ix in insp.get_indexes(t)}
     assert ("arrival_unix_s",) in indexed and ("replica_id", "arrival_unix_s") in indexed
+    assert ("replica_id", "finish_unix_s") in indexed
     assert ("replica_id", "ts_unix_s") in indexed and ("ts_unix_s",) in indexed
 
 
@@ -89,3 +91,33 @@ def test_a_rolled_back_batch_leaves_no_stale_replica_id_behind(store: Store, mon
     for r in store.requests():
         by_replica[r["replica"]] = by_replica.get(r["replica"], 0) + 1
     assert by_replica == {"a": 1, "b": 1}
+
+
+def test_the_finish_time_migration_fills_existing_rows_and_starts_the_rollups_over(bare_engine: Engine) -> None:
+    """Rows stored before 0007 get finish = arrival + e2e (arrival where e2e is unknown), and the
+    rollups, bucketed by arrival until then, are emptied for the next run to rebuild."""
+    upgrade(bare_engine, "0006")
+    with bare_engine.begin() as conn:
+        conn.execute(text("INSERT INTO deployments (id, name, created_unix_s) VALUES (1, 'd', 0)"))
+        conn.execute(text("INSERT INTO replicas (id, deployment_id, name, backend, state, config_version, "
+                          "created_unix_s) VALUES (1, 1, 'r1', 'local', 'ready', 0, 0)"))
+        conn.execute(text("INSERT INTO requests (id, request_id, replica_id, arrival_unix_s, e2e_s, trace_id, "
+                          "span_id) VALUES (1, 'a', 1, 1000.0, 400.0, 't1', 's'), "
+                          "(2, 'b', 1, 1000.0, NULL, 't2', 's')"))
+        conn.execute(text("INSERT INTO slo_rollup_state (name, watermark_id, gaps, version, updated_unix_s) "
+                          "VALUES ('requests', 2, '[]', 7, 0)"))
+        conn.execute(text("INSERT INTO slo_rollup_targets (id, key, backfill_upto_id, backfill_done_id, "
+                          "backfill_excluded, created_unix_s) VALUES (1, 'e2e<=60.0', 2, 2, '[]', 0)"))
+        conn.execute(text("INSERT INTO slo_rollup_counts VALUES (1, 60, 960, 1, 1, 2, 0)"))
+    upgrade(bare_engine)
+    with bare_engine.connect() as conn:
+        assert conn.execute(text("SELECT id, finish_unix_s FROM requests ORDER BY id")).all() == [
+            (1, 1400.0), (2, 1000.0)]
+        assert conn.execute(text("SELECT count(*) FROM slo_rollup_counts")).scalar() == 0
+        assert conn.execute(text("SELECT watermark_id, version FROM slo_rollup_state")).one() == (0, 8)
+        assert conn.execute(text("SELECT backfill_upto_id, backfill_done_id FROM slo_rollup_targets")).one() == (0, 0)
+    rollup.run(bare_engine, {"e2e<=60.0"}, 2000.0)  # the rebuild puts request 1 in its finish minute
+    with bare_engine.connect() as conn:
+        minutes = conn.execute(text("SELECT bucket_start_unix_s, total, unknown FROM slo_rollup_counts "
+                                    "WHERE level_s = 60 ORDER BY bucket_start_unix_s")).all()
+    assert minutes == [(960, 0, 1), (1380, 1, 0)]
