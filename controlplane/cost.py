@@ -1,7 +1,10 @@
 """Cost per token, pure: replica-hours from engine samples x price, tokens from counter deltas.
 
 A replica counts as up between two consecutive scrapes that both succeeded and lie at most
-`max_gap_s` apart (a longer silence is not known to be up time). Token counts are the increases of
+`max_gap_s` apart (a longer silence is not known to be up time). Between two scrapes that close of
+which one failed, its state is unknown: it was being watched and did not answer (hung, crashed,
+unreachable), and its hardware is still billed, so the cost of a step that holds such time is unknown,
+not the cost of the time known up. Token counts are the increases of
 the stored counters (reset-adjusted by the scraper, so monotonic across engine restarts), each spread
 evenly over the time between its two readings, so tokens and up time are split between steps alike.
 A stored counter that drops (the adjustment offset was lost with a plane restart) gives an unknown
@@ -92,12 +95,24 @@ class Samples:
 
 def up_seconds(s: Samples, edges: FloatArray, max_gap_s: float = DEFAULT_MAX_GAP_S) -> FloatArray:
     """Seconds the replica was up in each step [edges[i], edges[i+1])."""
+    return _seconds_where(s, edges, max_gap_s, lambda ok0, ok1: ok0 & ok1)
+
+
+def unknown_seconds(s: Samples, edges: FloatArray, max_gap_s: float = DEFAULT_MAX_GAP_S) -> FloatArray:
+    """Seconds in each step between two scrapes at most `max_gap_s` apart of which one failed."""
+    return _seconds_where(s, edges, max_gap_s, lambda ok0, ok1: ~(ok0 & ok1))
+
+
+def _seconds_where(s: Samples, edges: FloatArray, max_gap_s: float,
+                   which: Callable[[BoolArray, BoolArray], BoolArray]) -> FloatArray:
+    """Seconds per step inside the intervals between consecutive scrapes at most `max_gap_s` apart
+    whose (first ok, second ok) pass `which`."""
     n = len(edges) - 1
     if len(s.ts_unix_s) < 2:
         return np.zeros(n)
     gaps = np.diff(s.ts_unix_s)
-    counted = s.scrape_ok[:-1] & s.scrape_ok[1:] & (gaps <= max_gap_s)
-    # Up time accumulated since the first sample: rises inside counted intervals, flat elsewhere, so
+    counted = which(s.scrape_ok[:-1], s.scrape_ok[1:]) & (gaps <= max_gap_s)
+    # Time accumulated since the first sample: rises inside counted intervals, flat elsewhere, so
     # linear interpolation at the step edges splits an interval between the steps it overlaps.
     cum = np.concatenate(([0.0], np.cumsum(np.where(counted, gaps, 0.0))))
     return np.diff(np.interp(edges, s.ts_unix_s, cum))
@@ -135,7 +150,8 @@ def counter_increase(ts: FloatArray, values: FloatArray, edges: FloatArray) -> t
 
 @dataclass(frozen=True)
 class Usage:
-    """One deployment's replica-seconds and tokens per step; NaN tokens = unknown."""
+    """One deployment's replica-seconds and tokens per step; NaN tokens = unknown. `unknown_s`: replica
+    seconds of unknown state (see `unknown_seconds`); a step with any has no known cost."""
 
     deployment: str
     price_per_replica_hour_usd: float | None
@@ -143,6 +159,7 @@ class Usage:
     up_s: FloatArray
     prompt_tokens: FloatArray
     completion_tokens: FloatArray
+    unknown_s: FloatArray
 
 
 def usage(deployment: str, price: float | None, replicas: Sequence[Samples], edges: FloatArray,
@@ -151,12 +168,13 @@ def usage(deployment: str, price: float | None, replicas: Sequence[Samples], edg
     and no replica that was up in it (whose time is billed) has unknown tokens there: its tokens are
     part of what the step's cost bought, so leaving them out would overstate the $/1M."""
     n = len(edges) - 1
-    up = np.zeros(n)
+    up, unknown = np.zeros(n), np.zeros(n)
     tokens = {"p": (np.zeros(n), np.zeros(n, dtype=np.bool_)), "g": (np.zeros(n), np.zeros(n, dtype=np.bool_))}
     missing = {"p": np.zeros(n, dtype=np.bool_), "g": np.zeros(n, dtype=np.bool_)}
     for s in replicas:
         replica_up = up_seconds(s, edges, max_gap_s)
         up += replica_up
+        unknown += unknown_seconds(s, edges, max_gap_s)
         for key, series in (("p", s.prompt_tokens_total), ("g", s.generation_tokens_total)):
             inc, known = counter_increase(s.ts_unix_s, series, edges)
             acc, acc_known = tokens[key]
@@ -164,7 +182,7 @@ def usage(deployment: str, price: float | None, replicas: Sequence[Samples], edg
             missing[key] |= (replica_up > 0) & ~known
     (p, pk), (g, gk) = tokens["p"], tokens["g"]
     return Usage(deployment, price, edges, up, np.where(pk & ~missing["p"], p, np.nan),
-                 np.where(gk & ~missing["g"], g, np.nan))
+                 np.where(gk & ~missing["g"], g, np.nan), unknown)
 
 
 def _opt(x: float) -> float | None:
@@ -182,7 +200,8 @@ def per_million(usd: float | None, tokens: float | None) -> float | None:
 @dataclass(frozen=True)
 class CostPoint:
     ts_unix_s: float
-    replicas_up: float  # mean replicas up over the step
+    replicas_up: float  # mean replicas known up over the step
+    replicas_unknown: float  # mean replicas of unknown state (failed scrapes) over the step
     usd_per_hour: float | None
     prompt_tokens: float | None
     completion_tokens: float | None
@@ -194,6 +213,7 @@ class CostPoint:
 @dataclass(frozen=True)
 class CostTotals:
     replica_hours: float
+    unknown_replica_hours: float
     usd: float | None
     prompt_tokens: float | None
     completion_tokens: float | None
@@ -208,11 +228,13 @@ def points(u: Usage) -> list[CostPoint]:
     for i in range(len(u.up_s)):
         lo, hi = float(u.edges[i]), float(u.edges[i + 1])
         up_s = float(u.up_s[i])
-        usd = None if price is None else up_s / 3600.0 * price
+        known = price is not None and not u.unknown_s[i] > 0
+        usd = up_s / 3600.0 * price if known and price is not None else None
         p, g = _opt(float(u.prompt_tokens[i])), _opt(float(u.completion_tokens[i]))
         replicas_up = up_s / (hi - lo)
         out.append(CostPoint(
-            ts_unix_s=lo, replicas_up=replicas_up, usd_per_hour=None if price is None else replicas_up * price,
+            ts_unix_s=lo, replicas_up=replicas_up, replicas_unknown=float(u.unknown_s[i]) / (hi - lo),
+            usd_per_hour=None if usd is None else usd / ((hi - lo) / 3600.0),
             prompt_tokens=p, completion_tokens=g, usd_per_1m_prompt_tokens=per_million(usd, p),
             usd_per_1m_completion_tokens=per_million(usd, g),
             usd_per_1m_tokens=None if p is None or g is None else per_million(usd, p + g),
@@ -221,17 +243,19 @@ def points(u: Usage) -> list[CostPoint]:
 
 
 def totals(u: Usage) -> CostTotals:
-    """The window's sums. Its $/1M sets the cost of the steps whose tokens of both kinds are known
-    against those tokens only: the cost of a step with unknown tokens bought tokens nobody counted."""
+    """The window's sums. Its $/1M sets the cost of the steps whose tokens of both kinds and whose cost
+    are known against those tokens only: the cost of a step with unknown tokens bought tokens nobody
+    counted. The window's cost is unknown when any replica's state was unknown in it."""
     price = u.price_per_replica_hour_usd
     replica_hours = float(u.up_s.sum()) / 3600.0
-    usd = None if price is None else replica_hours * price
+    unknown_hours = float(u.unknown_s.sum()) / 3600.0
+    usd = None if price is None or unknown_hours > 0 else replica_hours * price
     p = _opt(float(np.nansum(u.prompt_tokens))) if np.any(~np.isnan(u.prompt_tokens)) else None
     g = _opt(float(np.nansum(u.completion_tokens))) if np.any(~np.isnan(u.completion_tokens)) else None
-    both = ~np.isnan(u.prompt_tokens) & ~np.isnan(u.completion_tokens)
+    both = ~np.isnan(u.prompt_tokens) & ~np.isnan(u.completion_tokens) & ~(u.unknown_s > 0)
     usd_counted = None if price is None else float(u.up_s[both].sum()) / 3600.0 * price
     counted = float((u.prompt_tokens[both] + u.completion_tokens[both]).sum()) if both.any() else None
-    return CostTotals(replica_hours, usd, p, g, per_million(usd_counted, counted))
+    return CostTotals(replica_hours, unknown_hours, usd, p, g, per_million(usd_counted, counted))
 
 
 def cost_json(u: Usage) -> dict[str, Any]:
@@ -240,8 +264,9 @@ def cost_json(u: Usage) -> dict[str, Any]:
     return {
         "deployment": u.deployment, "price_per_replica_hour_usd": u.price_per_replica_hour_usd,
         "points": [vars(p) for p in points(u)],
-        "totals": {"replica_hours": t.replica_hours, "usd": t.usd, "prompt_tokens": t.prompt_tokens,
-                   "completion_tokens": t.completion_tokens, "usd_per_1m_tokens": t.usd_per_1m_tokens},
+        "totals": {"replica_hours": t.replica_hours, "unknown_replica_hours": t.unknown_replica_hours, "usd": t.usd,
+                   "prompt_tokens": t.prompt_tokens, "completion_tokens": t.completion_tokens,
+                   "usd_per_1m_tokens": t.usd_per_1m_tokens},
     }
 
 
@@ -321,11 +346,11 @@ class TenantCosts:
     unallocated_usd: FloatArray  # replica time in steps where the replica served no request tokens; NaN unknown
 
 
-def replica_usd(up_s: FloatArray, price: float | None) -> FloatArray:
-    """A replica's cost per step: unknown (NaN) without a price, unless it was not up at all (then 0)."""
-    if price is None:
-        return np.where(up_s > 0, np.nan, 0.0)
-    return up_s / 3600.0 * price
+def replica_usd(up_s: FloatArray, price: float | None, unknown_s: FloatArray | None = None) -> FloatArray:
+    """A replica's cost per step: unknown (NaN) without a price, unless it was not up at all (then 0),
+    and unknown in a step where its state was unknown for some time (see `unknown_seconds`)."""
+    usd = np.where(up_s > 0, np.nan, 0.0) if price is None else up_s / 3600.0 * price
+    return usd if unknown_s is None else np.where(unknown_s > 0, np.nan, usd)
 
 
 def tenant_costs(edges: FloatArray, replica_cost: Mapping[int, FloatArray],

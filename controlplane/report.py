@@ -209,7 +209,9 @@ def render(inp: ReportInput, out_dir: Path) -> Path:
                      "over prompt + completion tokens)")
         _save(fig, out_dir, "cost", pngs)
         tot = inp.cost.get("totals") or {}
-        cost_note = (f"{tot.get('replica_hours', 0):.3f} replica-hours, ${tot.get('usd') or 0:.4f}, "
+        usd = tot.get("usd")
+        cost_note = (f"{tot.get('replica_hours', 0):.3f} replica-hours, "
+                     f"{'cost unknown (failed scrapes)' if usd is None else f'${usd:.4f}'}, "
                      f"{tot.get('prompt_tokens') or 0:,.0f} prompt + {tot.get('completion_tokens') or 0:,.0f} "
                      f"completion tokens: ${tot['usd_per_1m_tokens']:.3f} per 1M tokens"
                      if tot.get("usd_per_1m_tokens") is not None else "cost per token unknown")

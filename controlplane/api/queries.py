@@ -269,7 +269,8 @@ def tenant_cost(
     groups = _cost_groups(engine, watched_price, deployment)
     prices = {rid: price for _, price, ids in groups for rid in ids}
     samples = _samples(engine, list(prices), since, until)
-    replica_cost = {rid: cost.replica_usd(cost.up_seconds(samples[rid], edges, max_gap_s), price)
+    replica_cost = {rid: cost.replica_usd(cost.up_seconds(samples[rid], edges, max_gap_s), price,
+                                          cost.unknown_seconds(samples[rid], edges, max_gap_s))
                     for rid, price in prices.items()}
     rows = tenant_tokens(engine, since, until, step_s, None if deployment is None else list(prices))
     return cost.tenant_costs(edges, replica_cost, rows)

@@ -324,7 +324,8 @@ def cost_rows(items: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
         t = it.get("totals") or {}
         rows.append({"deployment": str(it.get("deployment")),
                      "price per replica-hour": usd(it.get("price_per_replica_hour_usd")),
-                     "replica-hours": text(_num(t.get("replica_hours"))), "cost": usd(t.get("usd")),
+                     "replica-hours": text(_num(t.get("replica_hours"))),
+                     "replica-hours unknown": text(_num(t.get("unknown_replica_hours"))), "cost": usd(t.get("usd")),
                      "prompt tokens": text(t.get("prompt_tokens")),
                      "completion tokens": text(t.get("completion_tokens")),
                      "$/1M tokens": usd(t.get("usd_per_1m_tokens"))})

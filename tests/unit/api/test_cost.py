@@ -55,13 +55,27 @@ def test_a_dropping_stored_counter_is_left_out_not_counted_negative() -> None:
     assert cost.totals(cost.usage("tiny", 1.0, [s], one_step(0, 40))).prompt_tokens == pytest.approx(60)
 
 
-def test_failed_scrapes_are_skipped_for_tokens_but_break_the_up_time() -> None:
+def test_failed_scrapes_are_skipped_for_tokens_and_make_the_cost_unknown_not_smaller() -> None:
     s = cost.Samples.from_rows([(0, True, 0, 0), (10, False, None, None), (20, True, 50, 5), (30, True, 60, 6)])
     u = cost.usage("tiny", 3600.0, [s], one_step(0, 30))
     t = cost.totals(u)
     assert t.prompt_tokens == pytest.approx(60)  # the counter kept counting through the failed scrape
     assert t.replica_hours * 3600 == pytest.approx(10)  # only 20..30 had both ends scraped OK
-    assert t.usd == pytest.approx(10.0)
+    # 0..20 the replica did not answer: still billed, so the window's cost is unknown, not $10.
+    assert t.unknown_replica_hours * 3600 == pytest.approx(20)
+    assert t.usd is None and t.usd_per_1m_tokens is None
+
+
+def test_a_step_whose_every_scrape_failed_has_an_unknown_cost_not_zero() -> None:
+    s = cost.Samples.from_rows([(0, True, 0, 0), (10, True, 10, 1), (20, False, None, None), (30, False, None, None),
+                                (40, False, None, None), (50, True, 40, 4), (60, True, 50, 5)])
+    points = cost.points(cost.usage("tiny", 3600.0, [s], np.array([0.0, 10.0, 45.0, 60.0])))
+    assert points[0].usd_per_hour == pytest.approx(3600.0) and points[0].replicas_unknown == 0
+    assert points[1].replicas_up == 0 and points[1].replicas_unknown == pytest.approx(1.0)
+    assert points[1].usd_per_hour is None and points[1].usd_per_1m_tokens is None
+    assert points[2].usd_per_hour is None  # 45..50 still between a failed and a good scrape
+    live = cost.points(cost.usage("tiny", 3600.0, [s], np.array([50.0, 60.0])))
+    assert live[0].usd_per_hour == pytest.approx(3600.0) and live[0].replicas_unknown == 0
 
 
 def test_a_silence_longer_than_the_gap_limit_is_not_up_time() -> None:
@@ -199,3 +213,10 @@ def test_the_window_price_per_token_leaves_out_the_cost_of_steps_whose_tokens_ar
     t = cost.totals(u)
     assert t.usd == pytest.approx(3.6, rel=0.01)  # the whole hour is billed
     assert t.usd_per_1m_tokens == pytest.approx(first.usd_per_1m_tokens)  # but only the counted half is priced
+
+
+def test_a_replicas_cost_for_tenants_is_unknown_in_a_step_with_failed_scrapes() -> None:
+    up, unknown = np.array([10.0, 0.0, 5.0]), np.array([0.0, 10.0, 5.0])
+    assert cost.replica_usd(up, 3600.0, unknown)[0] == pytest.approx(10.0)
+    assert np.isnan(cost.replica_usd(up, 3600.0, unknown)[1:]).all()
+    assert cost.replica_usd(up, 3600.0).tolist() == [10.0, 0.0, 5.0]

@@ -40,7 +40,7 @@ def dcgm_names() -> set[str]:
 def _usage(edges: np.ndarray) -> list[Usage]:
     """One deployment up the whole cost window at $2/hour, with tokens: both cost series have a value."""
     one = np.array([edges[-1] - edges[0]])
-    return [Usage("tiny", 2.0, edges, one, np.array([5e5]), np.array([5e5]))]
+    return [Usage("tiny", 2.0, edges, one, np.array([5e5]), np.array([5e5]), np.zeros(1))]
 
 
 def plane_names() -> set[str]:
