@@ -51,7 +51,7 @@ ACTOR_USER, ACTOR_TUNER, ACTOR_SUPERVISOR = "user", "tuner", "supervisor"
 
 
 class RouterControl(Protocol):
-    def set_ready(self, name: str, url: str) -> None: ...
+    def set_ready(self, name: str, url: str, model: str | None = None) -> None: ...
     def set_unready(self, name: str) -> None: ...
     def drain(self, name: str) -> None: ...
     def remove(self, name: str) -> None: ...
@@ -85,6 +85,8 @@ class Member:
     restarts: int = 0
     last_exit: int | None = None
     core_index: int | None = None  # the backend's cpu_cores set it is pinned to (None: its slot's)
+    announced: bool = False  # on_replica_up succeeded (it is scraped) and on_replica_gone has not run since
+    unsaved_state: bool = False  # the store missed its last state change: written again each tick
 
 
 @dataclass
@@ -101,6 +103,7 @@ class DeploymentRuntime:
     # in the loop, a rolling change, a canary) would otherwise both see the same slot, port and name free.
     launch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     converge_after: float = 0.0  # a blocked rolling change is retried from here on, not every tick
+    next_launch_at: float = 0.0  # after a failed scale-up launch (e.g. the store down), not before this
 
     @property
     def active(self) -> list[Member]:
@@ -144,6 +147,7 @@ class Supervisor:
         self.clock = clock
         self.tick_s = tick_s
         self.runtimes: dict[str, DeploymentRuntime] = {}
+        self._stopping = False
 
     # --- start: resume what the store recorded ------------------------------------------------
     async def start(self) -> None:
@@ -260,7 +264,12 @@ class Supervisor:
     async def tick(self) -> None:
         now = self.clock()
         for rt in self.runtimes.values():
+            if self._stopping:
+                return
             try:  # one deployment's failure must not stop the supervision of the others
+                for m in list(rt.members.values()):
+                    if m.unsaved_state:
+                        await self._save_state(m)
                 results = await asyncio.gather(*(self._check(rt, m, now) for m in list(rt.members.values())),
                                                return_exceptions=True)
                 for r in results:
@@ -299,8 +308,7 @@ class Supervisor:
             if ready:
                 await self._set_state(rt, m, READY, "ready", f"ready after {now - m.since:.1f} s")
                 if not m.canary:
-                    self.router.set_ready(m.name, url)
-                    self.on_replica_up(m.name, url)
+                    self._announce(rt, m, url)
             elif now - m.since > lc.ready_timeout_s:
                 await self._crashed(rt, m, now, f"not ready after {lc.ready_timeout_s:.0f} s", "ready_timeout",
                                     None)
@@ -313,11 +321,11 @@ class Supervisor:
         if ok and m.state == UNREADY:
             await self._set_state(rt, m, READY, "probe_ok", "liveness probe passes again")
             if not m.canary:
-                self.router.set_ready(m.name, url)
+                self._announce(rt, m, url)
         elif ok and m.state == READY and not m.canary:
             # The router marks a replica down on its own when a request to it fails; a passing probe puts it
             # back (idempotent), or a single reset connection would keep a healthy replica out for good.
-            self.router.set_ready(m.name, url)
+            self._announce(rt, m, url)
         elif not ok and m.state == READY:
             await self._set_state(rt, m, UNREADY, "probe_failed", "liveness probe failed")
             self.router.set_unready(m.name)
@@ -335,12 +343,35 @@ class Supervisor:
         except (httpx.HTTPError, httpx.InvalidURL, ValueError):  # a URL httpx refuses fails the probe too
             return False
 
+    def _announce(self, rt: DeploymentRuntime, m: Member, url: str) -> None:
+        """Route to the replica and have it scraped. Both are idempotent; a failure to add the scrape target
+        (it registers the replica in the store) is logged and tried again at the next passing probe."""
+        self.router.set_ready(m.name, url, rt.dep.served_name)
+        if m.announced:
+            return
+        try:
+            self.on_replica_up(m.name, url)
+        except Exception:  # noqa: BLE001 - the replica serves anyway; the next probe tries again
+            log.exception("%s: could not start scraping it; trying again at the next probe", m.name)
+        else:
+            m.announced = True
+
+    def _withdraw(self, m: Member) -> None:
+        self.router.remove(m.name)
+        try:
+            self.on_replica_gone(m.name)
+        except Exception:  # noqa: BLE001 - it is out of the router; a scrape of it fails and is recorded
+            log.exception("%s: could not stop scraping it", m.name)
+        m.announced = False
+
     async def _crashed(self, rt: DeploymentRuntime, m: Member, now: float, message: str, reason: str,
                        code: int | None) -> None:
-        self.router.remove(m.name)
-        self.on_replica_gone(m.name)
+        was_announced = m.announced
+        self._withdraw(m)
         if isinstance(rt.dep.backend, ExternalBackend):
-            await self._set_state(rt, m, UNREADY, reason, message)
+            # Recorded once, when it is taken out; each later failed probe finds it out already.
+            if was_announced or m.state != UNREADY:
+                await self._set_state(rt, m, UNREADY, reason, message)
             return
         if m.handle is not None:
             # A replica that died (or hangs) may leave engine processes behind; kill its whole group.
@@ -367,10 +398,14 @@ class Supervisor:
         if isinstance(rt.dep.backend, ExternalBackend) or (rt.rollout is not None and not rt.rollout.done()):
             return
         active = rt.counted
-        if len(active) < rt.desired:
+        if len(active) < rt.desired and now >= rt.next_launch_at:
             for _ in range(rt.desired - len(active)):
-                if await self._launch_new(rt, rt.dep.engine) is None:
-                    break
+                try:
+                    if await self._launch_new(rt, rt.dep.engine) is None:
+                        break
+                except Exception:
+                    rt.next_launch_at = now + max(rt.dep.lifecycle.restart_backoff_initial_s, 5.0)
+                    raise
         elif len(active) > rt.desired:
             views = [policy.ReplicaView(m.name, m.state, m.slot, self.router.outstanding(m.name), m.since)
                      for m in active]
@@ -415,11 +450,14 @@ class Supervisor:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         rt.tasks.add(task)
         task.add_done_callback(rt.tasks.discard)
+        task.add_done_callback(_log_failure)
 
     # --- effects --------------------------------------------------------------------------------
     async def _launch(self, rt: DeploymentRuntime, name: str, slot: int, config: EngineConfig, *,
                       restart_of: Member | None = None, candidate: bool = False, canary: bool = False,
                       core_index: int | None = None) -> Member:
+        if self._stopping:  # a tick that began before shutdown must not start what shutdown just stopped
+            raise ActionError("the plane is shutting down", status=503)
         dep = rt.dep
         port = dep.backend.base_port + slot  # type: ignore[union-attr]
         # A canary exports no spans: its synthetic trial must not enter the deployment's request history.
@@ -441,7 +479,16 @@ class Supervisor:
                                                               else {})}
         if handle is not None:
             handle.runtime = runtime
-        rid = await self._save(rt, name, handle.url if handle else None, STARTING, runtime, config)
+        try:
+            rid = await self._save(rt, name, handle.url if handle else None, STARTING, runtime, config)
+        except Exception:
+            # Not recorded, so not tracked: a process left running would be launched again next tick on top
+            # of it (a port taken, a Ray actor's name, GPUs held). Stop it and try again after a back-off.
+            if handle is not None:
+                await asyncio.to_thread(rt.backend.stop, handle, 10.0)
+            if restart_of is not None:
+                restart_of.next_restart_at = now + max(rt.dep.lifecycle.restart_backoff_initial_s, 5.0)
+            raise
         if restart_of is not None:
             m = restart_of
             m.handle, m.state, m.since, m.restarts = handle, STARTING, now, m.restarts + 1
@@ -464,8 +511,8 @@ class Supervisor:
         """No new requests, wait for the in-flight ones (router count and the engine's own gauges) up to
         the drain timeout, then stop."""
         t0 = self.clock()
+        self.router.drain(m.name)  # first: whatever happens below, no new request goes to it
         await self._set_state(rt, m, DRAINING, reason, "draining: no new requests")
-        self.router.drain(m.name)
         timeout = rt.dep.lifecycle.drain_timeout_s
         left = self.router.outstanding(m.name)
         while self.clock() - t0 < timeout:
@@ -474,8 +521,7 @@ class Supervisor:
                 break
             await asyncio.sleep(0.2)
         waited = self.clock() - t0
-        self.router.remove(m.name)
-        self.on_replica_gone(m.name)
+        self._withdraw(m)
         if m.handle is not None:
             await asyncio.to_thread(rt.backend.stop, m.handle, 30.0)
         await self._set_state(rt, m, STOPPED, reason,
@@ -656,7 +702,9 @@ class Supervisor:
                 await asyncio.gather(*pending, return_exceptions=True)
 
     async def shutdown(self) -> None:
-        """Stop every replica this plane runs (the plane is going away on purpose)."""
+        """Stop every replica this plane runs (the plane is going away on purpose). No launch starts after
+        this began, even from a tick already in flight."""
+        self._stopping = True
         for rt in self.runtimes.values():
             for task in [*rt.tasks, *([rt.rollout] if rt.rollout else [])]:
                 task.cancel()
@@ -685,10 +733,22 @@ class Supervisor:
         m.state = state
         if state != before:
             m.since = self.clock() if state in (READY, DRAINING, STOPPED) else m.since
-        await asyncio.to_thread(self.store.set_replica_state, m.replica_id, state)
+        m.unsaved_state = True
+        await self._save_state(m)
         log.info("%s: %s -> %s (%s) %s", m.name, before, state, reason, message)
         await self._record(m.replica_id, f"replica_{state}", actor, reason, message=message,
                            attributes={"from": before, **(attributes or {})})
+
+    async def _save_state(self, m: Member) -> None:
+        """Write the member's state to the store. A failed write is logged and retried each tick: what the
+        supervisor does next (route, drain, stop, restart) must not hang on the store being reachable."""
+        state = m.state
+        try:
+            await asyncio.to_thread(self.store.set_replica_state, m.replica_id, state)
+        except Exception:  # noqa: BLE001 - logged; tick() writes it again
+            log.exception("%s: could not store its state %s; trying again", m.name, state)
+        else:
+            m.unsaved_state = m.state != state  # changed meanwhile: that write may have come first
 
     async def _record(self, replica_id: int | None, kind: str, actor: str, reason: str, *,
                       message: str | None = None, before: Mapping[str, Any] | None = None,
@@ -699,6 +759,12 @@ class Supervisor:
                                     ts_unix_s=self.clock())
         except Exception:  # noqa: BLE001 - losing an audit row must not stop supervision; it is logged
             log.exception("could not store action %s (%s)", kind, reason)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    """A background task's exception would otherwise vanish with the task (a drain that failed silently)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("supervisor task failed", exc_info=task.exception())
 
 
 class SupervisorMetrics(Collector):

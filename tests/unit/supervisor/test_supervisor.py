@@ -70,7 +70,7 @@ class FakeRouter:
     in_flight: dict[str, int] = field(default_factory=dict)
     log: list[tuple[str, str]] = field(default_factory=list)
 
-    def set_ready(self, name: str, url: str) -> None:
+    def set_ready(self, name: str, url: str, model: str | None = None) -> None:
         self.ready[name] = url
         self.log.append(("ready", name))
 
@@ -656,3 +656,156 @@ async def test_a_canary_stopped_while_its_exit_code_is_being_read_is_stopped_not
     await tick
     assert h.states()["tiny-1"] == "stopped"
     assert not [k for k, name, _ in h.events() if name == "tiny-1" and k in ("replica_failed", "replica_crashed")]
+
+
+def _stored_states(h: Harness) -> dict[str, str]:
+    return {r["name"]: r["state"] for r in h.store.deployment_replicas(h.sup.runtimes["tiny"].deployment_id)}
+
+
+class FlakyStore(Store):
+    """The real store, whose replica writes fail while `down` (a PostgreSQL failover, a locked SQLite file)."""
+
+    down = False
+
+    def _fail(self) -> None:
+        if self.down:
+            from sqlalchemy.exc import OperationalError
+            raise OperationalError("UPDATE replicas", {}, Exception("connection refused"))
+
+    def save_replica(self, *args: Any, **kwargs: Any) -> int:
+        self._fail()
+        return super().save_replica(*args, **kwargs)
+
+    def set_replica_state(self, *args: Any, **kwargs: Any) -> None:
+        self._fail()
+        super().set_replica_state(*args, **kwargs)
+
+
+async def test_a_restart_the_store_cannot_record_is_stopped_and_tried_again_after_a_back_off(
+    sqlite_store: Store,
+) -> None:
+    store = FlakyStore(sqlite_store.engine)
+    h = make(store)
+    await h.sup.start()
+    await h.ticks()
+    m = h.sup.runtimes["tiny"].members["tiny-0"]
+    assert m.handle is not None
+    h.backend.exits[m.handle.url] = -9
+    await h.ticks(1)
+    store.down = True
+    h.clock.now += 11  # past the 10 s back-off
+    await h.ticks(10)
+    # One launch, stopped again because it could not be recorded; not one untracked process per tick.
+    assert len(h.backend.launched) == 2 and h.backend.stopped.count("tiny-0") == 2
+    assert not [u for u, ok in h.backend.ready.items() if ok]
+    store.down = False
+    h.clock.now += 11
+    await h.until(lambda: h.states() == {"tiny-0": "ready"}, "restarted once the store is back")
+    assert [u for u, ok in h.backend.ready.items() if ok] == [m.handle.url]
+
+
+async def test_a_scale_up_the_store_cannot_record_backs_off_instead_of_launching_every_tick(
+    sqlite_store: Store,
+) -> None:
+    store = FlakyStore(sqlite_store.engine)
+    h = make(store)
+    await h.sup.start()
+    await h.ticks()
+    store.down = True
+    await h.sup.scale("tiny", 2, actor="user", reason="x")  # the deployment row is written; replica rows fail
+    await h.ticks(10)
+    assert len(h.backend.launched) == 2 and h.backend.stopped == ["tiny-1"]
+    store.down = False
+    h.clock.now += 6
+    await h.until(lambda: h.states() == {"tiny-0": "ready", "tiny-1": "ready"}, "scaled up once the store is back")
+
+
+async def test_a_drain_goes_on_when_the_store_misses_its_state_and_the_state_is_written_later(
+    sqlite_store: Store,
+) -> None:
+    store = FlakyStore(sqlite_store.engine)
+    h = make(store)
+    await h.sup.start()
+    await h.ticks()
+    await h.sup.scale("tiny", 2, actor="user", reason="x")
+    await h.until(lambda: h.states() == {"tiny-0": "ready", "tiny-1": "ready"}, "two ready")
+    await h.sup.scale("tiny", 1, actor="user", reason="x")
+    store.down = True
+    await h.ticks(1)
+    await h.sup.wait_idle()
+    assert h.states() == {"tiny-0": "ready", "tiny-1": "stopped"}
+    assert list(h.router.ready) == ["tiny-0"] and h.backend.stopped == ["tiny-1"]
+    assert _stored_states(h)["tiny-1"] == "ready"  # not written yet
+    store.down = False
+    await h.ticks(1)
+    assert _stored_states(h)["tiny-1"] == "stopped"
+
+
+async def test_a_replica_whose_ready_state_was_not_stored_is_scraped_all_the_same(sqlite_store: Store) -> None:
+    store = FlakyStore(sqlite_store.engine)
+    h = make(store)
+    scraped: set[str] = set()
+    h.sup.on_replica_up = lambda name, url: scraped.add(name)
+    await h.sup.start()
+    await h.ticks(1)  # launched: starting
+    store.down = True
+    await h.ticks(2)
+    store.down = False
+    await h.ticks(2)
+    assert h.states() == {"tiny-0": "ready"} and scraped == {"tiny-0"}
+    assert _stored_states(h)["tiny-0"] == "ready"
+
+
+async def test_an_external_replica_back_from_an_outage_is_scraped_again_and_its_outage_recorded_once(
+    sqlite_store: Store,
+) -> None:
+    from controlplane.supervisor.backends import ExternalBackend
+    dep = parse_deployment({
+        "apiVersion": "controlplane/v1", "kind": "Deployment", "metadata": {"name": "ext"},
+        "spec": {"model": {"path": "/m", "served_name": "m"},
+                 "backend": {"kind": "external", "urls": ["http://a.fake:1"]},
+                 "lifecycle": {"probe_interval_s": 0.001, "liveness_failures": 3}}})
+    healthy = {"ok": True}
+    clock, router, scraped = Clock(), FakeRouter(), set()
+    sup = supervisor(sqlite_store, [dep], {"external": ExternalBackend()},
+                     lambda req: httpx.Response(200 if healthy["ok"] else 503), router=router, clock=clock)
+    sup.on_replica_up = lambda name, url: scraped.add(name)
+    sup.on_replica_gone = lambda name: scraped.discard(name)
+    await sup.start()
+
+    async def ticks(n: int) -> None:
+        for _ in range(n):
+            clock.now += 0.01
+            await sup.tick()
+
+    await ticks(3)
+    assert scraped == {"ext-0"}
+    healthy["ok"] = False
+    await ticks(50)
+    assert scraped == set() and router.ready == {}
+    unready = [e for e in sqlite_store.events() if e["kind"] == "replica_unready"]
+    assert [e["reason"] for e in reversed(unready)] == ["probe_failed", "liveness"]
+    healthy["ok"] = True
+    await ticks(3)
+    assert scraped == {"ext-0"} and list(router.ready) == ["ext-0"]
+
+
+async def test_no_replica_is_launched_once_shutdown_began(sqlite_store: Store) -> None:
+    import time
+
+    class SlowBackend(FakeBackend):
+        def exit_code(self, handle: Handle) -> int | None:
+            time.sleep(0.3)  # a Ray call: the tick is still in flight when the plane begins to stop
+            return super().exit_code(handle)
+
+    h = make(sqlite_store, backend=SlowBackend())
+    await h.sup.start()
+    await h.until(lambda: h.states() == {"tiny-0": "ready"}, "ready")
+    h.clock.now += 0.01
+    in_flight = asyncio.create_task(h.sup.tick())
+    await asyncio.sleep(0.1)
+    await h.sup.shutdown()
+    await in_flight
+    await h.ticks(2)
+    assert h.states() == {"tiny-0": "stopped"}
+    assert len(h.backend.launched) == 1 and not [u for u, ok in h.backend.ready.items() if ok]
