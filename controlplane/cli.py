@@ -117,7 +117,7 @@ def up(
     from controlplane.plane import Endpoints, Plane, run_blocking
     from controlplane.slo.spec import SpecError as SloSpecError
     from controlplane.slo.spec import load_slos
-    from controlplane.supervisor.spec import SpecError, load_deployment
+    from controlplane.supervisor.spec import SpecError, load_deployment, port_conflicts
 
     _logging(verbose)
     settings = _settings()
@@ -136,6 +136,11 @@ def up(
     names = [d.name for d in deployments]
     if len(set(names)) != len(names):
         console.print(f"[red]error:[/] deployment names must be unique across --config files; got {names}")
+        raise typer.Exit(2)
+    clashes = port_conflicts(deployments, {"router": settings.router_port, "API": settings.api_port,
+                                           "OTLP/HTTP": settings.otlp_http_port, "OTLP/gRPC": settings.otlp_grpc_port})
+    if clashes:
+        console.print("[red]error:[/] " + "\n  ".join(clashes))
         raise typer.Exit(2)
 
     def ready(e: Endpoints) -> None:

@@ -5,7 +5,9 @@ per-request overhead; the router runs on its own thread and event loop so span i
 writes in the plane never sit between a client and its tokens. The supervisor changes the routing
 table from its own thread through the lock-protected methods below.
 
-Guarantees: a draining replica gets no new request; with no ready replica the answer is 503 with
+Guarantees: a request naming a `model` goes only to replicas serving it when the table holds replicas
+of several models (several deployments behind one router), and one naming a model none serves gets
+vLLM's 404; a draining replica gets no new request; with no ready replica the answer is 503 with
 Retry-After; a request whose replica fails before sending any response byte (connection refused or
 reset: the replica died) is retried once on another replica, since a completion has no side effect
 to repeat; a stream broken off mid-way is cut at the client too, never passed off as a complete
@@ -142,6 +144,7 @@ _RETIRED_KEPT = 1024  # removed replicas whose arrival counts are remembered
 class _Backend:
     name: str
     url: str
+    model: str | None = None  # the served model name; None: unknown (takes any request)
     draining: bool = False
     down: bool = False  # a failed connection; cleared when the supervisor marks it ready again
     outstanding: int = 0
@@ -173,12 +176,12 @@ class Router:
         self.bound_port: int | None = None
 
     # --- routing table (any thread) -------------------------------------------------------------
-    def set_ready(self, name: str, url: str) -> None:
+    def set_ready(self, name: str, url: str, model: str | None = None) -> None:
         with self._lock:
             b = self._backends.get(name)
-            if b is None or b.url != url:
+            if b is None or b.url != url.rstrip("/") or b.model != model:
                 before = b.routed if b is not None else self._retired.pop(name, 0)
-                self._backends[name] = _Backend(name, url.rstrip("/"), routed=before)
+                self._backends[name] = _Backend(name, url.rstrip("/"), model, routed=before)
             else:
                 b.down = False
 
@@ -216,9 +219,10 @@ class Router:
             return {n: {"url": b.url, "draining": b.draining, "down": b.down, "outstanding": b.outstanding,
                         "routed": b.routed, "served": b.served} for n, b in self._backends.items()}
 
-    def _pick(self, exclude: set[str], arrival: bool = True) -> _Backend | None:
+    def _pick(self, exclude: set[str], arrival: bool = True, model: str | None = None) -> _Backend | None:
         with self._lock:
-            ok = [b for b in self._backends.values() if not b.draining and not b.down and b.name not in exclude]
+            ok = [b for b in self._backends.values() if not b.draining and not b.down and b.name not in exclude
+                  and (model is None or b.model is None or b.model == model)]
             if not ok:
                 return None
             least = min(b.outstanding for b in ok)
@@ -285,10 +289,36 @@ class Router:
                 except Exception:  # noqa: BLE001 - a lost span must never fail the client's request
                     log.exception("router: recording the span of trace %s failed", ctx.trace_id)
 
+    def _model_for(self, request: web.Request, body: bytes) -> tuple[str | None, web.Response | None]:
+        """(the model to route to, or None for any replica; or the 404 for a model no replica serves).
+
+        Only read when the table holds replicas of more than one model: with one, vLLM answers a wrong
+        model itself, and the body is not parsed on the hot path."""
+        with self._lock:
+            models = {b.model for b in self._backends.values()}
+        if len(models) < 2 or None in models or request.method != "POST" or not body:
+            return None, None
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return None, None  # not JSON: any replica answers it (with vLLM's own 400)
+        model = doc.get("model") if isinstance(doc, dict) else None
+        if not isinstance(model, str):
+            return None, None
+        if model not in models:
+            served = ", ".join(sorted(str(m) for m in models))
+            body_ = {"error": {"message": f"The model `{model[:200]}` does not exist. Served here: {served}.",
+                               "type": "NotFoundError", "param": "model", "code": 404}}
+            return None, web.Response(status=404, text=json.dumps(body_), content_type="application/json")
+        return model, None
+
     async def _forward(self, request: web.Request, headers: dict[str, str],
                        outcome: _Outcome) -> web.StreamResponse:
         assert self._session is not None
         body = await request.read()
+        model, refused = self._model_for(request, body)
+        if refused is not None:
+            return refused
         tried: set[str] = set()
         fresh_retry = False
         again: _Backend | None = None
@@ -297,7 +327,7 @@ class Router:
             again = None
             if backend is None:
                 # An arrival is an inference request: GET /v1/models and the like are not load.
-                backend = self._pick(tried, arrival=attempt == 0 and request.method == "POST")
+                backend = self._pick(tried, arrival=attempt == 0 and request.method == "POST", model=model)
             if backend is None:
                 return self._unavailable("no ready replica; retry later" if not tried
                                          else "the replica failed and no other replica is ready")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -383,6 +383,30 @@ class Deployment:
 
     def with_engine(self, engine: EngineConfig) -> Deployment:
         return replace(self, engine=engine)
+
+
+def port_conflicts(deployments: Sequence[Deployment], reserved: Mapping[str, int] | None = None) -> list[str]:
+    """Why the deployments' replica ports would collide, if they would: each local deployment takes the ports
+    base_port .. base_port + max (one more slot than max, for the surge of a rolling change) on this host,
+    each Ray deployment the same on the nodes of its cluster; `reserved` names ports the plane listens on."""
+    ranges = []
+    for d in deployments:
+        b = d.backend
+        if isinstance(b, LocalBackend | RayBackend):
+            where = "this host" if isinstance(b, LocalBackend) else f"the Ray cluster {b.address}"
+            ranges.append((d.name, where, b.base_port, b.base_port + d.max_replicas))
+    out = []
+    for i, (name, where, lo, hi) in enumerate(ranges):
+        for other, where2, lo2, hi2 in ranges[i + 1:]:
+            if where == where2 and lo <= hi2 and lo2 <= hi:
+                out.append(f"{name} (ports {lo}-{hi}) and {other} (ports {lo2}-{hi2}) overlap on {where}: "
+                           f"give one of them another backend.base_port")
+        if where == "this host":
+            for what, port in (reserved or {}).items():
+                if port and lo <= port <= hi:
+                    out.append(f"{name} (ports {lo}-{hi}) takes the {what} port {port}: "
+                               f"change its backend.base_port or the {what} port")
+    return out
 
 
 def _describe(exc: ValidationError, source: str) -> str:

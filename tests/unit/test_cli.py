@@ -269,3 +269,13 @@ def test_up_refuses_a_watch_port_that_is_no_port_and_an_slo_path_without_slos(tm
 def test_an_empty_api_token_means_unset_as_the_api_reads_it(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("CONTROLPLANE_API_TOKEN", "")
     assert Settings().api_token is None
+
+
+def test_up_refuses_two_deployments_on_the_same_replica_ports(tmp_path: Path) -> None:
+    for name in ("llama", "qwen"):
+        (tmp_path / f"{name}.yaml").write_text(
+            f"apiVersion: controlplane/v1\nkind: Deployment\nmetadata: {{name: {name}}}\n"
+            f"spec: {{model: {{path: /m, served_name: {name}}}}}\n")
+    out = runner.invoke(app, ["up", "-c", str(tmp_path / "llama.yaml"), "-c", str(tmp_path / "qwen.yaml")])
+    assert out.exit_code == 2 and "llama (ports 8100-" in out.output and "overlap" in out.output
+    assert "Traceback" not in out.output

@@ -401,3 +401,20 @@ def test_trace_context_follows_w3c_validity() -> None:
 ])
 def test_valid_tenant_takes_one_value_of_1_to_64_safe_characters(values: list[str], tenant: str | None) -> None:
     assert valid_tenant(values) == tenant
+
+
+def test_with_two_deployments_a_request_goes_only_to_replicas_of_the_model_it_names(
+    router: Router, upstreams: list[Upstream]
+) -> None:
+    a, b = upstreams
+    router.set_ready("llama-0", f"http://127.0.0.1:{a.port}", "llama")
+    router.set_ready("qwen-0", f"http://127.0.0.1:{b.port}", "qwen")
+    for model, replica in [("llama", "llama-0"), ("qwen", "qwen-0")] * 3:
+        resp = httpx.post(url(router), json={"model": model, "prompt": "x"}, timeout=10)
+        assert resp.status_code == 200 and resp.headers[REPLICA_HEADER] == replica
+    unknown = httpx.post(url(router), json={"model": "mistral", "prompt": "x"}, timeout=10)
+    assert unknown.status_code == 404 and "mistral" in unknown.json()["error"]["message"]
+    assert "llama, qwen" in unknown.json()["error"]["message"]
+    router.drain("qwen-0")  # its only replica: a qwen request waits for one, never goes to llama
+    busy = httpx.post(url(router), json={"model": "qwen", "prompt": "x"}, timeout=10)
+    assert busy.status_code == 503 and len(b.seen_headers) == 3 and len(a.seen_headers) == 3

@@ -171,3 +171,26 @@ def test_a_simulated_deployment_runs_on_ray_without_gpus_and_takes_the_flags_the
                                  engine={"kv_cache_dtype": "fp8", "quantization": "fp8",
                                          "extra_args": ["--enable-prefix-caching"]}))
     assert d.backend.kind == "ray" and d.simulated is not None
+
+
+def _named(name: str, **spec: Any) -> Any:
+    d = doc(**spec)
+    d["metadata"]["name"] = name
+    return parse_deployment(d)
+
+
+def test_deployments_whose_replica_ports_would_collide_are_named_with_their_ranges() -> None:
+    from controlplane.supervisor.spec import port_conflicts
+    llama = _named("llama", replicas={"min": 1, "max": 3, "initial": 1})  # ports 8100-8103 (3 + the surge slot)
+    qwen = _named("qwen")
+    (clash,) = port_conflicts([llama, qwen])
+    assert "llama (ports 8100-8103) and qwen (ports 8100-8101)" in clash and "base_port" in clash
+    apart = _named("qwen", backend={"kind": "local", "base_port": 8104})
+    assert port_conflicts([llama, apart]) == []
+    touching = _named("qwen", backend={"kind": "local", "base_port": 8103})
+    assert len(port_conflicts([llama, touching])) == 1
+    ray_a = _named("a", backend={"kind": "ray", "address": "10.0.0.1:6379"})
+    ray_b = _named("b", backend={"kind": "ray", "address": "10.0.0.2:6379"})
+    assert port_conflicts([ray_a, ray_b, llama]) == []  # other clusters, other hosts
+    (plane,) = port_conflicts([_named("x", backend={"kind": "local", "base_port": 8079})], {"API": 8080})
+    assert "takes the API port 8080" in plane
