@@ -68,7 +68,7 @@ def _sum(samples: list[Sample]) -> float | None:
 def _int_label(labels: Mapping[str, str], key: str) -> int | None:
     try:
         return int(float(labels[key]))
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, OverflowError):  # missing, not a number, or inf
         return None
 
 

@@ -22,6 +22,7 @@ COLUMNS: Final = (
     "host",
     "gpu_index",
     "uuid",
+    "mig_instance",
     "model_name",
     "util_ratio",
     "mem_copy_util_ratio",
@@ -102,11 +103,20 @@ def _gpu_index(labels: Mapping[str, str]) -> int | None:
         return None
 
 
+def _mig_instance(labels: Mapping[str, str]) -> str | None:
+    gi = labels.get("GPU_I_ID")
+    if not gi:
+        return None
+    return f"{labels.get('GPU_I_PROFILE') or '?'}/{gi}"[:60]
+
+
 def rows_from_dcgm(samples: list[Sample], ts_unix_s: float) -> list[GpuRow]:
-    """One row per GPU (keyed by UUID, else host+`gpu` index), in first-seen order.
+    """One row per GPU, or per MIG instance of a partitioned GPU (keyed by UUID and the GPU instance,
+    else host+`gpu` index), in first-seen order.
 
     Kubernetes labels (pod/namespace/container) split one GPU into several series when it is
-    shared; the reading is the same GPU's, so the first series of each field wins.
+    shared; the reading is the same GPU's, so the first series of each field wins. MIG instances
+    (`GPU_I_ID`) are not the same reading: each is a row of its own.
     """
     rows: dict[tuple[str | None, ...], GpuRow] = {}
     for s in samples:
@@ -118,11 +128,13 @@ def rows_from_dcgm(samples: list[Sample], ts_unix_s: float) -> list[GpuRow]:
         host = _host(s.labels)
         if uuid is None and index is None:
             continue  # not a per-GPU series
-        key: tuple[str | None, ...] = ("uuid", uuid) if uuid else ("gpu", host, str(index))
+        mig = _mig_instance(s.labels)
+        key: tuple[str | None, ...] = ("uuid", uuid, mig) if uuid else ("gpu", host, str(index), mig)
         row = rows.get(key)
         if row is None:
             row = blank_row(ts_unix_s, "dcgm")
-            row.update(host=host, gpu_index=index, uuid=uuid, model_name=s.labels.get("modelName") or None)
+            row.update(host=host, gpu_index=index, uuid=uuid, mig_instance=mig,
+                       model_name=s.labels.get("modelName") or None)
             rows[key] = row
         column, convert = FIELDS[field]
         if row[column] is None and not math.isnan(s.value):

@@ -241,7 +241,7 @@ def decode_request(msg: ExportTraceServiceRequest) -> DecodedBatch:
                     EventRow(
                         replica=replica,
                         ts_unix_s=start_s,
-                        kind=f"span:{span.name}"[:100],
+                        kind=f"span:{span.name}".replace("\x00", "")[:100],
                         duration_s=(end_s - start_s) if end_s is not None else None,
                         attributes=_json_safe(attributes(span.attributes)),
                         dedupe_key=f"{trace_id}/{span_id}",

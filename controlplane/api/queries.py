@@ -277,7 +277,7 @@ def tenant_cost(
 
 
 # --- GPU summary -----------------------------------------------------------------------------------------
-_GPU_KEY: Final = (GpuSample.uuid, GpuSample.host, GpuSample.gpu_index, GpuSample.source)
+_GPU_KEY: Final = (GpuSample.uuid, GpuSample.mig_instance, GpuSample.host, GpuSample.gpu_index, GpuSample.source)
 _GPU_LATEST: Final = ("ts_unix_s", "util_ratio", "mem_copy_util_ratio", "fb_used_bytes", "fb_free_bytes", "power_w",
                       "energy_j", "temp_c", "sm_clock_mhz", "xid_errors", "gr_engine_active_ratio",
                       "tensor_active_ratio", "dram_active_ratio")
@@ -293,17 +293,18 @@ def gpu_summary(engine: Engine, since: float, until: float) -> dict[str, Any]:
     latest = (select(g.__table__, agg.c.mean_util, agg.c.max_temp)
               .join(agg, and_(*(col.is_not_distinct_from(agg.c[col.key]) for col in _GPU_KEY),
                               g.ts_unix_s == agg.c.last_ts))
-              .order_by(g.host, g.gpu_index, g.uuid, g.id.desc()))
+              .order_by(g.host, g.gpu_index, g.uuid, g.mig_instance, g.id.desc()))
     with engine.connect() as conn:
         available = bool(conn.execute(select(exists().where(g.id.is_not(None)))).scalar())
         rows = [dict(r._mapping) for r in conn.execute(latest)] if available else []
     gpus: dict[tuple[Any, ...], dict[str, Any]] = {}
     for r in rows:  # two readings of one GPU at the same second: keep the last stored
-        key = (r["uuid"], r["host"], r["gpu_index"], r["source"])
+        key = (r["uuid"], r["mig_instance"], r["host"], r["gpu_index"], r["source"])
         if key in gpus:
             continue
-        gpus[key] = {"uuid": r["uuid"], "gpu_index": r["gpu_index"], "host": r["host"], "model_name": r["model_name"],
-                     "source": r["source"], "latest": {k: r[k] for k in _GPU_LATEST},
+        gpus[key] = {"uuid": r["uuid"], "mig_instance": r["mig_instance"], "gpu_index": r["gpu_index"],
+                     "host": r["host"], "model_name": r["model_name"], "source": r["source"],
+                     "latest": {k: r[k] for k in _GPU_LATEST},
                      "mean_util_ratio": _float(r["mean_util"]), "max_temp_c": _float(r["max_temp"])}
     return {"available": available, "gpus": list(gpus.values())}
 

@@ -164,6 +164,9 @@ class GpuSample(Base):
     host: Mapped[str | None] = mapped_column(String(200))
     gpu_index: Mapped[int | None]
     uuid: Mapped[str | None] = mapped_column(String(100))
+    # A MIG GPU instance ("<profile>/<GPU_I_ID>", e.g. "3g.40gb/2"): dcgm-exporter reports each instance of a
+    # MIG-partitioned GPU as its own series under the GPU's UUID. None: the whole GPU.
+    mig_instance: Mapped[str | None] = mapped_column(String(60))
     model_name: Mapped[str | None] = mapped_column(String(200))
     util_ratio: Mapped[float | None]
     mem_copy_util_ratio: Mapped[float | None]

@@ -340,7 +340,9 @@ def gpu_rows(gpus: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
         used, free = _num(last.get("fb_used_bytes")), _num(last.get("fb_free_bytes"))
         mem = UNKNOWN if used is None else f"{used / 2**30:.1f} GiB" + (
             "" if free is None else f" of {(used + free) / 2**30:.1f} GiB")
-        rows.append({"GPU": f"{text(g.get('host'))} #{text(g.get('gpu_index'))}", "model": text(g.get("model_name")),
+        mig = f" MIG {g['mig_instance']}" if g.get("mig_instance") else ""
+        rows.append({"GPU": f"{text(g.get('host'))} #{text(g.get('gpu_index'))}{mig}",
+                     "model": text(g.get("model_name")),
                      "uuid": text(g.get("uuid")), "source": text(g.get("source")),
                      "last reading": when(last.get("ts_unix_s")), "utilisation": ratio(last.get("util_ratio"), 0),
                      "mean utilisation": ratio(g.get("mean_util_ratio"), 0), "memory used": mem,

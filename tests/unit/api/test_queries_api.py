@@ -319,3 +319,17 @@ def test_gpu_summary_outside_the_readings_is_empty_but_available(api: TestClient
 def test_without_gpu_samples_the_summary_says_unavailable(sqlite_store: Store) -> None:
     api = TestClient(create_app(sqlite_store, CollectorRegistry()))
     assert api.get("/api/v1/gpu").json() == {"available": False, "gpus": []}
+
+
+def test_each_mig_instance_is_its_own_gpu_in_the_summary(sqlite_store: Store) -> None:
+    from collectors.gpu.dcgm import blank_row
+    rows = []
+    for mig, used in (("1g.10gb/9", 1), ("3g.40gb/2", 38)):
+        r = blank_row(100.0, "dcgm")
+        r.update(host="n1", gpu_index=0, uuid="GPU-abc", mig_instance=mig, fb_used_bytes=used * 2**30)
+        rows.append(r)
+    sqlite_store.write_gpu_samples(rows)
+    api = TestClient(create_app(sqlite_store, CollectorRegistry(), clock=lambda: 200.0))
+    gpus = api.get("/api/v1/gpu", params={"since": 0, "until": 200}).json()["gpus"]
+    assert {g["mig_instance"]: g["latest"]["fb_used_bytes"] for g in gpus} == {"1g.10gb/9": 2**30,
+                                                                                "3g.40gb/2": 38 * 2**30}

@@ -51,6 +51,7 @@ def test_dcgm_4_5_2_text_is_normalised_to_ratios_bytes_watts_and_joules() -> Non
         "host": "gpu-node-01",
         "gpu_index": 0,
         "uuid": "GPU-5f3c9a2e-1b7d-4e8a-9c6f-0d2e4b8a7c13",
+        "mig_instance": None,
         "model_name": "NVIDIA H100 80GB HBM3",
         "util_ratio": 0.87,
         "mem_copy_util_ratio": 0.41,
@@ -125,6 +126,22 @@ def test_when_one_gpu_appears_under_several_pods_the_first_series_wins() -> None
 
     assert len(rows) == 1
     assert rows[0]["util_ratio"] == 0.3
+
+
+def test_each_mig_instance_of_a_partitioned_gpu_is_its_own_row() -> None:
+    text = (
+        "# TYPE DCGM_FI_DEV_FB_USED gauge\n"
+        'DCGM_FI_DEV_FB_USED{gpu="0",UUID="GPU-abc",GPU_I_PROFILE="1g.10gb",GPU_I_ID="9",Hostname="n1"} 512\n'
+        'DCGM_FI_DEV_FB_USED{gpu="0",UUID="GPU-abc",GPU_I_PROFILE="3g.40gb",GPU_I_ID="2",Hostname="n1"} 38000\n'
+        "# TYPE DCGM_FI_PROF_GR_ENGINE_ACTIVE gauge\n"
+        'DCGM_FI_PROF_GR_ENGINE_ACTIVE{gpu="0",UUID="GPU-abc",GPU_I_PROFILE="1g.10gb",GPU_I_ID="9"} 0.01\n'
+        'DCGM_FI_PROF_GR_ENGINE_ACTIVE{gpu="0",UUID="GPU-abc",GPU_I_PROFILE="3g.40gb",GPU_I_ID="2"} 0.97\n'
+    )
+    rows = {r["mig_instance"]: r for r in rows_from_dcgm(parse(text), TS)}
+
+    assert set(rows) == {"1g.10gb/9", "3g.40gb/2"}
+    assert rows["3g.40gb/2"]["fb_used_bytes"] == 38000 * 2**20 and rows["3g.40gb/2"]["gr_engine_active_ratio"] == 0.97
+    assert rows["1g.10gb/9"]["fb_used_bytes"] == 512 * 2**20 and rows["1g.10gb/9"]["gr_engine_active_ratio"] == 0.01
 
 
 def test_gpus_without_a_uuid_label_are_keyed_by_their_gpu_index() -> None:
@@ -216,6 +233,7 @@ NVML_GPU0 = {
     "host": "box-1",
     "gpu_index": 0,
     "uuid": "GPU-11111111-2222-3333-4444-555555555555",
+    "mig_instance": None,
     "model_name": "NVIDIA H100 80GB HBM3",
     "util_ratio": 0.87,
     "mem_copy_util_ratio": 0.41,

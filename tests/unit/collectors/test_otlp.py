@@ -263,6 +263,16 @@ def test_spans_the_store_cannot_hold_are_rejected_by_name_and_the_rest_kept(clie
     assert store.count(Request) == 2
 
 
+def test_a_nul_byte_in_a_span_name_keeps_the_batch(client: TestClient, store: Store) -> None:
+    # PostgreSQL refuses a NUL in text: one such name used to cost the whole batch (a 400 exporters drop).
+    odd = Span(trace_id=b"\x01" * 16, span_id=b"\x02" * 8, name="Load\x00weights",
+               start_time_unix_nano=10**18, end_time_unix_nano=10**18 + 10**9)
+    resp = client.post("/v1/traces", content=export([odd, llm_span()]).SerializeToString(), headers=PB)
+    assert resp.status_code == 200, resp.text
+    assert store.count(Request) == 1
+    assert "span:Loadweights" in {e["kind"] for e in store.events()}
+
+
 def test_counts_past_a_32_bit_column_and_long_model_names_keep_the_batch(client: TestClient, store: Store) -> None:
     # PostgreSQL refuses a whole INSERT for one token count past 2**31 - 1 or a model name past 500 characters:
     # such a value is unknown (or cut), and the spans beside it are stored.

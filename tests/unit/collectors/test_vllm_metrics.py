@@ -95,3 +95,10 @@ def test_an_unknown_counter_reading_neither_resets_nor_becomes_zero() -> None:
     assert out["c"] is None and not reset
     out, _, reset = adjust_counters({"c": 60.0}, state)
     assert out["c"] == 60.0 and not reset
+
+
+def test_a_cache_config_label_that_is_no_whole_number_is_unknown_not_an_error() -> None:
+    text = ('# TYPE vllm:cache_config_info gauge\n'
+            'vllm:cache_config_info{block_size="inf",num_gpu_blocks="nan-ish",cache_dtype="auto"} 1\n')
+    reading = read_engine(parse(text))
+    assert reading.kv_capacity_tokens is None
