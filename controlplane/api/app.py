@@ -364,9 +364,10 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
         ctl = need_control()
         live = next((d.get("desired_replicas") for d in ctl.describe() if d.get("name") == rec["deployment"]), None)
         was = _replicas_of(rec.get("current"))
-        if rec["kind"] == "scale" and was is not None and live is not None and was != live:
+        if was is not None and live is not None and was != live:
             # A count is relative to the count it was decided on (its predicted effect, its N-1 check, a later
-            # rollback); a searched engine is not, and is applied with the live count below.
+            # rollback), and so is a searched configuration's, sized for the load of its search: a fleet grown
+            # since would be cut back to it.
             raise HTTPException(409, detail=f"recommendation {rid} was made for {was} replica(s) of "
                                             f"{rec['deployment']}, which now has {live}; it is stale: dismiss it "
                                             "and ask for a new one")

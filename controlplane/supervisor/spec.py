@@ -332,11 +332,19 @@ class EngineConfig:
     def prefix_caching(self) -> bool:
         """Whether vLLM runs with its prefix cache: on (V1's default) unless extra_args turn it off; the last of
         --enable-prefix-caching / --no-enable-prefix-caching wins, as in vLLM's argparse."""
+        return self._switch("prefix-caching")
+
+    @property
+    def chunked_prefill(self) -> bool:
+        """Whether vLLM chunks prefills (V1's default), as `prefix_caching` reads its switch."""
+        return self._switch("chunked-prefill")
+
+    def _switch(self, name: str) -> bool:
         on = True
         for arg in self.extra_args:
             flag = arg.replace("_", "-")  # vLLM's parser takes --enable_prefix_caching too
-            if flag in ("--enable-prefix-caching", "--no-enable-prefix-caching"):
-                on = flag == "--enable-prefix-caching"
+            if flag in (f"--enable-{name}", f"--no-enable-{name}"):
+                on = flag == f"--enable-{name}"
         return on
 
     def vllm_args(self) -> list[str]:

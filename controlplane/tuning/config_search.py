@@ -226,6 +226,11 @@ def _value(r: ClientResult, sli: str) -> float | None:
     return None  # queue time: the client cannot see it
 
 
+def requests_to_judge(o: Objective, min_requests: int = 50) -> int:
+    """The results a trial needs before its attainment says anything of `o`: one bad request in the budget."""
+    return max(min_requests, math.ceil(1.0 / (1.0 - o.objective) - 1e-9))
+
+
 def judge(results: Sequence[ClientResult], objectives: Sequence[Objective], *, min_requests: int = 50,
           note: str = "") -> CanaryVerdict:
     """Measured attainment per SLO from a trial's client timings. A failed request is bad (it was not served
@@ -234,8 +239,7 @@ def judge(results: Sequence[ClientResult], objectives: Sequence[Objective], *, m
     objective's budget takes (1 / (1 - objective): 100 for 99 %): 20 good results say nothing of 99.9 %."""
     preds = []
     for o in objectives:
-        enough = max(min_requests, math.ceil(1.0 / (1.0 - o.objective) - 1e-9))
-        known = len(results) >= enough and all(t.sli != "queue" for t in o.targets)
+        known = len(results) >= requests_to_judge(o, min_requests) and all(t.sli != "queue" for t in o.targets)
         if not known:
             preds.append(Prediction(o.name, o.objective, None, None))
             continue
@@ -281,12 +285,17 @@ def proposal(dep: Deployment, current_replicas: int, result: SearchResult, *, ca
     evidence = {**result.evidence(), "calibration": dict(calibration), "workload": dict(workload),
                 "current": {"engine": engine_now, **current}}
     needed = current.get("cost_per_hour_needed")  # compared in the search's currency (GPU-hours when unpriced)
-    if current.get("replicas_needed") is None:
+    replicas_needed = current.get("replicas_needed")
+    if replicas_needed is None:
         reason = "current_config_cannot_meet_slo"  # at the target rate, within the allowed replica count
+    elif current_replicas < replicas_needed:
+        reason = "scale_to_meet_slo"  # the fleet is too small for the load, whatever else changes with it
     elif changes == engine_now:
-        reason = "scale_to_meet_slo" if result.replicas > current_replicas else "scale_down_slo_still_met"
+        reason = "scale_down_slo_still_met"
     elif needed is not None and result.usd_per_hour is not None and result.usd_per_hour < needed:
         reason = "cheaper_config_meets_slo"
+    elif result.replicas < current_replicas:
+        reason = "scale_down_slo_still_met"  # the saving is the count's; the new limits cost the same
     else:
         reason = "same_cost_more_headroom"
     rmse = calibration.get("rel_rmse")
@@ -313,7 +322,16 @@ async def resize_then_roll(control: Any, deployment: str, engine: Mapping[str, A
     shrink = replicas is not None and current_replicas is not None and replicas < current_replicas
     if replicas is not None and replicas != current_replicas and not shrink:
         out["scale"] = await control.scale(deployment, int(replicas), actor=actor, reason=reason)
-    rolled: dict[str, Any] = await control.reconfigure(deployment, dict(engine), actor=actor, reason=reason)
+    try:
+        rolled: dict[str, Any] = await control.reconfigure(deployment, dict(engine), actor=actor, reason=reason)
+    except Exception:
+        if "scale" in out and current_replicas is not None:  # refused: not half applied (grown, old engine)
+            try:
+                await control.scale(deployment, int(current_replicas), actor=actor, reason=f"undo_{reason}")
+            except Exception:  # noqa: BLE001 - the refusal is what the caller must see; this is logged
+                log.exception("%s: could not put the count back to %s after the change was refused", deployment,
+                              current_replicas)
+        raise
     if shrink:
         assert replicas is not None
         later = _scale_after_roll(control, deployment, int(replicas), actor, reason, wait_rolled)
@@ -440,12 +458,14 @@ class SearchParams:
 
 
 def run_search(store: Any, recs: Any, dep: Deployment, *, ready: Sequence[str], current_replicas: int,
-               slos: Sequence[Any], params: SearchParams, now: float,
+               slos: Sequence[Any], params: SearchParams, now: float, replicas: Sequence[str] | None = None,
                canary_factory: Callable[[Workload, Sequence[Objective]], Canary] | None = None,
                progress: Callable[[str], None] = lambda line: None, mode: str = "recommend") -> dict[str, Any]:
-    """Calibrate on the deployment's best-observed ready replica, search, store the recommendation in `mode`
-    (`recommend` waits for a person; `auto` is applied and judged by `SearchJobs`). Returns what was decided,
-    JSON-ready."""
+    """Calibrate on the deployment's best-observed ready replica (`ready`: those running the spec's engine
+    args), search, store the recommendation in `mode` (`recommend` waits for a person; `auto` is applied and
+    judged by `SearchJobs`). The workload is every request of the window on any of `replicas` (the
+    deployment's replicas, stopped and restarting ones included; default `ready`): a replica missing from
+    it would lower the measured rate and read as room to scale down. Returns what was decided, JSON-ready."""
     from controlplane.tuning.calibrate import calibrated_replica
     from controlplane.tuning.search_space import CalibratedFactory
     from controlplane.tuning.workload import from_rows
@@ -456,12 +476,17 @@ def run_search(store: Any, recs: Any, dep: Deployment, *, ready: Sequence[str], 
                                "by them (add one to the SLO file)")
     hf_config = read_hf_config(dep.model_path) if dep.simulated is None else None
     space = space_for(dep.engine, dep.tuning, checkpoint=checkpoint_quantization(hf_config))
+    if not dep.engine.chunked_prefill:
+        raise SearchInputError(f"{dep.name} turns chunked prefill off (--no-enable-chunked-prefill): the search "
+                               "models vLLM V1's chunked prefill, so its token budgets would not hold there")
     if not ready:
-        raise SearchInputError(f"{dep.name} has no ready replica to calibrate on")
+        raise SearchInputError(f"{dep.name} has no ready replica running its configuration to calibrate on "
+                               "(starting, or a rolling change still running)")
     since = now - params.window_s
     progress(f"reading the requests of {dep.name} over the last {params.window_s:.0f} s")
-    per_replica = {r: store.requests(since_unix_s=since, until_unix_s=now, replica=r, limit=50_000) for r in ready}
-    replica = max(per_replica, key=lambda r: len(per_replica[r]))
+    per_replica = {r: store.requests(since_unix_s=since, until_unix_s=now, replica=r, limit=50_000)
+                   for r in dict.fromkeys([*ready, *(replicas or ())])}
+    replica = max(ready, key=lambda r: len(per_replica[r]))
     if len(per_replica[replica]) < MIN_REQUESTS:
         raise SearchInputError(f"{replica} recorded {len(per_replica[replica])} requests in the last "
                                f"{params.window_s:.0f} s; the calibration needs at least {MIN_REQUESTS} "
@@ -486,6 +511,8 @@ def run_search(store: Any, recs: Any, dep: Deployment, *, ready: Sequence[str], 
                                 kv_capacity_scales=eng.num_gpu_blocks_override is None,
                                 weight_priors=weight_priors(dep, model_shape(dep, hf_config), wl))
     trials = dep.tuning.canary_trials if params.canary_trials is None else params.canary_trials
+    if trials > 0 and canary_factory is not None:
+        _check_canary_can_judge(dep, objectives)
     canary = canary_factory(wl, objectives) if trials > 0 and canary_factory is not None else None
     if trials > 0 and canary is None:
         raise SearchInputError(f"{dep.name}: canary trials need a supervised deployment (local or ray backend)")
@@ -522,6 +549,19 @@ def run_search(store: Any, recs: Any, dep: Deployment, *, ready: Sequence[str], 
     return {"deployment": dep.name, "recommendation_id": rid, "outcome": why, "validated": result.validated,
             "evidence": p.evidence if p is not None else {**result.evidence(), "calibration": calibration,
                                                           "workload": workload, "current": now_ev}}
+
+
+def _check_canary_can_judge(dep: Deployment, objectives: Sequence[Objective]) -> None:
+    """Refuse, before any replica starts, canary trials that could only end 'unknown'."""
+    n = dep.tuning.canary_requests
+    for o in objectives:
+        if any(t.sli == "queue" for t in o.targets):
+            raise SearchInputError(f"SLO {o.name} is on queue time, which a canary's client cannot measure: "
+                                   "search without canary trials (canary_trials: 0)")
+        need = requests_to_judge(o, min(50, n))
+        if n < need:
+            raise SearchInputError(f"SLO {o.name} ({o.objective:.4g}) needs at least {need} requests per canary "
+                                   f"trial to be judged, and {dep.name} sends {n} (spec.tuning.canary_requests)")
 
 
 @dataclass(frozen=True)
@@ -610,12 +650,15 @@ class SearchJobs:
                                     requests=rt.dep.tuning.canary_requests, seed=params.seed, progress=progress,
                                     reference=lambda: reference_url(rt))
 
-        ready = [m.name for m in rt.members.values() if m.state == "ready" and not m.candidate]
+        ready = [m.name for m in rt.members.values()
+                 if m.state == "ready" and not m.candidate and m.config == rt.dep.engine]
         mode = (params.mode or self.mode) if supervised else "recommend"
         try:
+            replicas = [r["name"] for r in await asyncio.to_thread(self.store.deployment_replicas,
+                                                                   rt.deployment_id)]
             job["result"] = await asyncio.to_thread(
                 run_search, self.store, self.recs, rt.dep, ready=ready, current_replicas=rt.desired,
-                slos=self.slos, params=params, now=self.clock(),
+                slos=self.slos, params=params, now=self.clock(), replicas=replicas,
                 canary_factory=canaries if supervised else None, progress=progress,
                 mode=mode)
             rid = job["result"]["recommendation_id"]

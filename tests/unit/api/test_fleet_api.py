@@ -238,14 +238,19 @@ def test_a_recommendation_made_for_another_count_is_refused_as_stale(sqlite_stor
     assert control.calls == [] and api.get(f"/api/v1/recommendations/{rid}").json()["status"] == "open"
 
 
-def test_a_searched_configuration_is_applied_with_the_live_count_and_a_malformed_current_is_no_500(
+def test_a_searched_configuration_for_another_count_is_stale_and_a_malformed_current_is_no_500(
         sqlite_store: Store, api: TestClient, control: FakeControl) -> None:
     from controlplane.tuning.recommendations import Proposal, Recommendations
 
     recs = Recommendations(sqlite_store.engine)
-    # Searched when the deployment had 4 replicas; it has 1 now (the fake). The engine change is not stale:
-    # it grows 1 -> 2 and rolls, rather than taking 4 for the current count (no resize: "2 < 4" would shrink).
-    rid = recs.add(Proposal("tiny", "reconfigure", "searched", {"replicas": 4, "engine": {"max_num_seqs": 4}},
+    # Searched when the deployment had 4 replicas; it has 1 now (the fake): its count was sized for that
+    # search's load, so it is refused as stale rather than applied to a fleet it was not made for.
+    stale = recs.add(Proposal("tiny", "reconfigure", "searched", {"replicas": 4, "engine": {"max_num_seqs": 4}},
+                              {"replicas": 2, "engine": {"max_num_seqs": 8}}, {}, 0.5), mode="recommend")
+    r = api.post(f"/api/v1/recommendations/{stale}/apply", headers=AUTH)
+    assert r.status_code == 409 and "stale" in r.json()["detail"] and control.calls == []
+    # Made for the count it has: grows 1 -> 2, then rolls.
+    rid = recs.add(Proposal("tiny", "reconfigure", "searched", {"replicas": 1, "engine": {"max_num_seqs": 4}},
                             {"replicas": 2, "engine": {"max_num_seqs": 8}}, {}, 0.5), mode="recommend")
     r = api.post(f"/api/v1/recommendations/{rid}/apply", headers=AUTH)
     assert r.status_code == 200, r.text

@@ -3,6 +3,7 @@ whole path from rows in a real store to a stored `reconfigure` recommendation.""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
@@ -205,8 +206,9 @@ class FakeFleet:
     """The supervisor as the API and the search jobs see it: one ready replica of `deployment()`."""
 
     def __init__(self, *, roll: bool = True) -> None:
-        member = SimpleNamespace(name="tiny-0", state="ready", candidate=False)
-        self.runtimes = {"tiny": SimpleNamespace(dep=deployment(), members={"tiny-0": member}, desired=1,
+        dep = deployment()
+        member = SimpleNamespace(name="tiny-0", state="ready", candidate=False, config=dep.engine)
+        self.runtimes = {"tiny": SimpleNamespace(dep=dep, members={"tiny-0": member}, desired=1, deployment_id=0,
                                                  backend=SimpleNamespace(kind="local"), rollout=None)}
         self.calls: list[tuple[str, Any]] = []
         self.roll = roll  # False: the rolling change fails and the supervisor puts the old engine back
@@ -405,3 +407,151 @@ def test_a_search_without_a_price_does_not_show_gpu_hours_as_dollars_and_honours
     assert all(c["usd_per_hour"] is None for c in ev["candidates"])
     assert ev["current"]["usd_per_hour_needed"] is None and ev["current"]["cost_per_hour_needed"] is not None
     assert ev["replicas"] is None or ev["replicas"] >= 2  # never fewer than spec.replicas.min
+
+
+def record_two_replicas(store: Store, rate_each: float = 30.0) -> None:
+    rep = ReplicaModel(StepCost.linear(Coefficients(4e-3, 3e-5, 2e-7)), max_num_seqs=16, max_num_batched_tokens=512,
+                       block_size=16, num_kv_blocks=2000, max_model_len=1200)
+    for i in range(2):
+        res = simulate(synthetic(Poisson(rate_each), Uniform(50, 400), Uniform(10, 100), n=1500, seed=3 + i), [rep])
+        rows = res.rows(base_unix_s=BASE)
+        for j, r in enumerate(rows):
+            r.update(trace_id=f"{i:08x}{j:024x}", span_id=f"{j:016x}", replica=f"tiny-{i}")
+        store.write_spans(rows, [])
+        rid = store.register_replica(f"tiny-{i}", url=None, backend="local")
+        store.write_engine_sample({"replica_id": rid, "ts_unix_s": BASE + 10, "scrape_ok": True, "num_running": None,
+                                   "kv_capacity_tokens": 2000 * 16, "kv_block_size_tokens": 16})
+
+
+def test_the_workload_holds_every_replica_of_the_deployment_not_only_the_ready_one(sqlite_store: Store) -> None:
+    """tiny-1 is restarting: its requests of the window are still load the deployment served. Left out,
+    the measured rate halves and reads as room to scale down."""
+    record_two_replicas(sqlite_store)
+    recs = Recommendations(sqlite_store.engine, clock=lambda: BASE + 1000)
+    dep = parse_deployment({
+        "apiVersion": "controlplane/v1", "kind": "Deployment", "metadata": {"name": "tiny"},
+        "spec": {"model": {"path": "/m", "served_name": "tiny"},
+                 "engine": {"max_num_seqs": 16, "max_num_batched_tokens": 512, "max_model_len": 1200},
+                 "replicas": {"min": 1, "max": 4, "initial": 2},
+                 "hardware": {"accelerator": "cpu", "price_per_hour_usd": 0.05}, "tuning": {"max_num_seqs": [16]}}})
+    out = cs.run_search(sqlite_store, recs, dep, ready=["tiny-0"], replicas=["tiny-0", "tiny-1"],
+                        current_replicas=2, slos=[slo("ttft", (LatencyTarget("ttft", 0.5),))],
+                        params=cs.SearchParams(window_s=1e6), now=BASE + 1000)
+    ev = out["evidence"]
+    assert ev["workload"]["requests"] == 3000 and ev["target_rps"] > 50.0
+    assert ev["calibration"]["replica"] == "tiny-0" and ev["calibration"]["requests"] == 1500
+    assert "scale_down" not in out["outcome"]
+
+
+def test_a_search_with_canary_trials_that_could_only_end_unknown_is_refused_before_any_starts(
+        sqlite_store: Store) -> None:
+    record(sqlite_store, rate=20.0)
+    recs = Recommendations(sqlite_store.engine, clock=lambda: BASE + 1000)
+    started: list[int] = []
+
+    def canary(wl: Workload, objs: Sequence[Objective]) -> FakeCanary:
+        started.append(1)
+        return FakeCanary([True])
+
+    params = cs.SearchParams(target_rps=60.0, window_s=1e6)
+    strict = [slo("ttft", (LatencyTarget("ttft", 0.5),), objective=0.999)]  # 1,000 results; 200 are sent
+    with pytest.raises(cs.SearchInputError, match="needs at least 1000 requests per canary trial"):
+        cs.run_search(sqlite_store, recs, deployment(canary_trials=1), ready=["tiny-0"], current_replicas=1,
+                      slos=strict, params=params, now=BASE + 1000, canary_factory=canary)
+    queue = [Slo("q", "tiny", "queue", (LatencyTarget("queue", 0.5),), 0.95, SloWindow("rolling", 28 * 86400))]
+    with pytest.raises(cs.SearchInputError, match="queue time"):
+        cs.run_search(sqlite_store, recs, deployment(canary_trials=1), ready=["tiny-0"], current_replicas=1,
+                      slos=queue, params=params, now=BASE + 1000, canary_factory=canary)
+    assert started == []
+
+
+def test_a_deployment_without_chunked_prefill_is_refused(sqlite_store: Store) -> None:
+    record(sqlite_store, rate=20.0)
+    dep = deployment()
+    dep = dep.with_engine(dep.engine.with_changes({"extra_args": ["--no-enable-chunked-prefill"]}))
+    with pytest.raises(cs.SearchInputError, match="chunked prefill off"):
+        cs.run_search(sqlite_store, Recommendations(sqlite_store.engine), dep, ready=["tiny-0"], current_replicas=1,
+                      slos=[slo("ttft", (LatencyTarget("ttft", 0.5),))], params=cs.SearchParams(window_s=1e6),
+                      now=BASE + 1000)
+
+
+def test_the_reason_says_what_the_change_does_to_the_count() -> None:
+    def reason(current_replicas: int, replicas_needed: int | None, proposed_replicas: int, usd: float,
+               needed_usd: float, changes: Mapping[str, Any]) -> str:
+        result = SimpleNamespace(chosen=object(), replicas=proposed_replicas, engine_changes=dict(changes),
+                                 usd_per_hour=usd, evidence=dict)
+        p = cs.proposal(deployment(), current_replicas, result,  # type: ignore[arg-type]
+                        calibration={}, workload={},
+                        current={"replicas_needed": replicas_needed, "cost_per_hour_needed": needed_usd})
+        assert p is not None
+        return p.reason
+
+    new = {"max_num_seqs": 8, "max_num_batched_tokens": 512}
+    same = {"max_num_seqs": 16, "max_num_batched_tokens": 512}
+    # 3 replicas running where 1 of the running args would do; 1 of the new args costs the same as that 1.
+    assert reason(3, 1, 1, 0.05, 0.05, new) == "scale_down_slo_still_met"
+    # 1 replica running where the running args need 2: growing to 2 with new limits meets the SLO.
+    assert reason(1, 2, 2, 0.10, 0.10, new) == "scale_to_meet_slo"
+    assert reason(2, 2, 1, 0.05, 0.10, new) == "cheaper_config_meets_slo"
+    assert reason(2, 2, 2, 0.10, 0.10, new) == "same_cost_more_headroom"
+    assert reason(3, 2, 2, 0.10, 0.10, same) == "scale_down_slo_still_met"
+    assert reason(1, None, 3, 0.15, 0.15, new) == "current_config_cannot_meet_slo"
+
+
+class CountedFleet:
+    """A fleet whose live count the API reads, and whose rolling change can be refused."""
+
+    def __init__(self, desired: int, *, refuse_roll: bool = False) -> None:
+        self.desired, self.refuse, self.calls = desired, refuse_roll, []  # type: ignore[var-annotated]
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"name": "tiny", "desired_replicas": self.desired}]
+
+    async def scale(self, deployment: str, replicas: int, *, actor: str, reason: str) -> dict[str, Any]:
+        self.calls.append(("scale", replicas))
+        self.desired = replicas
+        return {"replicas": replicas}
+
+    async def reconfigure(self, deployment: str, changes: Mapping[str, Any], *, actor: str,
+                          reason: str) -> dict[str, Any]:
+        from controlplane.supervisor.supervisor import ActionError
+        self.calls.append(("reconfigure", dict(changes)))
+        if self.refuse:
+            raise ActionError("tiny: a canary trial is running; one at a time", 409)
+        return {"changed": True}
+
+
+@pytest.mark.parametrize("live, refuse, status, calls, desired", [
+    (6, False, 409, [], 6),  # made for 1 replica, the fleet has 6 now: stale, not cut back to 3
+    (1, True, 409, [("scale", 3), ("reconfigure", {"max_num_seqs": 32}), ("scale", 1)], 1),  # refused: undone
+], ids=["stale", "roll-refused"])
+def test_applying_a_searched_configuration_is_never_left_half_done_or_sized_for_another_fleet(
+        sqlite_store: Store, live: int, refuse: bool, status: int, calls: list[Any], desired: int) -> None:
+    from controlplane.tuning.recommendations import Proposal
+    recs = Recommendations(sqlite_store.engine)
+    rid = recs.add(Proposal("tiny", "reconfigure", "scale_to_meet_slo", {"engine": {"max_num_seqs": 16}, "replicas": 1},
+                            {"engine": {"max_num_seqs": 32}, "replicas": 3}, {}), "recommend")
+    fleet = CountedFleet(live, refuse_roll=refuse)
+    with TestClient(create_app(sqlite_store, CollectorRegistry(), control=fleet, api_token="t")) as api:
+        r = api.post(f"/api/v1/recommendations/{rid}/apply", headers={"Authorization": "Bearer t"})
+    assert r.status_code == status and fleet.calls == calls and fleet.desired == desired
+    assert recs.get(rid)["status"] == ("open" if live != 1 else "failed")
+
+
+def test_a_search_calibrates_only_on_replicas_running_the_spec_and_waits_out_a_rolling_change(
+        sqlite_store: Store) -> None:
+    record(sqlite_store, rate=20.0)
+    fleet = FakeFleet()
+    old = fleet.runtimes["tiny"].dep.engine.with_changes({"max_num_seqs": 4})
+    fleet.runtimes["tiny"].members["tiny-0"].config = old  # still on the args before a rolling change
+    jobs = cs.SearchJobs(sqlite_store, Recommendations(sqlite_store.engine), fleet,
+                         [slo("ttft", (LatencyTarget("ttft", 0.5),))], clock=lambda: BASE + 1000)
+
+    async def go() -> dict[str, Any]:
+        job = jobs.start("tiny", cs.SearchParams(window_s=1e6))
+        while jobs.get(job["id"])["status"] == "running":
+            await asyncio.sleep(0.01)
+        return jobs.get(job["id"])
+
+    job = asyncio.run(go())
+    assert job["status"] == "failed" and "no ready replica running its configuration" in job["error"]
