@@ -52,6 +52,7 @@ ACTOR_USER, ACTOR_TUNER, ACTOR_SUPERVISOR = "user", "tuner", "supervisor"
 
 class RouterControl(Protocol):
     def set_ready(self, name: str, url: str, model: str | None = None) -> None: ...
+    def set_models(self, models: set[str]) -> None: ...
     def set_unready(self, name: str) -> None: ...
     def drain(self, name: str) -> None: ...
     def remove(self, name: str) -> None: ...
@@ -148,9 +149,11 @@ class Supervisor:
         self.tick_s = tick_s
         self.runtimes: dict[str, DeploymentRuntime] = {}
         self._stopping = False
+        self._tick_lock = asyncio.Lock()
 
     # --- start: resume what the store recorded ------------------------------------------------
     async def start(self) -> None:
+        self.router.set_models({d.served_name for d in self.specs.values()})
         await self._stop_orphans()  # first: a removed deployment's replica may hold a port a configured one needs
         for dep in self.specs.values():
             await self._resume(dep)
@@ -262,6 +265,10 @@ class Supervisor:
                 pass
 
     async def tick(self) -> None:
+        async with self._tick_lock:  # shutdown waits for a round in flight before it stops replicas
+            await self._tick()
+
+    async def _tick(self) -> None:
         now = self.clock()
         for rt in self.runtimes.values():
             if self._stopping:
@@ -505,6 +512,10 @@ class Supervisor:
                                attributes={"runtime": runtime})
         if launch_error is not None:
             await self._crashed(rt, m, now, f"could not launch: {launch_error}", "launch_failed", None)
+        elif self._stopping and m.handle is not None and m.state != STOPPED:  # shutdown began meanwhile
+            await asyncio.to_thread(rt.backend.stop, m.handle, 20.0)
+            await self._set_state(rt, m, STOPPED, "shutdown", "the plane was stopped while it started")
+            raise ActionError("the plane is shutting down", status=503)
         return m
 
     async def _drain_and_stop(self, rt: DeploymentRuntime, m: Member, actor: str, reason: str) -> None:
@@ -543,6 +554,17 @@ class Supervisor:
         return reading.num_running + reading.num_waiting == 0
 
     async def _rollout(self, rt: DeploymentRuntime, actor: str, reason: str, before: EngineConfig | None) -> None:
+        """`_roll`, and when it fails (e.g. a launch the store could not record), not again before 60 s: a
+        converging change restarted every tick would load the model every tick."""
+        try:
+            await self._roll(rt, actor, reason, before)
+        except Exception as exc:  # noqa: BLE001 - logged and recorded; the next converge waits
+            rt.converge_after = self.clock() + 60.0
+            log.exception("%s: rolling change failed", rt.dep.name)
+            await self._record(None, "rollout_failed", actor, "error", after=_cfg(rt.dep.engine),
+                               message=f"{rt.dep.name}: {type(exc).__name__}: {exc} (retried in 60 s)")
+
+    async def _roll(self, rt: DeploymentRuntime, actor: str, reason: str, before: EngineConfig | None) -> None:
         """Replace every member whose config differs from the desired one, one at a time (surge 1)."""
         new = rt.dep.engine
         old_cfg = before
@@ -705,10 +727,16 @@ class Supervisor:
         """Stop every replica this plane runs (the plane is going away on purpose). No launch starts after
         this began, even from a tick already in flight."""
         self._stopping = True
-        for rt in self.runtimes.values():
+        try:  # a round in flight may be launching: let it end (its launches see _stopping), then stop all
+            await asyncio.wait_for(self._tick_lock.acquire(), timeout=30.0)
+        except TimeoutError:
+            log.warning("supervisor: a round still runs after 30 s; stopping the replicas anyway")
+        else:
+            self._tick_lock.release()
+        for rt in list(self.runtimes.values()):
             for task in [*rt.tasks, *([rt.rollout] if rt.rollout else [])]:
                 task.cancel()
-            for m in rt.members.values():
+            for m in list(rt.members.values()):
                 if m.handle is None or m.state in (STOPPED, FAILED) or isinstance(rt.dep.backend, ExternalBackend):
                     continue
                 self.router.remove(m.name)

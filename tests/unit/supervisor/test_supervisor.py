@@ -74,6 +74,9 @@ class FakeRouter:
         self.ready[name] = url
         self.log.append(("ready", name))
 
+    def set_models(self, models: set[str]) -> None:
+        self.log.append(("models", ",".join(sorted(models))))
+
     def set_unready(self, name: str) -> None:
         self.ready.pop(name, None)
         self.log.append(("unready", name))
@@ -809,3 +812,47 @@ async def test_no_replica_is_launched_once_shutdown_began(sqlite_store: Store) -
     await h.ticks(2)
     assert h.states() == {"tiny-0": "stopped"}
     assert len(h.backend.launched) == 1 and not [u for u, ok in h.backend.ready.items() if ok]
+
+
+async def test_a_rolling_change_the_store_cannot_record_is_not_restarted_every_tick(sqlite_store: Store) -> None:
+    store = FlakyStore(sqlite_store.engine)
+    h = make(store)
+    await h.sup.start()
+    await h.until(lambda: h.states() == {"tiny-0": "ready"}, "ready")
+    store.down = True
+    await h.sup.reconfigure("tiny", {"max_num_seqs": 16}, actor="user", reason="x")
+    for _ in range(10):
+        await h.ticks(1)
+        await asyncio.sleep(0.05)
+    assert len(h.backend.launched) == 2  # the first replica, and one try of the change: not one per tick
+    assert ("rollout_failed", None, "error") in h.events()
+
+
+async def test_a_launch_in_flight_when_shutdown_begins_is_stopped_too(sqlite_store: Store) -> None:
+    import time
+
+    class SlowBackend(FakeBackend):
+        slow = False
+
+        def launch(self, req: LaunchRequest) -> Handle:
+            if self.slow:
+                time.sleep(0.5)  # a Ray actor's start
+            return super().launch(req)
+
+        def stop(self, handle: Handle, timeout_s: float) -> None:
+            time.sleep(0.3)
+            super().stop(handle, timeout_s)
+
+    backend = SlowBackend()
+    h = make(sqlite_store, backend=backend)
+    await h.sup.start()
+    await h.until(lambda: h.states() == {"tiny-0": "ready"}, "ready")
+    backend.slow = True
+    await h.sup.scale("tiny", 3, actor="user", reason="x")
+    h.clock.now += 0.01
+    in_flight = asyncio.create_task(h.sup.tick())
+    await asyncio.sleep(0.1)
+    await h.sup.shutdown()  # raised "dictionary changed size during iteration" before
+    await asyncio.gather(in_flight, return_exceptions=True)
+    assert not [u for u, ok in backend.ready.items() if ok]
+    assert set(h.states().values()) == {"stopped"}
