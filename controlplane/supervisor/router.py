@@ -5,9 +5,10 @@ per-request overhead; the router runs on its own thread and event loop so span i
 writes in the plane never sit between a client and its tokens. The supervisor changes the routing
 table from its own thread through the lock-protected methods below.
 
-Guarantees: a request naming a `model` goes only to replicas serving it when the table holds replicas
-of several models (several deployments behind one router), and one naming a model none serves gets
-vLLM's 404; a draining replica gets no new request; with no ready replica the answer is 503 with
+Guarantees: when the router fronts several models (deployments, see `set_models`), a request naming
+one of them in its JSON `model` goes only to that model's replicas (503 while none is ready), and one
+naming another model (a LoRA adapter, a typo) goes to any replica, whose vLLM answers it; a draining
+replica gets no new request; with no ready replica the answer is 503 with
 Retry-After; a request whose replica fails before sending any response byte (connection refused or
 reset: the replica died) is retried once on another replica, since a completion has no side effect
 to repeat; a stream broken off mid-way is cut at the client too, never passed off as a complete
@@ -53,6 +54,7 @@ _DROP_REQUEST = {"host", "connection", "keep-alive", "proxy-connection", "te", "
                  "upgrade", "content-length"}
 _DROP_RESPONSE = _DROP_REQUEST | {"date", "server"}
 REPLICA_HEADER = "x-controlplane-replica"
+_PARSE_INLINE_BYTES: Final = 64 * 1024  # bodies past this are parsed for their model on a worker thread
 TENANT_PATTERN: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # W3C Trace Context level 1: version-traceid-parentid-flags in lowercase hex; a later version may append
 # fields after a dash, version 00 may not. The format is four fixed-width fields, so a regex is all a
@@ -162,6 +164,7 @@ class Router:
                                         f"Requests whose {tenant_header} header was not 1-64 characters of "
                                         "[A-Za-z0-9._-] (served, recorded without a tenant)", registry=registry)
         self._backends: dict[str, _Backend] = {}
+        self._models: frozenset[str] = frozenset()  # the deployments' served names (see set_models)
         # Arrivals of replicas no longer in the table (removed after a drain, or re-added at a new URL): kept so
         # the tuner's rate sees the requests they took between its last reading and their removal.
         self._retired: dict[str, int] = {}
@@ -184,6 +187,12 @@ class Router:
                 self._backends[name] = _Backend(name, url.rstrip("/"), model, routed=before)
             else:
                 b.down = False
+
+    def set_models(self, models: set[str] | frozenset[str]) -> None:
+        """The models the plane's deployments serve: known even while none of their replicas is ready, so
+        a request for one waits for it (503) rather than going to another model's replica."""
+        with self._lock:
+            self._models = frozenset(models)
 
     def set_unready(self, name: str) -> None:
         with self._lock:
@@ -289,36 +298,26 @@ class Router:
                 except Exception:  # noqa: BLE001 - a lost span must never fail the client's request
                     log.exception("router: recording the span of trace %s failed", ctx.trace_id)
 
-    def _model_for(self, request: web.Request, body: bytes) -> tuple[str | None, web.Response | None]:
-        """(the model to route to, or None for any replica; or the 404 for a model no replica serves).
-
-        Only read when the table holds replicas of more than one model: with one, vLLM answers a wrong
-        model itself, and the body is not parsed on the hot path."""
+    async def _model_for(self, request: web.Request, body: bytes) -> str | None:
+        """The model to route to: the body's `model` when the router fronts several and it is one of them,
+        else None (any replica). With one model the body is never parsed; a large one is parsed off the
+        event loop, so it never holds up other streams."""
         with self._lock:
-            models = {b.model for b in self._backends.values()}
-        if len(models) < 2 or None in models or request.method != "POST" or not body:
-            return None, None
+            models = self._models | {b.model for b in self._backends.values() if b.model is not None}
+        if len(models) < 2 or request.method != "POST" or not body:
+            return None
         try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return None, None  # not JSON: any replica answers it (with vLLM's own 400)
+            doc = json.loads(body) if len(body) < _PARSE_INLINE_BYTES else await asyncio.to_thread(json.loads, body)
+        except (ValueError, RecursionError):  # not JSON (or absurdly nested): any replica answers it
+            return None
         model = doc.get("model") if isinstance(doc, dict) else None
-        if not isinstance(model, str):
-            return None, None
-        if model not in models:
-            served = ", ".join(sorted(str(m) for m in models))
-            body_ = {"error": {"message": f"The model `{model[:200]}` does not exist. Served here: {served}.",
-                               "type": "NotFoundError", "param": "model", "code": 404}}
-            return None, web.Response(status=404, text=json.dumps(body_), content_type="application/json")
-        return model, None
+        return model if isinstance(model, str) and model in models else None
 
     async def _forward(self, request: web.Request, headers: dict[str, str],
                        outcome: _Outcome) -> web.StreamResponse:
         assert self._session is not None
         body = await request.read()
-        model, refused = self._model_for(request, body)
-        if refused is not None:
-            return refused
+        model = await self._model_for(request, body)
         tried: set[str] = set()
         fresh_retry = False
         again: _Backend | None = None

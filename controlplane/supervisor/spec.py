@@ -396,12 +396,13 @@ class Deployment:
 def port_conflicts(deployments: Sequence[Deployment], reserved: Mapping[str, int] | None = None) -> list[str]:
     """Why the deployments' replica ports would collide, if they would: each local deployment takes the ports
     base_port .. base_port + max (one more slot than max, for the surge of a rolling change) on this host,
-    each Ray deployment the same on the nodes of its cluster; `reserved` names ports the plane listens on."""
+    each Ray deployment the same on the nodes of the one Ray cluster the plane joins (the first Ray
+    deployment's address: see `default_backends`); `reserved` names ports the plane listens on."""
     ranges = []
     for d in deployments:
         b = d.backend
         if isinstance(b, LocalBackend | RayBackend):
-            where = "this host" if isinstance(b, LocalBackend) else f"the Ray cluster {b.address}"
+            where = "this host" if isinstance(b, LocalBackend) else "the Ray cluster"
             ranges.append((d.name, where, b.base_port, b.base_port + d.max_replicas))
     out = []
     for i, (name, where, lo, hi) in enumerate(ranges):

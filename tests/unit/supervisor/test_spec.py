@@ -191,6 +191,10 @@ def test_deployments_whose_replica_ports_would_collide_are_named_with_their_rang
     assert len(port_conflicts([llama, touching])) == 1
     ray_a = _named("a", backend={"kind": "ray", "address": "10.0.0.1:6379"})
     ray_b = _named("b", backend={"kind": "ray", "address": "10.0.0.2:6379"})
-    assert port_conflicts([ray_a, ray_b, llama]) == []  # other clusters, other hosts
+    # The plane joins one Ray cluster (the first deployment's address): both run there, on 8200-8201.
+    (ray,) = port_conflicts([ray_a, ray_b, llama])
+    assert "a (ports 8200-8201) and b (ports 8200-8201) overlap on the Ray cluster" in ray
+    ray_c = _named("c", backend={"kind": "ray", "base_port": 8202})
+    assert port_conflicts([ray_a, ray_c, llama]) == []
     (plane,) = port_conflicts([_named("x", backend={"kind": "local", "base_port": 8079})], {"API": 8080})
     assert "takes the API port 8080" in plane
