@@ -78,13 +78,16 @@ class ReplicaConfig(Base):
     created_unix_s: Mapped[float]
 
 
+MAX_REQUEST_S = 7 * 86400.0  # no request runs this long: a longer duration is a broken clock or attribute
+
+
 def finish_of(arrival_unix_s: float, e2e_s: float | None, end_unix_nano: int = 0) -> float:
     """When a request finished: its span's end when that is set and not before the arrival, else
-    arrival + e2e, else (neither known) the arrival."""
+    arrival + e2e, else (neither known, or implausibly late) the arrival."""
     end = end_unix_nano / 1e9
-    if end_unix_nano > 0 and end >= arrival_unix_s:
+    if end_unix_nano > 0 and arrival_unix_s <= end <= arrival_unix_s + MAX_REQUEST_S:
         return end
-    if e2e_s is not None and math.isfinite(e2e_s) and e2e_s >= 0:
+    if e2e_s is not None and math.isfinite(e2e_s) and 0 <= e2e_s <= MAX_REQUEST_S:
         return arrival_unix_s + e2e_s
     return arrival_unix_s
 

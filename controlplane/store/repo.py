@@ -262,10 +262,12 @@ class Store:
 
     def requests(
         self, *, since_unix_s: float | None = None, until_unix_s: float | None = None,
-        replica: str | None = None, limit: int = 1000,
+        replica: str | None = None, limit: int = 1000, by: str = "arrival",
     ) -> list[dict[str, Any]]:
-        return self._window(Request, Request.arrival_unix_s, since_unix_s, until_unix_s, replica, limit,
-                            Request.replica_id)
+        """Requests that arrived (by="arrival") or finished (by="finish", as SLO windows count them) in the
+        window, newest first."""
+        col = Request.finish_unix_s if by == "finish" else Request.arrival_unix_s
+        return self._window(Request, col, since_unix_s, until_unix_s, replica, limit, Request.replica_id)
 
     def engine_samples(
         self, *, since_unix_s: float | None = None, until_unix_s: float | None = None,

@@ -678,7 +678,7 @@ class SearchJobs:
         from controlplane.tuning.loop import finished_between, recent_requests, slo_counts, slo_objectives
 
         objectives, objective = slo_objectives(self.slos, rt.dep.name)
-        return slo_counts(finished_between(recent_requests(self.store, rt.members, t0 - 600.0, t1), t0, t1),
+        return slo_counts(finished_between(recent_requests(self.store, rt.members, t0, t1), t0, t1),
                           objectives, objective)
 
     async def _change(self, rt: Any, engine: Mapping[str, Any], replicas: int | None, reason: str) -> dict[str, Any]:

@@ -67,14 +67,17 @@ def arrival_rate(before: Mapping[str, int] | None, after: Mapping[str, int], dt_
 
 
 def finished_between(rows: Iterable[Mapping[str, Any]], t0: float, t1: float) -> list[Mapping[str, Any]]:
-    """Requests that finished (arrival + e2e) in [t0, t1); rows without e2e are left out."""
+    """Requests that finished in [t0, t1), at the time SLO windows count them (the stored finish time; for a
+    row without one, arrival + e2e, and a row without either is left out)."""
     out = []
     for r in rows:
-        e2e = r.get("e2e_s")
-        if e2e is None:
-            continue
-        end = float(r["arrival_unix_s"]) + float(e2e)
-        if t0 <= end < t1:
+        end = r.get("finish_unix_s")
+        if end is None:
+            e2e = r.get("e2e_s")
+            if e2e is None:
+                continue
+            end = float(r["arrival_unix_s"]) + float(e2e)
+        if t0 <= float(end) < t1:
             out.append(r)
     return out
 
@@ -238,10 +241,11 @@ def slo_objectives(slos: Iterable[Slo], deployment: str) -> tuple[tuple[Objectiv
 
 
 def recent_requests(store: Any, replicas: Iterable[str], since: float, until: float) -> list[dict[str, Any]]:
-    """The stored requests of these replicas that arrived in [since, until)."""
+    """The stored requests of these replicas that finished in [since, until), as the SLO windows count them
+    (by arrival, a request longer than the slack read before the window would be missed)."""
     rows: list[dict[str, Any]] = []
     for r in sorted(replicas):
-        rows += store.requests(since_unix_s=since, until_unix_s=until, replica=r, limit=100_000)
+        rows += store.requests(since_unix_s=since, until_unix_s=until, replica=r, limit=100_000, by="finish")
     return rows
 
 
@@ -261,7 +265,7 @@ class RouterView(Protocol):
 
 class StoreView(Protocol):
     def requests(self, *, since_unix_s: float | None = None, until_unix_s: float | None = None,
-                 replica: str | None = None, limit: int = 1000) -> list[dict[str, Any]]: ...
+                 replica: str | None = None, limit: int = 1000, by: str = "arrival") -> list[dict[str, Any]]: ...
     def engine_samples(self, *, since_unix_s: float | None = None, until_unix_s: float | None = None,
                        replica: str | None = None, limit: int = 1000) -> list[dict[str, Any]]: ...
     def record_action(self, replica_id: int | None, kind: str, *, actor: str, reason: str | None,
@@ -408,7 +412,7 @@ class Tuner:
         window_start = st.cut if st.cut is not None else cut - opts.interval_s
         st.cut = cut
         objectives, objective = self._targets(name)
-        rows = await asyncio.to_thread(self._recent_requests, member_names, window_start - 600.0, now)
+        rows = await asyncio.to_thread(self._recent_requests, member_names, window_start, now)
         finished = finished_between(rows, window_start, cut)
         samples = await asyncio.to_thread(self._latest_samples, ready, now)
         obs = observe(name, desired=rt.desired, ready=ready, rate_rps=rate, latest_samples=samples,

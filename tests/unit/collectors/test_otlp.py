@@ -45,8 +45,11 @@ def test_the_finish_time_falls_back_to_arrival_plus_e2e_then_to_arrival() -> Non
     neither = llm_span(start_ns=start)
     neither.end_time_unix_nano = 0
     del neither.attributes[:]
-    rows = decode_request(export([no_end, ends_before_start, neither])).requests
-    assert [r["finish_unix_s"] for r in rows] == pytest.approx([1_700_000_002.5, 1_700_000_002.5, 1_700_000_000.0])
+    absurd = llm_span(start_ns=start, **{names.ATTR_E2E: 1e15})  # a broken clock: 30 million years would
+    absurd.end_time_unix_nano = start + 10**18  # overflow the rollup's bucket codes; 31 years is no request either
+    rows = decode_request(export([no_end, ends_before_start, neither, absurd])).requests
+    assert [r["finish_unix_s"] for r in rows] == pytest.approx([1_700_000_002.5, 1_700_000_002.5, 1_700_000_000.0,
+                                                                1_700_000_000.0])
 
 
 def test_tpot_is_unknown_for_a_single_token_or_missing_timings() -> None:

@@ -218,9 +218,11 @@ class FakeStore:
         self.actions: list[dict[str, Any]] = []
 
     def requests(self, *, since_unix_s: float | None = None, until_unix_s: float | None = None,
-                 replica: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
-        return [r for r in self.rows if r["replica"] == replica and (since_unix_s or 0) <= r["arrival_unix_s"]
-                and r["arrival_unix_s"] < (until_unix_s or 1e18)][:limit]
+                 replica: str | None = None, limit: int = 1000, by: str = "arrival") -> list[dict[str, Any]]:
+        def at(r: dict[str, Any]) -> float:
+            return float(r["arrival_unix_s"]) + (float(r.get("e2e_s") or 0.0) if by == "finish" else 0.0)
+        return [r for r in self.rows if r["replica"] == replica and (since_unix_s or 0) <= at(r)
+                and at(r) < (until_unix_s or 1e18)][:limit]
 
     def engine_samples(self, *, since_unix_s: float | None = None, until_unix_s: float | None = None,
                        replica: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
@@ -676,3 +678,19 @@ def _fail_rollbacks(fleet: FakeFleet, partial: bool) -> None:
         return await inner(deployment, replicas, actor=actor, reason=reason)
 
     fleet.scale = scale  # type: ignore[method-assign]
+
+
+def test_the_tuner_reads_a_window_s_requests_as_the_slo_counts_them_by_finish_time(sqlite_store: Any) -> None:
+    """A request of 950 s that finished in the window is in the SLO's window: the tuner sees it too (read
+    by arrival with 600 s of slack, it was missed)."""
+    from controlplane.tuning.loop import recent_requests
+
+    def row(i: int, arrival: float, e2e: float, ttft: float) -> dict[str, Any]:
+        return {"replica": "tiny-0", "request_id": f"q{i}", "arrival_unix_s": arrival, "e2e_s": e2e,
+                "ttft_s": ttft, "trace_id": f"{i:032x}", "span_id": "1" * 16}
+
+    now = 10_000.0
+    sqlite_store.write_spans([row(i, now - 1000.0, 950.0, 30.0) for i in range(5)]
+                             + [row(10 + i, now - 100.0, 1.0, 0.1) for i in range(5)], [])
+    rows = finished_between(recent_requests(sqlite_store, ["tiny-0"], now - 300.0, now), now - 300.0, now)
+    assert len(rows) == 10 and sum(1 for r in rows if r["ttft_s"] > 1.0) == 5

@@ -7,8 +7,12 @@ rollups were bucketed by arrival, so they are emptied here and rebuilt by the ne
 Revision ID: 0007
 Revises: 0006
 """
+import logging
+
 import sqlalchemy as sa
 from alembic import op
+
+log = logging.getLogger("controlplane.store.migrations")
 
 revision = '0007'
 down_revision = '0006'
@@ -17,6 +21,10 @@ depends_on = None
 
 
 def upgrade() -> None:
+    n = op.get_bind().execute(sa.text("SELECT count(*) FROM requests")).scalar() or 0
+    if n > 100_000:
+        log.warning("migration 0007: filling in the finish time of %d stored requests and rebuilding the SLO "
+                    "rollups; this takes a while (about 15 s per million rows on PostgreSQL here)", n)
     with op.batch_alter_table('requests') as batch:
         batch.add_column(sa.Column('finish_unix_s', sa.Double(), nullable=True))
     op.execute("UPDATE requests SET finish_unix_s = arrival_unix_s + "
