@@ -517,6 +517,7 @@ def run_search(store: Any, recs: Any, dep: Deployment, *, ready: Sequence[str], 
     if trials > 0 and canary is None:
         raise SearchInputError(f"{dep.name}: canary trials need a supervised deployment (local or ray backend)")
     options = SearchOptions(canary_trials=max(1, trials), min_replicas=max(1, dep.min_replicas),
+                            running=(eng.max_num_seqs, eng.max_num_batched_tokens),
                             max_replicas=max(1, dep.max_replicas))
     progress(f"searching {len(space)} configurations" + (f", up to {trials} canary trial(s)" if canary else ""))
     result = search(space, factory, objectives, wl, target_rps=params.target_rps, options=options, canary=canary)

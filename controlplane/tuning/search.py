@@ -166,6 +166,9 @@ class SearchOptions:
     max_replicas: int = 64
     canary_trials: int = 2  # at most this many real trials
     fleet_candidates: int = 3  # evaluated cells (best per dollar first) sized for the target load
+    # The running (max_num_seqs, max_num_batched_tokens): that cell of the running precision is always sized for
+    # the load, so a search whose better-ranked cells fail their canary trials still has it to try.
+    running: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.rel_tol < 0.5 or self.model_slack < 1 or self.probe_requests < 50:
@@ -298,6 +301,10 @@ def _fleet(e: _Eval, workload: Workload, objectives: Sequence[Objective], target
     return None, seen[n][1]
 
 
+def _is_running(cell: Cell, opts: SearchOptions) -> bool:
+    return not cell.precision_changed and (cell.max_num_seqs, cell.max_num_batched_tokens) == opts.running
+
+
 def _mean_tokens(workload: Workload) -> float:
     return float(np.mean(workload.prompt_tokens + workload.output_tokens))
 
@@ -317,7 +324,9 @@ def search(space: SearchSpace, factory: ReplicaFactory, objectives: Sequence[Obj
     if target <= 0:
         raise ValueError(f"target_rps must be > 0, got {target}")
     evals, rejected = _build(space.cells(), factory, workload, objectives, opts)
-    decided = _evaluate_all(evals, opts, exhaustive)
+    # With canary trials a candidate can fail for real: every cell is then bisected and more are sized, so a
+    # trial that fails leaves the next ones evaluated rather than pruned against the one that failed.
+    decided = _evaluate_all(evals, opts, exhaustive or canary is not None)
     notes: list[str] = []
     if any(not e.model.usd_per_hour for e in evals):
         notes.append("no price known for some configurations: they are priced at 1 per GPU-hour (goodput per GPU)")
@@ -326,13 +335,14 @@ def search(space: SearchSpace, factory: ReplicaFactory, objectives: Sequence[Obj
         tally.simulations += _sims(e)
         tally.requests += e.probe.requests_simulated
     full = sorted((e for e in evals if e.capacity), key=lambda e: -(e.capacity or 0.0) / e.price)
+    sized_per_group = opts.fleet_candidates + (opts.canary_trials if canary is not None else 0)
     rank: dict[tuple[Any, Any] | None, int] = {}  # per group (see _evaluate_all): each keeps its own candidates
     sized: list[tuple[float, float, _Eval, int, tuple[Prediction, ...]]] = []
     finals: list[Candidate] = []
     for e in full:
         group = _group(e.cell)
         rank[group] = rank.get(group, 0) + 1
-        if rank[group] > opts.fleet_candidates:
+        if rank[group] > sized_per_group and not _is_running(e.cell, opts):
             finals.append(Candidate(e.cell, OUTRANKED, "lower goodput per dollar than the cells sized for the load",
                                     e.estimate, e.capacity, e.price, simulations=_sims(e)))
             continue

@@ -555,3 +555,21 @@ def test_a_search_calibrates_only_on_replicas_running_the_spec_and_waits_out_a_r
 
     job = asyncio.run(go())
     assert job["status"] == "failed" and "no ready replica running its configuration" in job["error"]
+
+
+def test_when_the_best_candidates_fail_their_canaries_the_next_ones_are_tried_not_pruned_away(
+        sqlite_store: Store) -> None:
+    record(sqlite_store, rate=20.0)
+    recs = Recommendations(sqlite_store.engine, clock=lambda: BASE + 1000)
+    dep = deployment(canary_trials=4)
+    canary = FakeCanary([False, False, True, True])
+    out = cs.run_search(sqlite_store, recs, dep, ready=["tiny-0"], current_replicas=2,
+                        slos=[slo("ttft", (LatencyTarget("ttft", 0.5),))],
+                        params=cs.SearchParams(target_rps=30.0, window_s=1e6), now=BASE + 1000,
+                        canary_factory=lambda wl, objs: canary)
+    reasons = [c["reason"] for c in out["evidence"]["candidates"]]
+    assert len(canary.tried) == 3 and reasons.count("canary_failed") == 2 and reasons.count("chosen") == 1
+    assert out["validated"] is True and out["recommendation_id"] is not None
+    # The running limits are always sized for the load, to be tried when better-ranked ones fail.
+    running = next(c for c in out["evidence"]["candidates"] if c["config"] == "seqs=16 tokens=512")
+    assert running["replicas"] is not None
