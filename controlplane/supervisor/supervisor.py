@@ -150,6 +150,7 @@ class Supervisor:
         self.runtimes: dict[str, DeploymentRuntime] = {}
         self._stopping = False
         self._tick_lock = asyncio.Lock()
+        self._abandoned: set[asyncio.Future[None]] = set()  # stops of launches cancelled mid-way
 
     # --- start: resume what the store recorded ------------------------------------------------
     async def start(self) -> None:
@@ -473,8 +474,15 @@ class Supervisor:
             core_index = restart_of.core_index
         req = LaunchRequest(name, dep, config, slot, port, otlp, self.otlp_protocol, self.log_dir, core_index)
         now = self.clock()
+        launching = asyncio.ensure_future(asyncio.to_thread(rt.backend.launch, req))
         try:
-            handle = await asyncio.to_thread(rt.backend.launch, req)
+            handle = await asyncio.shield(launching)
+        except asyncio.CancelledError:
+            # Cancelled (a rolling change at shutdown) while the backend starts it: the process starts anyway, in
+            # its own session, unrecorded. Stop it once it is up; shutdown waits for that.
+            self._abandoned.add(stop := asyncio.ensure_future(self._stop_when_launched(rt, launching, name)))
+            stop.add_done_callback(self._abandoned.discard)
+            raise
         except Exception as exc:  # noqa: BLE001 - a launch failure is a crash of that replica
             log.exception("%s: launch failed", name)
             handle = None
@@ -517,6 +525,14 @@ class Supervisor:
             await self._set_state(rt, m, STOPPED, "shutdown", "the plane was stopped while it started")
             raise ActionError("the plane is shutting down", status=503)
         return m
+
+    async def _stop_when_launched(self, rt: DeploymentRuntime, launching: asyncio.Future[Handle], name: str) -> None:
+        try:
+            handle = await launching
+        except Exception:  # noqa: BLE001 - it did not start: nothing to stop
+            return
+        log.warning("%s: its launch was cancelled while it started; stopping it", name)
+        await asyncio.to_thread(rt.backend.stop, handle, 10.0)
 
     async def _drain_and_stop(self, rt: DeploymentRuntime, m: Member, actor: str, reason: str) -> None:
         """No new requests, wait for the in-flight ones (router count and the engine's own gauges) up to
@@ -734,14 +750,19 @@ class Supervisor:
         else:
             self._tick_lock.release()
         for rt in list(self.runtimes.values()):
-            for task in [*rt.tasks, *([rt.rollout] if rt.rollout else [])]:
+            tasks = [*rt.tasks, *([rt.rollout] if rt.rollout else [])]
+            for task in tasks:
                 task.cancel()
+            if tasks:  # each ends at its next await
+                await asyncio.wait(tasks, timeout=30.0)
             for m in list(rt.members.values()):
                 if m.handle is None or m.state in (STOPPED, FAILED) or isinstance(rt.dep.backend, ExternalBackend):
                     continue
                 self.router.remove(m.name)
                 await asyncio.to_thread(rt.backend.stop, m.handle, 20.0)
                 await self._set_state(rt, m, STOPPED, "shutdown", "the plane was stopped")
+            if self._abandoned:
+                await asyncio.wait(set(self._abandoned), timeout=120.0)
             rt.backend.close()
 
     # --- store helpers --------------------------------------------------------------------------

@@ -856,3 +856,26 @@ async def test_a_launch_in_flight_when_shutdown_begins_is_stopped_too(sqlite_sto
     await asyncio.gather(in_flight, return_exceptions=True)
     assert not [u for u, ok in backend.ready.items() if ok]
     assert set(h.states().values()) == {"stopped"}
+
+
+async def test_a_rolling_change_cancelled_by_shutdown_mid_launch_leaves_no_process_behind(
+        sqlite_store: Store) -> None:
+    import time
+
+    class SlowLaunch(FakeBackend):
+        slow = False
+
+        def launch(self, req: LaunchRequest) -> Handle:
+            if self.slow:
+                time.sleep(0.5)  # the process is starting, in its own session, when the rollout is cancelled
+            return super().launch(req)
+
+    backend = SlowLaunch()
+    h = make(sqlite_store, backend=backend)
+    await h.sup.start()
+    await h.until(lambda: h.states() == {"tiny-0": "ready"}, "ready")
+    backend.slow = True
+    await h.sup.reconfigure("tiny", {"max_num_seqs": 16}, actor="user", reason="x")
+    await asyncio.sleep(0.1)
+    await h.sup.shutdown()
+    assert len(backend.launched) == 2 and not [u for u, ok in backend.ready.items() if ok]
