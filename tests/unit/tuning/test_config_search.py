@@ -573,3 +573,30 @@ def test_when_the_best_candidates_fail_their_canaries_the_next_ones_are_tried_no
     # The running limits are always sized for the load, to be tried when better-ranked ones fail.
     running = next(c for c in out["evidence"]["candidates"] if c["config"] == "seqs=16 tokens=512")
     assert running["replicas"] is not None
+
+
+def test_auto_mode_does_not_apply_a_search_made_for_a_count_that_changed_meanwhile(
+        sqlite_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    fleet = FakeFleet()
+    search = cs.run_search
+
+    def search_then_the_tuner_scales(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        out = search(*args, **kwargs)
+        fleet.runtimes["tiny"].desired = 6  # the tuner scaled up while the search ran
+        return out
+
+    monkeypatch.setattr(cs, "run_search", search_then_the_tuner_scales)
+    record(sqlite_store, rate=20.0)
+    recs = Recommendations(sqlite_store.engine)
+    jobs = cs.SearchJobs(sqlite_store, recs, fleet, [slo("ttft", (LatencyTarget("ttft", 0.5),))], clock=Clock(),
+                         mode="auto", counts=lambda rt, t0, t1: (99, 100))
+
+    async def go() -> dict[str, Any]:
+        job = jobs.start("tiny", cs.SearchParams(target_rps=60.0, window_s=1e6))
+        await asyncio.gather(*jobs._tasks)
+        return jobs.get(job["id"])
+
+    job = asyncio.run(go())
+    rec = recs.get(job["result"]["recommendation_id"])
+    assert job["result"]["auto"]["verdict"] == "stale" and rec["status"] == "superseded"
+    assert fleet.calls == [] and fleet.runtimes["tiny"].desired == 6
