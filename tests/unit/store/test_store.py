@@ -103,7 +103,7 @@ def test_the_finish_time_migration_fills_existing_rows_and_starts_the_rollups_ov
                           "created_unix_s) VALUES (1, 1, 'r1', 'local', 'ready', 0, 0)"))
         conn.execute(text("INSERT INTO requests (id, request_id, replica_id, arrival_unix_s, e2e_s, trace_id, "
                           "span_id) VALUES (1, 'a', 1, 1000.0, 400.0, 't1', 's'), "
-                          "(2, 'b', 1, 1000.0, NULL, 't2', 's')"))
+                          "(2, 'b', 1, 1000.0, NULL, 't2', 's'), (3, 'c', 1, 1000.0, 1e15, 't3', 's')"))
         conn.execute(text("INSERT INTO slo_rollup_state (name, watermark_id, gaps, version, updated_unix_s) "
                           "VALUES ('requests', 2, '[]', 7, 0)"))
         conn.execute(text("INSERT INTO slo_rollup_targets (id, key, backfill_upto_id, backfill_done_id, "
@@ -112,7 +112,7 @@ def test_the_finish_time_migration_fills_existing_rows_and_starts_the_rollups_ov
     upgrade(bare_engine)
     with bare_engine.connect() as conn:
         assert conn.execute(text("SELECT id, finish_unix_s FROM requests ORDER BY id")).all() == [
-            (1, 1400.0), (2, 1000.0)]
+            (1, 1400.0), (2, 1000.0), (3, 1000.0)]
         assert conn.execute(text("SELECT count(*) FROM slo_rollup_counts")).scalar() == 0
         assert conn.execute(text("SELECT watermark_id, version FROM slo_rollup_state")).one() == (0, 8)
         assert conn.execute(text("SELECT backfill_upto_id, backfill_done_id FROM slo_rollup_targets")).one() == (0, 0)
@@ -120,4 +120,4 @@ def test_the_finish_time_migration_fills_existing_rows_and_starts_the_rollups_ov
     with bare_engine.connect() as conn:
         minutes = conn.execute(text("SELECT bucket_start_unix_s, total, unknown FROM slo_rollup_counts "
                                     "WHERE level_s = 60 ORDER BY bucket_start_unix_s")).all()
-    assert minutes == [(960, 0, 1), (1380, 1, 0)]
+    assert minutes == [(960, 1, 1), (1380, 1, 0)]  # 3 (bad, absurd e2e) at its arrival; 2 unknown
