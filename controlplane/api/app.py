@@ -165,6 +165,18 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
             raise HTTPException(401, detail="missing or wrong bearer token (Authorization: Bearer <token>)",
                                 headers={"WWW-Authenticate": "Bearer"})
 
+    @app.middleware("http")
+    async def _token_first(request: Request, call_next: Any) -> Any:
+        """FastAPI reads and validates a body before it runs a route's dependencies. Every mutating route needs
+        the token, so it is checked first here: a caller without it is told so, whatever the body, and never
+        what the endpoint expects of one (the routes check it again)."""
+        if request.method in ("POST", "PUT", "PATCH", "DELETE"):
+            try:
+                require_token(request.headers.get("authorization"))
+            except HTTPException as denied:
+                return JSONResponse({"detail": denied.detail}, status_code=denied.status_code, headers=denied.headers)
+        return await call_next(request)
+
     def need_control() -> FleetControl:
         if control is None:
             raise HTTPException(409, detail="this plane supervises no deployment (start it with --config FILE)")

@@ -59,6 +59,18 @@ def test_mutations_without_the_right_bearer_token_get_401(api: TestClient, contr
     assert control.calls == []
 
 
+@pytest.mark.parametrize("body", [b"{not json", b'{"replicas": "two"}', b"\xff"])
+def test_a_bad_body_without_the_token_is_unauthorised_not_explained(api: TestClient, control: FakeControl,
+                                                                    body: bytes) -> None:
+    """The token is checked first: a caller without it learns nothing of what the endpoint expects."""
+    h = {"content-type": "application/json"}
+    r = api.post("/api/v1/deployments/tiny/scale", content=body, headers=h)
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    with_token = api.post("/api/v1/deployments/tiny/scale", content=body, headers={**h, **AUTH})
+    assert with_token.status_code == (400 if body == b"\xff" else 422)  # then the body's fault is named
+    assert control.calls == []
+
+
 def test_without_a_configured_token_mutations_are_off(sqlite_store: Store, control: FakeControl) -> None:
     api = TestClient(create_app(sqlite_store, CollectorRegistry(), control=control, api_token=None))
     r = api.post("/api/v1/deployments/tiny/scale", json={"replicas": 2}, headers=AUTH)
