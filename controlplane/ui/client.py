@@ -14,6 +14,8 @@ from urllib.parse import quote
 
 import httpx
 
+from controlplane.settings import is_sendable_token
+
 DEFAULT_API_URL = "http://127.0.0.1:8080"
 ENV_API_URL = "CONTROLPLANE_API_URL"
 ENV_API_TOKEN = "CONTROLPLANE_API_TOKEN"
@@ -56,7 +58,10 @@ class PlaneClient:
     def __init__(self, base_url: str = DEFAULT_API_URL, token: str | None = None, *, timeout_s: float = 10.0,
                  transport: httpx.BaseTransport | None = None) -> None:
         self.base_url = base_url.rstrip("/")
-        self.token = token or None
+        # A token no HTTP header can carry (the plane refuses such a token too): read only, said so, never a
+        # traceback at the first Apply.
+        self.token_refused = bool(token) and not is_sendable_token(token or "")
+        self.token = None if self.token_refused else token or None
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s, transport=transport)
 
     @classmethod

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import httpx
+
 APP_SCRIPT = Path(__file__).resolve().parents[2] / "dashboards" / "app.py"
 
 
@@ -19,6 +21,13 @@ def streamlit_argv(api_url: str, host: str = "127.0.0.1", port: int = 8501) -> l
         raise ValueError(f"port must be in 1..65535, got {port}")
     if not api_url.startswith(("http://", "https://")):
         raise ValueError(f"api_url must be an http(s) URL, got {api_url!r}")
+    try:  # as the app's client will parse it: a bad port or no host is named here, not in the browser
+        url = httpx.URL(api_url)
+        url.port  # noqa: B018 - parsing the port is the check
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise ValueError(f"api_url is not a usable URL: {exc}") from None
+    if not url.host:
+        raise ValueError(f"api_url names no host: {api_url!r}")
     return [sys.executable, "-m", "streamlit", "run", str(APP_SCRIPT), "--server.headless", "true",
             "--server.address", host, "--server.port", str(port), "--browser.gatherUsageStats", "false",
             "--client.toolbarMode", "viewer", "--", "--api-url", api_url]

@@ -84,8 +84,12 @@ def main(api_url: str | None = None, clock: Callable[[], float] = time.time) -> 
         wanted = PAGES[0].url_path
     label = st.sidebar.selectbox("Time window", list(WINDOWS_S), index=1, key="window")
     st.sidebar.caption(f"Plane: {client.base_url}")
-    st.sidebar.caption("Token set: Apply / Dismiss enabled" if client.token
-                       else f"No token: read only (set {ENV_API_TOKEN})")
+    if client.token_refused:
+        st.sidebar.warning(f"{ENV_API_TOKEN} holds characters an HTTP header cannot carry (printable ASCII "
+                           "without spaces only): read only")
+    else:
+        st.sidebar.caption("Token set: Apply / Dismiss enabled" if client.token
+                           else f"No token: read only (set {ENV_API_TOKEN})")
     now = clock()
 
     def ctx() -> Ctx:

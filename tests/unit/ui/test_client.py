@@ -52,6 +52,21 @@ def test_mutations_send_the_bearer_token_only_when_configured(plane: tuple[str, 
     assert seen == [f"Bearer {TOKEN}", None, None]
 
 
+def test_a_token_no_header_can_carry_makes_the_client_read_only_instead_of_failing_at_apply() -> None:
+    sent: list[httpx.Request] = []
+
+    def answer(r: httpx.Request) -> httpx.Response:
+        sent.append(r)
+        return httpx.Response(401, json={"detail": "missing or wrong bearer token"})
+
+    client = PlaneClient("http://plane", "sécret", transport=httpx.MockTransport(answer))
+    assert client.token_refused and client.token is None
+    with pytest.raises(PlaneError, match="401"):
+        client.post("/api/v1/recommendations/1/apply")  # sent without a token: the plane says no, no traceback
+    assert "authorization" not in sent[0].headers
+    assert not PlaneClient("http://plane", "s3cret").token_refused
+
+
 def test_an_unreachable_plane_names_its_url() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -87,7 +102,9 @@ def test_streamlit_argv_runs_the_app_script_headless_on_loopback_with_the_api_ur
 
 
 @pytest.mark.parametrize(("kwargs", "word"), [({"api_url": "127.0.0.1:8080"}, "api_url"),
-                                              ({"api_url": "http://x", "port": 0}, "port")])
+                                              ({"api_url": "http://x", "port": 0}, "port"),
+                                              ({"api_url": "http://localhost:80x"}, "not a usable URL"),
+                                              ({"api_url": "http://:8080"}, "no host")])
 def test_streamlit_argv_refuses_bad_arguments(kwargs: dict[str, object], word: str) -> None:
     with pytest.raises(ValueError, match=word):
         streamlit_argv(**kwargs)  # type: ignore[arg-type]
