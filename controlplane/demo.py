@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -67,7 +69,12 @@ def run_demo(settings: Settings, console: Console, *, engine: str = "vllm", keep
              cfg: LoopConfig | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = (settings.data_dir / "demo" / stamp).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        console.print(f"[red]error:[/] CONTROLPLANE_DATA_DIR {settings.data_dir}: cannot make {run_dir}: "
+                      f"{exc.strerror or exc}", soft_wrap=True)
+        return 2
     token = settings.api_token or secrets.token_urlsafe(16)
 
     if engine == "sim":
@@ -91,10 +98,13 @@ def run_demo(settings: Settings, console: Console, *, engine: str = "vllm", keep
         dep_path, slo_path = write_specs(cfg, run_dir, model_dir.resolve(), _free_port_run(2))
         engine_label = "vLLM (CPU, tiny model)"
         startup_s, ready_timeout = "60", 420.0
-    console.print(f"[green]✓[/] specs written: {dep_path}, {slo_path}")
+    console.print(f"[green]✓[/] specs written: {dep_path}, {slo_path}", soft_wrap=True)
 
     s = settings
+    # The run's own SQLite store, whatever CONTROLPLANE_DATABASE_URL says: the story is told from this run's
+    # rows only (another store's desired count, pages and recommendations would be taken for this run's).
     env = {**os.environ, "CONTROLPLANE_DATA_DIR": str(run_dir), "CONTROLPLANE_API_TOKEN": token,
+           "CONTROLPLANE_DATABASE_URL": f"sqlite:///{run_dir / 'controlplane.db'}",
            "CONTROLPLANE_BIND_HOST": s.bind_host, "CONTROLPLANE_API_PORT": str(s.api_port),
            "CONTROLPLANE_ROUTER_PORT": str(s.router_port), "CONTROLPLANE_OTLP_HTTP_PORT": str(s.otlp_http_port),
            "CONTROLPLANE_OTLP_GRPC_PORT": str(s.otlp_grpc_port), "HF_HUB_OFFLINE": "1"}
@@ -113,10 +123,16 @@ def run_demo(settings: Settings, console: Console, *, engine: str = "vllm", keep
     ui_url = s.local_url(s.ui_port)
     rc = 1
     leave_up = ui_up = False
+    # SIGTERM / SIGHUP (a CI cancel, `timeout`, a closed terminal) end the demo as Ctrl-C does: through the
+    # `finally` below, which stops the plane, its replicas and the app (each in its own session, so a signal
+    # to the demo's group does not reach them).
+    previous = ({sig: signal.signal(sig, _raise_exit) for sig in (signal.SIGTERM, signal.SIGHUP)}
+                if threading.current_thread() is threading.main_thread() else {})
     try:
         with console.status("starting the plane"):
             plane.start()
-        console.print(f"[green]✓[/] plane up: API {api_url}, router {router_url}, log {plane.log_path}")
+        console.print(f"[green]✓[/] plane up: API {api_url}, router {router_url}, log {plane.log_path}",
+                      soft_wrap=True)
         with console.status("starting the first replica") as st:
             waited = wait_ready(api_url, cfg.deployment, 1, ready_timeout, _Ticker(console, st))
         console.print(f"[green]✓[/] first replica of {cfg.deployment} ready in {waited:.0f} s ({engine_label})")
@@ -150,12 +166,12 @@ def run_demo(settings: Settings, console: Console, *, engine: str = "vllm", keep
         rc = _summarise(console, cfg, result)
         with console.status("writing the report"):
             report = _report(cfg, result, api_url, token, run_dir, engine_label)
-        console.print(f"[green]✓[/] report: {report}")
+        console.print(f"[green]✓[/] report: {report}", soft_wrap=True)
         if keep_running:
             console.print(f"[bold]still running[/] (--keep-running): API {api_url}, "
                           f"Streamlit {ui_url if ui_up else '(not up)'}, token in "
                           f"{run_dir / 'token'}; stop with: kill -TERM {plane.proc.pid}"
-                          + (f" {ui_proc.pid}" if ui_proc else ""))
+                          + (f" {ui_proc.pid}" if ui_proc else ""), soft_wrap=True)
             fd = os.open(run_dir / "token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # never readable by others
             with os.fdopen(fd, "w") as f:
                 f.write(token + "\n")
@@ -164,15 +180,22 @@ def run_demo(settings: Settings, console: Console, *, engine: str = "vllm", keep
         if ui_up:
             console.print(f"Streamlit was at {ui_url} (run with --keep-running to explore it after the demo)")
     except (RuntimeError, httpx.HTTPError) as exc:
-        console.print(f"[red]demo failed:[/] {exc}")
+        console.print(f"[red]demo failed:[/] {exc} (the plane's log and the replicas' logs: {run_dir})",
+                      soft_wrap=True)
         rc = 1
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if not leave_up:
             with console.status("stopping the plane and its replicas"):
                 if ui_proc is not None:
                     terminate(ui_proc, 10.0)
                 plane.stop()
     return rc
+
+
+def _raise_exit(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _start_ui(exe: str, api_url: str, host: str, port: int, run_dir: Path,

@@ -414,12 +414,16 @@ def _applied_scale_up(api: httpx.Client, deployment: str) -> dict[str, Any] | No
     return None
 
 
-def _ready_replicas(api: httpx.Client, deployment: str) -> int:
+def _replica_states(api: httpx.Client, deployment: str) -> dict[str, str]:
     got = _get(api, "/api/v1/deployments")
     for d in (got or {}).get("items", []):
         if d["name"] == deployment:
-            return sum(1 for r in d.get("replicas", []) if r.get("state") == "ready")
-    return 0
+            return {str(r.get("name")): str(r.get("state")) for r in d.get("replicas", [])}
+    return {}
+
+
+def _ready_replicas(api: httpx.Client, deployment: str) -> int:
+    return sum(1 for s in _replica_states(api, deployment).values() if s == "ready")
 
 
 # --- ports ---------------------------------------------------------------------------------------------------
@@ -494,11 +498,21 @@ def terminate(proc: subprocess.Popen[Any], timeout_s: float) -> None:
 def wait_ready(api_url: str, deployment: str, want: int, timeout_s: float, status: Status) -> float:
     """Seconds until `want` replicas of the deployment are ready (RuntimeError after timeout_s)."""
     t0 = time.monotonic()
+    states: dict[str, str] = {}
     with httpx.Client(base_url=api_url, timeout=5.0) as api:
         while time.monotonic() - t0 < timeout_s:
-            n = _ready_replicas(api, deployment)
+            states = _replica_states(api, deployment)
+            n = sum(1 for s in states.values() if s == "ready")
             if n >= want:
                 return time.monotonic() - t0
-            status(f"starting {deployment}: {time.monotonic() - t0:.0f} s, {n} of {want} replica(s) ready")
+            # A replica the supervisor gave up on will not become ready: say so now, not at the timeout.
+            dead = {name: s for name, s in states.items() if s in ("crashloop", "failed")}
+            if dead:
+                raise RuntimeError(f"{deployment}: " + ", ".join(f"{k} is {v}" for k, v in dead.items())
+                                   + " (the supervisor stopped restarting it)")
+            shown = ", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "none yet"
+            status(f"starting {deployment}: {time.monotonic() - t0:.0f} s, {n} of {want} replica(s) ready "
+                   f"({shown})")
             time.sleep(1.0)
-    raise RuntimeError(f"{deployment}: {want} replica(s) not ready in {timeout_s:.0f} s")
+    shown = ", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "no replica"
+    raise RuntimeError(f"{deployment}: {want} replica(s) not ready in {timeout_s:.0f} s ({shown})")

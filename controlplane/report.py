@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import httpx
 import numpy as np
@@ -111,6 +111,36 @@ def ttft_series(requests: Sequence[Mapping[str, Any]], since: float, until: floa
     return edges[:-1], q, counts
 
 
+SERVING_GAP_S: Final = 15.0  # successive good scrapes further apart than this: not serving in between
+
+
+def serving_steps(replicas: Iterable[Sequence[Mapping[str, Any]]], since: float,
+                  until: float) -> tuple[np.ndarray, np.ndarray]:
+    """(times, replicas serving from each time on): a replica serves from a successful scrape to the next one
+    at most SERVING_GAP_S later. Drawn at the scrapes' own times, so a replica never appears serving before
+    the action that started it (binned counts put it at the start of its bin)."""
+    events: list[tuple[float, int]] = []
+    for rows in replicas:
+        ok = sorted(float(r["ts_unix_s"]) for r in rows if r.get("scrape_ok"))
+        start = prev = None
+        for ts in ok:
+            if start is None or prev is None or ts - prev > SERVING_GAP_S:
+                if start is not None and prev is not None:
+                    events += [(start, 1), (prev, -1)]
+                start = ts
+            prev = ts
+        if start is not None and prev is not None:
+            events += [(start, 1), (prev, -1)]
+    times, values, level = [since], [0], 0
+    for ts, d in sorted(events):
+        level += d
+        times.append(min(max(ts, since), until))
+        values.append(level)
+    times.append(until)
+    values.append(level)
+    return np.array(times), np.array(values, dtype=float)
+
+
 def attainment(requests: Sequence[Mapping[str, Any]], threshold_s: float, t0: float,
                t1: float) -> tuple[float | None, int]:
     """Share of requests arriving in [t0, t1) whose stored TTFT met the threshold (None: none known)."""
@@ -146,8 +176,8 @@ def render(inp: ReportInput, out_dir: Path) -> Path:
     starts, q, counts = ttft_series(inp.requests, inp.since, inp.until)
     fig, ax = plt.subplots(figsize=(10, 4))
     _marks(ax, inp, t0)
-    for k, c in (("p50", "#2b8cbe"), ("p90", "#f39c12"), ("p99", "#c0392b")):
-        ax.plot(_t(starts, t0), q[k], label=f"TTFT {k}", color=c, lw=1.5)
+    for k, c in (("p50", "#2b8cbe"), ("p90", "#f39c12"), ("p99", "#c0392b")):  # at each 10 s bin's middle
+        ax.plot(_t(starts + 5.0, t0), q[k], label=f"TTFT {k}", color=c, lw=1.5)
     ax.axhline(inp.ttft_threshold_s, color="black", lw=1, label=f"SLO threshold {inp.ttft_threshold_s:g} s")
     ax.set_yscale("log")
     ax.set_xlabel("minutes since start")
@@ -178,20 +208,15 @@ def render(inp: ReportInput, out_dir: Path) -> Path:
     ax1.set_title("KV cache and queue per replica (vLLM /metrics, as scraped)")
     _save(fig, out_dir, "kv", pngs)
 
-    edges = _bins(inp.since, inp.until, 10.0)
-    serving = np.zeros(len(edges) - 1)
-    for rows in by_rep.values():
-        ok = np.array([float(r["ts_unix_s"]) for r in rows if r.get("scrape_ok")])
-        if len(ok):
-            hit = np.unique(np.digitize(ok, edges) - 1)
-            serving[hit[(hit >= 0) & (hit < len(serving))]] += 1
+    times, serving = serving_steps(by_rep.values(), inp.since, inp.until)
     fig, ax = plt.subplots(figsize=(10, 2.6))
     _marks(ax, inp, t0)
-    ax.step(_t(edges[:-1], t0), serving, where="post", color="#2c3e50")
+    ax.step(_t(times, t0), serving, where="post", color="#2c3e50")
     ax.set_ylabel("replicas scraped OK")
     ax.set_xlabel("minutes since start")
     ax.set_ylim(0, max(2, serving.max() if len(serving) else 1) + 0.5)
-    ax.set_title("replicas serving (a replica with a successful scrape in the 10 s)")
+    ax.set_title(f"replicas serving (from a replica's first successful scrape to its last, gaps over "
+                 f"{SERVING_GAP_S:g} s left out)")
     _save(fig, out_dir, "replicas", pngs)
 
     # 4. cost per 1M tokens

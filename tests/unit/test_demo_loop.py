@@ -103,3 +103,14 @@ def test_the_load_knows_when_each_request_in_flight_was_sent() -> None:
         load.stop(10.0)
         server.should_exit = True
         thread.join(10.0)
+
+
+def test_waiting_for_replicas_stops_at_once_on_one_the_supervisor_gave_up_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    from controlplane import demo_loop
+    seen: list[str] = []
+    answers = iter([{"tiny-0": "starting"}, {"tiny-0": "crashed"}, {"tiny-0": "crashloop"}])
+    monkeypatch.setattr(demo_loop, "_replica_states", lambda api, deployment: next(answers))
+    monkeypatch.setattr(demo_loop.time, "sleep", lambda s: None)
+    with pytest.raises(RuntimeError, match="tiny-0 is crashloop"):
+        demo_loop.wait_ready("http://127.0.0.1:9", "tiny", 1, 420.0, seen.append)
+    assert seen[-1].endswith("(tiny-0 crashed)")  # the progress line says what each replica is doing

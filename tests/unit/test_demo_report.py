@@ -129,3 +129,14 @@ def test_the_report_reads_every_engine_sample_of_a_run_longer_than_one_page(sqli
     assert len(rows) == 50 and len({r["id"] for r in rows}) == 50
     assert [r["ts_unix_s"] for r in rows] == sorted(1000.0 + k for k in range(25) for _ in range(2))
     assert {r["replica"] for r in rows} == {"a", "b"}
+
+
+def test_the_replicas_plot_steps_at_the_scrapes_own_times_not_at_bin_starts() -> None:
+    from controlplane.report import serving_steps
+    r0 = [{"ts_unix_s": 100.0 + 2 * k, "scrape_ok": True} for k in range(50)]  # 100 .. 198, serving throughout
+    r1 = [{"ts_unix_s": 137.0 + 2 * k, "scrape_ok": True} for k in range(5)]  # first good scrape at +37 s
+    r1 += [{"ts_unix_s": 170.0 + 2 * k, "scrape_ok": True} for k in range(5)]  # a gap of 25 s: down between
+    times, level = serving_steps([r0, r1], 100.0, 200.0)
+    at = dict(zip(times.tolist(), level.tolist(), strict=True))
+    assert at[137.0] == 2.0 and at[145.0] == 1.0 and at[170.0] == 2.0 and at[178.0] == 1.0
+    assert level[times < 137.0].max() == 1.0  # never 2 before the second replica's first good scrape
