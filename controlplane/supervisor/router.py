@@ -165,6 +165,8 @@ class Router:
                                         "[A-Za-z0-9._-] (served, recorded without a tenant)", registry=registry)
         self._backends: dict[str, _Backend] = {}
         self._models: frozenset[str] = frozenset()  # the deployments' served names (see set_models)
+        # They and the table's models: kept with the table (under the lock) so no request rebuilds it.
+        self._known_models: frozenset[str] = frozenset()
         # Arrivals of replicas no longer in the table (removed after a drain, or re-added at a new URL): kept so
         # the tuner's rate sees the requests they took between its last reading and their removal.
         self._retired: dict[str, int] = {}
@@ -185,6 +187,7 @@ class Router:
             if b is None or b.url != url.rstrip("/") or b.model != model:
                 before = b.routed if b is not None else self._retired.pop(name, 0)
                 self._backends[name] = _Backend(name, url.rstrip("/"), model, routed=before)
+                self._refresh_models()
             else:
                 b.down = False
 
@@ -193,6 +196,10 @@ class Router:
         a request for one waits for it (503) rather than going to another model's replica."""
         with self._lock:
             self._models = frozenset(models)
+            self._refresh_models()
+
+    def _refresh_models(self) -> None:  # with the lock held
+        self._known_models = self._models | {b.model for b in self._backends.values() if b.model is not None}
 
     def set_unready(self, name: str) -> None:
         with self._lock:
@@ -208,6 +215,7 @@ class Router:
         with self._lock:
             b = self._backends.pop(name, None)
             if b is not None:
+                self._refresh_models()
                 self._retired[name] = b.routed
                 while len(self._retired) > _RETIRED_KEPT:
                     self._retired.pop(next(iter(self._retired)))
@@ -302,8 +310,7 @@ class Router:
         """The model to route to: the body's `model` when the router fronts several and it is one of them,
         else None (any replica). With one model the body is never parsed; a large one is parsed off the
         event loop, so it never holds up other streams."""
-        with self._lock:
-            models = self._models | {b.model for b in self._backends.values() if b.model is not None}
+        models = self._known_models  # replaced whole under the lock: one read is consistent
         if len(models) < 2 or request.method != "POST" or not body:
             return None
         try:
