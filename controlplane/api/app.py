@@ -26,7 +26,14 @@ from controlplane.api import queries
 from controlplane.slo.model import Slo
 from controlplane.slo.query import RollupBusy
 from controlplane.store.repo import Store
-from controlplane.tuning.recommendations import APPLIED, DISMISSED, FAILED, RecommendationError, Recommendations
+from controlplane.tuning.recommendations import (
+    APPLIED,
+    DISMISSED,
+    FAILED,
+    RecommendationError,
+    Recommendations,
+    made_for_replicas,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +61,6 @@ CostStep = Annotated[int, Query(description="Step of the series in seconds.", ge
 
 DEFAULT_RANGE_S = 86_400.0  # history, cost and GPU summary cover the last day unless told otherwise
 MAX_POINTS = 2_000  # per series: bounds the work one request can ask for
-
-
-def _replicas_of(current: Any) -> int | None:
-    """The replica count a recommendation was made for, or None when it has none (or not a number)."""
-    try:
-        return int(current["replicas"])
-    except (KeyError, TypeError, ValueError):
-        return None
 
 
 class FleetControl(Protocol):
@@ -375,7 +374,7 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
             raise HTTPException(409, detail=f"recommendation {rid} is {rec['status']}; only open ones can be applied")
         ctl = need_control()
         live = next((d.get("desired_replicas") for d in ctl.describe() if d.get("name") == rec["deployment"]), None)
-        was = _replicas_of(rec.get("current"))
+        was = made_for_replicas(rec)
         if was is not None and live is not None and was != live:
             # A count is relative to the count it was decided on (its predicted effect, its N-1 check, a later
             # rollback), and so is a searched configuration's, sized for the load of its search: a fleet grown

@@ -693,12 +693,12 @@ class SearchJobs:
 
     async def _apply_and_judge(self, rt: Any, rid: int, progress: Callable[[str], None]) -> dict[str, Any]:
         from controlplane.tuning.loop import ROLL_BACK, slo_objectives, verdict
-        from controlplane.tuning.recommendations import APPLIED, FAILED, ROLLED_BACK, SUPERSEDED
+        from controlplane.tuning.recommendations import APPLIED, FAILED, ROLLED_BACK, SUPERSEDED, made_for_replicas
 
         rec = await asyncio.to_thread(self.recs.get, rid)
         proposed, current = rec["proposed"], rec["current"]
-        was = current.get("replicas") if isinstance(current, dict) else None
-        if isinstance(was, int) and was != rt.desired:
+        was = made_for_replicas(rec)
+        if was is not None and was != rt.desired:
             # The count changed while it searched (the tuner scaled, or a person did): the proposal was sized for
             # another fleet and its rollback would restore that one, as the API refuses such a recommendation.
             why = (f"made for {was} replica(s) of {rt.dep.name}, which has {rt.desired} now: not applied, "

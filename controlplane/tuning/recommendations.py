@@ -24,6 +24,15 @@ OPEN, APPLIED, DISMISSED, SUPERSEDED, ROLLED_BACK, FAILED = (
     "open", "applied", "dismissed", "superseded", "rolled_back", "failed")
 
 
+def made_for_replicas(rec: Mapping[str, Any]) -> int | None:
+    """The replica count a recommendation was made for (its `current`), or None when it has none (or not a
+    number). Its proposal is sized for that count: applied to another, it is stale."""
+    try:
+        return int(rec["current"]["replicas"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 class RecommendationError(ValueError):
     def __init__(self, message: str, status: int = 409) -> None:
         super().__init__(message)
