@@ -228,8 +228,7 @@ def points(u: Usage) -> list[CostPoint]:
     for i in range(len(u.up_s)):
         lo, hi = float(u.edges[i]), float(u.edges[i + 1])
         up_s = float(u.up_s[i])
-        known = price is not None and not u.unknown_s[i] > 0
-        usd = up_s / 3600.0 * price if known and price is not None else None
+        usd = None if price is None or u.unknown_s[i] > 0 else up_s / 3600.0 * price
         p, g = _opt(float(u.prompt_tokens[i])), _opt(float(u.completion_tokens[i]))
         replicas_up = up_s / (hi - lo)
         out.append(CostPoint(

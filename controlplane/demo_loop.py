@@ -510,9 +510,12 @@ def wait_ready(api_url: str, deployment: str, want: int, timeout_s: float, statu
             if dead:
                 raise RuntimeError(f"{deployment}: " + ", ".join(f"{k} is {v}" for k, v in dead.items())
                                    + " (the supervisor stopped restarting it)")
-            shown = ", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "none yet"
             status(f"starting {deployment}: {time.monotonic() - t0:.0f} s, {n} of {want} replica(s) ready "
-                   f"({shown})")
+                   f"({_states_text(states, 'none yet')})")
             time.sleep(1.0)
-    shown = ", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "no replica"
-    raise RuntimeError(f"{deployment}: {want} replica(s) not ready in {timeout_s:.0f} s ({shown})")
+    raise RuntimeError(f"{deployment}: {want} replica(s) not ready in {timeout_s:.0f} s "
+                       f"({_states_text(states, 'no replica')})")
+
+
+def _states_text(states: dict[str, str], empty: str) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(states.items())) or empty

@@ -412,7 +412,7 @@ class Supervisor:
                     if await self._launch_new(rt, rt.dep.engine) is None:
                         break
                 except Exception:
-                    rt.next_launch_at = now + max(rt.dep.lifecycle.restart_backoff_initial_s, 5.0)
+                    rt.next_launch_at = now + _retry_launch_after_s(rt)
                     raise
         elif len(active) > rt.desired:
             views = [policy.ReplicaView(m.name, m.state, m.slot, self.router.outstanding(m.name), m.since)
@@ -502,7 +502,7 @@ class Supervisor:
             if handle is not None:
                 await asyncio.to_thread(rt.backend.stop, handle, 10.0)
             if restart_of is not None:
-                restart_of.next_restart_at = now + max(rt.dep.lifecycle.restart_backoff_initial_s, 5.0)
+                restart_of.next_restart_at = now + _retry_launch_after_s(rt)
             raise
         if restart_of is not None:
             m = restart_of
@@ -808,6 +808,11 @@ class Supervisor:
                                     ts_unix_s=self.clock())
         except Exception:  # noqa: BLE001 - losing an audit row must not stop supervision; it is logged
             log.exception("could not store action %s (%s)", kind, reason)
+
+
+def _retry_launch_after_s(rt: DeploymentRuntime) -> float:
+    """How long a launch that could not be recorded waits before it is tried again."""
+    return max(rt.dep.lifecycle.restart_backoff_initial_s, 5.0)
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:
