@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,31 @@ class FakeBackend:
 
     def close(self) -> None:
         pass
+
+    def running(self) -> list[str]:
+        """The URLs of the replicas whose processes still run."""
+        return [u for u, ok in self.ready.items() if ok]
+
+
+@dataclass
+class SlowBackend(FakeBackend):
+    """Backend calls that take a while, as Ray's do: the supervisor meanwhile moves on (or shuts down)."""
+
+    launch_s: float = 0.0
+    stop_s: float = 0.0
+    exit_code_s: float = 0.0
+
+    def launch(self, req: LaunchRequest) -> Handle:
+        time.sleep(self.launch_s)
+        return super().launch(req)
+
+    def stop(self, handle: Handle, timeout_s: float) -> None:
+        time.sleep(self.stop_s)
+        super().stop(handle, timeout_s)
+
+    def exit_code(self, handle: Handle) -> int | None:
+        time.sleep(self.exit_code_s)
+        return super().exit_code(handle)
 
 
 @dataclass
@@ -700,11 +726,11 @@ async def test_a_restart_the_store_cannot_record_is_stopped_and_tried_again_afte
     await h.ticks(10)
     # One launch, stopped again because it could not be recorded; not one untracked process per tick.
     assert len(h.backend.launched) == 2 and h.backend.stopped.count("tiny-0") == 2
-    assert not [u for u, ok in h.backend.ready.items() if ok]
+    assert not h.backend.running()
     store.down = False
     h.clock.now += 11
     await h.until(lambda: h.states() == {"tiny-0": "ready"}, "restarted once the store is back")
-    assert [u for u, ok in h.backend.ready.items() if ok] == [m.handle.url]
+    assert h.backend.running() == [m.handle.url]
 
 
 async def test_a_scale_up_the_store_cannot_record_backs_off_instead_of_launching_every_tick(
@@ -794,14 +820,7 @@ async def test_an_external_replica_back_from_an_outage_is_scraped_again_and_its_
 
 
 async def test_no_replica_is_launched_once_shutdown_began(sqlite_store: Store) -> None:
-    import time
-
-    class SlowBackend(FakeBackend):
-        def exit_code(self, handle: Handle) -> int | None:
-            time.sleep(0.3)  # a Ray call: the tick is still in flight when the plane begins to stop
-            return super().exit_code(handle)
-
-    h = make(sqlite_store, backend=SlowBackend())
+    h = make(sqlite_store, backend=SlowBackend(exit_code_s=0.3))  # the tick is in flight when the plane stops
     await h.sup.start()
     await h.until(lambda: h.states() == {"tiny-0": "ready"}, "ready")
     h.clock.now += 0.01
@@ -811,7 +830,7 @@ async def test_no_replica_is_launched_once_shutdown_began(sqlite_store: Store) -
     await in_flight
     await h.ticks(2)
     assert h.states() == {"tiny-0": "stopped"}
-    assert len(h.backend.launched) == 1 and not [u for u, ok in h.backend.ready.items() if ok]
+    assert len(h.backend.launched) == 1 and not h.backend.running()
 
 
 async def test_a_rolling_change_the_store_cannot_record_is_not_restarted_every_tick(sqlite_store: Store) -> None:
@@ -829,53 +848,29 @@ async def test_a_rolling_change_the_store_cannot_record_is_not_restarted_every_t
 
 
 async def test_a_launch_in_flight_when_shutdown_begins_is_stopped_too(sqlite_store: Store) -> None:
-    import time
-
-    class SlowBackend(FakeBackend):
-        slow = False
-
-        def launch(self, req: LaunchRequest) -> Handle:
-            if self.slow:
-                time.sleep(0.5)  # a Ray actor's start
-            return super().launch(req)
-
-        def stop(self, handle: Handle, timeout_s: float) -> None:
-            time.sleep(0.3)
-            super().stop(handle, timeout_s)
-
-    backend = SlowBackend()
+    backend = SlowBackend(stop_s=0.3)
     h = make(sqlite_store, backend=backend)
     await h.sup.start()
     await h.until(lambda: h.states() == {"tiny-0": "ready"}, "ready")
-    backend.slow = True
+    backend.launch_s = 0.5  # a Ray actor's start
     await h.sup.scale("tiny", 3, actor="user", reason="x")
     h.clock.now += 0.01
     in_flight = asyncio.create_task(h.sup.tick())
     await asyncio.sleep(0.1)
     await h.sup.shutdown()  # raised "dictionary changed size during iteration" before
     await asyncio.gather(in_flight, return_exceptions=True)
-    assert not [u for u, ok in backend.ready.items() if ok]
+    assert not backend.running()
     assert set(h.states().values()) == {"stopped"}
 
 
 async def test_a_rolling_change_cancelled_by_shutdown_mid_launch_leaves_no_process_behind(
         sqlite_store: Store) -> None:
-    import time
-
-    class SlowLaunch(FakeBackend):
-        slow = False
-
-        def launch(self, req: LaunchRequest) -> Handle:
-            if self.slow:
-                time.sleep(0.5)  # the process is starting, in its own session, when the rollout is cancelled
-            return super().launch(req)
-
-    backend = SlowLaunch()
+    backend = SlowBackend()
     h = make(sqlite_store, backend=backend)
     await h.sup.start()
     await h.until(lambda: h.states() == {"tiny-0": "ready"}, "ready")
-    backend.slow = True
+    backend.launch_s = 0.5  # the process is starting, in its own session, when the rollout is cancelled
     await h.sup.reconfigure("tiny", {"max_num_seqs": 16}, actor="user", reason="x")
     await asyncio.sleep(0.1)
     await h.sup.shutdown()
-    assert len(backend.launched) == 2 and not [u for u, ok in backend.ready.items() if ok]
+    assert len(backend.launched) == 2 and not backend.running()
