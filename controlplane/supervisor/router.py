@@ -7,7 +7,8 @@ table from its own thread through the lock-protected methods below.
 
 Guarantees: when the router fronts several models (deployments, see `set_models`), a request naming
 one of them in its JSON `model` goes only to that model's replicas (503 while none is ready), and one
-naming another model (a LoRA adapter, a typo) goes to any replica, whose vLLM answers it; a draining
+naming another model (a LoRA adapter, a typo) goes to any replica, whose vLLM answers it, and
+GET /v1/models lists every ready deployment's models (each vLLM lists only its own); a draining
 replica gets no new request; with no ready replica the answer is 503 with
 Retry-After; a request whose replica fails before sending any response byte (connection refused or
 reset: the replica died) is retried once on another replica, since a completion has no side effect
@@ -324,6 +325,8 @@ class Router:
                        outcome: _Outcome) -> web.StreamResponse:
         assert self._session is not None
         body = await request.read()
+        if request.method == "GET" and request.path == "/v1/models" and len(self._known_models) > 1:
+            return await self._list_models(headers, outcome)
         model = await self._model_for(request, body)
         tried: set[str] = set()
         fresh_retry = False
@@ -379,6 +382,42 @@ class Router:
             finally:
                 self._release(backend, served)
         return self._unavailable("no replica accepted the connection")
+
+    async def _list_models(self, headers: dict[str, str], outcome: _Outcome) -> web.Response:
+        """GET /v1/models across deployments: each replica lists only the model it serves, so with several
+        the router asks one ready replica of each and joins their lists (first listing of an id wins). A model
+        with no ready replica, or whose replica fails to answer, is left out rather than failing the list."""
+        session = self._session
+        assert session is not None
+        with self._lock:
+            one: dict[str | None, _Backend] = {}
+            for b in self._backends.values():
+                if not b.draining and not b.down:
+                    one.setdefault(b.model, b)
+        if not one:
+            return self._unavailable("no ready replica; retry later")
+
+        async def listing(b: _Backend) -> list[object]:
+            try:
+                async with session.get(b.url + "/v1/models", headers=headers,
+                                       timeout=aiohttp.ClientTimeout(total=5)) as up:
+                    if up.status != 200:
+                        return []
+                    data = (await up.json(content_type=None)).get("data")
+                    return data if isinstance(data, list) else []
+            except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError) as exc:
+                log.warning("router: listing the models of %s failed (%s)", b.name, type(exc).__name__)
+                return []
+
+        merged: dict[str, object] = {}
+        for entries in await asyncio.gather(*(listing(b) for b in one.values())):
+            for entry in entries:
+                if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+                    merged.setdefault(entry["id"], entry)
+        if not merged:
+            return self._unavailable("no replica answered the model listing; retry later")
+        outcome.status, outcome.ok = 200, True
+        return web.json_response({"object": "list", "data": list(merged.values())})
 
     # --- lifecycle --------------------------------------------------------------------------------
     def start(self, timeout_s: float = 10.0) -> int:

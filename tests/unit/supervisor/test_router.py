@@ -30,6 +30,12 @@ class Upstream:
     in_flight: int = 0
     die: str | None = None  # "before_response" | "mid_stream": the replica dies (kill -9) at that point
     drop_first: bool = False  # close the first request's connection unanswered (a stale keep-alive), then serve
+    models: list[str] = field(default_factory=list)  # what GET /v1/models lists (vLLM: its served name, adapters)
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        if self.die == "before_response" and request.transport is not None:
+            request.transport.abort()
+        return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]})
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.seen_headers.append(dict(request.headers))
@@ -64,6 +70,7 @@ def upstreams() -> Iterator[list[Upstream]]:
         for u in ups:
             app = web.Application()
             app.router.add_post("/v1/completions", u.handle)
+            app.router.add_get("/v1/models", u.list_models)
             runner = web.AppRunner(app)
             await runner.setup()
             u.port = free_port()
@@ -423,3 +430,25 @@ def test_with_two_deployments_a_request_goes_only_to_replicas_of_the_model_it_na
     # A body that is not JSON, or nested past the parser's depth, is not the router's to refuse.
     deep = httpx.post(url(router), content=b"[" * 200_000, timeout=10)
     assert deep.status_code == 200 and len(b.seen_headers) == 3
+
+
+def test_with_two_deployments_the_model_list_joins_one_ready_replica_of_each(
+    router: Router, upstreams: list[Upstream]
+) -> None:
+    a, b = upstreams
+    a.models, b.models = ["llama", "llama-lora"], ["qwen"]
+    models = f"http://127.0.0.1:{router.bound_port}/v1/models"
+    router.set_ready("llama-0", f"http://127.0.0.1:{a.port}", "llama")
+    assert [m["id"] for m in httpx.get(models, timeout=10).json()["data"]] == ["llama", "llama-lora"]  # passed on
+    router.set_models({"llama", "qwen"})
+    router.set_ready("qwen-0", f"http://127.0.0.1:{b.port}", "qwen")
+    router.set_ready("llama-1", f"http://127.0.0.1:{a.port}", "llama")  # a second replica: listed once
+    listed = httpx.get(models, timeout=10).json()
+    assert listed["object"] == "list" and sorted(m["id"] for m in listed["data"]) == ["llama", "llama-lora", "qwen"]
+    # A replica that fails to answer leaves its model out; the others are still listed.
+    b.die = "before_response"
+    assert [m["id"] for m in httpx.get(models, timeout=10).json()["data"]] == ["llama", "llama-lora"]
+    router.drain("llama-0")
+    router.drain("llama-1")
+    assert httpx.get(models, timeout=10).status_code == 503  # nothing ready answered
+    assert router.arrivals() == {"llama-0": 0, "qwen-0": 0, "llama-1": 0}  # listings are not load
