@@ -202,7 +202,10 @@ def render(inp: ReportInput, out_dir: Path) -> Path:
                  label=f"{rep} waiting", lw=1)
     ax1.set_ylabel("KV cache usage")
     ax1.set_ylim(0, 1.05)
-    ax1.legend(loc="upper left", fontsize=8)
+    if by_rep:
+        ax1.legend(loc="upper left", fontsize=8)
+    else:
+        ax1.text(0.5, 0.5, "no scrape in this run", transform=ax1.transAxes, ha="center", va="center")
     ax2.set_ylabel("requests waiting")
     ax2.set_xlabel("minutes since start")
     ax1.set_title("KV cache and queue per replica (vLLM /metrics, as scraped)")
@@ -296,6 +299,26 @@ def _pct(v: float | None) -> str:
     return "unknown" if v is None else f"{v:.1%}"
 
 
+def _outcome(o: Mapping[str, Any] | None, t0: float) -> str:
+    """A recommendation's stored outcome in words: its verdict, the SLO before and after, when it was judged."""
+    if not o:
+        return "not judged yet"
+    parts = [str(o["verdict"]).replace("_", " ")] if o.get("verdict") else []
+    for key in ("before", "after"):
+        counts = o.get(key)
+        if isinstance(counts, Mapping) and counts.get("known"):
+            parts.append(f"{key}: {_pct(counts['good'] / counts['known'])} within SLO of {counts['known']}")
+    if o.get("slo_worse_after"):
+        parts.append("the SLO was worse after (a scale-up is kept)")
+    for key in ("why", "error", "rollback_error"):
+        if o.get(key):
+            parts.append(f"{key.replace('_', ' ')}: {o[key]}")
+    for key, label in (("in_effect_unix_s", "in effect"), ("judged_unix_s", "judged")):
+        if isinstance(o.get(key), int | float):
+            parts.append(f"{label} {_when(o[key], t0)}")
+    return "; ".join(parts) or ("being applied" if o.get("applying_since_unix_s") else "not judged yet")
+
+
 def _markdown(inp: ReportInput, pngs: Mapping[str, str], events: Sequence[tuple[float, str, str]],
               cost_note: str) -> str:
     t0 = inp.since
@@ -321,15 +344,18 @@ def _markdown(inp: ReportInput, pngs: Mapping[str, str], events: Sequence[tuple[
     for r in applied:
         ev = r.get("evidence") or {}
         obs = ev.get("observed") or {}
-        lines += ["", f"### Recommendation {r['id']}: {r['kind']} {r['current'].get('replicas')} -> "
-                      f"{r['proposed'].get('replicas')} ({r['reason']}, {r['mode']}, {r['status']})", "",
+        cur, new = r.get("current") or {}, r.get("proposed") or {}
+        change = ", ".join(f"{k} {cur.get(k)} -> {new.get(k)}" for k in sorted({*cur, *new})
+                           if cur.get(k) != new.get(k))
+        lines += ["", f"### Recommendation {r['id']}: {r['kind']}, {change or 'no change'} "
+                      f"({r['reason']}, {r['mode']}, {r['status']})", "",
                   f"- observed: {obs.get('rate_rps') and round(obs['rate_rps'], 2)} req/s, "
                   f"good ratio {_pct(obs.get('slo_good_ratio'))} of {obs.get('finished')} finished, "
                   f"TTFT p99 {obs.get('ttft_p99_s') and round(obs['ttft_p99_s'], 3)} s",
                   f"- capacity model: {(ev.get('capacity') or {}).get('source')}",
                   f"- cost: ${(ev.get('cost') or {}).get('usd_per_hour_current')}/h -> "
                   f"${(ev.get('cost') or {}).get('usd_per_hour_proposed')}/h",
-                  f"- confidence {r.get('confidence')}; outcome: {r.get('outcome')}"]
+                  f"- confidence {r.get('confidence')}; outcome: {_outcome(r.get('outcome'), t0)}"]
     lines += ["", f"![timeline]({pngs['timeline']})", "", "## KV cache and queue", "", f"![KV]({pngs['kv']})", "",
               "## Replicas", "", f"![replicas]({pngs['replicas']})", "", "## Cost", "", cost_note, ""]
     if "cost" in pngs:

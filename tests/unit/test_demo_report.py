@@ -88,6 +88,24 @@ def test_render_writes_the_report_and_its_plots(tmp_path: Path) -> None:
     assert "| steady | +0 s | +60 s | 60 | 100.0% | 100.0% of 60 | unknown |" in md
     assert "| burst | +60 s | +120 s | 60 | 0.0% | 0.0% of 60 | unknown |" in md
     assert "no cost data" in md and "cost.png" not in md
+    assert "outcome: not judged yet" in md
+    assert "### Recommendation 1: scale, replicas 1 -> 2 (scale_up_slo_risk, auto, applied)" in md
+
+
+def test_a_judged_recommendation_s_outcome_is_told_in_words(tmp_path: Path) -> None:
+    t0 = 1_700_000_000.0
+    outcome = {"applying_since_unix_s": t0 + 80, "applied": {"replicas": 2}, "before": {"good": 30, "known": 120},
+               "verdict": "kept", "after": {"good": 95.0, "known": 100}, "in_effect_unix_s": t0 + 100,
+               "judged_unix_s": t0 + 160}
+    recs = [{"id": 1, "kind": "scale", "status": "applied", "mode": "auto", "reason": "scale_up_slo_risk",
+             "current": {"replicas": 1}, "proposed": {"replicas": 2}, "confidence": 0.9, "outcome": outcome,
+             "evidence": {}}]
+    inp = ReportInput("tiny", "tiny-ttft", 0.5, 0.9, t0, t0 + 200, {"steady": (t0, t0 + 200)}, [], [], None, [],
+                      [], recs, {})
+    md = render(inp, tmp_path).read_text()
+    assert ("outcome: kept; before: 25.0% within SLO of 120; after: 95.0% within SLO of 100; "
+            "in effect +100 s (22:15:00 UTC); judged +160 s (22:16:00 UTC)") in md
+    assert "{" not in md.split("outcome:")[1].splitlines()[0]  # no raw dict
 
 
 def test_caught_up_needs_nearly_every_recent_request_back_and_within_the_slo() -> None:
