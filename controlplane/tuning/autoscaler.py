@@ -49,6 +49,11 @@ HOLD_UNCALIBRATED: Final = "hold_capacity_unknown"  # no calibrated capacity yet
 # in the last proven_window_s (the observed-goodput floor): a pessimistic model does not buy replicas.
 HOLD_PROVEN: Final = "hold_observed_goodput"
 HOLD_AT_ZERO: Final = "hold_scaled_to_zero"  # a person scaled it to 0 (its spec allows it): theirs to bring back
+# The plane's tuner loop holds a scale-down the policy wants: a recent one was reversed, one is still being judged,
+# or (any change) a rolling change runs and the supervisor would refuse it.
+HOLD_AFTER_REVERSAL: Final = "hold_after_reversed_scale_down"
+HOLD_JUDGING: Final = "hold_judging_scale_down"
+HOLD_ROLLING: Final = "hold_rolling_change"
 DECISION_KIND: Final = "autoscale_decision"  # the lifecycle-event kind a decision is recorded under
 
 
@@ -216,6 +221,7 @@ class AutoscalerState:
     recent_good: float = 0.0  # finished requests meeting every SLO, exponentially decayed over feedback_window_s
     recent_finished: float = 0.0
     proven: tuple[tuple[float, float], ...] = ()  # (ts, rate per ready replica served within the SLO)
+    last_at: float | None = None  # when decide last ran
 
 
 def _proven_rate(obs: Observation, cfg: AutoscalerConfig, trouble: str | None) -> float | None:
@@ -300,6 +306,7 @@ def decide(obs: Observation, cfg: AutoscalerConfig, state: AutoscalerState,
     if not cfg.min_replicas <= n <= cfg.max_replicas:
         target = min(max(n, cfg.min_replicas), cfg.max_replicas)
         return Decision(target, SCALE_TO_BOUNDS, {"current": n}), _no_down(replace(state, up_since=None))
+    state = _unobserved(state, now, cfg)
     known_rate = obs.arrival_rate_rps is not None
     lead = cfg.startup_s + cfg.interval_s
     fstate, fc = forecast.step(state.forecast, obs.arrival_rate_rps, now, lead, cfg.forecast)
@@ -373,6 +380,22 @@ def decide(obs: Observation, cfg: AutoscalerConfig, state: AutoscalerState,
         inputs["unsafe"] = unsafe
         return Decision(n, HOLD_N_MINUS_1, inputs), state
     return Decision(target, SCALE_DOWN_SPARE, inputs), state
+
+
+def _unobserved(state: AutoscalerState, now: float, cfg: AutoscalerConfig) -> AutoscalerState:
+    """Time between two decisions beyond the interval was not observed at all (tuner rounds that failed, a
+    deployment held at 0 replicas, a clock stepped forward): it counts as unknown time, so a long enough gap
+    restarts the scale-down delay as a blackout of unknown readings does, rather than letting the first known
+    interval after it finish a run begun before it. A clock stepped back puts the run's times in the future:
+    it starts over."""
+    last, state = state.last_at, replace(state, last_at=now)
+    if last is None:
+        return state
+    if now < last:
+        return _no_down(state)
+    if now - last > 2 * cfg.interval_s:  # a round or two late is tolerated
+        return replace(state, down_paused_s=state.down_paused_s + (now - last - cfg.interval_s))
+    return state
 
 
 def _no_down(state: AutoscalerState) -> AutoscalerState:

@@ -25,7 +25,10 @@ from controlplane import names
 from controlplane.slo.model import LatencyTarget, Slo
 from controlplane.tuning.autoscaler import (
     DECISION_KIND,
+    HOLD_AFTER_REVERSAL,
     HOLD_AT_ZERO,
+    HOLD_JUDGING,
+    HOLD_ROLLING,
     AutoscalerConfig,
     AutoscalerState,
     Decision,
@@ -47,6 +50,7 @@ from controlplane.tuning.recommendations import (
 log = logging.getLogger(__name__)
 
 ACTOR: Final = "tuner"
+SAMPLE_SKEW_S: Final = 5.0  # an engine sample stamped further ahead of the clock than this is unknown
 MAX_DOWN_HOLD_S: Final = 4 * 3600.0  # the longest hold on scale-downs after reversals in a row
 _SLI_FIELDS: Final = {"ttft": "ttft_s", "tpot": "tpot_s", "e2e": "e2e_s", "queue": "queue_s", "itl": "tpot_s"}
 
@@ -138,7 +142,9 @@ def observe(deployment: str, *, desired: int, ready: Sequence[str], rate_rps: fl
     readings = []
     for name in ready:
         s = latest_samples.get(name)
-        fresh = s is not None and bool(s.get("scrape_ok")) and now - float(s["ts_unix_s"]) <= stale_s
+        # A sample stamped in the future means the clock went back since: it says nothing of now.
+        age = None if s is None else now - float(s["ts_unix_s"])
+        fresh = s is not None and bool(s.get("scrape_ok")) and age is not None and -SAMPLE_SKEW_S <= age <= stale_s
         if s is None or not fresh:
             readings.append(ReplicaReading(name))
             continue
@@ -337,6 +343,27 @@ class _DeploymentState:
     no_down_until: float = 0.0  # after a rolled-back scale-down, no other one before this time
     down_hold_s: float | None = None  # the last hold after a reversed scale-down (doubles while they repeat)
     engine: str | None = None  # the engine configuration the capacity model and the proven floor belong to
+    last_now: float | None = None  # the clock at the last round (a step back is seen against it)
+
+
+def _clock_stepped_back(name: str, st: _DeploymentState, delta: float) -> None:
+    """The wall clock went back by -delta since the last round: every time kept from before is ahead of it. The
+    change being judged, its holds and the SLO history move with the clock, so they keep their meaning; the
+    rate and the round's window start over (unknown this round), and so does the policy's learned state (its
+    forecast, proofs and scale-down run are stamped in the old frame): it acts on observed trouble and holds
+    otherwise until it has learned again, never scaling down on what it saw before the step."""
+    log.warning("tuner: the clock went back %.1f s since the last round of %s; its state starts over", -delta, name)
+    st.counters = st.counters_at = st.cut = None
+    st.policy = AutoscalerState()
+    st.history = [(t + delta, g, k) for t, g, k in st.history]
+    st.no_down_until += delta
+    if st.calibrated_at is not None:
+        st.calibrated_at += delta
+    if st.applied is not None:
+        a = st.applied
+        st.applied = replace(a, at=a.at + delta,
+                             effective_at=None if a.effective_at is None else a.effective_at + delta,
+                             rollback_failed_at=None if a.rollback_failed_at is None else a.rollback_failed_at + delta)
 
 
 @dataclass(frozen=True)
@@ -391,6 +418,9 @@ class Tuner:
     async def _tick_one(self, name: str, rt: Any) -> Decision:
         now = self.clock()
         st = self.state.setdefault(name, _DeploymentState())
+        if st.last_now is not None and now < st.last_now:
+            _clock_stepped_back(name, st, now - st.last_now)
+        st.last_now = now
         opts = self.options
         engine = repr(sorted(rt.dep.engine.as_dict().items())) if hasattr(rt.dep.engine, "as_dict") else None
         if engine != st.engine:
@@ -438,8 +468,10 @@ class Tuner:
                                max_replicas=rt.dep.max_replicas, startup_s=opts.startup_s,
                                interval_s=opts.interval_s, slo_objective=objective,
                                min_finished=opts.min_finished)
-        decision, st.policy = decide(obs, cfg, st.policy, now)
+        wanted, st.policy = decide(obs, cfg, st.policy, now)
         current = rt.desired
+        scaled_back = await self._verify(name, rt, st, objective, now)
+        decision = self._held(rt, st, wanted, current, now) if not scaled_back else wanted
         action = action_of(decision, current)
         key = (name, action, decision.reason)
         self.decisions[key] = self.decisions.get(key, 0) + 1
@@ -452,17 +484,28 @@ class Tuner:
                             "inputs": _jsonable(decision.inputs), "capacity_source": st.capacity_note},
                 ts_unix_s=now)
             st.last_reason = decision.reason
-        if await self._verify(name, rt, st, objective, now):
-            return decision  # scaled back this round; the decision above was made on the old count
-        if decision.desired_replicas < rt.desired and now < st.no_down_until:
-            return decision  # a scale-down was rolled back recently: do not flap back to it
-        judging_down = st.applied is not None and st.applied.to_replicas < st.applied.from_replicas
-        if decision.desired_replicas < rt.desired and judging_down:
-            return decision  # one scale-down at a time: the last one is still being judged
-        rolling = getattr(rt, "rollout", None) is not None and not rt.rollout.done()
-        if opts.mode != "off" and not rolling:  # the supervisor refuses to scale during a rolling change
+        if scaled_back or decision is not wanted:
+            return decision  # scaled back this round (the decision above was made on the old count), or held
+        if opts.mode != "off":
             await self._recommend(name, rt, st, obs, decision, objective, now)
         return decision
+
+    @staticmethod
+    def _held(rt: Any, st: _DeploymentState, decision: Decision, current: int, now: float) -> Decision:
+        """The policy's decision, or a hold of the current count with the loop's own reason (the policy's
+        proposal kept in the inputs), so the audit log never shows a change that was not going to be made."""
+        hold = None
+        if getattr(rt, "rollout", None) is not None and not rt.rollout.done():
+            hold = HOLD_ROLLING if decision.desired_replicas != current else None  # the supervisor would refuse
+        elif decision.desired_replicas < current and now < st.no_down_until:
+            hold = HOLD_AFTER_REVERSAL  # a scale-down was rolled back recently: do not flap back to it
+        elif decision.desired_replicas < current and st.applied is not None and \
+                st.applied.to_replicas < st.applied.from_replicas:
+            hold = HOLD_JUDGING  # one scale-down at a time: the last one is still being judged
+        if hold is None:
+            return decision
+        return Decision(current, hold, {**decision.inputs, "proposed_replicas": decision.desired_replicas,
+                                        "proposed_reason": decision.reason})
 
     def _recent_requests(self, replicas: set[str], since: float, until: float) -> list[dict[str, Any]]:
         return recent_requests(self.store, replicas, since, until)
@@ -470,7 +513,8 @@ class Tuner:
     def _latest_samples(self, ready: Sequence[str], now: float) -> dict[str, dict[str, Any] | None]:
         out: dict[str, dict[str, Any] | None] = {}
         for r in ready:
-            got = self.store.engine_samples(since_unix_s=now - 3 * self.options.stale_s, replica=r, limit=1)
+            got = self.store.engine_samples(since_unix_s=now - 3 * self.options.stale_s,
+                                            until_unix_s=now + SAMPLE_SKEW_S, replica=r, limit=1)
             out[r] = got[0] if got else None
         return out
 
@@ -524,7 +568,10 @@ class Tuner:
         if mode != "auto":
             return
         before = self._counts_since(st, now - self.options.lookback_s)
-        await asyncio.to_thread(self.recs.claim, rid, by=ACTOR)
+        try:
+            await asyncio.to_thread(self.recs.claim, rid, by=ACTOR)
+        except RecommendationError:
+            return  # a person applied or dismissed it between its storing and this claim: theirs stands
         if rt.desired != obs.replicas:
             # Changed while this round read the store (a person, through the API): the decision was made for
             # another count, and its N-1 check and rollback would be wrong for this one. Nothing awaits between

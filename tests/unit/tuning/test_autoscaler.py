@@ -340,6 +340,26 @@ def test_a_pause_in_known_data_longer_than_the_downscale_delay_starts_the_delay_
     assert t >= 41 * 15 + 6 * 15 + cfg.down_delay_s and d.reason == a.SCALE_DOWN_SPARE
 
 
+@pytest.mark.parametrize("gap", ["no_rounds", "clock_back"])
+def test_time_without_decisions_or_a_clock_stepped_back_starts_the_downscale_delay_over(gap: str) -> None:
+    # Rounds that failed for an hour (or a deployment held at 0) call decide() not at all: that hour is as
+    # unknown as an hour of failed scrapes, and the first known interval after it must not finish the delay.
+    cfg = AutoscalerConfig(capacity=FleetCapacity((1,), (10.0,)), max_replicas=8)
+    known = Observation("d", 4, 4, 5.0, tuple(ReplicaReading(f"r{i}", 1, 0, 0.1) for i in range(4)))
+    st, t = AutoscalerState(), 0.0
+    for _ in range(7):  # 105 s of known, light load: wanting fewer
+        t += 15
+        d, st = decide(known, cfg, st, t)
+    assert d.reason == a.HOLD_DOWNSCALE_DELAY
+    t += 3600.0 if gap == "no_rounds" else -3600.0
+    d, st = decide(known, cfg, st, t)
+    assert d.desired_replicas == 4 and d.reason == a.HOLD_DOWNSCALE_DELAY and d.inputs["wanted_for_s"] == 0.0
+    for _ in range(5):  # and it runs on from there: a whole delay of known data again, then down
+        t += 15
+        d, st = decide(known, cfg, st, t)
+    assert d.reason == a.HOLD_DOWNSCALE_DELAY and d.inputs["wanted_for_s"] == 75.0
+
+
 def test_shorter_pauses_and_slow_rounds_only_pause_the_downscale_delay() -> None:
     # A large fleet where some scrape fails in most intervals, and rounds that take longer than the interval,
     # must still scale down: only a long run of unknown intervals starts the delay over.

@@ -226,7 +226,8 @@ class FakeStore:
 
     def engine_samples(self, *, since_unix_s: float | None = None, until_unix_s: float | None = None,
                        replica: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
-        got = [s for s in self.samples if s["replica"] == replica and s["ts_unix_s"] >= (since_unix_s or 0)]
+        got = [s for s in self.samples if s["replica"] == replica and s["ts_unix_s"] >= (since_unix_s or 0)
+               and s["ts_unix_s"] <= (until_unix_s if until_unix_s is not None else 1e18)]
         return sorted(got, key=lambda s: -s["ts_unix_s"])[:limit]
 
     def record_action(self, replica_id: int | None, kind: str, *, actor: str, reason: str | None,
@@ -366,6 +367,74 @@ def test_a_scale_down_judged_worse_after_verify_s_is_scaled_back(tmp_path: Path)
     for _ in range(4):  # the capacity model still says one replica would do: no flapping back to it
         _interval(tuner, router, store, clock, ["d-0", "d-1"], 30, 0.1)
     assert fleet.calls[-1][1] == 2 and len(recs.list(deployment="d")) == 1
+
+
+def test_a_scale_down_held_after_a_reversal_is_recorded_as_held_not_as_a_scale_down(tmp_path: Path) -> None:
+    tuner, fleet, router, store, clock, recs = _tuner(tmp_path, "auto", 2, capacity=FleetCapacity((1,), (100.0,)))
+    tuner.options = replace(tuner.options, verify_s=120.0)  # the hold after a reversal: 6 minutes
+    _until_scaled_down(tuner, fleet, router, store, clock)
+    while len(fleet.calls) < 2:  # 93 % good on one replica: scaled back
+        store.add_interval(["d-0"], clock.t, clock.t + 15.0, 2, 2.0, samples=False)
+        _interval(tuner, router, store, clock, ["d-0"], 28, 0.1)
+    fleet.runtimes["d"].members["d-1"].state = "ready"
+    n = len(store.actions)
+    for _ in range(20):  # 5 minutes in the hold: the policy wants one replica again all along
+        d = _interval(tuner, router, store, clock, ["d-0", "d-1"], 30, 0.1)
+    assert len(fleet.calls) == 2
+    assert (d.desired_replicas, d.reason) == (2, "hold_after_reversed_scale_down")
+    assert d.inputs["proposed_replicas"] == 1 and d.inputs["proposed_reason"] == "scale_down_spare_capacity"
+    # The audit log says it was held, once, and never that the count went to 1.
+    assert [(x["reason"], x["after"]) for x in store.actions[n:] if x["after"] != {"replicas": 2}] == []
+    assert [x["reason"] for x in store.actions[n:]].count("hold_after_reversed_scale_down") == 1
+
+
+@pytest.mark.parametrize("step_back_s", [0.0, 3600.0])
+def test_a_clock_stepped_back_neither_freezes_the_readings_nor_stalls_a_rollback(tmp_path: Path,
+                                                                                 step_back_s: float) -> None:
+    tuner, fleet, router, store, clock, recs = _tuner(tmp_path, "auto", 2, capacity=FleetCapacity((1,), (100.0,)))
+    _until_scaled_down(tuner, fleet, router, store, clock)
+    _interval(tuner, router, store, clock, ["d-0"], 30, 0.1)  # in effect
+    clock.t -= step_back_s
+    # The newest sample by time is now one stamped before the step, an hour "ahead": it says nothing of now.
+    assert all(r.known for r in tuner.last_obs["d"].readings)
+    for _ in range(8):  # 93 % good on the one replica left (2 of 30 late): worse than before the change
+        store.add_interval(["d-0"], clock.t, clock.t + 15.0, 2, 2.0, samples=False)
+        store.samples.append({"replica": "d-0", "ts_unix_s": clock.t + 14.0, "scrape_ok": False,
+                              "num_running": None, "num_waiting": None, "kv_usage_ratio": None})
+        d = _interval(tuner, router, store, clock, ["d-0"], 28, 0.1, samples=False)
+        assert not tuner.last_obs["d"].readings[0].known  # the failed scrape is what is read, not an old one
+        if len(fleet.calls) > 1:
+            break
+    assert [c[1] for c in fleet.calls] == [1, 2] and d.desired_replicas <= 2
+    [rec] = recs.list(deployment="d")
+    assert rec["status"] == "rolled_back" and rec["outcome"]["verdict"] == ROLL_BACK
+
+
+def test_a_round_after_an_hour_of_failed_rounds_does_not_finish_a_scale_down_begun_before(tmp_path: Path) -> None:
+    tuner, fleet, router, store, clock, recs = _tuner(tmp_path, "auto", 2, capacity=FleetCapacity((1,), (100.0,)))
+    for _ in range(4):  # light load: a scale-down is wanted, and waits out its delay
+        d = _interval(tuner, router, store, clock, ["d-0", "d-1"], 30, 0.1)
+    assert d.reason == "hold_downscale_delay" and fleet.calls == []
+    clock.t += 3600.0  # every round of that hour failed (the store was down): nothing was observed
+    for _ in range(3):
+        d = _interval(tuner, router, store, clock, ["d-0", "d-1"], 30, 0.1)
+        assert d.reason == "hold_downscale_delay" and fleet.calls == []
+
+
+def test_an_auto_recommendation_a_person_applies_first_is_theirs(tmp_path: Path) -> None:
+    tuner, fleet, router, store, clock, recs = _tuner(tmp_path, "auto", 1)
+    add = recs.add
+
+    def add_then_a_person_applies(p: Any, mode: str) -> int:
+        rid = add(p, mode)  # type: ignore[arg-type]
+        recs.claim(rid, by="user")  # what POST /recommendations/{rid}/apply does, between the tuner's two calls
+        return rid
+
+    recs.add = add_then_a_person_applies  # type: ignore[method-assign]
+    decisions = [_interval(tuner, router, store, clock, ["d-0"], 60, ttft) for ttft in (0.1, 2.0, 2.0)]
+    assert decisions[-1].reason == SCALE_UP_SLO_RISK  # the round did not fail
+    [rec] = recs.list(deployment="d")
+    assert (rec["status"], rec["decided_by"]) == ("applied", "user") and fleet.calls == []
 
 
 def test_tuner_metrics_expose_decisions_and_leave_unknown_capacity_out(tmp_path: Path) -> None:
@@ -601,7 +670,9 @@ def test_no_recommendation_is_made_while_a_rolling_change_runs(tmp_path: Path) -
     fleet.runtimes["d"].rollout = Running()  # type: ignore[attr-defined]
     for ttft in (0.1, 2.0, 2.0, 2.0):
         d = _interval(tuner, router, store, clock, ["d-0"], 60, ttft)
-    assert d.reason == "scale_up_slo_risk" and fleet.calls == [] and recs.list(deployment="d") == []
+    assert d.reason == "hold_rolling_change" and d.inputs["proposed_reason"] == "scale_up_slo_risk"
+    assert d.desired_replicas == 1 and d.inputs["proposed_replicas"] == 2
+    assert fleet.calls == [] and recs.list(deployment="d") == []
 
 
 def test_a_deployment_scaled_to_zero_by_hand_is_left_there(tmp_path: Path) -> None:
