@@ -4,11 +4,12 @@ A tier is active when the burn rate over its long AND its short window exceeds i
 long window saw at least the SLO's minimum request rate. A severity (page / ticket) is active when
 any of its tiers is. An episode goes pending -> firing (after the tier's `for`, immediately when 0)
 -> resolved; a pending episode whose condition clears is dropped. A window without traffic is "no
-data": it never activates a tier (never NaN, never a page on three requests an hour), and it never
-clears one either: a severity is inactive only when each of its tiers has a known burn rate at or
-under the threshold in one of its windows. Otherwise it is unknown, which holds an open episode as it
-is: a backlog in which no request finished within the short window, or an outage in which none
-finishes at all, must not resolve the page it raised.
+data": it never activates a tier (never NaN, never a page on three requests an hour). A short window
+without data does not clear a tier whose long window still burns with enough traffic: the severity is
+then unknown, which holds an open episode as it is (a backlog in which no request finished within the
+short window, or an outage in which none finishes, must not resolve the page it raised). The hold lasts
+as long as the long window's evidence, as in the generated rules: a long window without data, or under
+the minimum request rate, clears the tier, so a deployment drained or removed mid-episode resolves.
 
 The same alert names and labels as the generated Prometheus rules are used, so one Alertmanager
 configuration (routing, inhibition of a ticket by the page of the same SLO) serves both paths.
@@ -70,12 +71,14 @@ def condition(status: SloStatus, severity: Severity) -> Condition:
         known = not isinstance(long_r, NoData) and not isinstance(short_r, NoData)
         on = (enabled and known and rate_ok and float(long_r) > tier.window.burn_rate  # type: ignore[arg-type]
               and float(short_r) > tier.window.burn_rate)  # type: ignore[arg-type]
-        # Inactive is proven only by a known burn at or under the threshold (the tier needs both windows over).
-        cleared = any(not isinstance(r, NoData) and float(r) <= tier.window.burn_rate
-                      for r in (long_r, short_r))
+        # As the generated rules' second branch: the long window still burns, with enough traffic, and no request
+        # finished in the short one. A long window without data, or under the minimum rate, clears the tier:
+        # a page must not outlive its evidence (a drained or removed deployment would re-page for ever).
+        holding = (enabled and not on and rate_ok and not isinstance(long_r, NoData)
+                   and float(long_r) > tier.window.burn_rate and isinstance(short_r, NoData))
         if on:
             active_for.append(tier.window.for_s)
-        elif enabled and not cleared:
+        elif holding:
             unknown = True
         tiers.append({
             "long": tier.long.label, "short": tier.short.label, "threshold": tier.window.burn_rate,

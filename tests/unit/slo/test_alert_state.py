@@ -74,9 +74,14 @@ def test_a_window_without_finished_requests_holds_a_firing_page_and_only_a_known
     held, tr = step(fired, backlog, now=30.0, **kw)  # type: ignore[arg-type]
     assert held is not None and (held.state, tr, held.last_eval_unix_s) == ("firing", None, 30.0)
     assert held.evidence["held"] == "unknown"
-    # Nothing finished at all (an outage): still held, never read as a burn of zero.
-    dark = condition(status(0, 0, total_long=0, total_short=0), "page")  # type: ignore[arg-type]
+    # Nothing finished at all (an outage): held while the long window still burns, never read as a burn of zero.
+    dark = condition(status(200, 0, total_short=0), "page")  # type: ignore[arg-type]
     assert step(held, dark, now=60.0, **kw)[0].state == "firing"  # type: ignore[arg-type,union-attr]
+    # ... but not past the long window's evidence, as the rules: no traffic left in it at all (drained,
+    # removed), or too little to judge, resolves it rather than paging for ever.
+    for gone in (status(0, 0, total_long=0, total_short=0), status(200, 0, total_short=0, min_rate=0.5)):
+        over, tr = step(held, condition(gone, "page"), now=60.0, **kw)  # type: ignore[arg-type]
+        assert over is not None and (over.state, tr) == ("resolved", "resolved")
     # A known short-window burn under the threshold proves the tier inactive: resolved.
     done, tr = step(held, condition(status(200, 1), "page"), now=90.0, **kw)  # type: ignore[arg-type]
     assert done is not None and (done.state, tr) == ("resolved", "resolved")
