@@ -137,6 +137,14 @@ def up(
     if len(set(names)) != len(names):
         console.print(f"[red]error:[/] deployment names must be unique across --config files; got {names}")
         raise typer.Exit(2)
+    # An SLO judges a deployment's replicas: one naming no deployment of this plane (a typo; replicas watched
+    # with --watch belong to none) would read "no data" every round and never page, with nothing to say why.
+    orphans = [f"SLO {o.name!r} is for deployment {o.deployment!r}" for o in slos if o.deployment not in names]
+    if orphans:
+        console.print(f"[red]error:[/] {'; '.join(orphans)}, which is not a deployment of this plane (--config: "
+                      f"{', '.join(names) or 'none'}). Replicas watched with --watch belong to no deployment: to "
+                      "judge one, give it a deployment spec with backend: {kind: external, urls: [...]}.")
+        raise typer.Exit(2)
     clashes = port_conflicts(deployments, {"router": settings.router_port, "API": settings.api_port,
                                            "OTLP/HTTP": settings.otlp_http_port, "OTLP/gRPC": settings.otlp_grpc_port})
     if clashes:

@@ -266,6 +266,19 @@ def test_up_refuses_a_watch_port_that_is_no_port_and_an_slo_path_without_slos(tm
     assert out.exit_code == 2 and f"--slo {empty}: no SLO document found" in " ".join(out.output.split())
 
 
+def test_up_refuses_an_slo_for_a_deployment_it_does_not_run(tmp_path: Path) -> None:
+    (tmp_path / "tiny.yaml").write_text("apiVersion: controlplane/v1\nkind: Deployment\nmetadata: {name: tiny}\n"
+                                        "spec: {model: {path: /m, served_name: tiny}}\n")
+    (tmp_path / "slo.yaml").write_text("apiVersion: controlplane/v1\nkind: SLO\nmetadata: {name: typo}\n"
+                                       "spec: {deployment: tiy, sli: ttft, threshold: 500ms, objective: 0.99, "
+                                       "window: 30d}\n")
+    for args in (["-c", str(tmp_path / "tiny.yaml")], ["--watch", "w=http://127.0.0.1:9"]):
+        out = runner.invoke(app, ["up", *args, "--slo", str(tmp_path / "slo.yaml")])
+        text = " ".join(out.output.split())
+        assert out.exit_code == 2 and "SLO 'typo' is for deployment 'tiy', which is not a deployment" in text, text
+        assert "backend: {kind: external" in text and "Traceback" not in text
+
+
 def test_an_empty_api_token_means_unset_as_the_api_reads_it(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("CONTROLPLANE_API_TOKEN", "")
     assert Settings().api_token is None
