@@ -14,6 +14,7 @@ not a silent approximation.
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import re
 from typing import Any, Literal, cast
@@ -33,7 +34,7 @@ from controlplane.slo.model import (
     SpecError,
     workbook_windows,
 )
-from controlplane.slo.spec import NAME_ALLOWED, NAME_PATTERN, pydantic_error
+from controlplane.slo.spec import MAX_WINDOW_S, MIN_WINDOW_S, NAME_ALLOWED, NAME_PATTERN, pydantic_error
 
 API_VERSION = "openslo/v1"
 
@@ -122,7 +123,11 @@ class Objective(_Open):
         if self.target is not None:
             return self.target
         if self.targetPercent is not None:
-            return round(self.targetPercent / 100, 12)  # 99.9 / 100 is 0.9990000000000001 in binary
+            got = round(self.targetPercent / 100, 12)  # 99.9 / 100 is 0.9990000000000001 in binary
+            if not 0 < got < 1:  # e.g. 99.99999999999999 %: an objective of 1 leaves no error budget
+                raise ValueError(f"targetPercent {self.targetPercent!r} is {got:g} as an objective; allowed: a "
+                                 "percentage that leaves an error budget (at most 12 decimal places of a ratio)")
+            return got
         raise ValueError("an objective needs target (0-1) or targetPercent (0-100)")
 
 
@@ -256,11 +261,33 @@ def _histogram_in(text: str) -> str | None:
 def _window(where: str, tw: TimeWindow) -> SloWindow:
     count, unit = int(tw.duration[:-1]), tw.duration[-1]
     if tw.isRolling and unit in _UNITS_S:
+        if not MIN_WINDOW_S <= count * _UNITS_S[unit] <= MAX_WINDOW_S:
+            raise SpecError(f"{where}: spec.timeWindow[0].duration: {tw.duration} is outside the allowed range of a "
+                            "rolling window: 1h to 366d (or the calendar month, 1M with isRolling: false)")
         return SloWindow("rolling", count * _UNITS_S[unit])
     if not tw.isRolling and tw.duration == "1M":
+        _utc_month_start(where, tw.calendar)
         return SloWindow("calendar_month", THIRTY_DAYS_S)
     raise SpecError(f"{where}: spec.timeWindow[0]: supported are a rolling window in m/h/d/w (e.g. 28d, isRolling: "
                     f"true) or the calendar month (1M, isRolling: false); got {tw.duration} isRolling={tw.isRolling}")
+
+
+def _utc_month_start(where: str, calendar: dict[str, Any] | None) -> None:
+    """The calendar month the plane budgets over is UTC's, from the 1st at 00:00: a calendar that starts it
+    elsewhere (another time zone, day or hour) is refused rather than budgeted over the wrong month."""
+    if calendar is None:
+        return
+    zone = calendar.get("timeZone", "UTC")
+    start = calendar.get("startTime")
+    if isinstance(start, dt.datetime):  # YAML reads an unquoted timestamp as one
+        start = start.isoformat(sep=" ")
+    elif isinstance(start, dt.date):
+        start = start.isoformat()
+    first = start is None or re.fullmatch(r"\d{4}-\d{2}-01([ T]00:00(:00(\.0+)?)?)?(Z|[+-]00:?00)?", str(start).strip())
+    if zone not in ("UTC", "Etc/UTC", "Etc/GMT", "GMT", "Z") or not first:
+        raise SpecError(f"{where}: spec.timeWindow[0].calendar: the calendar month is budgeted in UTC from the 1st at "
+                        f"00:00; got startTime={start!r}, timeZone={zone!r}; allowed: no calendar, or timeZone UTC "
+                        "with a startTime on the 1st at 00:00:00")
 
 
 def _slug(text: str) -> str:

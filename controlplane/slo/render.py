@@ -139,7 +139,7 @@ def render_command(
         for warning in warnings:
             console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
         written = rendered.write(files, out, OWNED)
-    except SpecError as exc:
+    except (SpecError, ValueError) as exc:  # ValueError: a spec that loads but cannot be rendered (a bug's safety net)
         for line in str(exc).splitlines():
             console.print(f"error: {line}", style="red", markup=False, highlight=False)
         raise typer.Exit(2) from None

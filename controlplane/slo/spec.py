@@ -53,6 +53,7 @@ API_VERSION = "controlplane/v1"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 NAME_ALLOWED = "lowercase letters, digits, '-' and '_', starting with a letter or digit, at most 63 characters"
 CALENDAR_MONTH = "calendar_month"
+MIN_WINDOW_S, MAX_WINDOW_S = 3600.0, 366 * 86400.0
 
 Duration = Annotated[float, BeforeValidator(parse_duration_s)]
 DurationOrZero = Annotated[float, BeforeValidator(lambda v: parse_duration_s(v, allow_zero=True))]
@@ -77,7 +78,7 @@ class BurnWindowSpec(_Spec):
 
     @model_validator(mode="after")
     def _short_below_long(self) -> BurnWindowSpec:
-        for name, v in (("long", self.long), ("short", self.short)):
+        for name, v in (("long", self.long), ("short", self.short), ("for", self.for_)):
             if v is not None and abs(v * 1000 - round(v * 1000)) > 1e-6:
                 raise ValueError(f"{name} ({v:g} s) must be a whole number of milliseconds")
         if self.short is not None and self.short >= self.long:
@@ -125,9 +126,14 @@ class SloBody(_Spec):
     def _window_is_known(cls, v: str) -> str:
         if v != CALENDAR_MONTH:
             try:
-                parse_duration_s(v)
+                period = parse_duration_s(v)
             except ValueError as exc:
                 raise ValueError(f"must be {CALENDAR_MONTH!r} or a rolling duration like 28d or 30d ({exc})") from None
+            # Under an hour the workbook tiers scaled to the window round to nothing; past a year, rule tests and
+            # budgets span more history than anything keeps.
+            if not MIN_WINDOW_S <= period <= MAX_WINDOW_S:
+                raise ValueError(f"{v} is outside the allowed range of a rolling window: 1h to 366d (or "
+                                 f"{CALENDAR_MONTH!r})")
         return v
 
     @model_validator(mode="after")

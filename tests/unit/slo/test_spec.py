@@ -111,6 +111,10 @@ def test_prometheus_durations_print_largest_units_first() -> None:
      "seconds; long is 5 s)"),
     (TTFT + "  alerting:\n    windows:\n      - {severity: page, long: 1h, short: 0.0001, burn_rate: 10}\n",
      "spec.alerting.windows[0]: short (0.0001 s) must be a whole number of milliseconds"),
+    (TTFT + "  alerting:\n    windows:\n      - {severity: page, long: 1h, burn_rate: 10, for: 90.5ms}\n",
+     "spec.alerting.windows[0]: for (0.0905 s) must be a whole number of milliseconds"),
+    (TTFT.replace("28d", "5s"), "spec.window: 5s is outside the allowed range of a rolling window: 1h to 366d"),
+    (TTFT.replace("28d", "99999999999d"), "spec.window: 99999999999d is outside the allowed range"),
 ], ids=['unknown-field',
     'objective-as-percent',
     'bad-duration',
@@ -125,7 +129,10 @@ def test_prometheus_durations_print_largest_units_first() -> None:
     'short-not-shorter',
     'unknown-severity',
     'default-short-window-under-a-second',
-    'short-window-not-whole-milliseconds'])
+    'short-window-not-whole-milliseconds',
+    'for-not-whole-milliseconds',
+    'window-too-short',
+    'window-too-long'])
 def test_bad_specs_are_rejected_naming_the_field_and_what_is_allowed(spec: str, expected: str) -> None:
     assert expected in error_of(doc(spec))
 
@@ -251,6 +258,12 @@ spec: {description: the demo}
     (slo,) = load_slos(sli + openslo("  indicatorRef: failures", "    - {target: 0.999}\n", "1M", "false"))
     assert slo.sli == "error_rate" and slo.targets == () and slo.objective == 0.999
     assert slo.window == SloWindow("calendar_month", 30 * 86400.0)
+    utc = openslo("  indicatorRef: failures", "    - {target: 0.999}\n", "1M", "false").replace(
+        "isRolling: false", "isRolling: false\n      calendar: {startTime: 2024-01-01 00:00:00, timeZone: UTC}")
+    assert load_slos(sli + utc)[0].window == SloWindow("calendar_month", 30 * 86400.0)  # UTC from the 1st: as ours
+    utc = openslo("  indicatorRef: failures", "    - {target: 0.999}\n", "1M", "false").replace(
+        "isRolling: false", "isRolling: false\n      calendar: {startTime: 2024-01-01 00:00:00, timeZone: UTC}")
+    assert load_slos(sli + utc)[0].window == SloWindow("calendar_month", 30 * 86400.0)  # UTC from the 1st: as ours
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -276,6 +289,18 @@ spec: {description: the demo}
      'indicator ratioMetric: le="-1" is not a latency in seconds'),
     (openslo(THRESHOLD, "    - {op: lte, value: 0.5, target: 0.99}\n", "0d"),
      "spec.timeWindow[0].duration: String should match pattern"),
+    (openslo(THRESHOLD, "    - {op: lte, value: 0.5, target: 0.99}\n", "5m"),
+     "spec.timeWindow[0].duration: 5m is outside the allowed range of a rolling window: 1h to 366d"),
+    (openslo(THRESHOLD, "    - {op: lte, value: 0.5, target: 0.99}\n", "1M", "false").replace(
+        "isRolling: false", "isRolling: false\n      calendar: {startTime: '2024-01-15 00:00:00', timeZone: UTC}"),
+     "spec.timeWindow[0].calendar: the calendar month is budgeted in UTC from the 1st at 00:00; "
+     "got startTime='2024-01-15 00:00:00'"),
+    (openslo(THRESHOLD, "    - {op: lte, value: 0.5, target: 0.99}\n", "1M", "false").replace(
+        "isRolling: false", "isRolling: false\n      calendar: {startTime: 2024-01-01 00:00:00, "
+                            "timeZone: America/Los_Angeles}"),
+     "timeZone='America/Los_Angeles'; allowed: no calendar, or timeZone UTC with a startTime on the 1st"),
+    (openslo(THRESHOLD, "    - {op: lte, value: 0.5, targetPercent: 99.99999999999999}\n"),
+     "spec.objectives[0]: targetPercent 99.99999999999999 is 1 as an objective; allowed: a percentage that leaves"),
 ], ids=['timeslices',
     'gte-latency',
     'unknown-metric',
@@ -286,6 +311,10 @@ spec: {description: the demo}
     'infinite-threshold',
     'le-not-a-number',
     'le-negative',
-    'zero-window'])
+    'zero-window',
+    'calendar-mid-month',
+    'rolling-minutes',
+    'calendar-time-zone',
+    'objective-rounds-to-1'])
 def test_openslo_features_that_cannot_be_carried_over_are_errors_not_approximations(text: str, expected: str) -> None:
     assert expected in error_of(text)
