@@ -144,6 +144,10 @@ class Plane:
                 monitor = self.monitor
                 self.registry.register(SloCollector(monitor.statuses, self.alerter.states,
                                                     lambda: monitor.evaluation_ages(time.time())))
+            else:  # no SLO: what a previous plane left open is closed (and Alertmanager told), not left firing
+                self.alerter = await asyncio.to_thread(
+                    Alerter, self.engine, alertmanager_url=s.alertmanager_url, resend_s=s.slo_interval_s,
+                    api_url=api_url, configured=[])
             servers = [
                 _QuietServer(uvicorn.Config(
                     create_app(self.store, self.registry, control=supervisor, api_token=s.api_token,
@@ -175,6 +179,8 @@ class Plane:
                 tasks.append(tuner_task)
             if self.monitor is not None:
                 tasks.append(asyncio.create_task(self._slo_loop(stop, s.slo_interval_s)))
+            else:
+                tasks.append(asyncio.create_task(self._retire_loop(stop, s.slo_interval_s)))
             while not all(srv.started for srv in servers):
                 if any(t.done() for t in tasks):
                     break
@@ -217,6 +223,21 @@ class Plane:
                 await asyncio.to_thread(self.alerter.evaluate, statuses, now)
             except Exception:  # noqa: BLE001 - the next round retries; the store may be back by then
                 log.exception("SLO evaluation round failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval_s)
+
+
+    async def _retire_loop(self, stop: asyncio.Event, interval_s: float) -> None:
+        """With no SLO configured: close the episodes a previous plane left open (a firing page is resolved and
+        Alertmanager told), retrying a failed round, then end."""
+        assert self.alerter is not None
+        while not stop.is_set() and not self.alerter.idle():
+            try:
+                await asyncio.to_thread(self.alerter.evaluate, [], time.time())
+            except Exception:  # noqa: BLE001 - the next round retries; the store may be back by then
+                log.exception("closing the alerts of SLOs no longer configured failed")
+            if self.alerter.idle():
+                return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval_s)
 

@@ -66,6 +66,10 @@ class Alerter:
                 if r.severity == "page" and r.state == "firing" and r.notified_unix_s is not None:
                     self._pages_posted.add(r.slo)
 
+    def idle(self) -> bool:
+        """Nothing open and nothing left to tell Alertmanager."""
+        return not self.open and not self._unsent_resolved
+
     def states(self) -> dict[str, dict[str, AlertState]]:
         """For the /metrics export (slo -> severity -> state); absent means inactive."""
         out: dict[str, dict[str, AlertState]] = {}

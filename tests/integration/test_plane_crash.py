@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
@@ -73,10 +74,22 @@ def test_kill_9_of_the_plane_loses_no_acknowledged_span(tmp_path: Path) -> None:
     lost = [a for a in acked if a not in stored]
     assert not lost, f"{len(lost)} of {len(acked)} acknowledged spans lost"
 
+    # A page the killed plane had firing, for an SLO the restarted one (with none) no longer evaluates.
+    with sqlite3.connect(plane.db_path) as db:
+        db.execute("INSERT INTO slo_alerts (slo, deployment, severity, alertname, state, started_unix_s, fired_unix_s, "
+                   "last_eval_unix_s, evidence) VALUES ('gone', 'tiny', 'page', ?, 'firing', 1.0, 1.0, 1.0, '{}')",
+                   (names.ALERT_SLO_BURN_PAGE,))
     # The plane restarts on the same store and carries on.
     again = start_plane(tmp_path, [])
     try:
         assert OTLPSpanExporter(endpoint=again.otlp_http, timeout=5).export(_batch(10)) == \
             SpanExportResult.SUCCESS
+        deadline, states = time.monotonic() + 30, []
+        while time.monotonic() < deadline:  # closed, not left firing for ever
+            states = [a["state"] for a in httpx.get(again.api + "/api/v1/alerts", timeout=5).json()["items"]]
+            if states == ["resolved"]:
+                break
+            time.sleep(0.2)
+        assert states == ["resolved"]
     finally:
         stop_plane(again)
