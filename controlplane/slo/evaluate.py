@@ -115,19 +115,31 @@ def _check_objective(objective: float) -> None:
         raise ValueError(f"objective must be within (0, 1), got {objective!r}")
 
 
+_EXACTNESS: dict[str, int] = {"exact": 0, "counters": 1, "sketch": 2}
+
+
 def timeslice_counts(slices: Iterable[Counts], objective: float) -> Counts:
     """Timeslices budgeting: each slice with traffic is one event, good when its own attainment
-    meets the objective; slices without traffic are no data and are not counted."""
-    good = total = 0
+    meets the objective; slices without traffic are no data and are not counted. The result is as exact as
+    its least exact slice: a slice judged on a sketch estimate makes it a sketch, whose `good_bounds` count
+    the slices good at either end of their own bounds."""
+    good = total = lo = hi = 0
     requests = 0.0
+    method: Method = "exact"
     for s in slices:
         a = attainment(s)
         if isinstance(a, NoData):
             continue
         total += 1
         good += a >= objective
+        lo_good, hi_good = s.good_bounds if s.good_bounds is not None else (s.good, s.good)
+        lo += lo_good / s.total >= objective
+        hi += hi_good / s.total >= objective
         requests += s.total
-    return Counts(good, total, requests=requests)
+        if _EXACTNESS[s.method] > _EXACTNESS[method]:
+            method = s.method
+    bounds = (float(lo), float(hi)) if method == "sketch" else None
+    return Counts(good, total, requests=requests, method=method, good_bounds=bounds)
 
 
 def month_start_utc(now_unix_s: float) -> float:

@@ -88,6 +88,13 @@ def test_timeslices_count_slices_with_traffic_and_call_a_slice_good_when_it_meet
     slices = [Counts(9, 10), Counts(10, 10), Counts(0, 0, unknown=3), Counts(5, 10), Counts(0, 1)]
     assert timeslice_counts(slices, 0.9) == Counts(2, 4, requests=31)
     assert timeslice_counts([], 0.9) == Counts(0, 0, requests=0)
+    # As exact as the least exact slice: one judged on a sketch estimate makes the count an estimate, bounded by
+    # the slices good at either end of their own bounds; engine counters say so too.
+    sketched = [Counts(9, 10), Counts(8.5, 10, method="sketch", good_bounds=(8.0, 9.0)), Counts(5, 10)]
+    got = timeslice_counts(sketched, 0.9)
+    assert (got.good, got.total, got.method, got.good_bounds) == (1, 3, "sketch", (1.0, 2.0))
+    counted = timeslice_counts([Counts(9, 10, method="counters")] * 2, 0.9)
+    assert (counted.method, counted.good_bounds) == ("counters", None)
 
 
 def test_the_minimum_request_rate_of_timeslice_alerts_is_in_requests_not_slices() -> None:
