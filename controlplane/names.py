@@ -115,6 +115,7 @@ VLLM_TPOT_HIST: Final = "vllm:request_time_per_output_token_seconds"  # per-requ
 VLLM_QUEUE_HIST: Final = "vllm:request_queue_time_seconds"
 VLLM_REQUEST_SUCCESS_TOTAL: Final = "vllm:request_success_total"  # every finished request, by finished_reason
 VLLM_PREEMPTIONS_TOTAL: Final = "vllm:num_preemptions_total"
+VLLM_GENERATION_TOKENS_TOTAL: Final = "vllm:generation_tokens_total"
 VLLM_FAILED_FINISH_REASONS: Final = ("abort", "error")  # vLLM counts failures under request_success too
 PROM_UP: Final = "up"  # Prometheus' own scrape health series
 # Labels. `deployment` and `replica` are attached to engine series by the Prometheus scrape config (target labels);
@@ -167,6 +168,7 @@ ALERT_GPU_TEMP: Final = "GpuTemperatureHigh"
 ALERT_COST: Final = "VllmCostPerMillionTokensOverBudget"
 ALERT_SPANS_MISSING: Final = "ControlplaneSpansMissing"
 ALERT_SLO_EVALUATION_STALE: Final = "ControlplaneSloEvaluationStale"
+ALERT_ENGINE_STALLED: Final = "VllmEngineStalled"
 
 # --- Simulated engine (controlplane/engines/sim_*): vLLM-compatible series, labelled as simulated -----
 SIM_ENGINE_INFO: Final = "controlplane_simulated_engine_info"  # {model, accelerator} 1 on a simulated engine

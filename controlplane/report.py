@@ -299,6 +299,20 @@ def _pct(v: float | None) -> str:
     return "unknown" if v is None else f"{v:.1%}"
 
 
+def _change(current: Mapping[str, Any], proposed: Mapping[str, Any], prefix: str = "") -> str:
+    """What a recommendation changes, key by key: only what it proposes (its `current` also carries context,
+    such as the engine a scale-up keeps), nested settings by their own keys."""
+    parts = []
+    for k in sorted(proposed):
+        was, new = current.get(k), proposed[k]
+        if isinstance(new, Mapping):
+            inner = _change(was if isinstance(was, Mapping) else {}, new, f"{prefix}{k}.")
+            parts += [inner] if inner else []
+        elif was != new:
+            parts.append(f"{prefix}{k} {was} -> {new}")
+    return ", ".join(parts)
+
+
 def _outcome(o: Mapping[str, Any] | None, t0: float) -> str:
     """A recommendation's stored outcome in words: its verdict, the SLO before and after, when it was judged."""
     if not o:
@@ -344,9 +358,7 @@ def _markdown(inp: ReportInput, pngs: Mapping[str, str], events: Sequence[tuple[
     for r in applied:
         ev = r.get("evidence") or {}
         obs = ev.get("observed") or {}
-        cur, new = r.get("current") or {}, r.get("proposed") or {}
-        change = ", ".join(f"{k} {cur.get(k)} -> {new.get(k)}" for k in sorted({*cur, *new})
-                           if cur.get(k) != new.get(k))
+        change = _change(r.get("current") or {}, r.get("proposed") or {})
         lines += ["", f"### Recommendation {r['id']}: {r['kind']}, {change or 'no change'} "
                       f"({r['reason']}, {r['mode']}, {r['status']})", "",
                   f"- observed: {obs.get('rate_rps') and round(obs['rate_rps'], 2)} req/s, "

@@ -17,6 +17,7 @@ from controlplane.slo.promql import Aggregate, Binary, Expr, Number, Selector, i
 from controlplane.slo.rulemodel import AlertRule, RuleGroup
 
 DEP_REPLICA = (names.LABEL_DEPLOYMENT, names.LABEL_REPLICA)
+ENGINE_STALL_WINDOW_S = 300.0  # no token generated over this long, with requests in the engine: stalled
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,11 @@ def operational_alerts(options: RuleOptions | None = None) -> list[OperationalAl
                                                           o.crashloop_window_s), by=DEP_REPLICA),
                           Number(o.crashloop_restarts)))
     window = format_duration(o.crashloop_window_s)
+    in_engine = Binary("+", Aggregate("sum", Selector(names.VLLM_NUM_RUNNING), by=DEP_REPLICA),
+                       Aggregate("sum", Selector(names.VLLM_NUM_WAITING), by=DEP_REPLICA))
+    generated = Aggregate("sum", rate(Selector(names.VLLM_GENERATION_TOKENS_TOTAL), ENGINE_STALL_WINDOW_S),
+                          by=DEP_REPLICA)
+    stall = format_duration(ENGINE_STALL_WINDOW_S)
     alerts = [
         OperationalAlert(_alert(
             names.ALERT_KV_SATURATED, Binary(">", kv, Number(o.kv_cache_usage_ratio)), "ticket", o.kv_cache_for_s,
@@ -81,6 +87,20 @@ def operational_alerts(options: RuleOptions | None = None) -> list[OperationalAl
             "it serves no traffic.", o),
             "Page-worthy: nothing serves. Check the supervisor log, the engines' logs and the GPUs (XID errors); "
             "roll back the last applied recommendation if it preceded the outage (`GET /api/v1/events`)."),
+        OperationalAlert(_alert(
+            names.ALERT_ENGINE_STALLED,
+            Binary("and", Binary(">", in_engine, Number(0)), Binary("==", generated, Number(0))), "page",
+            o.engine_stalled_for_s,
+            f"vLLM replica {rep} has requests but generates no token",
+            f"{rep} reports requests running or waiting ({names.VLLM_NUM_RUNNING} + {names.VLLM_NUM_WAITING} > 0) "
+            f"and has generated no token in {stall} ({names.VLLM_GENERATION_TOKENS_TOTAL} flat), for "
+            f"{format_duration(o.engine_stalled_for_s)}: its engine is hung while its health check may still pass. "
+            "No request finishes, so latency SLOs see no data: their pages last only as long as their long "
+            "window still burns.", o),
+            "Page-worthy: requests sent to this replica never finish. Read the end of its engine log "
+            "(`replicas/<replica>.log` in the plane's data directory) for a stuck collective, an exception in the "
+            "engine core or a GPU fault (XID). Stop its vLLM process: the supervisor restarts a replica whose "
+            "process exits (an external one: restart it where it runs). Then look at what it was running."),
         OperationalAlert(_alert(
             names.ALERT_CRASHLOOP, crash, "ticket", 0.0,
             f"Replica {rep} is crash-looping",

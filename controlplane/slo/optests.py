@@ -67,6 +67,17 @@ def _cases(o: RuleOptions, i: float, n: int) -> list[Case]:
             (names.PLANE_REPLICA_UP, _rep("tiny", "tiny-0"), flat(0)),
             (names.PLANE_REPLICA_UP, _rep("tiny", "tiny-1"), flat(1))),
             ({names.LABEL_DEPLOYMENT: "batch"},), 0.0),
+        Case(names.ALERT_ENGINE_STALLED, (
+            (names.VLLM_NUM_RUNNING, {**_rep("tiny", "tiny-0"), **engine}, flat(2)),  # hung: tokens flat
+            (names.VLLM_NUM_WAITING, {**_rep("tiny", "tiny-0"), **engine}, flat(3)),
+            (names.VLLM_GENERATION_TOKENS_TOTAL, {**_rep("tiny", "tiny-0"), **engine}, flat(500)),
+            (names.VLLM_NUM_RUNNING, {**_rep("tiny", "tiny-1"), **engine}, flat(2)),  # busy and generating
+            (names.VLLM_NUM_WAITING, {**_rep("tiny", "tiny-1"), **engine}, flat(0)),
+            (names.VLLM_GENERATION_TOKENS_TOTAL, {**_rep("tiny", "tiny-1"), **engine}, ramp(100)),
+            (names.VLLM_NUM_RUNNING, {**_rep("tiny", "tiny-2"), **engine}, flat(0)),  # idle: nothing to generate
+            (names.VLLM_NUM_WAITING, {**_rep("tiny", "tiny-2"), **engine}, flat(0)),
+            (names.VLLM_GENERATION_TOKENS_TOTAL, {**_rep("tiny", "tiny-2"), **engine}, flat(500))),
+            (_rep("tiny", "tiny-0"),), i),  # rate() needs a second sample
         Case(names.ALERT_CRASHLOOP, (
             (names.PLANE_REPLICA_CRASHLOOP, _rep("tiny", "tiny-0"), flat(0)),
             (names.PLANE_REPLICA_RESTARTS_TOTAL, _rep("tiny", "tiny-0"), ramp(1)),  # one restart per tick
@@ -117,7 +128,8 @@ def operational_test_file(rule_file: str, options: RuleOptions | None = None) ->
     seconds = [int(round(x)) for x in (60, o.kv_cache_for_s, o.preemptions_for_s, o.replica_down_for_s,
                                        o.deployment_down_for_s, o.scrape_failing_for_s, o.gpu_temp_for_s,
                                        o.gpu_xid_window_s, o.cost_for_s, o.crashloop_window_s,
-                                       o.span_coverage_for_s, o.slo_evaluation_stale_s) if x]
+                                       o.span_coverage_for_s, o.slo_evaluation_stale_s,
+                                       o.engine_stalled_for_s) if x]
     i = float(math.gcd(*seconds))
     longest = max(r.for_s for r in rules.values()) + o.gpu_xid_window_s + o.crashloop_window_s
     n = int(longest // i) + 12

@@ -43,6 +43,8 @@ class RuleOptions:
     cost_for_s: float = 1800.0
     span_coverage_ratio: float = 0.99  # below this share of served requests with a stored span, spans are lost
     span_coverage_for_s: float = 600.0
+    # Requests running or waiting on a replica that produced no token for ENGINE_STALL_WINDOW_S, for this long: hung.
+    engine_stalled_for_s: float = 120.0
     slo_evaluation_stale_s: float = 600.0  # an SLO not evaluated for longer cannot page: the plane's own alerting
     page_webhook_url: str | None = None  # Alertmanager receivers; None: a receiver with no integration
     ticket_webhook_url: str | None = None
@@ -71,6 +73,7 @@ class OptionsBody(_Spec):
     span_coverage_ratio: Annotated[float, Field(gt=0, le=1)] = RuleOptions.span_coverage_ratio
     span_coverage_for: DurationOrZero = RuleOptions.span_coverage_for_s
     slo_evaluation_stale: Duration = RuleOptions.slo_evaluation_stale_s
+    engine_stalled_for: DurationOrZero = RuleOptions.engine_stalled_for_s
     page_webhook_url: str | None = None
     ticket_webhook_url: str | None = None
 
@@ -100,7 +103,7 @@ def load_options(path: Path) -> RuleOptions:
         gpu_temp_c=body.gpu_temp_c, gpu_temp_for_s=body.gpu_temp_for, gpu_xid_window_s=body.gpu_xid_window,
         cost_budget_per_million_tokens_usd=body.cost_budget_per_million_tokens_usd, cost_for_s=body.cost_for,
         span_coverage_ratio=body.span_coverage_ratio, span_coverage_for_s=body.span_coverage_for,
-        slo_evaluation_stale_s=body.slo_evaluation_stale,
+        slo_evaluation_stale_s=body.slo_evaluation_stale, engine_stalled_for_s=body.engine_stalled_for,
         page_webhook_url=body.page_webhook_url, ticket_webhook_url=body.ticket_webhook_url)
 
 

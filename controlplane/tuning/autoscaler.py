@@ -54,6 +54,7 @@ HOLD_AT_ZERO: Final = "hold_scaled_to_zero"  # a person scaled it to 0 (its spec
 HOLD_AFTER_REVERSAL: Final = "hold_after_reversed_scale_down"
 HOLD_JUDGING: Final = "hold_judging_scale_down"
 HOLD_ROLLING: Final = "hold_rolling_change"
+CLOCK_STEP_TOLERANCE_S: Final = 1.0  # a clock going back by less (an NTP step) is not a step back
 DECISION_KIND: Final = "autoscale_decision"  # the lifecycle-event kind a decision is recorded under
 
 
@@ -154,8 +155,9 @@ class AutoscalerConfig:
     # None: one lead time (start-up + interval). Removing a replica needed again sooner costs more than keeping it.
     downscale_delay_s: float | None = None
     # Unknown intervals pause the downscale delay; a run of them longer than this (and than the delay) is a
-    # blackout after which what was learned before is stale, and the delay starts over. Counted in intervals,
-    # not wall-clock time, and long, so a large fleet in which some scrape fails in most intervals still scales.
+    # blackout after which what was learned before is stale, and the delay starts over. Counted in intervals
+    # (plus any time between two decisions beyond two intervals, which nothing observed), and long, so a large
+    # fleet in which some scrape fails in most intervals still scales.
     down_blackout_s: float = 600.0
     forecast: ForecastConfig = field(default_factory=ForecastConfig)
     slo_objective: float = 0.99
@@ -391,11 +393,11 @@ def _unobserved(state: AutoscalerState, now: float, cfg: AutoscalerConfig) -> Au
     last, state = state.last_at, replace(state, last_at=now)
     if last is None:
         return state
-    if now < last:
+    if now < last - CLOCK_STEP_TOLERANCE_S:
         return _no_down(state)
-    if now - last > 2 * cfg.interval_s:  # a round or two late is tolerated
-        return replace(state, down_paused_s=state.down_paused_s + (now - last - cfg.interval_s))
-    return state
+    # Rounds up to two intervals apart are tolerated (a slow round); beyond that the excess is unobserved time,
+    # counted without a jump at the threshold.
+    return replace(state, down_paused_s=state.down_paused_s + max(0.0, now - last - 2 * cfg.interval_s))
 
 
 def _no_down(state: AutoscalerState) -> AutoscalerState:

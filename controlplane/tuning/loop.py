@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from controlplane import names
 from controlplane.slo.model import LatencyTarget, Slo
 from controlplane.tuning.autoscaler import (
+    CLOCK_STEP_TOLERANCE_S,
     DECISION_KIND,
     HOLD_AFTER_REVERSAL,
     HOLD_AT_ZERO,
@@ -418,7 +419,7 @@ class Tuner:
     async def _tick_one(self, name: str, rt: Any) -> Decision:
         now = self.clock()
         st = self.state.setdefault(name, _DeploymentState())
-        if st.last_now is not None and now < st.last_now:
+        if st.last_now is not None and now < st.last_now - CLOCK_STEP_TOLERANCE_S:
             _clock_stepped_back(name, st, now - st.last_now)
         st.last_now = now
         opts = self.options
@@ -469,9 +470,9 @@ class Tuner:
                                interval_s=opts.interval_s, slo_objective=objective,
                                min_finished=opts.min_finished)
         wanted, st.policy = decide(obs, cfg, st.policy, now)
-        current = rt.desired
         scaled_back = await self._verify(name, rt, st, objective, now)
-        decision = self._held(rt, st, wanted, current, now) if not scaled_back else wanted
+        current = rt.desired  # after a scale-back, the count it restored: the policy's want is held against it
+        decision = self._held(rt, st, wanted, current, now)
         action = action_of(decision, current)
         key = (name, action, decision.reason)
         self.decisions[key] = self.decisions.get(key, 0) + 1
@@ -485,7 +486,7 @@ class Tuner:
                 ts_unix_s=now)
             st.last_reason = decision.reason
         if scaled_back or decision is not wanted:
-            return decision  # scaled back this round (the decision above was made on the old count), or held
+            return decision  # scaled back this round (the policy decided on the old count), or held
         if opts.mode != "off":
             await self._recommend(name, rt, st, obs, decision, objective, now)
         return decision

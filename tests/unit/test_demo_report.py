@@ -98,14 +98,21 @@ def test_a_judged_recommendation_s_outcome_is_told_in_words(tmp_path: Path) -> N
                "verdict": "kept", "after": {"good": 95.0, "known": 100}, "in_effect_unix_s": t0 + 100,
                "judged_unix_s": t0 + 160}
     recs = [{"id": 1, "kind": "scale", "status": "applied", "mode": "auto", "reason": "scale_up_slo_risk",
-             "current": {"replicas": 1}, "proposed": {"replicas": 2}, "confidence": 0.9, "outcome": outcome,
-             "evidence": {}}]
+             "current": {"replicas": 1, "engine": {"max_num_seqs": 2}}, "proposed": {"replicas": 2},
+             "confidence": 0.9, "outcome": outcome, "evidence": {}},
+            {"id": 2, "kind": "reconfigure", "status": "rolled_back", "mode": "auto", "reason": "cheaper",
+             "current": {"replicas": 2, "engine": {"max_num_seqs": 2, "max_num_batched_tokens": 2048}},
+             "proposed": {"replicas": 1, "engine": {"max_num_seqs": 16, "max_num_batched_tokens": 2048}},
+             "confidence": 0.7, "outcome": None, "evidence": {}}]
     inp = ReportInput("tiny", "tiny-ttft", 0.5, 0.9, t0, t0 + 200, {"steady": (t0, t0 + 200)}, [], [], None, [],
                       [], recs, {})
     md = render(inp, tmp_path).read_text()
     assert ("outcome: kept; before: 25.0% within SLO of 120; after: 95.0% within SLO of 100; "
             "in effect +100 s (22:15:00 UTC); judged +160 s (22:16:00 UTC)") in md
     assert "{" not in md.split("outcome:")[1].splitlines()[0]  # no raw dict
+    # Only what is proposed, nested settings by their own keys: never the context a scale-up keeps as it was.
+    assert "### Recommendation 1: scale, replicas 1 -> 2 (scale_up_slo_risk, auto, applied)" in md
+    assert "### Recommendation 2: reconfigure, engine.max_num_seqs 2 -> 16, replicas 2 -> 1 (cheaper" in md
 
 
 def test_caught_up_needs_nearly_every_recent_request_back_and_within_the_slo() -> None:

@@ -157,7 +157,7 @@ def test_every_alert_carries_runbook_summary_description_and_severity() -> None:
     options = RuleOptions(cost_budget_per_million_tokens_usd=2.0, runbook_base_url="https://runbooks.example/x.md")
     burn = [a for g in slo_rules([make_slo(), make_slo("e", sli="error_rate")], options).groups for a in g.alerts()]
     ops = operational_group(options).alerts()
-    assert len(burn) == 8 and len(ops) == 11
+    assert len(burn) == 8 and len(ops) == 12
     for alert in [*burn, *ops]:
         annotations = dict(alert.annotations)
         assert set(annotations) == {"summary", "description", "runbook_url"}, alert.alert

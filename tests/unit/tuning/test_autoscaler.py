@@ -374,3 +374,22 @@ def test_shorter_pauses_and_slow_rounds_only_pause_the_downscale_delay() -> None
         if d.desired_replicas < 4:
             break
     assert d.reason == a.SCALE_DOWN_SPARE, reasons
+
+
+def test_rounds_slower_than_the_interval_count_only_their_excess_as_unobserved() -> None:
+    # Rounds every 31 s (the interval is 15 s): 19 unknown rounds in 9.8 minutes pause the delay, as 19 unknown
+    # rounds at the interval do; they are not taken for a 10-minute blackout of wall-clock time.
+    cfg = AutoscalerConfig(capacity=FleetCapacity((1,), (10.0,)), max_replicas=8)
+    known = Observation("d", 4, 4, 5.0, tuple(ReplicaReading(f"r{i}", 1, 0, 0.1) for i in range(4)))
+    unknown = Observation("d", 4, 4, None, tuple(ReplicaReading(f"r{i}") for i in range(4)))
+    st, t = AutoscalerState(), 0.0
+    for _ in range(4):
+        t += 31.0
+        d, st = decide(known, cfg, st, t)
+    wanted = d.inputs["wanted_for_s"]
+    for _ in range(19):
+        t += 31.0
+        d, st = decide(unknown, cfg, st, t)
+    t += 31.0
+    d, st = decide(known, cfg, st, t)
+    assert d.inputs["wanted_for_s"] == wanted + cfg.interval_s  # carried on, not started over

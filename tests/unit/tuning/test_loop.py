@@ -765,3 +765,26 @@ def test_the_tuner_reads_a_window_s_requests_as_the_slo_counts_them_by_finish_ti
                              + [row(10 + i, now - 100.0, 1.0, 0.1) for i in range(5)], [])
     rows = finished_between(recent_requests(sqlite_store, ["tiny-0"], now - 300.0, now), now - 300.0, now)
     assert len(rows) == 10 and sum(1 for r in rows if r["ttft_s"] > 1.0) == 5
+
+
+def test_the_round_that_scales_back_records_no_other_change(tmp_path: Path) -> None:
+    # 3 -> 2 on light load; the load falls further (one replica would do) while the two miss the SLO a little:
+    # the change is scaled back. The policy, deciding on the old count, wanted one replica that round: what is
+    # recorded is a hold at the restored count, never "2 -> 1".
+    tuner, fleet, router, store, clock, recs = _tuner(tmp_path, "auto", 3, capacity=FleetCapacity((1,), (1.5,)))
+    tuner.options = replace(tuner.options, verify_s=90.0)
+    rt = fleet.runtimes["d"]
+    for _ in range(40):
+        for m in rt.members.values():
+            m.state = "ready" if m.state == "starting" else m.state
+        ready = sorted(n for n, m in rt.members.items() if m.state == "ready")
+        if len(fleet.calls) == 1:
+            store.add_interval(ready, clock.t, clock.t + 15.0, 2, 2.0, samples=False)
+        d = _interval(tuner, router, store, clock, ready, 12 if fleet.calls else 30, 0.1)
+        if len(fleet.calls) >= 2:
+            break
+    assert [c[1] for c in fleet.calls] == [2, 3]
+    assert (d.desired_replicas, d.reason, d.inputs["proposed_replicas"]) == (3, "hold_after_reversed_scale_down", 1)
+    changes = [(x["before"]["replicas"], x["after"]["replicas"]) for x in store.actions
+               if x["kind"] == "autoscale_decision" and x["before"] != x["after"]]
+    assert changes == [(3, 2)]  # the one change made
