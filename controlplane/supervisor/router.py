@@ -385,16 +385,17 @@ class Router:
 
     async def _list_models(self, headers: dict[str, str], outcome: _Outcome) -> web.Response:
         """GET /v1/models across deployments: each replica lists only the model it serves, so with several
-        the router asks one ready replica of each and joins their lists (first listing of an id wins). A model
-        with no ready replica, or whose replica fails to answer, is left out rather than failing the list."""
+        the router asks one ready replica of each (the next one when it fails to answer) and joins their lists
+        (first listing of an id wins). A model with no ready or answering replica is left out rather than
+        failing the list."""
         session = self._session
         assert session is not None
         with self._lock:
-            one: dict[str | None, _Backend] = {}
+            by_model: dict[str | None, list[_Backend]] = {}
             for b in self._backends.values():
                 if not b.draining and not b.down:
-                    one.setdefault(b.model, b)
-        if not one:
+                    by_model.setdefault(b.model, []).append(b)
+        if not by_model:
             return self._unavailable("no ready replica; retry later")
 
         async def listing(b: _Backend) -> list[object]:
@@ -409,8 +410,14 @@ class Router:
                 log.warning("router: listing the models of %s failed (%s)", b.name, type(exc).__name__)
                 return []
 
+        async def first_listing(replicas: list[_Backend]) -> list[object]:
+            for b in replicas:  # the next ready replica of the model when one fails to answer
+                if entries := await listing(b):
+                    return entries
+            return []
+
         merged: dict[str, object] = {}
-        for entries in await asyncio.gather(*(listing(b) for b in one.values())):
+        for entries in await asyncio.gather(*(first_listing(bs) for bs in by_model.values())):
             for entry in entries:
                 if isinstance(entry, dict) and isinstance(entry.get("id"), str):
                     merged.setdefault(entry["id"], entry)

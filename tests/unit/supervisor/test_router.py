@@ -31,8 +31,10 @@ class Upstream:
     die: str | None = None  # "before_response" | "mid_stream": the replica dies (kill -9) at that point
     drop_first: bool = False  # close the first request's connection unanswered (a stale keep-alive), then serve
     models: list[str] = field(default_factory=list)  # what GET /v1/models lists (vLLM: its served name, adapters)
+    listed: int = 0  # GET /v1/models answered or refused
 
     async def list_models(self, request: web.Request) -> web.Response:
+        self.listed += 1
         if self.die == "before_response" and request.transport is not None:
             request.transport.abort()
         return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]})
@@ -445,10 +447,15 @@ def test_with_two_deployments_the_model_list_joins_one_ready_replica_of_each(
     router.set_ready("llama-1", f"http://127.0.0.1:{a.port}", "llama")  # a second replica: listed once
     listed = httpx.get(models, timeout=10).json()
     assert listed["object"] == "list" and sorted(m["id"] for m in listed["data"]) == ["llama", "llama-lora", "qwen"]
-    # A replica that fails to answer leaves its model out; the others are still listed.
+    # A replica that fails to answer: the next ready one of its model is asked; with none, the model is left out.
     b.die = "before_response"
+    router.set_ready("qwen-1", f"http://127.0.0.1:{a.port}", "qwen")  # a second qwen replica (a's port)
+    before = a.listed
+    assert sorted(m["id"] for m in httpx.get(models, timeout=10).json()["data"]) == ["llama", "llama-lora"]
+    assert a.listed - before == 2  # once for llama, once for qwen after qwen-0 failed
+    router.remove("qwen-1")
     assert [m["id"] for m in httpx.get(models, timeout=10).json()["data"]] == ["llama", "llama-lora"]
     router.drain("llama-0")
     router.drain("llama-1")
     assert httpx.get(models, timeout=10).status_code == 503  # nothing ready answered
-    assert router.arrivals() == {"llama-0": 0, "qwen-0": 0, "llama-1": 0}  # listings are not load
+    assert router.arrivals() == {"llama-0": 0, "qwen-0": 0, "llama-1": 0, "qwen-1": 0}  # listings are not load
