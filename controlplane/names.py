@@ -133,6 +133,7 @@ LABEL_LE: Final = "le"
 LABEL_FINISHED_REASON: Final = "finished_reason"
 # Plane metrics the lead exports for the operational alerts (gauges unless noted).
 PLANE_REPLICA_UP: Final = "controlplane_replica_up"  # {deployment, replica}: 1 ready, 0 not
+PLANE_ROUTER_IN_FLIGHT: Final = "controlplane_router_in_flight"  # {deployment, replica}: sent, not finished
 PLANE_REPLICA_CRASHLOOP: Final = "controlplane_replica_crashloop"  # {deployment, replica}: 1 when crash-looping
 PLANE_REPLICA_RESTARTS: Final = "controlplane_replica_restarts"  # Counter {deployment, replica}; exposed with _total
 PLANE_REPLICA_RESTARTS_TOTAL: Final = "controlplane_replica_restarts_total"

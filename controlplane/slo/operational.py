@@ -48,8 +48,12 @@ def operational_alerts(options: RuleOptions | None = None) -> list[OperationalAl
                                                           o.crashloop_window_s), by=DEP_REPLICA),
                           Number(o.crashloop_restarts)))
     window = format_duration(o.crashloop_window_s)
-    in_engine = Binary("+", Aggregate("sum", Selector(names.VLLM_NUM_RUNNING), by=DEP_REPLICA),
-                       Aggregate("sum", Selector(names.VLLM_NUM_WAITING), by=DEP_REPLICA))
+    # Work for the replica: what its engine reports running or waiting, or (for a replica behind the plane's router)
+    # what the router sent it that has not finished: an engine hung on its first step after idle still reads 0.
+    in_engine = Binary("or", Binary(">", Binary("+", Aggregate("sum", Selector(names.VLLM_NUM_RUNNING), by=DEP_REPLICA),
+                                                Aggregate("sum", Selector(names.VLLM_NUM_WAITING), by=DEP_REPLICA)),
+                                     Number(0)),
+                       Binary(">", Aggregate("max", Selector(names.PLANE_ROUTER_IN_FLIGHT), by=DEP_REPLICA), Number(0)))
     generated = Aggregate("sum", rate(Selector(names.VLLM_GENERATION_TOKENS_TOTAL), ENGINE_STALL_WINDOW_S),
                           by=DEP_REPLICA)
     stall = format_duration(ENGINE_STALL_WINDOW_S)
@@ -89,11 +93,12 @@ def operational_alerts(options: RuleOptions | None = None) -> list[OperationalAl
             "roll back the last applied recommendation if it preceded the outage (`GET /api/v1/events`)."),
         OperationalAlert(_alert(
             names.ALERT_ENGINE_STALLED,
-            Binary("and", Binary(">", in_engine, Number(0)), Binary("==", generated, Number(0))), "page",
+            Binary("and", in_engine, Binary("==", generated, Number(0))), "page",
             o.engine_stalled_for_s,
             f"vLLM replica {rep} has requests but generates no token",
-            f"{rep} reports requests running or waiting ({names.VLLM_NUM_RUNNING} + {names.VLLM_NUM_WAITING} > 0) "
-            f"and has generated no token in {stall} ({names.VLLM_GENERATION_TOKENS_TOTAL} flat), for "
+            f"{rep} has requests running or waiting ({names.VLLM_NUM_RUNNING} + {names.VLLM_NUM_WAITING} > 0, or "
+            f"{names.PLANE_ROUTER_IN_FLIGHT} > 0) and has generated no token in {stall} "
+            f"({names.VLLM_GENERATION_TOKENS_TOTAL} flat), for "
             f"{format_duration(o.engine_stalled_for_s)}: its engine is hung while its health check may still pass. "
             "No request finishes, so latency SLOs see no data: their pages last only as long as their long "
             "window still burns.", o),

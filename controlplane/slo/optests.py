@@ -76,8 +76,14 @@ def _cases(o: RuleOptions, i: float, n: int) -> list[Case]:
             (names.VLLM_GENERATION_TOKENS_TOTAL, {**_rep("tiny", "tiny-1"), **engine}, ramp(100)),
             (names.VLLM_NUM_RUNNING, {**_rep("tiny", "tiny-2"), **engine}, flat(0)),  # idle: nothing to generate
             (names.VLLM_NUM_WAITING, {**_rep("tiny", "tiny-2"), **engine}, flat(0)),
-            (names.VLLM_GENERATION_TOKENS_TOTAL, {**_rep("tiny", "tiny-2"), **engine}, flat(500))),
-            (_rep("tiny", "tiny-0"),), i),  # rate() needs a second sample
+            (names.VLLM_GENERATION_TOKENS_TOTAL, {**_rep("tiny", "tiny-2"), **engine}, flat(500)),
+            (names.PLANE_ROUTER_IN_FLIGHT, _rep("tiny", "tiny-2"), flat(0)),
+            # hung on its first step after idle: the engine's gauges still read 0, the router has requests out
+            (names.VLLM_NUM_RUNNING, {**_rep("tiny", "tiny-3"), **engine}, flat(0)),
+            (names.VLLM_NUM_WAITING, {**_rep("tiny", "tiny-3"), **engine}, flat(0)),
+            (names.VLLM_GENERATION_TOKENS_TOTAL, {**_rep("tiny", "tiny-3"), **engine}, flat(500)),
+            (names.PLANE_ROUTER_IN_FLIGHT, _rep("tiny", "tiny-3"), flat(4))),
+            (_rep("tiny", "tiny-0"), _rep("tiny", "tiny-3")), i),  # rate() needs a second sample
         Case(names.ALERT_CRASHLOOP, (
             (names.PLANE_REPLICA_CRASHLOOP, _rep("tiny", "tiny-0"), flat(0)),
             (names.PLANE_REPLICA_RESTARTS_TOTAL, _rep("tiny", "tiny-0"), ramp(1)),  # one restart per tick

@@ -836,6 +836,11 @@ class SupervisorMetrics(Collector):
                                        labels=["deployment", "replica"])
         desired = GaugeMetricFamily(names.PLANE_DESIRED_REPLICAS, "replicas the supervisor converges to",
                                     labels=["deployment"])
+        # The router's own count, not the engine's: a hung engine stops updating its gauges (before the first
+        # step of a batch they read 0), while requests the router sent it stay in flight.
+        in_flight = GaugeMetricFamily(names.PLANE_ROUTER_IN_FLIGHT,
+                                      "requests the router sent to the replica that have not finished",
+                                      labels=["deployment", "replica"])
         for rt in list(self.supervisor.runtimes.values()):
             desired.add_metric([rt.dep.name], rt.desired)
             for m in list(rt.members.values()):
@@ -845,7 +850,8 @@ class SupervisorMetrics(Collector):
                 up.add_metric(labels, 1.0 if m.state == READY else 0.0)
                 loop.add_metric(labels, 1.0 if m.state == CRASHLOOP else 0.0)
                 restarts.add_metric(labels, m.restarts)
-        yield from (up, loop, restarts, desired)
+                in_flight.add_metric(labels, self.supervisor.router.outstanding(m.name))
+        yield from (up, loop, restarts, desired, in_flight)
 
     def describe(self) -> Iterator[Metric]:
         return iter(())

@@ -54,6 +54,7 @@ HOLD_AT_ZERO: Final = "hold_scaled_to_zero"  # a person scaled it to 0 (its spec
 HOLD_AFTER_REVERSAL: Final = "hold_after_reversed_scale_down"
 HOLD_JUDGING: Final = "hold_judging_scale_down"
 HOLD_ROLLING: Final = "hold_rolling_change"
+HOLD_COUNT_CHANGED: Final = "hold_count_changed"  # a person changed the count while the round decided on the old one
 CLOCK_STEP_TOLERANCE_S: Final = 1.0  # a clock going back by less (an NTP step) is not a step back
 DECISION_KIND: Final = "autoscale_decision"  # the lifecycle-event kind a decision is recorded under
 
@@ -385,7 +386,7 @@ def decide(obs: Observation, cfg: AutoscalerConfig, state: AutoscalerState,
 
 
 def _unobserved(state: AutoscalerState, now: float, cfg: AutoscalerConfig) -> AutoscalerState:
-    """Time between two decisions beyond the interval was not observed at all (tuner rounds that failed, a
+    """Time between two decisions beyond two intervals was not observed at all (tuner rounds that failed, a
     deployment held at 0 replicas, a clock stepped forward): it counts as unknown time, so a long enough gap
     restarts the scale-down delay as a blackout of unknown readings does, rather than letting the first known
     interval after it finish a run begun before it. A clock stepped back puts the run's times in the future:

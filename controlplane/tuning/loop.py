@@ -28,6 +28,7 @@ from controlplane.tuning.autoscaler import (
     DECISION_KIND,
     HOLD_AFTER_REVERSAL,
     HOLD_AT_ZERO,
+    HOLD_COUNT_CHANGED,
     HOLD_JUDGING,
     HOLD_ROLLING,
     AutoscalerConfig,
@@ -472,7 +473,7 @@ class Tuner:
         wanted, st.policy = decide(obs, cfg, st.policy, now)
         scaled_back = await self._verify(name, rt, st, objective, now)
         current = rt.desired  # after a scale-back, the count it restored: the policy's want is held against it
-        decision = self._held(rt, st, wanted, current, now)
+        decision = self._held(rt, st, wanted, current, now, decided_for=obs.replicas, scaled_back=scaled_back)
         action = action_of(decision, current)
         key = (name, action, decision.reason)
         self.decisions[key] = self.decisions.get(key, 0) + 1
@@ -492,11 +493,14 @@ class Tuner:
         return decision
 
     @staticmethod
-    def _held(rt: Any, st: _DeploymentState, decision: Decision, current: int, now: float) -> Decision:
+    def _held(rt: Any, st: _DeploymentState, decision: Decision, current: int, now: float, *, decided_for: int,
+              scaled_back: bool) -> Decision:
         """The policy's decision, or a hold of the current count with the loop's own reason (the policy's
         proposal kept in the inputs), so the audit log never shows a change that was not going to be made."""
         hold = None
-        if getattr(rt, "rollout", None) is not None and not rt.rollout.done():
+        if current != decided_for:  # the policy decided on a count this round changed (a scale-back, a person)
+            hold = HOLD_AFTER_REVERSAL if scaled_back else HOLD_COUNT_CHANGED
+        elif getattr(rt, "rollout", None) is not None and not rt.rollout.done():
             hold = HOLD_ROLLING if decision.desired_replicas != current else None  # the supervisor would refuse
         elif decision.desired_replicas < current and now < st.no_down_until:
             hold = HOLD_AFTER_REVERSAL  # a scale-down was rolled back recently: do not flap back to it

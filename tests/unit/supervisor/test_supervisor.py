@@ -237,7 +237,9 @@ async def test_a_crash_is_restarted_after_the_back_off_and_a_crash_loop_stops_re
     assert len(h.backend.launched) == 3
     registry = CollectorRegistry()
     registry.register(SupervisorMetrics(h.sup))
+    h.router.in_flight["tiny-0"] = 3  # requests the router sent that have not finished (the stalled-engine alert)
     text = generate_latest(registry).decode()
+    assert 'controlplane_router_in_flight{deployment="tiny",replica="tiny-0"} 3.0' in text
     assert 'controlplane_replica_crashloop{deployment="tiny",replica="tiny-0"} 1.0' in text
     assert 'controlplane_replica_restarts_total{deployment="tiny",replica="tiny-0"} 2.0' in text
     assert ("replica_crashloop", "tiny-0", "crashloop") in h.events()

@@ -788,3 +788,21 @@ def test_the_round_that_scales_back_records_no_other_change(tmp_path: Path) -> N
     changes = [(x["before"]["replicas"], x["after"]["replicas"]) for x in store.actions
                if x["kind"] == "autoscale_decision" and x["before"] != x["after"]]
     assert changes == [(3, 2)]  # the one change made
+
+
+def test_a_want_made_on_a_count_changed_during_the_round_is_recorded_as_a_hold(tmp_path: Path) -> None:
+    tuner, fleet, router, store, clock, recs = _tuner(tmp_path, "auto", 1)
+    verify = tuner._verify
+
+    async def a_person_scales_meanwhile(*args: Any) -> bool:  # through the API, while the round awaits the store
+        fleet.runtimes["d"].desired = 3
+        return await verify(*args)
+
+    for ttft in (0.1, 2.0):
+        _interval(tuner, router, store, clock, ["d-0"], 60, ttft)
+    tuner._verify = a_person_scales_meanwhile  # type: ignore[method-assign]
+    d = _interval(tuner, router, store, clock, ["d-0"], 60, 2.0)  # the policy wants 2 (SLO risk) for 1 replica
+    assert (d.desired_replicas, d.reason) == (3, "hold_count_changed")
+    assert (d.inputs["proposed_replicas"], d.inputs["proposed_reason"]) == (2, "scale_up_slo_risk")
+    assert fleet.calls == [] and recs.list(deployment="d") == []
+    assert [(x["before"], x["after"]) for x in store.actions if x["reason"] == "scale_up_slo_risk"] == []
