@@ -112,8 +112,14 @@ class ModelShape:
 
     @property
     def head_params(self) -> int:
-        """The LM head: a matmul, but only over the positions that sample (one per sequence)."""
+        """The LM head's own parameters (none when tied to the embedding): for counting and memory."""
         return 0 if self.tied_embeddings else self.vocab * self.hidden
+
+    @property
+    def logits_params(self) -> int:
+        """The logits matmul's matrix, tied or not (a tied model reads its embedding table for it): a matmul
+        over the positions that sample (one per sequence), and a weight read every step."""
+        return self.vocab * self.hidden
 
     @property
     def layer_params(self) -> int:

@@ -268,7 +268,15 @@ def roofline(model: ModelShape, accel: Accelerator, args: EngineArgs | None = No
             "raise tensor_parallel_size or quantise")
     kv_tokens = int(kv_bytes // kv_per_token_gpu)
     kv_tokens -= kv_tokens % args.block_size
+    if kv_tokens < args.block_size:
+        raise CatalogError(
+            f"{model.name} ({args.weights.value}) leaves no room for a KV cache block on {tp} x {accel.name} at "
+            f"gpu_memory_utilization {args.gpu_memory_utilization} ({kv_bytes / GIB:.3f} GiB per GPU after weights "
+            "and activations): raise gpu_memory_utilization or tensor_parallel_size, or quantise")
     max_len = args.max_model_len
+    if max_len is not None and max_len > model.max_position:
+        raise CatalogError(f"max_model_len {max_len} exceeds {model.name}'s context of {model.max_position} "
+                           f"tokens; allowed: at most {model.max_position}")
     if max_len is None:
         max_len = min(model.max_position, kv_tokens)
         if max_len < model.max_position:
@@ -287,9 +295,9 @@ def roofline(model: ModelShape, accel: Accelerator, args: EngineArgs | None = No
         comm_per_token = calls * 2.0 * (tp - 1) / tp * model.hidden * 2.0 / accel.link_bytes_s
     const = eff.step_overhead_s + comm_const
     compute = Roof(const_s=const, per_token_s=2.0 * model.body_params / flops + comm_per_token,
-                   per_seq_s=2.0 * model.head_params / flops,
+                   per_seq_s=2.0 * model.logits_params / flops,
                    per_attn_pair_s=4.0 * model.layers * model.attention_width / flops)
-    weights_read = model.body_params * b_w + model.head_params * 2.0
+    weights_read = model.body_params * b_w + model.logits_params * 2.0
     memory = Roof(const_s=const + weights_read / bw, per_token_s=comm_per_token,
                   per_kv_token_s=kv_per_token_gpu * tp / bw)
     if kv_heads_per_gpu * tp > model.kv_heads:

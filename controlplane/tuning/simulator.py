@@ -156,8 +156,9 @@ def simulate(workload: Workload, replicas: Sequence[ReplicaModel], *, sample_int
             paths = None
     for e in engines:
         e.advance(math.inf, True)
+    unique = len({r.name for r in replicas}) == len(replicas)
     series = tuple(
-        ReplicaSeries(name=m.name if len({r.name for r in replicas}) == len(replicas) else f"{m.name}-{i}",
+        ReplicaSeries(name=m.name if unique else f"{m.name}-{i}",
                       t_s=np.asarray(e.samples.t_s, dtype=np.float64),
                       num_running=np.asarray(e.samples.running, dtype=np.int64),
                       num_waiting=np.asarray(e.samples.waiting, dtype=np.int64),

@@ -69,6 +69,10 @@ class WhatIfSpec:
         if self.trace_speedup <= 0:
             raise ValueError(f"trace_speedup must be > 0, got {self.trace_speedup}")
         t = self.trace
+        span = float(t.arrival_s[-1] - t.arrival_s[0]) / self.trace_speedup if len(t) else 0.0
+        if span > MAX_SIMULATED_S:
+            raise ValueError(f"--trace-speedup {self.trace_speedup:g} stretches the trace's arrivals over "
+                             f"{span / 86_400:,.0f} days; at most {MAX_SIMULATED_S / 86_400:.0f}: raise it")
         return Workload(t.arrival_s / self.trace_speedup, t.prompt_tokens, t.output_tokens, t.name, t.skipped_rows)
 
     def arrivals(self) -> Arrivals:
@@ -108,7 +112,7 @@ class WhatIfResult:
     kv_max_concurrency: float  # KV capacity / mean (prompt + output) tokens of the workload
     batch1_decode_step_s: float  # model figures, no queueing: a decode step of one 1k-context sequence
     prefill_1k_s: float  # and the prefill of 1024 tokens alone
-    offered_rps: float
+    offered_rps: float | None  # None: every request arrived at one instant
     served_rps: float  # finished / makespan (the drain after the last arrival included)
     queued_at_end: int  # requests not yet scheduled when the last one arrived: grows without bound if overloaded
     ttft_s: Percentiles
@@ -149,14 +153,15 @@ def what_if(spec: WhatIfSpec) -> WhatIfResult:
     out_tokens = float(wl.output_tokens[done].sum())
     all_tokens = out_tokens + float(wl.prompt_tokens[done].sum())
     usd_h = sum(r.usd_per_hour or 0.0 for r in replicas)
-    offered = len(wl) / wl.duration_s if wl.duration_s > 0 else float("nan")
+    offered = len(wl) / wl.duration_s if wl.duration_s > 0 else None  # all at one instant: no rate
     served = int(done.sum()) / span if span > 0 else 0.0
     # Overload shows as a backlog that grows with the run: requests still unscheduled when the last one arrives.
     last = wl.arrival_s[-1]
-    backlog = int(np.sum(~res.rejected & ~(res.scheduled_s < last)))
+    backlog = int(np.sum(~res.rejected & (wl.arrival_s < last) & ~(res.scheduled_s < last)))
     if backlog > max(10, 0.05 * len(wl)):
         notes.append(f"overloaded: {backlog} requests still queued when the load ended (served {served:.2f} of "
-                     f"{offered:.2f} req/s); the queue grows without bound and percentiles depend on how long "
+                     f"{'?' if offered is None else f'{offered:.2f}'} req/s); the queue grows "
+                     "without bound and percentiles depend on how long "
                      "the load lasts")
     if res.rejected.any():
         notes.append(f"{int(res.rejected.sum())} requests exceed max_model_len {prior.max_model_len} and were rejected")
@@ -187,6 +192,8 @@ def what_if(spec: WhatIfSpec) -> WhatIfResult:
 # --- command line ---------------------------------------------------------------------------------
 MAX_SIMULATED_S = 31 * 86_400.0  # a what-if longer than a month of simulated time is a typo, not a question
 MAX_TOKENS = 10_000_000  # a prompt or output length past any model's context
+MIN_EFFICIENCY = 0.01  # an MFU or bandwidth efficiency under 1 % is a typo, and stretches simulated time without end
+MAX_REPLICAS, MAX_TP = 100_000, 64
 
 
 def check_flag(flag: str, value: float | None, lo: float, hi: float, *, low_open: bool = False) -> None:
@@ -281,14 +288,17 @@ def what_if_command(
         for flag, value, lo, hi in (
                 ("--rate", rate, 0.0, 1e6), ("--trace-speedup", trace_speedup, 0.0, 1e6),
                 ("--ttft-slo-ms", ttft_slo_ms, 0.0, 1e7), ("--tpot-slo-ms", tpot_slo_ms, 0.0, 1e7),
-                ("--mfu", mfu, 0.0, 1.0), ("--bandwidth-efficiency", bandwidth_efficiency, 0.0, 1.0),
+                ("--mfu", mfu, MIN_EFFICIENCY, 1.0),
+                ("--bandwidth-efficiency", bandwidth_efficiency, MIN_EFFICIENCY, 1.0),
                 ("--gpu-memory-utilization", gpu_memory_utilization, 0.0, 1.0)):
             check_flag(flag, value, lo, hi, low_open=True)
         check_flag("--usd-per-gpu-hour", usd_per_gpu_hour, 0.0, 1e4)
-        for flag, n in (("--max-num-seqs", max_num_seqs), ("--max-num-batched-tokens", max_num_batched_tokens),
-                        ("--requests", requests), ("--replicas", replicas), ("--tp", tp)):
-            if n is not None and not 1 <= n <= 10_000_000:
-                raise ValueError(f"{flag} {n}: allowed: a whole number from 1 to 10,000,000")
+        for flag, n, most in (("--max-num-seqs", max_num_seqs, 10_000_000),
+                              ("--max-num-batched-tokens", max_num_batched_tokens, 10_000_000),
+                              ("--requests", requests, 10_000_000), ("--replicas", replicas, MAX_REPLICAS),
+                              ("--tp", tp, MAX_TP)):
+            if n is not None and not 1 <= n <= most:
+                raise ValueError(f"{flag} {n}: allowed: a whole number from 1 to {most:,}")
         if trace is None and requests / rate > MAX_SIMULATED_S:
             raise ValueError(f"--requests {requests} at --rate {rate:g} simulate {requests / rate / 86_400:,.0f} "
                              f"days; at most {MAX_SIMULATED_S / 86_400:.0f}: raise --rate or lower --requests")
@@ -351,7 +361,8 @@ def render(r: WhatIfResult) -> Table:
     ratio = "-" if r.goodput_ratio is None else f"{r.goodput_ratio:.1%}"
     rows = [
         ("goodput", gp, ratio, slo),
-        ("load", f"{r.offered_rps:,.2f} offered", f"{r.served_rps:,.2f} served",
+        ("load", "all at once" if r.offered_rps is None else f"{r.offered_rps:,.2f} offered",
+         f"{r.served_rps:,.2f} served",
          f"req/s; {r.queued_at_end} queued at the end"),
         ("throughput", f"{r.output_tokens_per_s:,.0f} out", f"{r.total_tokens_per_s:,.0f} all", "tokens/s"),
         ("KV capacity", f"{r.kv_capacity_tokens:,} tokens", f"{r.kv_max_concurrency:,.0f} seqs", "per replica"),

@@ -18,6 +18,7 @@ from controlplane.store.repo import Store
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
+MAX_LENGTH = 100_000_000  # a sampled length is clipped here, far past any model's context, before its int64 cast
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,7 +95,8 @@ def sample_lengths(dist: LengthDist, n: int, rng: np.random.Generator) -> IntArr
         if dist.median <= 0 or dist.sigma < 0 or dist.low < 1 or (dist.high is not None and dist.high < dist.low):
             raise ValueError(f"LogNormal lengths need median > 0, sigma >= 0, 1 <= low <= high; got {dist}")
         raw = np.rint(rng.lognormal(np.log(dist.median), dist.sigma, size=n))
-        return np.clip(raw, dist.low, dist.high if dist.high is not None else None).astype(np.int64)
+        # Clipped before the cast: a wide tail overflows int64 (or is inf), which would read as a length of < 1.
+        return np.clip(raw, dist.low, dist.high if dist.high is not None else MAX_LENGTH).astype(np.int64)
     if not dist.values or min(dist.values) < 1:
         raise ValueError("Empirical lengths need at least one value, all >= 1")
     return rng.choice(np.asarray(dist.values, dtype=np.int64), size=n, replace=True)

@@ -127,3 +127,16 @@ def test_the_runtime_reserve_is_counted_against_kv_memory() -> None:
     small = roofline(LLAMA8, H100, EngineArgs(), Efficiency(runtime_reserve_bytes=0.0)).memory
     large = roofline(LLAMA8, H100, EngineArgs(), Efficiency(runtime_reserve_bytes=4 * GIB)).memory
     assert small.kv_capacity_tokens - large.kv_capacity_tokens == pytest.approx(4 * GIB / (128 * 1024), abs=16)
+
+
+def test_a_tied_model_still_runs_and_reads_its_logits_matrix_every_step() -> None:
+    # Tying the LM head to the embedding saves its memory, not its work: the logits matmul reads the embedding
+    # table every step (Llama-3.2-1B/3B, small Qwen2.5 models are tied).
+    from dataclasses import replace
+
+    tied = replace(LLAMA8, tied_embeddings=True)
+    untied_cost = roofline(LLAMA8, H100, EngineArgs(), WORKED).step_cost
+    tied_prior = roofline(tied, H100, EngineArgs(), WORKED)
+    for seqs, kv in ((1, 100), (64, 2000)):
+        assert tied_prior.step_cost.decode_step_s(seqs, kv) == pytest.approx(untied_cost.decode_step_s(seqs, kv))
+    assert tied_prior.memory.kv_capacity_tokens > roofline(LLAMA8, H100, EngineArgs(), WORKED).memory.kv_capacity_tokens

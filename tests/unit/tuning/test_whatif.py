@@ -94,7 +94,11 @@ def test_the_command_can_print_json() -> None:
     (["--arrival", "weekly"], "allowed: poisson, bursty, diurnal"),
     (["--prompt", "5-x"], "--prompt '5-x'"),
     (["--replicas", "0"], "--replicas 0: allowed: a whole number from 1"),
-    (["--mfu", "1.5"], "--mfu 1.5: allowed: a number > 0 and <= 1"),
+    (["--mfu", "1.5"], "--mfu 1.5: allowed: a number > 0.01 and <= 1"),
+    (["--mfu", "1e-12"], "--mfu 1e-12: allowed: a number > 0.01 and <= 1"),  # would simulate for days
+    (["--replicas", "200000"], "--replicas 200000: allowed: a whole number from 1 to 100,000"),
+    (["--max-model-len", "400000"], "max_model_len 400000 exceeds Llama-3.1-8B's context of 131072 tokens"),
+    (["--gpu-memory-utilization", "0.22999"], "leaves no room for a KV cache block"),
     (["--rate", "inf"], "--rate inf: allowed"),
     (["--rate", "nan"], "--rate nan: allowed"),
     (["--rate", "1e-6"], "simulate 579 days; at most 31"),
@@ -131,3 +135,30 @@ def test_a_trace_recorded_in_the_store_is_replayed_faster_on_request(monkeypatch
     assert data["output_tokens_per_s"] == pytest.approx(50 * data["served_rps"])
     empty = runner.invoke(app, ["what-if", "--trace-replica", "nobody"])
     assert empty.exit_code == 2 and "holds no request with known token counts" in empty.output
+
+
+def test_a_wide_length_tail_is_clipped_and_an_instant_trace_has_no_offered_rate() -> None:
+    # lognormal with sigma 10 draws lengths past int64: clipped before the cast, never read as < 1 token
+    wide = runner.invoke(app, ["what-if", "--requests", "3000", "--prompt", "lognormal:10000000:10", "--output", "8",
+                               "--json"])
+    assert wide.exit_code == 0, wide.output
+    assert "every request needs" not in wide.output
+    data = json.loads(wide.output)
+    assert data["offered_rps"] > 0 and data["rejected"] > 0  # the clipped giants exceed max_model_len: rejected
+
+
+def test_a_trace_at_one_instant_has_no_offered_rate_and_nothing_left_queued_on_an_idle_fleet() -> None:
+    import numpy as np
+
+    from controlplane.tuning.workload import Workload
+
+    def trace(arrivals: list[float]) -> Workload:
+        n = len(arrivals)
+        return Workload(np.asarray(arrivals), np.full(n, 100, dtype=np.int64), np.full(n, 10, dtype=np.int64), "t")
+
+    instant = what_if(WhatIfSpec(trace=trace([0.0])))
+    assert instant.offered_rps is None
+    idle = what_if(WhatIfSpec(trace=trace([0.0, 60.0, 120.0])))
+    assert idle.queued_at_end == 0  # the last request itself is not a backlog
+    with pytest.raises(ValueError, match="stretches the trace's arrivals over 694 days; at most 31"):
+        WhatIfSpec(trace=trace([0.0, 60.0]), trace_speedup=1e-6).workload()
