@@ -226,10 +226,13 @@ def ui(
 
 
 def spelled_as_subcommands(argv: list[str]) -> list[str]:
-    """`controlplane tune --what-if ...` (the flag form) is `controlplane tune what-if ...`: Click reads a flag
-    on a group as the group's own option, so the entry point rewrites it before Typer parses."""
-    if len(argv) >= 2 and argv[0] == "tune" and argv[1] == "--what-if":
-        return ["tune", "what-if", *argv[2:]]
+    """`controlplane tune --what-if ...` (the flag form, anywhere among tune's options) is `controlplane tune
+    what-if ...`: Click reads a flag on a group as the group's own option, so the entry point rewrites it before
+    Typer parses."""
+    if len(argv) >= 2 and argv[0] == "tune" and "--what-if" in argv[1:]:
+        rest = list(argv[1:])
+        rest.remove("--what-if")
+        return ["tune", "what-if", *rest]
     return argv
 
 

@@ -281,6 +281,14 @@ def what_if_command(
     """Predict latency percentiles, goodput, KV capacity and cost of a configuration under a load."""
     trace = None
     if trace_replica is not None:
+        try:  # the window first: a NaN or reversed one would read as "no request in the trace"
+            for flag, bound in (("--since-unix-s", since_unix_s), ("--until-unix-s", until_unix_s)):
+                check_flag(flag, bound, 0.0, 1e11)
+            if since_unix_s is not None and until_unix_s is not None and since_unix_s >= until_unix_s:
+                raise ValueError(f"--since-unix-s {since_unix_s:g} is not before --until-unix-s {until_unix_s:g}")
+        except ValueError as exc:
+            _err.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(2) from None
         trace = _load_trace(None if trace_replica == "fleet" else trace_replica, since_unix_s, until_unix_s)
     try:
         if arrival not in ("poisson", "bursty", "diurnal"):

@@ -64,6 +64,8 @@ def test_tune_what_if_flag_form_runs_the_what_if_command() -> None:
     argv = ["tune", "--what-if", "--requests", "200", "--rate", "4", "--json"]
     assert spelled_as_subcommands(argv) == ["tune", "what-if", "--requests", "200", "--rate", "4", "--json"]
     assert spelled_as_subcommands(["tune", "what-if"]) == ["tune", "what-if"]
+    late = ["tune", "--requests", "200", "--what-if"]  # the flag after other options
+    assert spelled_as_subcommands(late) == ["tune", "what-if", "--requests", "200"]
     assert spelled_as_subcommands(["up", "--what-if"]) == ["up", "--what-if"]  # only tune's flag is rewritten
     result = runner.invoke(app, spelled_as_subcommands(argv))
     assert result.exit_code == 0, result.output

@@ -162,3 +162,13 @@ def test_a_trace_at_one_instant_has_no_offered_rate_and_nothing_left_queued_on_a
     assert idle.queued_at_end == 0  # the last request itself is not a backlog
     with pytest.raises(ValueError, match="stretches the trace's arrivals over 694 days; at most 31"):
         WhatIfSpec(trace=trace([0.0, 60.0]), trace_speedup=1e-6).workload()
+
+
+@pytest.mark.parametrize(("window", "message"), [
+    (["--since-unix-s", "nan"], "--since-unix-s nan: allowed"),
+    (["--until-unix-s", "inf"], "--until-unix-s inf: allowed"),
+    (["--since-unix-s", "2000", "--until-unix-s", "1000"], "--since-unix-s 2000 is not before --until-unix-s 1000"),
+])
+def test_a_bad_trace_window_is_named_not_read_as_an_empty_trace(window: list[str], message: str) -> None:
+    result = runner.invoke(app, ["what-if", "--trace-replica", "fleet", *window])
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
