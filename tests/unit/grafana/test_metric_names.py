@@ -49,7 +49,7 @@ def plane_names() -> set[str]:
     yet."""
     member = SimpleNamespace(state=READY, name="tiny-0", restarts=1, canary=False)
     runtime = SimpleNamespace(dep=SimpleNamespace(name="tiny"), desired=1, members={"tiny-0": member})
-    fleet = SimpleNamespace(runtimes={"tiny": runtime})
+    fleet = SimpleNamespace(runtimes={"tiny": runtime}, router=SimpleNamespace(outstanding=lambda name: 2))
     tuner = Tuner(fleet, None, None, None, [], TunerOptions())  # type: ignore[arg-type]
     tuner.decisions[("tiny", "scale_up", "slo_at_risk")] = 1
     registry = CollectorRegistry()
