@@ -34,7 +34,7 @@ from controlplane.slo.model import (
     SpecError,
     workbook_windows,
 )
-from controlplane.slo.spec import MAX_WINDOW_S, MIN_WINDOW_S, NAME_ALLOWED, NAME_PATTERN, pydantic_error
+from controlplane.slo.spec import NAME_ALLOWED, NAME_PATTERN, pydantic_error, rolling_window_problem
 
 API_VERSION = "openslo/v1"
 
@@ -261,18 +261,19 @@ def _histogram_in(text: str) -> str | None:
 def _window(where: str, tw: TimeWindow) -> SloWindow:
     count, unit = int(tw.duration[:-1]), tw.duration[-1]
     if tw.isRolling and unit in _UNITS_S:
-        if not MIN_WINDOW_S <= count * _UNITS_S[unit] <= MAX_WINDOW_S:
-            raise SpecError(f"{where}: spec.timeWindow[0].duration: {tw.duration} is outside the allowed range of a "
-                            "rolling window: 1h to 366d (or the calendar month, 1M with isRolling: false)")
+        problem = rolling_window_problem(tw.duration, count * _UNITS_S[unit])
+        if problem:
+            raise SpecError(f"{where}: spec.timeWindow[0].duration: {problem} (or the calendar month, 1M with "
+                            "isRolling: false)")
         return SloWindow("rolling", count * _UNITS_S[unit])
     if not tw.isRolling and tw.duration == "1M":
-        _utc_month_start(where, tw.calendar)
+        _check_utc_month(where, tw.calendar)
         return SloWindow("calendar_month", THIRTY_DAYS_S)
     raise SpecError(f"{where}: spec.timeWindow[0]: supported are a rolling window in m/h/d/w (e.g. 28d, isRolling: "
                     f"true) or the calendar month (1M, isRolling: false); got {tw.duration} isRolling={tw.isRolling}")
 
 
-def _utc_month_start(where: str, calendar: dict[str, Any] | None) -> None:
+def _check_utc_month(where: str, calendar: dict[str, Any] | None) -> None:
     """The calendar month the plane budgets over is UTC's, from the 1st at 00:00: a calendar that starts it
     elsewhere (another time zone, day or hour) is refused rather than budgeted over the wrong month."""
     if calendar is None:

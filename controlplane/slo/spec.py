@@ -55,6 +55,14 @@ NAME_ALLOWED = "lowercase letters, digits, '-' and '_', starting with a letter o
 CALENDAR_MONTH = "calendar_month"
 MIN_WINDOW_S, MAX_WINDOW_S = 3600.0, 366 * 86400.0
 
+
+def rolling_window_problem(text: str, period_s: float) -> str | None:
+    """Why a rolling SLO window cannot be judged, or None. Under an hour the workbook tiers scaled to the window
+    round to nothing; past a year, rule tests and budgets span more history than anything keeps."""
+    if MIN_WINDOW_S <= period_s <= MAX_WINDOW_S:
+        return None
+    return f"{text} is outside the allowed range of a rolling window: 1h to 366d"
+
 Duration = Annotated[float, BeforeValidator(parse_duration_s)]
 DurationOrZero = Annotated[float, BeforeValidator(lambda v: parse_duration_s(v, allow_zero=True))]
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -129,11 +137,9 @@ class SloBody(_Spec):
                 period = parse_duration_s(v)
             except ValueError as exc:
                 raise ValueError(f"must be {CALENDAR_MONTH!r} or a rolling duration like 28d or 30d ({exc})") from None
-            # Under an hour the workbook tiers scaled to the window round to nothing; past a year, rule tests and
-            # budgets span more history than anything keeps.
-            if not MIN_WINDOW_S <= period <= MAX_WINDOW_S:
-                raise ValueError(f"{v} is outside the allowed range of a rolling window: 1h to 366d (or "
-                                 f"{CALENDAR_MONTH!r})")
+            problem = rolling_window_problem(v, period)
+            if problem:
+                raise ValueError(f"{problem} (or {CALENDAR_MONTH!r})")
         return v
 
     @model_validator(mode="after")

@@ -145,8 +145,7 @@ def observe(deployment: str, *, desired: int, ready: Sequence[str], rate_rps: fl
     for name in ready:
         s = latest_samples.get(name)
         # A sample stamped in the future means the clock went back since: it says nothing of now.
-        age = None if s is None else now - float(s["ts_unix_s"])
-        fresh = s is not None and bool(s.get("scrape_ok")) and age is not None and -SAMPLE_SKEW_S <= age <= stale_s
+        fresh = s is not None and bool(s.get("scrape_ok")) and -SAMPLE_SKEW_S <= now - float(s["ts_unix_s"]) <= stale_s
         if s is None or not fresh:
             readings.append(ReplicaReading(name))
             continue
