@@ -1,14 +1,16 @@
 """Cost per token, pure: replica-hours from engine samples x price, tokens from counter deltas.
 
 A replica counts as up between two consecutive scrapes that both succeeded and lie at most
-`max_gap_s` apart (a longer silence is not known to be up time). Between two scrapes that close of
-which one failed, its state is unknown: it was being watched and did not answer (hung, crashed,
-unreachable), and its hardware is still billed, so the cost of a step that holds such time is unknown,
-not the cost of the time known up. Token counts are the increases of
+`max_gap_s` apart. Its state is unknown between two scrapes of which one failed (it was watched and
+did not answer: hung, crashed, unreachable) and across a longer silence between two samples (it was
+there on both sides, and served, while nobody watched or stored it: the plane or the store was down).
+Its hardware is billed all the while, so the cost of a step that holds such time is unknown, not the
+cost of the time known up. Token counts are the increases of
 the stored counters (reset-adjusted by the scraper, so monotonic across engine restarts), each spread
 evenly over the time between its two readings, so tokens and up time are split between steps alike.
-A stored counter that drops (the adjustment offset was lost with a plane restart) gives an unknown
-interval, which is left out, never read as negative or zero tokens (as in `slo.counters`).
+An interval whose counter drops (the adjustment offset was lost with a plane restart) or that spans
+such a silence is unknown, never read as negative or zero tokens (as in `slo.counters`), and so are the
+tokens of every step it overlaps: the step's cost bought tokens nobody counted.
 
 Unknown stays unknown: no price gives null costs, a step without any counter reading gives null
 tokens, and a step without tokens gives a null $/1M (never 0, never infinity). The store-facing
@@ -95,23 +97,24 @@ class Samples:
 
 def up_seconds(s: Samples, edges: FloatArray, max_gap_s: float = DEFAULT_MAX_GAP_S) -> FloatArray:
     """Seconds the replica was up in each step [edges[i], edges[i+1])."""
-    return _seconds_where(s, edges, max_gap_s, lambda ok0, ok1: ok0 & ok1)
+    return _seconds_where(s, edges, max_gap_s, lambda ok0, ok1, silent: ok0 & ok1 & ~silent)
 
 
 def unknown_seconds(s: Samples, edges: FloatArray, max_gap_s: float = DEFAULT_MAX_GAP_S) -> FloatArray:
-    """Seconds in each step between two scrapes at most `max_gap_s` apart of which one failed."""
-    return _seconds_where(s, edges, max_gap_s, lambda ok0, ok1: ~(ok0 & ok1))
+    """Seconds in each step of unknown state: between two scrapes of which one failed, or across a
+    silence longer than `max_gap_s` between two samples."""
+    return _seconds_where(s, edges, max_gap_s, lambda ok0, ok1, silent: ~(ok0 & ok1) | silent)
 
 
 def _seconds_where(s: Samples, edges: FloatArray, max_gap_s: float,
-                   which: Callable[[BoolArray, BoolArray], BoolArray]) -> FloatArray:
-    """Seconds per step inside the intervals between consecutive scrapes at most `max_gap_s` apart
-    whose (first ok, second ok) pass `which`."""
+                   which: Callable[[BoolArray, BoolArray, BoolArray], BoolArray]) -> FloatArray:
+    """Seconds per step inside the intervals between consecutive samples whose (first ok, second ok,
+    longer than `max_gap_s`) pass `which`."""
     n = len(edges) - 1
     if len(s.ts_unix_s) < 2:
         return np.zeros(n)
     gaps = np.diff(s.ts_unix_s)
-    counted = which(s.scrape_ok[:-1], s.scrape_ok[1:]) & (gaps <= max_gap_s)
+    counted = which(s.scrape_ok[:-1], s.scrape_ok[1:], gaps > max_gap_s)
     # Time accumulated since the first sample: rises inside counted intervals, flat elsewhere, so
     # linear interpolation at the step edges splits an interval between the steps it overlaps.
     cum = np.concatenate(([0.0], np.cumsum(np.where(counted, gaps, 0.0))))
@@ -130,12 +133,14 @@ def _overlapping(lo: FloatArray, hi: FloatArray, edges: FloatArray) -> BoolArray
     return np.cumsum(marks[:-1]) > 0
 
 
-def counter_increase(ts: FloatArray, values: FloatArray, edges: FloatArray) -> tuple[FloatArray, BoolArray]:
+def counter_increase(ts: FloatArray, values: FloatArray, edges: FloatArray,
+                     max_gap_s: float = DEFAULT_MAX_GAP_S) -> tuple[FloatArray, BoolArray]:
     """(increase per step, known per step) of a stored counter; NaN readings are skipped.
 
     The increase between two readings is spread evenly over the time between them, so a step gets the
-    part of it that falls inside (the same split as the up time). A step no usable interval overlaps
-    is unknown; a dropping interval is unknown and adds nothing.
+    part of it that falls inside (the same split as the up time). An interval whose counter drops or
+    that is longer than `max_gap_s` is unusable and adds nothing; a step is known when a usable interval
+    overlaps it and no unusable one does (part of what it served was not counted).
     """
     n = len(edges) - 1
     have = ~np.isnan(values)
@@ -143,9 +148,10 @@ def counter_increase(ts: FloatArray, values: FloatArray, edges: FloatArray) -> t
     if len(v) < 2:
         return np.zeros(n), np.zeros(n, dtype=np.bool_)
     delta = np.diff(v)
-    kept = delta >= 0
+    kept = (delta >= 0) & (np.diff(t) <= max_gap_s)
     cum = np.concatenate(([0.0], np.cumsum(np.where(kept, delta, 0.0))))
-    return np.diff(np.interp(edges, t, cum)), _overlapping(t[:-1][kept], t[1:][kept], edges)
+    known = _overlapping(t[:-1][kept], t[1:][kept], edges) & ~_overlapping(t[:-1][~kept], t[1:][~kept], edges)
+    return np.diff(np.interp(edges, t, cum)), known
 
 
 @dataclass(frozen=True)
@@ -176,7 +182,7 @@ def usage(deployment: str, price: float | None, replicas: Sequence[Samples], edg
         up += replica_up
         unknown += unknown_seconds(s, edges, max_gap_s)
         for key, series in (("p", s.prompt_tokens_total), ("g", s.generation_tokens_total)):
-            inc, known = counter_increase(s.ts_unix_s, series, edges)
+            inc, known = counter_increase(s.ts_unix_s, series, edges, max_gap_s)
             acc, acc_known = tokens[key]
             tokens[key] = (acc + inc, acc_known | known)
             missing[key] |= (replica_up > 0) & ~known

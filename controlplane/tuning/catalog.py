@@ -18,6 +18,7 @@ from controlplane.engines.tiny_model import TinyModelSpec
 
 TERA = 1e12
 GB = 1e9
+GIB = 2**30
 
 
 class WeightPrecision(StrEnum):
@@ -75,6 +76,10 @@ class Accelerator:
     name: str
     bf16_flops: float  # dense peak FLOP/s
     fp8_flops: float | None  # dense peak; None: no FP8 tensor cores (Ampere)
+    # What CUDA reports as the device's total (cudaMemGetInfo), which vLLM multiplies by
+    # gpu_memory_utilization: the board's marketed "80 GB" is neither 80e9 bytes nor all visible. Taken
+    # from vLLM's own startup line "total_gpu_memory (… GiB)" where a public log names the card, else
+    # nvidia-smi's total less the ~0.5 GiB the driver keeps (each source says which).
     memory_bytes: float
     memory_bw_bytes_s: float
     link_bytes_s: float  # GPU-to-GPU, one direction (what a ring all-reduce moves per step)
@@ -151,25 +156,32 @@ def _nvidia(kind: str) -> str:
 
 
 ACCELERATORS: dict[str, Accelerator] = {a.name: a for a in (
-    Accelerator("H100-80GB", bf16_flops=989.4 * TERA, fp8_flops=1978.9 * TERA, memory_bytes=80 * GB,
+    Accelerator("H100-80GB", bf16_flops=989.4 * TERA, fp8_flops=1978.9 * TERA, memory_bytes=79.1 * GIB,
                 memory_bw_bytes_s=3.35 * TERA, link_bytes_s=450 * GB, usd_per_hour=3.00,
-                source=_nvidia("H100 SXM5") + "; HBM3 3.35 TB/s; NVLink 900 GB/s bidirectional"),
-    Accelerator("H200", bf16_flops=989.4 * TERA, fp8_flops=1978.9 * TERA, memory_bytes=141 * GB,
+                source=_nvidia("H100 SXM5") + "; HBM3 3.35 TB/s; NVLink 900 GB/s bidirectional; "
+                       "memory as CUDA sees it: 79.1 GiB (vLLM logs total_gpu_memory 79.11-79.19 GiB; nvidia-smi "
+                       "81,559 MiB, vllm-project/vllm#55169)"),
+    Accelerator("H200", bf16_flops=989.4 * TERA, fp8_flops=1978.9 * TERA, memory_bytes=139.8 * GIB,
                 memory_bw_bytes_s=4.8 * TERA, link_bytes_s=450 * GB, usd_per_hour=3.80,
-                source=_nvidia("H200 SXM") + "; HBM3e 141 GB at 4.8 TB/s; NVLink 900 GB/s bidirectional"),
-    Accelerator("A100-80GB", bf16_flops=312 * TERA, fp8_flops=None, memory_bytes=80 * GB,
+                source=_nvidia("H200 SXM") + "; HBM3e 141 GB at 4.8 TB/s; NVLink 900 GB/s bidirectional; "
+                       "memory as CUDA sees it: 139.8 GiB (a vLLM log: total_gpu_memory 139.81 GiB)"),
+    Accelerator("A100-80GB", bf16_flops=312 * TERA, fp8_flops=None, memory_bytes=79.2 * GIB,
                 memory_bw_bytes_s=2.039 * TERA, link_bytes_s=300 * GB, usd_per_hour=1.80,
-                source=_nvidia("A100 SXM4 80GB") + "; HBM2e 2,039 GB/s; NVLink 600 GB/s bidirectional; no FP8"),
-    Accelerator("L40S", bf16_flops=362.05 * TERA, fp8_flops=733 * TERA, memory_bytes=48 * GB,
+                source=_nvidia("A100 SXM4 80GB") + "; HBM2e 2,039 GB/s; NVLink 600 GB/s bidirectional; no FP8; "
+                       "memory as CUDA sees it: 79.2 GiB (vLLM logs: total_gpu_memory 79.15-79.25 GiB)"),
+    Accelerator("L40S", bf16_flops=362.05 * TERA, fp8_flops=733 * TERA, memory_bytes=44.3 * GIB,
                 memory_bw_bytes_s=864 * GB, link_bytes_s=32 * GB, usd_per_hour=1.20,
-                source=_nvidia("L40S") + "; GDDR6 864 GB/s; PCIe Gen4 x16 (64 GB/s bidirectional)"),
-    Accelerator("L4", bf16_flops=121 * TERA, fp8_flops=242.5 * TERA, memory_bytes=24 * GB,
+                source=_nvidia("L40S") + "; GDDR6 864 GB/s; PCIe Gen4 x16 (64 GB/s bidirectional); "
+                       "memory as CUDA sees it: 44.3 GiB (vLLM logs on L40S: total_gpu_memory 44.31-44.39 GiB)"),
+    Accelerator("L4", bf16_flops=121 * TERA, fp8_flops=242.5 * TERA, memory_bytes=22.0 * GIB,
                 memory_bw_bytes_s=300 * GB, link_bytes_s=32 * GB, usd_per_hour=0.70,
-                source=_nvidia("L4") + "; GDDR6 300 GB/s; PCIe Gen4 x16"),
-    Accelerator("A10G", bf16_flops=70 * TERA, fp8_flops=None, memory_bytes=24 * GB,
+                source=_nvidia("L4") + "; GDDR6 300 GB/s; PCIe Gen4 x16; memory as CUDA sees "
+                       "it: about 22.0 GiB (nvidia-smi 23,034 MiB less ~0.5 GiB; approximate)"),
+    Accelerator("A10G", bf16_flops=70 * TERA, fp8_flops=None, memory_bytes=22.0 * GIB,
                 memory_bw_bytes_s=600 * GB, link_bytes_s=32 * GB, usd_per_hour=1.00,
                 source="AWS G5 variant of the A10; NVIDIA publishes no A10G datasheet. 24 GB GDDR6 at "
-                       "600 GB/s (same as the A10) is certain; the ~70 TFLOP/s BF16 tensor figure is "
+                       "600 GB/s (same as the A10) is certain; about 22.0 GiB of it visible to CUDA (nvidia-smi "
+                       "23,028 MiB less ~0.5 GiB; approximate); the ~70 TFLOP/s BF16 tensor figure is "
                        "third-party (Baseten, 'A10 vs A10G') and approximate. No FP8."),
 )}
 

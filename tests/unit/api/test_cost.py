@@ -51,8 +51,33 @@ def test_tokens_are_counter_deltas_through_an_engine_restart() -> None:
 
 def test_a_dropping_stored_counter_is_left_out_not_counted_negative() -> None:
     # The plane restarted and lost its offset: the stored series falls from 140 to 5, then grows again.
-    s = cost.Samples.from_rows([(0, True, 100, None), (10, True, 140, None), (20, True, 5, None), (30, True, 25, None)])
-    assert cost.totals(cost.usage("tiny", 1.0, [s], one_step(0, 40))).prompt_tokens == pytest.approx(60)
+    # The step that holds the drop is unknown, not short of the interval's tokens with its full cost.
+    s = cost.Samples.from_rows([(0, True, 100, 0), (10, True, 140, 40), (20, True, 5, 45), (30, True, 25, 65)])
+    u = cost.usage("tiny", 3600.0, [s], np.array([0.0, 10.0, 20.0, 30.0]))
+    assert [p.prompt_tokens for p in cost.points(u)] == [pytest.approx(40), None, pytest.approx(20)]
+    t = cost.totals(u)
+    assert t.prompt_tokens == pytest.approx(60)
+    # $30 for the two known steps against their 60 + 60 tokens: $250k per 1M, not $30 against fewer tokens.
+    assert t.usd_per_1m_tokens == pytest.approx(20.0 / 120 * 1e6)
+    # Over one step the window's tokens and $/1M are unknown: part of what it paid for was not counted.
+    one = cost.totals(cost.usage("tiny", 3600.0, [s], one_step(0, 30)))
+    assert one.prompt_tokens is None and one.usd_per_1m_tokens is None and one.usd == pytest.approx(30.0)
+
+
+def test_a_silence_longer_than_the_gap_is_unknown_time_not_free_time() -> None:
+    # Scraped for 10 minutes, then nothing stored for 30 (plane or store down) while the replica kept
+    # serving, then scraped again: the silence is neither up time nor free, and its tokens are not counted.
+    rows = steady(0, 600, prompt_per_s=100) + [(t + 2400.0, ok, None if p is None else p + 240_000.0, c)
+                                                 for t, ok, p, c in steady(0, 600, prompt_per_s=100)]
+    u = cost.usage("tiny", 10.0, [cost.Samples.from_rows(rows)], np.arange(0.0, 3001.0, 600.0))
+    pts = cost.points(u)
+    assert [p.usd_per_hour for p in pts] == [pytest.approx(10.0), None, None, None, pytest.approx(10.0)]
+    assert [p.prompt_tokens for p in pts][1:4] == [None, None, None]
+    assert [p.replicas_unknown for p in pts][1:4] == [pytest.approx(1.0)] * 3
+    t = cost.totals(u)
+    assert t.usd is None and t.unknown_replica_hours == pytest.approx(0.5)
+    # The $/1M of the known steps only: $10/h against 100 tokens/s, not the silence's tokens at no cost.
+    assert t.usd_per_1m_tokens == pytest.approx(10.0 / 360_000 * 1e6)
 
 
 def test_failed_scrapes_are_skipped_for_tokens_and_make_the_cost_unknown_not_smaller() -> None:

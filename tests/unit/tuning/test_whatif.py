@@ -98,7 +98,7 @@ def test_the_command_can_print_json() -> None:
     (["--mfu", "1e-12"], "--mfu 1e-12: allowed: a number > 0.01 and <= 1"),  # would simulate for days
     (["--replicas", "200000"], "--replicas 200000: allowed: a whole number from 1 to 100,000"),
     (["--max-model-len", "400000"], "max_model_len 400000 exceeds Llama-3.1-8B's context of 131072 tokens"),
-    (["--gpu-memory-utilization", "0.22999"], "leaves no room for a KV cache block"),
+    (["--gpu-memory-utilization", "0.21662"], "leaves no room for a KV cache block"),
     (["--rate", "inf"], "--rate inf: allowed"),
     (["--rate", "nan"], "--rate nan: allowed"),
     (["--rate", "1e-6"], "simulate 579 days; at most 31"),
