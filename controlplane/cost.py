@@ -198,7 +198,7 @@ def _opt(x: float) -> float | None:
 def per_million(usd: float | None, tokens: float | None) -> float | None:
     """$ per 1M tokens; None when the cost or the tokens are unknown, or there were no tokens. Tokens
     without any measured up time (their readings straddle failed scrapes) have no known cost either."""
-    if usd is None or tokens is None or tokens <= 0 or usd <= 0:
+    if usd is None or tokens is None or not tokens > 0 or not usd > 0:  # NaN: unknown
         return None
     return usd / tokens * TOKENS_PER_MILLION
 
@@ -368,7 +368,9 @@ def tenant_costs(edges: FloatArray, replica_cost: Mapping[int, FloatArray],
     so the per-kind $/1M figures below, as the deployment ones, set the tenant's whole cost against
     each kind. Requests without a tenant form the tenant None; a replica-step with no request tokens
     (idle, or its spans not stored) goes to `unallocated_usd`, so tenants + unallocated = the fleet's
-    cost. A share of an unknown cost (no price, or no known replica) is unknown.
+    cost. A share of an unknown cost (no price, or no known replica) is unknown, and so is every tenant's
+    share of a replica-step that served a request of unknown token count (NaN tokens): its weight is
+    unknown, so charging the others its part would overstate theirs.
     """
     n = len(edges) - 1
     rows = [r for r in rows if 0 <= r.step < n]
@@ -386,13 +388,14 @@ def tenant_costs(edges: FloatArray, replica_cost: Mapping[int, FloatArray],
         t.prompt_tokens[r.step] += r.prompt_tokens
         t.completion_tokens[r.step] += r.completion_tokens
         tokens, total = r.prompt_tokens + r.completion_tokens, weight[(r.replica, r.step)]
-        if tokens > 0:
+        if tokens > 0 or math.isnan(total):
             usd = replica_cost.get(r.replica) if r.replica is not None else None
             step_cost = usd[r.step] if usd is not None else np.nan
-            t.usd[r.step] += tokens / total * step_cost
+            if step_cost != 0:  # a replica not up in the step cost nothing, whatever the shares
+                t.usd[r.step] += tokens / total * step_cost
     served = {rid: np.zeros(n, dtype=np.bool_) for rid in replica_cost}
     for (rid, i), w in weight.items():
-        if rid in served and w > 0:
+        if rid in served and not w <= 0:  # NaN: served tokens of unknown count
             served[rid][i] = True
     unallocated = np.zeros(n)
     for rid, usd in replica_cost.items():
@@ -402,7 +405,7 @@ def tenant_costs(edges: FloatArray, replica_cost: Mapping[int, FloatArray],
 
 
 def _tenant_figures(requests: int, prompt: float, completion: float, usd: float | None) -> dict[str, Any]:
-    return {"requests": requests, "prompt_tokens": prompt, "completion_tokens": completion, "usd": usd,
+    return {"requests": requests, "prompt_tokens": _opt(prompt), "completion_tokens": _opt(completion), "usd": usd,
             "usd_per_1m_prompt_tokens": per_million(usd, prompt),
             "usd_per_1m_completion_tokens": per_million(usd, completion),
             "usd_per_1m_tokens": per_million(usd, prompt + completion)}

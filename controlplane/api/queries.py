@@ -238,7 +238,8 @@ def tenant_tokens(engine: Engine, since: float, until: float, step_s: int,
     A request's tenant is that of the router span with the same trace id (vLLM's span carries the trace
     the router sent upstream); no router span, or one without a tenant: tenant None. Should one trace
     hold router spans of several tenants (a client reusing a traceparent), the least tenant name wins.
-    Unknown token counts (NULL) add nothing. `replica_ids`: only requests of these replicas.
+    A group holding a request whose token count is unknown (NULL: its span carried no usage) has unknown
+    tokens of that kind (NaN), not the known requests' sum. `replica_ids`: only requests of these replicas.
     """
     rs, rq = RouterSpan, Request
     tenants = (select(rs.trace_id, func.min(rs.tenant).label("tenant"))
@@ -246,7 +247,8 @@ def tenant_tokens(engine: Engine, since: float, until: float, step_s: int,
                .group_by(rs.trace_id).subquery())
     bucket = _step_number(engine, rq.arrival_unix_s, step_s).label("bucket")
     stmt = (select(rq.replica_id, bucket, tenants.c.tenant, func.count().label("requests"),
-                   func.coalesce(func.sum(rq.prompt_tokens), 0), func.coalesce(func.sum(rq.completion_tokens), 0))
+                   func.coalesce(func.sum(rq.prompt_tokens), 0), func.coalesce(func.sum(rq.completion_tokens), 0),
+                   func.count(rq.prompt_tokens), func.count(rq.completion_tokens))
             .outerjoin(tenants, tenants.c.trace_id == rq.trace_id)
             .where(rq.arrival_unix_s >= since, rq.arrival_unix_s < until)
             .group_by(rq.replica_id, bucket, tenants.c.tenant))
@@ -254,9 +256,9 @@ def tenant_tokens(engine: Engine, since: float, until: float, step_s: int,
         stmt = stmt.where(rq.replica_id.in_(list(replica_ids)))
     first = math.floor(since / step_s)
     with engine.connect() as conn:
-        return [cost.TenantTokens(None if rid is None else int(rid), int(b) - first, tenant, int(n), float(p),
-                                  float(c))
-                for rid, b, tenant, n, p, c in conn.execute(stmt)]
+        return [cost.TenantTokens(None if rid is None else int(rid), int(b) - first, tenant, int(n),
+                                  float(p) if np_ == n else math.nan, float(c) if nc == n else math.nan)
+                for rid, b, tenant, n, p, c, np_, nc in conn.execute(stmt)]
 
 
 def tenant_cost(

@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
+from sqlalchemy import update
 
 from collectors.otlp.decode import decode_request
 from controlplane import cost
 from controlplane.api.app import create_app
+from controlplane.store.models import Request
 from controlplane.store.repo import Store
 from controlplane.supervisor.router import RouterRecord, SpanWriter
 from controlplane.supervisor.spec import parse_deployment
@@ -160,3 +162,23 @@ def test_allocation_rule_on_its_own() -> None:
     assert x.usd[0] == pytest.approx(6 * 20 / 60) and np.isnan(x.usd[1])  # a request from no known replica
     assert np.isnan(y.usd[0])  # 4.8 of tiny-1 plus a share of replica 2, whose cost is unknown
     assert c.unallocated_usd.tolist() == [0.0, 3.0]  # replica 1 idle in step 1; replica 2 up 0 s there
+
+
+def test_requests_of_unknown_token_count_make_the_replica_steps_shares_unknown(store: Store) -> None:
+    # Step 0 on tiny-0: A's request of 300 known tokens, and two of B's whose spans carried no usage
+    # (NULL tokens). B's weight is unknown, so neither share is known; charging A the whole step would
+    # bill A for B's tokens. Step 1 on tiny-0: A alone, known. tiny-1 serves nothing (unallocated).
+    seed(store, [Req("tiny-0", 1, 200, 100, "A"), Req("tiny-0", 2, 10, 10, "B"), Req("tiny-0", 3, 10, 10, "B"),
+                 Req("tiny-0", 601, 50, 50, "A")], up_s={"tiny-0": 1200, "tiny-1": 1200})
+    with store.engine.begin() as conn:
+        conn.execute(update(Request).where(Request.request_id.in_(["req-1", "req-2"]))
+                     .values(prompt_tokens=None, completion_tokens=None))
+    body = tenants(TestClient(create_app(store, CollectorRegistry(), clock=lambda: BASE + 3600)))
+    items = {i["tenant"]: i for i in body["items"]}
+    a, b = items["A"], items["B"]
+    assert a["points"][0]["usd"] is None and b["points"][0]["usd"] is None
+    assert b["points"][0]["prompt_tokens"] is None and b["points"][0]["usd_per_1m_tokens"] is None
+    assert a["points"][0]["prompt_tokens"] == 200 and b["points"][0]["requests"] == 2
+    assert a["points"][1]["usd"] == pytest.approx(1 / 6)  # step 1: all of tiny-0's $1/h for 10 minutes
+    assert a["totals"]["usd"] is None and b["totals"]["prompt_tokens"] is None
+    assert body["unallocated"]["points"][0]["usd"] == pytest.approx(1 / 6)  # tiny-1 idle, not B's unknown part
