@@ -155,7 +155,10 @@ def adjust_counters(
 
     A value below the previous one means the engine restarted and the counter began again at 0:
     the previous value is added to the offset. Unknown (None) values stay unknown and do not
-    disturb the state. Returns (adjusted values, new state, whether any counter reset).
+    disturb the state. A series seen before and absent from this scrape (an engine restarted that
+    has not made it again yet, or labels that come and go) is carried at its last adjusted value:
+    dropping it would make the stored sum fall, and its return would then add its old value back
+    in one interval. Returns (adjusted values, new state, whether any counter reset).
     """
     last = dict(state.last_raw)
     offset = dict(state.offset)
@@ -171,4 +174,7 @@ def adjust_counters(
             reset = True
         last[key] = value
         out[key] = value + offset.get(key, 0.0)
+    for key, prev in state.last_raw.items():
+        if key not in raw:
+            out[key] = prev + offset.get(key, 0.0)
     return out, CounterState(last, offset), reset

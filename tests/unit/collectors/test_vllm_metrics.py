@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from collectors.promtext import parse
-from collectors.vllm_metrics import CounterState, adjust_counters, canonical_name, read_engine
+from collectors.vllm_metrics import CounterState, adjust_counters, canonical_name, read_engine, sum_series
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
@@ -86,6 +86,17 @@ def test_a_counter_that_drops_is_a_restart_and_totals_stay_monotonic() -> None:
     out4, state, reset4 = adjust_counters({"c": 20.0}, state)
     assert [out1["c"], out2["c"], out3["c"], out4["c"]] == [100.0, 130.0, 135.0, 150.0]
     assert (reset1, reset2, reset3, reset4) == (False, False, True, False)
+
+
+def test_a_series_missing_from_a_scrape_is_carried_so_the_sum_neither_falls_nor_jumps() -> None:
+    # Two finished-reason series; the engine restarts and makes only one of them again at first.
+    state = CounterState()
+    out, state, _ = adjust_counters({"ok{r=stop}": 100.0, "ok{r=length}": 50.0}, state)
+    assert sum_series(out, ["ok"])["ok"] == 150.0
+    out, state, reset = adjust_counters({"ok{r=stop}": 1.0}, state)  # restarted: 1 request since
+    assert reset and sum_series(out, ["ok"])["ok"] == 151.0
+    out, state, reset = adjust_counters({"ok{r=stop}": 1.0, "ok{r=length}": 2.0}, state)  # 2 more, by length
+    assert reset and sum_series(out, ["ok"])["ok"] == 153.0
 
 
 def test_an_unknown_counter_reading_neither_resets_nor_becomes_zero() -> None:
