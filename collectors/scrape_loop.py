@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,6 +24,12 @@ from controlplane import names
 from controlplane.store.repo import Store
 
 log = logging.getLogger(__name__)
+
+# How long a removed target's counter state (and its scrape-count series) is kept for it to come back
+# under its name: longer than any crash restart, short enough that replica churn (names are not reused)
+# does not grow the plane's memory and /metrics without bound.
+FORGET_AFTER_S = 3600.0
+_RESULTS = ("ok", "error", "not_stored")
 
 
 @dataclass(frozen=True)
@@ -93,13 +100,15 @@ class _TargetState:
 class EngineScraper:
     def __init__(
         self, store: Store, client: httpx.AsyncClient, *, timeout_s: float,
-        registry: CollectorRegistry | None = None,
+        registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.client = client
         self.timeout_s = timeout_s
         self.targets: dict[str, Target] = {}
         self._state: dict[str, _TargetState] = {}
+        self._removed: dict[str, float] = {}  # name -> when it was removed (clock)
+        self._clock = clock
         registry = registry if registry is not None else CollectorRegistry()
         self.scrapes = Counter(names.PLANE_SCRAPES, "Engine scrapes", ["replica", "result"], registry=registry)
         self.duration = Histogram(names.PLANE_SCRAPE_DURATION, "Engine scrape duration", registry=registry)
@@ -107,12 +116,29 @@ class EngineScraper:
     def add(self, target: Target, *, backend: str = "external") -> None:
         rid = self.store.register_replica(target.name, url=target.base_url, backend=backend)
         self.targets[target.name] = target
+        self._removed.pop(target.name, None)
         self._state.setdefault(target.name, _TargetState(rid))
+        self._forget_old()
 
     def remove(self, name: str) -> None:
-        # The target's counter state stays: a supervised replica that crashed comes back under its name, and its
-        # stored counters must carry on across the restart (reset offsets), not drop to the new process's values.
-        self.targets.pop(name, None)
+        # The target's counter state stays for FORGET_AFTER_S: a supervised replica that crashed comes back under
+        # its name, and its stored counters must carry on across the restart (reset offsets), not drop to the new
+        # process's values.
+        if self.targets.pop(name, None) is not None:
+            self._removed[name] = self._clock()
+        self._forget_old()
+
+    def _forget_old(self) -> None:
+        now = self._clock()
+        for name, at in list(self._removed.items()):
+            if now - at >= FORGET_AFTER_S:
+                del self._removed[name]
+                self._state.pop(name, None)
+                for result in _RESULTS:
+                    try:
+                        self.scrapes.remove(name, result)
+                    except KeyError:  # never counted with that result
+                        pass
 
     async def scrape_once(self, target: Target) -> dict[str, Any]:
         result = await scrape(self.client, target.metrics_url, self.timeout_s)

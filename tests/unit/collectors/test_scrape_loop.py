@@ -3,8 +3,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
-from collectors.scrape_loop import EngineScraper, Target
+from collectors.scrape_loop import FORGET_AFTER_S, EngineScraper, Target
 from controlplane.store.repo import Store
 
 FIXTURE = (Path(__file__).resolve().parents[2] / "fixtures" / "vllm_0.32_metrics.txt").read_text()
@@ -192,3 +193,30 @@ def test_a_replica_restarted_under_its_name_keeps_its_stored_counters_monotonic(
 
     asyncio.run(go())
     assert [r["prompt_tokens_total"] for r in reversed(sqlite_store.engine_samples())] == [100, 140, 143]
+
+
+def test_a_removed_replica_is_forgotten_after_an_hour_its_series_with_it(sqlite_store: Store) -> None:
+    # Replica names are not reused, so every replica ever scraped would otherwise stay in memory and on
+    # the plane's /metrics. Within the hour it comes back with its counters carried on (test above).
+    now = [0.0]
+    registry = CollectorRegistry()
+
+    async def go() -> EngineScraper:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(FakeEngine([FIXTURE]))) as client:
+            scraper = EngineScraper(sqlite_store, client, timeout_s=1, registry=registry, clock=lambda: now[0])
+            for i in range(3):
+                target = Target.from_watch(f"r{i}=http://127.0.0.1:9")
+                scraper.add(target)
+                await scraper.scrape_once(target)
+            scraper.remove("r0")
+            now[0] = FORGET_AFTER_S - 1
+            scraper.remove("r1")
+            assert set(scraper._state) == {"r0", "r1", "r2"}
+            now[0] = FORGET_AFTER_S
+            scraper.remove("no-such-replica")  # any later add or remove tidies up
+            return scraper
+
+    scraper = asyncio.run(go())
+    assert set(scraper._state) == {"r1", "r2"}
+    exposed = generate_latest(registry).decode()
+    assert 'replica="r0"' not in exposed and 'replica="r1"' in exposed and 'replica="r2"' in exposed
