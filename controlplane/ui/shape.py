@@ -349,7 +349,7 @@ def gpu_rows(gpus: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
                      "power": UNKNOWN if _num(last.get("power_w")) is None else f"{last['power_w']:.0f} W",
                      "temperature": UNKNOWN if _num(last.get("temp_c")) is None else f"{last['temp_c']:.0f} °C",
                      "max temperature": UNKNOWN if _num(g.get("max_temp_c")) is None else f"{g['max_temp_c']:.0f} °C",
-                     "XID errors": text(_num(last.get("xid_errors")))})
+                     "last XID": text(_num(last.get("xid_errors")))})
     return rows
 
 

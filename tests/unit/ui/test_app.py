@@ -157,7 +157,7 @@ def test_gpu_page_shows_stored_gpu_readings(tmp_path_factory: pytest.TempPathFac
     (table,) = frames(at)
     gpu = table["gpu-host #0"]  # one column per GPU
     assert gpu["model"] == "NVIDIA H100" and gpu["temperature"] == "62 °C" and gpu["utilisation"] == "70%"
-    assert gpu["memory used"] == "40.0 GiB of 80.0 GiB" and gpu["XID errors"] == "0"
+    assert gpu["memory used"] == "40.0 GiB of 80.0 GiB" and gpu["last XID"] == "0"
     assert "GPUs=1" in texts(at) and "mean utilisation=60%" in texts(at) and not at.exception
     _, util = _chart(at, "GPU utilisation")
     assert sorted(util[0]["utilisation"].round(3)) == [0.6, 0.7]
