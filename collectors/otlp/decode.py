@@ -20,7 +20,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from controlplane import names
-from controlplane.store.models import finish_of
+from controlplane.store.models import MAX_REQUEST_S, finish_of
 
 UNATTRIBUTED = "unattributed"
 
@@ -102,11 +102,11 @@ def replica_of(resource_attrs: Mapping[str, Any]) -> str:
 
 
 def tpot(e2e_s: float | None, ttft_s: float | None, completion_tokens: int | None) -> float | None:
-    """Time per output token after the first: (e2e - ttft) / (n - 1); unknown for n <= 1 or when
-    e2e < ttft (inconsistent timings are unknown, not zero)."""
+    """Time per output token after the first: (e2e - ttft) / (n - 1); unknown for n <= 1 or unless
+    0 <= ttft <= e2e (inconsistent timings are unknown, not zero)."""
     if e2e_s is None or ttft_s is None or completion_tokens is None or completion_tokens <= 1:
         return None
-    if e2e_s < ttft_s:
+    if not 0 <= ttft_s <= e2e_s:
         return None
     return (e2e_s - ttft_s) / (completion_tokens - 1)
 
@@ -134,6 +134,7 @@ _REQUEST_ATTRS: dict[str, tuple[str, type]] = {
     names.ATTR_MAX_TOKENS: ("max_tokens", int),
 }
 _NUMERIC = ("int_value", "double_value")
+_DURATIONS = tuple(col for col, want in _REQUEST_ATTRS.values() if want is float)
 
 
 def _typed(v: AnyValue, want: type) -> Any:
@@ -173,6 +174,12 @@ def _request_row(span: Span, replica: str, trace_id: str, span_id: str) -> Reque
         # NaN is truthy and NUL bytes are legal in protobuf strings: both go the careful way.
         row[col] = x if x and ((want is int and 0 < x <= _TOKENS_MAX) or (want is float and math.isfinite(x)) or
                                (want is str and "\x00" not in x)) else _typed(v, want)
+    for col in _DURATIONS:
+        # vLLM derives these as differences of engine timestamps (0 while unset): a negative or absurd one is
+        # a broken reading, unknown, never a latency that meets every SLO.
+        x = row[col]
+        if x is not None and not 0 <= x <= MAX_REQUEST_S:
+            row[col] = None
     if row["model"] is not None and len(row["model"]) > MAX_MODEL_CHARS:
         row["model"] = row["model"][:MAX_MODEL_CHARS]  # the column's width: keep the span, cut the name
     if row["request_id"] is None:
@@ -214,8 +221,8 @@ def decode_request(msg: ExportTraceServiceRequest) -> DecodedBatch:
                     out.rejected_spans += 1
                     if len(out.errors) < 5:
                         out.errors.append(
-                            f"span {span.name!r}: trace_id must be 16 bytes and span_id 8 bytes, "
-                            f"got {len(span.trace_id)} and {len(span.span_id)}"
+                            f"span {span.name!r}: trace_id must be 16 bytes and span_id 8 bytes (32 and 16 "
+                            f"hex digits in OTLP/JSON), got {len(span.trace_id)} and {len(span.span_id)}"
                         )
                     continue
                 trace_id, span_id = span.trace_id.hex(), span.span_id.hex()
@@ -242,7 +249,7 @@ def decode_request(msg: ExportTraceServiceRequest) -> DecodedBatch:
                         replica=replica,
                         ts_unix_s=start_s,
                         kind=f"span:{span.name}".replace("\x00", "")[:100],
-                        duration_s=(end_s - start_s) if end_s is not None else None,
+                        duration_s=(end_s - start_s) if end_s is not None and end_s >= start_s else None,
                         attributes=_json_safe(attributes(span.attributes)),
                         dedupe_key=f"{trace_id}/{span_id}",
                     )
@@ -263,14 +270,16 @@ _ID_KEYS = ("traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_
 
 
 def _hex_ids_to_base64(node: Any) -> None:
-    """OTLP/JSON encodes trace and span ids as hex, protobuf's JSON mapping expects base64."""
+    """OTLP/JSON encodes trace and span ids as hex, protobuf's JSON mapping expects base64. An id that is
+    not hex becomes empty: its span is then rejected on its own (through partial_success, for its id's
+    length), not the whole batch with it."""
     if isinstance(node, dict):
         for key, value in node.items():
             if key in _ID_KEYS and isinstance(value, str):
                 try:
                     node[key] = base64.b64encode(bytes.fromhex(value)).decode()
-                except ValueError as exc:
-                    raise PayloadError(f"{key} {value!r} is not hex-encoded") from exc
+                except ValueError:
+                    node[key] = ""
             else:
                 _hex_ids_to_base64(value)
     elif isinstance(node, list):

@@ -1,3 +1,4 @@
+import asyncio
 import gzip
 import json
 
@@ -135,8 +136,10 @@ def test_gzip_bodies_are_accepted(client: TestClient, store: Store) -> None:
     (PB, b"\x0a\xff\xff\xff\xff", 400, "protobuf"),
     ({"content-type": "application/json"}, b"{not json", 400, "JSON"),
     ({"content-type": "application/json"}, b"[1, 2]", 400, "resourceSpans"),
-    ({"content-type": "application/json"}, b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "zz"}]}]}]}',
-     400, "hex"),
+    ({**PB, "content-encoding": "gzip"}, gzip.compress(export([llm_span()]).SerializeToString())[:-12], 400,
+     "truncated"),
+    ({**PB, "content-encoding": "gzip"}, gzip.compress(export([llm_span()]).SerializeToString()) + b"GARBAGE", 400,
+     "not valid gzip"),
     ({**PB, "content-encoding": "br"}, b"x", 415, "Content-Encoding"),
     ({**PB, "content-encoding": "gzip"}, b"not gzip at all", 400, "gzip"),
     (PB, b"\x00" * (64 * 1024 + 1), 413, "exceeds"),
@@ -293,6 +296,46 @@ def test_counts_past_a_32_bit_column_and_long_model_names_keep_the_batch(client:
 
 def test_an_e2e_shorter_than_ttft_gives_an_unknown_tpot_not_zero() -> None:
     assert tpot(0.1, 0.5, 10) is None
+    assert tpot(0.5, -3.0, 11) is None  # a negative TTFT is no timing to derive from
+
+
+def test_negative_or_absurd_durations_are_unknown_not_latencies_that_meet_every_slo() -> None:
+    # vLLM derives its phases from engine timestamps that are 0 while unset: a broken one can come out < 0.
+    (row,) = decode_request(export([llm_span(ttft=-3.0, e2e=0.5, completion=11,
+                                             **{names.ATTR_QUEUE: -7.5, names.ATTR_PREFILL: 1e9})])).requests
+    assert (row["ttft_s"], row["queue_s"], row["prefill_s"], row["tpot_s"]) == (None, None, None, None)
+    assert row["e2e_s"] == 0.5
+    backwards = Span(trace_id=b"\x01" * 16, span_id=b"\x02" * 8, name="Load weights",
+                     start_time_unix_nano=10**18, end_time_unix_nano=10**18 - 10 * 10**9)
+    (event,) = decode_request(export([backwards])).events
+    assert event.duration_s is None
+
+
+def _json_doc(spans: list[Span]) -> dict:  # type: ignore[type-arg]
+    msg = export(spans)
+    doc = json_format.MessageToDict(msg)
+    for js, pb in zip(doc["resourceSpans"][0]["scopeSpans"][0]["spans"], msg.resource_spans[0].scope_spans[0].spans,
+                      strict=True):
+        js["traceId"], js["spanId"] = pb.trace_id.hex(), pb.span_id.hex()
+    return doc
+
+
+def test_one_json_span_with_an_id_that_is_not_hex_is_rejected_alone(client: TestClient, store: Store) -> None:
+    doc = _json_doc([llm_span(), llm_span()])
+    doc["resourceSpans"][0]["scopeSpans"][0]["spans"][1]["spanId"] = "b7ad6b716920333"  # odd length
+    resp = client.post("/v1/traces", json=doc)
+    assert resp.status_code == 200
+    partial = resp.json()["partialSuccess"]
+    assert partial["rejectedSpans"] == "1" and "hex digits" in partial["errorMessage"]
+    assert store.count(Request) == 1
+
+
+def test_a_gzip_body_of_several_members_is_read_whole(client: TestClient, store: Store) -> None:
+    a, b = (gzip.compress(export([llm_span(), llm_span()]).SerializeToString()) for _ in range(2))
+    # Two members concatenated are one gzip body (RFC 1952); each here is a whole request message, and
+    # protobuf messages concatenate into one with both batches' resource spans.
+    resp = client.post("/v1/traces", content=a + b, headers={**PB, "content-encoding": "gzip"})
+    assert resp.status_code == 200 and store.count(Request) == 4
 
 
 def test_deeply_nested_json_is_a_400_not_a_500(client: TestClient) -> None:
@@ -311,3 +354,23 @@ def test_data_the_store_refuses_is_a_400_not_a_retry_loop(sqlite_store: Store) -
     client = TestClient(http_app(Ingestor(Refusing(sqlite_store.engine)), max_body_bytes=65536))
     resp = client.post("/v1/traces", content=export([llm_span()]).SerializeToString(), headers=PB)
     assert resp.status_code == 400 and "too long" in resp.json()["error"]
+
+
+def test_bodies_are_decoded_off_the_event_loop(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The plane's API, scraper and SLO loops share the receiver's event loop: parsing a large OTLP/JSON batch
+    # (pure Python) or inflating a gzip body on it would stall them all.
+    from collectors.otlp import receiver
+    seen: list[bool] = []
+
+    def parse(body: bytes):  # type: ignore[no-untyped-def]
+        try:
+            asyncio.get_running_loop()
+            seen.append(True)
+        except RuntimeError:  # no loop runs on this thread: a worker thread
+            seen.append(False)
+        return parse_json(body)
+
+    monkeypatch.setattr(receiver, "parse_json", parse)
+    client = TestClient(http_app(Ingestor(store), max_body_bytes=64 * 1024))
+    assert client.post("/v1/traces", json=_json_doc([llm_span()])).status_code == 200
+    assert seen == [False] and store.count(Request) == 1
