@@ -7,6 +7,7 @@ errors are JSON `{"detail": ...}`; no handler lets an exception escape as a bare
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -100,7 +101,20 @@ class SearchBody(_Body):
 
 
 DeploymentName = Annotated[str, Path(max_length=50, pattern=r"^[a-z0-9-]+$")]
-RecId = Annotated[int, Path(ge=1, le=2**62, description="Recommendation id.")]
+RecId = Annotated[int, Path(ge=1, le=2**31 - 1, description="Recommendation id.")]  # a 32-bit column
+
+
+def _engine_changed_since(rec: Mapping[str, Any], live: Any) -> str | None:
+    """What of the engine settings a reconfiguration was made for (its `current.engine`) differs from the live
+    ones, in words, or None: applied over a change made since, it would undo that change."""
+    try:
+        then, proposed = rec["current"]["engine"], rec["proposed"]["engine"]
+    except (KeyError, TypeError):
+        return None
+    if not isinstance(then, Mapping) or not isinstance(proposed, Mapping) or not isinstance(live, Mapping):
+        return None
+    changed = [f"{k} {then[k]!r} (now {live.get(k)!r})" for k in proposed if k in then and live.get(k) != then[k]]
+    return ", ".join(changed) or None
 
 
 def _json_safe(value: Any) -> Any:
@@ -368,12 +382,21 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
 
     @app.post("/api/v1/recommendations/{rid}/apply", dependencies=[Depends(require_token)])
     async def apply_recommendation(rid: RecId) -> dict[str, Any]:
-        """Apply an open recommendation through the supervisor (audited as a user action)."""
-        rec = _rec_call(recs.get, rid)
+        """Apply an open recommendation through the supervisor (audited as a user action). A refusal for now
+        (a rolling change or canary running) leaves it open, to be applied when that ends."""
+        from controlplane.supervisor.supervisor import ActionError
+
+        async def rec_call(fn: Any, *args: Any, **kw: Any) -> dict[str, Any]:
+            # The store off the event loop the plane's API, receivers, scraper and supervisor share: a locked
+            # SQLite waits out its busy timeout here, not on them.
+            return await asyncio.to_thread(_rec_call, fn, *args, **kw)
+
+        rec = await rec_call(recs.get, rid)
         if rec["status"] != "open":
             raise HTTPException(409, detail=f"recommendation {rid} is {rec['status']}; only open ones can be applied")
         ctl = need_control()
-        live = next((d.get("desired_replicas") for d in ctl.describe() if d.get("name") == rec["deployment"]), None)
+        live_dep = next((d for d in ctl.describe() if d.get("name") == rec["deployment"]), {})
+        live = live_dep.get("desired_replicas")
         was = made_for_replicas(rec)
         if was is not None and live is not None and was != live:
             # A count is relative to the count it was decided on (its predicted effect, its N-1 check, a later
@@ -382,37 +405,45 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
             raise HTTPException(409, detail=f"recommendation {rid} was made for {was} replica(s) of "
                                             f"{rec['deployment']}, which now has {live}; it is stale: dismiss it "
                                             "and ask for a new one")
+        if changed := _engine_changed_since(rec, live_dep.get("engine")):
+            raise HTTPException(409, detail=f"recommendation {rid} was made for {rec['deployment']} with "
+                                            f"{changed}; it is stale: dismiss it and ask for a new one")
         reason = f"recommendation_{rid}"
-        _rec_call(recs.claim, rid, by="user")  # 409 if someone applied, dismissed or superseded it meanwhile
+        await rec_call(recs.claim, rid, by="user")  # 409 if someone applied, dismissed or superseded it meanwhile
 
-        def failed(error: Any) -> None:
+        async def settle(error: Any, *, reopen: bool = False) -> None:
             try:
-                recs.decide(rid, FAILED, by="user", outcome={"error": error}, expect=(APPLIED,))
+                if reopen:
+                    await asyncio.to_thread(recs.release, rid, note=str(error))
+                else:
+                    await asyncio.to_thread(recs.decide, rid, FAILED, by="user", outcome={"error": error},
+                                            expect=(APPLIED,))
             except Exception:  # noqa: BLE001 - the store is what failed; the claim says when it was tried
                 log.exception("recommendation %s: could not record that applying it failed", rid)
 
         try:
             if rec["kind"] == "scale":
-                result = await _act(ctl.scale(rec["deployment"], int(rec["proposed"]["replicas"]), actor="user",
-                                              reason=reason))
+                result = await ctl.scale(rec["deployment"], int(rec["proposed"]["replicas"]), actor="user",
+                                         reason=reason)
             else:  # a searched configuration comes with its replica count
                 from controlplane.tuning.config_search import resize_then_roll
 
-                result = await _act(resize_then_roll(
+                result = await resize_then_roll(
                     ctl, rec["deployment"], rec["proposed"]["engine"], rec["proposed"].get("replicas"),
-                    current_replicas=live if live is not None else was, actor="user", reason=reason))
-        except HTTPException as exc:
-            failed(exc.detail)
-            raise
+                    current_replicas=live if live is not None else was, actor="user", reason=reason)
+        except ActionError as exc:
+            await settle(str(exc), reopen=exc.retryable)
+            raise HTTPException(exc.status, detail=str(exc) + (f"; recommendation {rid} stays open"
+                                                               if exc.retryable else "")) from None
         except (KeyError, TypeError, ValueError) as exc:
             detail = (f"recommendation {rid} cannot be applied: its proposal is malformed "
                       f"({type(exc).__name__}: {exc})")
-            failed(detail)
+            await settle(detail)
             raise HTTPException(422, detail=detail) from None
         except BaseException as exc:  # a store error (503 below) or a cancelled request: never left "applied"
-            failed(f"{type(exc).__name__}: {exc}")
+            await settle(f"{type(exc).__name__}: {exc}")
             raise
-        return _rec_call(recs.decide, rid, APPLIED, by="user", outcome={"applied": result}, expect=(APPLIED,))
+        return await rec_call(recs.decide, rid, APPLIED, by="user", outcome={"applied": result}, expect=(APPLIED,))
 
     @app.post("/api/v1/recommendations/{rid}/dismiss", dependencies=[Depends(require_token)])
     def dismiss_recommendation(rid: RecId) -> dict[str, Any]:

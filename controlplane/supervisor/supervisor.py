@@ -60,11 +60,13 @@ class RouterControl(Protocol):
 
 
 class ActionError(ValueError):
-    """A requested action that cannot be done as asked (bad count, unknown deployment, busy)."""
+    """A requested action that cannot be done as asked (bad count, unknown deployment, busy). `retryable`: the
+    same request may succeed later (a rolling change or canary running, the plane shutting down)."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, *, retryable: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        self.retryable = retryable
 
 
 @dataclass
@@ -465,7 +467,7 @@ class Supervisor:
                       restart_of: Member | None = None, candidate: bool = False, canary: bool = False,
                       core_index: int | None = None) -> Member:
         if self._stopping:  # a tick that began before shutdown must not start what shutdown just stopped
-            raise ActionError("the plane is shutting down", status=503)
+            raise ActionError("the plane is shutting down", status=503, retryable=True)
         dep = rt.dep
         port = dep.backend.base_port + slot  # type: ignore[union-attr]
         # A canary exports no spans: its synthetic trial must not enter the deployment's request history.
@@ -523,7 +525,7 @@ class Supervisor:
         elif self._stopping and m.handle is not None and m.state != STOPPED:  # shutdown began meanwhile
             await asyncio.to_thread(rt.backend.stop, m.handle, 20.0)
             await self._set_state(rt, m, STOPPED, "shutdown", "the plane was stopped while it started")
-            raise ActionError("the plane is shutting down", status=503)
+            raise ActionError("the plane is shutting down", status=503, retryable=True)
         return m
 
     async def _stop_when_launched(self, rt: DeploymentRuntime, launching: asyncio.Future[Handle], name: str) -> None:
@@ -637,7 +639,8 @@ class Supervisor:
             raise ActionError(f"replicas must lie in [{rt.dep.min_replicas}, {rt.dep.max_replicas}] "
                               f"(spec.replicas min/max of {deployment}); got {replicas}", 422)
         if rt.rollout is not None and not rt.rollout.done():
-            raise ActionError(f"{deployment}: a rolling change is in progress; retry when it ends", 409)
+            raise ActionError(f"{deployment}: a rolling change is in progress; retry when it ends", 409,
+                              retryable=True)
         before = rt.desired
         rt.desired = replicas
         await self._persist(rt)
@@ -653,10 +656,11 @@ class Supervisor:
         if isinstance(rt.dep.backend, ExternalBackend):
             raise ActionError(f"{deployment} runs on the external backend; the plane cannot {what}", 409)
         if rt.rollout is not None and not rt.rollout.done():
-            raise ActionError(f"{deployment}: a rolling change is in progress; retry when it ends", 409)
+            raise ActionError(f"{deployment}: a rolling change is in progress; retry when it ends", 409,
+                              retryable=True)
         if rt.canary is not None:
             raise ActionError(f"{deployment}: a canary trial is running ({rt.canary.name}); one at a time, "
-                              "retry when it ends", 409)
+                              "retry when it ends", 409, retryable=True)
         try:
             return rt, rt.dep.engine.with_changes(dict(changes))
         except SpecError as exc:
@@ -682,7 +686,7 @@ class Supervisor:
         async with rt.launch_lock:  # reserve the canary place before the launch (one at a time)
             if rt.canary is not None:
                 raise ActionError(f"{deployment}: a canary trial is running ({rt.canary.name}); one at a time, "
-                                  "retry when it ends", 409)
+                                  "retry when it ends", 409, retryable=True)
             slot = policy.free_slot(self._used_slots(rt), rt.dep.max_replicas + 1)
             if slot is None:
                 raise ActionError(f"{deployment}: no free replica slot for a canary "

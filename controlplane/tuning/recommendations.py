@@ -111,6 +111,24 @@ class Recommendations:
         supersedes it meanwhile; the caller then records the result (applied) or the refusal (failed)."""
         return self.decide(rid, APPLIED, by=by, outcome={"applying_since_unix_s": self.clock()})
 
+    def release(self, rid: int, *, note: str) -> dict[str, Any]:
+        """Undo a claim whose action was refused for now (a rolling change running, the plane shutting down):
+        the recommendation is open again, to be applied later, with the refusal noted in its outcome.
+        Compare-and-set on the claim, like `decide`."""
+        current = self.get(rid)
+        if current["status"] != APPLIED:
+            raise self._refusal(rid, current["status"], OPEN, (APPLIED,))
+        outcome = {k: v for k, v in (current["outcome"] or {}).items() if k != "applying_since_unix_s"}
+        outcome["last_refused"] = {"at_unix_s": self.clock(), "error": note}
+        with self.engine.begin() as conn:
+            changed = conn.execute(update(Recommendation).where(
+                Recommendation.id == rid, Recommendation.status == APPLIED,
+                Recommendation.decided_unix_s == current["decided_unix_s"]).values(
+                status=OPEN, decided_unix_s=None, decided_by=None, outcome=outcome)).rowcount
+        if changed != 1:
+            raise self._refusal(rid, self.get(rid)["status"], OPEN, (APPLIED,), raced=True)
+        return self.get(rid)
+
     @staticmethod
     def _refusal(rid: int, is_: str, to: str, expect: tuple[str, ...], raced: bool = False) -> RecommendationError:
         return RecommendationError(f"recommendation {rid} is {is_}{' (changed meanwhile)' if raced else ''}; "

@@ -272,3 +272,49 @@ def test_a_searched_configuration_for_another_count_is_stale_and_a_malformed_cur
                    mode="recommend")
     r = api.post(f"/api/v1/recommendations/{odd}/apply", headers=AUTH)
     assert r.status_code == 200 and r.json()["status"] == "applied"
+
+
+def test_a_recommendation_refused_for_now_stays_open_and_applies_later(sqlite_store: Store) -> None:
+    class Rolling(FakeControl):
+        rolling = True
+
+        async def scale(self, deployment: str, replicas: int, *, actor: str, reason: str) -> dict[str, Any]:
+            if self.rolling:
+                raise ActionError("tiny: a rolling change is in progress; retry when it ends", 409, retryable=True)
+            return await super().scale(deployment, replicas, actor=actor, reason=reason)
+
+    control = Rolling()
+    api = TestClient(create_app(sqlite_store, CollectorRegistry(), control=control, api_token="s3cret"))
+    rid = _propose(sqlite_store)
+    r = api.post(f"/api/v1/recommendations/{rid}/apply", headers=AUTH)
+    assert r.status_code == 409 and r.json()["detail"].endswith(f"recommendation {rid} stays open")
+    got = api.get(f"/api/v1/recommendations/{rid}").json()
+    assert got["status"] == "open" and got["decided_by"] is None
+    assert "rolling change" in got["outcome"]["last_refused"]["error"]
+    control.rolling = False  # the roll ended: the person's retry goes through
+    r = api.post(f"/api/v1/recommendations/{rid}/apply", headers=AUTH)
+    assert r.status_code == 200 and r.json()["status"] == "applied"
+    assert control.calls == [("tiny", 2, "user", f"recommendation_{rid}")]
+
+
+def test_a_reconfiguration_made_for_engine_settings_changed_since_is_stale(sqlite_store: Store) -> None:
+    from controlplane.tuning.recommendations import Proposal, Recommendations
+
+    class Live(FakeControl):
+        def describe(self) -> list[dict[str, Any]]:
+            return [{"name": "tiny", "desired_replicas": 1, "engine": {"max_num_seqs": 16}, "replicas": []}]
+
+    control = Live()
+    api = TestClient(create_app(sqlite_store, CollectorRegistry(), control=control, api_token="s3cret"))
+    rid = Recommendations(sqlite_store.engine).add(Proposal(
+        "tiny", "reconfigure", "searched", {"replicas": 1, "engine": {"max_num_seqs": 4}},
+        {"replicas": 1, "engine": {"max_num_seqs": 8}}, {}, 0.5), mode="recommend")
+    r = api.post(f"/api/v1/recommendations/{rid}/apply", headers=AUTH)  # someone set 16 since: 8 would undo it
+    assert r.status_code == 409 and "max_num_seqs 4 (now 16)" in r.json()["detail"] and control.calls == []
+    assert api.get(f"/api/v1/recommendations/{rid}").json()["status"] == "open"
+
+
+@pytest.mark.parametrize("rid", [2**31, 3_000_000_000])
+def test_a_recommendation_id_past_the_column_is_a_422_not_a_store_error(api: TestClient, rid: int) -> None:
+    assert api.get(f"/api/v1/recommendations/{rid}").status_code == 422
+    assert api.post(f"/api/v1/recommendations/{rid}/dismiss", headers=AUTH).status_code == 422
