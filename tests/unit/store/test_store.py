@@ -1,10 +1,15 @@
+import subprocess
+import sys
+
+import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, inspect, text
 
 from collectors.otlp.decode import decode_request, event_dict
 from controlplane.slo import rollup
-from controlplane.store.db import upgrade
+from controlplane.store.db import alembic_config, make_engine, upgrade
 from controlplane.store.models import Base, ReplicaConfig
 from controlplane.store.repo import Store
 from tests.spans import export, llm_span
@@ -121,3 +126,41 @@ def test_the_finish_time_migration_fills_existing_rows_and_starts_the_rollups_ov
         minutes = conn.execute(text("SELECT bucket_start_unix_s, total, unknown FROM slo_rollup_counts "
                                     "WHERE level_s = 60 ORDER BY bucket_start_unix_s")).all()
     assert minutes == [(960, 1, 1), (1380, 1, 0)]  # 3 (bad, absurd e2e) at its arrival; 2 unknown
+
+
+def test_downgrading_to_base_and_back_works_with_data_in_the_store(bare_engine: Engine) -> None:
+    # A batch migration on SQLite rebuilds referenced tables: with foreign keys enforced that failed and left a
+    # temporary table behind, so neither the downgrade nor a retry could finish.
+    upgrade(bare_engine)
+    store = Store(bare_engine)
+    rid = store.register_replica("r0", url="http://127.0.0.1:9", backend="external")
+    store.write_engine_sample({"replica_id": rid, "ts_unix_s": 1.0, "scrape_ok": True})
+    command.downgrade(alembic_config(bare_engine), "base")
+    with bare_engine.connect() as conn:
+        left = set(inspect(conn).get_table_names()) - {"alembic_version"}
+    assert left == set()
+    upgrade(bare_engine)
+    assert Store(bare_engine).engine_samples() == []
+    if bare_engine.dialect.name == "sqlite":
+        with bare_engine.connect() as conn:  # the pooled connection enforces foreign keys again
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+
+
+@pytest.mark.postgres
+def test_two_planes_migrating_a_fresh_postgresql_at_once_both_succeed() -> None:
+    # Two processes (Alembic's context is process-global): before the migration lock, the second failed on a
+    # unique violation while both created the schema.
+    from tests.conftest import new_pg_database
+
+    code = "import sys; from controlplane.store.db import make_engine, upgrade; upgrade(make_engine(sys.argv[1]))"
+    with new_pg_database() as url:
+        procs = [subprocess.Popen([sys.executable, "-c", code, url], stderr=subprocess.PIPE, text=True)
+                 for _ in range(3)]
+        errors = [p.communicate(timeout=120)[1] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0], errors
+        engine = make_engine(url)
+        try:
+            with engine.connect() as conn:
+                assert conn.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 1
+        finally:
+            engine.dispose()
