@@ -7,8 +7,12 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from sqlalchemy import event, update
 
 from controlplane import cost, names
+from controlplane.api.queries import cost_usage
+from controlplane.store.models import Replica
+from controlplane.store.repo import Store
 from controlplane.supervisor.spec import parse_deployment
 
 
@@ -245,3 +249,23 @@ def test_a_replicas_cost_for_tenants_is_unknown_in_a_step_with_failed_scrapes() 
     assert cost.replica_usd(up, 3600.0, unknown)[0] == pytest.approx(10.0)
     assert np.isnan(cost.replica_usd(up, 3600.0, unknown)[1:]).all()
     assert cost.replica_usd(up, 3600.0).tolist() == [10.0, 0.0, 5.0]
+
+
+def test_replicas_stopped_before_the_window_cost_no_queries_per_replica(sqlite_store: Store) -> None:
+    # Names are never reused, so stopped replicas accumulate; each used to cost 4 edge queries per cost read
+    # (and per /metrics scrape). One replica runs across the window and must still be costed whole.
+    store = sqlite_store
+    for i in range(50):
+        rid = store.register_replica(f"old-{i}", url="http://127.0.0.1:9", backend="external")
+        store.write_engine_sample({"replica_id": rid, "ts_unix_s": 100.0, "scrape_ok": True})
+        store.set_replica_state(rid, "stopped")  # stamped now, long after t=100: not skipped yet
+    live = store.register_replica("live", url="http://127.0.0.1:9", backend="external")
+    for t in range(3000, 3700, 10):
+        store.write_engine_sample({"replica_id": live, "ts_unix_s": float(t), "scrape_ok": True})
+    with store.engine.begin() as conn:  # they were stopped at t=200, before the window
+        conn.execute(update(Replica).where(Replica.name.like("old-%")).values(updated_unix_s=200.0))
+    statements: list[str] = []
+    event.listen(store.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    (watched,) = cost_usage(store.engine, np.array([3100.0, 3600.0]), watched_price=3.6)
+    assert len(statements) < 20
+    assert cost.totals(watched).usd == pytest.approx(0.5)  # the live replica's 500 s at $3.60/h
