@@ -16,7 +16,7 @@ import anyio
 import anyio.to_thread
 import grpc
 from google.protobuf import json_format
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+from google.rpc.status_pb2 import Status
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTracePartialSuccess,
     ExportTraceServiceRequest,
@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from collectors.otlp.decode import PayloadError, decode_request, event_dict, parse_json, parse_protobuf
@@ -101,11 +101,23 @@ def _response(result: IngestResult) -> ExportTraceServiceResponse:
 
 
 # --- OTLP/HTTP -----------------------------------------------------------------------------------
-def _error(status: int, message: str, allowed: str | None = None) -> JSONResponse:
-    body = {"error": message}
-    if allowed:
-        body["allowed"] = allowed
-    return JSONResponse(body, status_code=status)
+# The gRPC code a failed OTLP/HTTP request's Status carries (the spec leaves it optional; clients log it).
+_STATUS_CODE = {400: grpc.StatusCode.INVALID_ARGUMENT, 405: grpc.StatusCode.UNIMPLEMENTED,
+                413: grpc.StatusCode.RESOURCE_EXHAUSTED, 415: grpc.StatusCode.INVALID_ARGUMENT,
+                503: grpc.StatusCode.UNAVAILABLE}
+
+
+def _error(status: int, message: str, allowed: str | None = None, *, ctype: str = JSON,
+           headers: dict[str, str] | None = None) -> Response:
+    """An OTLP/HTTP failure: the body is a google.rpc.Status (the OTLP spec's requirement, so that exporters
+    and collectors log its message), encoded as the request was (protobuf or JSON; JSON when the request's
+    type is not one of them). What is allowed goes in the message."""
+    code = _STATUS_CODE.get(status, grpc.StatusCode.UNKNOWN).value[0]
+    st = Status(code=code, message=f"{message}; allowed: {allowed}" if allowed else message)
+    if ctype == PROTOBUF:
+        return Response(st.SerializeToString(), status_code=status, media_type=PROTOBUF, headers=headers)
+    return Response(json_format.MessageToJson(st, indent=None), status_code=status, media_type=JSON,
+                    headers=headers)
 
 
 def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
@@ -159,14 +171,15 @@ def http_app(ingestor: Ingestor, max_body_bytes: int) -> Starlette:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > max_body_bytes:
             ingestor.reject("http", "too_large")
-            return _error(413, f"payload of {declared} bytes exceeds the limit of {max_body_bytes} bytes")
+            return _error(413, f"payload of {declared} bytes exceeds the limit of {max_body_bytes} bytes",
+                          ctype=ctype)
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > max_body_bytes:
                 ingestor.reject("http", "too_large")
-                return _error(413, f"payload exceeds the limit of {max_body_bytes} bytes")
+                return _error(413, f"payload exceeds the limit of {max_body_bytes} bytes", ctype=ctype)
             chunks.append(chunk)
         encoding = request.headers.get("content-encoding", "").strip().lower()
         if not limiter:
@@ -176,18 +189,19 @@ def http_app(ingestor: Ingestor, max_body_bytes: int) -> Starlette:
                                                     limiter=limiter[0])
         except OverflowError:
             ingestor.reject("http", "too_large")
-            return _error(413, f"decompressed payload exceeds the limit of {max_body_bytes} bytes")
+            return _error(413, f"decompressed payload exceeds the limit of {max_body_bytes} bytes", ctype=ctype)
         except LookupError:
             ingestor.reject("http", "content_encoding")
-            return _error(415, f"unsupported Content-Encoding {encoding!r}", allowed="gzip, identity")
+            return _error(415, f"unsupported Content-Encoding {encoding!r}", allowed="gzip, identity",
+                          ctype=ctype)
         except PayloadError as exc:
             ingestor.reject("http", "malformed")
-            return _error(400, str(exc))
+            return _error(400, str(exc), ctype=ctype)
         except StoreUnavailable as exc:
-            return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+            return _error(503, str(exc), ctype=ctype, headers={"Retry-After": "1"})
         except BatchRefused as exc:
             ingestor.reject("http", "refused_by_store")
-            return _error(400, str(exc))
+            return _error(400, str(exc), ctype=ctype)
         resp = _response(result)
         if ctype == JSON:
             return Response(json_format.MessageToJson(resp), media_type=JSON)
@@ -203,22 +217,33 @@ def http_app(ingestor: Ingestor, max_body_bytes: int) -> Starlette:
 
 
 # --- OTLP/gRPC -----------------------------------------------------------------------------------
-class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self, ingestor: Ingestor) -> None:
-        self.ingestor = ingestor
+_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 
-    def Export(  # noqa: N802 - name fixed by the OTLP service definition
-        self, request: ExportTraceServiceRequest, context: grpc.ServicerContext
-    ) -> ExportTraceServiceResponse:
+
+def _grpc_handler(ingestor: Ingestor) -> grpc.GenericRpcHandler:
+    """TraceService/Export taking the raw request bytes: with gRPC's own deserializer a malformed message never
+    reaches the service and the exporter sees INTERNAL "Exception deserializing request!"; parsed here, it gets
+    INVALID_ARGUMENT naming what was wrong."""
+
+    def export(body: bytes, context: grpc.ServicerContext) -> ExportTraceServiceResponse:
         try:
-            return _response(self.ingestor.ingest(request, "grpc"))
+            msg = parse_protobuf(body)
+        except PayloadError as exc:
+            ingestor.reject("grpc", "malformed")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise  # unreachable: abort raises
+        try:
+            return _response(ingestor.ingest(msg, "grpc"))
         except StoreUnavailable as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-            raise  # unreachable: abort raises
+            raise
         except BatchRefused as exc:
-            self.ingestor.reject("grpc", "refused_by_store")
+            ingestor.reject("grpc", "refused_by_store")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise
+
+    return grpc.method_handlers_generic_handler(_SERVICE, {"Export": grpc.unary_unary_rpc_method_handler(
+        export, request_deserializer=None, response_serializer=ExportTraceServiceResponse.SerializeToString)})
 
 
 def grpc_server(
@@ -229,9 +254,7 @@ def grpc_server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="otlp-grpc"),
         options=[("grpc.max_receive_message_length", max_body_bytes)],
     )
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        _TraceService(ingestor), server
-    )
+    server.add_generic_rpc_handlers((_grpc_handler(ingestor),))
     address = host_port(host, port)  # an IPv6 literal needs its brackets here
     bound = server.add_insecure_port(address)
     if bound == 0:

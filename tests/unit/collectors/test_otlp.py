@@ -1,10 +1,12 @@
 import asyncio
 import gzip
 import json
+from typing import Any
 
 import grpc
 import pytest
 from google.protobuf import json_format
+from google.rpc.status_pb2 import Status
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
@@ -150,15 +152,50 @@ def test_bad_payloads_get_a_4xx_that_says_what_was_wrong_and_the_receiver_keeps_
 ) -> None:
     resp = client.post("/v1/traces", content=body, headers=headers)
     assert resp.status_code == status
-    assert says in resp.json()["error"]
+    assert says in _status_message(resp, headers)
     assert store.count(Request) == 0
     ok = client.post("/v1/traces", content=export([llm_span()]).SerializeToString(), headers=PB)
     assert ok.status_code == 200 and store.count(Request) == 1
 
 
+def _status_message(resp: Any, request_headers: dict[str, str]) -> str:
+    """The message of an OTLP/HTTP error body: a google.rpc.Status, encoded as the request was (JSON when the
+    request's type is not protobuf)."""
+    if request_headers.get("content-type") == PB["content-type"]:
+        assert resp.headers["content-type"] == PB["content-type"]
+        return Status.FromString(resp.content).message
+    assert resp.headers["content-type"].startswith("application/json")
+    return json_format.Parse(resp.content, Status()).message
+
+
 def test_get_on_the_traces_endpoint_says_post_is_allowed(client: TestClient) -> None:
     resp = client.get("/v1/traces")
-    assert resp.status_code == 405 and resp.json()["allowed"] == "POST"
+    assert resp.status_code == 405 and _status_message(resp, {}).endswith("allowed: POST")
+
+
+def test_an_error_body_is_a_status_exporters_can_read(client: TestClient) -> None:
+    resp = client.post("/v1/traces", content=b"\x0a\xff\xff\xff\xff", headers=PB)
+    st = Status.FromString(resp.content)
+    assert resp.status_code == 400 and st.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "not a valid OTLP ExportTraceServiceRequest" in st.message
+    resp = client.post("/v1/traces", content=b"{not json", headers={"content-type": "application/json"})
+    assert resp.json()["code"] == 3 and "not valid JSON" in resp.json()["message"]
+
+
+def test_a_malformed_grpc_message_is_invalid_argument_naming_the_problem(sqlite_store: Store) -> None:
+    server, port = grpc_server(Ingestor(sqlite_store), "127.0.0.1", free_port(), 4 * 1024 * 1024)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            raw = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export")
+            with pytest.raises(grpc.RpcError) as err:
+                raw(b"\xff\xff\xff", timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a valid OTLP ExportTraceServiceRequest" in (err.value.details() or "")
+            ok = raw(export([llm_span()]).SerializeToString(), timeout=10)  # then a good one is stored
+            ExportTraceServiceResponse.FromString(ok)
+    finally:
+        server.stop(None)
+    assert sqlite_store.count(Request) == 1
 
 
 def test_partial_success_reports_rejected_spans(client: TestClient, store: Store) -> None:
@@ -341,7 +378,7 @@ def test_a_gzip_body_of_several_members_is_read_whole(client: TestClient, store:
 def test_deeply_nested_json_is_a_400_not_a_500(client: TestClient) -> None:
     body = b"{\"resourceSpans\": " + b"[" * 5_000 + b"]" * 5_000 + b"}"
     resp = client.post("/v1/traces", content=body, headers={"content-type": "application/json"})
-    assert resp.status_code == 400 and "nested" in resp.json()["error"]
+    assert resp.status_code == 400 and "nested" in resp.json()["message"]
 
 
 def test_data_the_store_refuses_is_a_400_not_a_retry_loop(sqlite_store: Store) -> None:
@@ -353,7 +390,7 @@ def test_data_the_store_refuses_is_a_400_not_a_retry_loop(sqlite_store: Store) -
 
     client = TestClient(http_app(Ingestor(Refusing(sqlite_store.engine)), max_body_bytes=65536))
     resp = client.post("/v1/traces", content=export([llm_span()]).SerializeToString(), headers=PB)
-    assert resp.status_code == 400 and "too long" in resp.json()["error"]
+    assert resp.status_code == 400 and "too long" in Status.FromString(resp.content).message
 
 
 def test_bodies_are_decoded_off_the_event_loop(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
