@@ -67,10 +67,16 @@ class DecodedBatch:
     events: list[EventRow] = field(default_factory=list)
     rejected_spans: int = 0
     errors: list[str] = field(default_factory=list)
+    ignored_spans: int = 0  # valid spans that are neither requests nor lifecycle (another program's)
 
     @property
     def span_count(self) -> int:
-        return len(self.requests) + len(self.events)
+        return len(self.requests) + len(self.events) + self.ignored_spans
+
+
+# vLLM's startup spans ("Load weights", "Executor init", ...) are internal; a server or client span is a
+# request of some other program.
+_LIFECYCLE_KINDS = frozenset({Span.SpanKind.SPAN_KIND_UNSPECIFIED, Span.SpanKind.SPAN_KIND_INTERNAL})
 
 
 def _value(v: AnyValue) -> Any:
@@ -241,6 +247,11 @@ def decode_request(msg: ExportTraceServiceRequest) -> DecodedBatch:
                                               f"{MAX_ID_CHARS} characters")
                         continue
                     out.requests.append(row)
+                    continue
+                if span.kind not in _LIFECYCLE_KINDS:
+                    # A server or client span of some other program sharing the exporter (one per request of
+                    # its own): not an engine's lifecycle, and the events table would grow by one row per request.
+                    out.ignored_spans += 1
                     continue
                 start_s = span.start_time_unix_nano / 1e9
                 end_s = span.end_time_unix_nano / 1e9 if span.end_time_unix_nano else None

@@ -72,6 +72,19 @@ def test_startup_spans_become_lifecycle_events_not_requests() -> None:
     assert event.attributes == {"code.function": "load_weights"}
 
 
+def test_server_and_client_spans_of_other_programs_are_not_lifecycle_events() -> None:
+    # One exporter shared with an app: its HTTP spans (one per request) must not grow the events table.
+    spans = [Span(trace_id=b"\x01" * 16, span_id=bytes([2, 0, 0, 0, 0, 0, 0, k]), name=name, kind=kind,
+                  start_time_unix_nano=10**18, end_time_unix_nano=10**18 + 10**9)
+             for k, (name, kind) in enumerate([("GET /items", Span.SpanKind.SPAN_KIND_SERVER),
+                                               ("POST upstream", Span.SpanKind.SPAN_KIND_CLIENT),
+                                               ("Load weights", Span.SpanKind.SPAN_KIND_INTERNAL),
+                                               ("Executor init", Span.SpanKind.SPAN_KIND_UNSPECIFIED)])]
+    batch = decode_request(export([*spans, llm_span()]))
+    assert [e.kind for e in batch.events] == ["span:Load weights", "span:Executor init"]
+    assert len(batch.requests) == 1 and batch.ignored_spans == 2 and batch.rejected_spans == 0
+
+
 def test_spans_with_bad_ids_are_rejected_and_the_rest_kept() -> None:
     batch = decode_request(export([llm_span(trace_id=b"\x01" * 3), llm_span()]))
     assert batch.rejected_spans == 1 and len(batch.requests) == 1
