@@ -16,8 +16,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request
+from fastapi.dependencies.utils import get_flat_dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import SQLAlchemyError
@@ -154,6 +156,24 @@ def _measured_range(since: float | None, until: float | None, now: float, step_s
     return start, min(end, now)
 
 
+_ALLOWED_QUERY: dict[int, frozenset[str]] = {}
+
+
+def _known_query_params(request: Request) -> None:
+    """A query parameter the endpoint does not take is refused, naming it and what is allowed: ignored, a
+    misspelt filter (`?state=open`, `?deploymnet=x`) would answer with everything, as if it had matched."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    allowed = _ALLOWED_QUERY.get(id(route))
+    if allowed is None:
+        allowed = _ALLOWED_QUERY[id(route)] = frozenset(
+            p.alias for p in get_flat_dependant(route.dependant).query_params)
+    if unknown := sorted(set(request.query_params) - allowed):
+        raise HTTPException(422, detail=f"unknown query parameter(s) {', '.join(map(repr, unknown))} on "
+                                        f"{route.path}; allowed: {', '.join(sorted(allowed)) or 'none'}")
+
+
 def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float | None = None, *,
                control: FleetControl | None = None, api_token: str | None = None,
                slo_statuses: Callable[[], Sequence[Any]] | None = None,
@@ -165,7 +185,7 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
     """The API over `store`. `configured_slos` are the SLOs (for their history; without them the SLOs of
     the latest statuses are used); watched replicas are priced at `watched_price_per_replica_hour_usd`
     (unknown when None); `cost_max_gap_s` is the longest silence between scrapes still counted as up time."""
-    app = FastAPI(title="vLLM SLO control plane", version="0.1.0")
+    app = FastAPI(title="vLLM SLO control plane", version="0.1.0", dependencies=[Depends(_known_query_params)])
     started = started_unix_s or clock()
 
     def require_token(authorization: Annotated[str | None, Header()] = None) -> None:

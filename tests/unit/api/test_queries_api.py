@@ -333,3 +333,17 @@ def test_each_mig_instance_is_its_own_gpu_in_the_summary(sqlite_store: Store) ->
     gpus = api.get("/api/v1/gpu", params={"since": 0, "until": 200}).json()["gpus"]
     assert {g["mig_instance"]: g["latest"]["fb_used_bytes"] for g in gpus} == {"1g.10gb/9": 2**30,
                                                                                 "3g.40gb/2": 38 * 2**30}
+
+
+@pytest.mark.parametrize(("path", "params", "named"), [
+    ("/api/v1/recommendations", {"state": "open"}, "'state'"),  # the filter is `status`
+    ("/api/v1/recommendations", {"deploymnet": "tiny", "limit": 5}, "'deploymnet'"),
+    ("/api/v1/cost", {"step": 60}, "'step'"),  # `step_s`
+    ("/healthz", {"verbose": 1}, "allowed: none"),
+])
+def test_a_query_parameter_the_endpoint_does_not_take_is_named_not_ignored(api: TestClient, path: str,
+                                                                           params: dict[str, Any], named: str) -> None:
+    r = api.get(path, params=params)
+    assert r.status_code == 422 and named in r.json()["detail"], r.text
+    assert "allowed:" in r.json()["detail"]
+    assert api.get(path).status_code == 200  # the same endpoint without it answers
