@@ -148,7 +148,8 @@ class EngineScraper:
         rid = state.replica_id
         if result.ok:
             reading = read_engine(result.samples)
-            series, state.counters, reset = adjust_counters(reading.counter_series, state.counters)
+            series, state.counters, reset = adjust_counters(reading.counter_series, state.counters,
+                                                            reading.process_start_s)
             counters = counter_totals(series)
             row = sample_row(rid, result, reading, counters, reset)
         else:

@@ -25,6 +25,7 @@ COUNTERS: Mapping[str, str] = {
 
 
 FAILED_REASONS = frozenset({"abort", "error"})
+PROCESS_START = "process_start_time_seconds"
 
 
 def canonical_name(name: str) -> str:
@@ -59,6 +60,9 @@ class EngineReading:
     # The same counters per series ("field{labels}" -> raw value): resets are detected per series,
     # since one engine of several restarting must not look like a drop of the sum.
     counter_series: Mapping[str, float] = field(default_factory=dict)
+    # When the process serving /metrics started (prometheus_client's process collector): a change between two
+    # scrapes is a restart even when the new counters have already passed the old values.
+    process_start_s: float | None = None
 
 
 def _sum(samples: list[Sample]) -> float | None:
@@ -108,8 +112,10 @@ def read_engine(samples: Iterable[Sample]) -> EngineReading:
                 name = "request_errors_total"
             series[name + "{" + ",".join(f"{k}={v}" for k, v in sorted(smp.labels.items())) + "}"] = smp.value
     counters = counter_totals(series)
+    starts = grouped.get(PROCESS_START, [])
     return EngineReading(
         counter_series=series,
+        process_start_s=starts[0].value if len(starts) == 1 else None,  # several: not one process's
         kv_usage_ratio=kv_usage,
         kv_capacity_tokens=capacity,
         kv_block_size_tokens=block,
@@ -121,10 +127,12 @@ def read_engine(samples: Iterable[Sample]) -> EngineReading:
 
 @dataclass(frozen=True)
 class CounterState:
-    """Per-replica memory for reset handling: the last raw value and the offset carried over resets."""
+    """Per-replica memory for reset handling: the last raw value and the offset carried over resets, and the
+    serving process's start time last seen."""
 
     last_raw: Mapping[str, float] = field(default_factory=dict)
     offset: Mapping[str, float] = field(default_factory=dict)
+    process_start_s: float | None = None
 
 
 def sum_series(adjusted: Mapping[str, float | None], fields: Iterable[str]) -> dict[str, float | None]:
@@ -149,7 +157,7 @@ def counter_totals(series: Mapping[str, float | None]) -> dict[str, float | None
 
 
 def adjust_counters(
-    raw: Mapping[str, float | None], state: CounterState
+    raw: Mapping[str, float | None], state: CounterState, process_start_s: float | None = None,
 ) -> tuple[dict[str, float | None], CounterState, bool]:
     """Make counters monotonic across engine restarts (Prometheus `rate()` semantics).
 
@@ -158,12 +166,21 @@ def adjust_counters(
     disturb the state. A series seen before and absent from this scrape (an engine restarted that
     has not made it again yet, or labels that come and go) is carried at its last adjusted value:
     dropping it would make the stored sum fall, and its return would then add its old value back
-    in one interval. Returns (adjusted values, new state, whether any counter reset).
+    in one interval. A changed `process_start_s` (the serving process restarted) resets every series, even
+    one whose new value already passed its old one between two scrapes (which a drop alone would miss).
+    Returns (adjusted values, new state, whether any counter reset).
     """
     last = dict(state.last_raw)
     offset = dict(state.offset)
     out: dict[str, float | None] = {}
     reset = False
+    if process_start_s is None:
+        process_start_s = state.process_start_s
+    elif state.process_start_s is not None and abs(process_start_s - state.process_start_s) > 1.0:
+        for key, prev in last.items():  # every counter began again at 0 in the new process
+            offset[key] = offset.get(key, 0.0) + prev
+        last = dict.fromkeys(last, 0.0)
+        reset = bool(last)
     for key, value in raw.items():
         if value is None:
             out[key] = None
@@ -174,7 +191,7 @@ def adjust_counters(
             reset = True
         last[key] = value
         out[key] = value + offset.get(key, 0.0)
-    for key, prev in state.last_raw.items():
+    for key, prev in last.items():
         if key not in raw:
             out[key] = prev + offset.get(key, 0.0)
-    return out, CounterState(last, offset), reset
+    return out, CounterState(last, offset, process_start_s), reset

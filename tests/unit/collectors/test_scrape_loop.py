@@ -220,3 +220,11 @@ def test_a_removed_replica_is_forgotten_after_an_hour_its_series_with_it(sqlite_
     assert set(scraper._state) == {"r1", "r2"}
     exposed = generate_latest(registry).decode()
     assert 'replica="r0"' not in exposed and 'replica="r1"' in exposed and 'replica="r2"' in exposed
+
+
+def test_an_exposition_past_the_size_limit_is_a_failed_scrape_not_read_whole(sqlite_store: Store,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from collectors import promtext
+    monkeypatch.setattr(promtext, "MAX_EXPOSITION_BYTES", 1000)
+    (row,) = _scrape(sqlite_store, ["# comment\n" * 200], 1)
+    assert row["scrape_ok"] is False and "larger than 1000 bytes" in row["error"]

@@ -99,6 +99,24 @@ def test_a_series_missing_from_a_scrape_is_carried_so_the_sum_neither_falls_nor_
     assert reset and sum_series(out, ["ok"])["ok"] == 153.0
 
 
+def test_a_restart_the_counters_outran_between_two_scrapes_is_caught_by_the_process_start_time() -> None:
+    # 1000 requests, then a restart and 1500 more before the next scrape: the counter reads 1500 > 1000, no drop.
+    state = CounterState()
+    out, state, _ = adjust_counters({"c": 1000.0}, state, process_start_s=100.0)
+    out, state, reset = adjust_counters({"c": 1500.0}, state, process_start_s=5000.0)
+    assert reset and out["c"] == 2500.0
+    out, state, reset = adjust_counters({"c": 1600.0}, state, process_start_s=5000.2)  # same process
+    assert not reset and out["c"] == 2600.0
+    out, state, reset = adjust_counters({"c": 1700.0}, state)  # start time not exposed this time: no guess
+    assert not reset and out["c"] == 2700.0
+
+
+def test_the_process_start_time_is_read_from_the_exposition() -> None:
+    reading = read_engine(parse((FIXTURES / "vllm_0.32_metrics.txt").read_text()))
+    assert reading.process_start_s == pytest.approx(1.79535591493e9)
+    assert read_engine(parse("vllm:num_requests_running 1\n")).process_start_s is None
+
+
 def test_an_unknown_counter_reading_neither_resets_nor_becomes_zero() -> None:
     state = CounterState()
     _, state, _ = adjust_counters({"c": 50.0}, state)
