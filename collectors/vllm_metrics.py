@@ -177,8 +177,8 @@ def adjust_counters(
     if process_start_s is None:
         process_start_s = state.process_start_s
     elif state.process_start_s is not None and abs(process_start_s - state.process_start_s) > 1.0:
-        for key, prev in last.items():  # every counter began again at 0 in the new process
-            offset[key] = offset.get(key, 0.0) + prev
+        for key, was in last.items():  # every counter began again at 0 in the new process
+            offset[key] = offset.get(key, 0.0) + was
         last = dict.fromkeys(last, 0.0)
         reset = bool(last)
     for key, value in raw.items():
