@@ -48,6 +48,9 @@ class RuleOptions:
     slo_evaluation_stale_s: float = 600.0  # an SLO not evaluated for longer cannot page: the plane's own alerting
     page_webhook_url: str | None = None  # Alertmanager receivers; None: a receiver with no integration
     ticket_webhook_url: str | None = None
+    # The scrape interval of the Prometheus that evaluates the rules: a burn window shorter than 4 of them holds
+    # too few samples for rate() and is widened (an empty short window would leave its page tier dead).
+    scrape_interval_s: float = 15.0
 
 
 class _Spec(BaseModel):
@@ -76,6 +79,7 @@ class OptionsBody(_Spec):
     engine_stalled_for: DurationOrZero = RuleOptions.engine_stalled_for_s
     page_webhook_url: str | None = None
     ticket_webhook_url: str | None = None
+    scrape_interval: Duration = RuleOptions.scrape_interval_s
 
 
 class OptionsDocument(_Spec):
@@ -104,7 +108,8 @@ def load_options(path: Path) -> RuleOptions:
         cost_budget_per_million_tokens_usd=body.cost_budget_per_million_tokens_usd, cost_for_s=body.cost_for,
         span_coverage_ratio=body.span_coverage_ratio, span_coverage_for_s=body.span_coverage_for,
         slo_evaluation_stale_s=body.slo_evaluation_stale, engine_stalled_for_s=body.engine_stalled_for,
-        page_webhook_url=body.page_webhook_url, ticket_webhook_url=body.ticket_webhook_url)
+        page_webhook_url=body.page_webhook_url, ticket_webhook_url=body.ticket_webhook_url,
+        scrape_interval_s=body.scrape_interval)
 
 
 def runbook_url(options: RuleOptions, alert: str) -> str:

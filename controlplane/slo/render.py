@@ -22,7 +22,7 @@ from controlplane.slo.operational import operational_group
 from controlplane.slo.optests import operational_test_file
 from controlplane.slo.options import RuleOptions, load_options
 from controlplane.slo.rulemodel import RuleSet
-from controlplane.slo.rules import live_tiers, slo_rules
+from controlplane.slo.rules import live_tiers, prometheus_windows, slo_rules
 from controlplane.slo.ruletests import guard_file, tier_signature, tier_test_file
 from controlplane.slo.runbooks import runbooks_markdown
 from controlplane.slo.spec import load_slos
@@ -40,6 +40,7 @@ def _yaml(data: Any) -> str:
 def build(slos: Sequence[Slo], options: RuleOptions) -> tuple[dict[str, str], list[str]]:
     """Every generated file (path relative to the output directory -> text) and the warnings to show."""
     rules = slo_rules(slos, options)
+    slos = [prometheus_windows(s, options.scrape_interval_s)[0] for s in slos]  # as the rules have them
     warnings = list(rules.warnings)
     files: dict[str, str] = {}
     tested: set[tuple[object, ...]] = set()

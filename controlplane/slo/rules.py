@@ -19,6 +19,7 @@ figure comes from per-request rows (`controlplane slo eval`). A warning says so 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 
@@ -105,6 +106,28 @@ def _own(record: str, slo: Slo) -> Selector:
 
 def windows_of(tiers: Iterable[BurnWindow]) -> list[float]:
     return sorted({w for t in tiers for w in (t.short_s, t.long_s)})
+
+
+RATE_MIN_SCRAPES = 4  # the shortest useful rate() range, in scrape intervals (Prometheus's own advice)
+
+
+def prometheus_windows(slo: Slo, scrape_interval_s: float) -> tuple[Slo, list[str]]:
+    """The SLO with each burn window at least RATE_MIN_SCRAPES scrape intervals long, and a warning per tier
+    widened. A shorter range holds fewer than two samples now and then, or always: its rate is absent, the tier's
+    short window never burns, and its alert can never fire (a 1-hour SLO's 14.4x tier has 12 s / 1 s windows)."""
+    shortest = float(math.ceil(RATE_MIN_SCRAPES * scrape_interval_s))
+    tiers, warnings = [], []
+    for t in slo.alerting.windows:
+        long_s, short_s = max(t.long_s, shortest), max(t.short_s, shortest)
+        if (long_s, short_s) != (t.long_s, t.short_s):
+            warnings.append(f"{slo.name}: {t.severity} tier {t.burn_rate:g}x: windows {format_duration(t.long_s)}/"
+                            f"{format_duration(t.short_s)} hold fewer than {RATE_MIN_SCRAPES} scrapes at "
+                            f"{format_duration(scrape_interval_s)}; the Prometheus rules use "
+                            f"{format_duration(long_s)}/{format_duration(short_s)}")
+        tiers.append(dataclasses.replace(t, long_s=long_s, short_s=short_s))
+    if not warnings:
+        return slo, []
+    return dataclasses.replace(slo, alerting=dataclasses.replace(slo.alerting, windows=tuple(tiers))), warnings
 
 
 def live_tiers(slo: Slo) -> tuple[list[BurnWindow], list[str]]:
@@ -226,7 +249,9 @@ def slo_rules(slos: Sequence[Slo], options: RuleOptions | None = None) -> RuleSe
     options = options or RuleOptions()
     groups: list[RuleGroup] = []
     warnings: list[str] = []
-    for slo in slos:
+    for spec in slos:
+        slo, widened = prometheus_windows(spec, options.scrape_interval_s)
+        warnings.extend(widened)
         warnings.extend(f"{slo.name}: {w}" for t in slo.targets if (w := snap_to_edge(t)[1]))
         if slo.sli == "goodput":
             warnings.append(f"{slo.name}: goodput cannot be computed from histograms; burn-rate alerts use the "

@@ -19,8 +19,11 @@ import pytest
 import yaml
 
 from controlplane import names
+from controlplane.slo.options import RuleOptions
 from controlplane.slo.render import stale
+from controlplane.slo.rules import slo_rules
 from tests.conftest import free_port
+from tests.unit.slo.rule_factories import make_slo
 
 REPO = Path(__file__).resolve().parents[2]
 ALERTS = REPO / "alerts"
@@ -168,3 +171,30 @@ def test_alertmanager_suppresses_the_ticket_of_a_paging_slo_and_no_other(alertma
         time.sleep(0.1)
     assert states == {(page, "tiny-ttft"): "active", (ticket, "tiny-ttft"): "suppressed",
                       (ticket, "tiny-tpot"): "active", (names.ALERT_REPLICA_DOWN, ""): "active"}, json.dumps(states)
+
+
+def test_a_one_hour_slo_pages_at_a_15_s_scrape_because_its_windows_are_widened(prometheus_tools: dict[str, str],
+                                                                               tmp_path: Path) -> None:
+    """A 1-hour window scales the 14.4x tier to 12 s / 1 s windows: rate() over them is empty at any real scrape
+    interval, so the page could never fire (this test fails so when rendered without the widening). Rendered for
+    a 15 s scrape they are 1m / 1m; with every request bad, scraped every 15 s, it pages within minutes."""
+    slo = make_slo("hour", objective=0.99, window_days=1 / 24, ticket=False)
+    rules = slo_rules([slo], RuleOptions(scrape_interval_s=15.0))
+    assert any("hold fewer than 4 scrapes at 15s; the Prometheus rules use 1m/1m" in w for w in rules.warnings)
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules.to_dict()))
+    hist, labels = names.VLLM_TTFT_HIST, '{deployment="tiny", le="%s"}'
+    test = {"rule_files": ["rules.yaml"], "evaluation_interval": "15s", "tests": [{
+        "interval": "15s",
+        "input_series": [  # 2 requests/s, every one over the 1 s threshold
+            {"series": f"{hist}_bucket" + labels % "1.0", "values": "0+0x80"},
+            {"series": f"{hist}_bucket" + labels % "+Inf", "values": "0+30x80"},
+            {"series": f"{hist}_count" + '{deployment="tiny"}', "values": "0+30x80"},
+        ],
+        "promql_expr_test": [{
+            "expr": f'count(ALERTS{{alertname="{names.ALERT_SLO_BURN_PAGE}", alertstate="firing", '
+                    f'burn_rate="14.4"}})',
+            "eval_time": "5m", "exp_samples": [{"labels": "{}", "value": 1}]}],
+    }]}
+    (tmp_path / "hour.test.yaml").write_text(yaml.safe_dump(test))
+    result = run(prometheus_tools["promtool"], "test", "rules", "hour.test.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
