@@ -120,6 +120,9 @@ def _error(status: int, message: str, allowed: str | None = None, *, ctype: str 
                     headers=headers)
 
 
+MAX_GZIP_MEMBERS = 16
+
+
 def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
     if encoding in ("", "identity"):
         return body
@@ -130,7 +133,7 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
     out = bytearray()
     rest = body
     try:
-        while True:
+        for _ in range(MAX_GZIP_MEMBERS):
             d = zlib.decompressobj(16 + zlib.MAX_WBITS)
             out += d.decompress(rest, limit + 1 - len(out))
             if len(out) > limit:
@@ -138,16 +141,26 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
             if not d.eof:
                 raise PayloadError("Content-Encoding gzip but the gzip stream is truncated: it ends before its "
                                    "end marker")
-            rest = d.unused_data
-            if not rest.strip(b"\x00"):
+            rest = d.unused_data  # a copy of what follows: hence the cap on members (exporters send one)
+            if rest.count(0) == len(rest):  # nothing, or padding
                 return bytes(out)
+        raise PayloadError(f"Content-Encoding gzip with more than {MAX_GZIP_MEMBERS} members; an OTLP exporter sends "
+                           "one")
     except zlib.error as exc:
         raise PayloadError(f"Content-Encoding gzip but the body is not valid gzip: {exc}") from exc
 
 
+class _Undecodable(Exception):
+    """The body could not be decoded; its cause says why (OverflowError: too large once inflated, LookupError: an
+    unknown Content-Encoding, PayloadError: malformed). Apart from what storing the batch may raise."""
+
+
 def _decode(body: bytes, encoding: str, ctype: str, limit: int) -> ExportTraceServiceRequest:
-    return parse_protobuf(_decompress(body, encoding, limit)) if ctype == PROTOBUF else \
-        parse_json(_decompress(body, encoding, limit))
+    try:
+        raw = _decompress(body, encoding, limit)
+        return parse_protobuf(raw) if ctype == PROTOBUF else parse_json(raw)
+    except (OverflowError, LookupError, PayloadError) as exc:
+        raise _Undecodable from exc
 
 
 # Decompressing and parsing (pure-Python for OTLP/JSON: ~0.2 s per 1,000 spans) run on worker threads, never
@@ -187,16 +200,17 @@ def http_app(ingestor: Ingestor, max_body_bytes: int) -> Starlette:
         try:
             result = await anyio.to_thread.run_sync(decode_and_ingest, b"".join(chunks), encoding, ctype,
                                                     limiter=limiter[0])
-        except OverflowError:
-            ingestor.reject("http", "too_large")
-            return _error(413, f"decompressed payload exceeds the limit of {max_body_bytes} bytes", ctype=ctype)
-        except LookupError:
-            ingestor.reject("http", "content_encoding")
-            return _error(415, f"unsupported Content-Encoding {encoding!r}", allowed="gzip, identity",
-                          ctype=ctype)
-        except PayloadError as exc:
+        except _Undecodable as exc:
+            why = exc.__cause__
+            if isinstance(why, OverflowError):
+                ingestor.reject("http", "too_large")
+                return _error(413, f"decompressed payload exceeds the limit of {max_body_bytes} bytes", ctype=ctype)
+            if isinstance(why, LookupError):
+                ingestor.reject("http", "content_encoding")
+                return _error(415, f"unsupported Content-Encoding {encoding!r}", allowed="gzip, identity",
+                              ctype=ctype)
             ingestor.reject("http", "malformed")
-            return _error(400, str(exc), ctype=ctype)
+            return _error(400, str(why), ctype=ctype)
         except StoreUnavailable as exc:
             return _error(503, str(exc), ctype=ctype, headers={"Retry-After": "1"})
         except BatchRefused as exc:

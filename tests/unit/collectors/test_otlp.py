@@ -424,3 +424,21 @@ def test_bodies_are_decoded_off_the_event_loop(store: Store, monkeypatch: pytest
     client = TestClient(http_app(Ingestor(store), max_body_bytes=64 * 1024))
     assert client.post("/v1/traces", json=_json_doc([llm_span()])).status_code == 200
     assert seen == [False] and store.count(Request) == 1
+
+
+def test_a_gzip_body_of_too_many_members_is_a_400_naming_the_limit(store: Store) -> None:
+    client = TestClient(http_app(Ingestor(store), max_body_bytes=4 * 1024 * 1024))
+    body = gzip.compress(b"") * 1000
+    resp = client.post("/v1/traces", content=body, headers={**PB, "content-encoding": "gzip"})
+    assert resp.status_code == 400 and "more than 16 members" in Status.FromString(resp.content).message
+
+
+def test_an_unexpected_error_while_storing_is_a_500_not_blamed_on_the_payload(sqlite_store: Store) -> None:
+    class Broken(Store):
+        def write_spans(self, requests, events):  # type: ignore[no-untyped-def, override]
+            raise KeyError("a bug")
+
+    client = TestClient(http_app(Ingestor(Broken(sqlite_store.engine)), max_body_bytes=65536),
+                        raise_server_exceptions=False)
+    resp = client.post("/v1/traces", content=export([llm_span()]).SerializeToString(), headers=PB)
+    assert resp.status_code == 500
