@@ -163,8 +163,9 @@ def adjust_counters(
 
     A value below the previous one means the engine restarted and the counter began again at 0:
     the previous value is added to the offset. Unknown (None) values stay unknown and do not
-    disturb the state. A series seen before and absent from this scrape (an engine restarted that
-    has not made it again yet, or labels that come and go) is carried at its last adjusted value:
+    disturb the state. A series seen before and absent from this scrape while others of its field are
+    there (an engine restarted that has not made it again yet, or labels that come and go) is carried
+    at its last adjusted value:
     dropping it would make the stored sum fall, and its return would then add its old value back
     in one interval. A changed `process_start_s` (the serving process restarted) resets every series, even
     one whose new value already passed its old one between two scrapes (which a drop alone would miss).
@@ -191,7 +192,10 @@ def adjust_counters(
             reset = True
         last[key] = value
         out[key] = value + offset.get(key, 0.0)
+    present = {key.split("{", 1)[0] for key in raw}
     for key, prev in last.items():
-        if key not in raw:
+        # Only within a field this scrape exposes at all: a scrape without any of its series says nothing of it
+        # (unknown), and carrying the old total would read as no tokens served at full cost.
+        if key not in raw and key.split("{", 1)[0] in present:
             out[key] = prev + offset.get(key, 0.0)
     return out, CounterState(last, offset, process_start_s), reset

@@ -33,6 +33,8 @@ from controlplane.tuning.recommendations import (
     APPLIED,
     DISMISSED,
     FAILED,
+    OPEN,
+    SUPERSEDED,
     RecommendationError,
     Recommendations,
     made_for_replicas,
@@ -431,15 +433,17 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
         reason = f"recommendation_{rid}"
         await rec_call(recs.claim, rid, by="user")  # 409 if someone applied, dismissed or superseded it meanwhile
 
-        async def settle(error: Any, *, reopen: bool = False) -> None:
+        def settle(error: Any, *, reopen: bool = False) -> str | None:
+            """Record the failure (or, for a refusal for now, reopen it); its new status, None if not stored.
+            Synchronous, on purpose: on a cancelled request an await here would be cancelled too and leave the
+            recommendation claimed ("applied") for ever. Only the failure path pays for it."""
             try:
                 if reopen:
-                    await asyncio.to_thread(recs.release, rid, note=str(error))
-                else:
-                    await asyncio.to_thread(recs.decide, rid, FAILED, by="user", outcome={"error": error},
-                                            expect=(APPLIED,))
+                    return str(recs.release(rid, note=str(error))["status"])
+                return str(recs.decide(rid, FAILED, by="user", outcome={"error": error}, expect=(APPLIED,))["status"])
             except Exception:  # noqa: BLE001 - the store is what failed; the claim says when it was tried
                 log.exception("recommendation %s: could not record that applying it failed", rid)
+                return None
 
         try:
             if rec["kind"] == "scale":
@@ -452,16 +456,17 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
                     ctl, rec["deployment"], rec["proposed"]["engine"], rec["proposed"].get("replicas"),
                     current_replicas=live if live is not None else was, actor="user", reason=reason)
         except ActionError as exc:
-            await settle(str(exc), reopen=exc.retryable)
-            raise HTTPException(exc.status, detail=str(exc) + (f"; recommendation {rid} stays open"
-                                                               if exc.retryable else "")) from None
+            now = settle(str(exc), reopen=exc.retryable)
+            after = {OPEN: f"; recommendation {rid} stays open",
+                     SUPERSEDED: f"; recommendation {rid} is superseded by a newer one"}.get(now or "", "")
+            raise HTTPException(exc.status, detail=str(exc) + after) from None
         except (KeyError, TypeError, ValueError) as exc:
             detail = (f"recommendation {rid} cannot be applied: its proposal is malformed "
                       f"({type(exc).__name__}: {exc})")
-            await settle(detail)
+            settle(detail)
             raise HTTPException(422, detail=detail) from None
         except BaseException as exc:  # a store error (503 below) or a cancelled request: never left "applied"
-            await settle(f"{type(exc).__name__}: {exc}")
+            settle(f"{type(exc).__name__}: {exc}")
             raise
         return await rec_call(recs.decide, rid, APPLIED, by="user", outcome={"applied": result}, expect=(APPLIED,))
 

@@ -113,18 +113,26 @@ class Recommendations:
 
     def release(self, rid: int, *, note: str) -> dict[str, Any]:
         """Undo a claim whose action was refused for now (a rolling change running, the plane shutting down):
-        the recommendation is open again, to be applied later, with the refusal noted in its outcome.
-        Compare-and-set on the claim, like `decide`."""
+        the recommendation is open again, to be applied later, with the refusal noted in its outcome. One made
+        meanwhile for the same deployment and kind (which could not supersede a claimed one) wins: this one is
+        superseded instead of open beside it. Compare-and-set on the claim, like `decide`."""
         current = self.get(rid)
         if current["status"] != APPLIED:
             raise self._refusal(rid, current["status"], OPEN, (APPLIED,))
+        now = self.clock()
         outcome = {k: v for k, v in (current["outcome"] or {}).items() if k != "applying_since_unix_s"}
-        outcome["last_refused"] = {"at_unix_s": self.clock(), "error": note}
+        outcome["last_refused"] = {"at_unix_s": now, "error": note}
         with self.engine.begin() as conn:
+            newer = conn.execute(select(Recommendation.id).where(
+                Recommendation.deployment == current["deployment"], Recommendation.kind == current["kind"],
+                Recommendation.id > rid).limit(1)).first()
+            values: dict[str, Any] = ({"status": SUPERSEDED, "decided_unix_s": now, "decided_by": "tuner"}
+                                      if newer is not None else
+                                      {"status": OPEN, "decided_unix_s": None, "decided_by": None})
             changed = conn.execute(update(Recommendation).where(
                 Recommendation.id == rid, Recommendation.status == APPLIED,
-                Recommendation.decided_unix_s == current["decided_unix_s"]).values(
-                status=OPEN, decided_unix_s=None, decided_by=None, outcome=outcome)).rowcount
+                Recommendation.decided_unix_s == current["decided_unix_s"]).values(outcome=outcome,
+                                                                                   **values)).rowcount
         if changed != 1:
             raise self._refusal(rid, self.get(rid)["status"], OPEN, (APPLIED,), raced=True)
         return self.get(rid)

@@ -318,3 +318,44 @@ def test_a_reconfiguration_made_for_engine_settings_changed_since_is_stale(sqlit
 def test_a_recommendation_id_past_the_column_is_a_422_not_a_store_error(api: TestClient, rid: int) -> None:
     assert api.get(f"/api/v1/recommendations/{rid}").status_code == 422
     assert api.post(f"/api/v1/recommendations/{rid}/dismiss", headers=AUTH).status_code == 422
+
+
+def test_a_refused_recommendation_with_a_newer_one_made_meanwhile_is_superseded_not_reopened(
+        sqlite_store: Store) -> None:
+    from controlplane.tuning.recommendations import Recommendations
+
+    recs = Recommendations(sqlite_store.engine)
+
+    class Busy(FakeControl):
+        async def scale(self, deployment: str, replicas: int, *, actor: str, reason: str) -> dict[str, Any]:
+            _propose(sqlite_store, replicas=3)  # the tuner's newer one, made while this one was claimed
+            raise ActionError("tiny: a rolling change is in progress; retry when it ends", 409, retryable=True)
+
+    api = TestClient(create_app(sqlite_store, CollectorRegistry(), control=Busy(), api_token="s3cret"))
+    rid = _propose(sqlite_store)
+    r = api.post(f"/api/v1/recommendations/{rid}/apply", headers=AUTH)
+    assert r.status_code == 409 and r.json()["detail"].endswith("is superseded by a newer one")
+    assert [(x["id"] > rid, x["status"]) for x in recs.list(deployment="tiny")] == [(True, "open"),
+                                                                                   (False, "superseded")]
+
+
+def test_a_cancelled_apply_is_recorded_as_failed_not_left_claimed(sqlite_store: Store) -> None:
+    import anyio
+    import httpx
+
+    class Hangs(FakeControl):
+        async def scale(self, deployment: str, replicas: int, *, actor: str, reason: str) -> dict[str, Any]:
+            await anyio.sleep(3600)
+            raise AssertionError("unreachable")
+
+    app = create_app(sqlite_store, CollectorRegistry(), control=Hangs(), api_token="s3cret")
+    rid = _propose(sqlite_store)
+
+    async def go() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            with anyio.move_on_after(0.5):
+                await client.post(f"/api/v1/recommendations/{rid}/apply", headers=AUTH)
+
+    anyio.run(go)
+    got = TestClient(app).get(f"/api/v1/recommendations/{rid}").json()
+    assert got["status"] == "failed" and "Cancel" in got["outcome"]["error"]

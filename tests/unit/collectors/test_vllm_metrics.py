@@ -97,6 +97,9 @@ def test_a_series_missing_from_a_scrape_is_carried_so_the_sum_neither_falls_nor_
     assert reset and sum_series(out, ["ok"])["ok"] == 151.0
     out, state, reset = adjust_counters({"ok{r=stop}": 1.0, "ok{r=length}": 2.0}, state)  # 2 more, by length
     assert reset and sum_series(out, ["ok"])["ok"] == 153.0
+    # A scrape with no series of the field at all says nothing of it: unknown, not the old total held flat.
+    out, state, _ = adjust_counters({"other{}": 1.0}, state)
+    assert sum_series(out, ["ok"])["ok"] is None
 
 
 def test_a_restart_the_counters_outran_between_two_scrapes_is_caught_by_the_process_start_time() -> None:
