@@ -170,6 +170,7 @@ ALERT_COST: Final = "VllmCostPerMillionTokensOverBudget"
 ALERT_SPANS_MISSING: Final = "ControlplaneSpansMissing"
 ALERT_SLO_EVALUATION_STALE: Final = "ControlplaneSloEvaluationStale"
 ALERT_ENGINE_STALLED: Final = "VllmEngineStalled"
+ALERT_SLO_NO_DATA: Final = "VllmSloNoData"
 
 # --- Simulated engine (controlplane/engines/sim_*): vLLM-compatible series, labelled as simulated -----
 SIM_ENGINE_INFO: Final = "controlplane_simulated_engine_info"  # {model, accelerator} 1 on a simulated engine

@@ -230,6 +230,36 @@ def burn_alert(slo: Slo, tier: BurnWindow, options: RuleOptions) -> AlertRule:
     return AlertRule(name, Binary("or", fresh, held), labels, annotations, tier.for_s)
 
 
+NO_DATA_FOR_S = 600.0
+
+
+def sli_series(slo: Slo) -> Selector:
+    """The series an SLO's rules read for its deployment (a histogram's _count, or the finished requests)."""
+    if slo.sli == "error_rate":
+        return Selector(names.VLLM_REQUEST_SUCCESS_TOTAL, (_dep(slo),))
+    return Selector(f"{HISTOGRAMS[slo.targets[0].sli][0]}_count", (_dep(slo),))
+
+
+def no_data_alert(slo: Slo, options: RuleOptions) -> AlertRule:
+    """The SLO's series are absent: its burn-rate alerts can never fire, whatever the requests see. Without this
+    a Prometheus that scrapes the replicas without a `deployment` label, or not at all, pages nobody, ever.
+    Quiet while the plane reports the deployment scaled to 0 on purpose."""
+    sel = sli_series(slo)
+    desired = Aggregate("sum", Selector(names.PLANE_DESIRED_REPLICAS, (_dep(slo),)))
+    expr = Binary("unless", Call("absent", (sel,)), Binary("==", desired, Number(0)), on=())
+    dep = slo.deployment
+    return AlertRule(
+        names.ALERT_SLO_NO_DATA, expr,
+        ((names.LABEL_SLO, slo.name), (names.LABEL_DEPLOYMENT, dep), (names.LABEL_SLI, slo.sli),
+         (names.LABEL_SEVERITY, "ticket")),
+        (("summary", f"SLO {slo.name} has no data in Prometheus: its burn-rate alerts cannot fire"),
+         ("description", f"No {sel.metric} series with deployment=\"{dep}\" for {format_duration(NO_DATA_FOR_S)}, "
+                         f"though the plane does not report {dep} scaled to 0. Check that Prometheus scrapes its "
+                         "replicas with a `deployment` target label (deploy/prometheus.yml) and that they are up."),
+         ("runbook_url", slo.runbook_url or runbook_url(options, names.ALERT_SLO_NO_DATA))),
+        NO_DATA_FOR_S)
+
+
 def events(slo: Slo) -> str:
     """What the rules count: vLLM's ITL histogram observes every inter-token interval, the others every request."""
     return "inter-token intervals" if slo.sli == "itl" else "requests"
@@ -267,6 +297,8 @@ def slo_rules(slos: Sequence[Slo], options: RuleOptions | None = None) -> RuleSe
         if not tiers:
             warnings.append(f"{slo.name}: no burn-rate alert (page and ticket both off or impossible)")
         rules: list[Rule] = [*recording_rules(slo, windows_of(tiers)), *(burn_alert(slo, t, options) for t in tiers)]
+        if tiers:
+            rules.append(no_data_alert(slo, options))
         if rules:
             groups.append(RuleGroup(f"slo-{slo.name}", tuple(rules)))
         budget = budget_group(slo)

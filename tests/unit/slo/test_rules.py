@@ -48,8 +48,11 @@ def test_a_ttft_slo_records_requests_and_bad_ratio_per_window_and_pages_on_both(
             '((controlplane_slo:requests:rate5m{slo="t"} == 0) or absent(controlplane_slo:requests:rate5m{slo="t"}))) '
             'and on () ALERTS{alertname="VllmSloErrorBudgetBurnPage", alertstate="firing", slo="t", deployment="tiny", '
             'sli="ttft", severity="page", long_window="1h", short_window="5m", burn_rate="14.4"})',
+        names.ALERT_SLO_NO_DATA:  # the series are gone (or unlabelled): nothing above could ever fire
+            'absent(vllm:time_to_first_token_seconds_count{deployment="tiny"}) unless on () '
+            '(sum (controlplane_deployment_desired_replicas{deployment="tiny"}) == 0)',
     }
-    assert all(r.to_dict()["labels"] == {"slo": "t", "deployment": "tiny"} for r in burn.rules[:-1])
+    assert all(r.to_dict()["labels"] == {"slo": "t", "deployment": "tiny"} for r in burn.rules[:-2])
     assert budget.name == "slo-t-budget" and budget.interval_s == 300
     assert budget.rules[-1].to_dict() == {
         "record": "controlplane_slo:error_budget_remaining:ratio",
@@ -129,21 +132,23 @@ def test_whole_number_edges_match_both_the_python_and_the_prometheus_3_spelling(
 
 
 def test_page_and_ticket_alerts_have_distinct_names_and_severities() -> None:
-    alerts = slo_rules([make_slo()]).groups[0].alerts()
+    *alerts, no_data = slo_rules([make_slo()]).groups[0].alerts()
     assert [(a.alert, a.label("severity"), a.label("burn_rate"), a.label("long_window")) for a in alerts] == [
         (names.ALERT_SLO_BURN_PAGE, "page", "14.4", "1h"), (names.ALERT_SLO_BURN_PAGE, "page", "6", "6h"),
         (names.ALERT_SLO_BURN_TICKET, "ticket", "3", "1d"), (names.ALERT_SLO_BURN_TICKET, "ticket", "1", "3d")]
+    assert (no_data.alert, no_data.label("severity")) == (names.ALERT_SLO_NO_DATA, "ticket")
 
 
 def test_switching_tickets_off_leaves_only_page_tiers_and_their_windows() -> None:
     burn = slo_rules([make_slo(ticket=False)]).groups[0]
-    assert {a.label("severity") for a in burn.alerts()} == {"page"}
+    assert {a.label("severity") for a in burn.alerts() if a.alert != names.ALERT_SLO_NO_DATA} == {"page"}
     assert not any("rate1d" in str(r.to_dict().get("record")) for r in burn.rules)
 
 
 def test_a_tier_that_can_never_fire_is_skipped_with_a_warning() -> None:
     result = slo_rules([make_slo(objective=0.9)])  # 14.4 x 10% >= 1
-    assert [a.label("burn_rate") for a in result.groups[0].alerts()] == ["6", "3", "1"]
+    burn = [a for a in result.groups[0].alerts() if a.alert != names.ALERT_SLO_NO_DATA]
+    assert [a.label("burn_rate") for a in burn] == ["6", "3", "1"]
     assert any("page tier 14.4x over 1h skipped" in w for w in result.warnings)
 
 
@@ -157,7 +162,7 @@ def test_every_alert_carries_runbook_summary_description_and_severity() -> None:
     options = RuleOptions(cost_budget_per_million_tokens_usd=2.0, runbook_base_url="https://runbooks.example/x.md")
     burn = [a for g in slo_rules([make_slo(), make_slo("e", sli="error_rate")], options).groups for a in g.alerts()]
     ops = operational_group(options).alerts()
-    assert len(burn) == 8 and len(ops) == 12
+    assert len(burn) == 8 + 2 and len(ops) == 12  # 4 tiers and a no-data ticket per SLO
     for alert in [*burn, *ops]:
         annotations = dict(alert.annotations)
         assert set(annotations) == {"summary", "description", "runbook_url"}, alert.alert
