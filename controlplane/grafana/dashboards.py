@@ -11,6 +11,7 @@ from controlplane import names
 from controlplane.coverage import DEFAULT_GRACE_S, DEFAULT_MIN_SERVED, DEFAULT_WINDOW_S
 from controlplane.grafana.model import DashboardSpec, Panel, Query, Row, Step, Variable
 from controlplane.grafana.promql import (
+    INTERVAL,
     RANGE,
     by_vars,
     increase,
@@ -23,7 +24,7 @@ from controlplane.grafana.promql import (
     with_matchers,
 )
 from controlplane.slo.options import RuleOptions
-from controlplane.slo.promql import Binary, Call, Matcher, Number, Selector
+from controlplane.slo.promql import Aggregate, Binary, Call, Matcher, Number, Selector
 
 TUNER_DECISIONS_TOTAL = names.PLANE_TUNER_DECISIONS_TOTAL
 TUNER_CAPACITY_RPS = names.PLANE_TUNER_CAPACITY_RPS
@@ -32,6 +33,9 @@ LABEL_ACTION, LABEL_REASON = names.LABEL_ACTION, names.LABEL_REASON
 
 DEP, REP, SLO = names.LABEL_DEPLOYMENT, names.LABEL_REPLICA, names.LABEL_SLO
 FLEET = (DEP, REP)  # the fleet dashboard's variables, also the labels its queries filter on
+# Bars count events per step: over $__interval (one step, so each event lands in one bar; $__rate_interval spans
+# several steps and counted each event 2-4 times), with steps of at least 4 scrape intervals (5 s) for increase().
+BAR_MIN_INTERVAL = "20s"
 TOKENS_PER_S = "suffix: tok/s"  # Grafana's custom-unit syntax
 QUANTILES = (0.5, 0.9, 0.99)
 GOOD, WARN, BAD = "green", "orange", "red"
@@ -59,15 +63,21 @@ def vllm_fleet(options: RuleOptions) -> DashboardSpec:
         for family, kind in ((names.VLLM_PROMPT_TOKENS, "prompt"), (names.VLLM_GENERATION_TOKENS, "generated")))
     traffic = Row("Traffic", (
         Panel("Requests/s", "stat", (Query(sum_all(_requests())),), "Finished requests per second.",
-              unit="reqps", width=6, height=5),
+              unit="reqps", width=5, height=5),
         Panel("Failed share", "stat", (Query(ratio(sum_all(_requests(failed)), sum_all(_requests()))),),
               "Share of finished requests that ended in abort or error (vLLM counts them under request_success).",
-              unit="percentunit", width=6, height=5, thresholds=(Step(GOOD), Step(WARN, 0.001), Step(BAD, 0.01))),
+              unit="percentunit", width=5, height=5, thresholds=(Step(GOOD), Step(WARN, 0.001), Step(BAD, 0.01))),
         Panel("Running", "stat", (Query(sum_all(by_vars(names.VLLM_NUM_RUNNING, *FLEET))),),
-              "Requests in the engines' batches now.", width=6, height=5),
+              "Requests in the engines' batches now.", width=5, height=5),
         Panel("Waiting", "stat", (Query(sum_all(by_vars(names.VLLM_NUM_WAITING, *FLEET))),),
-              "Requests queued in the engines now.", width=6, height=5,
+              "Requests queued in the engines now.", width=5, height=5,
               thresholds=(Step(GOOD), Step(WARN, 1), Step(BAD, 10))),
+        Panel("Simulated replicas", "stat",
+              (Query(Binary("or", Aggregate("count", by_vars(names.SIM_ENGINE_INFO, *FLEET)),
+                            Call("vector", (Number(0),)))),),
+              f"Replicas whose engine is simulated ({names.SIM_ENGINE_INFO}): their latencies, tokens and KV usage on "
+              "this dashboard come from the performance model, not from hardware. 0: every replica is real.",
+              width=4, height=5, mappings=(Step(GOOD, 0, "none"),), thresholds=(Step(GOOD), Step(WARN, 1))),
         Panel("Finished requests by reason", "timeseries",
               (Query(sum_by(_requests(), DEP, names.LABEL_FINISHED_REASON),
                      f"{{{{{DEP}}}}} {{{{{names.LABEL_FINISHED_REASON}}}}}"),),
@@ -80,11 +90,14 @@ def vllm_fleet(options: RuleOptions) -> DashboardSpec:
         _latency("Time per output token", names.VLLM_TPOT_HIST,
                  "Per-request mean time per output token (TPOT) quantiles."),
         _latency("End-to-end latency", names.VLLM_E2E_HIST, "Request latency quantiles, arrival to last token."),
-        Panel("Phases (p90)", "timeseries", tuple(
-            Query(quantile_of(hist, 0.9, FLEET, (DEP,)), f"{{{{{DEP}}}}} {phase}")
+        Panel("Phases (mean)", "timeseries", tuple(
+            Query(ratio(sum_by(rate(by_vars(f"{hist}_sum", *FLEET)), DEP),
+                        sum_by(rate(by_vars(f"{hist}_count", *FLEET)), DEP)), f"{{{{{DEP}}}}} {phase}")
             for hist, phase in ((names.VLLM_QUEUE_HIST, "queue"), (names.VLLM_PREFILL_HIST, "prefill"),
                                 (names.VLLM_DECODE_HIST, "decode"))),
-              "Where the time goes: waiting for a batch slot, prefill, decode.", unit="s"),
+              "Where the time goes: waiting for a batch slot, prefill, decode; the mean per request. (A quantile "
+              "would mislead here: vLLM's phase buckets start at 0.3 s, so any phase shorter than that would read "
+              "as up to 0.3 s.)", unit="s"),
         Panel("Inter-token latency", "timeseries", tuple(
             Query(quantile_of(names.VLLM_ITL_HIST, q, FLEET, (DEP,)), f"{{{{{DEP}}}}} p{q * 100:g}")
             for q in (0.5, 0.99)), "Gaps between streamed tokens.", unit="s"),
@@ -261,8 +274,9 @@ def tuner(options: RuleOptions) -> DashboardSpec:
         Panel("Replica readiness", "state-timeline", (Query(up, f"{{{{{REP}}}}}"),), "Per replica.",
               mappings=readiness),
         Panel("Restarts", "timeseries", (Query(
-            sum_by(increase(by_vars(names.PLANE_REPLICA_RESTARTS_TOTAL, DEP, REP)), DEP, REP), f"{{{{{REP}}}}}"),),
-              "Restarts after a crash or failed probes.", bars=True),
+            sum_by(increase(by_vars(names.PLANE_REPLICA_RESTARTS_TOTAL, DEP, REP), INTERVAL), DEP, REP),
+            f"{{{{{REP}}}}}"),),
+              "Restarts after a crash or failed probes, per bar.", bars=True, min_interval=BAR_MIN_INTERVAL),
         Panel("Crash-looping", "state-timeline",
               (Query(by_vars(names.PLANE_REPLICA_CRASHLOOP, DEP, REP), f"{{{{{REP}}}}}"),),
               "1 when the supervisor gave up restarting a replica.",
@@ -279,8 +293,8 @@ def tuner(options: RuleOptions) -> DashboardSpec:
               "Above 100% the tuner proposes more replicas.", unit="percentunit",
               thresholds=(Step(GOOD), Step(WARN, 0.8), Step(BAD, 1))),
         Panel("Decisions by action", "timeseries", (Query(
-            sum_by(increase(decisions), DEP, LABEL_ACTION), f"{{{{{DEP}}}}} {{{{{LABEL_ACTION}}}}}"),),
-              "Tuner decisions per interval, by action.", bars=True, stacked=True),
+            sum_by(increase(decisions, INTERVAL), DEP, LABEL_ACTION), f"{{{{{DEP}}}}} {{{{{LABEL_ACTION}}}}}"),),
+              "Tuner decisions per bar, by action.", bars=True, stacked=True, min_interval=BAR_MIN_INTERVAL),
         Panel("Decisions in the range", "table", (Query(
             sum_by(increase(decisions, RANGE), DEP, LABEL_ACTION, LABEL_REASON), instant=True),),
               "Every (action, reason) the tuner decided over the dashboard's time range."),

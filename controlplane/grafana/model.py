@@ -48,6 +48,7 @@ class Panel:
     mappings: tuple[Step, ...] = ()  # value -> text and colour (e.g. alert state 0/1/2)
     stacked: bool = False
     bars: bool = False
+    min_interval: str | None = None  # Grafana's "Min interval": the shortest step (and $__interval) it queries at
 
 
 @dataclass(frozen=True)

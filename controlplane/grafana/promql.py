@@ -15,6 +15,7 @@ from controlplane.slo.promql import Aggregate, Binary, Call, Expr, Matcher, Numb
 
 RATE_INTERVAL = "$__rate_interval"  # at least 4 scrape intervals (the datasource's timeInterval): safe for rate()
 RANGE = "$__range"  # the dashboard's whole time range
+INTERVAL = "$__interval"  # one step of the panel's query
 # Grafana's own variables a query may use; the tests substitute these (and the dashboard's variables) before
 # handing an expression to the real PromQL parser.
 GRAFANA_BUILTINS = ("__rate_interval", "__range", "__interval")

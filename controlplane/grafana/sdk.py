@@ -99,6 +99,8 @@ def _panel(p: Panel, panel_id: int) -> _PanelBuilder:
         b = b.thresholds(_thresholds(p.thresholds))
     if p.mappings:
         b = b.mappings(_mappings(p.mappings))
+    if p.min_interval is not None:
+        b = b.interval(p.min_interval)
     return b
 
 

@@ -111,3 +111,16 @@ def test_the_typer_app_renders_and_checks_with_exit_codes(tmp_path: Path) -> Non
     assert runner.invoke(app, [*args, "--check"]).exit_code == 1  # nothing rendered yet: every file missing
     assert runner.invoke(app, args).exit_code == 0
     assert runner.invoke(app, [*args, "--check"]).exit_code == 0
+
+
+def test_event_bars_count_each_event_once() -> None:
+    """A bar is one step: increase() over $__rate_interval spans several steps, so each restart or decision was
+    drawn 2-4 times; over $__interval, with steps of at least 4 scrapes (5 s), each lands in one bar."""
+    bars = [p for spec in dashboards(RuleOptions()) for row in spec.rows for p in row.panels if p.bars]
+    assert len(bars) >= 2
+    for p in bars:
+        assert p.min_interval == "20s", p.title
+        assert all("[$__interval]" in q.expr.render() and "$__rate_interval" not in q.expr.render()
+                   for q in p.queries), p.title
+    tuner = json.loads((REPO / "dashboards" / "grafana" / "dashboards" / "tuner.json").read_text())
+    assert sorted(p["interval"] for p in tuner["panels"] if "interval" in p) == ["20s", "20s"]
