@@ -156,6 +156,13 @@ def counter_totals(series: Mapping[str, float | None]) -> dict[str, float | None
     return counters
 
 
+def _family(series_key: str) -> str:
+    """The vLLM family a counter series comes from: errors are request_success's abort / error reasons, so an
+    engine that has made no error series yet (vLLM makes them on first use) still exposes that family."""
+    field_name = series_key.split("{", 1)[0]
+    return "request_success_total" if field_name == "request_errors_total" else field_name
+
+
 def adjust_counters(
     raw: Mapping[str, float | None], state: CounterState, process_start_s: float | None = None,
 ) -> tuple[dict[str, float | None], CounterState, bool]:
@@ -192,10 +199,10 @@ def adjust_counters(
             reset = True
         last[key] = value
         out[key] = value + offset.get(key, 0.0)
-    present = {key.split("{", 1)[0] for key in raw}
+    present = {_family(key) for key in raw}
     for key, prev in last.items():
-        # Only within a field this scrape exposes at all: a scrape without any of its series says nothing of it
+        # Only within a family this scrape exposes at all: a scrape without any of its series says nothing of it
         # (unknown), and carrying the old total would read as no tokens served at full cost.
-        if key not in raw and key.split("{", 1)[0] in present:
+        if key not in raw and _family(key) in present:
             out[key] = prev + offset.get(key, 0.0)
     return out, CounterState(last, offset, process_start_s), reset

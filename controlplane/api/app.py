@@ -158,19 +158,16 @@ def _measured_range(since: float | None, until: float | None, now: float, step_s
     return start, min(end, now)
 
 
-_ALLOWED_QUERY: dict[int, frozenset[str]] = {}
-
-
 def _known_query_params(request: Request) -> None:
     """A query parameter the endpoint does not take is refused, naming it and what is allowed: ignored, a
     misspelt filter (`?state=open`, `?deploymnet=x`) would answer with everything, as if it had matched."""
     route = request.scope.get("route")
     if not isinstance(route, APIRoute):
         return
-    allowed = _ALLOWED_QUERY.get(id(route))
+    allowed: frozenset[str] | None = getattr(route, "_allowed_query", None)  # kept on the route, which owns it
     if allowed is None:
-        allowed = _ALLOWED_QUERY[id(route)] = frozenset(
-            p.alias for p in get_flat_dependant(route.dependant).query_params)
+        allowed = frozenset(p.alias for p in get_flat_dependant(route.dependant).query_params)
+        route._allowed_query = allowed  # type: ignore[attr-defined]
     if unknown := sorted(set(request.query_params) - allowed):
         raise HTTPException(422, detail=f"unknown query parameter(s) {', '.join(map(repr, unknown))} on "
                                         f"{route.path}; allowed: {', '.join(sorted(allowed)) or 'none'}")

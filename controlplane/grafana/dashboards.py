@@ -11,11 +11,11 @@ from controlplane import names
 from controlplane.coverage import DEFAULT_GRACE_S, DEFAULT_MIN_SERVED, DEFAULT_WINDOW_S
 from controlplane.grafana.model import DashboardSpec, Panel, Query, Row, Step, Variable
 from controlplane.grafana.promql import (
-    INTERVAL,
     RANGE,
     by_vars,
     increase,
     max_by,
+    per_step,
     quantile_of,
     rate,
     ratio,
@@ -33,8 +33,7 @@ LABEL_ACTION, LABEL_REASON = names.LABEL_ACTION, names.LABEL_REASON
 
 DEP, REP, SLO = names.LABEL_DEPLOYMENT, names.LABEL_REPLICA, names.LABEL_SLO
 FLEET = (DEP, REP)  # the fleet dashboard's variables, also the labels its queries filter on
-# Bars count events per step: over $__interval (one step, so each event lands in one bar; $__rate_interval spans
-# several steps and counted each event 2-4 times), with steps of at least 4 scrape intervals (5 s) for increase().
+# Bars count events per step (`per_step`: each event in one bar), with steps of at least 4 scrape intervals (5 s).
 BAR_MIN_INTERVAL = "20s"
 TOKENS_PER_S = "suffix: tok/s"  # Grafana's custom-unit syntax
 QUANTILES = (0.5, 0.9, 0.99)
@@ -274,7 +273,7 @@ def tuner(options: RuleOptions) -> DashboardSpec:
         Panel("Replica readiness", "state-timeline", (Query(up, f"{{{{{REP}}}}}"),), "Per replica.",
               mappings=readiness),
         Panel("Restarts", "timeseries", (Query(
-            sum_by(increase(by_vars(names.PLANE_REPLICA_RESTARTS_TOTAL, DEP, REP), INTERVAL), DEP, REP),
+            sum_by(per_step(by_vars(names.PLANE_REPLICA_RESTARTS_TOTAL, DEP, REP)), DEP, REP),
             f"{{{{{REP}}}}}"),),
               "Restarts after a crash or failed probes, per bar.", bars=True, min_interval=BAR_MIN_INTERVAL),
         Panel("Crash-looping", "state-timeline",
@@ -293,7 +292,7 @@ def tuner(options: RuleOptions) -> DashboardSpec:
               "Above 100% the tuner proposes more replicas.", unit="percentunit",
               thresholds=(Step(GOOD), Step(WARN, 0.8), Step(BAD, 1))),
         Panel("Decisions by action", "timeseries", (Query(
-            sum_by(increase(decisions, INTERVAL), DEP, LABEL_ACTION), f"{{{{{DEP}}}}} {{{{{LABEL_ACTION}}}}}"),),
+            sum_by(per_step(decisions), DEP, LABEL_ACTION), f"{{{{{DEP}}}}} {{{{{LABEL_ACTION}}}}}"),),
               "Tuner decisions per bar, by action.", bars=True, stacked=True, min_interval=BAR_MIN_INTERVAL),
         Panel("Decisions in the range", "table", (Query(
             sum_by(increase(decisions, RANGE), DEP, LABEL_ACTION, LABEL_REASON), instant=True),),

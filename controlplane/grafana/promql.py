@@ -31,6 +31,16 @@ class VarRange(Selector):
         return f"{super().render()}[{self.window}]"
 
 
+@dataclass(frozen=True)
+class VarOffset(Selector):
+    """An instant selector one Grafana variable back, e.g. `x{...} offset $__interval`."""
+
+    window: str = "$__interval"
+
+    def render(self) -> str:
+        return f"{super().render()} offset {self.window}"
+
+
 def by_vars(metric: str, *labels: str) -> Selector:
     """`metric{label=~"$label", ...}`: each label filtered by the multi-value variable of the same name."""
     return Selector(metric, tuple(Matcher(label, f"${label}", "=~") for label in labels))
@@ -46,6 +56,15 @@ def rate(sel: Selector, window: str = RATE_INTERVAL) -> Call:
 
 def increase(sel: Selector, window: str = RATE_INTERVAL) -> Call:
     return Call("increase", (VarRange(sel.metric, sel.matchers, window=window),))
+
+
+def per_step(sel: Selector) -> Binary:
+    """A counter's increase over exactly one step, for bars: what it gained since the step before (a series new in
+    the step counts whole; a reset counts nothing). increase() over a range as long as the step would miss the
+    interval between its first sample and the previous step's last, and over $__rate_interval (several steps)
+    each event lands in 2-4 bars."""
+    back = VarOffset(sel.metric, sel.matchers, window=INTERVAL)
+    return Binary("or", Call("clamp_min", (Binary("-", sel, back), Number(0))), sel)
 
 
 def sum_all(expr: Expr) -> Aggregate:

@@ -118,7 +118,10 @@ def prometheus_windows(slo: Slo, scrape_interval_s: float) -> tuple[Slo, list[st
     shortest = float(math.ceil(RATE_MIN_SCRAPES * scrape_interval_s))
     tiers, warnings = [], []
     for t in slo.alerting.windows:
-        long_s, short_s = max(t.long_s, shortest), max(t.short_s, shortest)
+        short_s = max(t.short_s, shortest)
+        # The long window stays the workbook's 12 short ones at least: equal windows would be one window, whose
+        # alert resolves the moment a gap empties it (the hold needs a long window that outlasts the short one).
+        long_s = t.long_s if short_s == t.short_s else max(t.long_s, 12 * short_s)
         if (long_s, short_s) != (t.long_s, t.short_s):
             warnings.append(f"{slo.name}: {t.severity} tier {t.burn_rate:g}x: windows {format_duration(t.long_s)}/"
                             f"{format_duration(t.short_s)} hold fewer than {RATE_MIN_SCRAPES} scrapes at "

@@ -207,11 +207,11 @@ def hold_test(slo: Slo, p: TierPlan, options: RuleOptions) -> dict[str, Any]:
     checks = (p.fires_at_s, first[0] + tier.short_s + i, first[1], first[1] + i, second[0] + tier.short_s + i,
               second[1])
     expected = [True, True, True, False, False, False]
+    thr = oracle.threshold(slo, tier)
+    if not all((traffic.window(t, tier.long_s)[0] or 0.0) > thr for t in checks[1:]):  # the premise, first
+        raise ValueError(f"{slo.name}: the long window stops burning during the hold test; the gaps prove nothing")
     if [states[tier][int(round(t / i))] for t in checks] != expected:
         raise AssertionError(f"{slo.name}: the simulation does not hold, resolve and stay resolved: {states[tier]}")
-    thr = oracle.threshold(slo, tier)
-    if not all((traffic.window(t, tier.long_s)[0] or 0.0) > thr for t in checks[1:]):
-        raise ValueError(f"{slo.name}: the long window stops burning during the hold test; the gaps prove nothing")
     if any(oracle.margin(slo, w, traffic, t) <= MIN_MARGIN for w in tiers for t in checks):
         raise ValueError(f"{slo.name}: the hold test's checks fall on a threshold tie at interval {i:g} s")
     return {

@@ -19,8 +19,9 @@ import pytest
 import yaml
 
 from controlplane import names
+from controlplane.grafana.dashboards import tuner
 from controlplane.slo.options import RuleOptions
-from controlplane.slo.render import stale
+from controlplane.slo.render import build, stale
 from controlplane.slo.rules import slo_rules
 from tests.conftest import free_port
 from tests.unit.slo.rule_factories import make_slo
@@ -177,10 +178,13 @@ def test_a_one_hour_slo_pages_at_a_15_s_scrape_because_its_windows_are_widened(p
                                                                                tmp_path: Path) -> None:
     """A 1-hour window scales the 14.4x tier to 12 s / 1 s windows: rate() over them is empty at any real scrape
     interval, so the page could never fire (this test fails so when rendered without the widening). Rendered for
-    a 15 s scrape they are 1m / 1m; with every request bad, scraped every 15 s, it pages within minutes."""
+    a 15 s scrape they are 12m / 1m; with every request bad, scraped every 15 s, it pages within minutes. The whole
+    render (rules, generated promtool tests, runbooks) goes through too."""
     slo = make_slo("hour", objective=0.99, window_days=1 / 24, ticket=False)
     rules = slo_rules([slo], RuleOptions(scrape_interval_s=15.0))
-    assert any("hold fewer than 4 scrapes at 15s; the Prometheus rules use 1m/1m" in w for w in rules.warnings)
+    assert any("hold fewer than 4 scrapes at 15s; the Prometheus rules use 12m/1m" in w for w in rules.warnings)
+    files, _ = build([slo], RuleOptions(scrape_interval_s=15.0))
+    assert "rules/slo-hour.rules.yaml" in files
     (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules.to_dict()))
     hist, labels = names.VLLM_TTFT_HIST, '{deployment="tiny", le="%s"}'
     test = {"rule_files": ["rules.yaml"], "evaluation_interval": "15s", "tests": [{
@@ -193,7 +197,7 @@ def test_a_one_hour_slo_pages_at_a_15_s_scrape_because_its_windows_are_widened(p
         "promql_expr_test": [{
             "expr": f'count(ALERTS{{alertname="{names.ALERT_SLO_BURN_PAGE}", alertstate="firing", '
                     f'burn_rate="14.4"}})',
-            "eval_time": "5m", "exp_samples": [{"labels": "{}", "value": 1}]}],
+            "eval_time": "15m", "exp_samples": [{"labels": "{}", "value": 1}]}],
     }]}
     (tmp_path / "hour.test.yaml").write_text(yaml.safe_dump(test))
     result = run(prometheus_tools["promtool"], "test", "rules", "hour.test.yaml", cwd=tmp_path)
@@ -221,4 +225,31 @@ def test_an_slo_whose_series_are_absent_gets_a_no_data_ticket_unless_scaled_to_z
             "tests": [case(unlabelled, True), case(labelled, False), case(scaled_to_zero, False)]}
     (tmp_path / "nodata.test.yaml").write_text(yaml.safe_dump(test))
     result = run(prometheus_tools["promtool"], "test", "rules", "nodata.test.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_bar_panel_counts_each_event_in_exactly_one_bar(prometheus_tools: dict[str, str], tmp_path: Path) -> None:
+    """The tuner dashboard's Restarts bars at 20 s steps: a restart scraped between two steps' windows (at 25 s)
+    lands in one bar (increase over the step's own 20 s missed it; over $__rate_interval it landed in several),
+    and a replica whose counter first appears mid-range (at 60 s) counts whole, in its bar only."""
+    (restarts,) = [p for row in tuner(RuleOptions()).rows for p in row.panels if p.title == "Restarts"]
+    expr = (restarts.queries[0].expr.render().replace("$__interval", "20s")
+            .replace('=~"$deployment"', '=~".*"').replace('=~"$replica"', '=~".*"'))
+    metric = names.PLANE_REPLICA_RESTARTS_TOTAL
+
+    def bar(replica: str, t: int, value: int) -> dict[str, object]:
+        return {"expr": f'({expr}) and on(replica) {metric}{{replica="{replica}"}}', "eval_time": f"{t}s",
+                "exp_samples": [{"labels": f'{{deployment="tiny", replica="{replica}"}}', "value": value}]}
+
+    test = {"rule_files": [], "evaluation_interval": "5s", "tests": [{
+        "interval": "5s",
+        "input_series": [
+            {"series": f'{metric}{{deployment="tiny", replica="tiny-0"}}', "values": "0x4 1x16"},
+            {"series": f'{metric}{{deployment="tiny", replica="tiny-1"}}', "values": "_x11 1x8"},
+        ],
+        "promql_expr_test": [*(bar("tiny-0", t, int(t == 40)) for t in (20, 40, 60, 80, 100)),
+                             *(bar("tiny-1", t, int(t == 60)) for t in (60, 80, 100))],
+    }]}
+    (tmp_path / "bars.test.yaml").write_text(yaml.safe_dump(test))
+    result = run(prometheus_tools["promtool"], "test", "rules", "bars.test.yaml", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -3,7 +3,14 @@ from pathlib import Path
 import pytest
 
 from collectors.promtext import parse
-from collectors.vllm_metrics import CounterState, adjust_counters, canonical_name, read_engine, sum_series
+from collectors.vllm_metrics import (
+    CounterState,
+    adjust_counters,
+    canonical_name,
+    counter_totals,
+    read_engine,
+    sum_series,
+)
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
@@ -100,6 +107,16 @@ def test_a_series_missing_from_a_scrape_is_carried_so_the_sum_neither_falls_nor_
     # A scrape with no series of the field at all says nothing of it: unknown, not the old total held flat.
     out, state, _ = adjust_counters({"other{}": 1.0}, state)
     assert sum_series(out, ["ok"])["ok"] is None
+    # After a restart an engine that makes its error series on first use has none yet: the stored errors carry on
+    # (5), not 0 until the first error and then 6 (a window starting on the 0 would count 6 errors for 1).
+    state = CounterState()
+    seen = []
+    for raw, start in [({"request_success_total{r=stop}": 100.0, "request_errors_total{r=abort}": 5.0}, 1.0),
+                       ({"request_success_total{r=stop}": 3.0}, 2.0), ({"request_success_total{r=stop}": 10.0}, 2.0),
+                       ({"request_success_total{r=stop}": 12.0, "request_errors_total{r=abort}": 1.0}, 2.0)]:
+        out, state, _ = adjust_counters(raw, state, start)
+        seen.append(counter_totals(out)["request_errors_total"])
+    assert seen == [5.0, 5.0, 5.0, 6.0]
 
 
 def test_a_restart_the_counters_outran_between_two_scrapes_is_caught_by_the_process_start_time() -> None:

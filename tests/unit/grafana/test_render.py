@@ -120,7 +120,7 @@ def test_event_bars_count_each_event_once() -> None:
     assert len(bars) >= 2
     for p in bars:
         assert p.min_interval == "20s", p.title
-        assert all("[$__interval]" in q.expr.render() and "$__rate_interval" not in q.expr.render()
+        assert all("offset $__interval" in q.expr.render() and "$__rate_interval" not in q.expr.render()
                    for q in p.queries), p.title
     tuner = json.loads((REPO / "dashboards" / "grafana" / "dashboards" / "tuner.json").read_text())
     assert sorted(p["interval"] for p in tuner["panels"] if "interval" in p) == ["20s", "20s"]
