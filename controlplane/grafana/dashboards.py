@@ -72,8 +72,9 @@ def vllm_fleet(options: RuleOptions) -> DashboardSpec:
               "Requests queued in the engines now.", width=5, height=5,
               thresholds=(Step(GOOD), Step(WARN, 1), Step(BAD, 10))),
         Panel("Simulated replicas", "stat",
+              # 0 only while replicas are scraped at all: with none, "no data", not "every replica is real".
               (Query(Binary("or", Aggregate("count", by_vars(names.SIM_ENGINE_INFO, *FLEET)),
-                            Call("vector", (Number(0),)))),),
+                            Binary("*", Aggregate("count", by_vars(names.VLLM_NUM_RUNNING, *FLEET)), Number(0)))),),
               f"Replicas whose engine is simulated ({names.SIM_ENGINE_INFO}): their latencies, tokens and KV usage on "
               "this dashboard come from the performance model, not from hardware. 0: every replica is real.",
               width=4, height=5, mappings=(Step(GOOD, 0, "none"),), thresholds=(Step(GOOD), Step(WARN, 1))),

@@ -246,10 +246,14 @@ def sli_series(slo: Slo) -> Selector:
 def no_data_alert(slo: Slo, options: RuleOptions) -> AlertRule:
     """The SLO's series are absent: its burn-rate alerts can never fire, whatever the requests see. Without this
     a Prometheus that scrapes the replicas without a `deployment` label, or not at all, pages nobody, ever.
-    Quiet while the plane reports the deployment scaled to 0 on purpose."""
+    Quiet while the plane reports the deployment scaled to 0 on purpose, or no replica of it ready."""
     sel = sli_series(slo)
     desired = Aggregate("sum", Selector(names.PLANE_DESIRED_REPLICAS, (_dep(slo),)))
-    expr = Binary("unless", Call("absent", (sel,)), Binary("==", desired, Number(0)), on=())
+    ready = Aggregate("max", Selector(names.PLANE_REPLICA_UP, (_dep(slo),)))
+    # Quiet while the plane reports the deployment scaled to 0, or none of its replicas ready yet (a model that
+    # loads for longer than the alert's `for` serves no /metrics): the deployment-down alerts cover those.
+    expr = Binary("unless", Binary("unless", Call("absent", (sel,)), Binary("==", desired, Number(0)), on=()),
+                  Binary("==", ready, Number(0)), on=())
     dep = slo.deployment
     return AlertRule(
         names.ALERT_SLO_NO_DATA, expr,
@@ -257,8 +261,9 @@ def no_data_alert(slo: Slo, options: RuleOptions) -> AlertRule:
          (names.LABEL_SEVERITY, "ticket")),
         (("summary", f"SLO {slo.name} has no data in Prometheus: its burn-rate alerts cannot fire"),
          ("description", f"No {sel.metric} series with deployment=\"{dep}\" for {format_duration(NO_DATA_FOR_S)}, "
-                         f"though the plane does not report {dep} scaled to 0. Check that Prometheus scrapes its "
-                         "replicas with a `deployment` target label (deploy/prometheus.yml) and that they are up."),
+                         f"though the plane reports {dep} neither scaled to 0 nor without a ready replica. Check that "
+                         "Prometheus scrapes its replicas with a `deployment` target label (deploy/prometheus.yml) "
+                         "and that they are up."),
          ("runbook_url", slo.runbook_url or runbook_url(options, names.ALERT_SLO_NO_DATA))),
         NO_DATA_FOR_S)
 

@@ -42,7 +42,8 @@ def runbooks_markdown(slos: Sequence[Slo], options: RuleOptions) -> str:
                 lines.append(f"| {slo.name} ({slo.deployment}) | {bad_requests_text(slo)} | {', '.join(tiers)} |")
         lines += ["", _BURN_STEPS, ""]
     lines += [f"## {names.ALERT_SLO_NO_DATA}", "", "Severity ticket. An SLO's series are absent from Prometheus for "
-              "10 minutes while the plane does not report its deployment scaled to 0: its burn-rate alerts cannot "
+              "10 minutes while the plane reports its deployment neither scaled to 0 nor without a ready replica: its "
+              "burn-rate alerts cannot "
               "fire, so the SLO is unwatched.", "",
               "Check that Prometheus scrapes the deployment's replicas (`up`), that the targets carry a `deployment` "
               "label (and `replica`), as `deploy/prometheus.yml` sets them, and that the replicas serve `/metrics`. "

@@ -123,9 +123,9 @@ class Recommendations:
         outcome = {k: v for k, v in (current["outcome"] or {}).items() if k != "applying_since_unix_s"}
         outcome["last_refused"] = {"at_unix_s": now, "error": note}
         with self.engine.begin() as conn:
-            newer = conn.execute(select(Recommendation.id).where(
+            newer = conn.execute(select(Recommendation.id).where(  # still standing: open, or applied since
                 Recommendation.deployment == current["deployment"], Recommendation.kind == current["kind"],
-                Recommendation.id > rid).limit(1)).first()
+                Recommendation.id > rid, Recommendation.status.in_((OPEN, APPLIED))).limit(1)).first()
             values: dict[str, Any] = ({"status": SUPERSEDED, "decided_unix_s": now, "decided_by": "tuner"}
                                       if newer is not None else
                                       {"status": OPEN, "decided_unix_s": None, "decided_by": None})

@@ -207,7 +207,8 @@ def test_a_one_hour_slo_pages_at_a_15_s_scrape_because_its_windows_are_widened(p
 def test_an_slo_whose_series_are_absent_gets_a_no_data_ticket_unless_scaled_to_zero(
         prometheus_tools: dict[str, str], tmp_path: Path) -> None:
     """Replicas scraped without a `deployment` label (or not at all): every burn rule of the SLO is empty and no page
-    can fire, so the no-data ticket must. Not while the plane reports the deployment scaled to 0."""
+    can fire, so the no-data ticket must, also while the plane reports a replica ready. Not while the plane reports
+    the deployment scaled to 0, or its replicas still starting (a long model load serves no /metrics)."""
     hist = names.VLLM_TTFT_HIST
     no_data = f'count(ALERTS{{alertname="{names.ALERT_SLO_NO_DATA}", alertstate="firing", slo="tiny-ttft"}})'
     burn_page = f'count(ALERTS{{alertname="{names.ALERT_SLO_BURN_PAGE}", slo="tiny-ttft"}})'
@@ -221,8 +222,14 @@ def test_an_slo_whose_series_are_absent_gets_a_no_data_ticket_unless_scaled_to_z
                   {"series": f'{hist}_bucket{{replica="tiny-0", le="+Inf"}}', "values": "0+30x60"}]
     labelled = [{"series": f'{hist}_count{{deployment="tiny", replica="tiny-0"}}', "values": "0+30x60"}]
     scaled_to_zero = [{"series": f'{names.PLANE_DESIRED_REPLICAS}{{deployment="tiny"}}', "values": "0x60"}]
+    starting = [{"series": f'{names.PLANE_DESIRED_REPLICAS}{{deployment="tiny"}}', "values": "1x60"},
+                {"series": f'{names.PLANE_REPLICA_UP}{{deployment="tiny", replica="tiny-0"}}', "values": "0x60"}]
+    serving = [{"series": f'{names.PLANE_DESIRED_REPLICAS}{{deployment="tiny"}}', "values": "1x60"},
+               {"series": f'{names.PLANE_REPLICA_UP}{{deployment="tiny", replica="tiny-0"}}', "values": "1x60"},
+               *unlabelled]
     test = {"rule_files": [str(ALERTS / "rules" / "slo-tiny-ttft.rules.yaml")], "evaluation_interval": "15s",
-            "tests": [case(unlabelled, True), case(labelled, False), case(scaled_to_zero, False)]}
+            "tests": [case(unlabelled, True), case(labelled, False), case(scaled_to_zero, False),
+                      case(starting, False), case(serving, True)]}
     (tmp_path / "nodata.test.yaml").write_text(yaml.safe_dump(test))
     result = run(prometheus_tools["promtool"], "test", "rules", "nodata.test.yaml", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -49,8 +49,9 @@ def test_a_ttft_slo_records_requests_and_bad_ratio_per_window_and_pages_on_both(
             'and on () ALERTS{alertname="VllmSloErrorBudgetBurnPage", alertstate="firing", slo="t", deployment="tiny", '
             'sli="ttft", severity="page", long_window="1h", short_window="5m", burn_rate="14.4"})',
         names.ALERT_SLO_NO_DATA:  # the series are gone (or unlabelled): nothing above could ever fire
-            'absent(vllm:time_to_first_token_seconds_count{deployment="tiny"}) unless on () '
-            '(sum (controlplane_deployment_desired_replicas{deployment="tiny"}) == 0)',
+            '(absent(vllm:time_to_first_token_seconds_count{deployment="tiny"}) unless on () '
+            '(sum (controlplane_deployment_desired_replicas{deployment="tiny"}) == 0)) unless on () '
+            '(max (controlplane_replica_up{deployment="tiny"}) == 0)',
     }
     assert all(r.to_dict()["labels"] == {"slo": "t", "deployment": "tiny"} for r in burn.rules[:-2])
     assert budget.name == "slo-t-budget" and budget.interval_s == 300
