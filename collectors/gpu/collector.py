@@ -123,6 +123,9 @@ class GpuCollector:
         if self._nvml is None:
             reason = await asyncio.to_thread(self._init_nvml)
             if reason is not None:
+                if self._available:  # it worked before (a driver reload in progress?): unknown now, try again
+                    self._failed(f"NVML could not be started again ({reason}); GPU readings unknown")
+                    return []
                 self._available = False
                 self._log.info("no NVIDIA GPU found on this host (%s); GPU telemetry disabled", reason)
                 return []
@@ -132,6 +135,13 @@ class GpuCollector:
             rows = await asyncio.to_thread(read_nvml, nvml, ts, self._host)
         except nvml.NVMLError as exc:
             self._failed(f"NVML read failed: {exc}; GPU readings unknown")
+            # After a driver reload (NVML_ERROR_UNINITIALIZED, DRIVER_NOT_LOADED) this NVML session stays dead:
+            # it is shut down and started again next round, rather than failing until the plane restarts.
+            self._nvml = None
+            try:
+                await asyncio.to_thread(nvml.nvmlShutdown)
+            except Exception as shutdown_exc:  # noqa: BLE001 - the session is being dropped anyway
+                self._log.debug("nvmlShutdown failed: %s", shutdown_exc)
             return []
         blind = [r["gpu_index"] for r in rows if r["uuid"] is None and r["util_ratio"] is None
                  and r["fb_used_bytes"] is None]

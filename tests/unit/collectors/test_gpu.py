@@ -487,3 +487,36 @@ def test_real_nvml_readings_are_in_sane_ranges() -> None:
         assert row["power_w"] > 0
         assert 0 < row["temp_c"] < 120
         assert row["sm_clock_mhz"] > 0
+
+
+def test_after_a_driver_reload_nvml_is_started_again_not_failing_until_the_plane_restarts() -> None:
+    class Reloaded(FakeNvml):
+        dead = False  # the driver was reloaded: this NVML session answers Uninitialized for ever
+
+        def nvmlDeviceGetCount(self) -> int:
+            if self.dead:
+                raise FakeNVMLError("Uninitialized")
+            return self.count
+
+        def nvmlInit(self) -> None:
+            super().nvmlInit()
+            self.dead = False
+
+    fake = Reloaded()
+    written: list[list[dict[str, Any]]] = []
+    collector = GpuCollector(written.append, dcgm_url=None, client=None, nvml_module=fake, clock=lambda: TS,
+                             host="box-1")
+
+    async def go() -> list[int]:
+        counts = [len(await collector.collect_once())]
+        fake.dead = True
+        counts.append(len(await collector.collect_once()))  # that round's readings are unknown: no rows
+        fake.init_error = "Driver Not Loaded"  # still reloading: unknown again, and not given up
+        counts.append(len(await collector.collect_once()))
+        fake.init_error = None
+        counts.append(len(await collector.collect_once()))  # started again
+        await collector.aclose()
+        return counts
+
+    assert asyncio.run(go()) == [2, 0, 0, 2]
+    assert collector.available is True and fake.init_calls == 3
