@@ -278,6 +278,8 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
         _check_window(since, until)
         rows = queries.actions(store.engine, deployment=deployment, actor=actor, since=since, until=until,
                                limit=limit)
+        if not rows and deployment is not None:
+            _known_deployment(deployment)
         return {"count": len(rows), "items": rows}
 
     @app.get("/api/v1/events")
@@ -348,6 +350,12 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
 
     recs = Recommendations(store.engine)
 
+    def _known_deployment(name: str) -> None:
+        try:
+            queries.check_deployment_known(store.engine, name)
+        except queries.NotFound as exc:
+            raise HTTPException(404, detail=str(exc)) from None
+
     def _rec_call(fn: Any, *args: Any, **kw: Any) -> dict[str, Any]:
         try:
             out: dict[str, Any] = fn(*args, **kw)
@@ -387,12 +395,14 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
         return _search_call(lambda s, i: s.get(i), sid)
 
     @app.get("/api/v1/recommendations")
-    def recommendations(deployment: Annotated[str | None, Query(max_length=50, pattern=NO_CONTROL)] = None,
+    def recommendations(deployment: DeploymentQ = None,
                         status: Annotated[str | None, Query(pattern=r"^(open|applied|dismissed|superseded|"
                                                                     r"rolled_back|failed)$")] = None,
                         limit: Limit = 100) -> dict[str, Any]:
         """Proposed changes, newest first, each with its evidence (inputs, predicted effect, comparison)."""
         items = recs.list(deployment=deployment, status=status, limit=limit)
+        if not items and deployment is not None:
+            _known_deployment(deployment)
         return {"count": len(items), "items": items}
 
     @app.get("/api/v1/recommendations/{rid}")

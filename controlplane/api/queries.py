@@ -22,6 +22,7 @@ from controlplane.store.models import (
     EngineSample,
     GpuSample,
     LifecycleEvent,
+    Recommendation,
     Replica,
     ReplicaConfig,
     Request,
@@ -111,9 +112,10 @@ def actions(
     if until is not None:
         stmt = stmt.where(e.ts_unix_s < until)
     if deployment is not None:
-        # The API admits only [a-z0-9-] names, so the LIKE pattern has no wildcard in it.
+        # The message's own prefix, compared exactly: LIKE ignores case on SQLite and not on PostgreSQL.
+        prefix = f"{deployment}: "
         stmt = stmt.where(or_(Deployment.name == deployment, attr_dep == deployment,
-                              and_(e.replica_id.is_(None), e.message.like(f"{deployment}: %"))))
+                              and_(e.replica_id.is_(None), func.substr(e.message, 1, len(prefix)) == prefix)))
     stmt = stmt.order_by(e.ts_unix_s.desc(), e.id.desc()).limit(limit)
     with engine.connect() as conn:
         rows = [dict(r._mapping) for r in conn.execute(stmt)]
@@ -124,6 +126,17 @@ def actions(
             m = _MESSAGE_DEPLOYMENT.match(r["message"] or "") if rid is None else None
             r["deployment"] = attr if attr is not None else (m.group(1) if m else None)
     return rows
+
+
+def check_deployment_known(engine: Engine, deployment: str) -> None:
+    """NotFound naming the deployments the store knows (its deployments and those of its recommendations) when
+    `deployment` is none of them: a filter on a misspelt name would answer with an empty list, as if nothing
+    had happened to it."""
+    with engine.connect() as conn:
+        known = set(conn.scalars(select(Deployment.name))) | set(conn.scalars(
+            select(Recommendation.deployment).distinct()))
+    if deployment not in known:
+        raise NotFound(f"unknown deployment {deployment!r}; known: {', '.join(sorted(known)) or 'none'}")
 
 
 # --- SLO history -------------------------------------------------------------------------------------------

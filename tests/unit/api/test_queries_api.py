@@ -151,7 +151,6 @@ def test_the_audit_log_lists_people_tuner_and_supervisor_never_observations(api:
 @pytest.mark.parametrize(("params", "kinds"), [
     ({"deployment": "tiny"}, ["autoscale_decision", "replica_ready", "scale"]),
     ({"deployment": "other"}, ["deployment_started"]),
-    ({"deployment": "nope"}, []),
     ({"actor": "user"}, ["scale"]),
     ({"actor": "tuner", "deployment": "tiny"}, ["autoscale_decision"]),
     ({"since": BASE + 15, "until": BASE + 35}, ["autoscale_decision", "replica_ready"]),
@@ -347,3 +346,23 @@ def test_a_query_parameter_the_endpoint_does_not_take_is_named_not_ignored(api: 
     assert r.status_code == 422 and named in r.json()["detail"], r.text
     assert "allowed:" in r.json()["detail"]
     assert api.get(path).status_code == 200  # the same endpoint without it answers
+
+
+@pytest.mark.parametrize("path", ["/api/v1/recommendations", "/api/v1/actions"])
+def test_a_filter_on_a_deployment_the_store_does_not_know_is_a_404_naming_the_known(api: TestClient,
+                                                                                    path: str) -> None:
+    r = api.get(path, params={"deployment": "tinny"})
+    assert r.status_code == 404 and r.json()["detail"].startswith("unknown deployment 'tinny'; known: ")
+    assert "tiny" in r.json()["detail"]
+    assert api.get(path, params={"deployment": "tiny"}).status_code == 200
+    assert api.get(path, params={"deployment": "TINY"}).status_code == 422  # names are [a-z0-9-], as on /actions
+
+
+def test_the_audit_logs_deployment_prefix_is_matched_exactly_on_both_stores(store: Store) -> None:
+    from controlplane.api.queries import actions
+
+    store.record_event(None, "scale", actor="supervisor", reason="r", message="TINY: shouted")
+    store.record_event(None, "scale", actor="supervisor", reason="r", message="tiny: said")
+    store.record_event(None, "scale", actor="supervisor", reason="r", message="tiny-2: another")
+    assert [a["message"] for a in actions(store.engine, deployment="tiny", actor=None, since=None, until=None,
+                                          limit=10)] == ["tiny: said"]
