@@ -286,19 +286,25 @@ class CostCollector(Collector):
     `> budget` alert stays silent instead of seeing a zero; a failed read is logged and yields nothing.
     """
 
-    def __init__(self, source: UsageSource, *, window_s: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, source: UsageSource, *, window_s: float, lag_s: float = 0.0,
+                 clock: Callable[[], float] = time.time) -> None:
         if not window_s > 0:
             raise ValueError(f"window_s must be positive, got {window_s}")
+        if not lag_s >= 0:
+            raise ValueError(f"lag_s must be >= 0, got {lag_s}")
         self.source = source
         self.window_s = window_s
+        # The window ends this long before now: the time since a replica's last scrape is not known up yet, so a
+        # window ending now counted up to one scrape interval of it as not up ($/hour ~1.7 % low at 5 s / 300 s).
+        self.lag_s = lag_s
         self.clock = clock
 
     def describe(self) -> Iterator[Metric]:
         return iter(())
 
     def collect(self) -> Iterator[Metric]:
-        now = self.clock()
-        edges = np.array([now - self.window_s, now], dtype=np.float64)
+        end = self.clock() - self.lag_s
+        edges = np.array([end - self.window_s, end], dtype=np.float64)
         try:
             usages = list(self.source(edges))
         except Exception:  # noqa: BLE001 - a failed cost read must not break the plane's /metrics

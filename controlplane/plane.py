@@ -135,7 +135,7 @@ class Plane:
             gap = max(cost.DEFAULT_MAX_GAP_S, 3 * s.scrape_interval_s)  # a replica is "up" between close scrapes
             self.registry.register(cost.CostCollector(
                 cost_source(self.engine, watched_price=s.watched_price_per_replica_hour_usd, max_gap_s=gap),
-                window_s=s.cost_interval_s * 5))
+                window_s=s.cost_interval_s * 5, lag_s=2 * s.scrape_interval_s))
             self.registry.register(coverage.SpanCoverageCollector(partial(coverage.span_coverage, self.engine)))
             if self.monitor is not None:
                 self.alerter = await asyncio.to_thread(

@@ -269,3 +269,15 @@ def test_replicas_stopped_before_the_window_cost_no_queries_per_replica(sqlite_s
     (watched,) = cost_usage(store.engine, np.array([3100.0, 3600.0]), watched_price=3.6)
     assert len(statements) < 20
     assert cost.totals(watched).usd == pytest.approx(0.5)  # the live replica's 500 s at $3.60/h
+
+
+def test_the_collectors_window_ends_before_the_last_scrape_so_the_hour_rate_is_whole() -> None:
+    # Scraped every 5 s, the last time 4 s ago: a window ending now leaves those 4 s out of the up time.
+    replica = cost.Samples.from_rows(steady(0, 995, every_s=5.0))
+
+    def source(edges: cost.FloatArray) -> Sequence[cost.Usage]:
+        return [cost.usage("tiny", 3.6, [replica], edges)]
+
+    rate = f'{names.PLANE_COST_USD_PER_HOUR}{{deployment="tiny"}}'
+    assert f"{rate} 3.6\n" in _scrape(cost.CostCollector(source, window_s=300, lag_s=10, clock=lambda: 999.0))
+    assert f"{rate} 3.6\n" not in _scrape(cost.CostCollector(source, window_s=300, clock=lambda: 999.0))
