@@ -128,6 +128,10 @@ def actions(
     return rows
 
 
+def _unknown_deployment(name: str, known: Sequence[str]) -> NotFound:
+    return NotFound(f"unknown deployment {name!r}; known: {', '.join(known) or 'none'}")
+
+
 def check_deployment_known(engine: Engine, deployment: str) -> None:
     """NotFound naming the deployments the store knows (its deployments and those of its recommendations) when
     `deployment` is none of them: a filter on a misspelt name would answer with an empty list, as if nothing
@@ -136,7 +140,7 @@ def check_deployment_known(engine: Engine, deployment: str) -> None:
         known = set(conn.scalars(select(Deployment.name))) | set(conn.scalars(
             select(Recommendation.deployment).distinct()))
     if deployment not in known:
-        raise NotFound(f"unknown deployment {deployment!r}; known: {', '.join(sorted(known)) or 'none'}")
+        raise _unknown_deployment(deployment, sorted(known))
 
 
 # --- SLO history -------------------------------------------------------------------------------------------
@@ -219,7 +223,7 @@ def _cost_groups(engine: Engine, watched_price: float | None,
         groups = [g for g in groups if g[0] == deployment]
         if not groups:
             known = [n for _, n, _ in deps] + ([cost.WATCHED] if watched else [])
-            raise NotFound(f"unknown deployment {deployment!r}; known: {', '.join(known) or 'none'}")
+            raise _unknown_deployment(deployment, known)
     return groups
 
 

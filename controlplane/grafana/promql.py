@@ -35,7 +35,7 @@ class VarRange(Selector):
 class VarOffset(Selector):
     """An instant selector one Grafana variable back, e.g. `x{...} offset $__interval`."""
 
-    window: str = "$__interval"
+    window: str = INTERVAL
 
     def render(self) -> str:
         return f"{super().render()} offset {self.window}"
@@ -63,7 +63,7 @@ def per_step(sel: Selector) -> Binary:
     the step counts whole; a reset counts nothing). increase() over a range as long as the step would miss the
     interval between its first sample and the previous step's last, and over $__rate_interval (several steps)
     each event lands in 2-4 bars."""
-    back = VarOffset(sel.metric, sel.matchers, window=INTERVAL)
+    back = VarOffset(sel.metric, sel.matchers)
     return Binary("or", Call("clamp_min", (Binary("-", sel, back), Number(0))), sel)
 
 

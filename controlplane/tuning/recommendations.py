@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Connection, Engine, insert, select, update
 
 from controlplane.store.models import Recommendation
 
@@ -98,13 +98,20 @@ class Recommendations:
         if outcome is not None:
             values["outcome"] = {**(current["outcome"] or {}), **dict(outcome)}
         with self.engine.begin() as conn:
-            changed = conn.execute(update(Recommendation).where(
-                Recommendation.id == rid, Recommendation.status == current["status"],
-                Recommendation.decided_unix_s.is_(None) if current["decided_unix_s"] is None
-                else Recommendation.decided_unix_s == current["decided_unix_s"]).values(**values)).rowcount
-        if changed != 1:
+            changed = self._set_if_unchanged(conn, current, values)
+        if not changed:
             raise self._refusal(rid, self.get(rid)["status"], status, expect, raced=True)
         return self.get(rid)
+
+    @staticmethod
+    def _set_if_unchanged(conn: Connection, current: Mapping[str, Any], values: Mapping[str, Any]) -> bool:
+        """Update the row to `values` only while it still holds the status and decision time of `current`
+        (compare-and-set); whether it did."""
+        decided = Recommendation.decided_unix_s
+        return bool(conn.execute(update(Recommendation).where(
+            Recommendation.id == current["id"], Recommendation.status == current["status"],
+            decided.is_(None) if current["decided_unix_s"] is None else decided == current["decided_unix_s"])
+            .values(**values)).rowcount == 1)
 
     def claim(self, rid: int, *, by: str) -> dict[str, Any]:
         """Mark an open recommendation applied before acting on it, so nobody else applies, dismisses or
@@ -129,11 +136,8 @@ class Recommendations:
             values: dict[str, Any] = ({"status": SUPERSEDED, "decided_unix_s": now, "decided_by": "tuner"}
                                       if newer is not None else
                                       {"status": OPEN, "decided_unix_s": None, "decided_by": None})
-            changed = conn.execute(update(Recommendation).where(
-                Recommendation.id == rid, Recommendation.status == APPLIED,
-                Recommendation.decided_unix_s == current["decided_unix_s"]).values(outcome=outcome,
-                                                                                   **values)).rowcount
-        if changed != 1:
+            changed = self._set_if_unchanged(conn, current, {"outcome": outcome, **values})
+        if not changed:
             raise self._refusal(rid, self.get(rid)["status"], OPEN, (APPLIED,), raced=True)
         return self.get(rid)
 
