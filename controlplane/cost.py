@@ -12,6 +12,11 @@ An interval whose counter drops (the adjustment offset was lost with a plane res
 such a silence is unknown, never read as negative or zero tokens (as in `slo.counters`), and so are the
 tokens of every step it overlaps: the step's cost bought tokens nobody counted.
 
+A replica the plane launched is billed from its launch to its first sample as well: its hardware is held
+while it loads the model, and it serves nothing then, so those seconds are up time with zero tokens (the
+scraper only starts on a replica once it is ready, so without this start-up cost nothing, and each scale-up
+read cheaper than it was).
+
 Unknown stays unknown: no price gives null costs, a step without any counter reading gives null
 tokens, and a step without tokens gives a null $/1M (never 0, never infinity). The store-facing
 reads live in `controlplane.api.queries`; the Prometheus collector here takes them as a callable.
@@ -82,21 +87,47 @@ class Samples:
     scrape_ok: BoolArray
     prompt_tokens_total: FloatArray
     generation_tokens_total: FloatArray
+    # (launch, end) of a launched replica's start-up: billed, serving nothing. It ends at the first sample,
+    # or, without any, when the replica stopped or failed (inf while it still starts).
+    starting: tuple[float, float] | None = None
 
     @classmethod
-    def from_rows(cls, rows: Iterable[tuple[float, bool, float | None, float | None]]) -> Samples:
-        """From (ts_unix_s, scrape_ok, prompt_tokens_total, generation_tokens_total) rows, any order."""
+    def from_rows(cls, rows: Iterable[tuple[float, bool, float | None, float | None]], *,
+                  launched_unix_s: float | None = None, ended_unix_s: float | None = None) -> Samples:
+        """From (ts_unix_s, scrape_ok, prompt_tokens_total, generation_tokens_total) rows, any order.
+        `launched_unix_s`: when the plane launched the replica (None: one it only watches); `ended_unix_s`:
+        when it stopped for good (None: it has not)."""
         rows = sorted(rows, key=lambda r: r[0])
+        starting = None
+        if launched_unix_s is not None:
+            end = float(rows[0][0]) if rows else math.inf if ended_unix_s is None else float(ended_unix_s)
+            starting = (float(launched_unix_s), end) if end > launched_unix_s else None
         return cls(
             np.array([float(r[0]) for r in rows], dtype=np.float64),
             np.array([bool(r[1]) for r in rows], dtype=np.bool_),
             np.array([np.nan if r[2] is None else float(r[2]) for r in rows], dtype=np.float64),
             np.array([np.nan if r[3] is None else float(r[3]) for r in rows], dtype=np.float64),
+            starting,
         )
 
 
+def starting_seconds(s: Samples, edges: FloatArray) -> FloatArray:
+    """Seconds of each step inside the replica's start-up (see `Samples.starting`)."""
+    if s.starting is None:
+        return np.zeros(len(edges) - 1)
+    lo, hi = s.starting
+    out: FloatArray = np.maximum(0.0, np.minimum(edges[1:], hi) - np.maximum(edges[:-1], lo))
+    return out
+
+
 def up_seconds(s: Samples, edges: FloatArray, max_gap_s: float = DEFAULT_MAX_GAP_S) -> FloatArray:
-    """Seconds the replica was up in each step [edges[i], edges[i+1])."""
+    """Seconds the replica was up (billed) in each step [edges[i], edges[i+1]): between two successful
+    scrapes, and during its start-up."""
+    return _serving_seconds(s, edges, max_gap_s) + starting_seconds(s, edges)
+
+
+def _serving_seconds(s: Samples, edges: FloatArray, max_gap_s: float) -> FloatArray:
+    """Seconds between two successful scrapes at most `max_gap_s` apart, per step."""
     return _seconds_where(s, edges, max_gap_s, lambda ok0, ok1, silent: ok0 & ok1 & ~silent)
 
 
@@ -171,21 +202,22 @@ class Usage:
 def usage(deployment: str, price: float | None, replicas: Sequence[Samples], edges: FloatArray,
           max_gap_s: float = DEFAULT_MAX_GAP_S) -> Usage:
     """Sum the replicas of a deployment step by step. A step's tokens are known when some replica's are
-    and no replica that was up in it (whose time is billed) has unknown tokens there: its tokens are
-    part of what the step's cost bought, so leaving them out would overstate the $/1M."""
+    and no replica that served in it (whose time is billed) has unknown tokens there: its tokens are
+    part of what the step's cost bought, so leaving them out would overstate the $/1M. A replica
+    starting up in a step served none there, a known zero."""
     n = len(edges) - 1
     up, unknown = np.zeros(n), np.zeros(n)
     tokens = {"p": (np.zeros(n), np.zeros(n, dtype=np.bool_)), "g": (np.zeros(n), np.zeros(n, dtype=np.bool_))}
     missing = {"p": np.zeros(n, dtype=np.bool_), "g": np.zeros(n, dtype=np.bool_)}
     for s in replicas:
-        replica_up = up_seconds(s, edges, max_gap_s)
-        up += replica_up
+        serving, starting = _serving_seconds(s, edges, max_gap_s), starting_seconds(s, edges)
+        up += serving + starting
         unknown += unknown_seconds(s, edges, max_gap_s)
         for key, series in (("p", s.prompt_tokens_total), ("g", s.generation_tokens_total)):
             inc, known = counter_increase(s.ts_unix_s, series, edges, max_gap_s)
             acc, acc_known = tokens[key]
-            tokens[key] = (acc + inc, acc_known | known)
-            missing[key] |= (replica_up > 0) & ~known
+            tokens[key] = (acc + inc, acc_known | known | (starting > 0))
+            missing[key] |= (serving > 0) & ~known
     (p, pk), (g, gk) = tokens["p"], tokens["g"]
     return Usage(deployment, price, edges, up, np.where(pk & ~missing["p"], p, np.nan),
                  np.where(gk & ~missing["g"], g, np.nan), unknown)

@@ -177,6 +177,7 @@ def slo_history(engine: Engine, slo: Slo, since: float, until: float, step_s: in
 
 # --- cost --------------------------------------------------------------------------------------------------
 _GONE_STATES: Final = (STOPPED, FAILED)
+EXTERNAL: Final = "external"  # the backend of a replica the plane only watches (its row made at its first scrape)
 def _samples(engine: Engine, replica_ids: Sequence[int], since: float, until: float) -> dict[int, cost.Samples]:
     """Each replica's samples in [since, until) plus its neighbours outside: the last sample and the last
     successful one before `since`, the first and the first successful one from `until` on, so intervals
@@ -192,6 +193,13 @@ def _samples(engine: Engine, replica_ids: Sequence[int], since: float, until: fl
         gone = set(conn.scalars(select(Replica.id).where(
             Replica.id.in_(list(rows)), Replica.state.in_(_GONE_STATES),
             Replica.updated_unix_s < since - cost.DEFAULT_MAX_GAP_S)))
+        # When the plane launched each replica it supervises (a watched one's row is made at its first scrape),
+        # and when it stopped for good: its start-up is billed (see `cost.Samples.starting`).
+        launched: dict[int, tuple[float, float | None]] = {
+            int(i): (float(c), float(u) if st in _GONE_STATES and u is not None else None)
+            for i, c, st, u in conn.execute(
+                select(Replica.id, Replica.created_unix_s, Replica.state, Replica.updated_unix_s).where(
+                    Replica.id.in_([r for r in rows if r not in gone]), Replica.backend != EXTERNAL))}
         before, after = (s.ts_unix_s < since, s.ts_unix_s.desc()), (s.ts_unix_s >= until, s.ts_unix_s.asc())
         for rid in (r for r in rows if r not in gone):
             for (edge, order), only_ok in ((before, False), (before, True), (after, False), (after, True)):
@@ -203,7 +211,9 @@ def _samples(engine: Engine, replica_ids: Sequence[int], since: float, until: fl
                                                        s.replica_id.in_(list(rows)))
         for rid, *rest in conn.execute(in_window):
             rows[int(rid)].add(tuple(rest))
-    return {rid: cost.Samples.from_rows(r) for rid, r in rows.items()}
+    return {rid: cost.Samples.from_rows(r, launched_unix_s=launched.get(rid, (None, None))[0],
+                                        ended_unix_s=launched.get(rid, (None, None))[1])
+            for rid, r in rows.items()}
 
 
 def _cost_groups(engine: Engine, watched_price: float | None,

@@ -281,3 +281,49 @@ def test_the_collectors_window_ends_before_the_last_scrape_so_the_hour_rate_is_w
     rate = f'{names.PLANE_COST_USD_PER_HOUR}{{deployment="tiny"}}'
     assert f"{rate} 3.6\n" in _scrape(cost.CostCollector(source, window_s=300, lag_s=10, clock=lambda: 999.0))
     assert f"{rate} 3.6\n" not in _scrape(cost.CostCollector(source, window_s=300, clock=lambda: 999.0))
+
+
+def test_a_launched_replica_is_billed_from_its_launch_serving_nothing_until_its_first_sample() -> None:
+    # Launched at 0, loading its model until its first scrape at 100, then serving 100 prompt tokens/s.
+    # The start-up is billed (the hardware is held) and, serving nothing, makes the first step's tokens a
+    # known 0, not unknown; the second step's $/1M carries its 100 s of start-up.
+    s = cost.Samples.from_rows(steady(100, 3600, prompt_per_s=100), launched_unix_s=0.0)
+    u = cost.usage("tiny", 3.6, [s], np.array([0.0, 50.0, 3600.0]))
+    first, second = cost.points(u)
+    assert first.replicas_up == pytest.approx(1.0) and first.usd_per_hour == pytest.approx(3.6)
+    assert first.prompt_tokens == 0.0 and first.usd_per_1m_tokens is None
+    assert second.prompt_tokens == pytest.approx(350_000)
+    assert second.usd_per_1m_prompt_tokens == pytest.approx(3.55 / 350_000 * 1e6)
+    t = cost.totals(u)
+    assert t.replica_hours == pytest.approx(1.0) and t.usd == pytest.approx(3.6)
+    assert t.usd_per_1m_tokens == pytest.approx(3.6 / 350_000 * 1e6)
+
+
+def test_a_replica_that_never_came_up_is_billed_until_it_stopped_or_to_the_window_end() -> None:
+    starting = cost.Samples.from_rows([], launched_unix_s=600.0)
+    failed = cost.Samples.from_rows([], launched_unix_s=600.0, ended_unix_s=1500.0)
+    edges = one_step(0, 3600)
+    assert cost.up_seconds(starting, edges).tolist() == [3000.0]
+    assert cost.up_seconds(failed, edges).tolist() == [900.0]
+    watched = cost.Samples.from_rows(steady(100, 3600))  # a watched replica: up from its first scrape only
+    assert cost.up_seconds(watched, edges).tolist() == [3500.0]
+    u = cost.usage("tiny", 3.6, [failed], edges)
+    assert cost.totals(u).usd == pytest.approx(0.9) and cost.totals(u).prompt_tokens == 0.0
+
+
+def test_cost_reads_bill_a_supervised_replicas_start_up_from_the_store(sqlite_store: Store) -> None:
+    # A replica the plane launched at 1000 whose first scrape came at 1090 (its model load); a watched
+    # one first scraped at 1090 as well. Only the first one's 90 s of start-up are billed.
+    store = sqlite_store
+    launched = store.save_replica("launched", deployment_id=None, url="http://127.0.0.1:9", backend="local",
+                                  state="ready", runtime={"pid": 1}, config=None)
+    watched = store.register_replica("watched", url="http://127.0.0.1:8", backend="external")
+    for rid in (launched, watched):
+        for t in range(1090, 1400, 10):
+            store.write_engine_sample({"replica_id": rid, "ts_unix_s": float(t), "scrape_ok": True,
+                                       "prompt_tokens_total": float(t - 1090), "generation_tokens_total": 0.0})
+    with store.engine.begin() as conn:
+        conn.execute(update(Replica).values(created_unix_s=1000.0))
+    (u,) = cost_usage(store.engine, np.array([900.0, 1390.0]), watched_price=3.6)
+    assert cost.totals(u).replica_hours == pytest.approx((390 + 300) / 3600)
+    assert cost.totals(u).prompt_tokens == pytest.approx(600)
