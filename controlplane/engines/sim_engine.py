@@ -9,7 +9,8 @@ latencies (the tests hold them equal). Tokens are released when the clock passes
 that produced them; if the host lags, they are released late, but the simulated times stay exact.
 
 Not simulated: a client that disconnects does not free its request's slot early (it runs to its
-end and is counted as aborted), and the simulated model never stops before max_tokens (no EOS).
+end and is counted as aborted), and the simulated model never stops before max_tokens (no EOS; a stop
+string found in its fixed text is turned into a shorter max_tokens before the request is queued).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ class RequestInfo:
     """What the engine carries for the telemetry of a request, untouched."""
 
     request_id: str
-    max_tokens_param: int | None = None  # as the client sent it (None: defaulted)
-    temperature: float | None = None
+    max_tokens_param: int | None = None  # as vLLM resolves it: the client's, else max_model_len - prompt
+    temperature: float | None = None  # as resolved: the client's, else 1.0 (vLLM's default)
     top_p: float | None = None
     n: int | None = None
     trace_headers: Mapping[str, str] = field(default_factory=dict)  # W3C traceparent / tracestate
@@ -102,7 +103,7 @@ class LiveRequest:
     """One request in the live engine; `events` is what its HTTP handler reads."""
 
     __slots__ = ("info", "slot", "arrival_s", "prompt_tokens", "max_tokens", "emitted", "last_token_s", "events",
-                 "aborted")
+                 "aborted", "finish_reason")
 
     def __init__(self, info: RequestInfo, slot: int, arrival_s: float, prompt_tokens: int, max_tokens: int) -> None:
         self.info = info
@@ -114,6 +115,7 @@ class LiveRequest:
         self.last_token_s = math.nan
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.aborted = False  # the client went away; the engine still runs it to its end
+        self.finish_reason = "length"  # "stop" when a stop string ends it at max_tokens (see sim_api)
 
 
 class Observer(Protocol):
@@ -148,6 +150,9 @@ class LiveEngine:
         self.observer = observer
         self.book = Book([], [])
         self.engine = FastEngine(replica, self.book, 0, None)
+        # Nothing asks the engine how many are in flight at a past time, so its finish times need not be kept:
+        # a deque of length 0 drops them (a replica serving for days would otherwise keep one float per request).
+        self.engine.fins = deque(maxlen=0)
         self._clock = clock
         self._t0 = clock()
         self._unix0 = wall_clock()

@@ -170,6 +170,9 @@ class SimTelemetry:
     def tokens(self, req: LiveRequest, count: int, first: bool, itl_s: float | None, itl_count: int) -> None:
         if first:
             self.prompt_tokens.inc(req.prompt_tokens)
+            # As vLLM, when the first token is out (the engine has set last_token_s to its time), not at the
+            # end: a scrape during a long decode already counts the request's TTFT.
+            self.ttft.observe(req.last_token_s - req.arrival_s)
         self.generation_tokens.inc(count)
         if itl_s is not None:
             for _ in range(itl_count):
@@ -177,8 +180,7 @@ class SimTelemetry:
 
     def finished(self, req: LiveRequest, timing: Timing) -> None:
         lv = list(self._labels.values())
-        self.success.labels(*lv, "abort" if req.aborted else "length").inc()
-        self.ttft.observe(timing.ttft_s)
+        self.success.labels(*lv, "abort" if req.aborted else req.finish_reason).inc()
         self.e2e.observe(timing.e2e_s)
         self.queue.observe(timing.queue_s)
         self.prefill.observe(timing.prefill_s)

@@ -15,6 +15,7 @@ series, span and response says it is simulated.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 import sys
@@ -65,10 +66,12 @@ class SimServerConfig:
 
     def cache_info(self) -> dict[str, str]:
         """vllm:cache_config_info's labels (the ones the plane reads, and a few vLLM always sets)."""
-        bs, tokens = self.replica.block_size, self.num_gpu_blocks * self.replica.block_size
+        bs, max_len = self.replica.block_size, self.replica.max_model_len
+        # vLLM 0.32's arithmetic (kv_cache_utils.get_kv_cache_capacity): whole blocks per max-length request.
+        concurrency = self.num_gpu_blocks / -(-max_len // bs)
         return {"block_size": str(bs), "num_gpu_blocks": str(self.num_gpu_blocks),
-                "kv_cache_size_tokens": str(tokens),
-                "kv_cache_max_concurrency": f"{tokens / self.replica.max_model_len:.2f}",
+                "kv_cache_size_tokens": str(int(concurrency * max_len)),
+                "kv_cache_max_concurrency": str(concurrency),
                 "cache_dtype": self.kv_cache_dtype, "gpu_memory_utilization": str(self.gpu_memory_utilization),
                 "enable_prefix_caching": str(self.replica.prefix_caching),
                 "num_gpu_blocks_override": str(self.num_gpu_blocks_override),
@@ -88,7 +91,8 @@ def replica_model(*, model: str, accelerator: str, served_name: str = "replica",
                       gpu_memory_utilization=gpu_memory_utilization, block_size=block_size,
                       tensor_parallel_size=tensor_parallel_size, weights=weights, kv_cache=kv_cache)
     prior = roofline(shape, accel, args)
-    total = num_gpu_blocks_override or prior.memory.kv_capacity_tokens // block_size
+    total = num_gpu_blocks_override if num_gpu_blocks_override is not None else \
+        prior.memory.kv_capacity_tokens // block_size
     usable_tokens = (total - 1) * block_size
     if usable_tokens < 1:
         raise SimConfigError(f"num_gpu_blocks {total} leaves no usable KV block (vLLM keeps one back); use >= 2")
@@ -99,7 +103,8 @@ def replica_model(*, model: str, accelerator: str, served_name: str = "replica",
         replica = ReplicaModel(
             step_cost=step_cost or prior.step_cost, max_num_seqs=prior.max_num_seqs,
             max_num_batched_tokens=prior.max_num_batched_tokens, block_size=block_size, num_kv_blocks=total - 1,
-            max_model_len=max_model_len or min(shape.max_position, usable_tokens), gpus=tensor_parallel_size,
+            max_model_len=max_model_len if max_model_len is not None else min(shape.max_position, usable_tokens),
+            gpus=tensor_parallel_size,
             usd_per_hour=accel.usd_per_hour * tensor_parallel_size, name=served_name)
     except ValueError as exc:
         raise SimConfigError(str(exc)) from None
@@ -174,8 +179,16 @@ def config_from_args(argv: Sequence[str]) -> SimServerConfig:
     a = ap.parse_args(list(argv))
     for flag, value, low in (("--speedup", a.speedup, 0.0), ("--stream-interval", a.stream_interval, 0),
                              ("--gpu-memory-utilization", a.gpu_memory_utilization, 0.0)):
-        if not value > low:
-            raise SimConfigError(f"{flag} must be > {low:g}, got {value}")
+        if not (value > low and math.isfinite(value)):
+            raise SimConfigError(f"{flag} must be a finite number > {low:g}, got {value}")
+    if a.gpu_memory_utilization > 1:
+        raise SimConfigError(f"--gpu-memory-utilization is a fraction of the GPU's memory, at most 1; "
+                             f"got {a.gpu_memory_utilization}")
+    for flag, value in (("--max-num-seqs", a.max_num_seqs), ("--max-num-batched-tokens", a.max_num_batched_tokens),
+                        ("--max-model-len", a.max_model_len), ("--num-gpu-blocks-override", a.num_gpu_blocks_override),
+                        ("--block-size", a.block_size), ("--tensor-parallel-size", a.tensor_parallel_size)):
+        if value is not None and value < 1:  # 0 is not "the default": vLLM refuses it too
+            raise SimConfigError(f"{flag} must be >= 1, got {value}")
     model = _catalog_name(a.model)
     replica, total = replica_model(
         model=model, accelerator=a.accelerator, served_name=a.served_model_name or a.model,

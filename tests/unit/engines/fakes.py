@@ -23,6 +23,7 @@ class Recorder:
     clock: FakeClock
     inner: Observer | None = None
     timings: dict[str, Timing] = field(default_factory=dict)
+    finished_reqs: dict[str, LiveRequest] = field(default_factory=dict)
     releases: dict[str, list[tuple[float, int, bool]]] = field(default_factory=dict)  # (clock, count, first)
 
     def tokens(self, req: LiveRequest, count: int, first: bool, itl_s: float | None, itl_count: int) -> None:
@@ -32,6 +33,7 @@ class Recorder:
 
     def finished(self, req: LiveRequest, timing: Timing) -> None:
         self.timings[req.info.request_id] = timing
+        self.finished_reqs[req.info.request_id] = req
         if self.inner:
             self.inner.finished(req, timing)
 

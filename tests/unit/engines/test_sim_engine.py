@@ -147,3 +147,31 @@ def test_a_request_longer_than_max_model_len_is_refused_before_it_reaches_the_sc
         engine.submit(RequestInfo("long"), 500, 101)
     with pytest.raises(ValueError, match="speedup"):
         LiveEngine(replica(), speedup=0.0)
+
+
+def test_ttft_is_observed_when_the_first_token_is_out_not_when_the_request_ends() -> None:
+    # One 500-token request: halfway through its decode a scrape already counts its TTFT, as vLLM's does.
+    telemetry = SimTelemetry(served_name="sim", model="Llama-3.1-8B", accelerator="H100-80GB",
+                             cache_info={"block_size": "16", "num_gpu_blocks": "2001"})
+    clock = FakeClock()
+    rec = Recorder(clock, inner=telemetry)
+    engine = LiveEngine(replica(), clock=clock, observer=rec)
+    telemetry.watch(engine)
+    engine.submit(RequestInfo("long"), 100, 500)
+    run_until(engine, clock, 0.5)
+    first_at = rec.releases["long"][0][0]
+    assert "long" not in rec.timings and first_at < 0.5  # mid-decode
+    count, total = _hist(telemetry.render().decode(), names.VLLM_TTFT_HIST)
+    assert count == 1 and total > 0
+    run_until(engine, clock, math.inf)
+    count, total_after = _hist(telemetry.render().decode(), names.VLLM_TTFT_HIST)
+    assert count == 1 and total_after == pytest.approx(rec.timings["long"].ttft_s) == pytest.approx(total)
+
+
+def test_a_long_running_engine_keeps_no_state_per_finished_request() -> None:
+    clock = FakeClock()
+    engine = LiveEngine(replica(), clock=clock)
+    for i in range(2_000):
+        engine.submit(RequestInfo(f"r{i}"), 10, 2)
+        run_until(engine, clock, clock.t + 1.0)
+    assert engine.in_flight == 0 and len(engine.engine.fins) == 0 and len(engine.book.prompt) == 1

@@ -256,13 +256,22 @@ BAD = {
                                       "BadRequestError", None),
     "n of 2": ({"prompt": "hi", "n": 2}, 400, "BadRequestError", "n"),
     "no prompt": ({"max_tokens": 3}, 400, "BadRequestError", "prompt"),
+    "negative token id": ({"prompt": [5, -7], "max_tokens": 2}, 400, "BadRequestError", "prompt"),
+    "token id past the vocabulary": ({"prompt": [128256], "max_tokens": 2}, 400, "BadRequestError", "prompt"),
+    "booleans for token ids": ({"prompt": [True, False], "max_tokens": 2}, 400, "BadRequestError", "prompt"),
+    "infinite temperature": (b'{"prompt": "hi", "temperature": 1e400}', 400, "BadRequestError", "temperature"),
+    "empty stop string": ({"prompt": "hi", "stop": ["x", ""]}, 400, "BadRequestError", "stop"),
 }
 
 
 def test_bad_requests_get_vllm_style_error_bodies_naming_the_problem(recorded: Any) -> None:
     server, _ = recorded(config(slow_replica(), speedup=50.0))
     for case, (body, status, kind, param) in BAD.items():
-        resp = httpx.post(server.base_url + "/v1/completions", json=body)
+        if isinstance(body, bytes):  # JSON that json.dumps would not write
+            resp = httpx.post(server.base_url + "/v1/completions", content=body,
+                              headers={"content-type": "application/json"})
+        else:
+            resp = httpx.post(server.base_url + "/v1/completions", json=body)
         err = resp.json()["error"]
         assert (resp.status_code, err["code"], err["type"]) == (status, status, kind), case
         assert err["param"] == param, case
@@ -273,6 +282,9 @@ def test_bad_requests_get_vllm_style_error_bodies_naming_the_problem(recorded: A
     assert "maximum context length is 2048 tokens" in httpx.post(
         server.base_url + "/v1/completions", json=BAD["too long for the model"][0]).json()["error"]["message"]
     assert httpx.post(server.base_url + "/v1/chat/completions", json={"messages": []}).status_code == 400
+    long_chat = {"messages": [{"role": "user", "content": "x" * 4000}], "max_completion_tokens": 2000}
+    assert httpx.post(server.base_url + "/v1/chat/completions", json=long_chat).json()["error"]["param"] == \
+        "max_completion_tokens"
     assert server.engine.in_flight == 0  # nothing reached the engine
 
 
@@ -352,6 +364,10 @@ def test_vllm_argv_the_supervisor_builds_configures_the_simulated_replica() -> N
                               "100", "--step-coefficients", "0.004,2e-5,1e-7"])
     assert (small.num_gpu_blocks, small.replica.num_kv_blocks, small.replica.max_model_len) == (100, 99, 99 * 16)
     assert small.cache_info()["kv_cache_size_tokens"] == "1600"
+    # vLLM's arithmetic: whole blocks per max-length request (1000 tokens take 63 blocks of 16).
+    odd = config_from_args(["--model", "Llama-3.1-8B", "--num-gpu-blocks-override", "100", "--max-model-len", "1000"])
+    assert (odd.cache_info()["kv_cache_max_concurrency"], odd.cache_info()["kv_cache_size_tokens"]) == (
+        str(100 / 63), "1587")
     assert small.replica.step_cost == StepCost.linear(Coefficients(0.004, 2e-5, 1e-7))
     # Prefix caching is on unless turned off, as in vLLM V1, and the engine reports which.
     assert r.prefix_caching and small.replica.prefix_caching and small.cache_info()["enable_prefix_caching"] == "True"
@@ -364,7 +380,11 @@ REFUSED = {
     "unknown model": (["--model", "/models/gpt-5"], "unknown model '/models/gpt-5'"),
     "max_model_len over the KV cache": (["--num-gpu-blocks-override", "10", "--max-model-len", "200"],
                                         "max_model_len 200 exceeds the KV cache's 144 usable tokens"),
-    "zero speedup": (["--speedup", "0"], "--speedup must be > 0"),
+    "zero speedup": (["--speedup", "0"], "--speedup must be a finite number > 0, got 0.0"),
+    "infinite speedup": (["--speedup", "inf"], "--speedup must be a finite number > 0, got inf"),
+    "memory over 1": (["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization is a fraction"),
+    "zero max_model_len": (["--max-model-len", "0"], "--max-model-len must be >= 1, got 0"),
+    "zero blocks": (["--num-gpu-blocks-override", "0"], "--num-gpu-blocks-override must be >= 1, got 0"),
     "bad coefficients": (["--step-coefficients", "1,2"], "--step-coefficients '1,2'"),
     "budget below max_num_seqs": (["--max-num-seqs", "64", "--max-num-batched-tokens", "32"],
                                   "max_num_batched_tokens (32) must be >= max_num_seqs (64)"),
@@ -440,3 +460,59 @@ def test_health_turns_503_when_the_step_loop_has_died(monkeypatch: pytest.Monkey
         assert resp.status_code == 503 and "scheduler bug" in resp.json()["error"]["message"]
     finally:
         server.stop()
+
+
+def test_a_stop_string_in_the_text_ends_the_request_there_as_vllm_does(recorded: Any) -> None:
+    # The simulated text is " the replica token queue ...": "token" completes in the third token, and the text
+    # is cut before it, with reason "stop" on the answer and on the engine's counters.
+    server, rec = recorded(config(slow_replica(), speedup=50.0))
+    url = server.base_url
+    done = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 50, "stop": ["tok", "cache"]},
+                      headers={"x-request-id": "stopped"}).json()
+    choice = done["choices"][0]
+    assert (choice["text"], choice["finish_reason"], choice["stop_reason"]) == (" the replica ", "stop", "tok")
+    assert done["usage"]["completion_tokens"] == 3 == rec.timings["stopped"].completion_tokens
+    never = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 40, "stop": "\n\n"}).json()
+    assert never["choices"][0]["finish_reason"] == "length" and never["usage"]["completion_tokens"] == 40
+    later = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 40, "stop": "serve the"}).json()
+    assert later["usage"]["completion_tokens"] == 17 and later["choices"][0]["text"].endswith(" window ")
+
+    seen = asyncio.run(_chat_stream(url, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 50,
+                                          "stop": "queue", "stream": True,
+                                          "stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+                                    {"x-request-id": "streamed"}))
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in seen if c["choices"])
+    assert text == " the replica token " and seen[-2]["choices"][0]["finish_reason"] == "stop"
+    assert all("usage" in c for c in seen)  # continuous usage: on every chunk, counting up
+    assert [c["usage"]["completion_tokens"] for c in seen if c["choices"]][-1] == 4 == seen[-1]["usage"][
+        "completion_tokens"]
+    page = httpx.get(url + "/metrics").text
+    assert 'finished_reason="stop",model_name="sim"} 3.0' in page
+    assert read_engine(parse(page)).counters["request_success_total"] == 4
+
+
+def test_spans_carry_the_sampling_parameters_as_vllm_resolves_them(recorded: Any) -> None:
+    server, rec = recorded(config(slow_replica(), speedup=50.0))
+    httpx.post(server.base_url + "/v1/completions", json={"prompt": "x" * 40, "max_tokens": 3},
+               headers={"x-request-id": "given"})
+    httpx.post(server.base_url + "/v1/chat/completions", headers={"x-request-id": "defaulted"},
+               json={"messages": [{"role": "user", "content": [{"type": "text", "text": None}, {"text": "hi"}]}],
+                     "max_tokens": None})
+    given, defaulted = rec.finished_reqs["given"], rec.finished_reqs["defaulted"]
+    assert (given.info.max_tokens_param, given.info.temperature, given.info.top_p) == (3, 1.0, 1.0)
+    rendered = "<|user|>\nhi\n<|assistant|>\n"  # a null text part adds nothing (not the text "None")
+    assert defaulted.prompt_tokens == -(-len(rendered) // 4)
+    assert defaulted.info.max_tokens_param == 2048 - defaulted.prompt_tokens == \
+        rec.timings["defaulted"].completion_tokens
+
+
+def test_a_non_streaming_client_that_goes_away_is_counted_as_aborted(recorded: Any) -> None:
+    server, rec = recorded(config(slow_replica(), speedup=5.0))
+    with pytest.raises(httpx.ReadTimeout):  # 200 steps of ~5 ms, 5x faster: ~0.2 s; the client leaves at 0.05 s
+        httpx.post(server.base_url + "/v1/completions", json={"prompt": [1] * 10, "max_tokens": 200},
+                   headers={"x-request-id": "gone"}, timeout=0.05)
+    deadline = time.monotonic() + 30  # the engine still runs it to its end
+    while "gone" not in rec.timings and time.monotonic() < deadline:
+        time.sleep(0.05)
+    reading = read_engine(parse(httpx.get(server.base_url + "/metrics").text))
+    assert reading.counters["request_errors_total"] == 1 and reading.counters["request_success_total"] == 0
