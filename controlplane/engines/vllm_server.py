@@ -99,8 +99,10 @@ class VllmServerSpec:
             "TRANSFORMERS_OFFLINE": "1",
             "VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_space_gib),
             "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": self.otlp_protocol,
-            # Lets the plane attribute every span to this replica.
-            "OTEL_RESOURCE_ATTRIBUTES": f"{names.RES_REPLICA}={self.replica_name}",
+            # Lets the plane attribute every span to this replica; the operator's own attributes are kept
+            # (ours last: the SDK takes the last value of a repeated key).
+            "OTEL_RESOURCE_ATTRIBUTES": ",".join(x for x in (os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "").strip(),
+                                                            f"{names.RES_REPLICA}={self.replica_name}") if x),
             "OTEL_SERVICE_NAME": f"vllm-{self.replica_name}",
             "VLLM_NO_USAGE_STATS": "1",
             "DO_NOT_TRACK": "1",

@@ -12,7 +12,7 @@ import httpx
 import psutil
 import pytest
 
-from controlplane import loadgen
+from controlplane import loadgen, names
 from controlplane.engines import sim_server, vllm_server
 from controlplane.engines.sim_server import config_from_args
 from controlplane.engines.vllm_server import SIM_ENTRYPOINT, VLLM_ENTRYPOINT
@@ -50,6 +50,16 @@ def test_a_simulated_replica_starts_the_simulated_engine_with_the_planes_and_the
         "--kv-cache-dtype", "fp8"]
     # Spans name the replica, as vLLM's do.
     assert "replica=chat-0" in spec.environ()["OTEL_RESOURCE_ATTRIBUTES"]
+
+
+def test_the_operators_resource_attributes_are_kept_beside_the_replicas_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    from opentelemetry.sdk.resources import OTELResourceDetector
+
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", f"deployment.environment=prod,{names.RES_REPLICA}=stale")
+    env = launch_request(deployment(True), 8105).server_spec("127.0.0.1").environ()
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", env["OTEL_RESOURCE_ATTRIBUTES"])
+    attrs = OTELResourceDetector().detect().attributes  # read as the engine's SDK reads it
+    assert (attrs["deployment.environment"], attrs[names.RES_REPLICA]) == ("prod", "chat-0")
 
 
 def test_the_simulated_engine_reads_that_argv_as_the_spec_meant_it() -> None:
