@@ -141,6 +141,7 @@ class _Outcome:
 
 
 _RETIRED_KEPT = 1024  # removed replicas whose arrival counts are remembered
+MAX_BODY_BYTES = 64 * 2**20  # a request body over this gets a 413
 
 
 @dataclass
@@ -324,7 +325,14 @@ class Router:
     async def _forward(self, request: web.Request, headers: dict[str, str],
                        outcome: _Outcome) -> web.StreamResponse:
         assert self._session is not None
-        body = await request.read()
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            outcome.status = 413
+            limit = MAX_BODY_BYTES
+            return web.json_response({"error": {"message": f"the request body is over the router's limit of "
+                                                           f"{limit // 2**20} MiB", "type": "invalid_request_error",
+                                                "code": 413}}, status=413)
         if request.method == "GET" and request.path == "/v1/models" and len(self._known_models) > 1:
             return await self._list_models(headers, outcome)
         model = await self._model_for(request, body)
@@ -375,7 +383,10 @@ class Router:
                     continue
                 # Mid-stream: the client already has part of the answer. Cut its connection so it sees
                 # a broken stream, never a short one that looks complete.
-                log.warning("router: %s broke off a response (%s)", backend.name, type(exc).__name__)
+                if isinstance(exc, ConnectionResetError):  # writing to the client failed: it left, not the replica
+                    log.debug("router: the client of a response from %s went away", backend.name)
+                else:
+                    log.warning("router: %s broke off a response (%s)", backend.name, type(exc).__name__)
                 if request.transport is not None:
                     request.transport.abort()
                 return resp
@@ -459,10 +470,13 @@ class Router:
         self._session = aiohttp.ClientSession(
             timeout=timeout, connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S),
             auto_decompress=False)
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.router.add_get("/health", self._health)
         app.router.add_route("*", "/{tail:.*}", self._proxy)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # handler_cancellation: a client that hangs up cancels its handler (off by default since aiohttp 3.9),
+        # which closes the connection to the replica, so vLLM aborts the request as it would for the client
+        # itself, instead of generating a whole answer for nobody while it counts as in flight.
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, backlog=2048)
         await site.start()

@@ -317,7 +317,7 @@ class Supervisor:
                 return
             if ready:
                 await self._set_state(rt, m, READY, "ready", f"ready after {now - m.since:.1f} s")
-                if not m.canary:
+                if not m.canary and m.state == READY:  # a drain may have begun while the state was stored
                     self._announce(rt, m, url)
             elif now - m.since > lc.ready_timeout_s:
                 await self._crashed(rt, m, now, f"not ready after {lc.ready_timeout_s:.0f} s", "ready_timeout",
@@ -330,7 +330,7 @@ class Supervisor:
         m.probe_failures = verdict.failures
         if ok and m.state == UNREADY:
             await self._set_state(rt, m, READY, "probe_ok", "liveness probe passes again")
-            if not m.canary:
+            if not m.canary and m.state == READY:  # as above
                 self._announce(rt, m, url)
         elif ok and m.state == READY and not m.canary:
             # The router marks a replica down on its own when a request to it fails; a passing probe puts it

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -14,7 +15,14 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from controlplane import names
-from controlplane.supervisor.router import REPLICA_HEADER, Router, RouterRecord, trace_context, valid_tenant
+from controlplane.supervisor.router import (
+    MAX_BODY_BYTES,
+    REPLICA_HEADER,
+    Router,
+    RouterRecord,
+    trace_context,
+    valid_tenant,
+)
 from tests.conftest import free_port
 
 
@@ -32,6 +40,8 @@ class Upstream:
     drop_first: bool = False  # close the first request's connection unanswered (a stale keep-alive), then serve
     models: list[str] = field(default_factory=list)  # what GET /v1/models lists (vLLM: its served name, adapters)
     listed: int = 0  # GET /v1/models answered or refused
+    answer_after_s: float | None = None  # answer whole after this long, unless the caller goes away (as vLLM)
+    saw_caller_leave: threading.Event = field(default_factory=threading.Event)
 
     async def list_models(self, request: web.Request) -> web.Response:
         self.listed += 1
@@ -43,6 +53,13 @@ class Upstream:
         self.seen_headers.append(dict(request.headers))
         self.in_flight += 1
         try:
+            if self.answer_after_s is not None:  # vLLM's with_cancellation: a caller that leaves aborts it
+                for _ in range(int(self.answer_after_s / 0.01)):
+                    if request.transport is None or request.transport.is_closing():
+                        self.saw_caller_leave.set()
+                        return web.Response(status=499)
+                    await asyncio.sleep(0.01)
+                return web.json_response({"choices": [{"text": "done"}]})
             if self.drop_first and len(self.seen_headers) == 1 and request.transport is not None:
                 request.transport.abort()
             if self.die == "before_response" and request.transport is not None:
@@ -54,6 +71,9 @@ class Upstream:
                 request.transport.abort()
                 return resp
             while self.hold and not self.release.is_set():
+                if request.transport is None or request.transport.is_closing():
+                    self.saw_caller_leave.set()
+                    return resp
                 await asyncio.sleep(0.01)
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
@@ -459,3 +479,43 @@ def test_with_two_deployments_the_model_list_joins_one_ready_replica_of_each(
     router.drain("llama-1")
     assert httpx.get(models, timeout=10).status_code == 503  # nothing ready answered
     assert router.arrivals() == {"llama-0": 0, "qwen-0": 0, "llama-1": 0, "qwen-1": 0}  # listings are not load
+
+
+def test_a_client_that_hangs_up_aborts_its_request_on_the_replica(traced: Traced, upstreams: list[Upstream],
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    # Connected directly, vLLM aborts a request whose client left; through the router it must too, or the replica
+    # generates the whole answer for nobody while the request counts as in flight.
+    a = upstreams[0]
+    a.answer_after_s = 5.0
+    traced.router.set_ready("a", f"http://127.0.0.1:{a.port}")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url(traced.router), json={"prompt": "x"}, timeout=0.3)
+    assert a.saw_caller_leave.wait(3.0), "the replica kept generating for a client that left"
+    (gone,) = traced.recorder.wait(1)
+    assert (gone.replica, gone.status, gone.ok) == (None, None, False)  # no status went out
+    assert traced.router.outstanding("a") == 0
+
+    a.answer_after_s, a.hold = None, True  # a stream the client leaves after its first event
+    a.saw_caller_leave.clear()
+    with httpx.stream("POST", url(traced.router), json={}, timeout=10) as resp:
+        next(resp.iter_lines())
+    assert a.saw_caller_leave.wait(3.0) and wait_for(lambda: traced.router.outstanding("a") == 0)
+    assert not [r for r in caplog.records if "broke off" in r.getMessage()]  # the replica did nothing wrong
+
+
+def wait_for(cond: Callable[[], bool], timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_body_over_the_limit_gets_a_json_413_recorded_with_its_status(traced: Traced,
+                                                                         upstreams: list[Upstream]) -> None:
+    traced.router.set_ready("a", f"http://127.0.0.1:{upstreams[0].port}")
+    resp = httpx.post(url(traced.router), content=b"x" * (MAX_BODY_BYTES + 1), timeout=30)
+    assert resp.status_code == 413 and "64 MiB" in resp.json()["error"]["message"]
+    (rec,) = traced.recorder.wait(1)
+    assert (rec.status, rec.ok) == (413, False) and not upstreams[0].seen_headers

@@ -876,3 +876,41 @@ async def test_a_rolling_change_cancelled_by_shutdown_mid_launch_leaves_no_proce
     await asyncio.sleep(0.1)
     await h.sup.shutdown()
     assert len(backend.launched) == 2 and not backend.running()
+
+
+async def test_a_replica_drained_while_its_ready_state_is_stored_is_not_routed_to(sqlite_store: Store) -> None:
+    # A rolling change drains a replica that was still starting; its ready probe passed just before, and the
+    # store (a busy PostgreSQL) takes a while to record READY. Announcing it after that would route new requests
+    # to a replica being drained.
+    class SlowStateStore(Store):
+        slow = False
+
+        def set_replica_state(self, replica_id: int, state: str) -> None:
+            if self.slow:
+                time.sleep(0.3)
+            super().set_replica_state(replica_id, state)
+
+    store = SlowStateStore(sqlite_store.engine)
+    h = make(store)
+    await h.sup.start()
+    launch = h.backend.launch
+
+    def launch_unready(req: LaunchRequest) -> Handle:
+        handle = launch(req)
+        h.backend.ready[handle.url] = False
+        return handle
+
+    h.backend.launch = launch_unready  # type: ignore[method-assign]
+    await h.ticks(1)
+    rt = h.sup.runtimes["tiny"]
+    m = rt.members["tiny-0"]
+    assert m.state == "starting" and m.handle is not None
+    h.backend.ready[m.handle.url] = True
+    store.slow = True
+    h.clock.now += 0.01
+    tick = asyncio.ensure_future(h.sup.tick())
+    await asyncio.sleep(0.1)  # the tick is storing READY now
+    drain = asyncio.ensure_future(h.sup._drain_and_stop(rt, m, "supervisor", "scale_down"))
+    await tick
+    assert m.state == "draining" and "tiny-0" not in h.router.ready
+    drain.cancel()
