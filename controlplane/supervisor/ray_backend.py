@@ -89,8 +89,10 @@ class RayActorBackend:
             info = ray.get(actor.start.remote(spec, str(req.log_dir / f"{req.replica}.log")),
                            timeout=self.call_timeout_s)
         except BaseException:
-            # The actor is detached: left alive it would keep its CPUs / GPUs and its name for good.
-            self._kill(actor)
+            # The actor is detached: left alive it would keep its CPUs / GPUs and its name for good. A start that
+            # timed out may still have started vLLM: stopped first, or killing the actor would orphan it.
+            # A still-pending actor (no GPU free) answers no stop either: wait for it briefly.
+            self._stop_and_kill(actor, req.replica, 5.0, wait_s=15.0)
             raise
         self._warn_lost_spans(req.replica, spec.otlp_endpoint, info.get("node_ip"))
         runtime = {"actor": req.replica, "namespace": self.spec.namespace, **info}
@@ -106,13 +108,19 @@ class RayActorBackend:
         return None if code is None else int(code)
 
     def stop(self, handle: Handle, timeout_s: float) -> None:
-        actor = handle.private
-        if actor is None:
-            return
+        if handle.private is not None:
+            self._stop_and_kill(handle.private, handle.replica, timeout_s, handle.runtime)
+
+    def _stop_and_kill(self, actor: Any, replica: str, timeout_s: float,
+                       runtime: dict[str, Any] | None = None, *, wait_s: float | None = None) -> None:
+        """Have the actor stop its vLLM process, then kill the actor. Killing it alone would leave vLLM running:
+        the server runs in its own session, so the end of the worker does not reach it."""
         try:
-            ray.get(actor.stop.remote(timeout_s), timeout=timeout_s + self.call_timeout_s)
+            ray.get(actor.stop.remote(timeout_s), timeout=timeout_s + self.call_timeout_s if wait_s is None else wait_s)
         except ray.exceptions.RayError as exc:
-            log.warning("ray replica %s: stop failed (%s); killing the actor", handle.replica, exc)
+            where = f" (pid {runtime.get('pid')} on {runtime.get('node_ip')})" if runtime else ""
+            log.warning("ray replica %s: stop failed (%s); killing the actor. If its vLLM process%s still runs, it "
+                        "holds its GPU and port until it is stopped by hand", replica, exc, where)
         self._kill(actor)
 
     @staticmethod
@@ -142,7 +150,8 @@ class RayActorBackend:
         except ray.exceptions.RayError:
             return None
         if code is not None or info.get("url") != url:
-            self._kill(actor)  # ours, but not the replica the store knows: it would hold its resources for good
+            # Ours, but not the replica the store knows: it would hold its resources for good.
+            self._stop_and_kill(actor, replica, 10.0, info)
             return None
         # it keeps the spans endpoint it was started with (an actor from an older plane does not say which)
         self._warn_lost_spans(replica, info.get("otlp_endpoint"), runtime.get("node_ip"))

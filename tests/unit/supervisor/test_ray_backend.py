@@ -23,16 +23,19 @@ class FakeRay:
     def __init__(self) -> None:
         self.answers: dict[str, Any] = {}
         self.killed: list[str] = []
+        self.calls: list[tuple[str, str]] = []  # (actor, method called or "kill"), in order
         self.exceptions = ray.exceptions
 
     def get(self, ref: tuple[str, str], timeout: float | None = None) -> Any:
-        v = self.answers[ref[1]]
+        self.calls.append(ref)
+        v = self.answers.get(ref[1]) if ref[1] == "stop" else self.answers[ref[1]]
         if isinstance(v, Exception):
             raise v
         return v
 
     def kill(self, actor: Any, no_restart: bool = True) -> None:
         self.killed.append(actor.name)
+        self.calls.append((actor.name, "kill"))
 
     def is_initialized(self) -> bool:
         return True
@@ -67,6 +70,8 @@ def test_a_launch_that_fails_kills_the_detached_actor_it_created(fake: tuple[Fak
     with pytest.raises(ray.exceptions.GetTimeoutError):
         backend.launch(LaunchRequest("r-0", DEP, DEP.engine, 0, 8200, None, "grpc", Path("/tmp")))
     assert f.killed == ["r-0"]
+    # vLLM may have started before the call timed out: the actor stops it before it dies (else it is orphaned).
+    assert f.calls == [("r-0", "start"), ("r-0", "stop"), ("r-0", "kill")]
 
 
 def test_an_actor_adoption_refuses_is_killed_not_left_holding_its_resources(
@@ -77,6 +82,7 @@ def test_an_actor_adoption_refuses_is_killed_not_left_holding_its_resources(
     f.answers.update(exit_code=None)
     assert backend.adopt("r-2", "http://10.0.0.9:8200", {"actor": "r-2"}) is None  # another URL than stored
     assert f.killed == ["r-1", "r-2"]
+    assert f.calls[-2:] == [("r-2", "stop"), ("r-2", "kill")]  # its vLLM still runs: stopped, not orphaned
     assert backend.adopt("r-3", "http://10.0.0.2:8200", {"actor": "r-3"}) is not None and f.killed == ["r-1", "r-2"]
 
 
