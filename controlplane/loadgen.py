@@ -7,7 +7,9 @@ the same trace id and client and server measurements can be joined exactly.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import math
 import random
 import secrets
 import time
@@ -34,6 +36,11 @@ class RequestPlan:
 
 @dataclass(frozen=True)
 class ClientResult:
+    """One request as the client saw it. `ttft_s` and `e2e_s` run from when it was sent; `queued_s` is how long
+    it went out after its planned start in `run_load` (waiting for a free slot of its concurrency, or for the
+    event loop), so a caller judging latency from the planned arrival adds it (what a capped client hides:
+    coordinated omission)."""
+
     trace_id: str
     ok: bool
     sent_unix_s: float
@@ -41,6 +48,7 @@ class ClientResult:
     e2e_s: float | None
     completion_tokens: int
     error: str | None = None
+    queued_s: float = 0.0
 
 
 def ramp_offsets(n: int, lo_rps: float, hi_rps: float, seed: int = 0) -> list[float]:
@@ -63,6 +71,8 @@ def mixed_plans(n: int, seed: int = 0, prompt_words: tuple[int, int] = (4, 200),
 
     With `token_ids=(lo, hi)` prompts are lists of token ids drawn from [lo, hi) instead of text.
     """
+    if rate_per_s is not None and not (rate_per_s > 0 and math.isfinite(rate_per_s)):
+        raise ValueError(f"rate_per_s must be a finite number > 0 req/s (or None: all at once), got {rate_per_s}")
     rng = random.Random(seed)
     plans, t = [], 0.0
     for _ in range(n):
@@ -87,6 +97,10 @@ async def stream_one(client: httpx.AsyncClient, base_url: str, model: str, plan:
     ttft: float | None = None
     chunks = 0
     usage_tokens: int | None = None
+
+    def failed(error: str) -> ClientResult:
+        return ClientResult(trace_id, False, sent, ttft, None, chunks, error)
+
     try:
         async with client.stream("POST", base_url.rstrip("/") + "/v1/completions", json=body,
                                  headers=headers) as resp:
@@ -97,20 +111,31 @@ async def stream_one(client: httpx.AsyncClient, base_url: str, model: str, plan:
             async for line in resp.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                # The first event is the first token (the usage event comes last): stamp before
-                # parsing. A chunk with a choice is a token even when its text is empty (a partial
-                # UTF-8 sequence from a byte-level tokenizer): TTFT is the first token, not glyph.
+                # The first event is the first token (the usage event comes last): stamped before parsing.
+                # A chunk with a choice is a token even when its text is empty (a partial UTF-8 sequence
+                # from a byte-level tokenizer): TTFT is the first token, not glyph.
+                now = time.perf_counter() - t0
+                try:
+                    chunk = json.loads(line[6:])
+                except ValueError:
+                    return failed(f"malformed event from the server: {line[:200]!r}")
+                if not isinstance(chunk, dict):
+                    return failed(f"malformed event from the server: {line[:200]!r}")
+                if "error" in chunk:  # vLLM reports an error during generation as an event of a 200 stream
+                    err = chunk["error"]
+                    return failed(f"error event: {(err.get('message') if isinstance(err, dict) else err)!s:.200}")
                 if ttft is None:
-                    ttft = time.perf_counter() - t0
-                chunk = json.loads(line[6:])
+                    ttft = now
                 if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
                     chunks += 1
                 if chunk.get("usage"):
                     usage_tokens = chunk["usage"].get("completion_tokens")
     except httpx.HTTPError as exc:
-        return ClientResult(trace_id, False, sent, ttft, None, chunks, f"{type(exc).__name__}: {exc}")
+        return failed(f"{type(exc).__name__}: {exc}")
     # The server's usage count is exact; a streamed chunk can carry more than one token.
     tokens = usage_tokens if usage_tokens is not None else chunks
+    if ttft is None or not tokens:
+        return failed("the stream ended without a token")
     return ClientResult(trace_id, True, sent, ttft, time.perf_counter() - t0, tokens)
 
 
@@ -128,13 +153,18 @@ async def run_load(base_url: str, model: str, plans: Sequence[RequestPlan], conc
         # Open the keep-alive connections before the clock starts: a TCP connect is not TTFT. The plan's
         # clock starts after them: opening hundreds takes seconds on a busy server, and starting it before
         # turned the first seconds of a Poisson plan into one burst.
-        await asyncio.gather(*(client.get(base_url.rstrip("/") + "/v1/models") for _ in range(concurrency)))
+        # A server that is down fails each request below with its error: not the warm-up, losing them all.
+        await asyncio.gather(*(client.get(base_url.rstrip("/") + "/v1/models") for _ in range(concurrency)),
+                             return_exceptions=True)
         start = time.perf_counter()
 
         async def one(plan: RequestPlan) -> ClientResult:
             await asyncio.sleep(max(0.0, plan.delay_s - (time.perf_counter() - start)))
             async with sem:
+                queued = max(0.0, time.perf_counter() - start - plan.delay_s)
                 result = await stream_one(client, base_url, model, plan)
+            if queued > 0:
+                result = dataclasses.replace(result, queued_s=queued)
             if on_done:
                 on_done(result)
             return result

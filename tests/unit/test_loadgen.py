@@ -9,9 +9,11 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import pytest
 
-from controlplane.loadgen import RequestPlan, ramp_offsets, run_load
+from controlplane.loadgen import ClientResult, RequestPlan, mixed_plans, ramp_offsets, run_load, stream_one
+from tests.conftest import free_port
 
 CONNECT_DELAY_S = 0.6  # each warm-up GET /v1/models is this slow, as on a busy one-core vLLM
 
@@ -19,6 +21,7 @@ CONNECT_DELAY_S = 0.6  # each warm-up GET /v1/models is this slow, as on a busy 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     posts: list[float]
+    post_delay_s = 0.0  # each answer takes this long
 
     def log_message(self, *args: object) -> None:
         pass
@@ -34,6 +37,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         self.server.posts.append(time.perf_counter())  # type: ignore[attr-defined]
+        time.sleep(self.post_delay_s)
         self.rfile.read(int(self.headers["Content-Length"]))
         events = [{"choices": [{"text": "a"}]}, {"choices": [], "usage": {"completion_tokens": 1}}]
         body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
@@ -81,3 +85,51 @@ def test_a_ramp_starts_at_zero_and_its_gaps_shrink_as_the_rate_climbs() -> None:
 def test_a_ramp_refuses_a_rate_that_is_not_positive() -> None:
     with pytest.raises(ValueError, match="ramp rates must be > 0 req/s, got 0.0 and 5.0"):
         ramp_offsets(5, 0.0, 5.0)
+
+
+def _answer(events: list[str]) -> httpx.MockTransport:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, text="".join(f"data: {e}\n\n" for e in events),
+                              headers={"content-type": "text/event-stream"})
+    return httpx.MockTransport(handler)
+
+
+@pytest.mark.parametrize("events, error", [
+    # vLLM reports an error during generation as an event of a 200 stream.
+    (['{"error": {"message": "engine dead", "code": 500}}', "[DONE]"], "error event: engine dead"),
+    (["[DONE]"], "the stream ended without a token"),
+    (["{not json", "[DONE]"], "malformed event from the server"),
+    (['["a list"]', "[DONE]"], "malformed event from the server"),
+], ids=["error event", "no token", "not json", "not an object"])
+def test_a_stream_that_serves_no_token_is_a_failure_not_a_fast_success(events: list[str], error: str) -> None:
+    async def go() -> ClientResult:
+        async with httpx.AsyncClient(transport=_answer(events)) as client:
+            return await stream_one(client, "http://replica", "m", RequestPlan("x", 4))
+
+    result = asyncio.run(go())
+    assert not result.ok and result.error is not None and result.error.startswith(error)
+    assert result.e2e_s is None and result.ttft_s is None
+
+
+def test_a_server_that_is_down_fails_each_request_instead_of_the_whole_run() -> None:
+    results = asyncio.run(run_load(f"http://127.0.0.1:{free_port()}", "m", [RequestPlan("x", 1)] * 3,
+                                   concurrency=2, timeout_s=5))
+    assert len(results) == 3 and not any(r.ok for r in results)
+    assert all(r.error and r.error.startswith("ConnectError") for r in results)
+
+
+def test_a_request_waiting_for_a_slot_says_how_long(server: ThreadingHTTPServer) -> None:
+    _Handler.post_delay_s = 0.3
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        results = asyncio.run(run_load(url, "m", [RequestPlan("x", 1)] * 3, concurrency=1))
+    finally:
+        _Handler.post_delay_s = 0.0
+    queued = sorted(r.queued_s for r in results)
+    assert all(r.ok for r in results) and queued[0] < 0.1 and queued[1] > 0.25 and queued[2] > 0.55
+
+
+@pytest.mark.parametrize("rate", [0.0, -2.0, float("nan"), float("inf")])
+def test_mixed_plans_refuse_a_rate_that_is_not_a_positive_number(rate: float) -> None:
+    with pytest.raises(ValueError, match="rate_per_s must be a finite number > 0"):
+        mixed_plans(4, rate_per_s=rate)
