@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -15,7 +14,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from controlplane.grafana.render import app as dashboards_app
-from controlplane.settings import Settings, is_loopback_host
+from controlplane.settings import Settings, describe_errors, is_loopback_host
 from controlplane.slo.render import app as slo_app
 from controlplane.tuning.whatif import app as tune_app
 from controlplane.ui.client import ENV_API_URL
@@ -36,31 +35,25 @@ def _settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        for err in exc.errors():
-            name = str(err["loc"][0]) if err["loc"] else ""
-            field = "CONTROLPLANE_" + name.upper() if name else "settings"
-            console.print(f"[red]error:[/] {field}: {err['msg']} (got {_shown(name, err.get('input'))})")
+        for line in describe_errors(exc):
+            console.print(f"[red]error:[/] {line}", highlight=False)
         raise typer.Exit(2) from None
 
 
-def _shown(name: str, value: object) -> str:
-    """A bad setting as the error repeats it, without the secrets it may hold."""
-    if name == "api_token":
-        return "a token (not shown)"
-    if name == "database_url" and isinstance(value, str):
-        try:
-            return repr(make_url(value).render_as_string(hide_password=True))
-        except Exception:  # noqa: BLE001 - not even a URL: it has no password part to hide
-            return repr(re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", value))
-    return repr(value)
+def _hidden(url: str) -> str:
+    """A database URL as printed: without its password."""
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def _store_error(url: str, exc: BaseException) -> NoReturn:
-    shown = make_url(url).render_as_string(hide_password=True)
+    shown = _hidden(url)
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     console.print(f"[red]error:[/] cannot open the store at {shown} (CONTROLPLANE_DATABASE_URL / "
                   f"CONTROLPLANE_DATA_DIR): {first}")
     raise typer.Exit(1)
+
+
+_PORT_VARS = {"router": "ROUTER_PORT", "API": "API_PORT", "OTLP/HTTP": "OTLP_HTTP_PORT", "OTLP/gRPC": "OTLP_GRPC_PORT"}
 
 
 def _logging(verbose: bool) -> None:
@@ -82,8 +75,12 @@ def make_tiny(
     if out.exists() and not out.is_dir():  # found before the build, not when its result is moved into place
         console.print(f"[red]error:[/] --out {out}: exists and is not a directory")
         raise typer.Exit(2)
-    with console.status("building tiny model") as status:
-        path, built = make_tiny_model(out, TinyModelSpec(seed=seed), progress=lambda m: status.update(m))
+    try:
+        with console.status("building tiny model") as status:
+            path, built = make_tiny_model(out, TinyModelSpec(seed=seed), progress=lambda m: status.update(m))
+    except OSError as exc:  # a parent that cannot be made or written: the path and why, not a traceback
+        console.print(f"[red]error:[/] --out {out}: {exc.strerror or exc}")
+        raise typer.Exit(2) from None
     console.print(f"[green]{'built' if built else 'reused'}[/] tiny model at {path}")
 
 
@@ -98,7 +95,7 @@ def db_upgrade() -> None:
         upgrade(make_engine(url))
     except (SQLAlchemyError, OSError) as exc:
         _store_error(url, exc)
-    console.print(f"[green]store at head[/]: {url}")
+    console.print(f"[green]store at head[/]: {_hidden(url)}")
 
 
 @app.command()
@@ -134,9 +131,13 @@ def up(
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
     names = [d.name for d in deployments]
-    if len(set(names)) != len(names):
-        console.print(f"[red]error:[/] deployment names must be unique across --config files; got {names}")
-        raise typer.Exit(2)
+    for what, given, flag in (("deployment", names, "--config files"), ("SLO", [o.name for o in slos], "--slo files"),
+                              ("watched replica", [t.name for t in targets], "--watch entries")):
+        # Keyed by name downstream (the supervisor, the SLO monitor's state, the scraper's targets): a second one
+        # of a name would silently replace or merge with the first.
+        if repeated := sorted({n for n in given if given.count(n) > 1}):
+            console.print(f"[red]error:[/] {what} names must be unique across {flag}; repeated: {repeated}")
+            raise typer.Exit(2)
     # An SLO judges a deployment's replicas: one naming no deployment of this plane (a typo; replicas watched
     # with --watch belong to none) would read "no data" every round and never page, with nothing to say why.
     orphans = [f"SLO {o.name!r} is for deployment {o.deployment!r}" for o in slos if o.deployment not in names]
@@ -145,14 +146,18 @@ def up(
                       f"{', '.join(names) or 'none'}). Replicas watched with --watch belong to no deployment: to "
                       "judge one, give it a deployment spec with backend: {kind: external, urls: [...]}.")
         raise typer.Exit(2)
-    clashes = port_conflicts(deployments, {"router": settings.router_port, "API": settings.api_port,
-                                           "OTLP/HTTP": settings.otlp_http_port, "OTLP/gRPC": settings.otlp_grpc_port})
+    own = {"router": settings.router_port, "API": settings.api_port, "OTLP/HTTP": settings.otlp_http_port,
+           "OTLP/gRPC": settings.otlp_grpc_port}
+    clashes = port_conflicts(deployments, own)
+    for port in sorted({p for p in own.values() if p}):  # 0: any free port, never a clash
+        if len(users := [f"{k} (CONTROLPLANE_{_PORT_VARS[k]})" for k, p in own.items() if p == port]) > 1:
+            clashes.append(f"the plane's {' and '.join(users)} are both on port {port}")
     if clashes:
         console.print("[red]error:[/] " + "\n  ".join(clashes))
         raise typer.Exit(2)
 
     def ready(e: Endpoints) -> None:
-        console.print(f"[green]plane up[/] store={settings.resolved_database_url()}")
+        console.print(f"[green]plane up[/] store={_hidden(settings.resolved_database_url())}")
         console.print(f"  REST API     {e.api}  (health {e.api}/healthz)")
         console.print(f"  OTLP/HTTP    {e.otlp_http}")
         console.print(f"  OTLP/gRPC    {e.otlp_grpc}")
@@ -222,6 +227,11 @@ def ui(
     except ValueError as exc:
         console.print(f"[red]error:[/] --api-url {api_url!r}: {exc}")
         raise typer.Exit(2) from None
+    if not is_loopback_host(host, wildcard=False):
+        token = os.environ.get("CONTROLPLANE_API_TOKEN")
+        console.print(f"[yellow]the app listens on {host}, not loopback only[/]: anyone who reaches it reads the "
+                      "plane" + (", and can apply and dismiss recommendations with this app's API token"
+                                 if token else ""))
     os.execv(argv[0], argv)
 
 

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Final
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX: Final = "CONTROLPLANE_"
+# Variables with the prefix that are read elsewhere, not settings: the app's API URL, the tests' PostgreSQL.
+OTHER_ENV: Final = frozenset({"CONTROLPLANE_API_URL", "CONTROLPLANE_TEST_PG_URL"})
 
 
 def is_sendable_token(token: str) -> bool:
@@ -19,7 +27,7 @@ def is_sendable_token(token: str) -> bool:
 class Settings(BaseSettings):
     # inf and nan are no interval, port or price: `gt=0` alone lets "inf" through (a scrape loop that never
     # scrapes again, a cost gauge of 0 per hour).
-    model_config = SettingsConfigDict(env_prefix="CONTROLPLANE_", extra="forbid", allow_inf_nan=False)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", allow_inf_nan=False)
 
     data_dir: Path = Field(default=Path("data"), description="Where the SQLite store, models and reports live.")
     database_url: str | None = Field(
@@ -82,9 +90,19 @@ class Settings(BaseSettings):
     @field_validator("bind_host")
     @classmethod
     def _bind_host(cls, v: str) -> str:
-        # '' (every interface, to Python's sockets) is no address gRPC can bind; brackets are for URLs, not binds
+        # Set but empty is unset, as for the token: `CONTROLPLANE_BIND_HOST=$HOST_IP` with HOST_IP unset must not
+        # open the plane to the network ('' is every interface to Python's sockets). Every interface is spelled
+        # 0.0.0.0 or ::. Brackets are for URLs, not binds.
         v = v.strip().removeprefix("[").removesuffix("]")
-        return v or "0.0.0.0"
+        return v or "127.0.0.1"
+
+    @model_validator(mode="after")
+    def _no_unknown_variables(self) -> Settings:
+        # pydantic-settings ignores environment variables that match no field (extra="forbid" covers only
+        # arguments), so a misspelt one would leave its default in force without a word.
+        if unknown := unknown_env(os.environ):
+            raise ValueError("; ".join(unknown))
+        return self
 
     @field_validator("replica_otlp_endpoint")
     @classmethod
@@ -208,3 +226,45 @@ def is_loopback_host(host: str, *, wildcard: bool = True) -> bool:
         return False
     mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
     return address.is_loopback or (mapped is not None and mapped.is_loopback) or (wildcard and address.is_unspecified)
+
+
+def unknown_env(environ: Mapping[str, str]) -> list[str]:
+    """A message for each CONTROLPLANE_* variable that is no setting (nor one of OTHER_ENV), with the closest
+    setting's name when one is close."""
+    known = sorted({ENV_PREFIX + name.upper() for name in Settings.model_fields} | OTHER_ENV)
+    suffixes = [k.removeprefix(ENV_PREFIX) for k in known]
+    out = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if upper.startswith(ENV_PREFIX) and upper not in known:
+            close = difflib.get_close_matches(upper.removeprefix(ENV_PREFIX), suffixes, n=1, cutoff=0.6)
+            out.append(f"{name} is not a setting" + (f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else
+                                                     f"; the settings are {', '.join(known)}"))
+    return out
+
+
+def describe_errors(exc: ValidationError) -> list[str]:
+    """One line per bad setting, naming its environment variable and repeating the value without its secrets;
+    an error about the settings as a whole (an unknown variable) repeats no value."""
+    out = []
+    for err in exc.errors():
+        name = str(err["loc"][0]) if err["loc"] else ""
+        if not name:
+            out.append(f"settings: {err['msg'].removeprefix('Value error, ')}")
+        else:
+            out.append(f"{ENV_PREFIX}{name.upper()}: {err['msg']} (got {_shown(name, err.get('input'))})")
+    return out
+
+
+def _shown(name: str, value: object) -> str:
+    """A bad setting as the error repeats it, without the secrets it may hold."""
+    if name == "api_token":
+        return "a token (not shown)"
+    if name == "database_url" and isinstance(value, str):
+        from sqlalchemy.engine import make_url
+
+        try:
+            return repr(make_url(value).render_as_string(hide_password=True))
+        except Exception:  # noqa: BLE001 - not even a URL: it has no password part to hide
+            return repr(re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", value))
+    return repr(value)

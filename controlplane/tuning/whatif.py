@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -334,22 +335,32 @@ def what_if_command(
 def _load_trace(replica: str | None, since: float | None, until: float | None) -> Workload:
     """The store edge: open the configured store and read the trace."""
     from pydantic import ValidationError
+    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import SQLAlchemyError
 
-    from controlplane.settings import Settings
+    from controlplane.settings import Settings, describe_errors
     from controlplane.store.db import make_engine
     from controlplane.store.repo import Store
 
     try:
         url = Settings().resolved_database_url()
     except ValidationError as exc:
-        _err.print(f"[red]error:[/] settings: {exc.errors()[0]['msg']}")
+        for line in describe_errors(exc):
+            _err.print(f"error: {line}", style="red", markup=False, highlight=False)
         raise typer.Exit(2) from None
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).is_file():
+        # Read only: opening it would create an empty store (and its directory) and then find no requests table.
+        _err.print(f"error: --trace-replica: no store at {parsed.database} (CONTROLPLANE_DATA_DIR / "
+                   "CONTROLPLANE_DATABASE_URL); the plane records requests there while it runs",
+                   style="red", markup=False, highlight=False)
+        raise typer.Exit(2)
     engine = make_engine(url)
     try:
         return load_trace(Store(engine), replica=replica, since_unix_s=since, until_unix_s=until)
     except SQLAlchemyError as exc:
-        _err.print(f"[red]error:[/] cannot read requests from the store: {str(exc).splitlines()[0]}")
+        _err.print(f"error: cannot read requests from the store: {str(exc).splitlines()[0]}", style="red",
+                   markup=False, highlight=False)
         raise typer.Exit(1) from None
     finally:
         engine.dispose()
@@ -417,7 +428,7 @@ def search_command(
     import httpx
     from pydantic import ValidationError
 
-    from controlplane.settings import Settings, is_sendable_token
+    from controlplane.settings import Settings, describe_errors, is_sendable_token
 
     try:
         check_flag("--target-rps", target_rps, 0.0, 1e6, low_open=True)
@@ -427,12 +438,8 @@ def search_command(
         if token is not None and not is_sendable_token(token):
             raise ValueError("--token / CONTROLPLANE_API_TOKEN: the token must be printable ASCII without spaces")
     except ValueError as exc:  # pydantic's ValidationError is a ValueError too: a bad CONTROLPLANE_* setting
-        if isinstance(exc, ValidationError):
-            first = exc.errors()[0]
-            why = f"settings: {'.'.join(map(str, first['loc']))}: {first['msg']}"
-        else:
-            why = str(exc)
-        _err.print(f"error: {why}", style="red", markup=False, highlight=False)
+        for why in describe_errors(exc) if isinstance(exc, ValidationError) else [str(exc)]:
+            _err.print(f"error: {why}", style="red", markup=False, highlight=False)
         raise typer.Exit(2) from None
     body = {k: v for k, v in {"target_rps": target_rps, "window_s": window_s, "canary_trials": canary,
                               "mode": mode}.items() if v is not None}

@@ -28,6 +28,8 @@ def streamlit_argv(api_url: str, host: str = "127.0.0.1", port: int = 8501) -> l
         raise ValueError(f"api_url is not a usable URL: {exc}") from None
     if not url.host:
         raise ValueError(f"api_url names no host: {api_url!r}")
+    if url.port == 0:  # the plane may listen on any free port (0), but is never reached there
+        raise ValueError("api_url's port 0 is no port a server is reached on; give the API's real port")
     return [sys.executable, "-m", "streamlit", "run", str(APP_SCRIPT), "--server.headless", "true",
             "--server.address", host, "--server.port", str(port), "--browser.gatherUsageStats", "false",
             "--client.toolbarMode", "viewer", "--", "--api-url", api_url]

@@ -116,7 +116,8 @@ def test_tune_search_names_a_bad_api_url_or_setting() -> None:
     out = runner.invoke(app, ["tune", "search", "tiny", "--api", "http://[::bad"])
     assert out.exit_code == 1 and "cannot reach the plane's API at http://[::bad" in " ".join(out.output.split())
     bad = runner.invoke(app, ["tune", "search", "tiny"], env={"CONTROLPLANE_API_PORT": "abc"})
-    assert bad.exit_code == 2 and "settings: api_port" in " ".join(bad.output.split())
+    assert bad.exit_code == 2 and "CONTROLPLANE_API_PORT: Input should be a valid integer" in " ".join(
+        bad.output.split())
 
 
 def test_tune_search_prints_progress_and_what_changes_and_how_it_was_applied() -> None:
@@ -186,7 +187,7 @@ def test_replicas_send_spans_to_an_address_they_reach() -> None:
     assert Settings(bind_host="0.0.0.0").replica_spans_endpoint(4317) == "127.0.0.1:4317"
     assert Settings(bind_host="::").replica_spans_endpoint(4317) == "[::1]:4317"  # not ':::4317'
     assert Settings(bind_host="fd00::5").local_url(8080) == "http://[fd00::5]:8080"
-    assert Settings(bind_host="").local_address(4317) == "127.0.0.1:4317"  # '' is every interface: 0.0.0.0
+    assert Settings(bind_host="").local_address(4317) == "127.0.0.1:4317"
     assert Settings(bind_host="[::1]").local_address(4317) == "[::1]:4317"
     for ok in ("10.0.0.5:4317", "plane.internal:4317", "[fd00::5]:4317", "grpc://10.0.0.5:4317"):
         assert Settings(replica_otlp_endpoint=ok, bind_host="0.0.0.0").replica_spans_endpoint(4317) == ok
@@ -294,3 +295,93 @@ def test_up_refuses_two_deployments_on_the_same_replica_ports(tmp_path: Path) ->
     out = runner.invoke(app, ["up", "-c", str(tmp_path / "llama.yaml"), "-c", str(tmp_path / "qwen.yaml")])
     assert out.exit_code == 2 and "llama (ports 8100-" in out.output and "overlap" in out.output
     assert "Traceback" not in out.output
+
+
+def test_a_misspelt_setting_is_named_with_the_one_meant_and_no_values(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("CONTROLPLANE_TUNERMODE", "auto")
+    monkeypatch.setenv("CONTROLPLANE_API_TOKEN", "s3cret")
+    out = runner.invoke(app, ["db", "upgrade"])
+    text = " ".join(out.output.split())
+    assert out.exit_code == 2 and "CONTROLPLANE_TUNERMODE is not a setting (did you mean CONTROLPLANE_TUNER_MODE?)" \
+        in text and "s3cret" not in text
+    monkeypatch.delenv("CONTROLPLANE_TUNERMODE")
+    monkeypatch.setenv("CONTROLPLANE_NOPE", "1")
+    with pytest.raises(ValueError, match="CONTROLPLANE_NOPE is not a setting; the settings are .*_API_PORT"):
+        Settings()
+
+
+def test_an_empty_bind_host_is_loopback_not_every_interface(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("CONTROLPLANE_BIND_HOST", "")  # e.g. CONTROLPLANE_BIND_HOST=$HOST_IP with HOST_IP unset
+    assert Settings().bind_host == "127.0.0.1"
+
+
+def test_success_lines_never_print_the_database_password(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import controlplane.plane
+    import controlplane.store.db
+
+    monkeypatch.setenv("CONTROLPLANE_DATABASE_URL", "postgresql://bob:hunter2@127.0.0.1:5432/x")
+    monkeypatch.setattr(controlplane.store.db, "upgrade", lambda engine: None)
+    out = runner.invoke(app, ["db", "upgrade"])
+    assert out.exit_code == 0 and "bob:***@127.0.0.1" in out.output and "hunter2" not in out.output
+
+    def run_blocking(plane: controlplane.plane.Plane) -> None:
+        plane.on_ready(controlplane.plane.Endpoints("http://a", "http://b", "c:1", None))  # type: ignore[misc]
+
+    monkeypatch.setattr(controlplane.plane, "run_blocking", run_blocking)
+    monkeypatch.setattr(controlplane.plane.Plane, "__init__", lambda self, settings, targets, *, on_ready, **kw:
+                        setattr(self, "on_ready", on_ready))
+    up = runner.invoke(app, ["up"])
+    assert up.exit_code == 0 and "plane up store=postgresql://bob:***@" in up.output and "hunter2" not in up.output
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def test_up_refuses_repeated_names_and_its_own_ports_shared(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import controlplane.plane
+
+    def never(plane: object) -> None:
+        raise AssertionError("the plane started")
+
+    monkeypatch.setattr(controlplane.plane, "run_blocking", never)
+    dep = _write(tmp_path / "d.yaml", "apiVersion: controlplane/v1\nkind: Deployment\nmetadata: {name: tiny}\n"
+                                      "spec: {model: {path: /m, served_name: tiny}}\n")
+    slos = [_write(tmp_path / f"s{i}.yaml", "apiVersion: controlplane/v1\nkind: SLO\nmetadata: {name: tiny-ttft}\n"
+                                            f"spec: {{deployment: tiny, sli: ttft, threshold: 500ms, "
+                                            f"objective: 0.9{i}, window: 30d}}\n") for i in (1, 2)]
+    out = runner.invoke(app, ["up", "-c", dep, "--slo", slos[0], "--slo", slos[1]])
+    assert out.exit_code == 2 and "SLO names must be unique across --slo files; repeated: ['tiny-ttft']" in \
+        " ".join(out.output.split())
+    out = runner.invoke(app, ["up", "--watch", "a=http://127.0.0.1:9001", "--watch", "a=http://127.0.0.1:9002"])
+    assert out.exit_code == 2 and "watched replica names must be unique across --watch entries; repeated: ['a']" in \
+        " ".join(out.output.split())
+    monkeypatch.setenv("CONTROLPLANE_API_PORT", "18080")
+    monkeypatch.setenv("CONTROLPLANE_OTLP_HTTP_PORT", "18080")
+    out = runner.invoke(app, ["up"])
+    assert out.exit_code == 2 and "API (CONTROLPLANE_API_PORT) and OTLP/HTTP (CONTROLPLANE_OTLP_HTTP_PORT) are both " \
+        "on port 18080" in " ".join(out.output.split())
+
+
+def test_make_tiny_into_a_path_it_cannot_create_is_an_error_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    out = runner.invoke(app, ["model", "make-tiny", "--out", str(tmp_path / "file" / "tiny")])
+    assert out.exit_code == 2 and f"--out {tmp_path / 'file' / 'tiny'}: Not a directory" in \
+        " ".join(out.output.split()) and "Traceback" not in out.output
+
+
+def test_what_if_on_a_store_that_does_not_exist_says_so_and_creates_nothing(tmp_path: Path) -> None:
+    out = runner.invoke(app, ["tune", "what-if", "--trace-replica", "fleet"],
+                        env={"CONTROLPLANE_DATA_DIR": str(tmp_path / "none")})
+    assert out.exit_code == 2 and "no store at" in " ".join(out.output.split()) and not (tmp_path / "none").exists()
+
+
+def test_the_ui_warns_when_it_listens_beyond_loopback_and_refuses_port_0(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr("os.execv", lambda _exe, argv: None)
+    monkeypatch.setenv("CONTROLPLANE_API_TOKEN", "t0k")
+    out = runner.invoke(app, ["ui", "--host", "0.0.0.0"])
+    assert out.exit_code == 0 and "can apply and dismiss recommendations" in " ".join(out.output.split())
+    assert "not loopback" not in runner.invoke(app, ["ui"]).output
+    bad = runner.invoke(app, ["ui", "--api-url", "http://127.0.0.1:0"])
+    assert bad.exit_code == 2 and "port 0" in bad.output
