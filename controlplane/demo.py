@@ -91,9 +91,14 @@ def run_demo(settings: Settings, console: Console, *, engine: str = "vllm", keep
         startup_s, ready_timeout = "10", 60.0
     else:
         cfg = cfg or LoopConfig()
-        with console.status("building or reusing the tiny model") as status:
-            model_dir, built = make_tiny_model(settings.data_dir / "models" / "tiny", TinyModelSpec(),
-                                               progress=lambda m: status.update(m))
+        where = settings.data_dir / "models" / "tiny"
+        try:
+            with console.status("building or reusing the tiny model") as status:
+                model_dir, built = make_tiny_model(where, TinyModelSpec(), progress=lambda m: status.update(m))
+        except OSError as exc:  # e.g. a file where the model's directory belongs
+            console.print(f"[red]error:[/] the tiny model at {where} (CONTROLPLANE_DATA_DIR): {exc.strerror or exc}",
+                          soft_wrap=True)
+            return 2
         console.print(f"[green]✓[/] tiny model {'built' if built else 'reused'}: {model_dir}")
         dep_path, slo_path = write_specs(cfg, run_dir, model_dir.resolve(), _free_port_run(2))
         engine_label = "vLLM (CPU, tiny model)"
@@ -246,8 +251,9 @@ def _summarise(console: Console, cfg: LoopConfig, r: LoopResult) -> int:
     failed = sum(1 for x in r.sent if not x.result.ok)
     if failed > 0.01 * max(1, len(r.sent)):
         console.print(f"[yellow]{failed} of {len(r.sent)} requests failed[/] (they are not in the attainment)")
+    # A note says the story ran out of time (the recovered phase cut short, or never reached): not a success.
     ok = (r.alert_fired_unix_s is not None and r.scaled_unix_s is not None and recovered is not None
-          and recovered >= cfg.objective and failed <= 0.01 * max(1, len(r.sent)))
+          and recovered >= cfg.objective and failed <= 0.01 * max(1, len(r.sent)) and not r.notes)
     for note in r.notes:
         console.print(f"[yellow]note:[/] {note}")
     if ok:

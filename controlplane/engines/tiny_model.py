@@ -7,6 +7,7 @@ files, and a finished build is cached (a stamp file records the recipe), so test
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import random
@@ -74,11 +75,22 @@ def is_built(out: Path, spec: TinyModelSpec) -> bool:
 def make_tiny_model(
     out: Path, spec: TinyModelSpec | None = None, progress: Callable[[str], None] = lambda _: None
 ) -> tuple[Path, bool]:
-    """Build the model into `out`; returns (out, built_now). Reuses a finished build with the same recipe."""
+    """Build the model into `out`; returns (out, built_now). Reuses a finished build with the same recipe.
+    Builds into one directory are serialised by a lock file beside it (the demo and the tests may build at once).
+    Raises NotADirectoryError, before building, when `out` is a file."""
     spec = spec or TinyModelSpec()
-    if is_built(out, spec):
-        progress(f"reusing tiny model in {out}")
-        return out, False
+    if out.exists() and not out.is_dir():  # found before a build of minutes, not when its result is moved in
+        raise NotADirectoryError(20, "exists and is not a directory", str(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.with_name(out.name + ".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if is_built(out, spec):  # perhaps by the holder of the lock before us
+            progress(f"reusing tiny model in {out}")
+            return out, False
+        return out, _build(out, spec, progress)
+
+
+def _build(out: Path, spec: TinyModelSpec, progress: Callable[[str], None]) -> bool:
     # Heavy imports only when building.
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -133,4 +145,4 @@ def make_tiny_model(
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     progress(f"tiny model written to {out}")
-    return out, True
+    return True

@@ -385,3 +385,20 @@ def test_the_ui_warns_when_it_listens_beyond_loopback_and_refuses_port_0(monkeyp
     assert "not loopback" not in runner.invoke(app, ["ui"]).output
     bad = runner.invoke(app, ["ui", "--api-url", "http://127.0.0.1:0"])
     assert bad.exit_code == 2 and "port 0" in bad.output
+
+
+def test_a_file_where_the_tiny_model_belongs_is_named_before_any_build(tmp_path: Path) -> None:
+    from io import StringIO
+
+    from rich.console import Console
+
+    from controlplane.demo import run_demo
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny").write_text("not a model")
+    with pytest.raises(NotADirectoryError):
+        make_tiny_model(tmp_path / "models" / "tiny")
+    out = StringIO()
+    assert run_demo(Settings(data_dir=tmp_path), Console(file=out, width=300)) == 2
+    assert f"the tiny model at {tmp_path / 'models' / 'tiny'}" in out.getvalue() and "not a directory" in \
+        out.getvalue()

@@ -114,3 +114,26 @@ def test_waiting_for_replicas_stops_at_once_on_one_the_supervisor_gave_up_on(mon
     with pytest.raises(RuntimeError, match="tiny-0 is crashloop"):
         demo_loop.wait_ready("http://127.0.0.1:9", "tiny", 1, 420.0, seen.append)
     assert seen[-1].endswith("(tiny-0 crashed)")  # the progress line says what each replica is doing
+
+
+def test_a_story_that_ran_out_of_time_is_not_reported_as_complete() -> None:
+    from io import StringIO
+
+    from rich.console import Console
+
+    from controlplane.demo import _summarise
+    from controlplane.demo_loop import LoopResult
+
+    cfg = LoopConfig()
+    good = [Sent("recovered", ClientResult(f"t{i}", True, 100.0 + i, 0.1, 0.5, 8)) for i in range(50)]
+
+    def result(notes: list[str]) -> LoopResult:
+        return LoopResult(0.0, 100.0, {"steady": (0.0, 30.0), "burst": (30.0, 60.0), "recovered": (95.0, 100.0)},
+                          good, 40.0, 45.0, 60.0, None, notes)
+
+    out = StringIO()
+    assert _summarise(Console(file=out, width=200), cfg, result([])) == 0 and "✓" in out.getvalue()
+    out = StringIO()
+    late = result([f"the story did not complete within {cfg.max_s:.0f} s"])
+    assert _summarise(Console(file=out, width=200), cfg, late) == 1
+    assert "✓" not in out.getvalue() and "did not complete" in out.getvalue()
