@@ -81,6 +81,9 @@ def make_tiny_model(
     spec = spec or TinyModelSpec()
     if out.exists() and not out.is_dir():  # found before a build of minutes, not when its result is moved in
         raise NotADirectoryError(20, "exists and is not a directory", str(out))
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():  # mkdir would say "File exists", naming nothing
+        raise NotADirectoryError(20, f"Not a directory: {above}", str(above))
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.with_name(out.name + ".lock").open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
