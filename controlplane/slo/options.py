@@ -92,7 +92,7 @@ def load_options(path: Path) -> RuleOptions:
     """RuleOptions from an AlertingOptions file; SpecError naming the file and field on bad input."""
     try:
         raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:  # not UTF-8 text: named like the others
         raise SpecError(f"{path}: cannot read AlertingOptions: {exc}") from None
     try:
         body = OptionsDocument.model_validate(raw).spec

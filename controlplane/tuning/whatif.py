@@ -221,15 +221,15 @@ def parse_lengths(text: str, what: str) -> LengthDist:
             return LogNormal(median, sigma, 1, cap)
         if "-" in t:
             lo, hi = t.split("-", 1)
-            if max(int(lo), int(hi)) > MAX_TOKENS:
+            if not 1 <= int(lo) <= int(hi) <= MAX_TOKENS:  # 10-5 is no range
                 raise ValueError
             return Uniform(int(lo), int(hi))
-        if int(t) > MAX_TOKENS:
+        if not 1 <= int(t) <= MAX_TOKENS:
             raise ValueError
         return Fixed(int(t))
     except ValueError:
-        raise ValueError(f"--{what} {text!r}: expected N (fixed), LOW-HIGH (uniform) or "
-                         f"lognormal:MEDIAN:SIGMA[:MAX], lengths at most {MAX_TOKENS:,} tokens") from None
+        raise ValueError(f"--{what} {text!r}: expected N (fixed), LOW-HIGH (uniform, LOW <= HIGH) or "
+                         f"lognormal:MEDIAN:SIGMA[:MAX], lengths from 1 to {MAX_TOKENS:,} tokens") from None
 
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -308,6 +308,8 @@ def what_if_command(
                               ("--tp", tp, MAX_TP)):
             if n is not None and not 1 <= n <= most:
                 raise ValueError(f"{flag} {n}: allowed: a whole number from 1 to {most:,}")
+        if not 0 <= seed < 2**32:
+            raise ValueError(f"--seed {seed}: allowed: a whole number from 0 to {2**32 - 1:,}")
         if trace is None and requests / rate > MAX_SIMULATED_S:
             raise ValueError(f"--requests {requests} at --rate {rate:g} simulate {requests / rate / 86_400:,.0f} "
                              f"days; at most {MAX_SIMULATED_S / 86_400:.0f}: raise --rate or lower --requests")

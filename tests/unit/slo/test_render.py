@@ -95,6 +95,9 @@ def test_a_bad_options_file_names_the_field(tmp_path: Path) -> None:
         load_options(path)
     assert f"{path}: spec.kv_cache_usage_ratio: Input should be less than or equal to 1 (got 90)" in str(exc.value)
     assert "spec.gpu_temp: unknown field; allowed: runbook_base_url, kv_cache_usage_ratio" in str(exc.value)
+    path.write_bytes(b"\xff\xfe not UTF-8")
+    with pytest.raises(SpecError, match=f"{path}: cannot read AlertingOptions: 'utf-8' codec can't decode"):
+        load_options(path)
 
 
 def test_an_slo_the_generator_cannot_test_still_gets_rules_and_a_warning() -> None:

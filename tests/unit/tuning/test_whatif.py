@@ -106,7 +106,10 @@ def test_the_command_can_print_json() -> None:
     (["--usd-per-gpu-hour", "nan"], "--usd-per-gpu-hour nan: allowed"),
     (["--usd-per-gpu-hour", "-1"], "--usd-per-gpu-hour -1.0: allowed"),
     (["--ttft-slo-ms", "-1"], "--ttft-slo-ms -1.0: allowed"),
-    (["--prompt", "99999999999999999999"], "lengths at most 10,000,000 tokens"),
+    (["--prompt", "99999999999999999999"], "lengths from 1 to 10,000,000 tokens"),
+    (["--prompt", "10-5"], "--prompt '10-5': expected N (fixed), LOW-HIGH (uniform, LOW <= HIGH)"),
+    (["--output", "0"], "--output '0'"),
+    (["--seed", "-1"], "--seed -1: allowed: a whole number from 0"),
     (["--prompt", "lognormal:nan:1"], "--prompt 'lognormal:nan:1'"),
 ])
 def test_bad_input_is_an_error_naming_what_was_wrong_not_a_traceback(args: list[str], message: str) -> None:
