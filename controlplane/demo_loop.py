@@ -393,11 +393,14 @@ def _status_line(load: OpenLoopLoad, cfg: LoopConfig, status: Status, api: httpx
 
 
 def _get(api: httpx.Client, path: str) -> dict[str, Any] | None:
+    """The API's JSON object at `path`, or None (unknown this round) when it cannot be had: unreachable, not 200,
+    or not a JSON object (something else answering on the port)."""
     try:
         r = api.get(path)
-    except httpx.HTTPError:
+        doc = r.json() if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
         return None
-    return r.json() if r.status_code == 200 else None
+    return doc if isinstance(doc, dict) else None
 
 
 def _alert_fired(api: httpx.Client, slo: str) -> float | None:

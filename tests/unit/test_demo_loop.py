@@ -137,3 +137,14 @@ def test_a_story_that_ran_out_of_time_is_not_reported_as_complete() -> None:
     late = result([f"the story did not complete within {cfg.max_s:.0f} s"])
     assert _summarise(Console(file=out, width=200), cfg, late) == 1
     assert "✓" not in out.getvalue() and "did not complete" in out.getvalue()
+
+
+def test_an_api_answer_that_is_not_a_json_object_is_unknown_not_a_crash() -> None:
+    import httpx
+
+    from controlplane.demo_loop import _alert_fired
+
+    for body in (b"<html>proxy error</html>", b"[1, 2]"):
+        api = httpx.Client(base_url="http://plane", transport=httpx.MockTransport(
+            lambda request, body=body: httpx.Response(200, content=body)))
+        assert _alert_fired(api, "tiny-ttft") is None
