@@ -16,6 +16,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 ENV_PREFIX: Final = "CONTROLPLANE_"
 # Variables with the prefix that are read elsewhere, not settings: the app's API URL, the tests' PostgreSQL.
 OTHER_ENV: Final = frozenset({"CONTROLPLANE_API_URL", "CONTROLPLANE_TEST_PG_URL"})
+# What Kubernetes puts in every pod for a Service named `controlplane` (CONTROLPLANE_SERVICE_HOST,
+# CONTROLPLANE_PORT_8080_TCP_ADDR, ...): not ours to refuse.
+_SERVICE_LINKS: Final = re.compile(r"CONTROLPLANE_(SERVICE_(HOST|PORT)(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?)")
 
 
 def is_sendable_token(token: str) -> bool:
@@ -236,7 +239,7 @@ def unknown_env(environ: Mapping[str, str]) -> list[str]:
     out = []
     for name in sorted(environ):
         upper = name.upper()
-        if upper.startswith(ENV_PREFIX) and upper not in known:
+        if upper.startswith(ENV_PREFIX) and upper not in known and not _SERVICE_LINKS.fullmatch(upper):
             close = difflib.get_close_matches(upper.removeprefix(ENV_PREFIX), suffixes, n=1, cutoff=0.6)
             out.append(f"{name} is not a setting" + (f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else
                                                      f"; the settings are {', '.join(known)}"))

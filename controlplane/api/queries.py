@@ -28,7 +28,7 @@ from controlplane.store.models import (
     Request,
     RouterSpan,
 )
-from controlplane.supervisor.policy import FAILED, STOPPED
+from controlplane.supervisor.policy import CRASHED, CRASHLOOP, FAILED, STOPPED
 
 # Who acts on the fleet; events by the engine or the collector are observations, not actions.
 ACTION_ACTORS: Final = ("user", "tuner", "supervisor")
@@ -177,6 +177,7 @@ def slo_history(engine: Engine, slo: Slo, since: float, until: float, step_s: in
 
 # --- cost --------------------------------------------------------------------------------------------------
 _GONE_STATES: Final = (STOPPED, FAILED)
+_NOT_RUNNING: Final = (STOPPED, FAILED, CRASHED, CRASHLOOP)  # states in which no engine process runs
 EXTERNAL: Final = "external"  # the backend of a replica the plane only watches (its row made at its first scrape)
 def _samples(engine: Engine, replica_ids: Sequence[int], since: float, until: float) -> dict[int, cost.Samples]:
     """Each replica's samples in [since, until) plus its neighbours outside: the last sample and the last
@@ -194,9 +195,11 @@ def _samples(engine: Engine, replica_ids: Sequence[int], since: float, until: fl
             Replica.id.in_(list(rows)), Replica.state.in_(_GONE_STATES),
             Replica.updated_unix_s < since - cost.DEFAULT_MAX_GAP_S)))
         # When the plane launched each replica it supervises (a watched one's row is made at its first scrape),
-        # and when it stopped for good: its start-up is billed (see `cost.Samples.starting`).
+        # and when it stopped running: its start-up is billed (see `cost.Samples.starting`) until its first
+        # sample, or while it never had one, until it stopped, failed, crashed or was given up on (crash loop).
+        # A restart keeps the first launch time: the back-off between crashes before any sample is billed too.
         launched: dict[int, tuple[float, float | None]] = {
-            int(i): (float(c), float(u) if st in _GONE_STATES and u is not None else None)
+            int(i): (float(c), float(u) if st in _NOT_RUNNING and u is not None else None)
             for i, c, st, u in conn.execute(
                 select(Replica.id, Replica.created_unix_s, Replica.state, Replica.updated_unix_s).where(
                     Replica.id.in_([r for r in rows if r not in gone]), Replica.backend != EXTERNAL))}

@@ -14,6 +14,7 @@ vLLM's 400 error body.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import secrets
@@ -169,21 +170,22 @@ class Plan:
 
     @classmethod
     def of(cls, max_tokens: int, stop: list[str]) -> Plan:
-        """The first place any of `stop` appears in the text of `max_tokens` tokens. The text repeats every
+        """Where the output stops: as vLLM checks the text after each token, the stop string that *completes*
+        first wins (the first listed on a tie), and the text is cut where it starts. The text repeats every
         len(_WORDS) tokens, so a match, if any, starts in the first cycle: only that much text is searched."""
         if not stop:
             return cls(max_tokens)
         window = min(max_tokens, len(_WORDS) + max(len(x) for x in stop) + 1)
         text = token_text(0, window)
-        hits = [(i, x) for x in stop if (i := text.find(x)) >= 0]
+        hits = [(i + len(x), k, i) for k, x in enumerate(stop) if (i := text.find(x)) >= 0]
         if not hits:
             return cls(max_tokens)
-        at, first = min(hits)
+        end, which, at = min(hits)  # the earliest occurrence of a string is also the one that completes first
         tokens, chars = 0, 0
-        while chars < at + len(first):  # the token whose text completes the match is the last one
+        while chars < end:  # the token whose text completes the match is the last one
             chars += len(token_text(tokens, 1))
             tokens += 1
-        return cls(tokens, at, first)
+        return cls(tokens, at, stop[which])
 
     def cut(self, text: str, offset: int) -> str:
         """The part of `text` (starting `offset` characters into the output) the client sees."""
@@ -230,7 +232,8 @@ class _Stream:
         if self.kind == "chat":
             # vLLM opens a chat stream with the role (empty content) when the first token is out, then the token.
             head = self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                "finish_reason": None}) if role else ""
+                                "finish_reason": None}, _usage(self.req, 0) if self.continuous_usage else None) \
+                if role else ""
             return head + self._chunk({"index": 0, "delta": {"content": text}, "logprobs": None,
                                        "finish_reason": finish})
         return self._chunk({"index": 0, "text": text, "logprobs": None, "finish_reason": finish,
@@ -284,9 +287,12 @@ async def _finish_unless_gone(req: LiveRequest, request: Request) -> Timing | No
         await asyncio.wait((finish, gone), return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-        if not finish.done():
-            finish.cancel()  # _finish marks the request aborted on the way out
-    return None if finish.cancelled() else finish.result()
+    if finish.done():  # finished first (or at the same time): the answer goes out
+        return finish.result()
+    finish.cancel()  # _finish marks the request aborted on the way out
+    with contextlib.suppress(asyncio.CancelledError):
+        await finish
+    return None
 
 
 def _complete(kind: Kind, req: LiveRequest, served: ServedModel, plan: Plan, timing: Timing) -> dict[str, Any]:

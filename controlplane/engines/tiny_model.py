@@ -84,10 +84,14 @@ def make_tiny_model(
     above = next((p for p in out.parents if p.exists()), None)
     if above is not None and not above.is_dir():  # mkdir would say "File exists", naming nothing
         raise NotADirectoryError(20, f"Not a directory: {above}", str(above))
+    if is_built(out, spec):  # no lock needed to reuse (and a read-only place may allow no lock file)
+        progress(f"reusing tiny model in {out}")
+        return out, False
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.with_name(out.name + ".lock").open("a") as lock:
+    where = out.resolve()  # `.` has no name to put a lock file beside
+    with where.with_name(where.name + ".lock").open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if is_built(out, spec):  # perhaps by the holder of the lock before us
+        if is_built(out, spec):  # built by the holder of the lock before us
             progress(f"reusing tiny model in {out}")
             return out, False
         return out, _build(out, spec, progress)

@@ -151,7 +151,7 @@ class RayActorBackend:
             return None
         if code is not None or info.get("url") != url:
             # Ours, but not the replica the store knows: it would hold its resources for good.
-            self._stop_and_kill(actor, replica, 10.0, info)
+            self._stop_and_kill(actor, replica, 10.0, {**runtime, **info})  # the node is in the stored runtime
             return None
         # it keeps the spans endpoint it was started with (an actor from an older plane does not say which)
         self._warn_lost_spans(replica, info.get("otlp_endpoint"), runtime.get("node_ip"))

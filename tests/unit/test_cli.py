@@ -402,3 +402,22 @@ def test_a_file_where_the_tiny_model_belongs_is_named_before_any_build(tmp_path:
     assert run_demo(Settings(data_dir=tmp_path), Console(file=out, width=300)) == 2
     assert f"the tiny model at {tmp_path / 'models' / 'tiny'}" in out.getvalue() and "not a directory" in \
         out.getvalue()
+
+
+def test_a_built_tiny_model_is_reused_without_a_lock_even_as_the_working_directory(tmp_path: Path,
+                                                                                   monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from controlplane.engines.tiny_model import STAMP
+
+    spec = TinyModelSpec(seed=5)
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / STAMP).write_text(json.dumps({"recipe": spec.recipe_hash()}))
+    monkeypatch.chdir(tmp_path / "tiny")
+    assert make_tiny_model(Path("."), spec) == (Path("."), False)
+    assert not list(tmp_path.glob("*.lock"))  # reuse takes no lock (a read-only place may allow none)
+
+
+def test_kubernetes_service_links_are_not_taken_for_misspelt_settings(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    for name, value in (("CONTROLPLANE_SERVICE_HOST", "10.0.0.1"), ("CONTROLPLANE_SERVICE_PORT", "8080"),
+                        ("CONTROLPLANE_PORT", "tcp://10.0.0.1:8080"), ("CONTROLPLANE_PORT_8080_TCP_ADDR", "10.0.0.1")):
+        monkeypatch.setenv(name, value)
+    assert Settings().api_port == 8080

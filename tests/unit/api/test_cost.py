@@ -327,3 +327,16 @@ def test_cost_reads_bill_a_supervised_replicas_start_up_from_the_store(sqlite_st
     (u,) = cost_usage(store.engine, np.array([900.0, 1390.0]), watched_price=3.6)
     assert cost.totals(u).replica_hours == pytest.approx((390 + 300) / 3600)
     assert cost.totals(u).prompt_tokens == pytest.approx(600)
+
+
+def test_a_replica_given_up_on_before_it_ever_served_is_billed_until_then_not_forever(sqlite_store: Store) -> None:
+    # Launched at 1000, crash-looping until the supervisor gave up at 1300 (its process stopped): 300 s billed.
+    store = sqlite_store
+    rid = store.save_replica("looping", deployment_id=None, url="http://127.0.0.1:9", backend="local",
+                             state="crashloop", runtime={"pid": 1}, config=None)
+    with store.engine.begin() as conn:
+        conn.execute(update(Replica).values(created_unix_s=1000.0, updated_unix_s=1300.0))
+    (u,) = cost_usage(store.engine, np.array([0.0, 90_000.0]), watched_price=3.6)
+    assert cost.totals(u).replica_hours == pytest.approx(300 / 3600)
+    (later,) = cost_usage(store.engine, np.array([80_000.0, 90_000.0]), watched_price=3.6)
+    assert cost.totals(later).replica_hours == 0.0 and rid

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import secrets
 import signal
@@ -476,6 +477,10 @@ def test_a_stop_string_in_the_text_ends_the_request_there_as_vllm_does(recorded:
     assert never["choices"][0]["finish_reason"] == "length" and never["usage"]["completion_tokens"] == 40
     later = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 40, "stop": "serve the"}).json()
     assert later["usage"]["completion_tokens"] == 17 and later["choices"][0]["text"].endswith(" window ")
+    # As vLLM checks after each token, the string that completes first wins, not the one that starts first.
+    both = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 9,
+                                                     "stop": ["the replica token", "replica"]}).json()["choices"][0]
+    assert (both["text"], both["stop_reason"]) == (" the ", "replica")
 
     seen = asyncio.run(_chat_stream(url, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 50,
                                           "stop": "queue", "stream": True,
@@ -484,11 +489,13 @@ def test_a_stop_string_in_the_text_ends_the_request_there_as_vllm_does(recorded:
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in seen if c["choices"])
     assert text == " the replica token " and seen[-2]["choices"][0]["finish_reason"] == "stop"
     assert all("usage" in c for c in seen)  # continuous usage: on every chunk, counting up
+    assert seen[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert seen[0]["usage"]["completion_tokens"] == 0  # the role chunk carries no token
     assert [c["usage"]["completion_tokens"] for c in seen if c["choices"]][-1] == 4 == seen[-1]["usage"][
         "completion_tokens"]
     page = httpx.get(url + "/metrics").text
-    assert 'finished_reason="stop",model_name="sim"} 3.0' in page
-    assert read_engine(parse(page)).counters["request_success_total"] == 4
+    assert 'finished_reason="stop",model_name="sim"} 4.0' in page
+    assert read_engine(parse(page)).counters["request_success_total"] == 5
 
 
 def test_spans_carry_the_sampling_parameters_as_vllm_resolves_them(recorded: Any) -> None:
@@ -506,8 +513,19 @@ def test_spans_carry_the_sampling_parameters_as_vllm_resolves_them(recorded: Any
         rec.timings["defaulted"].completion_tokens
 
 
+class _Kept(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def test_a_non_streaming_client_that_goes_away_is_counted_as_aborted(recorded: Any) -> None:
     server, rec = recorded(config(slow_replica(), speedup=5.0))
+    errors = _Kept()  # uvicorn's own logger (it does not propagate): a handler's traceback lands there
+    logging.getLogger("uvicorn.error").addHandler(errors)
     with pytest.raises(httpx.ReadTimeout):  # 200 steps of ~5 ms, 5x faster: ~0.2 s; the client leaves at 0.05 s
         httpx.post(server.base_url + "/v1/completions", json={"prompt": [1] * 10, "max_tokens": 200},
                    headers={"x-request-id": "gone"}, timeout=0.05)
@@ -516,3 +534,5 @@ def test_a_non_streaming_client_that_goes_away_is_counted_as_aborted(recorded: A
         time.sleep(0.05)
     reading = read_engine(parse(httpx.get(server.base_url + "/metrics").text))
     assert reading.counters["request_errors_total"] == 1 and reading.counters["request_success_total"] == 0
+    logging.getLogger("uvicorn.error").removeHandler(errors)
+    assert not errors.records, [r.getMessage() for r in errors.records]  # no handler traceback
