@@ -105,7 +105,12 @@ class SloCollector(Collector):
                     if not isinstance(value, NoData):
                         fam["quantile"].add_metric([slo.name, slo.deployment, q.sli, f"{quantile:g}"], value)
             if alerts is not None:
-                for severity, state in sorted(alerts.get(slo.name, {}).items()):
+                # Every tier of the SLO, 0 while it has no episode (never had one, or it resolved): the alerter's
+                # own state, which a dashboard or a rule reads as a number rather than as no data.
+                states: dict[str, AlertState] = {w.severity: AlertState.INACTIVE
+                                                 for w in slo.alerting.enabled_windows()}
+                states |= dict(alerts.get(slo.name, {}))
+                for severity, state in sorted(states.items()):
                     fam["alert"].add_metric([slo.name, slo.deployment, severity], int(state))
         yield from fam.values()
 

@@ -339,6 +339,9 @@ class _DeploymentState:
     capacity_note: str = "not calibrated yet"
     calibrated_at: float | None = None
     last_reason: str | None = None
+    # The last change recorded (action, from, to, reason): in recommend mode the same want comes back every round
+    # until a person applies it, and is one decision, not one audit row per round.
+    last_change: tuple[str, int, int, str] | None = None
     applied: Applied | None = None
     history: list[tuple[float, float, int]] = field(default_factory=list)  # (finish-interval end, good, known)
     no_down_until: float = 0.0  # after a rolled-back scale-down, no other one before this time
@@ -476,7 +479,8 @@ class Tuner:
         action = action_of(decision, current)
         key = (name, action, decision.reason)
         self.decisions[key] = self.decisions.get(key, 0) + 1
-        if action != "hold" or decision.reason != st.last_reason:
+        change = (action, current, decision.desired_replicas, decision.reason)
+        if (action != "hold" and change != st.last_change) or (action == "hold" and decision.reason != st.last_reason):
             await asyncio.to_thread(
                 self.store.record_action, None, DECISION_KIND, actor=ACTOR, reason=decision.reason,
                 message=f"{name}: {current} -> {decision.desired_replicas} replicas ({decision.reason})",
@@ -485,6 +489,7 @@ class Tuner:
                             "inputs": _jsonable(decision.inputs), "capacity_source": st.capacity_note},
                 ts_unix_s=now)
             st.last_reason = decision.reason
+            st.last_change = change if action != "hold" else None
         if scaled_back or decision is not wanted:
             return decision  # scaled back this round (the policy decided on the old count), or held
         if opts.mode != "off":

@@ -95,3 +95,11 @@ def test_latest_statuses_hand_out_the_last_update_whole() -> None:
     assert list(latest()) == []
     latest.update([_status(), _status(total=10)])
     assert [s.counts.total for s in latest()] == [1000, 10]
+
+
+def test_a_tier_without_an_episode_reads_inactive_not_no_data() -> None:
+    # Never fired, or resolved (the alerter drops resolved episodes): 0, as the metric's help says.
+    samples = _scrape(SloCollector(lambda: [_status()], lambda: {}))
+    base = {"slo": "chat-ttft", "deployment": "chat"}
+    for severity in ("page", "ticket"):
+        assert samples[(names.SLO_ALERT_STATE, tuple(sorted({**base, "severity": severity}.items())))] == 0
