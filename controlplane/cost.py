@@ -429,8 +429,9 @@ def tenant_costs(edges: FloatArray, replica_cost: Mapping[int, FloatArray],
         if tokens > 0 or math.isnan(total):
             usd = replica_cost.get(r.replica) if r.replica is not None else None
             step_cost = usd[r.step] if usd is not None else np.nan
-            if step_cost != 0:  # a replica not up in the step cost nothing, whatever the shares
-                t.usd[r.step] += tokens / total * step_cost
+            # A replica that served requests in a step it was never seen up in (a watched one before its first
+            # scrape, or one whose spans name no scraped replica) ran unobserved: its cost then is unknown, not 0.
+            t.usd[r.step] += tokens / total * (np.nan if step_cost == 0 else step_cost)
     served = {rid: np.zeros(n, dtype=np.bool_) for rid in replica_cost}
     for (rid, i), w in weight.items():
         if rid in served and not w <= 0:  # NaN: served tokens of unknown count

@@ -373,7 +373,7 @@ def search(space: SearchSpace, factory: ReplicaFactory, objectives: Sequence[Obj
                                     e.estimate, e.capacity, e.price, n, _sims(e)))
             continue
         if chosen is not None or (canary is not None and trials >= opts.canary_trials):
-            finals.append(Candidate(e.cell, OUTRANKED, f"{n} replicas at ${n * e.price:.2f}/h",
+            finals.append(Candidate(e.cell, OUTRANKED, _priced(n, e.price),
                                     e.estimate, e.capacity, e.price, n, _sims(e)))
             continue
         if canary is None and e.cell.precision_changed:
@@ -400,7 +400,7 @@ def search(space: SearchSpace, factory: ReplicaFactory, objectives: Sequence[Obj
             validated = True
             passing = {"note": verdict.note, "quality": dict(verdict.quality) if verdict.quality else None}
         chosen = (e, n, preds)
-        finals.append(Candidate(e.cell, CHOSEN, f"{n} replicas at ${n * e.price:.2f}/h", e.estimate, e.capacity,
+        finals.append(Candidate(e.cell, CHOSEN, _priced(n, e.price), e.estimate, e.capacity,
                                 e.price, n, _sims(e)))
     if chosen is None and canary is not None and sized:
         more = f", {len(dropped)} precision(s) failed before any load" if dropped else ""
@@ -417,3 +417,7 @@ def search(space: SearchSpace, factory: ReplicaFactory, objectives: Sequence[Obj
     return SearchResult(e.cell, n, target, preds, usd_h, usd_h / tokens_per_h * 1e6, cap, cap * 3600.0 / e.price,
                         cands, tally.simulations, tally.requests, cpu, validated, tuple(notes),
                         priced=bool(e.model.usd_per_hour), canary=passing)
+
+
+def _priced(n: int, price: float) -> str:
+    return f"{n} replica{'' if n == 1 else 's'} at ${n * price:.2f}/h"

@@ -446,7 +446,9 @@ def search_command(
     body = {k: v for k, v in {"target_rps": target_rps, "window_s": window_s, "canary_trials": canary,
                               "mode": mode}.items() if v is not None}
     try:
-        with httpx.Client(base_url=url, timeout=30.0, headers={"Authorization": f"Bearer {token or ''}"}) as c:
+        # No token, no header: an empty bearer value is no header httpx can send (and the API says what it needs).
+        auth = {"Authorization": f"Bearer {token}"} if token else {}
+        with httpx.Client(base_url=url, timeout=30.0, headers=auth) as c:
             r = c.post(f"/api/v1/deployments/{deployment}/search", json=body)
             if r.status_code != 202:
                 _err.print(f"[red]error:[/] {r.status_code}: {_detail(r)}")
@@ -478,17 +480,23 @@ def search_command(
     _console.print(f"[bold]{res['outcome']}[/]")
     ev = res["evidence"]
     table = Table(title=f"{deployment}: running vs searched (target {ev['target_rps']:.3g} req/s)")
-    unit = "$/h" if ev.get("cost_unit", "USD") == "USD" else "GPU-h/h (no price)"
-    for col in ("", "engine", "replicas", "capacity req/s per replica", unit):
+    usd = ev.get("cost_unit", "USD") == "USD"
+    for col in ("", "engine", "replicas", "capacity req/s per replica", "$/h" if usd else "GPU-h/h (no price)"):
         table.add_column(col)
     cur = ev["current"]
     now_engine, new_engine = cur.get("engine") or {}, ev.get("engine") or {}
     differ = [k for k in new_engine if new_engine.get(k) != now_engine.get(k)] or list(new_engine)[:2]
+
+    def cost(v: float | None) -> str:
+        return "-" if v is None else f"{v:,.2f}" if usd else _num(v)
+
+    # What the running fleet costs now, and what the replicas it needs would cost (the searched row's basis).
+    needed = cost(cur.get("cost_per_hour_needed", cur.get("usd_per_hour_needed")))
+    running = f"{cost(cur.get('usd_per_hour'))} (needs {needed})" if usd else f"needs {needed}"
     table.add_row("running", _fields(now_engine, differ), f"{cur['replicas']} (needs {cur['replicas_needed']})",
-                  _num(cur["capacity_rps_per_replica"]), _num(cur.get("cost_per_hour_needed",
-                                                                      cur.get("usd_per_hour_needed"))))
+                  _num(cur["capacity_rps_per_replica"]), running)
     table.add_row("searched", _fields(new_engine, differ), str(ev["replicas"]), _num(ev["capacity_rps_per_replica"]),
-                  _num(ev.get("cost_per_hour", ev.get("usd_per_hour"))))
+                  cost(ev.get("cost_per_hour", ev.get("usd_per_hour"))))
     _console.print(table)
     rid, auto = res["recommendation_id"], res.get("auto")
     if rid is not None and auto is not None:

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -97,8 +98,8 @@ def _search_api(result: dict[str, object], status: str = "done") -> object:
 EVIDENCE = {"target_rps": 5.0, "engine": {"max_num_seqs": 4, "max_num_batched_tokens": 1024, "quantization": None},
             "replicas": 1, "capacity_rps_per_replica": 55.8, "usd_per_hour": 0.05,
             "current": {"engine": {"max_num_seqs": 2, "max_num_batched_tokens": 2048, "quantization": None},
-                        "replicas": 1, "replicas_needed": 1, "capacity_rps_per_replica": 29.6,
-                        "usd_per_hour_needed": 0.05}}
+                        "replicas": 2, "replicas_needed": 1, "capacity_rps_per_replica": 29.6,
+                        "usd_per_hour": 0.1, "usd_per_hour_needed": 0.05}}
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -130,7 +131,13 @@ def test_tune_search_prints_progress_and_what_changes_and_how_it_was_applied() -
                             env={"COLUMNS": "200"})  # a wide table: no cell wraps
         denied = runner.invoke(app, ["tune", "search", "tiny", "--api", url, "--token", "wrong"])
         unknown = runner.invoke(app, ["tune", "search", "nope", "--api", url, "--token", "t0k"])
+        tokenless = runner.invoke(app, ["tune", "search", "tiny", "--api", url], env={"CONTROLPLANE_API_TOKEN": ""})
     assert out.exit_code == 0, out.output
+    # The running fleet's cost now, beside what the replicas it needs would cost.
+    assert re.search(r"running .* 2 \(needs 1\) .* 29\.6 .* 0\.10 \(needs 0\.05\)", out.output), out.output
+    assert re.search(r"searched .* 1 .* 55\.8 .* 0\.05", out.output), out.output
+    # Without a token the API says what it needs (not "cannot reach the plane").
+    assert tokenless.exit_code == 2 and "401" in tokenless.output and "cannot reach" not in tokenless.output
     assert "searching 9 configurations" in out.output and "same_cost_more_headroom" in out.output
     assert "max_num_seqs 2, max_num_batched_tokens 2048" in out.output  # only what differs
     assert "max_num_seqs 4, max_num_batched_tokens 1024" in out.output and "quantization" not in out.output

@@ -182,3 +182,14 @@ def test_requests_of_unknown_token_count_make_the_replica_steps_shares_unknown(s
     assert a["points"][1]["usd"] == pytest.approx(1 / 6)  # step 1: all of tiny-0's $1/h for 10 minutes
     assert a["totals"]["usd"] is None and b["totals"]["prompt_tokens"] is None
     assert body["unallocated"]["points"][0]["usd"] == pytest.approx(1 / 6)  # tiny-1 idle, not B's unknown part
+
+
+def test_a_share_of_a_replica_serving_while_never_seen_up_is_unknown_not_zero(store: Store) -> None:
+    # w was last scraped at 500 s, yet served tenant A at 700 s: it ran unobserved then, so A's share of its cost
+    # in that step is unknown; $0 would read as a free request.
+    seed(store, [Req("w", 100, 100, 0, "A"), Req("w", 700, 100, 0, "A")], up_s={"tiny-0": 1200, "w": 500})
+    api = TestClient(create_app(store, CollectorRegistry(), watched_price_per_replica_hour_usd=3.6,
+                                clock=lambda: BASE + 3600))
+    (a,) = tenants(api, deployment="watched")["items"]
+    assert a["points"][0]["usd"] == pytest.approx(0.5) and a["points"][1]["usd"] is None
+    assert a["totals"]["usd"] is None and a["totals"]["requests"] == 2
