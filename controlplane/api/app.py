@@ -253,6 +253,8 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
         try:
             rows, next_id = queries.requests_page(store.engine, since=since, until=until, replica=replica,
                                                   before_id=before_id, limit=limit)
+            if not rows and replica is not None:
+                queries.check_replica_known(store.engine, replica)
         except queries.NotFound as exc:
             raise HTTPException(404, detail=str(exc)) from None
         return {"count": len(rows), "items": rows, "next_before_id": next_id}
@@ -262,6 +264,11 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
                        limit: Limit = 1000) -> dict[str, Any]:
         _check_window(since, until)
         rows = store.engine_samples(since_unix_s=since, until_unix_s=until, replica=replica, limit=limit)
+        if not rows and replica is not None:
+            try:
+                queries.check_replica_known(store.engine, replica)
+            except queries.NotFound as exc:
+                raise HTTPException(404, detail=str(exc)) from None
         return {"count": len(rows), "items": rows}
 
     @app.get("/api/v1/replicas")
@@ -346,6 +353,8 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
         from controlplane.slo.alerter import list_alerts
 
         rows = list_alerts(store.engine, limit=limit, slo=slo)
+        if not rows and slo is not None and slo not in known_slos():  # a misspelt name, not a quiet SLO
+            raise HTTPException(404, detail=f"unknown SLO {slo!r}; known: {', '.join(known_slos()) or 'none'}")
         return {"count": len(rows), "items": rows}
 
     recs = Recommendations(store.engine)

@@ -132,6 +132,14 @@ def _unknown_deployment(name: str, known: Sequence[str]) -> NotFound:
     return NotFound(f"unknown deployment {name!r}; known: {', '.join(known) or 'none'}")
 
 
+def check_replica_known(engine: Engine, replica: str) -> None:
+    """NotFound when the store has no replica of that name: a filter on a misspelt name would answer with an
+    empty list, as if it had served nothing."""
+    with engine.connect() as conn:
+        if conn.scalar(select(Replica.id).where(Replica.name == replica)) is None:
+            raise NotFound(f"unknown replica {replica!r}; GET /api/v1/replicas lists the replicas the plane knows")
+
+
 def check_deployment_known(engine: Engine, deployment: str) -> None:
     """NotFound naming the deployments the store knows (its deployments and those of its recommendations) when
     `deployment` is none of them: a filter on a misspelt name would answer with an empty list, as if nothing

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from controlplane import rendered
 from controlplane.slo.alertmanager import alertmanager_config
@@ -128,8 +129,11 @@ def render_command(
         if check:
             problems = stale(paths, out, options)
             if problems:
+                again = " ".join(["controlplane slo render", *map(str, slo_paths or []),
+                                  *(["--out", str(out)] if out != Path("alerts") else []),
+                                  *(["--options", str(options_file)] if options_file else [])])
                 console.print(f"[red]stale:[/] {len(problems)} file(s) under {out} differ from a fresh render; "
-                              "run `controlplane slo render` and commit")
+                              f"run `{escape(again)}` and commit", highlight=False)
                 for p in problems:
                     console.print(p, markup=False, highlight=False)
                 raise typer.Exit(1)

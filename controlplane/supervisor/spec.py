@@ -461,9 +461,9 @@ def parse_deployment(doc: Any, source: str = "deployment spec") -> Deployment:
     if s.simulated is not None:
         simulated, hardware = _simulated(s, engine, source)
         stored["spec"]["hardware"] = hardware.model_dump(mode="json")
-    elif s.model.path is None:
+    elif s.model.path is None and s.backend.kind != "external":  # the plane starts nothing of an external one
         raise SpecError(f"{source}: spec.model.path: required (a local model directory) unless the deployment is "
-                        "simulated (spec.simulated)")
+                        "simulated (spec.simulated) or external (backend kind external)")
     return Deployment(
         name=d.metadata.name, model_path=s.model.path or "", served_name=s.model.served_name, engine=engine,
         min_replicas=s.replicas.min, max_replicas=s.replicas.max, initial_replicas=initial,

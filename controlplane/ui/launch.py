@@ -28,8 +28,8 @@ def streamlit_argv(api_url: str, host: str = "127.0.0.1", port: int = 8501) -> l
         raise ValueError(f"api_url is not a usable URL: {exc}") from None
     if not url.host:
         raise ValueError(f"api_url names no host: {api_url!r}")
-    if url.port == 0:  # the plane may listen on any free port (0), but is never reached there
-        raise ValueError("api_url's port 0 is no port a server is reached on; give the API's real port")
+    if url.port is not None and not 1 <= url.port <= 65535:  # httpx takes 99999; 0 is any port, reached on none
+        raise ValueError(f"api_url's port {url.port} is not in 1..65535; give the port the API listens on")
     return [sys.executable, "-m", "streamlit", "run", str(APP_SCRIPT), "--server.headless", "true",
             "--server.address", host, "--server.port", str(port), "--browser.gatherUsageStats", "false",
             "--client.toolbarMode", "viewer", "--", "--api-url", api_url]

@@ -27,7 +27,10 @@ def test_healthz_reports_the_database(api: TestClient) -> None:
 def test_requests_honour_the_window_and_the_replica(api: TestClient) -> None:
     body = api.get("/api/v1/requests", params={"since": 1_700_000_001, "until": 1_700_000_003}).json()
     assert body["count"] == 2 and {r["replica"] for r in body["items"]} == {"a"}
-    assert api.get("/api/v1/requests", params={"replica": "zzz"}).json()["count"] == 0
+    assert api.get("/api/v1/requests", params={"replica": "a", "since": 1_800_000_000}).json()["count"] == 0
+    for path in ("/api/v1/requests", "/api/v1/engine-samples"):  # a misspelt name is not a quiet replica
+        unknown = api.get(path, params={"replica": "zzz"})
+        assert unknown.status_code == 404 and "unknown replica 'zzz'" in unknown.json()["detail"]
 
 
 def test_engine_samples_are_served(api: TestClient) -> None:

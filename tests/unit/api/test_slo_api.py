@@ -33,3 +33,5 @@ def test_slo_statuses_and_alert_episodes_are_served(sqlite_store: Store) -> None
     alerts = api.get("/api/v1/alerts", params={"slo": "busy"}).json()
     assert alerts["count"] == 1 and alerts["items"][0]["state"] == "firing"
     assert api.get("/api/v1/alerts", params={"slo": "idle"}).json()["count"] == 0
+    typo = api.get("/api/v1/alerts", params={"slo": "bussy"})
+    assert typo.status_code == 404 and typo.json()["detail"] == "unknown SLO 'bussy'; known: busy, idle"

@@ -38,6 +38,8 @@ def test_check_passes_on_a_fresh_render_and_names_changed_and_leftover_files(tmp
     assert result.exit_code == 1
     assert "rules/slo-tiny-ttft.rules.yaml: differs" in result.output
     assert "tests/old.test.yaml: no longer generated" in result.output
+    # The fix it names renders what was checked, where it was checked.
+    assert f"run `controlplane slo render {SLOS} --out {tmp_path}` and commit" in " ".join(result.output.split())
     assert runner.invoke(app, args).exit_code == 0 and not (tmp_path / "tests" / "old.test.yaml").exists()
 
 

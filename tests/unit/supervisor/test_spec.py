@@ -88,6 +88,11 @@ def test_unreadable_and_invalid_yaml_files_get_a_clear_error(tmp_path: Path) -> 
 def test_external_replicas_count_is_the_number_of_urls() -> None:
     d = parse_deployment(doc(backend={"kind": "external", "urls": ["http://a:8000", "http://b:8000"]}))
     assert d.initial_replicas == 2
+    # The plane starts nothing of an external deployment: no model path is needed (a local one still is).
+    pathless = doc(backend={"kind": "external", "urls": ["http://a:8000"]}, model={"served_name": "llama"})
+    assert parse_deployment(pathless).served_name == "llama"
+    with pytest.raises(SpecError, match="spec.model.path: required"):
+        parse_deployment(doc(model={"served_name": "llama"}))
 
 
 def test_engine_changes_are_validated_like_the_spec() -> None:
