@@ -359,6 +359,15 @@ def _load_trace(replica: str | None, since: float | None, until: float | None) -
         raise typer.Exit(2)
     engine = make_engine(url)
     try:
+        if replica is not None:
+            from controlplane.api.queries import NotFound, check_replica_known
+
+            try:
+                check_replica_known(engine, replica)
+            except NotFound as exc:  # a misspelt name, not a replica that served nothing
+                _err.print(f"error: --trace-replica: {exc} ('fleet': every replica)", style="red", markup=False,
+                           highlight=False)
+                raise typer.Exit(2) from None
         return load_trace(Store(engine), replica=replica, since_unix_s=since, until_unix_s=until)
     except SQLAlchemyError as exc:
         _err.print(f"error: cannot read requests from the store: {str(exc).splitlines()[0]}", style="red",

@@ -136,7 +136,9 @@ def test_a_trace_recorded_in_the_store_is_replayed_faster_on_request(monkeypatch
     data = json.loads(result.output)
     assert data["offered_rps"] == pytest.approx(101 / 50)  # 101 arrivals over 100 s, replayed in 50 s
     assert data["output_tokens_per_s"] == pytest.approx(50 * data["served_rps"])
-    empty = runner.invoke(app, ["what-if", "--trace-replica", "nobody"])
+    unknown = runner.invoke(app, ["what-if", "--trace-replica", "nobody"])
+    assert unknown.exit_code == 2 and "unknown replica 'nobody'" in unknown.output
+    empty = runner.invoke(app, ["what-if", "--trace-replica", "gpu-0", "--until-unix-s", "1600000000"])
     assert empty.exit_code == 2 and "holds no request with known token counts" in empty.output
 
 
