@@ -121,6 +121,8 @@ def read_hf_config(model_path: str) -> dict[str, Any] | None:
     """The model directory's config.json, or None where this host cannot read it (a Ray node's path, a
     simulated deployment, a bad file): then nothing is inferred from it. A separate hf_quant_config.json (older
     ModelOpt checkpoints; vLLM reads it too) is merged in as its quantization_config."""
+    if not model_path:  # an external deployment names no directory: not the plane's working directory
+        return None
     data = _read_json(Path(model_path) / "config.json")
     if data is None:
         return None

@@ -210,7 +210,8 @@ LLAMA_8B_CONFIG = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "
                    "num_key_value_heads": 8, "tie_word_embeddings": False, "vocab_size": 128256}
 
 
-def test_the_model_shape_comes_from_the_checkpoints_config_never_from_the_served_name(tmp_path: Path) -> None:
+def test_the_model_shape_comes_from_the_checkpoints_config_never_from_the_served_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_8B_CONFIG))
     dep = dataclasses.replace(kv_tight(), model_path=str(tmp_path), served_name="Llama-3.1-70B")
     shape = cs.model_shape(dep, cs.read_hf_config(dep.model_path))
@@ -219,6 +220,8 @@ def test_the_model_shape_comes_from_the_checkpoints_config_never_from_the_served
     assert shape.head_params == ref.head_params and shape.kv_heads == 8 and shape.head_dim == 128
     # No readable config.json (a Ray node's path, say): no shape, whatever the served name says.
     assert cs.read_hf_config(str(tmp_path / "elsewhere")) is None
+    monkeypatch.chdir(tmp_path)  # an external deployment names no directory: not read as the working directory
+    assert cs.read_hf_config("") is None
     assert cs.model_shape(dataclasses.replace(dep, served_name="Llama-3.1-8B"), None) is None
     bad = {**LLAMA_8B_CONFIG, "num_hidden_layers": "32"}
     assert cs.model_shape(dep, bad) is None
