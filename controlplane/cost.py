@@ -396,8 +396,18 @@ def replica_usd(up_s: FloatArray, price: float | None, unknown_s: FloatArray | N
     return usd if unknown_s is None else np.where(unknown_s > 0, np.nan, usd)
 
 
+def seen_near(s: Samples, edges: FloatArray, max_gap_s: float = DEFAULT_MAX_GAP_S) -> BoolArray:
+    """Per step, whether the replica had a successful scrape within `max_gap_s` of it: whether it was watched
+    then (its last interval before a step edge, or the step it was removed in, are still seen)."""
+    ok = s.ts_unix_s[s.scrape_ok]
+    lo = np.searchsorted(ok, edges[:-1] - max_gap_s, side="left")
+    hi = np.searchsorted(ok, edges[1:] + max_gap_s, side="right")
+    out: BoolArray = hi > lo
+    return out
+
+
 def tenant_costs(edges: FloatArray, replica_cost: Mapping[int, FloatArray],
-                 rows: Iterable[TenantTokens]) -> TenantCosts:
+                 rows: Iterable[TenantTokens], seen: Mapping[int, BoolArray] | None = None) -> TenantCosts:
     """Split each replica's cost in each step between the tenants whose requests it served then.
 
     The allocation rule: a tenant's share of a replica's cost in a step is its share of the tokens
@@ -406,7 +416,8 @@ def tenant_costs(edges: FloatArray, replica_cost: Mapping[int, FloatArray],
     so the per-kind $/1M figures below, as the deployment ones, set the tenant's whole cost against
     each kind. Requests without a tenant form the tenant None; a replica-step with no request tokens
     (idle, or its spans not stored) goes to `unallocated_usd`, so tenants + unallocated = the fleet's
-    cost. A share of an unknown cost (no price, or no known replica) is unknown, and so is every tenant's
+    cost. A replica that served in a step without up time there costs nothing in it, unless `seen` says it
+    was not watched anywhere near the step (a watched replica before its first scrape): unknown then. A share of an unknown cost (no price, or no known replica) is unknown, and so is every tenant's
     share of a replica-step that served a request of unknown token count (NaN tokens): its weight is
     unknown, so charging the others its part would overstate theirs.
     """
@@ -429,9 +440,12 @@ def tenant_costs(edges: FloatArray, replica_cost: Mapping[int, FloatArray],
         if tokens > 0 or math.isnan(total):
             usd = replica_cost.get(r.replica) if r.replica is not None else None
             step_cost = usd[r.step] if usd is not None else np.nan
-            # A replica that served requests in a step it was never seen up in (a watched one before its first
-            # scrape, or one whose spans name no scraped replica) ran unobserved: its cost then is unknown, not 0.
-            t.usd[r.step] += tokens / total * (np.nan if step_cost == 0 else step_cost)
+            if step_cost == 0:  # served in a step without up time (requests are stepped by arrival)
+                watched = seen is None or (r.replica is not None and r.replica in seen
+                                           and bool(seen[r.replica][r.step]))
+                step_cost = 0.0 if watched else np.nan  # not watched near it: it ran unobserved, cost unknown
+            if step_cost != 0:
+                t.usd[r.step] += tokens / total * step_cost
     served = {rid: np.zeros(n, dtype=np.bool_) for rid in replica_cost}
     for (rid, i), w in weight.items():
         if rid in served and not w <= 0:  # NaN: served tokens of unknown count

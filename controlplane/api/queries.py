@@ -320,7 +320,8 @@ def tenant_cost(
                                           cost.unknown_seconds(samples[rid], edges, max_gap_s))
                     for rid, price in prices.items()}
     rows = tenant_tokens(engine, since, until, step_s, None if deployment is None else list(prices))
-    return cost.tenant_costs(edges, replica_cost, rows)
+    seen = {rid: cost.seen_near(samples[rid], edges, max_gap_s) for rid in prices}
+    return cost.tenant_costs(edges, replica_cost, rows, seen)
 
 
 # --- GPU summary -----------------------------------------------------------------------------------------

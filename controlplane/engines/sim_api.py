@@ -287,11 +287,16 @@ async def _finish_unless_gone(req: LiveRequest, request: Request) -> Timing | No
         await asyncio.wait((finish, gone), return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-    if finish.done():  # finished first (or at the same time): the answer goes out
+        finished = finish.done()
+        if not finished:  # the client left, or this handler was cancelled: _finish marks it aborted
+            finish.cancel()
+    if finished:  # finished first (or at the same time): the answer goes out
         return finish.result()
-    finish.cancel()  # _finish marks the request aborted on the way out
     with contextlib.suppress(asyncio.CancelledError):
-        await finish
+        await finish  # let it mark the request aborted
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():  # this handler's own cancellation is not swallowed
+        raise asyncio.CancelledError
     return None
 
 

@@ -340,8 +340,10 @@ class _DeploymentState:
     calibrated_at: float | None = None
     last_reason: str | None = None
     # The last change recorded (action, from, to, reason): in recommend mode the same want comes back every round
-    # until a person applies it, and is one decision, not one audit row per round.
+    # until a person applies it, and is one decision, not one audit row per round. Forgotten when the count
+    # changes (a person applied it, or another change) or a hold comes in between: a renewed want is recorded.
     last_change: tuple[str, int, int, str] | None = None
+    last_desired: int | None = None  # the count at the last round
     applied: Applied | None = None
     history: list[tuple[float, float, int]] = field(default_factory=list)  # (finish-interval end, good, known)
     no_down_until: float = 0.0  # after a rolled-back scale-down, no other one before this time
@@ -457,8 +459,12 @@ class Tuner:
         st.history.append((cut, g, k))
         st.history = [h for h in st.history if h[0] > now - 3600]
         await self._maybe_calibrate(name, rt, st, ready, now)
+        if st.last_desired != rt.desired:
+            st.last_change = None
+        st.last_desired = rt.desired
         if rt.desired == 0 and rt.dep.min_replicas == 0:
             # Scaled to nothing by hand, as its spec allows: bringing it back is a person's call, not a bound.
+            st.last_change = None
             decision = Decision(0, HOLD_AT_ZERO, {"current": 0})
             if decision.reason != st.last_reason:
                 await asyncio.to_thread(
@@ -480,7 +486,11 @@ class Tuner:
         key = (name, action, decision.reason)
         self.decisions[key] = self.decisions.get(key, 0) + 1
         change = (action, current, decision.desired_replicas, decision.reason)
-        if (action != "hold" and change != st.last_change) or (action == "hold" and decision.reason != st.last_reason):
+        # Only a recommendation still waiting for a person repeats: in auto mode every change wanted is one applied,
+        # and once a person applied or dismissed it, wanting it again is a new decision.
+        repeat = opts.mode == "recommend" and change == st.last_change and await self._still_proposed(
+            name, current, decision.desired_replicas)
+        if (action != "hold" and not repeat) or (action == "hold" and decision.reason != st.last_reason):
             await asyncio.to_thread(
                 self.store.record_action, None, DECISION_KIND, actor=ACTOR, reason=decision.reason,
                 message=f"{name}: {current} -> {decision.desired_replicas} replicas ({decision.reason})",
@@ -542,6 +552,12 @@ class Tuner:
             return
         if got is not None:
             st.capacity, st.capacity_note = got
+
+    async def _still_proposed(self, name: str, current: int, desired: int) -> bool:
+        """Whether an open scale recommendation from `current` to `desired` replicas waits for a person."""
+        open_recs = await asyncio.to_thread(self.recs.list, deployment=name, status=OPEN, limit=10)
+        return any(r["kind"] == "scale" and int(r["proposed"]["replicas"]) == desired
+                   and (r.get("current") or {}).get("replicas") in (None, current) for r in open_recs)
 
     async def _recommend(self, name: str, rt: Any, st: _DeploymentState, obs: Observation, decision: Decision,
                          objective: float, now: float) -> None:

@@ -193,3 +193,14 @@ def test_a_share_of_a_replica_serving_while_never_seen_up_is_unknown_not_zero(st
     (a,) = tenants(api, deployment="watched")["items"]
     assert a["points"][0]["usd"] == pytest.approx(0.5) and a["points"][1]["usd"] is None
     assert a["totals"]["usd"] is None and a["totals"]["requests"] == 2
+
+
+def test_a_request_just_after_the_last_scrape_keeps_its_tenants_totals_known(store: Store) -> None:
+    # The live window ends 5 s past a step edge, before the next scrape: the last step has no up time yet, but
+    # the replica was watched right there, so its request there costs nothing rather than making the day unknown.
+    seed(store, [Req("tiny-0", 100, 100, 0, "A"), Req("tiny-0", 602, 100, 0, "A")], up_s={"tiny-0": 600})
+    api = TestClient(create_app(store, CollectorRegistry(), clock=lambda: BASE + 605))
+    r = api.get("/api/v1/cost/tenants", params={"since": BASE, "step_s": 300, "deployment": "tiny"})
+    (a,) = r.json()["items"]
+    assert [p["usd"] for p in a["points"]] == [pytest.approx(1 / 12), 0.0, 0.0]
+    assert a["totals"]["usd"] == pytest.approx(1 / 12)

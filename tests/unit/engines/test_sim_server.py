@@ -536,3 +536,26 @@ def test_a_non_streaming_client_that_goes_away_is_counted_as_aborted(recorded: A
     assert reading.counters["request_errors_total"] == 1 and reading.counters["request_success_total"] == 0
     logging.getLogger("uvicorn.error").removeHandler(errors)
     assert not errors.records, [r.getMessage() for r in errors.records]  # no handler traceback
+
+
+def test_a_cancelled_non_streaming_handler_aborts_its_request_and_leaves_no_task() -> None:
+    from controlplane.engines.sim_api import _finish_unless_gone
+    from controlplane.engines.sim_engine import LiveRequest, RequestInfo
+
+    class Connected:
+        async def receive(self) -> dict[str, Any]:
+            await asyncio.Event().wait()  # the client never leaves
+            return {}
+
+    async def go() -> tuple[LiveRequest, list[asyncio.Task[Any]]]:
+        req = LiveRequest(RequestInfo("x"), 0, 0.0, 10, 100)
+        handler = asyncio.ensure_future(_finish_unless_gone(req, Connected()))  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        handler.cancel()  # e.g. the server shutting down
+        with pytest.raises(asyncio.CancelledError):
+            await handler
+        await asyncio.sleep(0)
+        return req, [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+    req, left = asyncio.run(go())
+    assert req.aborted and left == []

@@ -807,3 +807,36 @@ def test_a_want_made_on_a_count_changed_during_the_round_is_recorded_as_a_hold(t
     assert (d.inputs["proposed_replicas"], d.inputs["proposed_reason"]) == (2, "scale_up_slo_risk")
     assert fleet.calls == [] and recs.list(deployment="d") == []
     assert [(x["before"], x["after"]) for x in store.actions if x["reason"] == "scale_up_slo_risk"] == []
+
+
+def test_a_want_renewed_after_a_person_decided_it_is_recorded_again(tmp_path: Path) -> None:
+    # Recommend mode: the 1 -> 2 want is one row while its recommendation waits; a person dismisses it; the same
+    # want, renewed, is a new decision: a new row and a new recommendation.
+    tuner, fleet, router, store, clock, recs = _tuner(tmp_path, "recommend", 1)
+    for _ in range(4):
+        _interval(tuner, router, store, clock, ["d-0"], 60, 2.0)
+    assert len([a for a in store.actions if a["reason"] == SCALE_UP_SLO_RISK]) == 1
+    [rec] = recs.list(deployment="d")
+    recs.decide(rec["id"], "dismissed", by="person")
+    _interval(tuner, router, store, clock, ["d-0"], 60, 2.0)
+    assert len([a for a in store.actions if a["reason"] == SCALE_UP_SLO_RISK]) == 2
+    assert [r["status"] for r in recs.list(deployment="d")] == ["open", "dismissed"]
+
+
+def test_auto_mode_records_every_change_it_applies(tmp_path: Path) -> None:
+    # Auto mode: the tuner scales 1 -> 2; a person scales back to 1 before the next round; the tuner scales up again.
+    tuner, fleet, router, store, clock, _ = _tuner(tmp_path, "auto", 1)
+    for _ in range(4):
+        _interval(tuner, router, store, clock, ["d-0"], 60, 2.0)
+        if fleet.calls:
+            break
+    assert [c[1:3] for c in fleet.calls] == [(2, "tuner")]
+    asyncio.run(fleet.scale("d", 1, actor="person", reason="manual"))  # before the tuner's next round
+    for _ in range(4):
+        _interval(tuner, router, store, clock, ["d-0"], 60, 2.0)
+        if len(fleet.calls) == 3:
+            break
+    applied = [c for c in fleet.calls if c[2] == "tuner"]
+    ups = [a for a in store.actions if a["kind"] == "autoscale_decision" and a["after"] == {"replicas": 2}
+           and a["before"] == {"replicas": 1}]
+    assert len(applied) == 2 and len(ups) == 2
