@@ -417,9 +417,10 @@ def tenant_costs(edges: FloatArray, replica_cost: Mapping[int, FloatArray],
     each kind. Requests without a tenant form the tenant None; a replica-step with no request tokens
     (idle, or its spans not stored) goes to `unallocated_usd`, so tenants + unallocated = the fleet's
     cost. A replica that served in a step without up time there costs nothing in it, unless `seen` says it
-    was not watched anywhere near the step (a watched replica before its first scrape): unknown then. A share of an unknown cost (no price, or no known replica) is unknown, and so is every tenant's
-    share of a replica-step that served a request of unknown token count (NaN tokens): its weight is
-    unknown, so charging the others its part would overstate theirs.
+    was not watched anywhere near the step (a watched replica before its first scrape): unknown then. A
+    share of an unknown cost (no price, or no known replica) is unknown, and so is every tenant's share of
+    a replica-step that served a request of unknown token count (NaN tokens): its weight is unknown, so
+    charging the others its part would overstate theirs.
     """
     n = len(edges) - 1
     rows = [r for r in rows if 0 <= r.step < n]
