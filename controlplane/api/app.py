@@ -244,6 +244,13 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
         return {"status": "ok", "uptime_s": round(time.time() - started, 3),
                 "database": store.engine.dialect.name}
 
+    def _known(check: Callable[[Any, str], None], name: str) -> None:
+        """A 404 naming what is known when `name` is unknown to `check` (a queries.check_*_known)."""
+        try:
+            check(store.engine, name)
+        except queries.NotFound as exc:
+            raise HTTPException(404, detail=str(exc)) from None
+
     @app.get("/api/v1/requests")
     def requests(since: Since = None, until: Until = None, replica: ReplicaQ = None, limit: Limit = 1000,
                  before_id: BeforeId = None) -> dict[str, Any]:
@@ -253,10 +260,10 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
         try:
             rows, next_id = queries.requests_page(store.engine, since=since, until=until, replica=replica,
                                                   before_id=before_id, limit=limit)
-            if not rows and replica is not None:
-                queries.check_replica_known(store.engine, replica)
         except queries.NotFound as exc:
             raise HTTPException(404, detail=str(exc)) from None
+        if not rows and replica is not None:
+            _known(queries.check_replica_known, replica)
         return {"count": len(rows), "items": rows, "next_before_id": next_id}
 
     @app.get("/api/v1/engine-samples")
@@ -265,10 +272,7 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
         _check_window(since, until)
         rows = store.engine_samples(since_unix_s=since, until_unix_s=until, replica=replica, limit=limit)
         if not rows and replica is not None:
-            try:
-                queries.check_replica_known(store.engine, replica)
-            except queries.NotFound as exc:
-                raise HTTPException(404, detail=str(exc)) from None
+            _known(queries.check_replica_known, replica)
         return {"count": len(rows), "items": rows}
 
     @app.get("/api/v1/replicas")
@@ -286,7 +290,7 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
         rows = queries.actions(store.engine, deployment=deployment, actor=actor, since=since, until=until,
                                limit=limit)
         if not rows and deployment is not None:
-            _known_deployment(deployment)
+            _known(queries.check_deployment_known, deployment)
         return {"count": len(rows), "items": rows}
 
     @app.get("/api/v1/events")
@@ -359,12 +363,6 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
 
     recs = Recommendations(store.engine)
 
-    def _known_deployment(name: str) -> None:
-        try:
-            queries.check_deployment_known(store.engine, name)
-        except queries.NotFound as exc:
-            raise HTTPException(404, detail=str(exc)) from None
-
     def _rec_call(fn: Any, *args: Any, **kw: Any) -> dict[str, Any]:
         try:
             out: dict[str, Any] = fn(*args, **kw)
@@ -411,7 +409,7 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
         """Proposed changes, newest first, each with its evidence (inputs, predicted effect, comparison)."""
         items = recs.list(deployment=deployment, status=status, limit=limit)
         if not items and deployment is not None:
-            _known_deployment(deployment)
+            _known(queries.check_deployment_known, deployment)
         return {"count": len(items), "items": items}
 
     @app.get("/api/v1/recommendations/{rid}")

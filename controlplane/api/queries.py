@@ -222,9 +222,11 @@ def _samples(engine: Engine, replica_ids: Sequence[int], since: float, until: fl
                                                        s.replica_id.in_(list(rows)))
         for rid, *rest in conn.execute(in_window):
             rows[int(rid)].add(tuple(rest))
-    return {rid: cost.Samples.from_rows(r, launched_unix_s=launched.get(rid, (None, None))[0],
-                                        ended_unix_s=launched.get(rid, (None, None))[1])
-            for rid, r in rows.items()}
+    out = {}
+    for rid, r in rows.items():
+        start, end = launched.get(rid, (None, None))
+        out[rid] = cost.Samples.from_rows(r, launched_unix_s=start, ended_unix_s=end)
+    return out
 
 
 def _cost_groups(engine: Engine, watched_price: float | None,

@@ -211,6 +211,7 @@ class _Stream:
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(16)
         self.created = int(time.time())
         self.chars = 0  # characters of the output's text produced so far (before any stop cut)
+        self.sent = 0  # output tokens sent so far (the usage of a continuous-usage chunk)
 
     def _chunk(self, choice: dict[str, Any] | None, usage: dict[str, Any] | None = None) -> str:
         body: dict[str, Any] = {
@@ -238,8 +239,6 @@ class _Stream:
                                        "finish_reason": finish})
         return self._chunk({"index": 0, "text": text, "logprobs": None, "finish_reason": finish,
                             "stop_reason": stop_reason})
-
-    sent = 0  # output tokens sent so far (the usage of a continuous-usage chunk)
 
     async def events(self) -> AsyncIterator[str]:
         req, sent, held = self.req, 0, 0

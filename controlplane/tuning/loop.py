@@ -340,10 +340,9 @@ class _DeploymentState:
     calibrated_at: float | None = None
     last_reason: str | None = None
     # The last change recorded (action, from, to, reason): in recommend mode the same want comes back every round
-    # until a person applies it, and is one decision, not one audit row per round. Forgotten when the count
-    # changes (a person applied it, or another change) or a hold comes in between: a renewed want is recorded.
+    # until a person applies it, and is one decision, not one audit row per round while its recommendation stays
+    # open. Forgotten when a hold comes in between: a renewed want is recorded.
     last_change: tuple[str, int, int, str] | None = None
-    last_desired: int | None = None  # the count at the last round
     applied: Applied | None = None
     history: list[tuple[float, float, int]] = field(default_factory=list)  # (finish-interval end, good, known)
     no_down_until: float = 0.0  # after a rolled-back scale-down, no other one before this time
@@ -459,9 +458,6 @@ class Tuner:
         st.history.append((cut, g, k))
         st.history = [h for h in st.history if h[0] > now - 3600]
         await self._maybe_calibrate(name, rt, st, ready, now)
-        if st.last_desired != rt.desired:
-            st.last_change = None
-        st.last_desired = rt.desired
         if rt.desired == 0 and rt.dep.min_replicas == 0:
             # Scaled to nothing by hand, as its spec allows: bringing it back is a person's call, not a bound.
             st.last_change = None
