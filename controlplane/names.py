@@ -125,6 +125,7 @@ LABEL_REPLICA: Final = "replica"
 LABEL_SLO: Final = "slo"
 LABEL_SLI: Final = "sli"
 LABEL_SEVERITY: Final = "severity"
+LABEL_SIMULATED: Final = "simulated"  # "true" on the plane's alerts about a deployment run by the simulated engine
 LABEL_TARGET: Final = "target"  # which latency target of a goodput SLO a per-target series is about
 LABEL_LONG_WINDOW: Final = "long_window"
 LABEL_SHORT_WINDOW: Final = "short_window"

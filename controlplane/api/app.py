@@ -28,7 +28,7 @@ from controlplane import cost
 from controlplane.api import queries
 from controlplane.slo.model import Slo
 from controlplane.slo.query import RollupBusy
-from controlplane.store.repo import Store
+from controlplane.store.repo import Store, simulated_deployments
 from controlplane.tuning.recommendations import (
     APPLIED,
     DISMISSED,
@@ -331,7 +331,9 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
         """Each SLO's latest evaluation: attainment, budget left, burn rate per alert window, quantiles."""
         from controlplane.slo.views import status_json
 
-        items = [status_json(s) for s in (slo_statuses() if slo_statuses else [])]
+        statuses = slo_statuses() if slo_statuses else []
+        sim = simulated_deployments(store.engine) if statuses else frozenset()
+        items = [{**status_json(s), "simulated": s.slo.deployment in sim} for s in statuses]
         return {"count": len(items), "items": items}
 
     def known_slos() -> dict[str, Slo]:

@@ -28,6 +28,7 @@ from controlplane.store.models import (
     Request,
     RouterSpan,
 )
+from controlplane.store.repo import spec_is_simulated
 from controlplane.supervisor.policy import CRASHED, CRASHLOOP, FAILED, STOPPED
 
 # Who acts on the fleet; events by the engine or the collector are observations, not actions.
@@ -77,16 +78,20 @@ def requests_page(
 
 # --- replicas --------------------------------------------------------------------------------------
 def replicas(engine: Engine) -> list[dict[str, Any]]:
-    """Every known replica with its deployment (None for watched ones) and its latest engine config."""
+    """Every known replica with its deployment (None for watched ones), its latest engine config and whether
+    its deployment runs the simulated engine."""
     stmt = (select(Replica.id, Replica.name, Deployment.name.label("deployment"), Replica.backend, Replica.state,
                    Replica.url, Replica.created_unix_s, Replica.updated_unix_s, Replica.config_version,
-                   ReplicaConfig.config)
+                   ReplicaConfig.config, Deployment.spec)
             .outerjoin(Deployment, Deployment.id == Replica.deployment_id)
             .outerjoin(ReplicaConfig, and_(ReplicaConfig.replica_id == Replica.id,
                                            ReplicaConfig.version == Replica.config_version))
             .order_by(Replica.id))
     with engine.connect() as conn:
-        return [dict(r._mapping) for r in conn.execute(stmt)]
+        rows = [dict(r._mapping) for r in conn.execute(stmt)]
+    for r in rows:
+        r["simulated"] = spec_is_simulated(r.pop("spec"))
+    return rows
 
 
 # --- the action audit log --------------------------------------------------------------------------------

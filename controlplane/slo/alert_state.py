@@ -134,10 +134,15 @@ def alertmanager_payload(ep: Episode, *, sli: str, wall_now: float, resend_s: fl
     detail = (f"burning {worst['burn_long']:.1f}x over {worst['long']} and {worst['burn_short']:.1f}x over "
               f"{worst['short']} (threshold {worst['threshold']}x)"
               if worst and worst.get("burn_long") is not None and worst.get("burn_short") is not None else "")
+    labels = {"alertname": ep.alertname, names.LABEL_SLO: ep.slo, names.LABEL_DEPLOYMENT: ep.deployment,
+              names.LABEL_SEVERITY: ep.severity, names.LABEL_SLI: sli, "source": "controlplane"}
+    sim = bool(ep.evidence.get("simulated"))
+    if sim:  # the deployment runs the simulated engine: a receiver can route it away from people
+        labels[names.LABEL_SIMULATED] = "true"
     body: dict[str, Any] = {
-        "labels": {"alertname": ep.alertname, names.LABEL_SLO: ep.slo, names.LABEL_DEPLOYMENT: ep.deployment,
-                   names.LABEL_SEVERITY: ep.severity, names.LABEL_SLI: sli, "source": "controlplane"},
-        "annotations": {"summary": f"SLO {ep.slo} of {ep.deployment} is burning its error budget ({ep.severity})",
+        "labels": labels,
+        "annotations": {"summary": f"{'[simulated] ' if sim else ''}SLO {ep.slo} of {ep.deployment} is burning its "
+                                   f"error budget ({ep.severity})",
                         "description": detail, "runbook_url": runbook_url},
         "startsAt": _rfc3339(ep.fired_unix_s),
         "endsAt": _rfc3339(ends if ends is not None else wall_now),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -22,6 +22,7 @@ from controlplane.slo.evaluate import SloStatus
 from controlplane.slo.export import AlertState
 from controlplane.slo.model import Severity
 from controlplane.store.models import SloAlert
+from controlplane.store.repo import simulated_deployments
 
 log = logging.getLogger(__name__)
 SEVERITIES: tuple[Severity, ...] = ("page", "ticket")
@@ -39,9 +40,12 @@ class Alerter:
     def __init__(self, engine: Engine, *, alertmanager_url: str | None, client: httpx.Client | None = None,
                  resend_s: float = 30.0, runbook_base: str = "alerts/runbooks.md",
                  api_url: str | None = None, wall_clock: Callable[[], float] = time.time,
-                 configured: Iterable[str] | None = None) -> None:
+                 configured: Iterable[str] | None = None,
+                 simulated: Callable[[], Collection[str]] | None = None) -> None:
         """`configured`: the names of the SLOs this plane evaluates (None: every SLO it is given). An episode
-        a previous plane left open for an SLO no longer configured is resolved in the first round."""
+        a previous plane left open for an SLO no longer configured is resolved in the first round.
+        `simulated`: the deployments that run the simulated engine (default: read from the store each round);
+        their episodes say so in the store and in the alerts sent (a `simulated` label and summary)."""
         self.engine = engine
         self.configured = None if configured is None else frozenset(configured)
         self.alertmanager_url = alertmanager_url.rstrip("/") if alertmanager_url else None
@@ -50,6 +54,8 @@ class Alerter:
         self.runbook_base = runbook_base
         self.api_url = api_url
         self.wall_clock = wall_clock
+        self.simulated = simulated or (lambda: simulated_deployments(engine))
+        self._sim: Collection[str] = frozenset()  # the last set read: kept when a read fails
         self.open: dict[tuple[str, str], Episode] = {}
         self._unsent_resolved: list[Episode] = []
         self._pages_posted: set[str] = set()  # SLOs whose firing page Alertmanager has accepted
@@ -81,6 +87,11 @@ class Alerter:
         """Advance every (SLO, severity); store transitions; notify. Returns the transitions. An SLO whose
         judging fails is logged and left as it was; the others are judged and notified all the same."""
         changes: list[tuple[Episode, str]] = []
+        if statuses:
+            try:
+                self._sim = self.simulated()
+            except Exception:  # noqa: BLE001 - a label is not worth a missed page; the last known set stays
+                log.exception("reading which deployments are simulated failed; the last known set is used")
         for key, ep in list(self.open.items()):
             if self.configured is not None and ep.slo not in self.configured:
                 try:
@@ -121,6 +132,10 @@ class Alerter:
                                    severity=sev, now=now)
             if nxt is not None and prev is not None and prev.id is not None:
                 nxt = replace(nxt, id=prev.id)
+            # Decided when the episode opens and kept: a label that changed mid-episode would be a new alert.
+            if nxt is not None and (prev.evidence.get("simulated") if prev is not None
+                                    else slo.deployment in self._sim):
+                nxt = replace(nxt, evidence={**nxt.evidence, "simulated": True})
             if transition == "cancelled" and prev is not None:
                 self._delete(prev)
             elif nxt is not None:
@@ -205,4 +220,7 @@ def list_alerts(engine: Engine, *, limit: int = 200, slo: str | None = None) -> 
     if slo is not None:
         stmt = stmt.where(SloAlert.slo == slo)
     with engine.connect() as conn:
-        return [dict(r._mapping) for r in conn.execute(stmt)]
+        rows = [dict(r._mapping) for r in conn.execute(stmt)]
+    for r in rows:  # the deployment runs the simulated engine (decided when the episode opened)
+        r["simulated"] = bool((r["evidence"] or {}).get("simulated"))
+    return rows

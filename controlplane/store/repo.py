@@ -77,6 +77,21 @@ def _bulk_insert_ignore(
 _COMPILED: dict[tuple[str, str, str], str] = {}
 
 
+def spec_is_simulated(spec: Mapping[str, Any] | None) -> bool:
+    """Whether a deployment's stored spec document runs the simulated engine (it has a `spec.simulated`
+    section; the stored document of a vLLM deployment has none)."""
+    inner = (spec or {}).get("spec")
+    return isinstance(inner, Mapping) and inner.get("simulated") is not None
+
+
+def simulated_deployments(engine: Engine) -> frozenset[str]:
+    """The names of the deployments whose replicas run the simulated engine, so that their alerts, SLO
+    statuses and replicas are labelled as simulated wherever they are shown."""
+    with engine.connect() as conn:
+        return frozenset(r.name for r in conn.execute(select(Deployment.name, Deployment.spec))
+                         if spec_is_simulated(r.spec))
+
+
 class Store:
     """The plane's handle on the database: replica ids cached, SQLite writes serialised in-process."""
 

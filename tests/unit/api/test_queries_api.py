@@ -135,6 +135,17 @@ def test_replicas_carry_their_deployment_state_and_latest_config(api: TestClient
     assert items["tiny-0"]["config_version"] == 2 and items["tiny-0"]["config"] == {"max_num_seqs": 8}
     assert items["tiny-1"]["config"] == {"max_num_seqs": 4}
     assert items["w"]["deployment"] is None and items["w"]["config"] is None and items["w"]["backend"] == "external"
+    assert not any(r["simulated"] for r in items.values()) and all("spec" not in r for r in items.values())
+
+
+def test_a_replica_of_a_simulated_deployment_is_labelled_so(seeded: tuple[Store, Seed], api: TestClient) -> None:
+    store, _ = seeded
+    sim = store.save_deployment("sim", model="Llama-3.1-8B", spec={"spec": {"simulated": {"model": "Llama-3.1-8B"}}},
+                                desired_replicas=1, engine_config={})
+    store.save_replica("sim-0", deployment_id=sim, url="http://127.0.0.1:8200", backend="local", state="ready",
+                       runtime={"pid": 200}, config={})
+    items = {r["name"]: r["simulated"] for r in api.get("/api/v1/replicas").json()["items"]}
+    assert items == {"tiny-0": False, "tiny-1": False, "w": False, "sim-0": True}
 
 
 def test_the_audit_log_lists_people_tuner_and_supervisor_never_observations(api: TestClient) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
@@ -35,3 +37,17 @@ def test_slo_statuses_and_alert_episodes_are_served(sqlite_store: Store) -> None
     assert api.get("/api/v1/alerts", params={"slo": "idle"}).json()["count"] == 0
     typo = api.get("/api/v1/alerts", params={"slo": "bussy"})
     assert typo.status_code == 404 and typo.json()["detail"] == "unknown SLO 'bussy'; known: busy, idle"
+
+
+def test_the_slo_of_a_simulated_deployment_is_labelled_so(sqlite_store: Store) -> None:
+    sim = make_slo(name="sim-ttft", objective=0.99)  # of deployment "tiny"
+    real = replace(make_slo(name="real-ttft", objective=0.99), deployment="real")
+    sqlite_store.save_deployment("tiny", model="m", spec={"spec": {"simulated": {"model": "Llama-3.1-8B"}}},
+                                 desired_replicas=1, engine_config={})
+    sqlite_store.save_deployment("real", model="m", spec={"spec": {}}, desired_replicas=1, engine_config={})
+    now = 1_700_000_000.0
+    empty = {w: Counts(good=0, total=0) for b in sim.alerting.windows for w in (b.long_s, b.short_s)}
+    statuses = [build_status(s, now, (now - 86400 * 30, now), Counts(good=0, total=0), empty) for s in (sim, real)]
+    api = TestClient(create_app(sqlite_store, CollectorRegistry(), slo_statuses=lambda: statuses))
+    assert {i["name"]: i["simulated"] for i in api.get("/api/v1/slos").json()["items"]} == {
+        "sim-ttft": True, "real-ttft": False}

@@ -286,3 +286,42 @@ def test_closing_the_alert_of_an_slo_no_longer_configured_is_retried_when_the_st
     assert b.evaluate([], now=1030.0) == [] and b.states() == {"x": {"page": 2}}  # still open, in memory too
     assert [(e.slo, t) for e, t in b.evaluate([], now=1060.0)] == [("x", "resolved")]
     assert [r["state"] for r in list_alerts(engine)] == ["resolved"] and posts[-1][0]["endsAt"] is not None
+
+
+def test_an_alert_about_a_simulated_deployment_says_so_for_the_whole_episode(engine: Engine) -> None:
+    from sqlalchemy import insert, update
+
+    from controlplane.store.models import Deployment
+
+    with engine.begin() as conn:  # "tiny" (make_slo's deployment) runs the simulated engine, "real" vLLM
+        conn.execute(insert(Deployment), [
+            {"name": "tiny", "spec": {"spec": {"simulated": {"model": "Llama-3.1-8B"}}}, "created_unix_s": 0.0},
+            {"name": "real", "spec": {"spec": {"model": {"path": "/m"}}}, "created_unix_s": 0.0}])
+    client, posts, _ = _recording_am()
+    a = Alerter(engine, alertmanager_url="http://am:9093", client=client, wall_clock=lambda: 5000.0)
+    a.evaluate([status(200, 20, now=1000.0)], now=1000.0)  # type: ignore[list-item]
+    sent = posts[-1][0]
+    assert sent["labels"]["simulated"] == "true"  # type: ignore[index]
+    assert sent["annotations"]["summary"].startswith("[simulated] SLO t of tiny")  # type: ignore[index]
+    assert [r["simulated"] for r in list_alerts(engine)] == [True]
+    # The spec changes under the open episode: its labels stay (a changed label would be a second alert) ...
+    with engine.begin() as conn:
+        conn.execute(update(Deployment).where(Deployment.name == "tiny").values(spec={"spec": {}}))
+    a.evaluate([status(200, 20, now=1030.0)], now=1030.0)  # type: ignore[list-item]
+    assert posts[-1][0]["labels"]["simulated"] == "true"  # type: ignore[index]
+    # ... and a store that cannot say which deployments are simulated keeps the last known answer.
+    b = Alerter(engine, alertmanager_url="http://am:9093", client=client, wall_clock=lambda: 5000.0,
+                simulated=lambda: {"tiny"})
+    b.evaluate([status(0, 0, now=1060.0)], now=1060.0)  # type: ignore[list-item]  # resolves
+    b.simulated = lambda: (_ for _ in ()).throw(RuntimeError("store down"))  # type: ignore[assignment]
+    b.evaluate([status(200, 20, now=1090.0)], now=1090.0)  # type: ignore[list-item]
+    assert posts[-1][-1]["labels"]["simulated"] == "true"  # type: ignore[index]
+    # A vLLM deployment's alert carries neither.
+    real = make_slo(name="r", objective=0.99, windows=(PAGE,))
+    c = Alerter(engine, alertmanager_url="http://am:9093", client=client, wall_clock=lambda: 5000.0)
+    counts = {w: Counts(good=800, total=1000) for w in (3600.0, 300.0)}
+    from dataclasses import replace as dc_replace
+    c.evaluate([build_status(dc_replace(real, deployment="real"), 1000.0, (0.0, 1000.0), counts[3600.0], counts)],
+               now=1000.0)
+    assert "simulated" not in posts[-1][-1]["labels"]  # type: ignore[index]
+    assert not posts[-1][-1]["annotations"]["summary"].startswith("[simulated]")  # type: ignore[index]
