@@ -106,7 +106,8 @@ class Plane:
         router: Router | None = None
         if self.deployments:
             router = Router(s.bind_host, s.router_port, registry=self.registry,
-                            recorder=SpanWriter(self.engine, registry=self.registry))
+                            recorder=SpanWriter(self.engine, registry=self.registry),
+                            read_timeout_s=s.router_read_timeout_s)
             await asyncio.to_thread(router.start)
         async with httpx.AsyncClient() as client:
             scraper = EngineScraper(self.store, client, timeout_s=s.scrape_timeout_s, registry=self.registry)

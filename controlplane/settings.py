@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     bind_host: str = "127.0.0.1"
     api_port: int = Field(default=8080, ge=0, le=65535)
     router_port: int = Field(default=8000, ge=0, le=65535, description="OpenAI-compatible router (supervised fleets)")
+    router_read_timeout_s: float = Field(
+        default=600.0, gt=0, le=86_400,
+        description="The longest a replica may stay silent behind the router, before its answer starts (a "
+                    "non-streamed answer starts only when whole) or between two chunks; past it the client gets "
+                    "a 504, or its stream is cut.")
     otlp_http_port: int = Field(default=4318, ge=0, le=65535)
     otlp_grpc_port: int = Field(default=4317, ge=0, le=65535)
     ui_port: int = Field(default=8501, ge=1, le=65535, description="The Streamlit app (`controlplane ui`, the demo)")

@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 
 # Idle connections to replicas are kept this long; replicas started by the plane keep theirs longer (vllm_server).
 KEEPALIVE_S = 30
+# The longest a replica may stay silent before its answer starts or between two chunks of it. A non-streamed
+# answer starts only once it is whole, so this bounds the longest non-streamed generation too.
+DEFAULT_READ_TIMEOUT_S = 600.0
 # Hop-by-hop headers (RFC 9110 7.6.1) and ones aiohttp recomputes; everything else passes through.
 _DROP_REQUEST = {"host", "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
                  "upgrade", "content-length"}
@@ -159,8 +162,12 @@ class _Backend:
 class Router:
     def __init__(self, host: str = "127.0.0.1", port: int = 8000, retry_after_s: int = 2, *,
                  recorder: RequestRecorder | None = None, tenant_header: str = names.TENANT_HEADER,
-                 registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.time) -> None:
+                 registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.time,
+                 read_timeout_s: float | None = DEFAULT_READ_TIMEOUT_S) -> None:
+        """`read_timeout_s`: the longest a replica may stay silent, before its answer starts or between two
+        chunks of it (None: for ever); past it the client gets a 504 or a cut stream."""
         self.host, self.port, self.retry_after_s = host, port, retry_after_s
+        self.read_timeout_s = read_timeout_s
         self.recorder, self.tenant_header, self.clock = recorder, tenant_header, clock
         self.tenants_rejected = Counter(names.PLANE_ROUTER_TENANT_REJECTED,
                                         f"Requests whose {tenant_header} header was not 1-64 characters of "
@@ -367,6 +374,21 @@ class Router:
                     served = True
                     outcome.ok = up.status < 500
                     return resp
+            except aiohttp.SocketTimeoutError:
+                # The replica took the request and went silent: it may still be working on it, so sending it to
+                # another replica could run it twice. The client is told; the replica is not marked down (the
+                # supervisor's probes judge its health).
+                log.warning("router: %s sent nothing for %gs; %s", backend.name, self.read_timeout_s,
+                            "answering 504" if resp is None else "cutting the stream")
+                if resp is None:
+                    outcome.replica, outcome.status = backend.name, 504
+                    return web.json_response({"error": {
+                        "message": f"replica {backend.name} sent nothing for {self.read_timeout_s:g} s (the "
+                                   f"router's read timeout); the request may still run there",
+                        "type": "timeout", "code": 504}}, status=504)
+                if request.transport is not None:
+                    request.transport.abort()
+                return resp
             except aiohttp.ClientError as exc:
                 if resp is None:
                     stale = isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError) and \
@@ -465,8 +487,10 @@ class Router:
             loop.close()
 
     async def _astart(self) -> None:
-        # No total timeout: a long generation streams for minutes. Connecting must be quick.
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=3)
+        # No total timeout: a long generation streams for minutes. Connecting must be quick, and a replica that
+        # stays silent past the read timeout (a hung engine the plane does not supervise) must not hold the
+        # client for ever.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=3, sock_read=self.read_timeout_s)
         self._session = aiohttp.ClientSession(
             timeout=timeout, connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S),
             auto_decompress=False)

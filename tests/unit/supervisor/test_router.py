@@ -519,3 +519,31 @@ def test_a_body_over_the_limit_gets_a_json_413_recorded_with_its_status(traced: 
     assert resp.status_code == 413 and "64 MiB" in resp.json()["error"]["message"]
     (rec,) = traced.recorder.wait(1)
     assert (rec.status, rec.ok) == (413, False) and not upstreams[0].seen_headers
+
+
+def test_a_replica_silent_past_the_read_timeout_gets_the_client_a_504_or_a_cut_stream(
+        upstreams: list[Upstream]) -> None:
+    a, b = upstreams
+    r = Router("127.0.0.1", 0, read_timeout_s=0.3)
+    r.start()
+    try:
+        r.set_ready("a", f"http://127.0.0.1:{a.port}")
+        a.answer_after_s = 5.0  # a non-streamed answer that does not come in time
+        resp = post(r)
+        assert resp.status_code == 504 and "read timeout" in resp.json()["error"]["message"]
+        assert a.saw_caller_leave.wait(5)  # the replica sees the caller leave, so vLLM aborts the request
+        r.set_ready("b", f"http://127.0.0.1:{b.port}")
+        assert not b.seen_headers  # not retried elsewhere: the request may still run on the silent replica
+        assert not r._backends["a"].down  # nor is the replica called down: its probes judge its health
+        # A stream that goes silent midway is cut, never ended as if complete.
+        r.set_unready("b")
+        a.answer_after_s, a.hold = None, True
+        a.saw_caller_leave.clear()
+        got: list[str] = []
+        with pytest.raises(httpx.HTTPError), httpx.stream("POST", url(r), json={}, timeout=10) as resp:
+            for line in resp.iter_lines():
+                got.append(line)
+        assert got[0] == "data: first from a" and "data: [DONE]" not in got
+        assert a.saw_caller_leave.wait(5)
+    finally:
+        r.stop()
