@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -11,6 +12,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Table, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from controlplane import names
 from controlplane.store.models import (
     Deployment,
     EngineSample,
@@ -77,6 +79,9 @@ def _bulk_insert_ignore(
 _COMPILED: dict[tuple[str, str, str], str] = {}
 
 
+log = logging.getLogger(__name__)
+
+
 def spec_is_simulated(spec: Mapping[str, Any] | None) -> bool:
     """Whether a deployment's stored spec document runs the simulated engine (it has a `spec.simulated`
     section; the stored document of a vLLM deployment has none)."""
@@ -113,12 +118,18 @@ class Store:
         backend: str = "external",
         state: str = "watched",
         pending: dict[str, int],
+        created: set[str] | None = None,
     ) -> int:
         """The replica's id, created if new. New ids go to `pending`: the caller caches them only
-        after its transaction commits, so a rolled-back insert never leaves a stale id behind."""
+        after its transaction commits, so a rolled-back insert never leaves a stale id behind. The name of a
+        replica this call created goes to `created`."""
         if name in self._replica_ids:
             return self._replica_ids[name]
         table = Replica.__table__
+        rid = conn.execute(select(Replica.id).where(Replica.name == name)).scalar()
+        if rid is not None:  # in the store already (written by an earlier plane, or another writer)
+            pending[name] = int(rid)
+            return int(rid)
         _insert_ignore(
             conn,
             table,  # type: ignore[arg-type]
@@ -127,6 +138,8 @@ class Store:
         )
         rid = int(conn.execute(select(Replica.id).where(Replica.name == name)).scalar_one())
         pending[name] = rid
+        if created is not None:
+            created.add(name)
         return rid
 
     def register_replica(
@@ -240,8 +253,9 @@ class Store:
                     {**r, "finish_unix_s": finish_of(r["arrival_unix_s"], r.get("e2e_s"))} for r in requests]
         events = list(events)
         pending: dict[str, int] = {}
+        created: set[str] = set()
         with self._write_lock, self.engine.begin() as conn:
-            ids = {r: self.ensure_replica(conn, r, pending=pending)
+            ids = {r: self.ensure_replica(conn, r, pending=pending, created=created)
                    for r in {x["replica"] for x in [*requests, *events]}}
             ev_rows = [
                 {"replica_id": ids[e["replica"]], "ts_unix_s": e["ts_unix_s"], "kind": e["kind"],
@@ -252,6 +266,11 @@ class Store:
             n_req = _bulk_insert_ignore(conn, Request.__table__, requests, ids)  # type: ignore[arg-type]
             n_ev = _insert_ignore(conn, LifecycleEvent.__table__, ev_rows)  # type: ignore[arg-type]
         self._replica_ids.update(pending)
+        for name in sorted(created):  # once: from now on the replica is known
+            log.warning("spans name replica %r, which no deployment or --watch has registered: they are stored "
+                        "under a new watched replica without a URL, whose /metrics nobody scrapes (set the "
+                        "engine's OTEL resource attribute %s, or its service.name, to the replica's name)",
+                        name, names.RES_REPLICA)
         return n_req, n_ev
 
     def write_engine_sample(self, row: Mapping[str, Any]) -> None:

@@ -164,3 +164,17 @@ def test_two_planes_migrating_a_fresh_postgresql_at_once_both_succeed() -> None:
                 assert conn.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 1
         finally:
             engine.dispose()
+
+
+def test_spans_of_a_replica_nobody_registered_are_kept_and_warned_about_once(
+        store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    store.register_replica("known", url="http://127.0.0.1:8100", backend="local")
+    with caplog.at_level("WARNING", logger="controlplane.store.repo"):
+        _write(store, [llm_span(request_id="x1")], replica="known")
+        _write(store, [llm_span(request_id="x2")], replica="vllm")  # e.g. vLLM's default service name
+        _write(store, [llm_span(request_id="x3")], replica="vllm")
+        Store(store.engine).write_spans(  # a restarted plane: the replica is in the store already
+            decode_request(export([llm_span(request_id="x4")], replica="vllm")).requests, [])
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "'vllm'" in warned[0] and "controlplane.replica" in warned[0]
+    assert sorted(r["replica"] for r in store.requests()) == ["known", "vllm", "vllm", "vllm"]
