@@ -459,13 +459,20 @@ class SearchParams:
     mode: str | None = None  # recommend | auto; None: the plane's tuner mode
 
 
+# Auto mode applies a searched configuration unattended only at or above this confidence (the calibration's fit,
+# lowered by how far the chosen max_num_seqs lies beyond the batches it saw: half at twice), or after a canary.
+AUTO_MIN_CONFIDENCE = 0.5
+
+
 def run_search(store: Any, recs: Any, dep: Deployment, *, ready: Sequence[str], current_replicas: int,
                slos: Sequence[Any], params: SearchParams, now: float, replicas: Sequence[str] | None = None,
                canary_factory: Callable[[Workload, Sequence[Objective]], Canary] | None = None,
-               progress: Callable[[str], None] = lambda line: None, mode: str = "recommend") -> dict[str, Any]:
+               progress: Callable[[str], None] = lambda line: None, mode: str = "recommend",
+               auto_min_confidence: float = AUTO_MIN_CONFIDENCE) -> dict[str, Any]:
     """Calibrate on the deployment's best-observed ready replica (`ready`: those running the spec's engine
     args), search, store the recommendation in `mode` (`recommend` waits for a person; `auto` is applied and
-    judged by `SearchJobs`). The workload is every request of the window on any of `replicas` (the
+    judged by `SearchJobs`, unless its confidence is under `auto_min_confidence` and no canary validated it:
+    then it is stored for a person, and the result's `mode` and `held` say so). The workload is every request of the window on any of `replicas` (the
     deployment's replicas, stopped and restarting ones included; default `ready`): a replica missing from
     it would lower the measured rate and read as room to scale down. Returns what was decided, JSON-ready."""
     from controlplane.tuning.calibrate import calibrated_replica
@@ -542,6 +549,14 @@ def run_search(store: Any, recs: Any, dep: Deployment, *, ready: Sequence[str], 
                 "window_s": params.window_s, "not_predicted": list(skipped)}
     now_ev = current_evidence(current_replicas, dep.price_per_replica_hour_usd, baseline)
     p = proposal(dep, current_replicas, result, calibration=calibration, workload=workload, current=now_ev)
+    held = None
+    if mode == "auto" and p is not None and not result.validated and (
+            p.confidence is None or p.confidence < auto_min_confidence):
+        # Applied unattended, a prediction the calibration barely covers (a fit on small batches extrapolated
+        # to a larger max_num_seqs) risks the SLO to find out; a person, or a canary trial, decides instead.
+        held = (f"confidence {p.confidence if p.confidence is not None else 'unknown'} is under auto mode's "
+                f"{auto_min_confidence:g} and no canary validated it: left for a person to apply or dismiss")
+        mode = "recommend"
     rid = recs.add(p, mode) if p is not None else None
     if p is None:
         why = ("nothing meets every SLO within the allowed configurations" if result.chosen is None
@@ -549,7 +564,10 @@ def run_search(store: Any, recs: Any, dep: Deployment, *, ready: Sequence[str], 
     else:
         why = f"{p.reason}: {result.chosen.label() if result.chosen else ''} x {result.replicas}"
     progress(why + (f" (recommendation {rid})" if rid else ""))
+    if held:
+        progress(f"auto mode: {held}")
     return {"deployment": dep.name, "recommendation_id": rid, "outcome": why, "validated": result.validated,
+            "mode": mode, "held": held,
             "evidence": p.evidence if p is not None else {**result.evidence(), "calibration": calibration,
                                                           "workload": workload, "current": now_ev}}
 
@@ -576,6 +594,7 @@ class AutoOptions:
     min_requests: int = 50  # on each side; fewer: undecided (kept), never a rollback on too little
     poll_s: float = 1.0
     rollout_timeout_s: float = 1800.0
+    min_confidence: float = AUTO_MIN_CONFIDENCE  # under it (and without a canary's pass): left for a person
 
 
 Counts = Callable[[Any, float, float], tuple[float, int]]
@@ -663,9 +682,9 @@ class SearchJobs:
                 run_search, self.store, self.recs, rt.dep, ready=ready, current_replicas=rt.desired,
                 slos=self.slos, params=params, now=self.clock(), replicas=replicas,
                 canary_factory=canaries if supervised else None, progress=progress,
-                mode=mode)
+                mode=mode, auto_min_confidence=self.auto.min_confidence)
             rid = job["result"]["recommendation_id"]
-            if rid is not None and mode == "auto":
+            if rid is not None and job["result"]["mode"] == "auto":
                 job["result"]["auto"] = await self._apply_and_judge(rt, rid, progress)
             job["status"] = "done"
         except Exception as exc:  # noqa: BLE001 - a failed search is reported with its reason, never raised
