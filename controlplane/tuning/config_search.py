@@ -472,9 +472,10 @@ def run_search(store: Any, recs: Any, dep: Deployment, *, ready: Sequence[str], 
     """Calibrate on the deployment's best-observed ready replica (`ready`: those running the spec's engine
     args), search, store the recommendation in `mode` (`recommend` waits for a person; `auto` is applied and
     judged by `SearchJobs`, unless its confidence is under `auto_min_confidence` and no canary validated it:
-    then it is stored for a person, and the result's `mode` and `held` say so). The workload is every request of the window on any of `replicas` (the
-    deployment's replicas, stopped and restarting ones included; default `ready`): a replica missing from
-    it would lower the measured rate and read as room to scale down. Returns what was decided, JSON-ready."""
+    then it is stored for a person, and the result's `mode` and `held` say so). The workload is every request
+    of the window on any of `replicas` (the deployment's replicas, stopped and restarting ones included; default
+    `ready`): a replica missing from it would lower the measured rate and read as room to scale down. Returns
+    what was decided, JSON-ready."""
     from controlplane.tuning.calibrate import calibrated_replica
     from controlplane.tuning.search_space import CalibratedFactory
     from controlplane.tuning.workload import from_rows
