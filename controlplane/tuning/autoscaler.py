@@ -54,6 +54,7 @@ HOLD_AT_ZERO: Final = "hold_scaled_to_zero"  # a person scaled it to 0 (its spec
 HOLD_AFTER_REVERSAL: Final = "hold_after_reversed_scale_down"
 HOLD_JUDGING: Final = "hold_judging_scale_down"
 HOLD_ROLLING: Final = "hold_rolling_change"
+HOLD_TROUBLE: Final = "hold_slo_trouble"  # fewer would do by the forecast, but the SLO burns or queues build now
 HOLD_COUNT_CHANGED: Final = "hold_count_changed"  # a person changed the count while the round decided on the old one
 CLOCK_STEP_TOLERANCE_S: Final = 1.0  # a clock going back by less (an NTP step) is not a step back
 DECISION_KIND: Final = "autoscale_decision"  # the lifecycle-event kind a decision is recorded under
@@ -351,11 +352,16 @@ def decide(obs: Observation, cfg: AutoscalerConfig, state: AutoscalerState,
         return Decision(n, HOLD_STARTING, inputs), _no_down(state)
     proven = max((p[1] for p in state.proven), default=None)
     inputs["proven_rps_per_replica"] = proven
-    if want_up > n and proven is not None and load <= proven * n:
+    # A crash-looping replica is counted in n but serves nothing: the forecast's want is met by the others.
+    serving = n - obs.lost_replicas
+    if want_up > serving and proven is not None and load <= proven * serving:
         return Decision(n, HOLD_PROVEN, inputs), _no_down(replace(state, up_since=None))
-    if want_up > n:
-        return _up(want_up, n, cfg, SCALE_UP_FORECAST, inputs, state, now, at_once=False)
+    if want_up > serving:
+        return _up(want_up + obs.lost_replicas, n, cfg, SCALE_UP_FORECAST, inputs, state, now, at_once=False)
     state = replace(state, up_since=None)
+    if trouble and want_down < n:
+        # Trouble seen for fewer intervals than a risk scale-up needs is still no time to remove a replica.
+        return Decision(n, HOLD_TROUBLE, inputs), _no_down(state)
     # Replicas still starting (or lost) mean the readings cover part of the fleet: not enough to scale down on.
     all_known = (known_rate and obs.ready_replicas is not None and len(obs.readings) >= obs.ready_replicas
                  and all(r.known for r in obs.readings) and not starting)

@@ -393,3 +393,32 @@ def test_rounds_slower_than_the_interval_count_only_their_excess_as_unobserved()
     t += 31.0
     d, st = decide(known, cfg, st, t)
     assert d.inputs["wanted_for_s"] == wanted + cfg.interval_s  # carried on, not started over
+
+
+def test_no_scale_down_in_an_interval_that_burns_the_budget_even_before_it_counts_as_risk() -> None:
+    # 4 replicas for 12 req/s (2 would do): the scale-down delay runs out in quiet intervals, then the SLO burns
+    # at 10x for one interval, fewer than the two a risk scale-up needs.
+    cfg = replace(CFG, slo_objective=0.99, min_finished=10)
+    ends: list[tuple[a.Decision, AutoscalerState]] = []
+    for good in (0.999, 0.90):
+        state = AutoscalerState()
+        for k in range(8):  # the 8th interval ends the scale-down delay
+            d, state = decide(obs(12.0, 4, good=good if k == 7 else 0.999, finished=100), cfg, state,
+                              (k + 1) * cfg.interval_s)
+            assert k == 7 or d.reason == a.HOLD_DOWNSCALE_DELAY, (k, d)
+        ends.append((d, state))
+    assert (ends[0][0].desired_replicas, ends[0][0].reason) == (2, a.SCALE_DOWN_SPARE)  # quiet to the end
+    assert (ends[1][0].desired_replicas, ends[1][0].reason) == (4, a.HOLD_TROUBLE)  # burning at 10x in the last
+    # ... and the delay starts over: the next quiet interval does not scale down at once.
+    d, _ = decide(obs(12.0, 4, good=0.999, finished=100), cfg, ends[1][1], 9 * cfg.interval_s)
+    assert (d.desired_replicas, d.reason) == (4, a.HOLD_DOWNSCALE_DELAY)
+
+
+def test_a_crash_looping_replica_is_not_counted_as_capacity_for_the_forecast() -> None:
+    # 3 replicas, one crash-looping; 28 req/s needs 3 serving ones (capacity ~10 req/s each).
+    o = replace(obs(28.0, 3, ready=2), lost_replicas=1)
+    cfg = replace(CFG, upscale_delay_s=0.0)
+    d, _ = decide(o, cfg, AutoscalerState(), 15.0)
+    assert (d.desired_replicas, d.reason) == (4, a.SCALE_UP_FORECAST)
+    d, _ = decide(obs(28.0, 3), cfg, AutoscalerState(), 15.0)  # all three serving: enough
+    assert (d.desired_replicas, d.reason) == (3, a.HOLD_STEADY)
