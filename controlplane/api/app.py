@@ -37,7 +37,9 @@ from controlplane.tuning.recommendations import (
     SUPERSEDED,
     RecommendationError,
     Recommendations,
+    engine_changed_since,
     made_for_replicas,
+    too_old,
 )
 
 log = logging.getLogger(__name__)
@@ -106,19 +108,6 @@ class SearchBody(_Body):
 
 DeploymentName = Annotated[str, Path(max_length=50, pattern=r"^[a-z0-9-]+$")]
 RecId = Annotated[int, Path(ge=1, le=2**31 - 1, description="Recommendation id.")]  # a 32-bit column
-
-
-def _engine_changed_since(rec: Mapping[str, Any], live: Any) -> str | None:
-    """What of the engine settings a reconfiguration was made for (its `current.engine`) differs from the live
-    ones, in words, or None: applied over a change made since, it would undo that change."""
-    try:
-        then, proposed = rec["current"]["engine"], rec["proposed"]["engine"]
-    except (KeyError, TypeError):
-        return None
-    if not isinstance(then, Mapping) or not isinstance(proposed, Mapping) or not isinstance(live, Mapping):
-        return None
-    changed = [f"{k} {then[k]!r} (now {live.get(k)!r})" for k in proposed if k in then and live.get(k) != then[k]]
-    return ", ".join(changed) or None
 
 
 def _json_safe(value: Any) -> Any:
@@ -443,9 +432,12 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
             raise HTTPException(409, detail=f"recommendation {rid} was made for {was} replica(s) of "
                                             f"{rec['deployment']}, which now has {live}; it is stale: dismiss it "
                                             "and ask for a new one")
-        if changed := _engine_changed_since(rec, live_dep.get("engine")):
+        if changed := engine_changed_since(rec, live_dep.get("engine")):
             raise HTTPException(409, detail=f"recommendation {rid} was made for {rec['deployment']} with "
                                             f"{changed}; it is stale: dismiss it and ask for a new one")
+        if old := too_old(rec, clock()):
+            raise HTTPException(409, detail=f"recommendation {rid} was {old}; it is stale: dismiss it and ask "
+                                            "for a new one")
         reason = f"recommendation_{rid}"
         await rec_call(recs.claim, rid, by="user")  # 409 if someone applied, dismissed or superseded it meanwhile
 

@@ -307,7 +307,9 @@ def proposal(dep: Deployment, current_replicas: int, result: SearchResult, *, ca
         # A fit on batches of at most `seen` sequences extrapolates to the chosen limit: trust it that much less.
         confidence *= 0.0 if not seen else min(1.0, float(seen) / result.chosen.max_num_seqs)
     confidence = None if confidence is None else round(confidence, 3)
-    return Proposal(dep.name, "reconfigure", reason, {"engine": engine_now, "replicas": current_replicas},
+    # engine_config: the whole configuration it was made for (a later change to any of it makes it stale).
+    return Proposal(dep.name, "reconfigure", reason, {"engine": engine_now, "engine_config": dep.engine.as_dict(),
+                                                      "replicas": current_replicas},
                     {"engine": changes, "replicas": result.replicas}, evidence, confidence)
 
 
@@ -715,16 +717,25 @@ class SearchJobs:
 
     async def _apply_and_judge(self, rt: Any, rid: int, progress: Callable[[str], None]) -> dict[str, Any]:
         from controlplane.tuning.loop import ROLL_BACK, slo_objectives, verdict
-        from controlplane.tuning.recommendations import APPLIED, FAILED, ROLLED_BACK, SUPERSEDED, made_for_replicas
+        from controlplane.tuning.recommendations import (
+            APPLIED,
+            FAILED,
+            ROLLED_BACK,
+            SUPERSEDED,
+            engine_changed_since,
+            made_for_replicas,
+        )
 
         rec = await asyncio.to_thread(self.recs.get, rid)
         proposed, current = rec["proposed"], rec["current"]
         was = made_for_replicas(rec)
-        if was is not None and was != rt.desired:
-            # The count changed while it searched (the tuner scaled, or a person did): the proposal was sized for
-            # another fleet and its rollback would restore that one, as the API refuses such a recommendation.
-            why = (f"made for {was} replica(s) of {rt.dep.name}, which has {rt.desired} now: not applied, "
-                   "search again")
+        changed = engine_changed_since(rec, rt.dep.engine.as_dict())
+        if (was is not None and was != rt.desired) or changed:
+            # The count or the engine changed while it searched (the tuner scaled, a person reconfigured): the
+            # proposal was sized for another fleet, and applying it would undo that change (its rollback would
+            # restore the old one), as the API refuses such a recommendation.
+            why = (f"made for {was} replica(s) of {rt.dep.name}, which has {rt.desired} now" if not changed else
+                   f"made for {rt.dep.name} with {changed}") + ": not applied, search again"
             await asyncio.to_thread(self.recs.decide, rid, SUPERSEDED, by="tuner", outcome={"why": why})
             progress(f"auto mode: {why}")
             return {"verdict": "stale", "why": why}
@@ -769,9 +780,18 @@ class SearchJobs:
         outcome: dict[str, Any] = {"verdict": v, "after": {"good": after[0], "known": after[1]},
                                    "in_effect_unix_s": effective, "judged_unix_s": self.clock()}
         if v == ROLL_BACK:
-            progress("auto mode: the SLO got worse; putting the previous configuration back")
+            # The engine args go back. The count goes back only from a scale-down, and only if nobody changed it
+            # since: a scale-up is kept (the SLO getting worse is no time to shrink; the autoscaler judges the
+            # count), and a count changed meanwhile (the tuner's risk scale-up, a person) is theirs.
+            count = current.get("replicas")
+            grew = count is not None and proposed.get("replicas") is not None and proposed["replicas"] > count
+            if grew or rt.desired != proposed.get("replicas", rt.desired):
+                outcome["count_kept"] = rt.desired
+                count = None
+            progress("auto mode: the SLO got worse; putting the previous engine args back"
+                     + ("" if count is None else f" and {count} replica(s)"))
             try:
-                outcome["rollback"] = await self._change(rt, current["engine"], current.get("replicas"),
+                outcome["rollback"] = await self._change(rt, current["engine"], count,
                                                          f"rollback_recommendation_{rid}")
             except Exception as exc:  # noqa: BLE001 - recorded with the outcome
                 outcome["rollback_error"] = str(exc)

@@ -33,6 +33,37 @@ def made_for_replicas(rec: Mapping[str, Any]) -> int | None:
         return None
 
 
+# How long a recommendation may wait for a person before it is too old to apply.
+MAX_AGE_S: dict[str, float] = {"scale": 3600.0, "reconfigure": 86_400.0}
+
+
+def engine_changed_since(rec: Mapping[str, Any], live: Any) -> str | None:
+    """Which engine settings the recommendation was made for (`current.engine_config`, the whole configuration,
+    when stored; else `current.engine`) differ from the live ones, in words, or None. A count or a configuration
+    is sized for the engine it was decided on: applied over a change made since, it would be wrong for it, and a
+    configuration would undo that change."""
+    current = rec.get("current")
+    if not isinstance(current, Mapping) or not isinstance(live, Mapping):
+        return None
+    then = current.get("engine_config") or current.get("engine")
+    if not isinstance(then, Mapping):
+        return None
+    changed = [f"{k} {v!r} (now {live.get(k)!r})" for k, v in then.items() if live.get(k) != v]
+    return ", ".join(changed) or None
+
+
+def too_old(rec: Mapping[str, Any], now: float) -> str | None:
+    """Why a recommendation is too old to apply, or None: it stands on the load of its round (a scale) or of its
+    search's window (a configuration), which says little of the load much later."""
+    limit = MAX_AGE_S.get(str(rec.get("kind")))
+    made = rec.get("created_unix_s")
+    if limit is None or not isinstance(made, int | float) or now - made <= limit:
+        return None
+    return f"made {(now - made) / 3600:.1f} h ago, on the load of then (a {rec['kind']} recommendation is kept " \
+           f"for {limit / 3600:g} h)"
+
+
+
 class RecommendationError(ValueError):
     def __init__(self, message: str, status: int = 409) -> None:
         super().__init__(message)

@@ -314,6 +314,46 @@ def test_a_reconfiguration_made_for_engine_settings_changed_since_is_stale(sqlit
     assert api.get(f"/api/v1/recommendations/{rid}").json()["status"] == "open"
 
 
+def test_a_recommendation_made_for_any_other_engine_setting_or_too_long_ago_is_stale(sqlite_store: Store) -> None:
+    from controlplane.tuning.recommendations import Proposal, Recommendations
+
+    class Live(FakeControl):
+        def describe(self) -> list[dict[str, Any]]:
+            return [{"name": "tiny", "desired_replicas": 1, "replicas": [],
+                     "engine": {"max_num_seqs": 16, "kv_cache_dtype": "auto"}}]
+
+    now = [1_000_000.0]
+    control = Live()
+    api = TestClient(create_app(sqlite_store, CollectorRegistry(), control=control, api_token="s3cret",
+                                clock=lambda: now[0]))
+    recs = Recommendations(sqlite_store.engine, clock=lambda: now[0])
+    # Searched with an fp8 KV cache, switched to auto since: the proposed limits were sized for the other one.
+    searched = recs.add(Proposal(
+        "tiny", "reconfigure", "searched",
+        {"replicas": 1, "engine": {"max_num_seqs": 16},
+         "engine_config": {"max_num_seqs": 16, "kv_cache_dtype": "fp8"}},
+        {"replicas": 1, "engine": {"max_num_seqs": 32}}, {}, 0.8), mode="recommend")
+    # A count decided on a replica with other limits: its capacity per replica is not today's.
+    scale = recs.add(Proposal("tiny", "scale", "scale_up_forecast_load",
+                              {"replicas": 1, "engine": {"max_num_seqs": 4, "kv_cache_dtype": "auto"}},
+                              {"replicas": 2}, {}, 0.7), mode="recommend")
+    for rid, what in ((searched, "kv_cache_dtype 'fp8' (now 'auto')"), (scale, "max_num_seqs 4 (now 16)")):
+        r = api.post(f"/api/v1/recommendations/{rid}/apply", headers=AUTH)
+        assert r.status_code == 409 and what in r.json()["detail"], r.text
+    # Made for what runs, but two hours ago: a scale stands on the load of its round.
+    old = recs.add(Proposal("tiny", "scale", "scale_up_forecast_load",
+                            {"replicas": 1, "engine": {"max_num_seqs": 16, "kv_cache_dtype": "auto"}},
+                            {"replicas": 2}, {}, 0.7), mode="recommend")
+    now[0] += 2 * 3600
+    r = api.post(f"/api/v1/recommendations/{old}/apply", headers=AUTH)
+    assert r.status_code == 409 and "made 2.0 h ago" in r.json()["detail"] and control.calls == []
+    fresh = recs.add(Proposal("tiny", "scale", "scale_up_forecast_load",
+                              {"replicas": 1, "engine": {"max_num_seqs": 16, "kv_cache_dtype": "auto"}},
+                              {"replicas": 2}, {}, 0.7), mode="recommend")
+    assert api.post(f"/api/v1/recommendations/{fresh}/apply", headers=AUTH).status_code == 200
+    assert control.calls == [("tiny", 2, "user", f"recommendation_{fresh}")]
+
+
 @pytest.mark.parametrize("rid", [2**31, 3_000_000_000])
 def test_a_recommendation_id_past_the_column_is_a_422_not_a_store_error(api: TestClient, rid: int) -> None:
     assert api.get(f"/api/v1/recommendations/{rid}").status_code == 422

@@ -148,7 +148,8 @@ def test_a_search_on_recorded_requests_stores_a_reconfigure_recommendation_with_
     assert rec["kind"] == "reconfigure" and rec["mode"] == "recommend" and rec["status"] == "open"
     assert rec["reason"] in ("cheaper_config_meets_slo", "same_cost_more_headroom", "scale_to_meet_slo")
     # Only the batch limits are searched: precision and parallelism stay as the replica runs them.
-    assert rec["current"] == {"engine": {"max_num_seqs": 16, "max_num_batched_tokens": 512}, "replicas": 1}
+    assert rec["current"] == {"engine": {"max_num_seqs": 16, "max_num_batched_tokens": 512}, "replicas": 1,
+                              "engine_config": deployment().engine.as_dict()}  # all it was made for
     assert set(rec["proposed"]["engine"]) == {"max_num_seqs", "max_num_batched_tokens"}
     ev = rec["evidence"]
     assert ev["calibration"]["replica"] == "tiny-0" and ev["calibration"]["requests"] == 1200
@@ -349,10 +350,55 @@ def test_auto_mode_puts_the_previous_config_back_when_the_slo_got_worse(sqlite_s
     job, recs = run_auto(sqlite_store, fleet, [(99, 100), (80, 100)])
     rec = recs.get(job["result"]["recommendation_id"])
     assert rec["status"] == "rolled_back" and rec["outcome"]["verdict"] == "roll_back"
-    # Back to one replica: the previous args are rolled first, then the fleet shrinks.
-    assert fleet.calls[2:] == [("reconfigure", rec["current"]["engine"]), ("scale", 1)]
-    assert fleet.runtimes["tiny"].dep.engine.max_num_seqs == 16 and fleet.runtimes["tiny"].desired == 1
-    assert any("putting the previous configuration back" in p["line"] for p in job["progress"])
+    # The previous args come back; the scale-up (1 -> 2) is kept: the SLO getting worse is no time to shrink.
+    assert rec["proposed"]["replicas"] == 2 and rec["outcome"]["count_kept"] == 2
+    assert fleet.calls[2:] == [("reconfigure", rec["current"]["engine"])]
+    assert fleet.runtimes["tiny"].dep.engine.max_num_seqs == 16 and fleet.runtimes["tiny"].desired == 2
+    assert any("putting the previous engine args back" in p["line"] for p in job["progress"])
+
+
+def test_auto_mode_rollback_leaves_a_count_changed_meanwhile_and_a_person_s_reconfigure_is_not_overwritten(
+        sqlite_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    fleet = FakeFleet()
+    verdicts = iter([(99, 100), (80, 100)])
+
+    def counts(rt: Any, t0: float, t1: float) -> tuple[int, int]:
+        if t0 >= BASE + 1000:  # the window after the change: the fleet was grown to 4 meanwhile (a risk scale-up)
+            fleet.runtimes["tiny"].desired = 4
+        return next(verdicts)
+
+    recs = Recommendations(sqlite_store.engine)
+    record(sqlite_store, rate=20.0)
+    clock = Clock()
+    jobs = cs.SearchJobs(sqlite_store, recs, fleet, [slo("ttft", (LatencyTarget("ttft", 0.5),))], clock=clock,
+                         mode="auto", counts=counts, sleep=clock.sleep)
+
+    def run() -> dict[str, Any]:
+        async def go() -> dict[str, Any]:
+            job = jobs.start("tiny", cs.SearchParams(target_rps=60.0, window_s=1e6))
+            await asyncio.gather(*jobs._tasks)
+            return jobs.get(job["id"])
+        return asyncio.run(go())
+
+    job = run()
+    rec = recs.get(job["result"]["recommendation_id"])
+    assert rec["status"] == "rolled_back" and rec["outcome"]["count_kept"] == 4
+    assert fleet.runtimes["tiny"].desired == 4 and ("scale", 1) not in fleet.calls
+    # A person reconfigures while the next search runs: its recommendation is superseded, not applied over it.
+    real = cs.run_search
+
+    def search_then_a_person_acts(*args: Any, **kw: Any) -> dict[str, Any]:
+        out = real(*args, **kw)
+        rt = fleet.runtimes["tiny"]
+        rt.dep = rt.dep.with_engine(rt.dep.engine.with_changes({"max_num_seqs": 8}))
+        return out
+
+    monkeypatch.setattr(cs, "run_search", search_then_a_person_acts)
+    fleet.calls.clear()
+    job = run()
+    rec = recs.get(job["result"]["recommendation_id"])
+    assert rec["status"] == "superseded" and "max_num_seqs 16 (now 8)" in rec["outcome"]["why"]
+    assert job["result"]["auto"]["verdict"] == "stale" and fleet.calls == []
 
 
 def test_auto_mode_marks_failed_a_change_the_supervisor_had_to_roll_back(sqlite_store: Store) -> None:
