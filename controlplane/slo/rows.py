@@ -21,8 +21,12 @@ from controlplane.store.models import Request
 SLI_COLUMNS: Final[dict[str, str]] = {"ttft": "ttft_s", "tpot": "tpot_s", "itl": "tpot_s", "e2e": "e2e_s",
                                       "queue": "queue_s"}
 SKETCH_COLUMNS: Final = ("ttft_s", "tpot_s", "e2e_s", "queue_s")
+# The output length: a request of at most one output token has no inter-token latency to judge (see good_known).
+TOKENS: Final = "completion_tokens"
 ROW_COLUMNS: Final = (Request.id, Request.replica_id, Request.finish_unix_s,
-                      *(Request.__table__.c[c] for c in SKETCH_COLUMNS))
+                      *(Request.__table__.c[c] for c in SKETCH_COLUMNS), Request.completion_tokens)
+# SLIs that do not exist for an answer of one token: its TPOT is NULL (decode.tpot), by definition, not missing.
+_PER_TOKEN: Final = frozenset({"tpot", "itl"})
 
 
 def target_key(targets: Iterable[LatencyTarget]) -> str:
@@ -55,14 +59,19 @@ def bucket_starts(at: sk.FloatArray, level_s: int) -> sk.IntArray:
 def good_known(cols: dict[str, sk.FloatArray], targets: Sequence[LatencyTarget]) -> tuple[Any, Any]:
     """(good, known) masks. Three-valued: a known miss of any target makes the request bad even when
     another target's value is NULL; it is good only when every target is known and met; otherwise
-    unknown (neither good nor bad)."""
+    unknown (neither good nor bad). A TPOT / ITL target does not apply to an answer of at most one token
+    (`cols[TOKENS]` <= 1): it has no inter-token latency, so that target is met (as vLLM's benchmark counts
+    it). Were it unknown, such requests would count only when another target missed: only ever bad."""
     n = len(next(iter(cols.values())))
     good = np.ones(n, dtype=bool)
     bad = np.zeros(n, dtype=bool)
+    tokens = cols.get(TOKENS)
     for t in targets:
         v = cols[SLI_COLUMNS[t.sli]]
         with np.errstate(invalid="ignore"):
             met = v <= t.threshold_s  # NaN compares False
+            if t.sli in _PER_TOKEN and tokens is not None:
+                met |= np.isnan(v) & (tokens <= 1)  # NaN tokens (unknown length) compare False: unknown
         good &= met
         bad |= ~np.isnan(v) & ~met
     return good, good | bad
@@ -84,12 +93,12 @@ class Batch:
 
     @classmethod
     def from_rows(cls, rows: Sequence[Sequence[Any]]) -> Batch:
-        """Rows of (id, replica_id, finish_unix_s, *SKETCH_COLUMNS)."""
+        """Rows of (id, replica_id, finish_unix_s, *SKETCH_COLUMNS, completion_tokens)."""
         # Plain tuples: numpy probing SQLAlchemy Row objects for array protocols costs more than the rows.
-        a = np.array([tuple(r) for r in rows], dtype=np.float64).reshape(len(rows), 3 + len(SKETCH_COLUMNS))
+        a = np.array([tuple(r) for r in rows], dtype=np.float64).reshape(len(rows), 4 + len(SKETCH_COLUMNS))
         a = a[~np.isnan(a[:, 1])]  # a request of no replica belongs to no deployment
         return cls(a[:, 0].astype(np.int64), a[:, 1].astype(np.int64), a[:, 2],
-                   {c: a[:, 3 + i] for i, c in enumerate(SKETCH_COLUMNS)})
+                   {**{c: a[:, 3 + i] for i, c in enumerate(SKETCH_COLUMNS)}, TOKENS: a[:, -1]})
 
     def select(self, mask: Any) -> Batch:
         return Batch(self.ids[mask], self.replica[mask], self.at[mask],

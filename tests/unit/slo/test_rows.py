@@ -36,3 +36,19 @@ def test_target_keys_are_canonical_whatever_the_order_of_the_targets() -> None:
     a = rows.target_key([LatencyTarget("tpot", 0.05), LatencyTarget("ttft", 0.5)])
     assert a == rows.target_key([LatencyTarget("ttft", 0.5), LatencyTarget("tpot", 0.05)]) == "tpot<=0.05&ttft<=0.5"
     assert rows.parse_key(a) == (LatencyTarget("tpot", 0.05), LatencyTarget("ttft", 0.5))
+
+
+def test_a_per_token_target_is_met_by_an_answer_of_one_token_not_left_unknown() -> None:
+    nan = float("nan")
+    # ttft good/bad x one-token answer / a missing TPOT of a longer answer / unknown length
+    cols = {"ttft_s": np.array([0.1, 0.9, 0.1, 0.9, 0.1]),
+            "tpot_s": np.array([nan, nan, nan, nan, nan]),
+            rows.TOKENS: np.array([1.0, 1.0, 20.0, 20.0, nan])}
+    for per_token in ("tpot", "itl"):
+        good, known = rows.good_known(cols, (LatencyTarget("ttft", 0.2), LatencyTarget(per_token, 0.02)))
+        assert good.tolist() == [True, False, False, False, False]
+        assert known.tolist() == [True, True, False, True, False]  # a miss stays bad; a missing TPOT unknown
+    # Without the output length (rows written before it was read) the old rule holds.
+    del cols[rows.TOKENS]
+    good, known = rows.good_known(cols, (LatencyTarget("ttft", 0.2), LatencyTarget("tpot", 0.02)))
+    assert good.tolist() == [False] * 5 and known.tolist() == [False, True, False, True, False]

@@ -114,13 +114,14 @@ def test_the_finish_time_migration_fills_existing_rows_and_starts_the_rollups_ov
         conn.execute(text("INSERT INTO slo_rollup_targets (id, key, backfill_upto_id, backfill_done_id, "
                           "backfill_excluded, created_unix_s) VALUES (1, 'e2e<=60.0', 2, 2, '[]', 0)"))
         conn.execute(text("INSERT INTO slo_rollup_counts VALUES (1, 60, 960, 1, 1, 2, 0)"))
-    upgrade(bare_engine)
+    upgrade(bare_engine, "0007")
     with bare_engine.connect() as conn:
         assert conn.execute(text("SELECT id, finish_unix_s FROM requests ORDER BY id")).all() == [
             (1, 1400.0), (2, 1000.0), (3, 1000.0)]
         assert conn.execute(text("SELECT count(*) FROM slo_rollup_counts")).scalar() == 0
         assert conn.execute(text("SELECT watermark_id, version FROM slo_rollup_state")).one() == (0, 8)
         assert conn.execute(text("SELECT backfill_upto_id, backfill_done_id FROM slo_rollup_targets")).one() == (0, 0)
+    upgrade(bare_engine)
     rollup.run(bare_engine, {"e2e<=60.0"}, 2000.0)  # the rebuild puts request 1 in its finish minute
     with bare_engine.connect() as conn:
         minutes = conn.execute(text("SELECT bucket_start_unix_s, total, unknown FROM slo_rollup_counts "
@@ -178,3 +179,23 @@ def test_spans_of_a_replica_nobody_registered_are_kept_and_warned_about_once(
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 1 and "'vllm'" in warned[0] and "controlplane.replica" in warned[0]
     assert sorted(r["replica"] for r in store.requests()) == ["known", "vllm", "vllm", "vllm"]
+
+
+def test_the_one_token_goodput_migration_starts_the_rollups_over(bare_engine: Engine) -> None:
+    """Counts made under the older rule (a one-token answer's TPOT unknown) are emptied for the next run."""
+    upgrade(bare_engine, "0008")
+    store = Store(bare_engine)
+    _write(store, [llm_span(request_id="one", completion=1, ttft=0.1)])
+    rollup.run(bare_engine, {"tpot<=0.05&ttft<=0.5"}, 2e9)
+    counts = "SELECT sum(good), sum(total), sum(unknown) FROM slo_rollup_counts WHERE level_s = 60"
+    with bare_engine.connect() as conn:
+        assert tuple(conn.execute(text(counts)).one()) == (1, 1, 0)  # this code counts it good at once
+        conn.execute(text("UPDATE slo_rollup_counts SET good = 0, total = 0, unknown = 1"))  # as 0008's code did
+        conn.commit()
+    upgrade(bare_engine)
+    with bare_engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM slo_rollup_counts")).scalar() == 0
+        assert conn.execute(text("SELECT watermark_id FROM slo_rollup_state")).scalar() == 0
+    rollup.run(bare_engine, {"tpot<=0.05&ttft<=0.5"}, 2e9)
+    with bare_engine.connect() as conn:
+        assert tuple(conn.execute(text(counts)).one()) == (1, 1, 0)

@@ -68,6 +68,11 @@ def test_good_count_is_three_valued() -> None:
             {"ttft_s": 0.1, "tpot_s": None},  # unknown
             {"ttft_s": 0.1, "tpot_s": 0.2}]  # bad
     assert good_count(rows, targets) == (1, 3)
+    # A one-token answer has no TPOT to miss: it is judged on TTFT alone, good or bad (never only ever bad).
+    one = [{"ttft_s": 0.1, "tpot_s": None, "completion_tokens": 1},
+           {"ttft_s": 0.9, "tpot_s": None, "completion_tokens": 1},
+           {"ttft_s": 0.1, "tpot_s": None, "completion_tokens": 30}]  # a longer answer's missing TPOT: unknown
+    assert good_count(one, targets) == (1, 2)
 
 
 def test_each_slo_is_judged_against_its_own_objective_not_the_strictest_one() -> None:
