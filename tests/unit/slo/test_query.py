@@ -173,8 +173,8 @@ def test_error_rate_comes_from_counter_deltas_and_skips_unknown_samples(store: S
     seed_fleet(store.engine)
     t0 = NOW - 7200.0
     # replica 1: 100 successes + 2 errors before the window, then +900 / +8 inside it, across a failed scrape
-    _samples(store, 1, [(t0 - 600, 0.0, 0.0), (t0 - 10, 100.0, 2.0), (t0 + 1000, None, None), (t0 + 3000, 700.0, 6.0),
-                        (NOW - 1, 1000.0, 10.0)])
+    _samples(store, 1, [(t0 - 600, 0.0, 0.0), (t0 - 10, 100.0, 2.0), (t0 + 5, 100.0, 2.0), (t0 + 1000, None, None),
+                        (t0 + 3000, 700.0, 6.0), (NOW - 1, 1000.0, 10.0)])
     # replica 2 first seen inside the window: its first sample is the baseline
     _samples(store, 2, [(t0 + 100, 50.0, 50.0), (t0 + 200, 60.0, 50.0)])
     # replica 3 is another deployment's
@@ -185,6 +185,30 @@ def test_error_rate_comes_from_counter_deltas_and_skips_unknown_samples(store: S
     assert status.counts.method == "counters"
     assert status.quantiles == ()
     assert status.budget_remaining == pytest.approx(1 - 8 / (918 * 0.01))
+
+
+def test_errors_of_a_gap_in_the_scrapes_are_spread_over_it_not_paged_on_when_scraping_recovers(
+        store: Store) -> None:
+    seed_fleet(store.engine)
+    # 1 req/s, scraped every 5 s; the scrapes fail for 3,000 s, during the first 600 s of which every request
+    # failed; then all succeed. The first good scrape after the gap must not put 600 errors in its 5 minutes.
+    t0 = NOW - 3000.0
+    points: list[tuple[float, float | None, float | None]] = [
+        (t0 - 3600 + 5 * k, 5.0 * k, 0.0) for k in range(720)]  # an hour of successes up to t0
+    points += [(t0 + 5 * k, None, None) for k in range(600)]  # the gap
+    points += [(NOW, 3600.0 + 2400.0, 600.0)]  # 2,400 successes and 600 errors over the gap
+    _samples(store, 1, points)
+    slo = make_slo("error_rate", (), window_s=86400.0, objective=0.999)
+    five = query.evaluate(store.engine, slo, NOW + 1).burn
+    short = {b.short.window_s: b.short.counts for b in five}[300.0]
+    # Its ~300 s of the 3,005 s step (the evaluation's clock is whole seconds): 60 errors, not 600.
+    assert short.total == pytest.approx(3000 * 300 / 3005, rel=0.005)
+    assert short.total - short.good == pytest.approx(600 * 300 / 3005, rel=0.005)
+    # A gap inside a window is counted whole.
+    day = query.evaluate(store.engine, slo, NOW + 1).counts
+    assert (day.good, day.total) == (6000.0, 6600.0)
+    series = query.attainment_series(store.engine, slo, NOW - 300, NOW + 1, 60)
+    assert sum(p.total for p in series) == pytest.approx(3000 * 300 / 3005, rel=0.005)
 
 
 def test_error_rate_leaves_out_a_step_where_a_stored_counter_dropped(store: Store) -> None:
