@@ -6,6 +6,8 @@ spec can share the domain types without importing each other.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Final, Literal, get_args
 
@@ -59,16 +61,26 @@ _WORKBOOK_30D: Final[tuple[tuple[Severity, float, float], ...]] = (
 )
 
 
-def workbook_windows(period_s: float = THIRTY_DAYS_S) -> tuple[BurnWindow, ...]:
+# A default tier's burn rate is capped so that its error ratio threshold is at most this: with a low objective
+# the workbook's rates ask for more than every request failing (14.4x of a 10 % budget is 144 %).
+MAX_DEFAULT_ERROR_RATIO: Final = 0.9
+
+
+def workbook_windows(period_s: float = THIRTY_DAYS_S, objective: float | None = None) -> tuple[BurnWindow, ...]:
     """The four workbook tiers with their windows scaled to the period, so each still spends 2/5/10/10% of it.
 
     Windows are rounded to whole seconds (Prometheus durations); 28 days gives 56m/4m40s, 5h36m/28m, ...
+    With `objective`, a rate whose error ratio threshold would reach MAX_DEFAULT_ERROR_RATIO is capped there
+    (objectives under 93.75 %): uncapped, the 14.4x tier of a 90 % SLO could never fire, and a total outage
+    would page only through the 6x tier, 3.6 hours in; capped at 9x, it pages in under an hour.
     """
     scale = period_s / THIRTY_DAYS_S
+    cap = MAX_DEFAULT_ERROR_RATIO / (1.0 - objective) if objective is not None and objective < 1 else math.inf
     out = []
     for severity, long_30d, burn in _WORKBOOK_30D:
         long_s = float(max(12, round(long_30d * scale)))
-        out.append(BurnWindow(severity=severity, long_s=long_s, short_s=float(round(long_s / 12)), burn_rate=burn))
+        out.append(BurnWindow(severity=severity, long_s=long_s, short_s=float(round(long_s / 12)),
+                              burn_rate=min(burn, round(cap, 6))))
     return tuple(out)
 
 

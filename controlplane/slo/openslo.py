@@ -215,7 +215,7 @@ def _to_domain(where: str, doc: SloDocument, slis: dict[str, SliSpec]) -> list[S
             raise SpecError(f"{at}: the SLO name {name!r} made from metadata.name and displayName is not allowed; "
                             f"names are {NAME_ALLOWED}")
         out.append(Slo(name=name, deployment=spec.service, sli=kind, targets=targets, objective=objective,
-                       window=window, alerting=Alerting(windows=workbook_windows(window.duration_s)),
+                       window=window, alerting=Alerting(windows=workbook_windows(window.duration_s, objective)),
                        description=spec.description or sli_spec.description))
     return out
 

@@ -192,7 +192,7 @@ def to_domain(doc: SloDocument) -> Slo:
     period = body.period_s()
     window = SloWindow("calendar_month" if body.window == CALENDAR_MONTH else "rolling", period)
     if body.alerting.windows is None:
-        windows = workbook_windows(period)
+        windows = workbook_windows(period, body.objective)
     else:
         windows = tuple(BurnWindow(w.severity, w.long, w.short_s, w.burn_rate, w.for_) for w in body.alerting.windows)
     targets: tuple[LatencyTarget, ...]

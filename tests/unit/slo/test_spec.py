@@ -57,6 +57,40 @@ def test_a_calendar_month_is_thirty_days_nominal() -> None:
     assert slo.alerting.windows[0].long_s == 3600
 
 
+def test_a_low_objective_caps_the_default_tiers_so_a_total_outage_pages_within_the_hour() -> None:
+    from controlplane.slo.alert_state import condition
+    from controlplane.slo.evaluate import Counts, build_status
+
+    low = doc("  deployment: tiny\n  sli: ttft\n  threshold: 500ms\n  objective: 0.9\n", "low")
+    (slo,) = load_slos(low)
+    assert [w.burn_rate for w in slo.alerting.windows] == [9.0, 6.0, 3.0, 1.0]  # 14.4x of 10 % would be 144 %
+    (usual,) = load_slos(doc(TTFT))
+    assert [w.burn_rate for w in usual.alerting.windows] == [14.4, 6.0, 3.0, 1.0]
+    (openslo,) = load_slos("""apiVersion: openslo/v1
+kind: SLO
+metadata: {name: low-ttft}
+spec:
+  service: tiny
+  indicator:
+    metadata: {name: ttft}
+    spec:
+      thresholdMetric: {metricSource: {type: prometheus, spec: {query: vllm:time_to_first_token_seconds}}}
+  timeWindow: [{duration: 30d, isRolling: true}]
+  budgetingMethod: Occurrences
+  objectives: [{op: lte, value: 0.5, target: 0.9}]
+""")
+    assert openslo.alerting.windows[0].burn_rate == 9.0
+    # Every request fails for the last 55 minutes of a quiet day: the page fires (the 1 h window at 92 % bad).
+    now = 1e6
+    counts = {3600.0: Counts(good=50, total=600), 300.0: Counts(good=0, total=50),
+              21600.0: Counts(good=2050, total=2600), 1800.0: Counts(good=0, total=300),
+              86400.0: Counts(good=8050, total=8600), 7200.0: Counts(good=100, total=650)}
+    for w in (259200.0, 21600.0):
+        counts.setdefault(w, counts[86400.0])
+    status = build_status(slo, now, (now - 30 * 86400, now), counts[86400.0], counts)
+    assert condition(status, "page").active
+
+
 def test_goodput_holds_every_target_and_error_rate_none() -> None:
     goodput = doc("  deployment: tiny\n  sli: goodput\n  objective: 0.95\n  targets:\n"
                   "    - {sli: ttft, threshold: 0.5}\n    - {sli: tpot, threshold: 50ms}\n", "g")
