@@ -7,7 +7,6 @@ spec can share the domain types without importing each other.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
 from typing import Final, Literal, get_args
 
