@@ -25,6 +25,7 @@ from controlplane import names
 from controlplane.slo.evaluate import NoData, SloStatus
 from controlplane.slo.model import Severity
 
+CLEAR_SINCE = "clear_since_unix_s"  # evidence of a firing episode whose condition has cleared, kept firing
 State = Literal["pending", "firing", "resolved"]
 Transition = Literal["pending", "firing", "resolved", "cancelled"]
 ALERTNAMES: dict[str, str] = {"page": names.ALERT_SLO_BURN_PAGE, "ticket": names.ALERT_SLO_BURN_TICKET}
@@ -36,6 +37,7 @@ class Condition:
     for_s: float
     evidence: dict[str, Any]
     known: bool = True  # False: not active, but not shown inactive either (a window without data): hold
+    keep_s: float = 0.0  # a firing episode resolves only once the condition has been clear this long
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ def condition(status: SloStatus, severity: Severity) -> Condition:
         })
     active = bool(active_for)
     return Condition(active, min(active_for, default=0.0), {"sli": slo.sli, "tiers": tiers},
-                     known=active or not unknown)
+                     known=active or not unknown, keep_s=slo.alerting.keep_firing_s())
 
 
 def step(prev: Episode | None, cond: Condition, *, slo: str, deployment: str, severity: Severity,
@@ -114,6 +116,11 @@ def step(prev: Episode | None, cond: Condition, *, slo: str, deployment: str, se
     # firing
     if cond.active:
         return replace(live, last_eval_unix_s=now, evidence=cond.evidence), None
+    # Clear: it keeps firing until it has been clear for keep_s (as Prometheus' keep_firing_for counts it, from
+    # the first evaluation that found it clear), so a burn hovering at the threshold is one page, not many.
+    clear_since = float(live.evidence.get(CLEAR_SINCE, now))
+    if now - clear_since < cond.keep_s:
+        return replace(live, last_eval_unix_s=now, evidence={**cond.evidence, CLEAR_SINCE: clear_since}), None
     return replace(live, state="resolved", resolved_unix_s=now, last_eval_unix_s=now, evidence=cond.evidence), \
         "resolved"
 

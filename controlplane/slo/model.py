@@ -89,11 +89,19 @@ class Alerting:
     ticket: bool = True
     min_request_rate_per_s: float = 0.0  # below it nothing fires (Pyrra #1925)
     windows: tuple[BurnWindow, ...] = field(default_factory=workbook_windows)
+    # How long a firing alert keeps firing once its condition has cleared (Prometheus' keep_firing_for), so a
+    # burn hovering at a threshold pages once, not at every crossing. None: the shortest enabled short window.
+    keep_firing_for_s: float | None = None
 
     def enabled_windows(self) -> tuple[BurnWindow, ...]:
         """The tiers whose severity is switched on."""
         on = {"page": self.page, "ticket": self.ticket}
         return tuple(w for w in self.windows if on[w.severity])
+
+    def keep_firing_s(self) -> float:
+        if self.keep_firing_for_s is not None:
+            return self.keep_firing_for_s
+        return min((w.short_s for w in self.enabled_windows()), default=0.0)
 
 
 @dataclass(frozen=True)

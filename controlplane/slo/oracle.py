@@ -103,18 +103,29 @@ def margin(slo: Slo, tier: BurnWindow, traffic: Traffic, t: float) -> float:
 
 
 def firing_ticks(slo: Slo, tier: BurnWindow, traffic: Traffic, interval_s: float, end_s: float) -> list[bool]:
-    """Firing state at every evaluation 0, i, 2i, ... end (Prometheus: pending until active for `for`)."""
+    """Firing state at every evaluation 0, i, 2i, ... end (Prometheus: pending until active for `for`; a firing
+    alert whose expression clears keeps firing until `keep_firing_for` has passed since the first clear tick)."""
     states: list[bool] = []
-    active_since = None
+    active_since = clear_since = None
+    keep = slo.alerting.keep_firing_s()
     for k in range(int(round(end_s / interval_s)) + 1):
         t = k * interval_s
-        if active(slo, tier, traffic, t, firing=bool(states) and states[-1]):
+        firing = bool(states) and states[-1]
+        if active(slo, tier, traffic, t, firing=firing):
             active_since = t if active_since is None else active_since
+            clear_since = None
             states.append(t - active_since >= tier.for_s)
+        elif firing and t - (clear_since := t if clear_since is None else clear_since) < keep:
+            states.append(True)
         else:
-            active_since = None
+            active_since = clear_since = None
             states.append(False)
     return states
+
+
+def keep_after_s(slo: Slo, interval_s: float) -> float:
+    """How long after its first clear evaluation a firing alert resolves: keep_firing_for, to the next tick."""
+    return first_tick_at_or_after(slo.alerting.keep_firing_s(), interval_s)
 
 
 @dataclass(frozen=True)

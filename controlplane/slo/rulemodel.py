@@ -31,11 +31,14 @@ class AlertRule:
     labels: Labels
     annotations: Labels
     for_s: float = 0.0
+    keep_firing_for_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"alert": self.alert, "expr": self.expr.render()}
         if self.for_s:
             out["for"] = format_duration(self.for_s)
+        if self.keep_firing_for_s:
+            out["keep_firing_for"] = format_duration(self.keep_firing_for_s)
         out["labels"] = dict(self.labels)
         out["annotations"] = dict(self.annotations)
         return out

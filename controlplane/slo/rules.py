@@ -230,7 +230,8 @@ def burn_alert(slo: Slo, tier: BurnWindow, options: RuleOptions) -> AlertRule:
                         f"window records no request, a firing alert holds as long as the {long_w} window burns."),
         ("runbook_url", slo.runbook_url or runbook_url(options, name)),
     )
-    return AlertRule(name, Binary("or", fresh, held), labels, annotations, tier.for_s)
+    return AlertRule(name, Binary("or", fresh, held), labels, annotations, tier.for_s,
+                     slo.alerting.keep_firing_s())
 
 
 NO_DATA_FOR_S = 600.0

@@ -142,12 +142,13 @@ def traffic_rate(slo: Slo) -> float:
 def plan_tier(slo: Slo, tier: BurnWindow) -> TierPlan:
     tiers, _ = live_tiers(slo)
     fire_s, resolve_s = oracle.fire_after_s(slo, tier), oracle.resolve_after_s(slo, tier)
-    span = tier.long_s + fire_s + tier.for_s + tier.short_s + 10 * tier.short_s / 12
-    for i in eval_intervals(windows_of(tiers) + ([tier.for_s] if tier.for_s else []), span, n_rules(slo)):
+    keep = slo.alerting.keep_firing_s()
+    span = tier.long_s + fire_s + tier.for_s + tier.short_s + 10 * tier.short_s / 12 + keep
+    for i in eval_intervals(windows_of(tiers) + [d for d in (tier.for_s, keep) if d], span, n_rules(slo)):
         start = tier.long_s
         fires = start + oracle.first_tick_above(fire_s, i) + tier.for_s
         stop = fires + 2 * i
-        resolves = stop + oracle.first_tick_at_or_after(resolve_s, i)
+        resolves = stop + oracle.first_tick_at_or_after(resolve_s, i) + oracle.keep_after_s(slo, i)
         traffic = oracle.Traffic(traffic_rate(slo), start, stop)
         end = resolves + 2 * i
         states = {w: oracle.firing_ticks(slo, w, traffic, i, end) for w in tiers}
@@ -168,7 +169,8 @@ def tier_test_file(slo: Slo, tier: BurnWindow, rule_file: str, options: RuleOpti
             f"fires {_fmt(p.fires_at_s - start)} after 100% errors start (workbook: burn x budget x long = "
             f"{oracle.fire_after_s(slo, tier):.6g} s + for {tier.for_s:g} s, next {p.interval_s:g} s tick), resolves "
             f"{_fmt(p.resolves_at_s - stop)} after they stop (workbook: short x (1 - burn x budget) = "
-            f"{oracle.resolve_after_s(slo, tier):.6g} s)")
+            f"{oracle.resolve_after_s(slo, tier):.6g} s, then keep_firing_for "
+            f"{_fmt(slo.alerting.keep_firing_s())})")
     checks = (p.fires_at_s - p.interval_s, p.fires_at_s, p.resolves_at_s - p.interval_s, p.resolves_at_s)
     tests = [{
         "name": name,
@@ -198,15 +200,16 @@ def hold_test(slo: Slo, p: TierPlan, options: RuleOptions) -> dict[str, Any]:
     i, tier = p.interval_s, p.tier
     if i >= LOOKBACK_S:
         raise ValueError(f"{slo.name}: a hold test needs an evaluation interval under {LOOKBACK_S:g} s, got {i:g} s")
-    gap = tier.short_s + 4 * i
+    kept = oracle.keep_after_s(slo, i)  # the page resolves this long after the first good requests clear it
+    gap = tier.short_s + kept + 4 * i  # longer than keep_firing_for: without the hold, the gap would resolve it
     first = (p.fires_at_s + i, p.fires_at_s + i + gap)
-    second = (first[1] + 2 * i, first[1] + 2 * i + gap)
+    second = (first[1] + 2 * i + kept, first[1] + 2 * i + kept + gap)
     traffic = oracle.Traffic(traffic_rate(slo), p.traffic.errors_from_s, first[0], (first, second))
     end = second[1] + 2 * i
     states = {w: oracle.firing_ticks(slo, w, traffic, i, end) for w in tiers}
-    checks = (p.fires_at_s, first[0] + tier.short_s + i, first[1], first[1] + i, second[0] + tier.short_s + i,
-              second[1])
-    expected = [True, True, True, False, False, False]
+    checks = (p.fires_at_s, first[0] + tier.short_s + i, first[1], *((first[1] + i,) if kept else ()),
+              first[1] + i + kept, second[0] + tier.short_s + i, second[1])
+    expected = [True, True, True, *((True,) if kept else ()), False, False, False]
     thr = oracle.threshold(slo, tier)
     if not all((traffic.window(t, tier.long_s)[0] or 0.0) > thr for t in checks[1:]):  # the premise, first
         raise ValueError(f"{slo.name}: the long window stops burning during the hold test; the gaps prove nothing")
@@ -217,7 +220,8 @@ def hold_test(slo: Slo, p: TierPlan, options: RuleOptions) -> dict[str, Any]:
     return {
         "name": f"{slo.name} {tier.severity} {tier.burn_rate:g}x over {_fmt(tier.long_s)}/{_fmt(tier.short_s)}: "
                 f"fires, then no request for {_fmt(gap)} (over a short window): the page holds; the first good "
-                f"requests resolve it; a second gap while the long window still burns does not start it again",
+                f"requests clear it (resolved {_fmt(kept)} later, keep_firing_for); a second gap while the long "
+                f"window still burns does not start it again",
         "interval": _fmt(i),
         "input_series": _traffic_series(slo, traffic, i, end),
         "alert_rule_test": _alert_checks(slo, tiers, states, checks, i, options),

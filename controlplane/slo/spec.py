@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from controlplane.slo.durations import parse_duration_s
+from controlplane.slo.durations import format_duration, parse_duration_s
 from controlplane.slo.model import (
     LATENCY_SLIS,
     SLI_KINDS,
@@ -107,6 +107,8 @@ class AlertingSpec(_Spec):
     ticket: bool = True
     min_request_rate_per_s: Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)] = 0.0
     windows: Annotated[list[BurnWindowSpec] | None, Field(min_length=1)] = None  # default: workbook tiers, scaled
+    # A firing alert keeps firing this long after its condition clears; default: the shortest short window.
+    keep_firing_for: DurationOrZero | None = None
 
 
 class SloBody(_Spec):
@@ -172,6 +174,10 @@ class SloBody(_Spec):
             if w.burn_rate * budget >= 1:
                 raise ValueError(f"{where}.burn_rate: {w.burn_rate:g} x budget {budget:g} >= 1, so the error ratio "
                                  f"could never exceed it; allowed: burn_rate < {1 / budget:g} for this objective")
+        keep = self.alerting.keep_firing_for
+        if keep is not None and keep >= self.period_s():
+            raise ValueError(f"alerting.keep_firing_for: {format_duration(keep)} must be shorter than the SLO window "
+                             f"{self.window}")
         return self
 
 
@@ -202,7 +208,8 @@ def to_domain(doc: SloDocument) -> Slo:
         targets = (LatencyTarget(typing.cast(LatencySli, body.sli), body.threshold),)
     else:
         targets = ()
-    alerting = Alerting(body.alerting.page, body.alerting.ticket, body.alerting.min_request_rate_per_s, windows)
+    alerting = Alerting(body.alerting.page, body.alerting.ticket, body.alerting.min_request_rate_per_s, windows,
+                        body.alerting.keep_firing_for)
     return Slo(name=doc.metadata.name, deployment=body.deployment, sli=body.sli, targets=targets,
                objective=body.objective, window=window, budgeting=body.budgeting, alerting=alerting,
                description=body.description, runbook_url=body.runbook_url)

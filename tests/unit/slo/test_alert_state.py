@@ -325,3 +325,25 @@ def test_an_alert_about_a_simulated_deployment_says_so_for_the_whole_episode(eng
                now=1000.0)
     assert "simulated" not in posts[-1][-1]["labels"]  # type: ignore[index]
     assert not posts[-1][-1]["annotations"]["summary"].startswith("[simulated]")  # type: ignore[index]
+
+
+def test_a_burn_hovering_at_the_threshold_is_one_page_kept_firing_until_clear_for_keep_firing_for() -> None:
+    # 14.4x at a 1 % budget is 14.4 % bad: the short window goes 20 % / 10 % / 20 % ... every 30 s round.
+    kw = {"slo": "t", "deployment": "d", "severity": "page"}
+    hovering = [(200, 20 if k % 2 == 0 else 10) for k in range(20)] + [(200, 0)] * 12
+
+    def run(keep: float | None) -> list[str]:
+        slo = make_slo(name="t", objective=0.99, windows=(PAGE,), keep_firing_for_s=keep)
+        ep, out = None, []
+        for k, (bad_long, bad_short) in enumerate(hovering):
+            st = build_status(slo, 30.0 * k, (0.0, 30.0 * k), Counts(good=800, total=1000), {
+                3600.0: Counts(good=1000 - bad_long, total=1000), 300.0: Counts(good=100 - bad_short, total=100)})
+            ep, tr = step(ep, condition(st, "page"), now=30.0 * k, **kw)  # type: ignore[arg-type]
+            if tr is not None:
+                out.append(f"{tr}@{30 * k}")
+        return out
+
+    assert len(run(0.0)) == 20  # without it: a page and a resolve at every crossing
+    # The default (the short window, 5 minutes): one page, resolved 5 minutes after the burn last cleared.
+    assert run(None) == ["firing@0", "resolved@870"]
+    assert run(60.0) == ["firing@0", "resolved@630"]

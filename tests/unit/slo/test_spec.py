@@ -352,3 +352,14 @@ spec: {description: the demo}
     'objective-rounds-to-1'])
 def test_openslo_features_that_cannot_be_carried_over_are_errors_not_approximations(text: str, expected: str) -> None:
     assert expected in error_of(text)
+
+
+def test_keep_firing_for_defaults_to_the_shortest_short_window_and_is_checked() -> None:
+    (default,) = load_slos(doc(TTFT))
+    assert default.alerting.keep_firing_for_s is None and default.alerting.keep_firing_s() == 280.0  # 28d: 4m40s
+    (off,) = load_slos(doc(TTFT + "  alerting:\n    keep_firing_for: 0s\n"))
+    assert off.alerting.keep_firing_s() == 0.0
+    (own,) = load_slos(doc(TTFT + "  alerting:\n    keep_firing_for: 15m\n"))
+    assert own.alerting.keep_firing_s() == 900.0
+    assert "spec.alerting.keep_firing_for: 28d must be shorter than the SLO window 28d" in error_of(
+        doc(TTFT + "  alerting:\n    keep_firing_for: 28d\n"))
