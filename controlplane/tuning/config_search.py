@@ -514,6 +514,7 @@ def run_search(store: Any, recs: Any, dep: Deployment, *, ready: Sequence[str], 
                                     prefix_caching=eng.prefix_caching)
     price = dep.price_per_replica_hour_usd or None
     weights, kv = running_precision(eng)
+    priors = weight_priors(dep, model_shape(dep, hf_config), wl)
     factory = CalibratedFactory(model.step_cost, kv_capacity_tokens=model.num_kv_blocks * model.block_size,
                                 block_size=model.block_size, weights=weights, kv_cache=kv,
                                 tensor_parallel_size=eng.tensor_parallel_size, max_model_len=eng.max_model_len,
@@ -521,7 +522,9 @@ def run_search(store: Any, recs: Any, dep: Deployment, *, ready: Sequence[str], 
                                 api_path_per_request_s=model.api_path_per_request_s,
                                 prefix_caching=model.prefix_caching,
                                 kv_capacity_scales=eng.num_gpu_blocks_override is None,
-                                weight_priors=weight_priors(dep, model_shape(dep, hf_config), wl))
+                                weight_priors=priors,
+                                # The roofline moves the measured KV capacity to each cell's batch limits.
+                                limits_kv=priors.limits_kv_scale if isinstance(priors, RooflineWeightPriors) else None)
     trials = dep.tuning.canary_trials if params.canary_trials is None else params.canary_trials
     if trials > 0 and canary_factory is not None:
         _check_canary_can_judge(dep, objectives)

@@ -216,6 +216,28 @@ class RooflineWeightPriors:
         args = replace(self.running, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
         return roofline_weight_prior(self.model, self.accelerator, args, weights, self.context)
 
+    def limits_kv_scale(self, max_num_seqs: int, max_num_batched_tokens: int) -> float:
+        """How other batch limits move the memory-sized KV cache: vLLM profiles its activations at
+        max_num_batched_tokens tokens and its sampler at max_num_seqs sequences before sizing the cache, so larger
+        limits leave less for it. The roofline's ratio, cell over running; ValueError naming the reason when the
+        roofline says the cell cannot run (the cache too small for max_model_len, say)."""
+        return limits_kv_scale(self.model, self.accelerator, self.running, max_num_seqs, max_num_batched_tokens)
+
+
+@functools.lru_cache(maxsize=512)
+def limits_kv_scale(model: ModelShape, accelerator: Accelerator, running: EngineArgs, max_num_seqs: int,
+                    max_num_batched_tokens: int) -> float:
+    try:
+        old = roofline(model, accelerator, running)
+    except CatalogError:
+        return 1.0  # the roofline cannot model the running configuration: it claims nothing
+    try:
+        new = roofline(model, accelerator, replace(running, max_num_seqs=max_num_seqs,
+                                                    max_num_batched_tokens=max_num_batched_tokens))
+    except CatalogError as exc:
+        raise ValueError(f"the roofline of {model.name} on {accelerator.name} says it cannot run: {exc}") from None
+    return new.memory.kv_capacity_tokens / old.memory.kv_capacity_tokens if old.memory.kv_capacity_tokens > 0 else 1.0
+
 
 WeightPriors = Callable[[WeightPrecision, int, int], WeightPrior]
 """(weights, max_num_seqs, max_num_batched_tokens) -> the prior of that cell's weights."""
@@ -251,6 +273,9 @@ class CalibratedFactory:
     prefix_caching: bool = True  # the running engine's (EngineConfig.prefix_caching); no cell changes it
     kv_capacity_scales: bool = True  # False: the KV block count is fixed (num_gpu_blocks_override)
     weight_priors: WeightPriors | None = None  # None: WeightPrior() for every cell (claims nothing)
+    # (max_num_seqs, max_num_batched_tokens) -> the KV capacity's factor at those limits (ValueError: cannot run);
+    # None: the calibrated capacity for every cell (as where vLLM's cache is sized without profiling, on a CPU)
+    limits_kv: Callable[[int, int], float] | None = None
 
     def weight_prior(self, weights: WeightPrecision, max_num_seqs: int, max_num_batched_tokens: int) -> WeightPrior:
         if self.weight_priors is None:
@@ -269,6 +294,8 @@ class CalibratedFactory:
             raise ValueError(f"max_num_batched_tokens {cell.max_num_batched_tokens} < max_num_seqs "
                              f"{cell.max_num_seqs}: vLLM refuses it")
         kv_tokens = self.kv_capacity_tokens
+        if self.limits_kv is not None and self.kv_capacity_scales:
+            kv_tokens = int(kv_tokens * self.limits_kv(cell.max_num_seqs, cell.max_num_batched_tokens))
         if cell.kv_cache != self.kv_cache:
             if not cell.precision_changed:
                 raise ValueError(f"the calibration observed KV {self.kv_cache.value}; {cell.label()} can only be "

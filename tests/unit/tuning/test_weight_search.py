@@ -334,3 +334,24 @@ def test_a_weights_only_candidate_meets_the_quality_guard_before_any_load(
     assert refused.passed is False and refused.refused is not None and refused.refused.startswith("quality guard")
     assert control.events == ["start {'max_num_seqs': 16, 'max_num_batched_tokens': 512, "
                               "'quantization': 'fp8_per_channel'}", "stop"]
+
+
+def test_other_batch_limits_move_the_memory_sized_kv_cache_and_a_cell_it_cannot_hold_is_refused() -> None:
+    # Llama-3.1-8B on an L4, measured at 256 / 2048: the roofline leaves 32,672 KV tokens there, 30,256 at
+    # 512 / 4096 (vLLM profiles activations at the token budget and the sampler at max_num_seqs) and 33,872 at
+    # 128 / 1024. A model length of 31,456 fits the first, not the second.
+    running = EngineArgs(max_num_seqs=256, max_num_batched_tokens=2048, max_model_len=31_456)
+    priors = RooflineWeightPriors(catalog.model("Llama-3.1-8B"), catalog.accelerator("L4"), running)
+    measured = 32_672
+    factory = CalibratedFactory(COST, kv_capacity_tokens=measured, block_size=16, max_model_len=31_456,
+                                weight_priors=priors, limits_kv=priors.limits_kv_scale)
+    base = (WeightPrecision.BF16, KvPrecision.BF16)
+    same = factory(Cell(256, 2048, *base, 1, False, base))
+    assert same.num_kv_blocks * 16 == pytest.approx(measured, abs=16)
+    smaller = factory(Cell(128, 1024, *base, 1, False, base))
+    assert smaller.num_kv_blocks * 16 == pytest.approx(33_872, abs=32)
+    with pytest.raises(ValueError, match="cannot run.*31456"):
+        factory(Cell(512, 4096, *base, 1, False, base))
+    # Without the roofline (a CPU: the cache is sized by VLLM_CPU_KVCACHE_SPACE) every cell keeps the measured one.
+    plain = CalibratedFactory(COST, kv_capacity_tokens=measured, block_size=16, max_model_len=31_456)
+    assert plain(Cell(512, 4096, *base, 1, False, base)).num_kv_blocks * 16 == pytest.approx(measured, abs=16)
