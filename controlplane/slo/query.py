@@ -157,15 +157,18 @@ class Reader:
         pieces = decompose(start, end, _levels_for(bin_s))
         key = target_key(targets)
         out: dict[float, Counts] = {}
+        sketched = False
         if key in self.ready:
             self._add_rollup_counts(out, self.ready[key], pieces, start, bin_s)
         elif len(targets) == 1:
-            self._add_sketch_counts(out, targets[0], pieces, start, bin_s)
+            sketched = self._add_sketch_counts(out, targets[0], pieces, start, bin_s)
         else:
             pieces = [Piece(None, start, end)]
         batch = self.rows(pieces)
         if len(batch):
-            good, known = good_known(batch.cols, targets)
+            # Rows beside a sketch are judged as the sketch judges its own: a request without a first token is
+            # unknown there (a TTFT sketch cannot tell how long it ran), so here too, until the target is rolled up.
+            good, known = good_known(batch.cols, targets, censored_ttft=not sketched)
             bins = _bin_of(batch.at, start, bin_s)
             for b in np.unique(bins):
                 m = bins == b
@@ -210,7 +213,8 @@ class Reader:
     def _add_sketch_counts(
         self, out: dict[float, Counts], target: LatencyTarget, pieces: Sequence[Piece], start: float,
         bin_s: int | None,
-    ) -> None:
+    ) -> bool:
+        """Adds what the stored sketches say; False when there were none (every row is read raw then)."""
         by_bin: dict[float, tuple[list[bytes], int]] = {}
         for _, b, nulls, blob in self._sketch_rows(SLI_COLUMNS[target.sli], pieces):
             blobs, n = by_bin.setdefault(_bin_start(int(b), start, bin_s), ([], 0))
@@ -220,6 +224,7 @@ class Reader:
             merged = sk.LogSketch.merged(blobs)
             lo, hi = merged.count_le(target.threshold_s)
             _add(out, b, Counts((lo + hi) / 2, merged.count, nulls, "sketch", (lo, hi)))
+        return bool(by_bin)
 
     def sketch(self, column: str, start: float, end: float) -> tuple[sk.LogSketch, int]:
         """The merged sketch of a latency column over [start, end) and its count of NULLs."""

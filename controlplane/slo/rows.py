@@ -56,12 +56,17 @@ def bucket_starts(at: sk.FloatArray, level_s: int) -> sk.IntArray:
     return b.astype(np.int64)
 
 
-def good_known(cols: dict[str, sk.FloatArray], targets: Sequence[LatencyTarget]) -> tuple[Any, Any]:
+def good_known(cols: dict[str, sk.FloatArray], targets: Sequence[LatencyTarget],
+               censored_ttft: bool = True) -> tuple[Any, Any]:
     """(good, known) masks. Three-valued: a known miss of any target makes the request bad even when
     another target's value is NULL; it is good only when every target is known and met; otherwise
     unknown (neither good nor bad). A TPOT / ITL target does not apply to an answer of at most one token
     (`cols[TOKENS]` <= 1): it has no inter-token latency, so that target is met (as vLLM's benchmark counts
-    it). Were it unknown, such requests would count only when another target missed: only ever bad."""
+    it). Were it unknown, such requests would count only when another target missed: only ever bad. A request
+    that ended without a first token (aborted, timed out) after more than a TTFT target's threshold missed it:
+    its TTFT, unknown, is longer than its e2e. Unknown, an overload whose requests time out before their first
+    token would leave only the served ones to judge, and read as good. (`censored_ttft` False leaves such a
+    request unknown, as a TTFT sketch, which cannot tell it, counts it.)"""
     n = len(next(iter(cols.values())))
     good = np.ones(n, dtype=bool)
     bad = np.zeros(n, dtype=bool)
@@ -72,8 +77,11 @@ def good_known(cols: dict[str, sk.FloatArray], targets: Sequence[LatencyTarget])
             met = v <= t.threshold_s  # NaN compares False
             if t.sli in _PER_TOKEN and tokens is not None:
                 met |= np.isnan(v) & (tokens <= 1)  # NaN tokens (unknown length) compare False: unknown
+            missed = ~np.isnan(v) & ~met
+            if censored_ttft and t.sli == "ttft" and "e2e_s" in cols:
+                missed |= np.isnan(v) & (cols["e2e_s"] > t.threshold_s)  # no first token by then
         good &= met
-        bad |= ~np.isnan(v) & ~met
+        bad |= missed
     return good, good | bad
 
 

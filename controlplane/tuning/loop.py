@@ -90,14 +90,17 @@ def finished_between(rows: Iterable[Mapping[str, Any]], t0: float, t1: float) ->
 
 def good_count(rows: Sequence[Mapping[str, Any]], targets: Sequence[LatencyTarget]) -> tuple[int, int]:
     """(good, known): a request is good when every target is known and met, bad when any known one is missed.
-    A TPOT / ITL target is met by an answer of at most one token (it has no inter-token latency), as the SLO
-    rows count it (`slo.rows.good_known`)."""
+    A TPOT / ITL target is met by an answer of at most one token (it has no inter-token latency), and a TTFT one
+    missed by a request that ended without a first token after its threshold, as the SLO rows count them
+    (`slo.rows.good_known`)."""
     good = known = 0
     for r in rows:
         one_token = r.get("completion_tokens") is not None and r["completion_tokens"] <= 1
         vals = [0.0 if t.sli in ("tpot", "itl") and one_token and r.get(_SLI_FIELDS[t.sli]) is None
                 else r.get(_SLI_FIELDS[t.sli]) for t in targets]
-        missed = any(v is not None and float(v) > t.threshold_s for v, t in zip(vals, targets, strict=True))
+        missed = any(v is not None and float(v) > t.threshold_s for v, t in zip(vals, targets, strict=True)) or any(
+            t.sli == "ttft" and r.get("ttft_s") is None and r.get("e2e_s") is not None
+            and float(r["e2e_s"]) > t.threshold_s for t in targets)  # no first token by then: a miss
         met = all(v is not None and float(v) <= t.threshold_s for v, t in zip(vals, targets, strict=True))
         good += met
         known += met or missed

@@ -94,9 +94,10 @@ def insert_rows(engine: Engine, rows: Rows) -> None:
 
 
 def brute_counts(rows: Rows, targets: tuple[tuple[str, float], ...], start: float, end: float,
-                 replicas: tuple[int, ...] = (1, 2)) -> tuple[int, int, int]:
+                 replicas: tuple[int, ...] = (1, 2), censored_ttft: bool = True) -> tuple[int, int, int]:
     """(good, known, unknown) by the three-valued rule, computed row by row in plain Python. A TPOT / ITL
-    target is met by a one-token answer."""
+    target is met by a one-token answer; a TTFT target is missed by a request without a first token whose e2e
+    passed the threshold (unless `censored_ttft` is False: the sketches, which cannot tell, leave it unknown)."""
     good = known = unknown = 0
     tokens = rows.cols.get("completion_tokens")
     for i in range(len(rows)):
@@ -104,6 +105,10 @@ def brute_counts(rows: Rows, targets: tuple[tuple[str, float], ...], start: floa
             continue
         one_token = tokens is not None and tokens[i] == 1.0
         values = [0.0 if s in ("tpot", "itl") and one_token else rows.cols[SLI_COLUMN[s]][i] for s, _ in targets]
+        e2e = rows.cols["e2e_s"][i]
+        # No first token by the end of a request longer than the TTFT threshold: a miss.
+        values = [e2e if censored_ttft and s == "ttft" and np.isnan(v) and not np.isnan(e2e) and e2e > t else v
+                  for v, (s, t) in zip(values, targets, strict=True)]
         if any(not np.isnan(v) and v > t for v, (_, t) in zip(values, targets, strict=True)):
             known += 1
         elif all(not np.isnan(v) for v in values):

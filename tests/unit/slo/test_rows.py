@@ -52,3 +52,16 @@ def test_a_per_token_target_is_met_by_an_answer_of_one_token_not_left_unknown() 
     del cols[rows.TOKENS]
     good, known = rows.good_known(cols, (LatencyTarget("ttft", 0.2), LatencyTarget("tpot", 0.02)))
     assert good.tolist() == [False] * 5 and known.tolist() == [False, True, False, True, False]
+
+
+def test_a_request_that_ended_without_a_first_token_after_the_threshold_missed_its_ttft_target() -> None:
+    nan = float("nan")
+    # no first token: aborted after 30 s / failed at once (0.1 s) / e2e unknown; a served request for contrast
+    cols = {"ttft_s": np.array([nan, nan, nan, 0.1]), "e2e_s": np.array([30.0, 0.1, nan, 2.0]),
+            "tpot_s": np.array([nan, nan, nan, 0.01])}
+    good, known = rows.good_known(cols, (LatencyTarget("ttft", 0.5),))
+    assert good.tolist() == [False, False, False, True] and known.tolist() == [True, False, False, True]
+    good, known = rows.good_known(cols, (LatencyTarget("ttft", 0.5),), censored_ttft=False)  # as a sketch counts
+    assert known.tolist() == [False, False, False, True]
+    good, known = rows.good_known(cols, (LatencyTarget("e2e", 60.0),))  # only a TTFT target reads it so
+    assert good.tolist() == [True, True, False, True]

@@ -73,6 +73,9 @@ def test_good_count_is_three_valued() -> None:
            {"ttft_s": 0.9, "tpot_s": None, "completion_tokens": 1},
            {"ttft_s": 0.1, "tpot_s": None, "completion_tokens": 30}]  # a longer answer's missing TPOT: unknown
     assert good_count(one, targets) == (1, 2)
+    # No first token, ended after the threshold (aborted in an overload): a TTFT miss, not unknown.
+    aborted = [{"ttft_s": None, "e2e_s": 30.0, "tpot_s": None}, {"ttft_s": None, "e2e_s": 0.1, "tpot_s": None}]
+    assert good_count(aborted, (LatencyTarget("ttft", 0.5),)) == (0, 1)
 
 
 def test_each_slo_is_judged_against_its_own_objective_not_the_strictest_one() -> None:
