@@ -596,6 +596,7 @@ class AutoOptions:
     """How an auto-applied configuration is judged (as the tuner judges a scale change)."""
 
     verify_s: float = 120.0  # once every replica runs it, judge it on this long of finished requests
+    ingest_lag_s: float = 10.0  # waited past the window: its last requests' spans are still on their way (batched)
     lookback_s: float = 300.0  # requests finishing this long before the change are its "before"
     min_requests: int = 50  # on each side; fewer: undecided (kept), never a rollback on too little
     poll_s: float = 1.0
@@ -777,8 +778,8 @@ class SearchJobs:
             return {"verdict": "not_in_effect"}
         effective = self.clock()
         progress(f"auto mode: every replica runs it; judging it on {self.auto.verify_s:.0f} s of requests")
-        await self.sleep(self.auto.verify_s)
-        after = await asyncio.to_thread(self.counts, rt, effective, self.clock())
+        await self.sleep(self.auto.verify_s + self.auto.ingest_lag_s)
+        after = await asyncio.to_thread(self.counts, rt, effective, effective + self.auto.verify_s)
         v = verdict(before, after, objective=objective, min_requests=self.auto.min_requests)
         outcome: dict[str, Any] = {"verdict": v, "after": {"good": after[0], "known": after[1]},
                                    "in_effect_unix_s": effective, "judged_unix_s": self.clock()}

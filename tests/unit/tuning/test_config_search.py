@@ -330,6 +330,8 @@ def test_auto_mode_applies_the_searched_config_and_keeps_it_when_the_slo_holds(s
     rec = recs.get(job["result"]["recommendation_id"])
     assert rec["mode"] == "auto" and rec["status"] == "applied" and rec["decided_by"] == "tuner"
     assert rec["outcome"]["verdict"] == "kept" and rec["outcome"]["before"] == {"good": 95, "known": 100}
+    # Judged 10 s after its 120 s window closed: the spans of the window's last requests are batched on their way.
+    assert rec["outcome"]["judged_unix_s"] == BASE + 1130
     assert fleet.calls == [("scale", rec["proposed"]["replicas"]), ("reconfigure", rec["proposed"]["engine"])]
     assert fleet.runtimes["tiny"].dep.engine.max_num_seqs == rec["proposed"]["engine"]["max_num_seqs"]
 
