@@ -139,7 +139,11 @@ class Alerter:
             if transition == "cancelled" and prev is not None:
                 self._delete(prev)
             elif nxt is not None:
-                nxt = self._save(nxt)
+                try:
+                    nxt = self._save(nxt)
+                except Exception:  # noqa: BLE001 - a page must not wait for the store: kept in memory, saved later
+                    log.exception("storing the %s alert of SLO %s failed; it is sent all the same and stored once the "
+                                  "store answers", sev, slo.name)
             if nxt is None or nxt.state == "resolved":
                 self.open.pop(key, None)
             else:
@@ -203,8 +207,11 @@ class Alerter:
         self._unsent_resolved.clear()
         self._pages_posted |= paging
         ids = [e.id for e in to_send if e.id is not None]
-        with self.engine.begin() as conn:
-            conn.execute(update(SloAlert).where(SloAlert.id.in_(ids)).values(notified_unix_s=wall))
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(update(SloAlert).where(SloAlert.id.in_(ids)).values(notified_unix_s=wall))
+        except Exception:  # noqa: BLE001 - sent is sent; only the record of when is lost
+            log.exception("recording that %d alert(s) reached Alertmanager failed", len(ids))
 
     @staticmethod
     def _sli(ep: Episode, statuses: dict[str, SloStatus]) -> str:

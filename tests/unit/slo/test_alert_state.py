@@ -347,3 +347,25 @@ def test_a_burn_hovering_at_the_threshold_is_one_page_kept_firing_until_clear_fo
     # The default (the short window, 5 minutes): one page, resolved 5 minutes after the burn last cleared.
     assert run(None) == ["firing@0", "resolved@870"]
     assert run(60.0) == ["firing@0", "resolved@630"]
+
+
+def test_a_page_goes_out_while_the_store_cannot_record_it_and_is_stored_once_it_can(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    client, posts, _ = _recording_am()
+    a = Alerter(engine, alertmanager_url="http://am:9093", client=client, wall_clock=lambda: 5000.0)
+    real = a._save
+
+    def locked(ep: object) -> object:
+        raise OperationalError("INSERT", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(a, "_save", locked)
+    changes = a.evaluate([status(200, 20, now=1000.0)], now=1000.0)  # type: ignore[list-item]
+    assert [(e.severity, t) for e, t in changes] == [("page", "firing")]
+    assert [p["labels"]["severity"] for p in posts[-1]] == ["page"]  # paged all the same
+    assert list_alerts(engine) == [] and a.states() == {"t": {"page": 2}}
+    monkeypatch.setattr(a, "_save", real)
+    assert a.evaluate([status(200, 20, now=1030.0)], now=1030.0) == []  # type: ignore[list-item]  # no second page
+    stored = list_alerts(engine)
+    assert [(r["severity"], r["state"], r["fired_unix_s"]) for r in stored] == [("page", "firing", 1000.0)]
