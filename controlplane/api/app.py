@@ -321,8 +321,14 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
         from controlplane.slo.views import status_json
 
         statuses = slo_statuses() if slo_statuses else []
-        sim = simulated_deployments(store.engine) if statuses else frozenset()
-        items = [{**status_json(s), "simulated": s.slo.deployment in sim} for s in statuses]
+        sim: frozenset[str] | None = frozenset()
+        if statuses:
+            try:
+                sim = simulated_deployments(store.engine)
+            except SQLAlchemyError:  # the statuses come from memory: served all the same, the label unknown
+                log.warning("reading which deployments are simulated failed; /api/v1/slos says null")
+                sim = None
+        items = [{**status_json(s), "simulated": None if sim is None else s.slo.deployment in sim} for s in statuses]
         return {"count": len(items), "items": items}
 
     def known_slos() -> dict[str, Slo]:

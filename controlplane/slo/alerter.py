@@ -58,6 +58,7 @@ class Alerter:
         self._sim: Collection[str] = frozenset()  # the last set read: kept when a read fails
         self.open: dict[tuple[str, str], Episode] = {}
         self._unsent_resolved: list[Episode] = []
+        self._unsaved: list[Episode] = []  # resolved episodes the store failed to record: retried each round
         self._pages_posted: set[str] = set()  # SLOs whose firing page Alertmanager has accepted
         self._last_round: float | None = None  # `now` of the previous evaluation
         self._load()
@@ -73,8 +74,8 @@ class Alerter:
                     self._pages_posted.add(r.slo)
 
     def idle(self) -> bool:
-        """Nothing open and nothing left to tell Alertmanager."""
-        return not self.open and not self._unsent_resolved
+        """Nothing open and nothing left to tell Alertmanager or to record."""
+        return not self.open and not self._unsent_resolved and not self._unsaved
 
     def states(self) -> dict[str, dict[str, AlertState]]:
         """For the /metrics export (slo -> severity -> state); absent means inactive."""
@@ -87,6 +88,13 @@ class Alerter:
         """Advance every (SLO, severity); store transitions; notify. Returns the transitions. An SLO whose
         judging fails is logged and left as it was; the others are judged and notified all the same."""
         changes: list[tuple[Episode, str]] = []
+        for ep in list(self._unsaved):
+            try:
+                self._save(ep)
+            except Exception:  # noqa: BLE001 - still down: kept for the next round
+                log.warning("the store still cannot record the resolved %s alert of SLO %s", ep.severity, ep.slo)
+                break
+            self._unsaved.remove(ep)
         if statuses:
             try:
                 self._sim = self.simulated()
@@ -144,6 +152,8 @@ class Alerter:
                 except Exception:  # noqa: BLE001 - a page must not wait for the store: kept in memory, saved later
                     log.exception("storing the %s alert of SLO %s failed; it is sent all the same and stored once the "
                                   "store answers", sev, slo.name)
+                    if nxt.state == "resolved":  # leaves `open`: retried from here (an open one is saved each round)
+                        self._unsaved.append(nxt)
             if nxt is None or nxt.state == "resolved":
                 self.open.pop(key, None)
             else:

@@ -166,9 +166,9 @@ class Reader:
             pieces = [Piece(None, start, end)]
         batch = self.rows(pieces)
         if len(batch):
-            # Rows beside a sketch are judged as the sketch judges its own: a request without a first token is
-            # unknown there (a TTFT sketch cannot tell how long it ran), so here too, until the target is rolled up.
-            good, known = good_known(batch.cols, targets, censored_ttft=not sketched)
+            # Rows beside a sketch are judged as the sketch judges its own (it cannot tell a one-token answer or a
+            # request that produced nothing: both unknown there), so here too, until the target is rolled up.
+            good, known = good_known(batch.cols, targets, as_sketch=sketched)
             bins = _bin_of(batch.at, start, bin_s)
             for b in np.unique(bins):
                 m = bins == b

@@ -57,29 +57,30 @@ def bucket_starts(at: sk.FloatArray, level_s: int) -> sk.IntArray:
 
 
 def good_known(cols: dict[str, sk.FloatArray], targets: Sequence[LatencyTarget],
-               censored_ttft: bool = True) -> tuple[Any, Any]:
+               as_sketch: bool = False) -> tuple[Any, Any]:
     """(good, known) masks. Three-valued: a known miss of any target makes the request bad even when
     another target's value is NULL; it is good only when every target is known and met; otherwise
-    unknown (neither good nor bad). A TPOT / ITL target does not apply to an answer of at most one token
-    (`cols[TOKENS]` <= 1): it has no inter-token latency, so that target is met (as vLLM's benchmark counts
-    it). Were it unknown, such requests would count only when another target missed: only ever bad. A request
-    that ended without a first token (aborted, timed out) after more than a TTFT target's threshold missed it:
-    its TTFT, unknown, is longer than its e2e. Unknown, an overload whose requests time out before their first
-    token would leave only the served ones to judge, and read as good. (`censored_ttft` False leaves such a
-    request unknown, as a TTFT sketch, which cannot tell it, counts it.)"""
+    unknown (neither good nor bad). Two NULLs are read from the output length (`cols[TOKENS]`):
+    - a TPOT / ITL target is met by an answer of exactly one token: it has no inter-token latency (as vLLM's
+      benchmark counts it). Were it unknown, such requests would count only when another target missed;
+    - a TTFT target is missed by a request that ended with no token at all (aborted, timed out) after more
+      than its threshold: its TTFT is longer than its e2e. Were it unknown, an overload whose requests time out
+      before their first token would leave only the served ones to judge, and read as good. A NULL TTFT of a
+      request that produced tokens (an engine that does not export it, a broken reading) stays unknown.
+    `as_sketch` judges as a stored sketch of one column does, which cannot tell either case: both unknown."""
     n = len(next(iter(cols.values())))
     good = np.ones(n, dtype=bool)
     bad = np.zeros(n, dtype=bool)
-    tokens = cols.get(TOKENS)
+    tokens = None if as_sketch else cols.get(TOKENS)
     for t in targets:
         v = cols[SLI_COLUMNS[t.sli]]
         with np.errstate(invalid="ignore"):
             met = v <= t.threshold_s  # NaN compares False
-            if t.sli in _PER_TOKEN and tokens is not None:
-                met |= np.isnan(v) & (tokens <= 1)  # NaN tokens (unknown length) compare False: unknown
             missed = ~np.isnan(v) & ~met
-            if censored_ttft and t.sli == "ttft" and "e2e_s" in cols:
-                missed |= np.isnan(v) & (cols["e2e_s"] > t.threshold_s)  # no first token by then
+            if tokens is not None and t.sli in _PER_TOKEN:
+                met |= np.isnan(v) & (tokens == 1)  # NaN tokens (unknown length) compare False: unknown
+            if tokens is not None and t.sli == "ttft" and "e2e_s" in cols:
+                missed |= np.isnan(v) & (tokens == 0) & (cols["e2e_s"] > t.threshold_s)  # no token by then
         good &= met
         bad |= missed
     return good, good | bad

@@ -118,7 +118,8 @@ def tier_signature(slo: Slo) -> tuple[object, ...]:
     counter, or per-target). Two SLOs with one signature differ only in metric names and bucket edges, which
     their guard files exercise; tier files are generated for the first of them only (promtool time adds up)."""
     family = "histogram" if slo.sli not in ("error_rate", "goodput") else slo.sli
-    return (family, slo.objective, slo.alerting.min_request_rate_per_s, tuple(live_tiers(slo)[0]))
+    return (family, slo.objective, slo.alerting.min_request_rate_per_s, tuple(live_tiers(slo)[0]),
+            slo.alerting.keep_firing_s())
 
 
 @dataclass(frozen=True)

@@ -175,6 +175,8 @@ class SloBody(_Spec):
                 raise ValueError(f"{where}.burn_rate: {w.burn_rate:g} x budget {budget:g} >= 1, so the error ratio "
                                  f"could never exceed it; allowed: burn_rate < {1 / budget:g} for this objective")
         keep = self.alerting.keep_firing_for
+        if keep is not None and abs(keep * 1000 - round(keep * 1000)) > 1e-6:  # as a window: a Prometheus duration
+            raise ValueError(f"alerting.keep_firing_for ({keep:g} s) must be a whole number of milliseconds")
         if keep is not None and keep >= self.period_s():
             raise ValueError(f"alerting.keep_firing_for: {format_duration(keep)} must be shorter than the SLO window "
                              f"{self.window}")

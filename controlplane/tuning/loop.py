@@ -47,6 +47,8 @@ from controlplane.tuning.recommendations import (
     Proposal,
     RecommendationError,
     Recommendations,
+    engine_changed_since,
+    too_old,
 )
 
 log = logging.getLogger(__name__)
@@ -90,17 +92,16 @@ def finished_between(rows: Iterable[Mapping[str, Any]], t0: float, t1: float) ->
 
 def good_count(rows: Sequence[Mapping[str, Any]], targets: Sequence[LatencyTarget]) -> tuple[int, int]:
     """(good, known): a request is good when every target is known and met, bad when any known one is missed.
-    A TPOT / ITL target is met by an answer of at most one token (it has no inter-token latency), and a TTFT one
-    missed by a request that ended without a first token after its threshold, as the SLO rows count them
-    (`slo.rows.good_known`)."""
+    A TPOT / ITL target is met by an answer of one token (it has no inter-token latency), and a TTFT one missed
+    by a request that ended with no token after its threshold, as the SLO rows count them (`slo.rows.good_known`)."""
     good = known = 0
     for r in rows:
-        one_token = r.get("completion_tokens") is not None and r["completion_tokens"] <= 1
+        one_token = r.get("completion_tokens") == 1
         vals = [0.0 if t.sli in ("tpot", "itl") and one_token and r.get(_SLI_FIELDS[t.sli]) is None
                 else r.get(_SLI_FIELDS[t.sli]) for t in targets]
         missed = any(v is not None and float(v) > t.threshold_s for v, t in zip(vals, targets, strict=True)) or any(
-            t.sli == "ttft" and r.get("ttft_s") is None and r.get("e2e_s") is not None
-            and float(r["e2e_s"]) > t.threshold_s for t in targets)  # no first token by then: a miss
+            t.sli == "ttft" and r.get("ttft_s") is None and r.get("completion_tokens") == 0
+            and r.get("e2e_s") is not None and float(r["e2e_s"]) > t.threshold_s for t in targets)  # no token by then
         met = all(v is not None and float(v) <= t.threshold_s for v, t in zip(vals, targets, strict=True))
         good += met
         known += met or missed
@@ -576,6 +577,13 @@ class Tuner:
                     await asyncio.to_thread(self.recs.decide, r["id"], SUPERSEDED, by=ACTOR, outcome={
                         "why": f"made for {was} replica(s); the deployment has {current} now"})
         open_scale = [r for r in open_scale if (r.get("current") or {}).get("replicas") in (None, current)]
+        engine = rt.dep.engine.as_dict() if hasattr(rt.dep.engine, "as_dict") else {}
+        for r in list(open_scale):  # too old, or made for other engine args: the API refuses it, so it would stay
+            why = too_old(r, now) or (f"made for {changed}" if (changed := engine_changed_since(r, engine)) else None)
+            if why:
+                open_scale.remove(r)
+                with contextlib.suppress(RecommendationError):
+                    await asyncio.to_thread(self.recs.decide, r["id"], SUPERSEDED, by=ACTOR, outcome={"why": why})
         if decision.desired_replicas == current:
             for r in open_scale:  # nothing to change any more: what was proposed is stale
                 if int(r["proposed"]["replicas"]) != current:
@@ -587,7 +595,6 @@ class Tuner:
             return
         if any(int(r["proposed"]["replicas"]) == decision.desired_replicas for r in open_scale):
             return  # already proposed; waiting for a person
-        engine = rt.dep.engine.as_dict() if hasattr(rt.dep.engine, "as_dict") else {}
         p = proposal_for(name, decision, current=current, engine=engine, obs=obs, capacity=st.capacity,
                          capacity_note=st.capacity_note, objective=objective,
                          price_per_replica_hour_usd=float(rt.dep.price_per_replica_hour_usd))

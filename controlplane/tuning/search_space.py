@@ -311,6 +311,9 @@ class CalibratedFactory:
             cost = scaled(cost, prior.step_scale)
             if self.kv_capacity_scales:
                 kv_tokens = int(kv_tokens * prior.kv_scale)
+        if self.max_model_len is not None and kv_tokens < self.max_model_len:
+            raise ValueError(f"{cell.label()}: a KV cache of {kv_tokens} tokens cannot hold one max_model_len "
+                             f"({self.max_model_len}) request; vLLM refuses to start it")
         return replica_from_fit(cost, kv_capacity_tokens=kv_tokens,
                                 block_size=self.block_size, max_num_seqs=cell.max_num_seqs,
                                 max_num_batched_tokens=cell.max_num_batched_tokens, max_model_len=self.max_model_len,

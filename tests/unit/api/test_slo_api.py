@@ -51,3 +51,16 @@ def test_the_slo_of_a_simulated_deployment_is_labelled_so(sqlite_store: Store) -
     api = TestClient(create_app(sqlite_store, CollectorRegistry(), slo_statuses=lambda: statuses))
     assert {i["name"]: i["simulated"] for i in api.get("/api/v1/slos").json()["items"]} == {
         "sim-ttft": True, "real-ttft": False}
+
+
+def test_the_slos_are_served_from_memory_while_the_store_is_down(sqlite_store: Store) -> None:
+    from sqlalchemy import create_engine
+
+    slo = make_slo(name="s", objective=0.99)
+    now = 1_700_000_000.0
+    empty = {w: Counts(good=0, total=0) for b in slo.alerting.windows for w in (b.long_s, b.short_s)}
+    statuses = [build_status(slo, now, (now - 86400 * 30, now), Counts(good=0, total=0), empty)]
+    api = TestClient(create_app(sqlite_store, CollectorRegistry(), slo_statuses=lambda: statuses))
+    sqlite_store.engine = create_engine("sqlite:////nonexistent-dir/x.db")
+    r = api.get("/api/v1/slos")
+    assert r.status_code == 200 and r.json()["items"][0]["simulated"] is None

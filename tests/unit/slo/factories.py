@@ -73,6 +73,10 @@ def random_rows(n: int, *, seed: int = 0, span_s: float = 3 * 86400.0, end: floa
     tokens[rng.random(n) < 0.1] = 1.0
     tokens[rng.random(n) < null_ratio] = np.nan
     cols["tpot_s"][tokens == 1.0] = np.nan
+    # And some ended with no token at all (aborted, timed out): neither TTFT nor TPOT.
+    none = rng.random(n) < 0.03
+    tokens[none] = 0.0
+    cols["ttft_s"][none] = cols["tpot_s"][none] = np.nan
     cols["completion_tokens"] = tokens
     return Rows(np.arange(first_id, first_id + n), rng.choice(np.array(replicas), n), finish, cols)
 
@@ -96,19 +100,20 @@ def insert_rows(engine: Engine, rows: Rows) -> None:
 def brute_counts(rows: Rows, targets: tuple[tuple[str, float], ...], start: float, end: float,
                  replicas: tuple[int, ...] = (1, 2), censored_ttft: bool = True) -> tuple[int, int, int]:
     """(good, known, unknown) by the three-valued rule, computed row by row in plain Python. A TPOT / ITL
-    target is met by a one-token answer; a TTFT target is missed by a request without a first token whose e2e
-    passed the threshold (unless `censored_ttft` is False: the sketches, which cannot tell, leave it unknown)."""
+    target is met by a one-token answer; a TTFT target is missed by a request with no token whose e2e passed the
+    threshold (unless `censored_ttft` is False: as a sketch, which cannot tell either, both are unknown)."""
     good = known = unknown = 0
     tokens = rows.cols.get("completion_tokens")
     for i in range(len(rows)):
         if not (start <= rows.finish[i] < end) or int(rows.replica[i]) not in replicas:
             continue
-        one_token = tokens is not None and tokens[i] == 1.0
+        one_token = censored_ttft and tokens is not None and tokens[i] == 1.0
         values = [0.0 if s in ("tpot", "itl") and one_token else rows.cols[SLI_COLUMN[s]][i] for s, _ in targets]
         e2e = rows.cols["e2e_s"][i]
         # No first token by the end of a request longer than the TTFT threshold: a miss.
-        values = [e2e if censored_ttft and s == "ttft" and np.isnan(v) and not np.isnan(e2e) and e2e > t else v
-                  for v, (s, t) in zip(values, targets, strict=True)]
+        no_token = tokens is not None and tokens[i] == 0.0
+        values = [e2e if censored_ttft and s == "ttft" and no_token and np.isnan(v) and not np.isnan(e2e) and e2e > t
+                  else v for v, (s, t) in zip(values, targets, strict=True)]
         if any(not np.isnan(v) and v > t for v, (_, t) in zip(values, targets, strict=True)):
             known += 1
         elif all(not np.isnan(v) for v in values):

@@ -369,3 +369,25 @@ def test_a_page_goes_out_while_the_store_cannot_record_it_and_is_stored_once_it_
     assert a.evaluate([status(200, 20, now=1030.0)], now=1030.0) == []  # type: ignore[list-item]  # no second page
     stored = list_alerts(engine)
     assert [(r["severity"], r["state"], r["fired_unix_s"]) for r in stored] == [("page", "firing", 1000.0)]
+
+
+def test_a_resolve_the_store_could_not_record_is_recorded_once_it_can(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    client, posts, _ = _recording_am()
+    a = Alerter(engine, alertmanager_url="http://am:9093", client=client, wall_clock=lambda: 5000.0)
+    a.evaluate([status(200, 20, now=1000.0)], now=1000.0)  # type: ignore[list-item]
+    real = a._save
+
+    def locked(ep: object) -> object:
+        raise OperationalError("UPDATE", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(a, "_save", locked)
+    resolved = a.evaluate([status(200, 0, now=1030.0)], now=1030.0)  # type: ignore[list-item]
+    assert [(e.state, t) for e, t in resolved] == [("resolved", "resolved")] and not a.idle()
+    assert posts[-1][0]["endsAt"] == "1970-01-01T00:17:10Z"  # Alertmanager told all the same
+    monkeypatch.setattr(a, "_save", real)
+    a.evaluate([status(200, 0, now=1060.0)], now=1060.0)  # type: ignore[list-item]
+    assert [(r["severity"], r["state"], r["resolved_unix_s"]) for r in list_alerts(engine)] == [
+        ("page", "resolved", 1030.0)] and a.idle()

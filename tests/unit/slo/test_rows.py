@@ -56,12 +56,17 @@ def test_a_per_token_target_is_met_by_an_answer_of_one_token_not_left_unknown() 
 
 def test_a_request_that_ended_without_a_first_token_after_the_threshold_missed_its_ttft_target() -> None:
     nan = float("nan")
-    # no first token: aborted after 30 s / failed at once (0.1 s) / e2e unknown; a served request for contrast
-    cols = {"ttft_s": np.array([nan, nan, nan, 0.1]), "e2e_s": np.array([30.0, 0.1, nan, 2.0]),
-            "tpot_s": np.array([nan, nan, nan, 0.01])}
+    # no token: aborted after 30 s / failed at once (0.1 s) / e2e unknown; a served request for contrast; and a
+    # request that produced 200 tokens but whose TTFT reading is missing (an engine without the attribute)
+    cols = {"ttft_s": np.array([nan, nan, nan, 0.1, nan]), "e2e_s": np.array([30.0, 0.1, nan, 2.0, 5.0]),
+            "tpot_s": np.array([nan, nan, nan, 0.01, 0.02]), rows.TOKENS: np.array([0.0, 0.0, 0.0, 20.0, 200.0])}
     good, known = rows.good_known(cols, (LatencyTarget("ttft", 0.5),))
-    assert good.tolist() == [False, False, False, True] and known.tolist() == [True, False, False, True]
-    good, known = rows.good_known(cols, (LatencyTarget("ttft", 0.5),), censored_ttft=False)  # as a sketch counts
-    assert known.tolist() == [False, False, False, True]
+    assert good.tolist() == [False, False, False, True, False]
+    assert known.tolist() == [True, False, False, True, False]  # the missing reading stays unknown
+    good, known = rows.good_known(cols, (LatencyTarget("ttft", 0.5),), as_sketch=True)  # as a sketch counts
+    assert known.tolist() == [False, False, False, True, False]
     good, known = rows.good_known(cols, (LatencyTarget("e2e", 60.0),))  # only a TTFT target reads it so
-    assert good.tolist() == [True, True, False, True]
+    assert good.tolist() == [True, True, False, True, True]
+    # No token is no TPOT to meet either: unknown, not met as a one-token answer is.
+    good, known = rows.good_known(cols, (LatencyTarget("tpot", 0.05),))
+    assert known.tolist() == [False, False, False, True, True]

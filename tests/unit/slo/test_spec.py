@@ -363,3 +363,13 @@ def test_keep_firing_for_defaults_to_the_shortest_short_window_and_is_checked() 
     assert own.alerting.keep_firing_s() == 900.0
     assert "spec.alerting.keep_firing_for: 28d must be shorter than the SLO window 28d" in error_of(
         doc(TTFT + "  alerting:\n    keep_firing_for: 28d\n"))
+
+
+def test_keep_firing_for_is_a_whole_number_of_milliseconds_and_part_of_the_tier_signature() -> None:
+    from controlplane.slo.ruletests import tier_signature
+
+    assert "keep_firing_for (0.0001 s) must be a whole number of milliseconds" in error_of(
+        doc(TTFT + "  alerting:\n    keep_firing_for: 0.0001\n"))
+    (a,) = load_slos(doc(TTFT, "a"))
+    (b,) = load_slos(doc(TTFT + "  alerting:\n    keep_firing_for: 1h\n", "b"))
+    assert tier_signature(a) != tier_signature(b)  # b's resolve times get their own tier files

@@ -74,8 +74,11 @@ def test_good_count_is_three_valued() -> None:
            {"ttft_s": 0.1, "tpot_s": None, "completion_tokens": 30}]  # a longer answer's missing TPOT: unknown
     assert good_count(one, targets) == (1, 2)
     # No first token, ended after the threshold (aborted in an overload): a TTFT miss, not unknown.
-    aborted = [{"ttft_s": None, "e2e_s": 30.0, "tpot_s": None}, {"ttft_s": None, "e2e_s": 0.1, "tpot_s": None}]
+    aborted = [{"ttft_s": None, "e2e_s": 30.0, "tpot_s": None, "completion_tokens": 0},
+               {"ttft_s": None, "e2e_s": 0.1, "tpot_s": None, "completion_tokens": 0},
+               {"ttft_s": None, "e2e_s": 30.0, "tpot_s": 0.1, "completion_tokens": 200}]  # a reading missing: unknown
     assert good_count(aborted, (LatencyTarget("ttft", 0.5),)) == (0, 1)
+    assert good_count(aborted[:2], (LatencyTarget("tpot", 0.05),)) == (0, 0)  # no token is no TPOT met
 
 
 def test_each_slo_is_judged_against_its_own_objective_not_the_strictest_one() -> None:
@@ -848,3 +851,16 @@ def test_auto_mode_records_every_change_it_applies(tmp_path: Path) -> None:
     ups = [a for a in store.actions if a["kind"] == "autoscale_decision" and a["after"] == {"replicas": 2}
            and a["before"] == {"replicas": 1}]
     assert len(applied) == 2 and len(ups) == 2
+
+
+def test_an_open_recommendation_too_old_to_apply_or_made_for_other_engine_args_is_superseded(tmp_path: Path) -> None:
+    tuner, fleet, router, store, clock, recs = _tuner(tmp_path, "recommend", 1)
+    for ttft in (0.1, 2.0, 2.0):
+        _interval(tuner, router, store, clock, ["d-0"], 60, ttft)
+    [old] = recs.list(deployment="d")
+    assert old["status"] == "open"
+    clock.t += 2 * 3600  # nobody applied it: it stands on the load of two hours ago, which the API refuses
+    _interval(tuner, router, store, clock, ["d-0"], 60, 2.0)
+    assert recs.get(old["id"])["status"] == "superseded" and "h ago" in recs.get(old["id"])["outcome"]["why"]
+    [new] = recs.list(deployment="d", status="open")  # proposed again on today's load
+    assert new["id"] != old["id"]

@@ -352,6 +352,11 @@ def test_other_batch_limits_move_the_memory_sized_kv_cache_and_a_cell_it_cannot_
     assert smaller.num_kv_blocks * 16 == pytest.approx(33_872, abs=32)
     with pytest.raises(ValueError, match="cannot run.*31456"):
         factory(Cell(512, 4096, *base, 1, False, base))
+    # A capacity scaled below one max_model_len request is refused whatever scaled it.
+    halved = CalibratedFactory(COST, kv_capacity_tokens=1600, block_size=16, max_model_len=1200,
+                               limits_kv=lambda seqs, tokens: 0.5)
+    with pytest.raises(ValueError, match="800 tokens cannot hold one max_model_len"):
+        halved(Cell(8, 512, *base, 1, False, base))
     # Without the roofline (a CPU: the cache is sized by VLLM_CPU_KVCACHE_SPACE) every cell keeps the measured one.
     plain = CalibratedFactory(COST, kv_capacity_tokens=measured, block_size=16, max_model_len=31_456)
     assert plain(Cell(512, 4096, *base, 1, False, base)).num_kv_blocks * 16 == pytest.approx(measured, abs=16)

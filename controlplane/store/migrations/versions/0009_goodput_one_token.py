@@ -1,9 +1,9 @@
 """SLO rollups start over: a TPOT / ITL target is met by an answer of one token, a TTFT one missed by a request
-that ended without a first token after its threshold
+that ended with no token after its threshold
 
 Such an answer has no inter-token latency (its TPOT is NULL by definition); the rollups counted it unknown,
-so it counted only when another target missed. A request aborted before its first token (an overload, a client
-timeout) has no TTFT either, but ran longer than its e2e: unknown, an overload read as good. Their counts follow
+so it counted only when another target missed. A request aborted before any token (an overload, a client timeout)
+has no TTFT either, yet waited its whole e2e for one: unknown, an overload read as good. Their counts follow
 the new rules once the next rollup run
 rebuilds them (the stored requests are unchanged). A migration stands alone, so the statements of 0007's
 `_forget_rollups` are repeated here rather than imported.
