@@ -118,6 +118,7 @@ def tpot(e2e_s: float | None, ttft_s: float | None, completion_tokens: int | Non
 
 
 MAX_ID_CHARS = 200  # the width of request_id / replica columns
+MIN_START_NS = 946_684_800 * 10**9  # 2000-01-01: an earlier span start is a unit or clock error, not a request
 _INT64_MAX = 2**63 - 1
 # Token counts go to 32-bit INTEGER columns (PostgreSQL refuses the whole batch for one value past them).
 _TOKENS_MAX = 2**31 - 1
@@ -190,6 +191,8 @@ def _request_row(span: Span, replica: str, trace_id: str, span_id: str) -> Reque
         row["model"] = row["model"][:MAX_MODEL_CHARS]  # the column's width: keep the span, cut the name
     if row["request_id"] is None:
         row["request_id"] = span_id
+    if row["ttft_s"] is not None and row["e2e_s"] is not None and row["ttft_s"] > row["e2e_s"]:
+        row["ttft_s"] = None  # a first token after the end: one of the two is wrong, the TTFT is unknown
     row["tpot_s"] = tpot(row["e2e_s"], row["ttft_s"], row["completion_tokens"])
     row["finish_unix_s"] = finish_of(row["arrival_unix_s"], row["e2e_s"], span.end_time_unix_nano)
     return row  # type: ignore[return-value]
@@ -199,6 +202,10 @@ def _problem(span: Span, replica: str) -> str | None:
     """Why a span cannot be stored, or None. Rejected spans are reported through partial_success."""
     if span.start_time_unix_nano == 0:
         return "start_time_unix_nano is missing (0); the arrival time would be unknown"
+    if span.start_time_unix_nano < MIN_START_NS:
+        return (f"start_time_unix_nano {span.start_time_unix_nano} is before 2000 (a timestamp in micro- or "
+                "milliseconds, or a broken clock): it would land outside every SLO window; allowed: nanoseconds "
+                "since the Unix epoch")
     if len(replica) > MAX_ID_CHARS:
         return f"resource names a replica longer than {MAX_ID_CHARS} characters"
     return None

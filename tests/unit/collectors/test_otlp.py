@@ -442,3 +442,14 @@ def test_an_unexpected_error_while_storing_is_a_500_not_blamed_on_the_payload(sq
                         raise_server_exceptions=False)
     resp = client.post("/v1/traces", content=export([llm_span()]).SerializeToString(), headers=PB)
     assert resp.status_code == 500
+
+
+def test_a_span_start_before_2000_is_rejected_and_a_ttft_after_the_end_is_unknown() -> None:
+    batch = decode_request(export([llm_span(start_ns=5_000_000, request_id="ms"),  # 5 ms after the epoch
+                                   llm_span(ttft=3.0, e2e=1.0, request_id="late"),
+                                   llm_span(request_id="ok")]))
+    assert batch.rejected_spans == 1 and "before 2000" in batch.errors[0]
+    rows = {r["request_id"]: r for r in batch.requests}
+    assert set(rows) == {"late", "ok"}
+    assert rows["late"]["ttft_s"] is None and rows["late"]["e2e_s"] == 1.0 and rows["late"]["tpot_s"] is None
+    assert rows["ok"]["ttft_s"] == 0.05
