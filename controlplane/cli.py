@@ -114,6 +114,7 @@ def up(
     from controlplane.plane import Endpoints, Plane, run_blocking
     from controlplane.slo.spec import SpecError as SloSpecError
     from controlplane.slo.spec import load_slos
+    from controlplane.supervisor.backends import AdoptUnknown
     from controlplane.supervisor.spec import SpecError, load_deployment, port_conflicts
 
     _logging(verbose)
@@ -182,7 +183,7 @@ def up(
         run_blocking(Plane(settings, targets, on_ready=ready, deployments=deployments, slos=slos))
     except SQLAlchemyError as exc:
         _store_error(settings.resolved_database_url(), exc)
-    except OSError as exc:
+    except (OSError, AdoptUnknown) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None
     console.print("plane stopped")

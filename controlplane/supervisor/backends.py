@@ -61,6 +61,11 @@ class Handle:
     private: Any = field(default=None, repr=False, compare=False)
 
 
+class AdoptUnknown(RuntimeError):
+    """The backend cannot tell whether a recorded replica still runs: taken for gone, it would keep its GPUs and
+    port unsupervised while a replacement starts."""
+
+
 class Backend(Protocol):
     kind: str
 
@@ -73,7 +78,8 @@ class Backend(Protocol):
     def stop(self, handle: Handle, timeout_s: float) -> None: ...
 
     def adopt(self, replica: str, url: str, runtime: dict[str, Any]) -> Handle | None:
-        """The handle of a replica a previous plane started, if it still runs as recorded."""
+        """The handle of a replica a previous plane started, if it still runs as recorded; None when it is gone.
+        AdoptUnknown when the backend cannot tell (a cluster not answering)."""
         ...
 
     def close(self) -> None: ...

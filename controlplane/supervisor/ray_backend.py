@@ -24,7 +24,7 @@ import ray
 
 from controlplane.engines.vllm_server import VllmServer, VllmServerSpec
 from controlplane.settings import is_loopback_host, split_host_port
-from controlplane.supervisor.backends import LOST, Handle, LaunchRequest
+from controlplane.supervisor.backends import LOST, AdoptUnknown, Handle, LaunchRequest
 from controlplane.supervisor.spec import RayBackend as RaySpec
 
 log = logging.getLogger(__name__)
@@ -147,8 +147,11 @@ class RayActorBackend:
             code = ray.get(actor.exit_code.remote(), timeout=self.call_timeout_s)
         except ValueError:  # no such actor
             return None
-        except ray.exceptions.RayError:
+        except ray.exceptions.RayActorError:  # the actor died
             return None
+        except ray.exceptions.RayError as exc:  # a timeout, the GCS away: it may still run
+            raise AdoptUnknown(f"ray replica {replica}: the cluster did not say whether its actor still runs "
+                               f"({type(exc).__name__}: {exc})") from None
         if code is not None or info.get("url") != url:
             # Ours, but not the replica the store knows: it would hold its resources for good.
             self._stop_and_kill(actor, replica, 10.0, {**runtime, **info})  # the node is in the stored runtime

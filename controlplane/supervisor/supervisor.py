@@ -29,7 +29,7 @@ from collectors.vllm_metrics import read_engine
 from controlplane import names
 from controlplane.store.repo import Store
 from controlplane.supervisor import policy
-from controlplane.supervisor.backends import Backend, Handle, LaunchRequest, LocalBackend
+from controlplane.supervisor.backends import AdoptUnknown, Backend, Handle, LaunchRequest, LocalBackend
 from controlplane.supervisor.policy import (
     ACTIVE_STATES,
     COUNTED_STATES,
@@ -196,7 +196,8 @@ class Supervisor:
         if stored is not None:
             if stored["spec"] == dep.spec and stored["engine_config"] is not None:
                 # Same file as last time: run-time changes (scale, rolling changes) survive the restart.
-                desired = int(stored["desired_replicas"] or desired)
+                if stored["desired_replicas"] is not None:  # 0 too: a deployment scaled to zero stays there
+                    desired = int(stored["desired_replicas"])
                 try:
                     engine = EngineConfig.from_dict(stored["engine_config"])
                 except SpecError as exc:
@@ -229,7 +230,12 @@ class Supervisor:
         for row in await asyncio.to_thread(self.store.deployment_replicas, dep_id):
             if row["state"] in (STOPPED, FAILED) or not row["runtime"]:
                 continue
-            handle = await asyncio.to_thread(backend.adopt, row["name"], row["url"], row["runtime"])
+            try:
+                handle = await asyncio.to_thread(backend.adopt, row["name"], row["url"], row["runtime"])
+            except AdoptUnknown as exc:
+                # Taken for gone it would keep its GPUs and port, unsupervised, beside a replacement: refuse to start.
+                raise AdoptUnknown(f"{dep.name}: {exc}; the plane does not start a replacement that could leave it "
+                                   "running unsupervised. Start the plane again once the cluster answers") from None
             if handle is not None and row["runtime"].get("canary"):
                 # A canary trial's replica outlived the plane: it never served, so stop it, never adopt it.
                 await asyncio.to_thread(backend.stop, handle, 10.0)

@@ -131,3 +131,17 @@ def test_a_replica_on_another_node_sending_spans_to_loopback_is_warned_about() -
     assert rb.lost_spans_warning("r-0", "plane.internal:4317", "10.0.0.7", "10.0.0.5") is None
     assert rb.lost_spans_warning("r-0", None, "10.0.0.7", "10.0.0.5") is None
     assert rb.lost_spans_warning("r-0", "127.0.0.1:4317", "10.0.0.7", None) is None
+
+
+def test_adopting_answers_gone_for_a_dead_or_missing_actor_and_unknown_for_a_slow_cluster(
+        fake: tuple[FakeRay, rb.RayActorBackend]) -> None:
+    from controlplane.supervisor.backends import AdoptUnknown
+
+    f, backend = fake
+    f.answers["info"] = ray.exceptions.GetTimeoutError("GCS slow")
+    f.answers["exit_code"] = None
+    with pytest.raises(AdoptUnknown, match="r-1: the cluster did not say"):  # taken for gone, it would leak
+        backend.adopt("r-1", "http://10.0.0.2:8200", {"actor": "r-1"})
+    assert f.killed == []
+    f.answers["info"] = ray.exceptions.RayActorError()
+    assert backend.adopt("r-1", "http://10.0.0.2:8200", {"actor": "r-1"}) is None

@@ -914,3 +914,41 @@ async def test_a_replica_drained_while_its_ready_state_is_stored_is_not_routed_t
     await tick
     assert m.state == "draining" and "tiny-0" not in h.router.ready
     drain.cancel()
+
+
+async def test_a_deployment_scaled_to_zero_stays_at_zero_after_a_plane_restart(sqlite_store: Store) -> None:
+    def zero_min() -> Any:
+        d = spec()
+        body = {**d.spec}
+        body["spec"] = {**body["spec"], "replicas": {"min": 0, "max": 3, "initial": 1}}
+        return parse_deployment(body)
+
+    backend = FakeBackend()
+    first = supervisor(sqlite_store, [zero_min()], {"local": backend}, answers(backend))
+    await first.start()
+    await first.scale("tiny", 0, actor="user", reason="user_request")
+    assert sqlite_store.deployment_state("tiny")["desired_replicas"] == 0  # type: ignore[index]
+    again = FakeBackend(seq=100)
+    second = supervisor(sqlite_store, [zero_min()], {"local": again}, answers(again))
+    await second.start()
+    await second.tick()
+    assert second.runtimes["tiny"].desired == 0 and again.launched == []  # the GPU the operator turned off stays off
+
+
+async def test_a_backend_that_cannot_say_whether_a_replica_still_runs_stops_the_plane_starting(
+        sqlite_store: Store) -> None:
+    from controlplane.supervisor.backends import AdoptUnknown
+
+    first = make(sqlite_store)
+    await first.sup.start()
+    await first.until(lambda: list(first.states().values()) == ["ready"], "ready")
+
+    class Unsure(FakeBackend):
+        def adopt(self, replica: str, url: str, runtime: dict[str, Any]) -> Handle | None:
+            raise AdoptUnknown(f"ray replica {replica}: the cluster did not say (GetTimeoutError)")
+
+    backend = Unsure(seq=100)
+    second = make(sqlite_store, backend=backend)
+    with pytest.raises(AdoptUnknown, match="does not start a replacement"):
+        await second.sup.start()
+    assert backend.launched == [] and _stored_states(second) == {"tiny-0": "ready"}  # not taken for gone
