@@ -230,6 +230,14 @@ class Supervisor:
         for row in await asyncio.to_thread(self.store.deployment_replicas, dep_id):
             if row["state"] in (STOPPED, FAILED) or not row["runtime"]:
                 continue
+            if row["state"] == CRASHLOOP and not row["runtime"].get("canary"):
+                # It was given up on (its process stopped): a plane restart is no fix, so it stays given up and
+                # counted, rather than relaunched with a clean crash history every time the plane restarts. A
+                # scale-down removes it first; a rolling change replaces it.
+                rt.members[row["name"]] = self._member_of(row, engine, None, CRASHLOOP, now)
+                await self._record(row["id"], "replica_crashloop_kept", ACTOR_SUPERVISOR, "plane_restart",
+                                   message="crash-looping when the plane went away: not restarted")
+                continue
             try:
                 handle = await asyncio.to_thread(backend.adopt, row["name"], row["url"], row["runtime"])
             except AdoptUnknown as exc:
@@ -248,18 +256,23 @@ class Supervisor:
                 await self._record(row["id"], "replica_lost", ACTOR_SUPERVISOR, "plane_restart",
                                    message="recorded as running, but its process is gone")
                 continue
-            try:
-                config = EngineConfig.from_dict(row["config"] or {})
-            except SpecError:
-                config = engine
-            runtime = row["runtime"]
-            core = runtime.get("core_index")
-            rt.members[row["name"]] = Member(row["name"], row["id"], int(runtime.get("slot", 0)),
-                                             int(runtime.get("port", 0)), config, handle, STARTING, now,
-                                             core_index=int(core) if isinstance(core, int) else None)
+            rt.members[row["name"]] = self._member_of(row, engine, handle, STARTING, now)
             await self._record(row["id"], "replica_adopted", ACTOR_SUPERVISOR, "plane_restart",
                                message=f"re-adopted {backend.kind} replica at {row['url']}",
-                               attributes={"runtime": runtime})
+                               attributes={"runtime": row["runtime"]})
+
+    @staticmethod
+    def _member_of(row: dict[str, Any], engine: EngineConfig, handle: Handle | None, state: str,
+                   now: float) -> Member:
+        """The member a stored replica row describes (its own engine config when readable, else `engine`)."""
+        try:
+            config = EngineConfig.from_dict(row["config"] or {})
+        except SpecError:
+            config = engine
+        runtime = row["runtime"]
+        core = runtime.get("core_index")
+        return Member(row["name"], row["id"], int(runtime.get("slot", 0)), int(runtime.get("port", 0)), config,
+                      handle, state, now, core_index=int(core) if isinstance(core, int) else None)
 
     # --- the loop -------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:

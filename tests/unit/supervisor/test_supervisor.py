@@ -952,3 +952,29 @@ async def test_a_backend_that_cannot_say_whether_a_replica_still_runs_stops_the_
     with pytest.raises(AdoptUnknown, match="does not start a replacement"):
         await second.sup.start()
     assert backend.launched == [] and _stored_states(second) == {"tiny-0": "ready"}  # not taken for gone
+
+
+async def test_a_crash_looping_replica_stays_given_up_across_a_plane_restart(sqlite_store: Store) -> None:
+    h = make(sqlite_store, restart_backoff_initial_s=0.001)
+    await h.sup.start()
+    for _ in range(4):  # crashes until it is a crash loop
+        await h.ticks()
+        m = h.sup.runtimes["tiny"].members["tiny-0"]
+        if m.state == "crashloop":
+            break
+        assert m.handle is not None
+        h.backend.exits[m.handle.url] = 1
+        await h.ticks(1)
+        h.clock.now += 1
+    assert h.states() == {"tiny-0": "crashloop"}
+    launched = len(h.backend.launched)
+    again = FakeBackend(seq=100)
+    second = make(sqlite_store, backend=again)
+    await second.sup.start()
+    await second.ticks()
+    assert second.states() == {"tiny-0": "crashloop"} and again.launched == []  # not relaunched with a clean slate
+    assert ("replica_crashloop_kept", "tiny-0", "plane_restart") in second.events() and launched >= 3
+    registry = CollectorRegistry()
+    registry.register(SupervisorMetrics(second.sup))
+    assert 'controlplane_replica_crashloop{deployment="tiny",replica="tiny-0"} 1.0' in generate_latest(
+        registry).decode()
