@@ -21,7 +21,7 @@ from controlplane.store.models import Request
 SLI_COLUMNS: Final[dict[str, str]] = {"ttft": "ttft_s", "tpot": "tpot_s", "itl": "tpot_s", "e2e": "e2e_s",
                                       "queue": "queue_s"}
 SKETCH_COLUMNS: Final = ("ttft_s", "tpot_s", "e2e_s", "queue_s")
-# The output length: a request of at most one output token has no inter-token latency to judge (see good_known).
+# The output length: one token has no inter-token latency to judge, none means no first token (see good_known).
 TOKENS: Final = "completion_tokens"
 ROW_COLUMNS: Final = (Request.id, Request.replica_id, Request.finish_unix_s,
                       *(Request.__table__.c[c] for c in SKETCH_COLUMNS), Request.completion_tokens)

@@ -23,6 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from controlplane import names
 from controlplane.slo.model import LatencyTarget, Slo
+from controlplane.slo.rows import SLI_COLUMNS, TOKENS, good_known
 from controlplane.tuning.autoscaler import (
     CLOCK_STEP_TOLERANCE_S,
     DECISION_KIND,
@@ -56,7 +57,6 @@ log = logging.getLogger(__name__)
 ACTOR: Final = "tuner"
 SAMPLE_SKEW_S: Final = 5.0  # an engine sample stamped further ahead of the clock than this is unknown
 MAX_DOWN_HOLD_S: Final = 4 * 3600.0  # the longest hold on scale-downs after reversals in a row
-_SLI_FIELDS: Final = {"ttft": "ttft_s", "tpot": "tpot_s", "e2e": "e2e_s", "queue": "queue_s", "itl": "tpot_s"}
 
 
 # --- pure: what the tuner sees ---------------------------------------------------------------------------------
@@ -91,21 +91,14 @@ def finished_between(rows: Iterable[Mapping[str, Any]], t0: float, t1: float) ->
 
 
 def good_count(rows: Sequence[Mapping[str, Any]], targets: Sequence[LatencyTarget]) -> tuple[int, int]:
-    """(good, known): a request is good when every target is known and met, bad when any known one is missed.
-    A TPOT / ITL target is met by an answer of one token (it has no inter-token latency), and a TTFT one missed
-    by a request that ended with no token after its threshold, as the SLO rows count them (`slo.rows.good_known`)."""
-    good = known = 0
-    for r in rows:
-        one_token = r.get("completion_tokens") == 1
-        vals = [0.0 if t.sli in ("tpot", "itl") and one_token and r.get(_SLI_FIELDS[t.sli]) is None
-                else r.get(_SLI_FIELDS[t.sli]) for t in targets]
-        missed = any(v is not None and float(v) > t.threshold_s for v, t in zip(vals, targets, strict=True)) or any(
-            t.sli == "ttft" and r.get("ttft_s") is None and r.get("completion_tokens") == 0
-            and r.get("e2e_s") is not None and float(r["e2e_s"]) > t.threshold_s for t in targets)  # no token by then
-        met = all(v is not None and float(v) <= t.threshold_s for v, t in zip(vals, targets, strict=True))
-        good += met
-        known += met or missed
-    return good, known
+    """(good, known) of stored request rows, by the SLO rows' own rule (`slo.rows.good_known`: three-valued, a
+    one-token answer meets a TPOT / ITL target, a request that ended with no token after a TTFT threshold
+    missed it), so the tuner and the SLO evaluation never judge a request differently."""
+    columns = {SLI_COLUMNS[t.sli] for t in targets} | {"e2e_s", TOKENS}
+    cols = {c: np.array([np.nan if r.get(c) is None else float(r[c]) for r in rows], dtype=np.float64)
+            for c in columns}
+    good, known = good_known(cols, targets)
+    return int(good.sum()), int(known.sum())
 
 
 def slo_counts(rows: Sequence[Mapping[str, Any]], objectives: Sequence[Objective],
