@@ -77,6 +77,12 @@ class TargetSpec(_Spec):
     threshold: Duration
 
 
+def _check_whole_ms(name: str, v: float | None) -> None:
+    """Prometheus durations are whole milliseconds: anything finer is refused, naming the field."""
+    if v is not None and abs(v * 1000 - round(v * 1000)) > 1e-6:
+        raise ValueError(f"{name} ({v:g} s) must be a whole number of milliseconds")
+
+
 class BurnWindowSpec(_Spec):
     severity: Severity
     long: Duration
@@ -87,8 +93,7 @@ class BurnWindowSpec(_Spec):
     @model_validator(mode="after")
     def _short_below_long(self) -> BurnWindowSpec:
         for name, v in (("long", self.long), ("short", self.short), ("for", self.for_)):
-            if v is not None and abs(v * 1000 - round(v * 1000)) > 1e-6:
-                raise ValueError(f"{name} ({v:g} s) must be a whole number of milliseconds")
+            _check_whole_ms(name, v)
         if self.short is not None and self.short >= self.long:
             raise ValueError(f"short ({self.short:g} s) must be shorter than long ({self.long:g} s)")
         if self.short_s < 1:
@@ -175,8 +180,7 @@ class SloBody(_Spec):
                 raise ValueError(f"{where}.burn_rate: {w.burn_rate:g} x budget {budget:g} >= 1, so the error ratio "
                                  f"could never exceed it; allowed: burn_rate < {1 / budget:g} for this objective")
         keep = self.alerting.keep_firing_for
-        if keep is not None and abs(keep * 1000 - round(keep * 1000)) > 1e-6:  # as a window: a Prometheus duration
-            raise ValueError(f"alerting.keep_firing_for ({keep:g} s) must be a whole number of milliseconds")
+        _check_whole_ms("alerting.keep_firing_for", keep)  # as a window: a Prometheus duration
         if keep is not None and keep >= self.period_s():
             raise ValueError(f"alerting.keep_firing_for: {format_duration(keep)} must be shorter than the SLO window "
                              f"{self.window}")
