@@ -49,6 +49,7 @@ class ClientResult:
     completion_tokens: int
     error: str | None = None
     queued_s: float = 0.0
+    resent: bool = False  # the first try's connection failed before any response; this is the second's
 
 
 def ramp_offsets(n: int, lo_rps: float, hi_rps: float, seed: int = 0) -> list[float]:
@@ -87,14 +88,34 @@ def mixed_plans(n: int, seed: int = 0, prompt_words: tuple[int, int] = (4, 200),
     return plans
 
 
+# Errors of a connection that gave no response at all: the server closed or reset a pooled connection as the request
+# went out on it (under load vLLM's API server does so even at a 60 s keep-alive: 1 stream of 120 in a full test
+# run of 2026-12-07). Like the OpenAI SDK, the client sends such a request again, once (`ClientResult.resent`); a
+# timeout, a refused connection or anything after the response began is not retried.
+RESENT_ERRORS = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
+
+
 async def stream_one(client: httpx.AsyncClient, base_url: str, model: str, plan: RequestPlan) -> ClientResult:
+    """Stream one completion. Latencies run from the first send, also for a request sent again (RESENT_ERRORS);
+    the trace id is the attempt's that answered."""
+    sent = time.time()
+    t0 = time.perf_counter()
+    result, answered = await _attempt(client, base_url, model, plan, sent, t0)
+    if not answered:
+        result, _ = await _attempt(client, base_url, model, plan, sent, t0)
+        result = dataclasses.replace(result, resent=True)
+    return result
+
+
+async def _attempt(client: httpx.AsyncClient, base_url: str, model: str, plan: RequestPlan, sent: float,
+                   t0: float) -> tuple[ClientResult, bool]:
+    """One try; the flag is False only when it failed with one of RESENT_ERRORS before any response."""
     trace_id = secrets.token_hex(16)
     headers = {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"}
     body = {"model": model, "prompt": plan.prompt, "max_tokens": plan.max_tokens, "stream": True,
             "ignore_eos": True, "temperature": 0.0, "stream_options": {"include_usage": True}}
-    sent = time.time()
-    t0 = time.perf_counter()
     ttft: float | None = None
+    responded = False
     chunks = 0
     usage_tokens: int | None = None
 
@@ -104,10 +125,11 @@ async def stream_one(client: httpx.AsyncClient, base_url: str, model: str, plan:
     try:
         async with client.stream("POST", base_url.rstrip("/") + "/v1/completions", json=body,
                                  headers=headers) as resp:
+            responded = True
             if resp.status_code != 200:
                 await resp.aread()
                 return ClientResult(trace_id, False, sent, None, None, 0,
-                                    f"HTTP {resp.status_code}: {resp.text[:200]}")
+                                    f"HTTP {resp.status_code}: {resp.text[:200]}"), True
             async for line in resp.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
@@ -118,12 +140,13 @@ async def stream_one(client: httpx.AsyncClient, base_url: str, model: str, plan:
                 try:
                     chunk = json.loads(line[6:])
                 except ValueError:
-                    return failed(f"malformed event from the server: {line[:200]!r}")
+                    return failed(f"malformed event from the server: {line[:200]!r}"), True
                 if not isinstance(chunk, dict):
-                    return failed(f"malformed event from the server: {line[:200]!r}")
+                    return failed(f"malformed event from the server: {line[:200]!r}"), True
                 if "error" in chunk:  # vLLM reports an error during generation as an event of a 200 stream
                     err = chunk["error"]
-                    return failed(f"error event: {(err.get('message') if isinstance(err, dict) else err)!s:.200}")
+                    message = err.get("message") if isinstance(err, dict) else err
+                    return failed(f"error event: {message!s:.200}"), True
                 if ttft is None:
                     ttft = now
                 if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
@@ -131,12 +154,12 @@ async def stream_one(client: httpx.AsyncClient, base_url: str, model: str, plan:
                 if chunk.get("usage"):
                     usage_tokens = chunk["usage"].get("completion_tokens")
     except httpx.HTTPError as exc:
-        return failed(f"{type(exc).__name__}: {exc}")
+        return failed(f"{type(exc).__name__}: {exc}"), responded or not isinstance(exc, RESENT_ERRORS)
     # The server's usage count is exact; a streamed chunk can carry more than one token.
     tokens = usage_tokens if usage_tokens is not None else chunks
     if ttft is None or not tokens:
-        return failed("the stream ended without a token")
-    return ClientResult(trace_id, True, sent, ttft, time.perf_counter() - t0, tokens)
+        return failed("the stream ended without a token"), True
+    return ClientResult(trace_id, True, sent, ttft, time.perf_counter() - t0, tokens), True
 
 
 async def run_load(base_url: str, model: str, plans: Sequence[RequestPlan], concurrency: int = 8,

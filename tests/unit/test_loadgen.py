@@ -133,3 +133,66 @@ def test_a_request_waiting_for_a_slot_says_how_long(server: ThreadingHTTPServer)
 def test_mixed_plans_refuse_a_rate_that_is_not_a_positive_number(rate: float) -> None:
     with pytest.raises(ValueError, match="rate_per_s must be a finite number > 0"):
         mixed_plans(4, rate_per_s=rate)
+
+
+def _failing_first(exc: type[httpx.TransportError], events: list[str]) -> tuple[httpx.MockTransport, list[str]]:
+    """Fails the first request with `exc` (no response), answers the rest; records each request's traceparent."""
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["traceparent"])
+        if len(seen) == 1:
+            raise exc("connection reset", request=request)
+        return httpx.Response(200, text="".join(f"data: {e}\n\n" for e in events),
+                              headers={"content-type": "text/event-stream"})
+    return httpx.MockTransport(handler), seen
+
+
+TOKEN = '{"choices": [{"text": "a"}]}'
+
+
+@pytest.mark.parametrize("exc", [httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError])
+def test_a_request_lost_before_any_response_is_sent_again_once(exc: type[httpx.TransportError]) -> None:
+    transport, seen = _failing_first(exc, [TOKEN, TOKEN, "[DONE]"])
+
+    async def go() -> ClientResult:
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await stream_one(client, "http://replica", "m", RequestPlan("x", 2))
+
+    result = asyncio.run(go())
+    assert result.ok and result.resent and result.completion_tokens == 2 and len(seen) == 2
+    # The result names the trace of the try that answered (the one whose span the server stores).
+    assert seen[0] != seen[1] and seen[1].split("-")[1] == result.trace_id
+
+
+@pytest.mark.parametrize("exc", [httpx.ConnectError, httpx.ReadTimeout])
+def test_a_refused_or_timed_out_request_is_not_sent_again(exc: type[httpx.TransportError]) -> None:
+    transport, seen = _failing_first(exc, [TOKEN, "[DONE]"])
+
+    async def go() -> ClientResult:
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await stream_one(client, "http://replica", "m", RequestPlan("x", 1))
+
+    result = asyncio.run(go())
+    assert not result.ok and not result.resent and len(seen) == 1
+    assert result.error is not None and result.error.startswith(exc.__name__)
+
+
+def test_a_stream_cut_after_the_response_began_is_not_sent_again() -> None:
+    seen: list[int] = []
+
+    class Cut(httpx.AsyncByteStream):
+        async def __aiter__(self):  # type: ignore[no-untyped-def]
+            yield f"data: {TOKEN}\n\n".encode()
+            raise httpx.ReadError("cut")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(1)
+        return httpx.Response(200, stream=Cut(), headers={"content-type": "text/event-stream"})
+
+    async def go() -> ClientResult:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            return await stream_one(client, "http://replica", "m", RequestPlan("x", 4))
+
+    result = asyncio.run(go())
+    assert not result.ok and not result.resent and len(seen) == 1 and result.error == "ReadError: cut"
