@@ -607,9 +607,15 @@ class Supervisor:
         old_cfg = before
         await self._record(None, "rollout_started", actor, reason, before=_cfg(old_cfg) if old_cfg else None,
                            after=_cfg(new), message=f"{rt.dep.name}: rolling {len(rt.active)} replica(s)")
-        for old in [m for m in rt.counted if m.config != new]:
-            if old.state not in COUNTED_STATES:  # stopped meanwhile (a scale-down); a crash-looping one is replaced
-                continue
+        while True:
+            # Chosen one at a time from the members of the moment, under the launch lock: a scale-up launched
+            # before the change (seconds on Ray) joins the members, on the old configuration, only when its
+            # launch returns, and a list taken once at the start missed it (`rollout_finished` with it still
+            # on the old one). A member stopped meanwhile (a scale-down) is not counted; a crash-looping one is.
+            async with rt.launch_lock:
+                old = next((m for m in rt.counted if m.config != new), None)
+            if old is None:
+                break
             cand = await self._launch_new(rt, new, candidate=True, replacing=old)
             waited_from = self.clock()
             limit = rt.dep.lifecycle.drain_timeout_s + 30.0  # a draining replica frees its slot within this

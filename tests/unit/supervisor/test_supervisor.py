@@ -978,3 +978,26 @@ async def test_a_crash_looping_replica_stays_given_up_across_a_plane_restart(sql
     registry.register(SupervisorMetrics(second.sup))
     assert 'controlplane_replica_crashloop{deployment="tiny",replica="tiny-0"} 1.0' in generate_latest(
         registry).decode()
+
+
+async def test_a_rolling_change_also_replaces_a_replica_whose_launch_was_in_flight_when_it_began(
+        sqlite_store: Store) -> None:
+    # A scale-up's launch (seconds on Ray) holds the old configuration while it runs; the replica joins the members
+    # only when the launch returns. A change made meanwhile must replace it too, in the same rolling change,
+    # before it says every replica runs the new configuration.
+    backend = SlowBackend()
+    h = make(sqlite_store, backend=backend)
+    await h.sup.start()
+    await h.until(lambda: h.states() == {"tiny-0": "ready"}, "ready")
+    backend.launch_s = 0.3
+    await h.sup.scale("tiny", 2, actor="user", reason="test")
+    h.clock.now += 0.01
+    tick = asyncio.create_task(h.sup.tick())  # launches tiny-1 on the old configuration
+    await asyncio.sleep(0.1)
+    assert h.states() == {"tiny-0": "ready"} and not tick.done()  # tiny-1's launch is in flight
+    await h.sup.reconfigure("tiny", {"max_num_seqs": 2}, actor="user", reason="tune")
+    await tick
+    rt = h.sup.runtimes["tiny"]
+    await h.until(lambda: rt.rollout is not None and rt.rollout.done(), "the rolling change", max_ticks=2000)
+    assert sorted(m.config.max_num_seqs for m in rt.counted) == [2, 2]
+    assert [k for k, _, _ in h.events() if k.startswith("rollout")] == ["rollout_started", "rollout_finished"]
