@@ -35,7 +35,7 @@ class ReportInput:
     recommendations: Sequence[Mapping[str, Any]]
     client: Mapping[str, tuple[float | None, int]]  # phase -> (share of requests within the SLO, count)
     failed: Mapping[str, int] | None = None  # phase -> requests that failed at the client (not in the shares)
-    engine: str = "vLLM (CPU, tiny model)"
+    engine: str = "an engine not stated"  # what served the run (the demo says which): never assumed real
 
 
 def fetch(api_url: str, *, deployment: str, slo_name: str, since: float, until: float,
@@ -132,13 +132,26 @@ def serving_steps(replicas: Iterable[Sequence[Mapping[str, Any]]], since: float,
         if start is not None and prev is not None:
             events += [(start, 1), (prev, -1)]
     times, values, level = [since], [0], 0
-    for ts, d in sorted(events):
+    for ts, d in sorted(events, key=lambda e: (e[0], -e[1])):  # a start before an end at one time: never < 0
         level += d
         times.append(min(max(ts, since), until))
         values.append(level)
     times.append(until)
     values.append(level)
     return np.array(times), np.array(values, dtype=float)
+
+
+def replica_series(rows: Sequence[Mapping[str, Any]]) -> tuple[list[float], list[float], list[float]]:
+    """One replica's sample times, KV usage and requests waiting, oldest first. A failed scrape (or a reading
+    it lacks) stays in as NaN, which breaks the plotted line: left out, the line would join the readings either
+    side and draw the unknown stretch as known."""
+    def known(row: Mapping[str, Any], key: str) -> float:
+        v = row.get(key)
+        return float(v) if row.get("scrape_ok") and v is not None else np.nan
+
+    rows = sorted((r for r in rows if r.get("ts_unix_s") is not None), key=lambda r: float(r["ts_unix_s"]))
+    return ([float(r["ts_unix_s"]) for r in rows], [known(r, "kv_usage_ratio") for r in rows],
+            [known(r, "num_waiting") for r in rows])
 
 
 def attainment(requests: Sequence[Mapping[str, Any]], threshold_s: float, t0: float,
@@ -153,8 +166,8 @@ def _marks(ax: Any, inp: ReportInput, t0: float) -> None:
     colours = {"steady": "#e8f4e8", "burst": "#fbe3e3", "catch-up": "#fdf2d9", "recovered": "#e3ecfb"}
     for name, (start, end) in inp.phases.items():
         ax.axvspan(_t(start, t0), _t(end, t0), color=colours.get(name, "#eeeeee"), zorder=0)
-    for alert in inp.alerts:
-        if alert.get("fired_unix_s"):
+    for alert in inp.alerts:  # only the run's own (an older page would stretch the axis back to it)
+        if alert.get("fired_unix_s") and inp.since <= float(alert["fired_unix_s"]) <= inp.until:
             ax.axvline(_t(alert["fired_unix_s"], t0), color="red", ls="--", lw=1)
     for x in inp.actions:  # the scale actions themselves (a recommendation's decided time moves when judged)
         if x.get("kind") == "scale":
@@ -194,12 +207,9 @@ def render(inp: ReportInput, out_dir: Path) -> Path:
     _marks(ax1, inp, t0)
     _marks(ax2, inp, t0)
     for rep, rows in sorted(by_rep.items()):
-        rows = sorted((r for r in rows if r.get("scrape_ok")), key=lambda r: float(r["ts_unix_s"]))
-        ts = [float(r["ts_unix_s"]) for r in rows]
-        ax1.plot(_t(ts, t0), [np.nan if r.get("kv_usage_ratio") is None else r["kv_usage_ratio"] for r in rows],
-                 label=rep, lw=1)
-        ax2.plot(_t(ts, t0), [np.nan if r.get("num_waiting") is None else r["num_waiting"] for r in rows],
-                 label=f"{rep} waiting", lw=1)
+        ts, kv, waiting = replica_series(rows)
+        ax1.plot(_t(ts, t0), kv, label=rep, lw=1)
+        ax2.plot(_t(ts, t0), waiting, label=f"{rep} waiting", lw=1)
     ax1.set_ylabel("KV cache usage")
     ax1.set_ylim(0, 1.05)
     if by_rep:
@@ -238,10 +248,11 @@ def render(inp: ReportInput, out_dir: Path) -> Path:
         _save(fig, out_dir, "cost", pngs)
         tot = inp.cost.get("totals") or {}
         usd = tot.get("usd")
-        cost_note = (f"{tot.get('replica_hours', 0):.3f} replica-hours, "
+        cost_note = (f"{_num(tot.get('replica_hours'), '.3f')} replica-hours, "
                      f"{'cost unknown (failed scrapes)' if usd is None else f'${usd:.4f}'}, "
-                     f"{tot.get('prompt_tokens') or 0:,.0f} prompt + {tot.get('completion_tokens') or 0:,.0f} "
-                     f"completion tokens: ${tot['usd_per_1m_tokens']:.3f} per 1M tokens"
+                     f"{_num(tot.get('prompt_tokens'), ',.0f')} prompt + "
+                     f"{_num(tot.get('completion_tokens'), ',.0f')} completion tokens: "
+                     f"${tot['usd_per_1m_tokens']:.3f} per 1M tokens (over the steps whose tokens are known)"
                      if tot.get("usd_per_1m_tokens") is not None else "cost per token unknown")
 
     # 5. the timeline
@@ -297,6 +308,15 @@ def _when(ts: float, t0: float) -> str:
 
 def _pct(v: float | None) -> str:
     return "unknown" if v is None else f"{v:.1%}"
+
+
+def _num(v: Any, fmt: str) -> str:
+    """A figure of the API (None: unknown, not 0; a count may come as a float)."""
+    if v is None:
+        return "unknown"
+    return format(int(v) if fmt == "d" else float(v), fmt)
+
+
 
 
 def _change(current: Mapping[str, Any], proposed: Mapping[str, Any], prefix: str = "") -> str:
@@ -361,9 +381,9 @@ def _markdown(inp: ReportInput, pngs: Mapping[str, str], events: Sequence[tuple[
         change = _change(r.get("current") or {}, r.get("proposed") or {})
         lines += ["", f"### Recommendation {r['id']}: {r['kind']}, {change or 'no change'} "
                       f"({r['reason']}, {r['mode']}, {r['status']})", "",
-                  f"- observed: {obs.get('rate_rps') and round(obs['rate_rps'], 2)} req/s, "
-                  f"good ratio {_pct(obs.get('slo_good_ratio'))} of {obs.get('finished')} finished, "
-                  f"TTFT p99 {obs.get('ttft_p99_s') and round(obs['ttft_p99_s'], 3)} s",
+                  f"- observed: {_num(obs.get('rate_rps'), '.2f')} req/s, "
+                  f"good ratio {_pct(obs.get('slo_good_ratio'))} of {_num(obs.get('finished'), 'd')} finished, "
+                  f"TTFT p99 {_num(obs.get('ttft_p99_s'), '.3f')} s",
                   f"- capacity model: {(ev.get('capacity') or {}).get('source')}",
                   f"- cost: ${(ev.get('cost') or {}).get('usd_per_hour_current')}/h -> "
                   f"${(ev.get('cost') or {}).get('usd_per_hour_proposed')}/h",

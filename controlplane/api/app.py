@@ -498,9 +498,12 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
             usages = queries.cost_usage(store.engine, cost.step_edges(start, end, step_s),
                                         watched_price=watched_price_per_replica_hour_usd,
                                         max_gap_s=cost_max_gap_s, deployment=deployment)
+            sim = simulated_deployments(store.engine)
         except queries.NotFound as exc:
             raise HTTPException(404, detail=str(exc)) from None
-        return {"since": start, "until": end, "step_s": step_s, "items": [cost.cost_json(u) for u in usages]}
+        items = [cost.cost_json(u) for u in usages]  # a simulated fleet's cost is labelled, as its SLOs are
+        return {"since": start, "until": end, "step_s": step_s,
+                "items": [{**i, "simulated": i["deployment"] in sim} for i in items]}
 
     @app.get("/api/v1/cost/tenants")
     def cost_per_tenant(deployment: DeploymentQ = None, since: Since = None, until: Until = None,

@@ -119,6 +119,12 @@ def label(replica: Any, simulated: set[str]) -> str:
     return f"{name} ({SIMULATED})" if name in simulated else name
 
 
+def deployment_label(item: Mapping[str, Any]) -> str:
+    """An API item's deployment, marked when the item says it is simulated (its SLO, its cost)."""
+    name = text(item.get("deployment"))
+    return f"{name} ({SIMULATED})" if item.get(SIMULATED) is True else name
+
+
 # --- fleet ----------------------------------------------------------------------------------------
 def engine_rows(engine: Mapping[str, Any] | None) -> list[dict[str, str]]:
     """Engine arguments; an argument left unset is vLLM's default, which the plane does not know."""
@@ -173,7 +179,7 @@ def slo_rows(slos: Sequence[Mapping[str, Any]], alerts: Sequence[Mapping[str, An
         targets = ", ".join(f"{t.get('sli')} <= {seconds(t.get('threshold_s'))}" for t in s.get("targets") or [])
         req = s.get("requests") or {}
         rows.append({
-            "SLO": str(s.get("name")), "deployment": text(s.get("deployment")), "target": targets or UNKNOWN,
+            "SLO": str(s.get("name")), "deployment": deployment_label(s), "target": targets or UNKNOWN,
             "objective": ratio(s.get("objective"), 3),
             "attainment": NO_DATA if s.get("no_data") else ratio(s.get("attainment"), 3),
             "error budget left": NO_DATA if s.get("no_data") else ratio(s.get("error_budget_remaining"), 1),
@@ -308,7 +314,7 @@ COST_SERIES = {"usd_per_hour": "$/hour", "usd_per_1m_prompt_tokens": "$/1M promp
 
 
 def cost_frame(items: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    rows = [{"time": p.get("ts_unix_s"), "deployment": str(it.get("deployment")),
+    rows = [{"time": p.get("ts_unix_s"), "deployment": deployment_label(it),
              **{k: _num(p.get(k)) for k in COST_SERIES}, "replicas up": _num(p.get("replicas_up"))}
             for it in items for p in it.get("points") or []]
     df = pd.DataFrame(rows, columns=["time", "deployment", *COST_SERIES, "replicas up"])
@@ -322,7 +328,7 @@ def cost_rows(items: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
     rows = []
     for it in items:
         t = it.get("totals") or {}
-        rows.append({"deployment": str(it.get("deployment")),
+        rows.append({"deployment": deployment_label(it),
                      "price per replica-hour": usd(it.get("price_per_replica_hour_usd")),
                      "replica-hours": text(_num(t.get("replica_hours"))),
                      "replica-hours unknown": text(_num(t.get("unknown_replica_hours"))), "cost": usd(t.get("usd")),

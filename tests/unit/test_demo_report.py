@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,40 @@ def test_the_replicas_plot_steps_at_the_scrapes_own_times_not_at_bin_starts() ->
     at = dict(zip(times.tolist(), level.tolist(), strict=True))
     assert at[137.0] == 2.0 and at[145.0] == 1.0 and at[170.0] == 2.0 and at[178.0] == 1.0
     assert level[times < 137.0].max() == 1.0  # never 2 before the second replica's first good scrape
+
+
+def test_a_failed_scrape_is_a_gap_in_the_kv_and_queue_lines_not_a_joined_reading() -> None:
+    from controlplane.report import replica_series
+
+    ok = {"scrape_ok": True, "kv_usage_ratio": 0.5, "num_waiting": 1.0}
+    failed = {"scrape_ok": False, "kv_usage_ratio": None, "num_waiting": None}
+    rows = [{**(failed if i in (2, 3, 4) else ok), "ts_unix_s": 100.0 + 5 * i} for i in range(7)][::-1]
+    ts, kv, waiting = replica_series(rows)
+    assert ts == [100.0 + 5 * i for i in range(7)]
+    assert [math.isnan(v) for v in kv] == [False, False, True, True, True, False, False]
+    assert [math.isnan(v) for v in waiting] == [False, False, True, True, True, False, False]
+
+
+def test_a_replica_with_one_good_scrape_never_counts_below_zero() -> None:
+    from controlplane.report import serving_steps
+
+    _, values = serving_steps([[{"ts_unix_s": 10.0, "scrape_ok": True}]], 0.0, 60.0)
+    assert min(values) == 0 and max(values) == 1
+
+
+def test_unknown_cost_figures_and_observations_read_unknown_not_zero(tmp_path: Path) -> None:
+    t0 = 1_700_000_000.0
+    cost = {"price_per_replica_hour_usd": 1.0, "points": [{"ts_unix_s": t0, "usd_per_1m_tokens": None}],
+            "totals": {"replica_hours": None, "usd": None, "prompt_tokens": None, "completion_tokens": 10.0,
+                       "usd_per_1m_tokens": 2.5}}
+    recs = [{"id": 1, "kind": "scale", "status": "applied", "mode": "auto", "reason": "r",
+             "current": {"replicas": 1}, "proposed": {"replicas": 2}, "confidence": 0.9, "outcome": None,
+             "evidence": {"observed": {"rate_rps": None, "slo_good_ratio": None, "finished": 0.0,
+                                       "ttft_p99_s": 0.0}}}]
+    inp = ReportInput("tiny", "tiny-ttft", 0.5, 0.9, t0, t0 + 60, {"steady": (t0, t0 + 60)}, [], [], cost, [],
+                      [], recs, {})
+    md = render(inp, tmp_path).read_text()
+    assert "unknown replica-hours, cost unknown (failed scrapes), unknown prompt + 10 completion tokens" in md
+    # A measured 0 stays 0; a missing figure is unknown (it printed "None" and, for 0, the 0 itself by luck).
+    assert "- observed: unknown req/s, good ratio unknown of 0 finished, TTFT p99 0.000 s" in md
+    assert "on an engine not stated" in md

@@ -51,6 +51,9 @@ def render(ctx: Ctx) -> None:
     for slo in slos:
         name = str(slo.get("name"))
         st.subheader(f"SLO {name}")
+        if slo.get(shape.SIMULATED) is True:
+            st.badge("simulated", color="orange", help="its deployment's timing comes from the plane's simulator, "
+                                                       "not a real engine")
         cols = st.columns(4)
         no_data = bool(slo.get("no_data"))
         cols[0].metric("attainment", shape.NO_DATA if no_data else shape.ratio(slo.get("attainment"), 3),

@@ -142,10 +142,16 @@ def test_a_replica_of_a_simulated_deployment_is_labelled_so(seeded: tuple[Store,
     store, _ = seeded
     sim = store.save_deployment("sim", model="Llama-3.1-8B", spec={"spec": {"simulated": {"model": "Llama-3.1-8B"}}},
                                 desired_replicas=1, engine_config={})
-    store.save_replica("sim-0", deployment_id=sim, url="http://127.0.0.1:8200", backend="local", state="ready",
-                       runtime={"pid": 200}, config={})
+    sim0 = store.save_replica("sim-0", deployment_id=sim, url="http://127.0.0.1:8200", backend="local",
+                              state="ready", runtime={"pid": 200}, config={})
     items = {r["name"]: r["simulated"] for r in api.get("/api/v1/replicas").json()["items"]}
     assert items == {"tiny-0": False, "tiny-1": False, "w": False, "sim-0": True}
+    for i in range(3):
+        store.write_engine_sample({"replica_id": sim0, "ts_unix_s": BASE + 10 * i, "scrape_ok": True,
+                                   "prompt_tokens_total": 10.0 * i, "generation_tokens_total": 5.0 * i})
+    cost = api.get("/api/v1/cost", params={"since": BASE, "until": BASE + 3600, "step_s": 600}).json()["items"]
+    # A simulated fleet's cost is no real vLLM's: labelled, as its SLOs and replicas are.
+    assert {i["deployment"]: i["simulated"] for i in cost} == {"tiny": False, "watched": False, "sim": True}
 
 
 def test_the_audit_log_lists_people_tuner_and_supervisor_never_observations(api: TestClient) -> None:
@@ -235,6 +241,7 @@ def test_cost_per_deployment_from_replica_hours_price_and_token_counters(api: Te
     body = api.get("/api/v1/cost", params={"since": BASE, "until": BASE + 3600, "step_s": 600}).json()
     items = {i["deployment"]: i for i in body["items"]}
     assert set(items) == {"tiny", "watched"}
+    assert not items["tiny"]["simulated"] and not items["watched"]["simulated"]
     tiny = items["tiny"]
     assert tiny["price_per_replica_hour_usd"] == pytest.approx(1.0)
     # 2 replicas x 30 min at $1/h = $1; 2 x 1800 prompt and 2 x 900 completion tokens.

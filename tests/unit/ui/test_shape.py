@@ -166,3 +166,14 @@ def test_gapped_numbers_the_segments_between_unknown_readings_per_series() -> No
     out = shape.gapped(df, "s", "v")
     assert out[["s", "v", "segment"]].to_numpy().tolist() == [["a", 1.0, 0], ["a", 2.0, 1], ["a", 3.0, 1],
                                                               ["b", 4.0, 1]]
+
+
+def test_a_simulated_deployment_s_slo_and_cost_are_labelled_so_and_a_real_one_s_are_not() -> None:
+    slos = [{"name": n, "deployment": d, "simulated": sim, "objective": 0.99, "attainment": 0.9, "targets": [],
+             "requests": {}} for n, d, sim in (("s", "simdep", True), ("r", "real", False), ("u", "x", None))]
+    assert [r["deployment"] for r in shape.slo_rows(slos, [])] == ["simdep (simulated)", "real", "x"]
+    cost = [{"deployment": "simdep", "simulated": True, "price_per_replica_hour_usd": 2.0, "totals": {},
+             "points": [{"ts_unix_s": 0.0, "usd_per_hour": 2.0}]},
+            {"deployment": "real", "simulated": False, "totals": {}, "points": [{"ts_unix_s": 0.0}]}]
+    assert [r["deployment"] for r in shape.cost_rows(cost)] == ["simdep (simulated)", "real"]
+    assert shape.cost_frame(cost)["deployment"].tolist() == ["simdep (simulated)", "real"]
