@@ -47,9 +47,12 @@ class Target:
     def from_watch(cls, spec: str) -> Target:
         """`URL` or `NAME=URL`; a bare URL's replica name is its host:port."""
         name, sep, url = spec.partition("=")
-        if not sep:
-            name, url = "", spec
         expected = "expected an http(s) URL of a vLLM server, e.g. http://127.0.0.1:8000 or name=http://host:port"
+        if not sep or "://" in name:  # a bare URL, which may hold "=" in its query
+            name, url = "", spec
+        elif not name.strip():
+            raise ValueError(f"--watch {spec!r}: the replica name before '=' is empty; give one, or the bare URL "
+                             "(then its host:port names the replica)")
         try:
             parts = urlsplit(url)
             parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0-65535

@@ -222,7 +222,8 @@ def ui(
         s = _settings()
         port = s.ui_port if port is None else port
         # the URL the app itself reads, else the plane this machine's settings describe
-        api_url = api_url or os.environ.get(ENV_API_URL) or s.local_url(s.api_port)
+        if api_url is None:  # an empty --api-url is a bad URL, refused below, not "not given"
+            api_url = os.environ.get(ENV_API_URL) or s.local_url(s.api_port)
     try:
         argv = streamlit_argv(api_url, host, port)
     except ValueError as exc:

@@ -127,7 +127,7 @@ def _range(since: float | None, until: float | None, now: float, step_s: float) 
     """The window a series covers (default: the last day up to now), checked and bounded in points."""
     _check_window(since, until)
     end = until if until is not None else now
-    start = since if since is not None else end - DEFAULT_RANGE_S
+    start = since if since is not None else max(0.0, end - DEFAULT_RANGE_S)  # the default day, not before 1970
     if not start < end:
         raise HTTPException(400, detail=f"since ({start}) must be earlier than until ({end}); without until "
                                         "the window ends now")
@@ -160,6 +160,11 @@ def _known_query_params(request: Request) -> None:
     if unknown := sorted(set(request.query_params) - allowed):
         raise HTTPException(422, detail=f"unknown query parameter(s) {', '.join(map(repr, unknown))} on "
                                         f"{route.path}; allowed: {', '.join(sorted(allowed)) or 'none'}")
+    # Every parameter takes one value: a repeated one (`?actor=user&actor=tuner`) would answer for its last
+    # value only, as if the others had been read.
+    if repeated := sorted(k for k in set(request.query_params) if len(request.query_params.getlist(k)) > 1):
+        raise HTTPException(422, detail=f"query parameter(s) {', '.join(map(repr, repeated))} given more than once "
+                                        f"on {route.path}; each takes one value")
 
 
 def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float | None = None, *,
@@ -185,6 +190,14 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
         if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), api_token.encode()):
             raise HTTPException(401, detail="missing or wrong bearer token (Authorization: Bearer <token>)",
                                 headers={"WWW-Authenticate": "Bearer"})
+
+    async def no_body(request: Request) -> None:
+        """Endpoints that take no body refuse one (an empty JSON object aside): silently dropped, a `reason` or
+        an option sent with them would look accepted."""
+        body = (await request.body()).strip()
+        if body and body != b"{}":
+            raise HTTPException(422, detail=f"{request.url.path} takes no body; got {len(body)} byte(s) "
+                                            f"({body[:60]!r}): send none")
 
     @app.middleware("http")
     async def _token_first(request: Request, call_next: Any) -> Any:
@@ -230,7 +243,7 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
     def healthz() -> dict[str, Any]:
         with store.engine.connect() as conn:
             conn.exec_driver_sql("SELECT 1")
-        return {"status": "ok", "uptime_s": round(time.time() - started, 3),
+        return {"status": "ok", "uptime_s": round(clock() - started, 3),
                 "database": store.engine.dialect.name}
 
     def _known(check: Callable[[Any, str], None], name: str) -> None:
@@ -413,7 +426,7 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
     def recommendation(rid: RecId) -> dict[str, Any]:
         return _rec_call(recs.get, rid)
 
-    @app.post("/api/v1/recommendations/{rid}/apply", dependencies=[Depends(require_token)])
+    @app.post("/api/v1/recommendations/{rid}/apply", dependencies=[Depends(require_token), Depends(no_body)])
     async def apply_recommendation(rid: RecId) -> dict[str, Any]:
         """Apply an open recommendation through the supervisor (audited as a user action). A refusal for now
         (a rolling change or canary running) leaves it open, to be applied when that ends."""
@@ -484,7 +497,7 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
             raise
         return await rec_call(recs.decide, rid, APPLIED, by="user", outcome={"applied": result}, expect=(APPLIED,))
 
-    @app.post("/api/v1/recommendations/{rid}/dismiss", dependencies=[Depends(require_token)])
+    @app.post("/api/v1/recommendations/{rid}/dismiss", dependencies=[Depends(require_token), Depends(no_body)])
     def dismiss_recommendation(rid: RecId) -> dict[str, Any]:
         return _rec_call(recs.decide, rid, DISMISSED, by="user")
 
@@ -528,7 +541,7 @@ def create_app(store: Store, registry: CollectorRegistry, started_unix_s: float 
         `available` is false, with no GPUs, when no GPU sample was ever stored."""
         _check_window(since, until)
         end = until if until is not None else clock()
-        start = since if since is not None else end - DEFAULT_RANGE_S
+        start = since if since is not None else max(0.0, end - DEFAULT_RANGE_S)
         if not start < end:
             raise HTTPException(400, detail=f"since ({start}) must be earlier than until ({end}); without until "
                                             "the window ends now")

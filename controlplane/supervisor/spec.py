@@ -27,11 +27,11 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import httpx
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from controlplane.engines.vllm_server import SimulatedEngine
 from controlplane.tuning import catalog
@@ -57,19 +57,32 @@ class ModelSection(_Strict):
     served_name: str = Field(min_length=1, max_length=200)
 
 
+def _a_number(v: Any) -> Any:
+    """An engine count or fraction is a number: pydantic's lax mode would read true as 1 and "8" as 8, so a posted
+    {"max_num_seqs": true} started a rolling change to 1 sequence. (A whole float, 2048.0, stays accepted.)"""
+    if isinstance(v, bool | str | bytes):
+        raise ValueError(f"must be a number, not {type(v).__name__} {v!r}")
+    return v
+
+
+Count = Annotated[int, BeforeValidator(_a_number)]
+Fraction = Annotated[float, BeforeValidator(_a_number)]
+
+
 class EngineSection(_Strict):
-    max_num_seqs: int | None = Field(default=None, ge=1, le=65536)
-    max_num_batched_tokens: int | None = Field(default=None, ge=16, le=4_194_304)
-    max_model_len: int | None = Field(default=None, ge=16)
+    max_num_seqs: Count | None = Field(default=None, ge=1, le=65536)
+    max_num_batched_tokens: Count | None = Field(default=None, ge=16, le=4_194_304)
+    max_model_len: Count | None = Field(default=None, ge=16, le=16_777_216)  # 16M tokens: past any model's
     dtype: Literal["auto", "bfloat16", "float16", "float32", "half", "float"] = "auto"
     quantization: Literal["fp8", "fp8_per_tensor", "fp8_per_channel", "fp8_per_block", "awq", "gptq",
                           "compressed-tensors", "bitsandbytes", "int8", "w8a8"] | None = None
     kv_cache_dtype: Literal["auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
-    gpu_memory_utilization: float | None = Field(default=None, gt=0.0, le=1.0)
-    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
-    pipeline_parallel_size: int = Field(default=1, ge=1, le=64)
-    num_gpu_blocks_override: int | None = Field(default=None, ge=2)
-    kv_cache_space_gib: int | None = Field(default=None, ge=1, description="CPU engine: VLLM_CPU_KVCACHE_SPACE")
+    gpu_memory_utilization: Fraction | None = Field(default=None, gt=0.0, le=1.0)
+    tensor_parallel_size: Count = Field(default=1, ge=1, le=64)
+    pipeline_parallel_size: Count = Field(default=1, ge=1, le=64)
+    num_gpu_blocks_override: Count | None = Field(default=None, ge=2, le=16_777_216)
+    kv_cache_space_gib: Count | None = Field(default=None, ge=1, le=65_536,
+                                             description="CPU engine: VLLM_CPU_KVCACHE_SPACE")
     extra_args: tuple[str, ...] = ()
 
     @field_validator("extra_args")

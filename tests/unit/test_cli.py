@@ -165,8 +165,9 @@ def test_files_where_directories_belong_and_bad_urls_are_errors_not_tracebacks(t
         assert out.exit_code == 1 and "cannot write" in out.output and isinstance(out.exception, SystemExit), args
     tiny = runner.invoke(app, ["model", "make-tiny", "--out", str(afile)])
     assert tiny.exit_code == 2 and "exists and is not a directory" in " ".join(tiny.output.split())
-    ui = runner.invoke(app, ["ui", "--api-url", "ftp://x"])
-    assert ui.exit_code == 2 and "must be an http(s) URL" in ui.output
+    for url in ("ftp://x", ""):  # an empty URL is a bad one, not "not given" (the default plane's)
+        ui = runner.invoke(app, ["ui", "--api-url", url])
+        assert ui.exit_code == 2 and "must be an http(s) URL" in ui.output, url
 
 
 def test_the_ui_reads_the_api_the_settings_describe_unless_told_otherwise(monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -138,6 +138,10 @@ def test_a_refused_recommendation_is_marked_failed_and_others_can_be_dismissed(s
     assert r.status_code == 422
     assert api.get(f"/api/v1/recommendations/{bad}").json()["status"] == "failed"
     newer = _propose(sqlite_store)
+    for verb in ("dismiss", "apply"):  # a body they would drop (a reason, an option) is refused, not ignored
+        r = api.post(f"/api/v1/recommendations/{newer}/{verb}", headers=AUTH, json={"reason": "whatever"})
+        assert r.status_code == 422 and "takes no body" in r.json()["detail"], r.text
+    assert api.get(f"/api/v1/recommendations/{newer}").json()["status"] == "open"
     assert api.post(f"/api/v1/recommendations/{newer}/dismiss", headers=AUTH).json()["status"] == "dismissed"
     assert api.get("/api/v1/recommendations/999").status_code == 404
     assert api.get("/api/v1/recommendations", params={"status": "bogus"}).status_code == 422

@@ -366,6 +366,32 @@ def test_a_query_parameter_the_endpoint_does_not_take_is_named_not_ignored(api: 
     assert api.get(path).status_code == 200  # the same endpoint without it answers
 
 
+@pytest.mark.parametrize(("path", "query"), [("/api/v1/actions", "actor=user&actor=tuner"),
+                                             ("/api/v1/requests", "limit=1&limit=2")])
+def test_a_repeated_query_parameter_is_refused_not_read_for_its_last_value(api: TestClient, path: str,
+                                                                          query: str) -> None:
+    r = api.get(f"{path}?{query}")
+    assert r.status_code == 422 and "given more than once" in r.json()["detail"], r.text
+    assert api.get(f"{path}?{query.split('&')[0]}").status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/api/v1/cost", "/api/v1/slos/tiny-ttft/history", "/api/v1/gpu"])
+def test_a_default_window_ending_near_1970_starts_there_not_before(api: TestClient, path: str) -> None:
+    r = api.get(path, params={"until": 600})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    starts = [body["since"]] if "since" in body else []
+    starts += [p["ts_unix_s"] for p in body.get("points") or []]
+    starts += [p["ts_unix_s"] for i in body.get("items") or [] for p in i.get("points") or []]
+    assert min(starts, default=0.0) >= 0.0
+
+
+def test_healthz_uptime_runs_on_the_app_s_clock(seeded: tuple[Store, Seed]) -> None:
+    store, _ = seeded
+    api = TestClient(create_app(store, CollectorRegistry(), started_unix_s=1000.0, clock=lambda: 1042.5))
+    assert api.get("/healthz").json()["uptime_s"] == 42.5
+
+
 @pytest.mark.parametrize("path", ["/api/v1/recommendations", "/api/v1/actions"])
 def test_a_filter_on_a_deployment_the_store_does_not_know_is_a_404_naming_the_known(api: TestClient,
                                                                                     path: str) -> None:

@@ -81,6 +81,13 @@ def test_a_bad_watch_target_is_refused_with_an_example(spec: str) -> None:
 
 def test_a_bare_watch_url_names_the_replica_by_host_and_port() -> None:
     assert Target.from_watch("http://10.0.0.5:8000").name == "10.0.0.5:8000"
+    assert Target.from_watch("http://10.0.0.5:8000/?a=b").name == "10.0.0.5:8000"  # "=" in the URL: no name
+
+
+@pytest.mark.parametrize("spec", ["=http://x:1", " =http://x:1"])
+def test_an_empty_watch_name_is_refused_not_replaced_by_the_host(spec: str) -> None:
+    with pytest.raises(ValueError, match="the replica name before '=' is empty"):
+        Target.from_watch(spec)
     assert Target.from_watch("gpu-a=http://10.0.0.5:8000/").metrics_url == "http://10.0.0.5:8000/metrics"
 
 

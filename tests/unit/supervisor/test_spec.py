@@ -203,3 +203,17 @@ def test_deployments_whose_replica_ports_would_collide_are_named_with_their_rang
     assert port_conflicts([ray_a, ray_c, llama]) == []
     (plane,) = port_conflicts([_named("x", backend={"kind": "local", "base_port": 8079})], {"API": 8080})
     assert "takes the API port 8080" in plane
+
+
+@pytest.mark.parametrize(("changes", "says"), [
+    ({"max_num_seqs": True}, "must be a number, not bool"),  # lax pydantic read it as 1
+    ({"max_num_seqs": "8"}, "must be a number, not str"),
+    ({"gpu_memory_utilization": "0.5"}, "must be a number, not str"),
+    ({"max_model_len": 10**30}, "less than or equal to 16777216"),
+    ({"kv_cache_space_gib": 10**9}, "less than or equal to 65536"),
+    ({"num_gpu_blocks_override": 10**12}, "less than or equal to 16777216"),
+])
+def test_a_posted_engine_change_must_be_a_number_in_bounds(changes: dict[str, object], says: str) -> None:
+    with pytest.raises(SpecError, match=says):
+        EngineConfig(max_num_seqs=8).with_changes(changes)
+    assert EngineConfig(max_num_seqs=8).with_changes({"max_num_seqs": 16.0}).max_num_seqs == 16  # a whole float
