@@ -565,7 +565,7 @@ class Supervisor:
         left = self.router.outstanding(m.name)
         while self.clock() - t0 < timeout:
             left = self.router.outstanding(m.name)
-            if left == 0 and await self._engine_idle(m):
+            if left == 0 and await self._engine_idle(rt, m):
                 break
             await asyncio.sleep(0.2)
         waited = self.clock() - t0
@@ -577,17 +577,16 @@ class Supervisor:
                                                                f"{timeout:.0f} s timeout" if left else ""),
                               actor=actor, attributes={"drain_s": waited, "in_flight_at_stop": left})
 
-    async def _engine_idle(self, m: Member) -> bool:
-        """True when vLLM reports nothing running or waiting (requests that bypassed the router);
-        an unreadable /metrics is unknown, so then only the router's count decides."""
+    async def _engine_idle(self, rt: DeploymentRuntime, m: Member) -> bool:
+        """True when vLLM reports nothing running or waiting (requests that bypassed the router). An unreadable
+        /metrics (or one without the two gauges) is unknown, not idle: the drain goes on waiting, up to its
+        timeout, unless the process has ended (then nothing can be in flight)."""
         if m.handle is None:
             return True
         result = await scrape(self.client, m.handle.url + "/metrics", 3.0)
-        if not result.ok:
-            return True
-        reading = read_engine(result.samples)
-        if reading.num_running is None or reading.num_waiting is None:
-            return True
+        reading = read_engine(result.samples) if result.ok else None
+        if reading is None or reading.num_running is None or reading.num_waiting is None:
+            return await asyncio.to_thread(rt.backend.exit_code, m.handle) is not None
         return reading.num_running + reading.num_waiting == 0
 
     async def _rollout(self, rt: DeploymentRuntime, actor: str, reason: str, before: EngineConfig | None) -> None:

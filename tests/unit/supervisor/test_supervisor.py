@@ -1001,3 +1001,32 @@ async def test_a_rolling_change_also_replaces_a_replica_whose_launch_was_in_flig
     await h.until(lambda: rt.rollout is not None and rt.rollout.done(), "the rolling change", max_ticks=2000)
     assert sorted(m.config.max_num_seqs for m in rt.counted) == [2, 2]
     assert [k for k, _, _ in h.events() if k.startswith("rollout")] == ["rollout_started", "rollout_finished"]
+
+
+async def test_a_drain_waits_while_the_engine_s_metrics_cannot_be_read(sqlite_store: Store) -> None:
+    # Requests sent straight to the replica (not through the router) show only in vLLM's own gauges. An
+    # unreadable /metrics is unknown, not idle: stopping then would cut them off.
+    h = make(sqlite_store)
+    await h.sup.start()
+    await h.sup.scale("tiny", 2, actor="user", reason="test")
+    await h.until(lambda: list(h.states().values()) == ["ready", "ready"], "two replicas")
+    victim = h.sup.runtimes["tiny"].members["tiny-1"]
+    assert victim.handle is not None
+    broken = victim.handle.url
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        url = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
+        if request.url.path == "/metrics":
+            return httpx.Response(500) if url == broken else httpx.Response(
+                200, text="vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n")
+        return httpx.Response(200 if h.backend.ready.get(url) else 503)
+
+    h.sup.client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    await h.sup.scale("tiny", 1, actor="user", reason="test")
+    await h.ticks(2)
+    await asyncio.sleep(0.6)  # three rounds of the drain's checks
+    assert h.states()["tiny-1"] == "draining" and "tiny-1" not in h.backend.stopped
+    h.backend.exits[broken] = 0  # the process ended: nothing can be in flight any more
+    await h.until(lambda: h.states()["tiny-1"] == "stopped", "the drain to end once the process is gone")
+    stop = next(e for e in h.store.events() if e["kind"] == "replica_stopped" and e["replica"] == "tiny-1")
+    assert stop["reason"] == "scale_down" and stop["message"].startswith("drained in")
