@@ -348,7 +348,9 @@ def gpu_summary(engine: Engine, since: float, until: float) -> dict[str, Any]:
     latest = (select(g.__table__, agg.c.mean_util, agg.c.max_temp)
               .join(agg, and_(*(col.is_not_distinct_from(agg.c[col.key]) for col in _GPU_KEY),
                               g.ts_unix_s == agg.c.last_ts))
-              .order_by(g.host, g.gpu_index, g.uuid, g.mig_instance, g.id.desc()))
+              # NULLs first on both databases (PostgreSQL sorts them last by default, SQLite first)
+              .order_by(g.host.nulls_first(), g.gpu_index.nulls_first(), g.uuid.nulls_first(),
+                        g.mig_instance.nulls_first(), g.id.desc()))
     with engine.connect() as conn:
         available = bool(conn.execute(select(exists().where(g.id.is_not(None)))).scalar())
         rows = [dict(r._mapping) for r in conn.execute(latest)] if available else []

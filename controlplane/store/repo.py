@@ -40,9 +40,15 @@ def _inserted(result: Any, attempted: int) -> int:
 
 
 def _insert_ignore(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> int:
+    """Insert the rows a unique key does not already hold; returns how many were written. PostgreSQL reports
+    no row count for SQLAlchemy's batched executemany (the count fell back to every row tried, duplicates
+    included): the ids the insert returns are counted there instead."""
     if not rows:
         return 0
-    return _inserted(conn.execute(_insert_ignore_stmt(conn, table), list(rows)), len(rows))
+    stmt = _insert_ignore_stmt(conn, table)
+    if conn.dialect.name == "postgresql":
+        return len(conn.execute(stmt.returning(*table.primary_key.columns), list(rows)).all())
+    return _inserted(conn.execute(stmt, list(rows)), len(rows))
 
 
 def _bulk_insert_ignore(

@@ -352,6 +352,19 @@ def test_each_mig_instance_is_its_own_gpu_in_the_summary(sqlite_store: Store) ->
                                                                                 "3g.40gb/2": 38 * 2**30}
 
 
+def test_gpus_without_a_host_are_listed_first_on_either_database(store: Store) -> None:
+    from collectors.gpu.dcgm import blank_row
+    rows = []
+    for host, uuid in (("h1", "GPU-b"), (None, "GPU-a")):
+        r = blank_row(10.0, "nvml")
+        r.update(host=host, gpu_index=0, uuid=uuid)
+        rows.append(r)
+    store.write_gpu_samples(rows)
+    api = TestClient(create_app(store, CollectorRegistry(), clock=lambda: 200.0))
+    gpus = api.get("/api/v1/gpu", params={"since": 0, "until": 200}).json()["gpus"]
+    assert [g["uuid"] for g in gpus] == ["GPU-a", "GPU-b"]  # PostgreSQL sorted the empty host last
+
+
 @pytest.mark.parametrize(("path", "params", "named"), [
     ("/api/v1/recommendations", {"state": "open"}, "'state'"),  # the filter is `status`
     ("/api/v1/recommendations", {"deploymnet": "tiny", "limit": 5}, "'deploymnet'"),

@@ -199,3 +199,14 @@ def test_the_one_token_goodput_migration_starts_the_rollups_over(bare_engine: En
     rollup.run(bare_engine, {"tpot<=0.05&ttft<=0.5"}, 2e9)
     with bare_engine.connect() as conn:
         assert tuple(conn.execute(text(counts)).one()) == (1, 1, 0)
+
+
+def test_write_spans_counts_the_events_it_stored_not_those_it_was_given(store: Store) -> None:
+    def event(key: str) -> dict[str, object]:
+        return {"replica": "r0", "ts_unix_s": 1_700_000_000.0, "kind": "span:Load weights", "duration_s": 1.0,
+                "attributes": {}, "dedupe_key": key}
+
+    batch = [event("d1"), event("d1"), event("d2")]  # one repeated within the batch
+    assert store.write_spans([], batch) == (0, 2)
+    assert store.write_spans([], batch) == (0, 0)  # a retried batch writes nothing (PostgreSQL said 3, then 3)
+    assert len([e for e in store.events() if e["kind"] == "span:Load weights"]) == 2
