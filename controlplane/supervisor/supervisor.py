@@ -256,6 +256,15 @@ class Supervisor:
                 await self._record(row["id"], "replica_lost", ACTOR_SUPERVISOR, "plane_restart",
                                    message="recorded as running, but its process is gone")
                 continue
+            if row["state"] == DRAINING:
+                # It was leaving (a scale-down, or replaced by a rolling change) when the plane went away: adopted
+                # as starting it would be routed to again and kept. Its drain goes on, not counted.
+                m = rt.members[row["name"]] = self._member_of(row, engine, handle, DRAINING, now)
+                await self._record(row["id"], "replica_adopted", ACTOR_SUPERVISOR, "plane_restart",
+                                   message=f"re-adopted {backend.kind} replica at {row['url']}, draining when the "
+                                           "plane went away: its drain goes on", attributes={"runtime": row["runtime"]})
+                self._spawn(rt, self._drain_and_stop(rt, m, ACTOR_SUPERVISOR, "drain_resumed"))
+                continue
             rt.members[row["name"]] = self._member_of(row, engine, handle, STARTING, now)
             await self._record(row["id"], "replica_adopted", ACTOR_SUPERVISOR, "plane_restart",
                                message=f"re-adopted {backend.kind} replica at {row['url']}",

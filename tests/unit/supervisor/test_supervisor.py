@@ -1030,3 +1030,25 @@ async def test_a_drain_waits_while_the_engine_s_metrics_cannot_be_read(sqlite_st
     await h.until(lambda: h.states()["tiny-1"] == "stopped", "the drain to end once the process is gone")
     stop = next(e for e in h.store.events() if e["kind"] == "replica_stopped" and e["replica"] == "tiny-1")
     assert stop["reason"] == "scale_down" and stop["message"].startswith("drained in")
+
+
+async def test_a_replica_draining_when_the_plane_died_finishes_its_drain_and_is_never_routed_again(
+        sqlite_store: Store) -> None:
+    first = make(sqlite_store)
+    await first.sup.start()
+    await first.sup.scale("tiny", 2, actor="user", reason="test")
+    await first.until(lambda: list(first.states().values()) == ["ready", "ready"], "two replicas")
+    first.router.in_flight.update({"tiny-0": 5, "tiny-1": 3})  # tiny-1 goes, drained slowly: the plane dies
+    await first.sup.scale("tiny", 1, actor="user", reason="test")
+    await first.until(lambda: first.states()["tiny-1"] == "draining", "tiny-1 draining")
+    backend = FakeBackend(adoptable={"tiny-0", "tiny-1"}, seq=100)  # the plane dies; both processes live on
+    backend.ready.update({m.handle.url: True for m in first.sup.runtimes["tiny"].members.values() if m.handle})
+    second = make(sqlite_store, backend=backend)
+    await second.sup.start()
+    await second.until(lambda: second.states() == {"tiny-0": "ready", "tiny-1": "stopped"}, "the drain to end")
+    assert backend.stopped == ["tiny-1"] and list(second.router.ready) == ["tiny-0"]
+    assert ("ready", "tiny-1") not in second.router.log and ("drain", "tiny-1") in second.router.log
+    assert not backend.launched  # one replica wanted, one kept: nothing started
+    assert ("replica_stopped", "tiny-1", "drain_resumed") in second.events()
+    for task in list(first.sup.runtimes["tiny"].tasks):
+        task.cancel()
