@@ -10,11 +10,15 @@ one of them in its JSON `model` goes only to that model's replicas (503 while no
 naming another model (a LoRA adapter, a typo) goes to any replica, whose vLLM answers it, and
 GET /v1/models lists every ready deployment's models (each vLLM lists only its own); a draining
 replica gets no new request; with no ready replica the answer is 503 with
-Retry-After; a request whose replica fails before sending any response byte (connection refused or
-reset: the replica died) is retried once on another replica, since a completion has no side effect
-to repeat; a stream broken off mid-way is cut at the client too, never passed off as a complete
-answer; a valid W3C `traceparent` (and its `tracestate`) passes through unchanged, and a request
-without one (or with an invalid one) gets a new trace, so every request's vLLM span has a trace id.
+Retry-After; a request whose replica refuses the connection goes to another replica (nothing of it ran),
+and the replica is marked down until its next passing probe; a connection the replica closes unanswered
+(most often a kept-alive one it had just closed) is tried once more on the same replica: refused then,
+the replica died and the request goes to another one (a completion has no side effect to repeat);
+dropped again by a replica still listening, the client gets a 502 and no other replica sees the request,
+so a request that breaks replicas cannot go round the fleet; a stream broken off mid-way is cut at the
+client too, never passed off as a complete answer; a valid W3C `traceparent` (and its `tracestate`) passes
+through unchanged, and a request without one (or with an invalid one) gets a new trace, so every request's
+vLLM span has a trace id.
 
 Each proxied request is reported once, as the router's span (`RouterRecord`: trace id, tenant from
 the tenant header, replica, times, status) to a `RequestRecorder`; `SpanWriter` stores them in
@@ -40,6 +44,7 @@ from typing import Final, Protocol
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy import Engine, insert
 
@@ -102,6 +107,15 @@ def trace_context(traceparents: Sequence[str], new_id: Callable[[int], str] = _r
             return TraceContext(trace_id, span_id, parent_id, f"00-{trace_id}-{span_id}-01")
     trace_id, span_id = new_id(128), new_id(64)
     return TraceContext(trace_id, span_id, None, f"00-{trace_id}-{span_id}-01")
+
+
+def forwarded_headers(incoming: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
+    """The client's request headers to send upstream: every value of a repeated header (a dict kept only the
+    last), less the hop-by-hop ones, which include any the client's `Connection` header names (RFC 9110
+    7.6.1)."""
+    items = list(incoming.items())
+    named = {t.strip().lower() for k, v in items if k.lower() == "connection" for t in v.split(",")}
+    return CIMultiDict((k, v) for k, v in items if k.lower() not in _DROP_REQUEST and k.lower() not in named)
 
 
 def valid_tenant(values: Sequence[str]) -> str | None:
@@ -292,12 +306,12 @@ class Router:
         tenant = valid_tenant(tenant_values)
         if tenant_values and tenant is None:
             self.tenants_rejected.inc()
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
+        headers = forwarded_headers(request.headers)
         if ctx.traceparent is not None:
             # A new trace: the client's tracestate (if any) belongs to no trace. The client's trace re-sampled:
             # its tracestate stays.
-            drop = _TRACE_HEADERS if ctx.parent_span_id is None else ("traceparent",)
-            headers = {k: v for k, v in headers.items() if k.lower() not in drop}
+            for h in _TRACE_HEADERS if ctx.parent_span_id is None else ("traceparent",):
+                headers.popall(h, None)
             headers["traceparent"] = ctx.traceparent
         outcome = _Outcome()
         try:
@@ -329,7 +343,7 @@ class Router:
         model = doc.get("model") if isinstance(doc, dict) else None
         return model if isinstance(model, str) and model in models else None
 
-    async def _forward(self, request: web.Request, headers: dict[str, str],
+    async def _forward(self, request: web.Request, headers: CIMultiDict[str],
                        outcome: _Outcome) -> web.StreamResponse:
         assert self._session is not None
         try:
@@ -391,18 +405,27 @@ class Router:
                 return resp
             except aiohttp.ClientError as exc:
                 if resp is None:
-                    stale = isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError) and \
-                        not isinstance(exc, aiohttp.ClientConnectorError)  # refused is not stale
-                    if not fresh_retry and stale:
-                        # Most often a kept-alive connection the replica had just closed: one more try on the
-                        # same replica before calling it down.
+                    if isinstance(exc, aiohttp.ClientConnectorError):
+                        # Refused (or unreachable): nothing of the request ran there, so another replica may
+                        # take it. The replica is down until its next passing probe puts it back.
+                        log.warning("router: %s refused the connection (%s); marking it down", backend.name, exc)
+                        self.set_unready(backend.name)
+                        continue
+                    if not fresh_retry:
+                        # Closed unanswered: most often a kept-alive connection the replica had just closed,
+                        # or the replica died. One more try on it tells which (a refusal: it died).
                         fresh_retry, again = True, backend
                         continue
-                    # Nothing went to the client yet (refused, or reset before the response started:
-                    # the replica died): safe to send the request to another replica.
-                    log.warning("router: %s failed before responding (%s); marking it down", backend.name, exc)
-                    self.set_unready(backend.name)
-                    continue
+                    # Dropped twice by a replica that still takes connections (or one answering garbage): it may
+                    # be this request that breaks it. It goes to no other replica, and the replica is not marked
+                    # down for it (its probes judge its health).
+                    log.warning("router: %s dropped a request twice without answering (%s); answering 502",
+                                backend.name, type(exc).__name__)
+                    outcome.replica, outcome.status = backend.name, 502
+                    return web.json_response({"error": {
+                        "message": f"replica {backend.name} closed the connection twice without answering; the "
+                                   "request was not sent to another replica", "type": "bad_gateway",
+                        "code": 502}}, status=502)
                 # Mid-stream: the client already has part of the answer. Cut its connection so it sees
                 # a broken stream, never a short one that looks complete.
                 if isinstance(exc, ConnectionResetError):  # writing to the client failed: it left, not the replica
@@ -416,7 +439,7 @@ class Router:
                 self._release(backend, served)
         return self._unavailable("no replica accepted the connection")
 
-    async def _list_models(self, headers: dict[str, str], outcome: _Outcome) -> web.Response:
+    async def _list_models(self, headers: CIMultiDict[str], outcome: _Outcome) -> web.Response:
         """GET /v1/models across deployments: each replica lists only the model it serves, so with several
         the router asks one ready replica of each (the next one when it fails to answer) and joins their lists
         (first listing of an id wins). A model with no ready or answering replica is left out rather than

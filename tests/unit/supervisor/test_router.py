@@ -4,9 +4,12 @@ and the span it records per request (trace id, tenant)."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import httpx
@@ -42,6 +45,7 @@ class Upstream:
     listed: int = 0  # GET /v1/models answered or refused
     answer_after_s: float | None = None  # answer whole after this long, unless the caller goes away (as vLLM)
     saw_caller_leave: threading.Event = field(default_factory=threading.Event)
+    seen_raw: list[list[tuple[str, str]]] | None = None  # every header as sent, repeats included
 
     async def list_models(self, request: web.Request) -> web.Response:
         self.listed += 1
@@ -51,6 +55,8 @@ class Upstream:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.seen_headers.append(dict(request.headers))
+        if self.seen_raw is not None:
+            self.seen_raw.append(list(request.headers.items()))
         self.in_flight += 1
         try:
             if self.answer_after_s is not None:  # vLLM's with_cancellation: a caller that leaves aborts it
@@ -205,6 +211,19 @@ def test_a_draining_replica_gets_no_new_request_but_finishes_its_own(router: Rou
     assert post(router).status_code == 503
 
 
+def test_repeated_headers_pass_whole_and_headers_the_connection_header_names_are_dropped(
+        router: Router, upstreams: list[Upstream]) -> None:
+    a = upstreams[0]
+    router.set_ready("a", f"http://127.0.0.1:{a.port}")
+    seen: list[list[tuple[str, str]]] = []
+    a.seen_raw = seen
+    headers = [("X-Dup", "1"), ("X-Dup", "2"), ("Connection", "keep-alive, X-Secret-Hop"), ("X-Secret-Hop", "yes")]
+    assert httpx.post(url(router), json={"prompt": "x"}, headers=headers, timeout=10).status_code == 200
+    got = [(k.lower(), v) for k, v in seen[0]]
+    assert [v for k, v in got if k == "x-dup"] == ["1", "2"]  # a dict kept only the last
+    assert not any(k == "x-secret-hop" for k, _ in got)  # hop-by-hop, as its Connection header says
+
+
 def test_traceparent_and_other_headers_reach_the_replica(router: Router, upstreams: list[Upstream]) -> None:
     a = upstreams[0]
     router.set_ready("a", f"http://127.0.0.1:{a.port}")
@@ -226,17 +245,66 @@ def test_a_refused_connection_is_retried_on_another_replica_and_marked_down(rout
     assert router.snapshot()["dead"]["down"] is False
 
 
+def _wait_for(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _dies_on_first_request() -> tuple[int, list[bytes]]:
+    """A replica killed (-9) with its first request read: the connection is reset unanswered and its port then
+    refuses connections. Returns its port and what it read."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    got: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        got.append(conn.recv(65536))
+        srv.close()  # the process is gone: nothing listens on its port any more
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()  # a reset, no response
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv.getsockname()[1], got
+
+
 def test_a_replica_dying_before_its_response_is_retried_on_another(router: Router, upstreams: list[Upstream]) -> None:
-    a, b = upstreams
-    a.die = "before_response"
-    router.set_ready("a", f"http://127.0.0.1:{a.port}")
+    b = upstreams[1]
+    port, got = _dies_on_first_request()
+    router.set_ready("a", f"http://127.0.0.1:{port}")
     router.set_ready("b", f"http://127.0.0.1:{b.port}")
-    served = [post(router) for _ in range(4)]
-    assert [(r.status_code, r.headers[REPLICA_HEADER]) for r in served] == [(200, "b")] * 4
-    # a gets one more try on a fresh connection (the first failure may be a stale keep-alive), then is down
-    assert 1 <= len(a.seen_headers) <= 2 and router.snapshot()["a"]["down"] is True
+    b.hold = True  # b busy with one request: the next goes to a (fewer in flight)
+    with ThreadPoolExecutor(2) as pool:
+        busy = pool.submit(post, router)
+        while not b.in_flight:
+            time.sleep(0.01)
+        pool.submit(lambda: (_wait_for(lambda: b.in_flight >= 2), b.release.set()))  # the retried one came
+        died = post(router)
+        assert busy.result().status_code == 200
+    # a took it and died; the second try on a (the first failure may have been a stale keep-alive) was refused,
+    # so nothing of it runs any more: b served it, and a is down.
+    assert len(got) == 1 and b"/v1/completions" in got[0]
+    assert died.status_code == 200 and died.headers[REPLICA_HEADER] == "b" and len(b.seen_headers) == 2
+    assert router.snapshot()["a"]["down"] is True
     snap = router.snapshot()
-    assert snap["a"]["routed"] + snap["b"]["routed"] == 4  # a retried request is one arrival
+    assert snap["a"]["routed"] + snap["b"]["routed"] == 2  # a retried request is one arrival
+
+
+def test_a_request_a_live_replica_drops_twice_gets_a_502_and_no_other_replica_sees_it(
+        router: Router, upstreams: list[Upstream]) -> None:
+    # A request that makes the engine drop its connection (a "query of death") must not go round the fleet,
+    # nor take every replica it met out of routing.
+    a, b = upstreams
+    a.die = "before_response"  # closes each connection unanswered, and keeps listening
+    router.set_ready("a", f"http://127.0.0.1:{a.port}")
+    r = post(router)
+    router.set_ready("b", f"http://127.0.0.1:{b.port}")
+    assert r.status_code == 502 and r.headers["content-type"].startswith("application/json")
+    assert "closed the connection twice" in r.json()["error"]["message"]
+    assert len(a.seen_headers) == 2 and not b.seen_headers
+    assert router.snapshot()["a"]["down"] is False and router.snapshot()["a"]["outstanding"] == 0
 
 
 def test_a_dropped_connection_is_retried_on_the_same_replica_when_it_is_the_only_one(
