@@ -105,6 +105,26 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
+def _stop_orphans(replica: str, runtime: dict[str, Any], timeout_s: float = 10.0) -> None:
+    """The recorded server process is gone, but its process group may live on: vLLM's engine core (or a
+    worker) outlives an API server that was killed (the OOM killer), holding the replica's port and GPU memory,
+    which its replacement then cannot get. Such a group is ours: Linux gives no new process the group's id while
+    the group has members, so it cannot be another program's. It is stopped (TERM, then KILL)."""
+    try:
+        pgid = int(runtime["pgid"])
+    except (KeyError, ValueError, TypeError):
+        return
+    if pgid <= 1 or not _group_alive(pgid):
+        return
+    log.warning("%s: its server process is gone but its process group %d lives on (an engine core or worker "
+                "holding its port and memory); stopping it", replica, pgid)
+    _killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and _group_alive(pgid):
+        time.sleep(0.1)
+    _killpg(pgid, signal.SIGKILL)
+
+
 class LocalBackend:
     """vLLM (or simulated-engine) servers as processes on this host, each in its own session (process group)."""
 
@@ -157,7 +177,11 @@ class LocalBackend:
     def adopt(self, replica: str, url: str, runtime: dict[str, Any]) -> Handle | None:
         try:
             pid, created = int(runtime["pid"]), float(runtime["create_time"])
-            proc = psutil.Process(pid)
+            try:
+                proc = psutil.Process(pid)
+            except psutil.NoSuchProcess:
+                _stop_orphans(replica, runtime)
+                raise
             # The pid must still be the process we started (pids are reused) and still a vLLM server
             # on the recorded port.
             if abs(proc.create_time() - created) > 0.01 or proc.status() == psutil.STATUS_ZOMBIE:

@@ -47,9 +47,23 @@ def test_a_running_replica_is_adopted_and_its_whole_group_stopped(replica: subpr
 @pytest.mark.parametrize("override", [
     {"create_time": 1.0},  # the pid was reused by another process
     {"port": 9999},  # not the server on the recorded port
-    {"pid": 2**22 + 12345},  # gone
+    {"pid": 2**22 + 12345, "pgid": 2**22 + 12345},  # gone, and its group with it
     {"pid": "not-a-pid"},
 ])
 def test_a_process_that_is_not_the_recorded_replica_is_not_adopted(replica: subprocess.Popen[bytes],
                                                                    override: dict[str, object]) -> None:
     assert LocalBackend().adopt("r-0", "http://127.0.0.1:8123", runtime_of(replica, **override)) is None
+
+
+def test_a_replica_whose_server_died_but_whose_engine_lives_on_is_not_adopted_and_its_group_is_stopped(
+        replica: subprocess.Popen[bytes]) -> None:
+    # The API server OOM-killed, its engine core (the child) still in the group, holding the port and memory
+    # the replacement needs.
+    child = psutil.Process(replica.pid).children()[0]
+    runtime = runtime_of(replica)
+    replica.kill()
+    replica.wait()
+    assert child.is_running() and child.status() != psutil.STATUS_ZOMBIE
+    assert LocalBackend().adopt("r-0", "http://127.0.0.1:8123", runtime) is None
+    child.wait(timeout=10)  # stopped by adopt, not left running unsupervised
+    assert not child.is_running()
