@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -24,7 +27,8 @@ def replica() -> Iterator[subprocess.Popen[bytes]]:
     while not psutil.Process(proc.pid).children() and time.monotonic() < deadline:
         time.sleep(0.05)
     yield proc
-    proc.kill()
+    with contextlib.suppress(ProcessLookupError):  # the whole group: its child too, not left to sleep on
+        os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
 
