@@ -217,7 +217,7 @@ def gpu(options: RuleOptions) -> DashboardSpec:
         Panel("SM clock", "timeseries", (Query(g(names.DCGM_SM_CLOCK), legend),), "Streaming multiprocessor clock.",
               unit="suffix: MHz", width=8),
         Panel("Last XID error", "stat", (Query(g(names.DCGM_XID), legend),),
-              "The last XID error code the driver reported (0: none); any XID pages.", height=5,
+              "The last XID error code the driver reported (0: none); any XID raises a ticket (GpuXidError).", height=5,
               thresholds=(Step(GOOD), Step(BAD, 1)), mappings=(Step(GOOD, 0, "none"),)),
         Panel("Energy over the range", "stat", (Query(Binary(
             "/", increase(g(names.DCGM_ENERGY), RANGE), Number(3.6e9)), legend, instant=True),),

@@ -9,7 +9,8 @@ without data does not clear a tier whose long window still burns with enough tra
 then unknown, which holds an open episode as it is (a backlog in which no request finished within the
 short window, or an outage in which none finishes, must not resolve the page it raised). The hold lasts
 as long as the long window's evidence, as in the generated rules: a long window without data, or under
-the minimum request rate, clears the tier, so a deployment drained or removed mid-episode resolves.
+the minimum request rate, clears the tier, so a deployment drained or removed mid-episode resolves. A
+deployment the plane keeps at 0 replicas on purpose gets no hold at all.
 
 The same alert names and labels as the generated Prometheus rules are used, so one Alertmanager
 configuration (routing, inhibition of a ticket by the page of the same SLO) serves both paths.
@@ -58,8 +59,9 @@ class Episode:
         return ALERTNAMES[self.severity]
 
 
-def condition(status: SloStatus, severity: Severity) -> Condition:
-    """Whether `severity` should be active for this SLO now, with the numbers that say why."""
+def condition(status: SloStatus, severity: Severity, *, hold: bool = True) -> Condition:
+    """Whether `severity` should be active for this SLO now, with the numbers that say why. `hold` False (the
+    deployment is scaled to 0 on purpose, so nothing can finish): a short window without data no longer holds."""
     slo = status.slo
     enabled = slo.alerting.page if severity == "page" else slo.alerting.ticket
     tiers: list[dict[str, Any]] = []
@@ -76,7 +78,7 @@ def condition(status: SloStatus, severity: Severity) -> Condition:
         # As the generated rules' second branch: the long window still burns, with enough traffic, and no request
         # finished in the short one. A long window without data, or under the minimum rate, clears the tier:
         # a page must not outlive its evidence (a drained or removed deployment would re-page for ever).
-        holding = (enabled and not on and rate_ok and not isinstance(long_r, NoData)
+        holding = (hold and enabled and not on and rate_ok and not isinstance(long_r, NoData)
                    and float(long_r) > tier.window.burn_rate and isinstance(short_r, NoData))
         if on:
             active_for.append(tier.window.for_s)

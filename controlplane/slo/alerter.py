@@ -22,7 +22,7 @@ from controlplane.slo.evaluate import SloStatus
 from controlplane.slo.export import AlertState
 from controlplane.slo.model import Severity
 from controlplane.store.models import SloAlert
-from controlplane.store.repo import simulated_deployments
+from controlplane.store.repo import scaled_to_zero_deployments, simulated_deployments
 
 log = logging.getLogger(__name__)
 SEVERITIES: tuple[Severity, ...] = ("page", "ticket")
@@ -41,11 +41,14 @@ class Alerter:
                  resend_s: float = 30.0, runbook_base: str = "alerts/runbooks.md",
                  api_url: str | None = None, wall_clock: Callable[[], float] = time.time,
                  configured: Iterable[str] | None = None,
-                 simulated: Callable[[], Collection[str]] | None = None) -> None:
+                 simulated: Callable[[], Collection[str]] | None = None,
+                 scaled_to_zero: Callable[[], Collection[str]] | None = None) -> None:
         """`configured`: the names of the SLOs this plane evaluates (None: every SLO it is given). An episode
         a previous plane left open for an SLO no longer configured is resolved in the first round.
         `simulated`: the deployments that run the simulated engine (default: read from the store each round);
-        their episodes say so in the store and in the alerts sent (a `simulated` label and summary)."""
+        their episodes say so in the store and in the alerts sent (a `simulated` label and summary).
+        `scaled_to_zero`: the deployments kept at 0 replicas on purpose (default: read from the store each round),
+        whose firing alerts do not hold while nothing finishes."""
         self.engine = engine
         self.configured = None if configured is None else frozenset(configured)
         self.alertmanager_url = alertmanager_url.rstrip("/") if alertmanager_url else None
@@ -56,6 +59,8 @@ class Alerter:
         self.wall_clock = wall_clock
         self.simulated = simulated or (lambda: simulated_deployments(engine))
         self._sim: Collection[str] = frozenset()  # the last set read: kept when a read fails
+        self.scaled_to_zero = scaled_to_zero or (lambda: scaled_to_zero_deployments(engine))
+        self._zero: Collection[str] = frozenset()  # as _sim
         self.open: dict[tuple[str, str], Episode] = {}
         self._unsent_resolved: list[Episode] = []
         self._unsaved: list[Episode] = []  # resolved episodes the store failed to record: retried each round
@@ -100,6 +105,10 @@ class Alerter:
                 self._sim = self.simulated()
             except Exception:  # noqa: BLE001 - a label is not worth a missed page; the last known set stays
                 log.exception("reading which deployments are simulated failed; the last known set is used")
+            try:
+                self._zero = self.scaled_to_zero()
+            except Exception:  # noqa: BLE001 - as above
+                log.exception("reading which deployments are scaled to 0 failed; the last known set is used")
         for key, ep in list(self.open.items()):
             if self.configured is not None and ep.slo not in self.configured:
                 try:
@@ -136,7 +145,8 @@ class Alerter:
         for sev in SEVERITIES:
             key = (slo.name, sev)
             prev = self.open.get(key)
-            nxt, transition = step(prev, condition(status, sev), slo=slo.name, deployment=slo.deployment,
+            cond = condition(status, sev, hold=slo.deployment not in self._zero)
+            nxt, transition = step(prev, cond, slo=slo.name, deployment=slo.deployment,
                                    severity=sev, now=now)
             if nxt is not None and prev is not None and prev.id is not None:
                 nxt = replace(nxt, id=prev.id)

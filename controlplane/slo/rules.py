@@ -214,7 +214,11 @@ def burn_alert(slo: Slo, tier: BurnWindow, options: RuleOptions) -> AlertRule:
     unknown = Binary("or", Binary("==", short_rate, Number(0)), Call("absent", (short_rate,)))
     was_firing = Selector(ALERTS, (Matcher("alertname", name), Matcher("alertstate", "firing"),
                                    *(Matcher(k, v) for k, v in labels)))
-    held = Binary("and", Binary("and", and_(*long_burns), unknown, on=()), was_firing, on=())
+    # Not once the plane reports the deployment scaled to 0 on purpose: nothing can finish then, and a page held on
+    # the long window's evidence would fire for hours after (5h36m for the 6x page at 30 days).
+    scaled_to_zero = Binary("==", Aggregate("sum", Selector(names.PLANE_DESIRED_REPLICAS, (_dep(slo),))), Number(0))
+    held = Binary("unless", Binary("and", Binary("and", and_(*long_burns), unknown, on=()), was_firing, on=()),
+                  scaled_to_zero, on=())
     budget, period = slo.error_budget_ratio, slo.window.duration_s
     period_text = "calendar month" if slo.window.kind == "calendar_month" else format_duration(period)
     min_rate = (f" Only while the deployment serves at least {slo.alerting.min_request_rate_per_s:g} requests/s "
@@ -227,7 +231,8 @@ def burn_alert(slo: Slo, tier: BurnWindow, options: RuleOptions) -> AlertRule:
                         f"{_pct(slo.objective)} over {period_text}, budget {_pct(budget)}). At {tier.burn_rate:g}x "
                         f"the whole budget lasts {format_duration(round(period / tier.burn_rate))}; this tier fires "
                         f"once {_pct(tier.budget_spent_ratio(period))} of it is spent.{min_rate} While the {short_w} "
-                        f"window records no request, a firing alert holds as long as the {long_w} window burns."),
+                        f"window records no request, a firing alert holds as long as the {long_w} window burns, "
+                        f"unless the plane reports {slo.deployment} scaled to 0."),
         ("runbook_url", slo.runbook_url or runbook_url(options, name)),
     )
     return AlertRule(name, Binary("or", fresh, held), labels, annotations, tier.for_s,

@@ -103,6 +103,13 @@ def simulated_deployments(engine: Engine) -> frozenset[str]:
                          if spec_is_simulated(r.spec))
 
 
+def scaled_to_zero_deployments(engine: Engine) -> frozenset[str]:
+    """The deployments the plane keeps at 0 replicas on purpose (scaled down, or started at 0): nothing can
+    finish there, so their SLO alerts do not hold on the long window's evidence (`alert_state.condition`)."""
+    with engine.connect() as conn:
+        return frozenset(conn.execute(select(Deployment.name).where(Deployment.desired_replicas == 0)).scalars())
+
+
 class Store:
     """The plane's handle on the database: replica ids cached, SQLite writes serialised in-process."""
 

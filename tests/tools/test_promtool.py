@@ -235,6 +235,31 @@ def test_an_slo_whose_series_are_absent_gets_a_no_data_ticket_unless_scaled_to_z
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_a_held_page_resolves_once_the_deployment_is_scaled_to_zero_not_while_replicas_are_wanted(
+        prometheus_tools: dict[str, str], tmp_path: Path) -> None:
+    """Every request bad for an hour, then none finishes. With replicas still wanted (a hung engine) the page holds on
+    the long window's evidence; scaled to 0 on purpose, nothing can finish, and the page resolves (after its
+    keep_firing_for) instead of firing for the rest of the long window (hours for the 6x tier)."""
+    hist = names.VLLM_TTFT_HIST
+    page = (f'count(ALERTS{{alertname="{names.ALERT_SLO_BURN_PAGE}", alertstate="firing", slo="tiny-ttft", '
+            'burn_rate="14.4"})')
+    traffic = [{"series": f'{hist}_count{{deployment="tiny", replica="tiny-0"}}', "values": "0+60x60 stale"},
+               {"series": f'{hist}_bucket{{deployment="tiny", replica="tiny-0", le="0.5"}}', "values": "0+0x60 stale"}]
+
+    def case(desired_after: int, fires: bool) -> dict[str, object]:
+        desired = {"series": f'{names.PLANE_DESIRED_REPLICAS}{{deployment="tiny"}}',
+                   "values": f"1x60 {desired_after}x60"}
+        return {"interval": "1m", "input_series": [*traffic, desired], "promql_expr_test": [
+            {"expr": page, "eval_time": "59m", "exp_samples": [{"labels": "{}", "value": 1}]},
+            {"expr": page, "eval_time": "80m", "exp_samples": [{"labels": "{}", "value": 1}] if fires else []}]}
+
+    test = {"rule_files": [str(ALERTS / "rules" / "slo-tiny-ttft.rules.yaml")], "evaluation_interval": "1m",
+            "tests": [case(1, True), case(0, False)]}
+    (tmp_path / "zero.test.yaml").write_text(yaml.safe_dump(test))
+    result = run(prometheus_tools["promtool"], "test", "rules", "zero.test.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_a_bar_panel_counts_each_event_in_exactly_one_bar(prometheus_tools: dict[str, str], tmp_path: Path) -> None:
     """The tuner dashboard's Restarts bars at 20 s steps: a restart scraped between two steps' windows (at 25 s)
     lands in one bar (increase over the step's own 20 s missed it; over $__rate_interval it landed in several),

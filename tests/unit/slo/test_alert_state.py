@@ -93,6 +93,26 @@ def test_a_window_without_finished_requests_holds_a_firing_page_and_only_a_known
     assert waited is not None and (waited.state, tr) == ("pending", None)
 
 
+@pytest.mark.parametrize(("zero", "firing_after"), [(set(), True), ({"tiny"}, False)],
+                         ids=["replicas wanted: held", "scaled to 0: resolved"])
+def test_a_page_held_while_nothing_finishes_resolves_once_the_deployment_is_scaled_to_zero(
+        engine: Engine, zero: set[str], firing_after: bool) -> None:
+    # A deployment scaled to 0 on purpose finishes nothing: held on the long window's evidence, its page would fire
+    # for the rest of the long window (5h36m for the 6x tier at 30 days).
+    client, _, _ = _recording_am()
+    a = Alerter(engine, alertmanager_url="http://am:9093", client=client, wall_clock=lambda: 5000.0,
+                scaled_to_zero=lambda: zero)
+    assert [t for _, t in a.evaluate([status(200, 20, now=1000.0)], now=1000.0)] == ["firing"]  # type: ignore[list-item]
+    slo = status(200, 20).slo  # type: ignore[attr-defined]
+    assert slo.deployment == "tiny"
+    later = 1000.0 + slo.alerting.keep_firing_s() + 60
+    for now in (1030.0, later):
+        a.evaluate([status(200, 0, total_short=0, now=now)], now=now)  # type: ignore[list-item]
+    assert (("t", "page") in a.open) is firing_after
+    assert [r["state"] for r in list_alerts(engine) if r["severity"] == "page"] == (
+        ["firing"] if firing_after else ["resolved"])
+
+
 def test_payload_keeps_a_firing_alert_alive_for_four_resends_and_ends_a_resolved_one() -> None:
     on = Condition(True, 0.0, condition(status(200, 20), "page").evidence)  # type: ignore[arg-type]
     ep, _ = step(None, on, slo="t", deployment="d", severity="page", now=1000.0)
@@ -209,10 +229,10 @@ def test_an_slo_that_cannot_be_judged_does_not_hold_back_the_others_pages(
         engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     import controlplane.slo.alerter as alerter
 
-    def judged(st: object, sev: str) -> Condition:
+    def judged(st: object, sev: str, **kw: bool) -> Condition:
         if st.slo.name == "broken":  # type: ignore[attr-defined]
             raise ValueError("a window that cannot be labelled")
-        return condition(st, sev)  # type: ignore[arg-type]
+        return condition(st, sev, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(alerter, "condition", judged)
     client, posts, _ = _recording_am()

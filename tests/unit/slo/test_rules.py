@@ -39,15 +39,17 @@ def test_a_ttft_slo_records_requests_and_bad_ratio_per_window_and_pages_on_both(
             '(controlplane_slo:requests:rate1h{slo="t"} - on () group_left sum (rate('
             'vllm:time_to_first_token_seconds_bucket{deployment="tiny", le="0.5"}[1h]))) / '
             '(controlplane_slo:requests:rate1h{slo="t"} > 0)',
-        names.ALERT_SLO_BURN_PAGE:  # both windows burn; or it was firing and the short window saw no request
+        # both windows burn; or it was firing and the short window saw no request, unless scaled to 0 on purpose
+        names.ALERT_SLO_BURN_PAGE:
             '(((controlplane_slo:request_errors_per_request:ratio_rate1h{slo="t"} > (14.4 * (1 - 0.999))) and '
             '(controlplane_slo:request_errors_per_request:ratio_rate5m{slo="t"} > (14.4 * (1 - 0.999)))) and '
             '(controlplane_slo:requests:rate1h{slo="t"} >= 0.5)) or '
-            '((((controlplane_slo:request_errors_per_request:ratio_rate1h{slo="t"} > (14.4 * (1 - 0.999))) and '
+            '(((((controlplane_slo:request_errors_per_request:ratio_rate1h{slo="t"} > (14.4 * (1 - 0.999))) and '
             '(controlplane_slo:requests:rate1h{slo="t"} >= 0.5)) and on () '
             '((controlplane_slo:requests:rate5m{slo="t"} == 0) or absent(controlplane_slo:requests:rate5m{slo="t"}))) '
             'and on () ALERTS{alertname="VllmSloErrorBudgetBurnPage", alertstate="firing", slo="t", deployment="tiny", '
-            'sli="ttft", severity="page", long_window="1h", short_window="5m", burn_rate="14.4"})',
+            'sli="ttft", severity="page", long_window="1h", short_window="5m", burn_rate="14.4"}) unless on () '
+            '(sum (controlplane_deployment_desired_replicas{deployment="tiny"}) == 0))',
         names.ALERT_SLO_NO_DATA:  # the series are gone (or unlabelled): nothing above could ever fire
             '(absent(vllm:time_to_first_token_seconds_count{deployment="tiny"}) unless on () '
             '(sum (controlplane_deployment_desired_replicas{deployment="tiny"}) == 0)) unless on () '
