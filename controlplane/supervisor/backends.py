@@ -105,6 +105,32 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
+# psutil's create_time is boot time + start ticks, and Linux derives boot time from the wall clock at each read:
+# an NTP step or slew since the launch moves it, and a live replica compared to 0.01 s was taken for gone (left
+# running unsupervised, its port taken by the replacement). Without the ticks (rows from before they were recorded)
+# the wall-clock times are compared with this much slack; the port in the command line is checked as well.
+CREATE_TIME_SLACK_S = 2.0
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22): unlike a wall-clock start
+    time it never moves. None where /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(")") + 2:].split()[19])  # fields after "(comm)": state is field 3
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _same_start(proc: psutil.Process, created: float, ticks: Any) -> bool:
+    """Whether `proc` is the process recorded as started at `created` (wall clock) / `ticks` (since boot)."""
+    now_ticks = _start_ticks(proc.pid) if isinstance(ticks, int) else None
+    if now_ticks is not None:
+        return bool(now_ticks == ticks)
+    return bool(abs(proc.create_time() - created) <= CREATE_TIME_SLACK_S)
+
+
 def _stop_orphans(replica: str, runtime: dict[str, Any], timeout_s: float = 10.0) -> None:
     """The recorded server process is gone, but its process group may live on: vLLM's engine core (or a
     worker) outlives an API server that was killed (the OOM killer), holding the replica's port and GPU memory,
@@ -142,7 +168,8 @@ class LocalBackend:
         assert server.proc is not None
         pid = server.proc.pid
         runtime = {"pid": pid, "pgid": pid, "create_time": psutil.Process(pid).create_time(),
-                   "port": req.port, "host": self.host, "log": str(server.log_path), "cpu_cores": list(cores)}
+                   "start_ticks": _start_ticks(pid), "port": req.port, "host": self.host,
+                   "log": str(server.log_path), "cpu_cores": list(cores)}
         return Handle(req.replica, spec.base_url, runtime, private=server)
 
     def exit_code(self, handle: Handle) -> int | None:
@@ -184,7 +211,7 @@ class LocalBackend:
                 raise
             # The pid must still be the process we started (pids are reused) and still a vLLM server
             # on the recorded port.
-            if abs(proc.create_time() - created) > 0.01 or proc.status() == psutil.STATUS_ZOMBIE:
+            if not _same_start(proc, created, runtime.get("start_ticks")) or proc.status() == psutil.STATUS_ZOMBIE:
                 return None
             cmd = proc.cmdline()
             if "--port" not in cmd or cmd[cmd.index("--port") + 1] != str(runtime["port"]):

@@ -71,3 +71,20 @@ def test_a_replica_whose_server_died_but_whose_engine_lives_on_is_not_adopted_an
     assert LocalBackend().adopt("r-0", "http://127.0.0.1:8123", runtime) is None
     child.wait(timeout=10)  # stopped by adopt, not left running unsupervised
     assert not child.is_running()
+
+
+def test_a_replica_is_recognised_by_its_start_in_ticks_since_boot_whatever_the_wall_clock_did(
+        replica: subprocess.Popen[bytes]) -> None:
+    from controlplane.supervisor.backends import _start_ticks
+
+    ticks = _start_ticks(replica.pid)
+    assert isinstance(ticks, int) and ticks > 0
+    backend = LocalBackend()
+    # The clock stepped 5 minutes since the launch: psutil's create_time moved with it, the ticks did not.
+    stepped = runtime_of(replica, start_ticks=ticks, create_time=psutil.Process(replica.pid).create_time() - 300)
+    assert backend.adopt("r-0", "http://127.0.0.1:8123", stepped) is not None
+    # Another process that got the pid: another start, whatever the wall-clock times say.
+    assert backend.adopt("r-0", "http://127.0.0.1:8123", runtime_of(replica, start_ticks=ticks + 1)) is None
+    # A row from before the ticks were recorded: the wall-clock times, with a little slack for a clock slew.
+    slewed = runtime_of(replica, create_time=psutil.Process(replica.pid).create_time() - 1.5)
+    assert backend.adopt("r-0", "http://127.0.0.1:8123", slewed) is not None
