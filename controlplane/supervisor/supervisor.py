@@ -648,9 +648,14 @@ class Supervisor:
                 previous = old.config
                 rt.dep = rt.dep.with_engine(previous)
                 await self._persist(rt)
+                # Replicas this change already replaced run the new configuration: the next converge rolls them
+                # back to the previous one. Named, so the record says which replicas run what meanwhile.
+                switched = sorted(m.name for m in rt.counted if m.config == new)
                 await self._record(cand.replica_id, "rollout_rolled_back", actor, "new_replica_not_ready",
-                                   message=why + f"; {old.name} keeps serving", before=_cfg(new),
-                                   after=_cfg(previous))
+                                   message=why + f"; {old.name} keeps serving" + (
+                                       f"; {', '.join(switched)} already on the new configuration, rolled back next"
+                                       if switched else ""),
+                                   before=_cfg(new), after=_cfg(previous), attributes={"switched": switched})
                 return
             cand.candidate = False
             await self._drain_and_stop(rt, old, actor, "reconfigure")

@@ -1052,3 +1052,27 @@ async def test_a_replica_draining_when_the_plane_died_finishes_its_drain_and_is_
     assert ("replica_stopped", "tiny-1", "drain_resumed") in second.events()
     for task in list(first.sup.runtimes["tiny"].tasks):
         task.cancel()
+
+
+async def test_a_change_rolled_back_part_way_names_the_replicas_already_on_it(sqlite_store: Store) -> None:
+    h = make(sqlite_store)
+    await h.sup.start()
+    await h.sup.scale("tiny", 2, actor="user", reason="test")
+    await h.until(lambda: list(h.states().values()) == ["ready", "ready"], "two replicas")
+    launches = {"n": 0}
+
+    def second_new_one_fails(req: LaunchRequest) -> bool:  # the first replacement starts, the second does not
+        if req.engine.max_num_seqs != 2:
+            return False
+        launches["n"] += 1
+        return launches["n"] == 2
+
+    h.backend.fail_on_start = second_new_one_fails
+    await h.sup.reconfigure("tiny", {"max_num_seqs": 2}, actor="user", reason="tune")
+    rt = h.sup.runtimes["tiny"]
+    await h.until(lambda: rt.rollout is not None and rt.rollout.done(), "the change to roll back", max_ticks=2000)
+    rolled = next(e for e in h.store.events() if e["kind"] == "rollout_rolled_back")
+    on_new = sorted(m.name for m in rt.counted if m.config.max_num_seqs == 2)
+    assert on_new == ["tiny-2"]
+    assert "tiny-2 already on the new configuration, rolled back next" in rolled["message"]
+    assert rolled["attributes"]["switched"] == ["tiny-2"]
