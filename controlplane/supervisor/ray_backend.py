@@ -101,8 +101,10 @@ class RayActorBackend:
     def exit_code(self, handle: Handle) -> int | None:
         try:
             code = ray.get(handle.private.exit_code.remote(), timeout=self.call_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            return None  # a slow cluster is not a dead replica: unknown, and the liveness probe still judges it
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
+            # A slow cluster, or an actor Ray says is unreachable for now (a RayActorError that may come back), is
+            # not a dead replica: unknown, and the liveness probe still judges it.
+            return None
         except ray.exceptions.RayError:  # the actor (or its node) is gone
             return LOST
         return None if code is None else int(code)
@@ -147,6 +149,8 @@ class RayActorBackend:
             code = ray.get(actor.exit_code.remote(), timeout=self.call_timeout_s)
         except ValueError:  # no such actor
             return None
+        except ray.exceptions.ActorUnavailableError as exc:  # a RayActorError, but only unreachable for now
+            raise AdoptUnknown(f"ray replica {replica}: its actor is unreachable for now ({exc})") from None
         except ray.exceptions.RayActorError:  # the actor died
             return None
         except ray.exceptions.RayError as exc:  # a timeout, the GCS away: it may still run

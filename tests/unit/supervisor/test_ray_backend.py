@@ -101,6 +101,9 @@ def test_a_slow_cluster_is_unknown_and_a_dead_actor_is_lost(fake: tuple[FakeRay,
     assert backend.exit_code(handle) is None
     f.answers["exit_code"] = ray.exceptions.RayActorError()
     assert backend.exit_code(handle) == rb.LOST
+    # A RayActorError too, but Ray says the actor may come back (its worker's connection broke for a moment).
+    f.answers["exit_code"] = ray.exceptions.ActorUnavailableError("connection to actor's worker lost", b"\x00" * 16)
+    assert backend.exit_code(handle) is None
     f.answers["exit_code"] = 3
     assert backend.exit_code(handle) == 3
 
@@ -143,5 +146,8 @@ def test_adopting_answers_gone_for_a_dead_or_missing_actor_and_unknown_for_a_slo
     with pytest.raises(AdoptUnknown, match="r-1: the cluster did not say"):  # taken for gone, it would leak
         backend.adopt("r-1", "http://10.0.0.2:8200", {"actor": "r-1"})
     assert f.killed == []
+    f.answers["info"] = ray.exceptions.ActorUnavailableError("connection to actor's worker lost", b"\x00" * 16)
+    with pytest.raises(AdoptUnknown, match="r-1: its actor is unreachable for now"):
+        backend.adopt("r-1", "http://10.0.0.2:8200", {"actor": "r-1"})
     f.answers["info"] = ray.exceptions.RayActorError()
     assert backend.adopt("r-1", "http://10.0.0.2:8200", {"actor": "r-1"}) is None
