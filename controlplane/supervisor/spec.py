@@ -16,7 +16,8 @@ accelerator named in `hardware.accelerator`, started, probed, scaled and stopped
 
 Left out, `hardware.price_per_hour_usd` is the catalog's assumed price of that accelerator and
 `hardware.count_per_replica` is `engine.tensor_parallel_size`; both are written into the stored spec, so the
-cost figures use them. The engine flags are checked by the simulated engine's own parser when the spec loads.
+cost figures use them. A vLLM deployment on an accelerator likewise defaults `count_per_replica` to tensor x
+pipeline parallel. The engine flags are checked by the simulated engine's own parser when the spec loads.
 """
 
 from __future__ import annotations
@@ -477,6 +478,10 @@ def parse_deployment(doc: Any, source: str = "deployment spec") -> Deployment:
     elif s.model.path is None and s.backend.kind != "external":  # the plane starts nothing of an external one
         raise SpecError(f"{source}: spec.model.path: required (a local model directory) unless the deployment is "
                         "simulated (spec.simulated) or external (backend kind external)")
+    else:
+        hardware = _vllm_hardware(s, engine, source)
+        if hardware != s.hardware:  # a default filled in: stored, as the simulated engine's (else stored as given)
+            stored["spec"]["hardware"] = hardware.model_dump(mode="json")
     return Deployment(
         name=d.metadata.name, model_path=s.model.path or "", served_name=s.model.served_name, engine=engine,
         min_replicas=s.replicas.min, max_replicas=s.replicas.max, initial_replicas=initial,
@@ -485,6 +490,20 @@ def parse_deployment(doc: Any, source: str = "deployment spec") -> Deployment:
         backend=s.backend, lifecycle=s.lifecycle, quality=s.quality, tuning=s.tuning, spec=stored,
         simulated=simulated,
     )
+
+
+def _vllm_hardware(s: DeploymentBody, engine: EngineConfig, source: str) -> HardwareSection:
+    """A vLLM deployment's hardware: on an accelerator, a replica holds tensor x pipeline parallel of them, which is
+    `count_per_replica` when left out (at 1, a TP 4 replica was priced as one GPU); a Ray actor must reserve as
+    many GPUs as vLLM will use."""
+    gpus = engine.tensor_parallel_size * engine.pipeline_parallel_size
+    if isinstance(s.backend, RayBackend) and 0 < s.backend.num_gpus_per_replica < gpus:
+        raise SpecError(f"{source}: spec.backend.num_gpus_per_replica: vLLM uses tensor_parallel_size x "
+                        f"pipeline_parallel_size = {gpus} GPUs per replica, but the actor reserves "
+                        f"{s.backend.num_gpus_per_replica:g}; reserve {gpus} (or 0 to leave placement to vLLM)")
+    if s.hardware.accelerator == "cpu" or "count_per_replica" in s.hardware.model_fields_set:
+        return s.hardware
+    return s.hardware.model_copy(update={"count_per_replica": gpus})
 
 
 def _simulated(s: DeploymentBody, engine: EngineConfig, source: str) -> tuple[SimulatedEngine, HardwareSection]:

@@ -217,3 +217,26 @@ def test_a_posted_engine_change_must_be_a_number_in_bounds(changes: dict[str, ob
     with pytest.raises(SpecError, match=says):
         EngineConfig(max_num_seqs=8).with_changes(changes)
     assert EngineConfig(max_num_seqs=8).with_changes({"max_num_seqs": 16.0}).max_num_seqs == 16  # a whole float
+
+
+def _gpu_doc(**spec: object) -> dict[str, object]:
+    body: dict[str, object] = {"model": {"path": "/m", "served_name": "x"}, "engine": {"tensor_parallel_size": 4},
+                               "hardware": {"accelerator": "H100-80GB", "price_per_hour_usd": 2.0}}
+    return {"apiVersion": "controlplane/v1", "kind": "Deployment", "metadata": {"name": "x"}, "spec": {**body, **spec}}
+
+
+def test_a_tensor_parallel_vllm_replica_is_priced_as_the_gpus_it_holds_unless_told() -> None:
+    dep = parse_deployment(_gpu_doc())
+    assert dep.accelerators_per_replica == 4 and dep.price_per_replica_hour_usd == pytest.approx(8.0)
+    assert dep.spec["spec"]["hardware"]["count_per_replica"] == 4  # stored, so the cost figures use it
+    told = parse_deployment(_gpu_doc(hardware={"accelerator": "H100-80GB", "count_per_replica": 2}))
+    assert told.accelerators_per_replica == 2
+    assert parse_deployment(_gpu_doc(hardware={"accelerator": "cpu"})).accelerators_per_replica == 1  # cores
+
+
+def test_a_ray_actor_must_reserve_the_gpus_vllm_will_use() -> None:
+    with pytest.raises(SpecError, match=r"num_gpus_per_replica: vLLM uses .* = 4 GPUs per replica, but the actor "
+                                        r"reserves 1; reserve 4"):
+        parse_deployment(_gpu_doc(backend={"kind": "ray", "num_gpus_per_replica": 1}))
+    assert parse_deployment(_gpu_doc(backend={"kind": "ray", "num_gpus_per_replica": 4})).accelerators_per_replica == 4
+    assert parse_deployment(_gpu_doc(backend={"kind": "ray"})).accelerators_per_replica == 4  # 0: vLLM places
