@@ -90,8 +90,10 @@ def compare_one(prompt: str, ref: Completion, cand: Completion) -> PromptCompari
     # infinite, the worst: never a NaN, which would compare as within any budget.
     diffs = [abs(ref.logprobs[i] - cand.logprobs[i]) for i in range(n)]
     drift = None if not n else statistics.fmean(diffs) if all(math.isfinite(d) for d in diffs) else math.inf
-    total = len(ref.tokens)
-    return PromptComparison(prompt, total, n, n / total if total else 1.0, drift)
+    # Over the longer of the two: an empty or short answer on either side agrees with nothing beyond it (an empty
+    # reference read as full agreement before).
+    total = max(len(ref.tokens), len(cand.tokens))
+    return PromptComparison(prompt, total, n, n / total if total else 0.0, drift)
 
 
 def summarize(comparisons: Sequence[PromptComparison]) -> QualityReport:
@@ -137,6 +139,11 @@ async def complete(client: httpx.AsyncClient, base_url: str, model: str, prompt:
                                 f"{r.text[:200]}") from exc
     if len(values) != len(tokens):
         raise QualityProbeError(f"{base_url}: {len(tokens)} tokens but {len(values)} logprobs")
+    # With ignore_eos every answer has max_tokens tokens: a shorter one (cut by the model length, an error) is a
+    # partial comparison, unknown. Taken as it is, a short reference made a candidate agree with all of it.
+    if len(tokens) != max_tokens:
+        raise QualityProbeError(f"{base_url}: {len(tokens)} tokens answered, {max_tokens} asked for (finish reason "
+                                f"{r.json()['choices'][0].get('finish_reason')!r}): a partial answer compares nothing")
     return Completion(tokens, tuple(values))
 
 

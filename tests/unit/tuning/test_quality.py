@@ -67,3 +67,31 @@ def test_an_answer_without_token_logprobs_is_a_probe_error_naming_the_server(bod
 
     with pytest.raises(QualityProbeError, match="http://tiny-0:8000"):
         asyncio.run(go())
+
+
+def test_an_empty_or_short_answer_agrees_with_nothing_beyond_it() -> None:
+    full = c("abcdefgh", [-1.0] * 8)
+    assert compare_one("p", c("", []), full).agreement == 0.0  # an empty reference read as full agreement
+    assert compare_one("p", c("a", [-1.0]), full).agreement == pytest.approx(1 / 8)  # 1 of 8, not 1 of 1
+    assert compare_one("p", full, c("ab", [-1.0, -1.0])).agreement == pytest.approx(2 / 8)
+
+
+@pytest.mark.parametrize("tokens", [[], ["a"]])
+def test_an_answer_shorter_than_asked_is_a_partial_comparison_not_a_result(tokens: list[str]) -> None:
+    import asyncio
+    import json
+
+    import httpx
+
+    from controlplane.tuning.quality import QualityProbeError, complete
+
+    body = {"choices": [{"finish_reason": "length",
+                         "logprobs": {"tokens": tokens, "token_logprobs": [-0.1] * len(tokens)}}]}
+
+    async def go() -> None:
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, text=json.dumps(body)))
+        async with httpx.AsyncClient(transport=transport) as client:
+            await complete(client, "http://tiny-0:8000", "tiny", "hello", 4)
+
+    with pytest.raises(QualityProbeError, match=f"{len(tokens)} tokens answered, 4 asked for"):
+        asyncio.run(go())
