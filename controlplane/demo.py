@@ -8,13 +8,16 @@ recovers; then write a Markdown report with plots, read back from the plane, and
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import secrets
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,33 +37,51 @@ from controlplane.demo_loop import (
     write_specs,
 )
 from controlplane.engines.tiny_model import TinyModelSpec, make_tiny_model
-from controlplane.report import ReportInput, fetch, render
-from controlplane.settings import Settings
+from controlplane.report import STORY_TOLD, ReportInput, fetch, render
+from controlplane.settings import Settings, is_loopback_host
 
 UI_READY_TIMEOUT_S = 30.0
 
 
 class _Ticker:
-    """A status line on a terminal; without one (CI, a log file), a plain line every `every_s` seconds."""
+    """A status line on a terminal; without one (CI, a log file), a plain line every `every_s` seconds, and at
+    once for a message of another kind (a burst raised, the load ending: not only the next figures)."""
 
     def __init__(self, console: Console, st: Any, every_s: float = 15.0) -> None:
-        self.console, self.st, self.every_s, self.last = console, st, every_s, 0.0
+        self.console, self.st, self.every_s, self.last, self.kind = console, st, every_s, 0.0, ""
 
     def __call__(self, message: str) -> None:
         self.st.update(message)
-        if not self.console.is_terminal and time.monotonic() - self.last >= self.every_s:
-            self.last = time.monotonic()
-            self.console.print(f"  {time.strftime('%H:%M:%S')} {message}")
+        kind = re.sub(r"[-+]?\d[\d.,:%]*", "#", message)  # the message less its figures
+        if not self.console.is_terminal and (kind != self.kind or time.monotonic() - self.last >= self.every_s):
+            self.last, self.kind = time.monotonic(), kind
+            self.console.print(f"  {time.strftime('%H:%M:%S')} {message}", soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _step(console: Console, message: str) -> Iterator[Any]:
+    """A spinner on a terminal; without one (CI, a log file), where a spinner prints nothing, a line when the
+    step starts and one when it ends, so a long step is not silent."""
+    t0 = time.monotonic()
+    with console.status(message) as st:
+        if not console.is_terminal:
+            console.print(f"  {time.strftime('%H:%M:%S')} {message} ...", soft_wrap=True)
+        yield st
+    if not console.is_terminal:
+        console.print(f"  {time.strftime('%H:%M:%S')} {message}: done in {time.monotonic() - t0:.0f} s",
+                      soft_wrap=True)
 
 
 def _pct(v: float | None) -> str:
     return "unknown" if v is None else f"{v:.1%}"
 
 
-def _free_port_run(n: int) -> int:
-    """A base port with n free ports after it, in 8100-9000 (below the kernel's ephemeral range)."""
+def _free_port_run(n: int, reserved: Iterable[int] = ()) -> int:
+    """A base port with n free ports after it, in 8100-9000 (below the kernel's ephemeral range), none of them
+    `reserved` (the plane's and the app's own ports, which are free until the plane binds them)."""
+    taken = set(reserved)
     for base in range(8100, 9000, 10):
-        if ports_free(base, n):
+        if not taken & set(range(base, base + n)) and ports_free(base, n):
             return base
     raise RuntimeError("no free run of ports in 8100-9000 for the replicas")
 
@@ -76,6 +97,12 @@ def run_demo(settings: Settings, console: Console, *, engine: str = "vllm", keep
                       f"{exc.strerror or exc}", soft_wrap=True)
         return 2
     token = settings.api_token or secrets.token_urlsafe(16)
+    own_ports = (settings.api_port, settings.router_port, settings.otlp_http_port, settings.otlp_grpc_port,
+                 settings.ui_port)
+    if not is_loopback_host(settings.bind_host, wildcard=False):
+        console.print(f"[yellow]the demo listens on {settings.bind_host}, not loopback only[/] "
+                      "(CONTROLPLANE_BIND_HOST): anyone who reaches it reads the plane, and its Streamlit app holds "
+                      "the API token (it can apply and dismiss recommendations)", soft_wrap=True)
 
     if engine == "sim":
         from controlplane.demo_sim import sim_deployment_doc, sim_loop_config
@@ -84,7 +111,7 @@ def run_demo(settings: Settings, console: Console, *, engine: str = "vllm", keep
         import yaml
 
         dep_path, slo_path = run_dir / "deployment.yaml", run_dir / "slos.yaml"
-        dep_path.write_text(yaml.safe_dump(sim_deployment_doc(cfg, _free_port_run(4)), sort_keys=False))
+        dep_path.write_text(yaml.safe_dump(sim_deployment_doc(cfg, _free_port_run(4, own_ports)), sort_keys=False))
         slo_path.write_text(yaml.safe_dump(slo_doc(cfg), sort_keys=False))
         engine_label = "a simulated Llama-3.1-8B on H100-80GB fleet (the simulated engine: timing from the " \
                        "performance model, labelled simulated)"
@@ -93,14 +120,14 @@ def run_demo(settings: Settings, console: Console, *, engine: str = "vllm", keep
         cfg = cfg or LoopConfig()
         where = settings.data_dir / "models" / "tiny"
         try:
-            with console.status("building or reusing the tiny model") as status:
+            with _step(console, "building or reusing the tiny model") as status:
                 model_dir, built = make_tiny_model(where, TinyModelSpec(), progress=lambda m: status.update(m))
         except OSError as exc:  # e.g. a file where the model's directory belongs
             console.print(f"[red]error:[/] the tiny model at {where} (CONTROLPLANE_DATA_DIR): {exc.strerror or exc}",
                           soft_wrap=True)
             return 2
         console.print(f"[green]✓[/] tiny model {'built' if built else 'reused'}: {model_dir}")
-        dep_path, slo_path = write_specs(cfg, run_dir, model_dir.resolve(), _free_port_run(2))
+        dep_path, slo_path = write_specs(cfg, run_dir, model_dir.resolve(), _free_port_run(2, own_ports))
         engine_label = "vLLM (CPU, tiny model)"
         startup_s, ready_timeout = "60", 420.0
     console.print(f"[green]✓[/] specs written: {dep_path}, {slo_path}", soft_wrap=True)
@@ -134,11 +161,11 @@ def run_demo(settings: Settings, console: Console, *, engine: str = "vllm", keep
     previous = ({sig: signal.signal(sig, _raise_exit) for sig in (signal.SIGTERM, signal.SIGHUP)}
                 if threading.current_thread() is threading.main_thread() else {})
     try:
-        with console.status("starting the plane"):
+        with _step(console, "starting the plane"):
             plane.start()
         console.print(f"[green]✓[/] plane up: API {api_url}, router {router_url}, log {plane.log_path}",
                       soft_wrap=True)
-        with console.status("starting the first replica") as st:
+        with _step(console, "starting the first replica") as st:
             waited = wait_ready(api_url, cfg.deployment, 1, ready_timeout, _Ticker(console, st))
         console.print(f"[green]✓[/] first replica of {cfg.deployment} ready in {waited:.0f} s ({engine_label})")
         # The story goes on without the app (the report and the API tell it too), saying why.
@@ -146,7 +173,7 @@ def run_demo(settings: Settings, console: Console, *, engine: str = "vllm", keep
             console.print(f"[yellow]the Streamlit app was not started:[/] port {s.ui_port} is taken (another "
                           "`controlplane ui`?); set CONTROLPLANE_UI_PORT to another port")
         else:
-            with console.status("starting the Streamlit app"):
+            with _step(console, "starting the Streamlit app"):
                 ui_proc = _start_ui(exe, api_url, s.bind_host, s.ui_port, run_dir, token)
                 ui_up = ui_proc is not None and _wait_ui(ui_url, ui_proc, UI_READY_TIMEOUT_S)
             if ui_up:
@@ -165,11 +192,11 @@ def run_demo(settings: Settings, console: Console, *, engine: str = "vllm", keep
             console.print(f"driving the load: {cfg.steady_rps:g} req/s for {cfg.steady_s:.0f} s, then "
                           f"{cfg.burst_rps:g} req/s until the plane has reacted and recovered "
                           f"(SLO: TTFT <= {cfg.ttft_threshold_s:g} s for {cfg.objective:.0%})")
-        with console.status("load") as st:
+        with _step(console, "load") as st:
             result = run_closed_loop(cfg, router_url=router_url, api_url=api_url, token=token,
-                                     status=_Ticker(console, st))
+                                     status=_Ticker(console, st), gone=lambda: _exited(plane))
         rc = _summarise(console, cfg, result)
-        with console.status("writing the report"):
+        with _step(console, "writing the report"):
             report = _report(cfg, result, api_url, token, run_dir, engine_label)
         console.print(f"[green]✓[/] report: {report}", soft_wrap=True)
         if keep_running:
@@ -189,14 +216,31 @@ def run_demo(settings: Settings, console: Console, *, engine: str = "vllm", keep
                       soft_wrap=True)
         rc = 1
     finally:
+        # The plane first (it stops the replicas, each in its own session: nothing else would), then the app. A
+        # second Ctrl-C or SIGTERM during it would leave them running, so those wait until it is done.
+        if not leave_up:
+            main = threading.current_thread() is threading.main_thread()
+            held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM,
+                                                                         signal.SIGHUP)} if main else {}
+            try:
+                with _step(console, "stopping the plane and its replicas"):
+                    try:
+                        plane.stop()
+                    finally:
+                        if ui_proc is not None:
+                            terminate(ui_proc, 10.0)
+            finally:
+                for sig, handler in held.items():
+                    signal.signal(sig, handler)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if not leave_up:
-            with console.status("stopping the plane and its replicas"):
-                if ui_proc is not None:
-                    terminate(ui_proc, 10.0)
-                plane.stop()
     return rc
+
+
+def _exited(plane: PlaneProcess) -> str | None:
+    """Why the plane is no longer there (it exited), or None while it runs."""
+    code = plane.proc.poll() if plane.proc is not None else None
+    return None if code is None else f"the plane exited with code {code} (its log: {plane.log_path})"
 
 
 def _raise_exit(signum: int, _frame: Any) -> None:
@@ -247,20 +291,51 @@ def _summarise(console: Console, cfg: LoopConfig, r: LoopResult) -> int:
     caught_up = r.phases.get("recovered", (None, None))[0]
     console.print(f"page fired: {at(r.alert_fired_unix_s)}; tuner's scale-up applied: {at(r.scaled_unix_s)}; "
                   f"second replica ready: {at(r.second_ready_unix_s)}; backlog drained: {at(caught_up)}")
-    recovered, _ = r.client_attainment("recovered", cfg.ttft_threshold_s)
     failed = sum(1 for x in r.sent if not x.result.ok)
     if failed > 0.01 * max(1, len(r.sent)):
         console.print(f"[yellow]{failed} of {len(r.sent)} requests failed[/] (they are not in the attainment)")
-    # A note says the story ran out of time (the recovered phase cut short, or never reached): not a success.
-    ok = (r.alert_fired_unix_s is not None and r.scaled_unix_s is not None and recovered is not None
-          and recovered >= cfg.objective and failed <= 0.01 * max(1, len(r.sent)) and not r.notes)
     for note in r.notes:
         console.print(f"[yellow]note:[/] {note}")
+    ok, why = verdict(cfg, r)
     if ok:
-        console.print("[green]✓[/] the plane paged, the tuner added a replica, and attainment recovered")
+        console.print(f"[green]✓[/] {STORY_TOLD}")
     else:
-        console.print("[yellow]the story did not complete[/] (see the table and the report)")
+        console.print(f"[yellow]the story did not complete:[/] {'; '.join(why)} (see the table and the report)")
     return 0 if ok else 1
+
+
+# The recovered phase must be judged on enough requests: at least this share of what the burst rate sends in it
+# (a phase of a handful of answered requests, most of the rest failed, proved nothing), and at least MIN_JUDGED.
+RECOVERED_SHARE = 0.5
+MIN_JUDGED = 20
+
+
+def verdict(cfg: LoopConfig, r: LoopResult) -> tuple[bool, list[str]]:
+    """Whether the demo's story happened, and if not, why not (pure: the terminal and the report say the same).
+    A note means the story ran out of time (the recovered phase cut short, or never reached): not a success."""
+    why = list(r.notes)
+    if r.alert_fired_unix_s is None:
+        why.append("no page fired")
+    if r.scaled_unix_s is None:
+        why.append("no scale-up was applied")
+    recovered, n = r.client_attainment("recovered", cfg.ttft_threshold_s)
+    start, end = r.phases.get("recovered", (0.0, 0.0))
+    in_phase = [x for x in r.sent if x.phase == "recovered"]
+    failed_in_phase = sum(1 for x in in_phase if not x.result.ok)
+    expected = RECOVERED_SHARE * r.burst_rps * max(0.0, end - start)
+    if recovered is None:
+        why.append("no request was answered after the backlog drained")
+    elif recovered < cfg.objective:
+        why.append(f"attainment after the backlog drained {recovered:.1%} < the objective {cfg.objective:.0%}")
+    if recovered is not None and n < max(MIN_JUDGED, expected):
+        why.append(f"only {n} requests answered after the backlog drained (at least {max(MIN_JUDGED, expected):.0f} "
+                   "needed to judge it)")
+    if failed_in_phase > 0.01 * max(1, len(in_phase)):
+        why.append(f"{failed_in_phase} of {len(in_phase)} requests failed after the backlog drained")
+    failed = sum(1 for x in r.sent if not x.result.ok)
+    if failed > 0.01 * max(1, len(r.sent)):
+        why.append(f"{failed} of {len(r.sent)} requests failed")
+    return not why, why
 
 
 def _report(cfg: LoopConfig, r: LoopResult, api_url: str, token: str, run_dir: Path, engine_label: str) -> Path:
@@ -275,6 +350,7 @@ def _report(cfg: LoopConfig, r: LoopResult, api_url: str, token: str, run_dir: P
                       actions=data["actions"], recommendations=data["recommendations"], client=client,
                       engine=engine_label,
                       failed={name: sum(1 for x in r.sent if x.phase == name and not x.result.ok)
-                              for name in r.phases})
+                              for name in r.phases},
+                      verdict=verdict(cfg, r))
     return render(inp, run_dir)
 

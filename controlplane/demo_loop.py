@@ -242,9 +242,11 @@ def _fmt(v: float | None, unit: str = "s") -> str:
 
 
 def run_closed_loop(cfg: LoopConfig, *, router_url: str, api_url: str, token: str,
-                    status: Status = lambda _m: None, clock: Callable[[], float] = time.time) -> LoopResult:
-    """Drive the phases against a running plane and watch it react; returns when the recovery phase is over
-    or after `cfg.max_s`."""
+                    status: Status = lambda _m: None, clock: Callable[[], float] = time.time,
+                    gone: Callable[[], str | None] = lambda: None) -> LoopResult:
+    """Drive the phases against a running plane and watch it react; returns when the recovery phase is over,
+    after `cfg.max_s`, or as soon as `gone` says why the plane is no longer there (it exited: waiting out
+    `max_s` would only fail every request for 15 minutes)."""
     api = httpx.Client(base_url=api_url, timeout=10.0, headers={"Authorization": f"Bearer {token}"})
     load = OpenLoopLoad(router_url, cfg.deployment, cfg)
     notes: list[str] = []
@@ -268,6 +270,9 @@ def run_closed_loop(cfg: LoopConfig, *, router_url: str, api_url: str, token: st
         while clock() - t0 < cfg.max_s:
             time.sleep(2.0)
             now = clock()
+            if (why := gone()) is not None:
+                notes.append(f"the story stopped: {why}")
+                break
             if alert_at is None:
                 alert_at = _alert_fired(api, f"{cfg.deployment}-ttft")
             if scaled_at is None:
@@ -388,8 +393,10 @@ def _status_line(load: OpenLoopLoad, cfg: LoopConfig, status: Status, api: httpx
     recent = [s.result for s in load.recent(20.0) if s.result.ok and s.result.ttft_s is not None]
     late = sum(r.ttft_s is not None and r.ttft_s > cfg.ttft_threshold_s for r in recent)
     share = f"{late / len(recent):.0%} late" if recent else "no data"
+    failed = sum(1 for s in load.recent(20.0) if not s.result.ok)
     status(f"{phase}: {load.rate_rps:g} req/s, {load.in_flight} in flight, last 20 s TTFT {share} "
-           f"(SLO {cfg.ttft_threshold_s:g} s), replicas ready {_ready_replicas(api, cfg.deployment)}")
+           f"(SLO {cfg.ttft_threshold_s:g} s)" + (f", {failed} failed" if failed else "")
+           + f", replicas ready {_ready_replicas(api, cfg.deployment)}")
 
 
 def _get(api: httpx.Client, path: str) -> dict[str, Any] | None:

@@ -36,6 +36,7 @@ class ReportInput:
     client: Mapping[str, tuple[float | None, int]]  # phase -> (share of requests within the SLO, count)
     failed: Mapping[str, int] | None = None  # phase -> requests that failed at the client (not in the shares)
     engine: str = "an engine not stated"  # what served the run (the demo says which): never assumed real
+    verdict: tuple[bool, Sequence[str]] | None = None  # whether the story happened, and if not why (demo.verdict)
 
 
 def fetch(api_url: str, *, deployment: str, slo_name: str, since: float, until: float,
@@ -306,6 +307,19 @@ def _when(ts: float, t0: float) -> str:
     return f"+{(ts - t0):.0f} s ({dt.datetime.fromtimestamp(ts, dt.UTC).strftime('%H:%M:%S')} UTC)"
 
 
+STORY_TOLD: Final = "the plane paged, the tuner added a replica, and attainment recovered"
+
+
+def _outcome_lines(v: tuple[bool, Sequence[str]] | None) -> list[str]:
+    """The run's verdict first: a report of a story that did not happen must not read like one that did."""
+    if v is None:
+        return []
+    ok, why = v
+    if ok:
+        return [f"**Outcome: {STORY_TOLD}.**", ""]
+    return ["**Outcome: the story did not complete.** " + "; ".join(why) + ".", ""]
+
+
 def _pct(v: float | None) -> str:
     return "unknown" if v is None else f"{v:.1%}"
 
@@ -360,6 +374,7 @@ def _markdown(inp: ReportInput, pngs: Mapping[str, str], events: Sequence[tuple[
              f"Run from {dt.datetime.fromtimestamp(inp.since, dt.UTC):%Y-%m-%d %H:%M:%S} UTC for "
              f"{(inp.until - inp.since) / 60:.1f} minutes. SLO `{inp.slo_name}`: TTFT <= {inp.ttft_threshold_s:g} s "
              f"for {inp.objective:.0%} of requests.", "",
+             *_outcome_lines(inp.verdict),
              "## SLO attainment by phase", "",
              "| phase | from | to | requests (store) | within SLO (store, vLLM's TTFT) | within SLO (client) "
              "| failed |",

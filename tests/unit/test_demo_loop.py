@@ -148,3 +148,27 @@ def test_an_api_answer_that_is_not_a_json_object_is_unknown_not_a_crash() -> Non
         api = httpx.Client(base_url="http://plane", transport=httpx.MockTransport(
             lambda request, body=body: httpx.Response(200, content=body)))
         assert _alert_fired(api, "tiny-ttft") is None
+
+
+def test_recovery_is_judged_on_enough_answered_requests_and_failures_in_its_own_phase() -> None:
+    from controlplane.demo import verdict
+    from controlplane.demo_loop import LoopResult
+
+    cfg = LoopConfig(ttft_threshold_s=0.5, objective=0.9)
+    before = [Sent("burst", ClientResult(f"b{i}", True, float(i), 0.1, 0.5, 8)) for i in range(3000)]
+
+    def result(recovered: list[Sent], span_s: float = 60.0) -> LoopResult:
+        return LoopResult(0.0, 4000.0, {"burst": (0.0, 3000.0), "recovered": (3000.0, 3000.0 + span_s)},
+                          before + recovered, 100.0, 200.0, 300.0, None, [], burst_rps=9.0)
+
+    def answered(n: int) -> list[Sent]:
+        return [Sent("recovered", ClientResult(f"r{i}", True, 3000.0 + i * 0.1, 0.1, 0.5, 8)) for i in range(n)]
+
+    failed = [Sent("recovered", ClientResult(f"f{i}", False, 3000.0, None, None, 0, "HTTP 503")) for i in range(25)]
+    # 10 answered and 25 failed after the backlog drained: under 1 % of all 3,035 sent, yet it proves nothing.
+    ok, why = verdict(cfg, result(answered(10) + failed))
+    assert not ok and any("only 10 requests answered" in w for w in why)
+    assert any("25 of 35 requests failed after the backlog drained" in w for w in why)
+    ok, why = verdict(cfg, result(answered(1), span_s=190.0))  # one request in a 190 s phase at 9 req/s
+    assert not ok and any("only 1 requests answered" in w for w in why)
+    assert verdict(cfg, result(answered(400))) == (True, [])  # 400 of the ~540 the burst rate sends in 60 s

@@ -203,3 +203,16 @@ def test_unknown_cost_figures_and_observations_read_unknown_not_zero(tmp_path: P
     # A measured 0 stays 0; a missing figure is unknown (it printed "None" and, for 0, the 0 itself by luck).
     assert "- observed: unknown req/s, good ratio unknown of 0 finished, TTFT p99 0.000 s" in md
     assert "on an engine not stated" in md
+
+
+@pytest.mark.parametrize(("verdict", "says"), [
+    ((False, ["no page fired", "only 3 requests answered after the backlog drained"]),
+     "**Outcome: the story did not complete.** no page fired; only 3 requests answered after the backlog drained."),
+    ((True, []), "**Outcome: the plane paged, the tuner added a replica, and attainment recovered.**")])
+def test_the_report_says_first_whether_the_story_happened(tmp_path: Path, verdict: tuple[bool, list[str]],
+                                                         says: str) -> None:
+    t0 = 1_700_000_000.0
+    inp = ReportInput("tiny", "tiny-ttft", 0.5, 0.9, t0, t0 + 60, {"steady": (t0, t0 + 60)}, [], [], None, [],
+                      [], [], {}, verdict=verdict)
+    md = render(inp, tmp_path).read_text()
+    assert says in md and md.index(says) < md.index("## SLO attainment by phase")

@@ -1,0 +1,84 @@
+"""The demo's own edges, without a plane: ports, progress without a terminal, stopping, an exited plane."""
+
+from __future__ import annotations
+
+import time
+from io import StringIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from controlplane import demo
+from controlplane.demo_loop import LoopConfig, run_closed_loop
+from controlplane.settings import Settings
+from tests.conftest import free_port
+
+
+def test_replica_ports_skip_the_planes_own_which_are_free_until_it_binds_them() -> None:
+    base = demo._free_port_run(2)
+    assert demo._free_port_run(2, reserved=(base, base + 1)) not in (base - 1, base)
+
+
+def test_without_a_terminal_long_steps_and_changes_of_state_still_print() -> None:
+    out = StringIO()
+    console = Console(file=out, width=200)  # not a terminal: a spinner prints nothing
+    with demo._step(console, "starting the plane"):
+        pass
+    with demo._step(console, "load") as st:
+        tick = demo._Ticker(console, st)
+        tick("burst: 9 req/s, 3 in flight")
+        tick("burst: 9 req/s, 4 in flight")  # the same kind within 15 s: not printed
+        tick("one replica carried 9 req/s within the SLO for 20 s: raising the burst to 9.45 req/s")
+    lines = out.getvalue().splitlines()
+    assert any(ln.endswith("starting the plane ...") for ln in lines)
+    assert any("starting the plane: done in 0 s" in ln for ln in lines)
+    assert sum("in flight" in ln for ln in lines) == 1 and any("raising the burst" in ln for ln in lines)
+
+
+def test_the_load_ends_as_soon_as_the_plane_has_exited() -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    cfg = LoopConfig(probe_s=0, steady_s=0.1, max_s=600.0)
+    t0 = time.monotonic()
+    r = run_closed_loop(cfg, router_url=dead, api_url=dead, token="t", gone=lambda: "the plane exited with code 1")
+    assert time.monotonic() - t0 < 60 and r.notes == ["the story stopped: the plane exited with code 1"]
+
+
+def test_the_plane_is_stopped_before_the_app_and_a_second_interrupt_cannot_skip_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+
+    class Plane:
+        proc = None
+        log_path = tmp_path / "plane.log"
+
+        def __init__(self, *a: Any, **k: Any) -> None:
+            pass
+
+        def start(self) -> None:
+            calls.append("plane.start")
+
+        def stop(self) -> None:
+            calls.append("plane.stop")
+
+    class Proc:
+        pid = 1
+
+    def interrupted(*a: Any, **k: Any) -> None:
+        raise KeyboardInterrupt  # Ctrl-C during the load
+
+    def terminate(proc: Any, timeout_s: float) -> None:
+        calls.append("terminate(ui)")
+        raise KeyboardInterrupt  # and again while the app is stopped
+
+    monkeypatch.setattr(demo, "PlaneProcess", Plane)
+    monkeypatch.setattr(demo, "wait_ready", lambda *a, **k: 1.0)
+    monkeypatch.setattr(demo, "_start_ui", lambda *a, **k: Proc())
+    monkeypatch.setattr(demo, "_wait_ui", lambda *a, **k: True)
+    monkeypatch.setattr(demo, "ports_free", lambda *a, **k: True)
+    monkeypatch.setattr(demo, "run_closed_loop", interrupted)
+    monkeypatch.setattr(demo, "terminate", terminate)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(Settings(data_dir=tmp_path), Console(file=StringIO()), engine="sim")
+    assert calls == ["plane.start", "plane.stop", "terminate(ui)"]
