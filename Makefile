@@ -25,7 +25,7 @@ $(STAMP):
 	touch $(STAMP)
 
 demo: venv
-	$(VENV)/bin/controlplane demo
+	$(VENV)/bin/controlplane demo $(ARGS)
 
 test: venv lint tools
 	$(VENV)/bin/pytest

@@ -196,9 +196,15 @@ def run_demo(settings: Settings, console: Console, *, engine: str = "vllm", keep
             result = run_closed_loop(cfg, router_url=router_url, api_url=api_url, token=token,
                                      status=_Ticker(console, st), gone=lambda: _exited(plane))
         rc = _summarise(console, cfg, result)
-        with _step(console, "writing the report"):
-            report = _report(cfg, result, api_url, token, run_dir, engine_label)
-        console.print(f"[green]✓[/] report: {report}", soft_wrap=True)
+        try:
+            with _step(console, "writing the report"):
+                report = _report(cfg, result, api_url, token, run_dir, engine_label)
+        except (httpx.HTTPError, OSError, ValueError) as exc:  # the run's story stands; a missing report fails it
+            console.print(f"[red]the report could not be written:[/] {type(exc).__name__}: {exc} (the plane's data "
+                          f"stays in {run_dir / 'controlplane.db'})", soft_wrap=True)
+            rc = 1
+        else:
+            console.print(f"[green]✓[/] report: {report}", soft_wrap=True)
         if keep_running:
             console.print(f"[bold]still running[/] (--keep-running): API {api_url}, "
                           f"Streamlit {ui_url if ui_up else '(not up)'}, token in "

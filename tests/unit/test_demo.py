@@ -82,3 +82,38 @@ def test_the_plane_is_stopped_before_the_app_and_a_second_interrupt_cannot_skip_
     with pytest.raises(KeyboardInterrupt):
         demo.run_demo(Settings(data_dir=tmp_path), Console(file=StringIO()), engine="sim")
     assert calls == ["plane.start", "plane.stop", "terminate(ui)"]
+
+
+def test_a_report_that_cannot_be_written_fails_the_run_without_a_traceback_and_still_stops_the_plane(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from controlplane.demo_loop import LoopResult
+
+    calls: list[str] = []
+
+    class Plane:
+        proc = None
+        log_path = tmp_path / "plane.log"
+
+        def __init__(self, *a: Any, **k: Any) -> None:
+            pass
+
+        def start(self) -> None:
+            calls.append("plane.start")
+
+        def stop(self) -> None:
+            calls.append("plane.stop")
+
+    def full_disk(*a: Any, **k: Any) -> Path:
+        raise OSError(28, "No space left on device")
+
+    result = LoopResult(0.0, 1.0, {}, [], None, None, None, None, [])
+    monkeypatch.setattr(demo, "PlaneProcess", Plane)
+    monkeypatch.setattr(demo, "wait_ready", lambda *a, **k: 1.0)
+    monkeypatch.setattr(demo, "_free_port_run", lambda *a, **k: 8100)
+    monkeypatch.setattr(demo, "ports_free", lambda *a, **k: False)  # the app's port taken: no app
+    monkeypatch.setattr(demo, "run_closed_loop", lambda *a, **k: result)
+    monkeypatch.setattr(demo, "_report", full_disk)
+    out = StringIO()
+    assert demo.run_demo(Settings(data_dir=tmp_path), Console(file=out, width=300), engine="sim") == 1
+    assert "the report could not be written: OSError" in out.getvalue() and "No space left" in out.getvalue()
+    assert calls == ["plane.start", "plane.stop"]
