@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from controlplane import names
 from controlplane.slo.durations import format_duration
 from controlplane.slo.options import RuleOptions, runbook_url
-from controlplane.slo.promql import Aggregate, Binary, Expr, Number, Selector, increase, over_time, rate
+from controlplane.slo.promql import Aggregate, Binary, Call, Expr, Number, Selector, increase, rate
 from controlplane.slo.rulemodel import AlertRule, RuleGroup
 
 DEP_REPLICA = (names.LABEL_DEPLOYMENT, names.LABEL_REPLICA)
@@ -135,11 +135,11 @@ def operational_alerts(options: RuleOptions | None = None) -> list[OperationalAl
             "(`replicas/<replica>.log` in the plane's data directory); check that the replica's "
             "`--otlp-traces-endpoint` is the plane's OTLP port."),
         OperationalAlert(_alert(
-            names.ALERT_GPU_XID, Binary(">", over_time("max", Selector(names.DCGM_XID), o.gpu_xid_window_s),
-                                        Number(0)), "ticket", 0.0,
+            names.ALERT_GPU_XID, _new_xid(o.gpu_xid_window_s), "ticket", 0.0,
             "GPU {{ $labels.gpu }} ({{ $labels.UUID }}) reported an XID error",
-            f"{names.DCGM_XID} of GPU {{{{ $labels.gpu }}}} was non-zero within the last "
-            f"{format_duration(o.gpu_xid_window_s)}: the driver reported a GPU error.", o),
+            f"{names.DCGM_XID} of GPU {{{{ $labels.gpu }}}} took a new non-zero value (the XID code, the alert's "
+            f"value) within the last {format_duration(o.gpu_xid_window_s)}: the driver reported a GPU error. The "
+            "same XID code twice in a row does not show (the field holds the last code).", o),
             "Look the XID code up in NVIDIA's XID table. 48/63/64/74/79/94/95 usually mean the GPU must be drained "
             "and reset or replaced; move its replicas elsewhere first."),
         OperationalAlert(_alert(
@@ -179,3 +179,13 @@ def operational_alerts(options: RuleOptions | None = None) -> list[OperationalAl
 def operational_group(options: RuleOptions | None = None) -> RuleGroup:
     return RuleGroup("controlplane-operational", tuple(a.rule for a in operational_alerts(options)))
 
+
+def _new_xid(window_s: float) -> Expr:
+    """A GPU whose last XID code changed to a non-zero one within the window, or whose series appeared non-zero
+    (an exporter started after the error). DCGM_FI_DEV_XID_ERRORS keeps the last code until the driver is reset
+    or the exporter restarts (NVIDIA/dcgm-exporter#500): `max_over_time(...) > 0` fired for days after one XID."""
+    xid = Selector(names.DCGM_XID)
+    nonzero = Binary(">", xid, Number(0))
+    changed = Binary("and", nonzero, Binary(">", Call("changes", (xid.over(window_s),)), Number(0)))
+    appeared = Binary("unless", nonzero, xid.offset(window_s))
+    return Binary("or", changed, appeared)

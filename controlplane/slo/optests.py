@@ -46,7 +46,7 @@ def _cases(o: RuleOptions, i: float, n: int) -> list[Case]:
     kv_bad = min(1.0, o.kv_cache_usage_ratio + (1 - o.kv_cache_usage_ratio) / 2)
     slow_restarts = tuple(float(k // max(1, int(o.crashloop_window_s // i))) for k in range(n + 1))
     xid_at = 5
-    xid = tuple(79.0 if k == xid_at else 0.0 for k in range(n + 1))
+    xid = tuple(79.0 if k >= xid_at else 0.0 for k in range(n + 1))  # the field keeps the last code, as DCGM does
     cases = [
         Case(names.ALERT_KV_SATURATED, (
             (names.VLLM_KV_USAGE, {**_rep("tiny", "tiny-0"), **engine}, flat(kv_bad)),
@@ -104,7 +104,7 @@ def _cases(o: RuleOptions, i: float, n: int) -> list[Case]:
             (_rep("tiny", "tiny-0"),), 0.0),
         Case(names.ALERT_GPU_XID, (
             (names.DCGM_XID, _gpu(0), xid), (names.DCGM_XID, _gpu(1), flat(0))),
-            (_gpu(0),), xid_at * i, xid_at * i + o.gpu_xid_window_s + i),
+            (_gpu(0),), xid_at * i, xid_at * i + o.gpu_xid_window_s),
         Case(names.ALERT_GPU_TEMP, (
             (names.DCGM_TEMP, _gpu(0), flat(o.gpu_temp_c + 5)), (names.DCGM_TEMP, _gpu(1), flat(o.gpu_temp_c - 20))),
             (_gpu(0),), 0.0),

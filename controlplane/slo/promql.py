@@ -31,14 +31,19 @@ class Selector:
     metric: str
     matchers: tuple[Matcher, ...] = ()
     range_s: float | None = None
+    offset_s: float | None = None
 
     def over(self, range_s: float) -> Selector:
-        return Selector(self.metric, self.matchers, range_s)
+        return Selector(self.metric, self.matchers, range_s, self.offset_s)
+
+    def offset(self, offset_s: float) -> Selector:
+        return Selector(self.metric, self.matchers, self.range_s, offset_s)
 
     def render(self) -> str:
         inner = ", ".join(m.render() for m in self.matchers)
         text = self.metric + (f"{{{inner}}}" if inner else "")
-        return text + (f"[{format_duration(self.range_s)}]" if self.range_s is not None else "")
+        text += f"[{format_duration(self.range_s)}]" if self.range_s is not None else ""
+        return text + (f" offset {format_duration(self.offset_s)}" if self.offset_s is not None else "")
 
 
 @dataclass(frozen=True)

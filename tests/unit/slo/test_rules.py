@@ -192,7 +192,10 @@ def test_operational_alerts_read_the_series_names_module_owns() -> None:
         "(sum by (deployment, replica) (increase(controlplane_replica_restarts_total[15m])) >= 3)")
     assert exprs[names.ALERT_SCRAPE_FAILING] == "up == 0"
     assert exprs[names.ALERT_SPANS_MISSING] == "min by (deployment, replica) (controlplane_span_coverage_ratio) < 0.99"
-    assert exprs[names.ALERT_GPU_XID] == "max_over_time(DCGM_FI_DEV_XID_ERRORS[5m]) > 0"
+    # DCGM keeps the last XID code: a new non-zero code, or a series that appears non-zero, not any non-zero value
+    assert exprs[names.ALERT_GPU_XID] == (
+        "((DCGM_FI_DEV_XID_ERRORS > 0) and (changes(DCGM_FI_DEV_XID_ERRORS[5m]) > 0)) "
+        "or ((DCGM_FI_DEV_XID_ERRORS > 0) unless DCGM_FI_DEV_XID_ERRORS offset 5m)")
     assert exprs[names.ALERT_GPU_TEMP] == "DCGM_FI_DEV_GPU_TEMP > 85"
     assert exprs[names.ALERT_COST] == "max by (deployment) (controlplane_cost_per_million_tokens_usd) > 2"
     assert names.ALERT_COST not in {a.rule.alert for a in operational_alerts(RuleOptions())}
