@@ -137,6 +137,8 @@ def rows_from_dcgm(samples: list[Sample], ts_unix_s: float) -> list[GpuRow]:
                        model_name=s.labels.get("modelName") or None)
             rows[key] = row
         column, convert = FIELDS[field]
-        if row[column] is None and not math.isnan(s.value):
+        # Every field read is a level, a share or a count, never below zero, and a reading is finite: an infinite
+        # or negative value (a blank field some exporters write as a sentinel) is unknown, not a figure.
+        if row[column] is None and math.isfinite(s.value) and s.value >= 0:
             row[column] = convert(s.value)
     return list(rows.values())

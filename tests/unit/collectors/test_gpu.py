@@ -520,3 +520,15 @@ def test_after_a_driver_reload_nvml_is_started_again_not_failing_until_the_plane
 
     assert asyncio.run(go()) == [2, 0, 0, 2]
     assert collector.available is True and fake.init_calls == 3
+
+
+def test_an_infinite_or_negative_dcgm_reading_is_unknown_and_the_gpus_other_fields_stay() -> None:
+    labels = 'gpu="0",UUID="GPU-a",Hostname="n1",modelName="NVIDIA H100 80GB HBM3"'
+    text = (f"DCGM_FI_DEV_POWER_USAGE{{{labels}}} +Inf\n"
+            f"DCGM_FI_DEV_GPU_UTIL{{{labels}}} -1\n"
+            f"DCGM_FI_DEV_GPU_TEMP{{{labels}}} 61\n"
+            f"DCGM_FI_DEV_FB_USED{{{labels}}} 1024\n")
+    (row,) = rows_from_dcgm(parse(text), TS)
+    assert row["power_w"] is None and row["util_ratio"] is None  # were stored as inf W and -1 %
+    assert row["temp_c"] == 61 and row["fb_used_bytes"] == 1024 * 2**20
+
