@@ -343,7 +343,9 @@ class Store:
             stmt = stmt.where(ts_col < until)
         if replica is not None:
             stmt = stmt.where(Replica.name == replica)
-        stmt = stmt.order_by(ts_col.desc()).limit(limit)
+        # Ties broken by id (newest stored first): with many rows at one timestamp, which ones a limit keeps
+        # (and in what order) would otherwise be up to the database and its plan.
+        stmt = stmt.order_by(ts_col.desc(), model.__table__.c.id.desc()).limit(limit)
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(stmt)]
 

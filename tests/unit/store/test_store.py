@@ -210,3 +210,12 @@ def test_write_spans_counts_the_events_it_stored_not_those_it_was_given(store: S
     assert store.write_spans([], batch) == (0, 2)
     assert store.write_spans([], batch) == (0, 0)  # a retried batch writes nothing (PostgreSQL said 3, then 3)
     assert len([e for e in store.events() if e["kind"] == "span:Load weights"]) == 2
+
+
+def test_rows_at_one_timestamp_come_newest_stored_first_and_a_limit_keeps_the_newest(store: Store) -> None:
+    rid = store.register_replica("r0", url="http://127.0.0.1:9", backend="external")
+    for k in range(5):
+        store.write_engine_sample({"replica_id": rid, "ts_unix_s": 100.0, "scrape_ok": True,
+                                   "num_running": float(k)})
+    rows = store.engine_samples(limit=3)
+    assert [r["num_running"] for r in rows] == [4.0, 3.0, 2.0]
