@@ -733,8 +733,14 @@ class Supervisor:
             rt.canary = m = await self._launch(rt, name, slot, config, canary=True, core_index=self._free_core_set(rt))
         await self._record(m.replica_id, "canary_started", actor, reason, after=_cfg(config),
                            message=f"{name}: trial of {dict(changes)}")
-        while m.state == STARTING:
-            await asyncio.sleep(poll_s)
+        try:
+            while m.state == STARTING:
+                await asyncio.sleep(poll_s)
+        except asyncio.CancelledError:
+            # The caller went away (a search cancelled, the plane stopping) before it got the canary to stop:
+            # stopped here, or it would hold its slot (and every later trial's 409) until the plane restarts.
+            await asyncio.shield(self.stop_canary(deployment, actor=actor, reason="canary_cancelled"))
+            raise
         if m.state != READY:
             await self.stop_canary(deployment, actor=actor, reason="canary_not_ready")
             return name, None

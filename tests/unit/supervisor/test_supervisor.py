@@ -1076,3 +1076,24 @@ async def test_a_change_rolled_back_part_way_names_the_replicas_already_on_it(sq
     assert on_new == ["tiny-2"]
     assert "tiny-2 already on the new configuration, rolled back next" in rolled["message"]
     assert rolled["attributes"]["switched"] == ["tiny-2"]
+
+
+async def test_a_canary_whose_caller_is_cancelled_while_it_starts_is_stopped_not_left_holding_its_place(
+        sqlite_store: Store) -> None:
+    h = make(sqlite_store)
+    await h.sup.start()
+    await h.until(lambda: h.states() == {"tiny-0": "ready"}, "the first replica")
+    task = asyncio.ensure_future(h.sup.start_canary("tiny", {"max_num_seqs": 2}, actor="tuner",
+                                                    reason="canary_trial", poll_s=0.005))
+    for _ in range(100):  # launched, not yet probed ready (no tick runs)
+        if h.sup.runtimes["tiny"].canary is not None:
+            break
+        await asyncio.sleep(0.01)
+    name = h.sup.runtimes["tiny"].canary.name  # type: ignore[union-attr]
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert h.sup.runtimes["tiny"].canary is None and name in h.backend.stopped
+    assert h.states()[name] == "stopped"
+    again, _ = await _canary(h, {"max_num_seqs": 3})  # its place is free: no 409
+    assert again != name
