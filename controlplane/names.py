@@ -134,6 +134,8 @@ LABEL_LE: Final = "le"
 LABEL_FINISHED_REASON: Final = "finished_reason"
 # Plane metrics the lead exports for the operational alerts (gauges unless noted).
 PLANE_REPLICA_UP: Final = "controlplane_replica_up"  # {deployment, replica}: 1 ready, 0 not
+# {deployment, replica}: 1 while a new replica loads its model, within its ready timeout (not a restart after a crash)
+PLANE_REPLICA_STARTING: Final = "controlplane_replica_starting"
 PLANE_ROUTER_IN_FLIGHT: Final = "controlplane_router_in_flight"  # {deployment, replica}: sent, not finished
 PLANE_REPLICA_CRASHLOOP: Final = "controlplane_replica_crashloop"  # {deployment, replica}: 1 when crash-looping
 PLANE_REPLICA_RESTARTS: Final = "controlplane_replica_restarts"  # Counter {deployment, replica}; exposed with _total

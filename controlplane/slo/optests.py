@@ -65,7 +65,10 @@ def _cases(o: RuleOptions, i: float, n: int) -> list[Case]:
             (names.PLANE_REPLICA_UP, _rep("batch", "batch-0"), flat(0)),
             (names.PLANE_REPLICA_UP, _rep("batch", "batch-1"), flat(0)),
             (names.PLANE_REPLICA_UP, _rep("tiny", "tiny-0"), flat(0)),
-            (names.PLANE_REPLICA_UP, _rep("tiny", "tiny-1"), flat(1))),
+            (names.PLANE_REPLICA_UP, _rep("tiny", "tiny-1"), flat(1)),
+            # a cold start: its one replica still loads its model, so nothing pages yet
+            (names.PLANE_REPLICA_UP, _rep("cold", "cold-0"), flat(0)),
+            (names.PLANE_REPLICA_STARTING, _rep("cold", "cold-0"), flat(1))),
             ({names.LABEL_DEPLOYMENT: "batch"},), 0.0),
         Case(names.ALERT_ENGINE_STALLED, (
             (names.VLLM_NUM_RUNNING, {**_rep("tiny", "tiny-0"), **engine}, flat(2)),  # hung: tokens flat

@@ -880,6 +880,9 @@ class SupervisorMetrics(Collector):
                                labels=["deployment", "replica"])
         loop = GaugeMetricFamily(names.PLANE_REPLICA_CRASHLOOP, "1 when the supervisor gave up restarting",
                                  labels=["deployment", "replica"])
+        starting = GaugeMetricFamily(names.PLANE_REPLICA_STARTING,
+                                     "1 while a new replica loads its model (not a restart after a crash)",
+                                     labels=["deployment", "replica"])
         restarts = CounterMetricFamily(names.PLANE_REPLICA_RESTARTS, "restarts after a crash or failed probes",
                                        labels=["deployment", "replica"])
         desired = GaugeMetricFamily(names.PLANE_DESIRED_REPLICAS, "replicas the supervisor converges to",
@@ -897,9 +900,11 @@ class SupervisorMetrics(Collector):
                 labels = [rt.dep.name, m.name]
                 up.add_metric(labels, 1.0 if m.state == READY else 0.0)
                 loop.add_metric(labels, 1.0 if m.state == CRASHLOOP else 0.0)
+                # Bounded by the ready timeout, after which a replica still starting is taken for crashed.
+                starting.add_metric(labels, 1.0 if m.state == STARTING and m.restarts == 0 else 0.0)
                 restarts.add_metric(labels, m.restarts)
                 in_flight.add_metric(labels, self.supervisor.router.outstanding(m.name))
-        yield from (up, loop, restarts, desired, in_flight)
+        yield from (up, loop, starting, restarts, desired, in_flight)
 
     def describe(self) -> Iterator[Metric]:
         return iter(())

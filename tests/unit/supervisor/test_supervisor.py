@@ -1097,3 +1097,33 @@ async def test_a_canary_whose_caller_is_cancelled_while_it_starts_is_stopped_not
     assert h.states()[name] == "stopped"
     again, _ = await _canary(h, {"max_num_seqs": 3})  # its place is free: no 409
     assert again != name
+
+
+async def test_a_new_replica_loading_its_model_is_starting_for_the_down_page_and_a_restart_is_not(
+        sqlite_store: Store) -> None:
+    h = make(sqlite_store)
+    registry = CollectorRegistry()
+    registry.register(SupervisorMetrics(h.sup))
+    h.backend.ready.clear()
+    launch = h.backend.launch
+
+    def loading(req: LaunchRequest) -> Handle:  # up, but /health not answering yet: the model loads
+        handle = launch(req)
+        h.backend.ready[handle.url] = False
+        return handle
+
+    h.backend.launch = loading  # type: ignore[method-assign]
+    await h.sup.start()
+    await h.ticks(2)
+    assert h.states() == {"tiny-0": "starting"}
+    text = generate_latest(registry).decode()
+    assert 'controlplane_replica_starting{deployment="tiny",replica="tiny-0"} 1.0' in text
+    assert 'controlplane_replica_up{deployment="tiny",replica="tiny-0"} 0.0' in text
+    m = h.sup.runtimes["tiny"].members["tiny-0"]
+    h.backend.exits[m.handle.url] = 1  # type: ignore[union-attr]  # it crashed while loading
+    await h.ticks(1)
+    h.clock.now += 11  # past the restart back-off: restarted, loading again
+    await h.ticks(2)
+    assert h.states() == {"tiny-0": "starting"} and m.restarts == 1
+    assert 'controlplane_replica_starting{deployment="tiny",replica="tiny-0"} 0.0' in generate_latest(
+        registry).decode()  # a restart after a crash is no grace for the page
