@@ -489,20 +489,33 @@ class PlaneProcess:
         raise RuntimeError(f"the plane did not answer {self.api_url}/healthz in {timeout_s:.0f} s; see {self.log_path}")
 
     def stop(self, timeout_s: float = 150.0) -> None:  # the plane stops each replica first (up to ~20 s each)
-        if self.proc is not None:
-            terminate(self.proc, timeout_s)  # on SIGTERM the plane stops its replicas first
+        # On SIGTERM the plane stops its replicas first. Killed before it had (it did not exit in time), it leaves
+        # them running in their own sessions: their groups, as the run's store records them, are stopped here.
+        if self.proc is not None and terminate(self.proc, timeout_s):
+            from controlplane.store.db import make_engine
+            from controlplane.supervisor.backends import stop_recorded_groups
+
+            url = self.env.get("CONTROLPLANE_DATABASE_URL")
+            if url:
+                engine = make_engine(url)
+                try:
+                    stop_recorded_groups(engine)
+                finally:
+                    engine.dispose()
 
 
-def terminate(proc: subprocess.Popen[Any], timeout_s: float) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within timeout_s; reaped either way."""
+def terminate(proc: subprocess.Popen[Any], timeout_s: float) -> bool:
+    """SIGTERM, then SIGKILL if it has not exited within timeout_s; reaped either way. True when it was killed."""
     if proc.poll() is not None:
-        return
+        return False
     proc.terminate()
     try:
         proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+        return True
+    return False
 
 
 def wait_ready(api_url: str, deployment: str, want: int, timeout_s: float, status: Status) -> float:

@@ -151,6 +151,26 @@ def _stop_orphans(replica: str, runtime: dict[str, Any], timeout_s: float = 10.0
     _killpg(pgid, signal.SIGKILL)
 
 
+def stop_recorded_groups(engine: Any) -> list[str]:
+    """Stop the process groups of the local replicas a store records as not stopped: for a plane that was killed
+    (SIGKILL) before it could stop its replicas, which run in their own sessions and would run on. Returns the
+    replicas whose groups were found alive. Only for right after that plane died (a group id is only known to be
+    ours while the group lives)."""
+    from sqlalchemy import select
+
+    from controlplane.store.models import Replica
+
+    with engine.connect() as conn:
+        rows = conn.execute(select(Replica.name, Replica.runtime).where(
+            Replica.backend == "local", Replica.state.not_in(("stopped", "failed")))).all()
+    alive = []
+    for name, runtime in rows:
+        if isinstance(runtime, dict) and isinstance(runtime.get("pgid"), int) and _group_alive(runtime["pgid"]):
+            alive.append(name)
+            _stop_orphans(name, runtime)
+    return alive
+
+
 class LocalBackend:
     """vLLM (or simulated-engine) servers as processes on this host, each in its own session (process group)."""
 

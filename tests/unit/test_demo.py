@@ -117,3 +117,41 @@ def test_a_report_that_cannot_be_written_fails_the_run_without_a_traceback_and_s
     assert demo.run_demo(Settings(data_dir=tmp_path), Console(file=out, width=300), engine="sim") == 1
     assert "the report could not be written: OSError" in out.getvalue() and "No space left" in out.getvalue()
     assert calls == ["plane.start", "plane.stop"]
+
+
+def test_a_plane_killed_before_it_stopped_its_replicas_does_not_leave_them_running(
+        tmp_path: Path, sqlite_store: Any) -> None:
+    import subprocess
+    import sys
+
+    import psutil
+
+    from controlplane.demo_loop import PlaneProcess
+
+    # A replica in its own session, as the plane starts them, recorded in the run's store; not this test's child
+    # (the plane's), so that once stopped it is reaped by init, not left a zombie here.
+    launcher = subprocess.Popen(["sh", "-c", f"{sys.executable} -c 'import time; time.sleep(60)' & echo $!"],
+                                stdout=subprocess.PIPE, start_new_session=True)
+    assert launcher.stdout is not None
+    sleeper = psutil.Process(int(launcher.stdout.readline()))
+    launcher.wait()
+    sqlite_store.save_replica("tiny-0", deployment_id=None, url="http://127.0.0.1:8100", backend="local",
+                              state="ready", runtime={"pid": launcher.pid, "pgid": launcher.pid}, config={})
+    # A plane that ignores SIGTERM (stuck): it is killed after the timeout, its replicas still running.
+    plane = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                              "signal.SIG_IGN); print('up', flush=True); time.sleep(60)"],
+                             stdout=subprocess.PIPE, start_new_session=True)
+    assert plane.stdout is not None and plane.stdout.readline() == b"up\n"
+    db = f"sqlite:///{tmp_path / 'store.db'}"
+    p = PlaneProcess([], {"CONTROLPLANE_DATABASE_URL": db}, tmp_path / "plane.log", "", "", proc=plane)
+    try:
+        p.stop(timeout_s=0.5)
+        assert plane.returncode == -9
+        sleeper.wait(timeout=15)  # stopped by the demo, not left to run on
+    finally:
+        if plane.poll() is None:
+            plane.kill()
+            plane.wait()
+        if sleeper.is_running():
+            sleeper.kill()
+    assert not sleeper.is_running()
