@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -310,8 +311,11 @@ def run_closed_loop(cfg: LoopConfig, *, router_url: str, api_url: str, token: st
         if alert_at is None:
             alert_at = _alert_fired(api, f"{cfg.deployment}-ttft")
     finally:
-        status("letting the requests in flight finish")
-        load.stop()
+        # Interrupted (Ctrl-C, a signal, an error): the requests in flight are not waited for (up to 2 minutes)
+        # before the plane and its replicas are stopped; the run is over either way.
+        interrupted = sys.exc_info()[0] is not None
+        status("letting the requests in flight finish" if not interrupted else "stopping the load")
+        load.stop(timeout_s=5.0 if interrupted else 120.0)
         api.close()
     return LoopResult(t0, clock(), phases, list(load.results), alert_at, scaled_at, ready2_at, rec, notes,
                       steady_rps, burst_rps, probed)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from io import StringIO
 from pathlib import Path
 from typing import Any
@@ -40,9 +39,38 @@ def test_without_a_terminal_long_steps_and_changes_of_state_still_print() -> Non
 def test_the_load_ends_as_soon_as_the_plane_has_exited() -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     cfg = LoopConfig(probe_s=0, steady_s=0.1, max_s=600.0)
-    t0 = time.monotonic()
-    r = run_closed_loop(cfg, router_url=dead, api_url=dead, token="t", gone=lambda: "the plane exited with code 1")
-    assert time.monotonic() - t0 < 60 and r.notes == ["the story stopped: the plane exited with code 1"]
+    asked: list[int] = []
+
+    def gone() -> str:
+        asked.append(1)
+        return "the plane exited with code 1"
+
+    r = run_closed_loop(cfg, router_url=dead, api_url=dead, token="t", gone=gone)
+    # Asked once, at the first round: not waited out to max_s (which notes "did not complete within 600 s").
+    assert asked == [1] and r.notes == ["the story stopped: the plane exited with code 1"]
+
+
+def test_an_interrupted_load_does_not_wait_for_its_requests_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+    from controlplane import demo_loop
+
+    waits: list[float] = []
+    stop = demo_loop.OpenLoopLoad.stop
+
+    def recorded(self: Any, timeout_s: float = 120.0) -> None:
+        waits.append(timeout_s)
+        stop(self, timeout_s)
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt  # Ctrl-C during the load
+
+    monkeypatch.setattr(demo_loop.OpenLoopLoad, "stop", recorded)
+    dead = f"http://127.0.0.1:{free_port()}"
+    cfg = LoopConfig(probe_s=0, steady_s=0.1, max_s=600.0)
+    with pytest.raises(KeyboardInterrupt):
+        run_closed_loop(cfg, router_url=dead, api_url=dead, token="t", gone=interrupt)  # type: ignore[arg-type]
+    assert waits == [5.0]  # not the 120 s a finished run gives its requests in flight
+    run_closed_loop(cfg, router_url=dead, api_url=dead, token="t", gone=lambda: "gone")
+    assert waits == [5.0, 120.0]
 
 
 def test_the_plane_is_stopped_before_the_app_and_a_second_interrupt_cannot_skip_it(
