@@ -223,11 +223,13 @@ def run_demo(settings: Settings, console: Console, *, engine: str = "vllm", keep
         rc = 1
     finally:
         # The plane first (it stops the replicas, each in its own session: nothing else would), then the app. A
-        # second Ctrl-C or SIGTERM during it would leave them running, so those wait until it is done.
+        # second Ctrl-C or SIGTERM during it would leave them running: it is held until the cleanup is done,
+        # then acted on (the demo ends as interrupted, not with the story's exit code).
+        caught: list[int] = []
         if not leave_up:
             main = threading.current_thread() is threading.main_thread()
-            held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM,
-                                                                         signal.SIGHUP)} if main else {}
+            held = {sig: signal.signal(sig, lambda signum, _f: caught.append(signum))
+                    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)} if main else {}
             try:
                 with _step(console, "stopping the plane and its replicas"):
                     try:
@@ -240,6 +242,10 @@ def run_demo(settings: Settings, console: Console, *, engine: str = "vllm", keep
                     signal.signal(sig, handler)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if caught and sys.exc_info()[0] is None:  # held off during the cleanup, then acted on: not dropped
+            if caught[0] == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + caught[0])
     return rc
 
 

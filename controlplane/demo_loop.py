@@ -9,6 +9,7 @@ so a replica that falls behind builds a queue as real users would, instead of sl
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import subprocess
 import sys
@@ -23,6 +24,8 @@ import httpx
 import yaml
 
 from controlplane.loadgen import WORDS, ClientResult, RequestPlan, stream_one
+
+log = logging.getLogger(__name__)
 
 
 # --- the specs the demo runs -------------------------------------------------------------------------------
@@ -493,19 +496,31 @@ class PlaneProcess:
         raise RuntimeError(f"the plane did not answer {self.api_url}/healthz in {timeout_s:.0f} s; see {self.log_path}")
 
     def stop(self, timeout_s: float = 150.0) -> None:  # the plane stops each replica first (up to ~20 s each)
-        # On SIGTERM the plane stops its replicas first. Killed before it had (it did not exit in time), it leaves
-        # them running in their own sessions: their groups, as the run's store records them, are stopped here.
-        if self.proc is not None and terminate(self.proc, timeout_s):
-            from controlplane.store.db import make_engine
-            from controlplane.supervisor.backends import stop_recorded_groups
+        # On SIGTERM the plane stops its replicas first. Killed before it had (it did not exit in time), or gone
+        # already (it died during the run), it leaves them running in their own sessions: their groups, as the
+        # run's store records them, are stopped here.
+        if self.proc is None:
+            return
+        died = self.proc.poll() is not None
+        if terminate(self.proc, timeout_s) or died:
+            self._stop_recorded_replicas()
 
-            url = self.env.get("CONTROLPLANE_DATABASE_URL")
-            if url:
-                engine = make_engine(url)
-                try:
-                    stop_recorded_groups(engine)
-                finally:
-                    engine.dispose()
+    def _stop_recorded_replicas(self) -> None:
+        from controlplane.store.db import make_engine
+        from controlplane.supervisor.backends import stop_recorded_groups
+
+        url = self.env.get("CONTROLPLANE_DATABASE_URL")
+        if not url:
+            return
+        try:
+            engine = make_engine(url)
+            try:
+                if left := stop_recorded_groups(engine):
+                    log.warning("the plane left replicas running (%s): stopped", ", ".join(left))
+            finally:
+                engine.dispose()
+        except Exception:  # noqa: BLE001 - a cleanup must not replace what ended the run
+            log.exception("stopping the replicas the plane left running failed; look for them by hand")
 
 
 def terminate(proc: subprocess.Popen[Any], timeout_s: float) -> bool:

@@ -86,7 +86,7 @@ def operational_alerts(options: RuleOptions | None = None) -> list[OperationalAl
             names.ALERT_DEPLOYMENT_DOWN, _deployment_down(), "page", o.deployment_down_for_s,
             f"Deployment {dep} has no ready replica",
             f"Every replica of deployment {dep} has been not ready for {format_duration(o.deployment_down_for_s)}, "
-            "none of them a new replica still loading its model; it serves no traffic.", o),
+            "and not all of them are new replicas still loading their model; it serves no traffic.", o),
             "Page-worthy: nothing serves. Check the supervisor log, the engines' logs and the GPUs (XID errors); "
             "roll back the last applied recommendation if it preceded the outage (`GET /api/v1/events`)."),
         OperationalAlert(_alert(
@@ -190,11 +190,12 @@ def _new_xid(window_s: float) -> Expr:
 
 
 def _deployment_down() -> Expr:
-    """No replica ready, and none is a new one still loading its model (a start, or a scale-up from zero: a large
-    model loads for longer than the page's `for`, and paged every cold start). A restart after a crash is no
-    grace, and a start past its ready timeout is taken for a crash by the supervisor, so the grace is bounded."""
+    """No replica ready, unless every replica is a new one still loading its model: a cold start (the plane's
+    start, or a scale-up from zero), whose large model loads for longer than the page's `for` and paged every
+    time. A replica restarted after a crash, adopted after a plane restart, or unready is no such grace, and a
+    start past its ready timeout is taken for a crash by the supervisor, so the grace is bounded."""
     by_dep = (names.LABEL_DEPLOYMENT,)
     down = Binary("==", Aggregate("max", Selector(names.PLANE_REPLICA_UP), by=by_dep), Number(0))
-    loading = Binary("==", Aggregate("max", Selector(names.PLANE_REPLICA_STARTING), by=by_dep), Number(1))
-    return Binary("unless", down, loading, on=by_dep)
+    cold = Binary("==", Aggregate("min", Selector(names.PLANE_REPLICA_STARTING), by=by_dep), Number(1))
+    return Binary("unless", down, cold, on=by_dep)
 

@@ -68,8 +68,13 @@ def _cases(o: RuleOptions, i: float, n: int) -> list[Case]:
             (names.PLANE_REPLICA_UP, _rep("tiny", "tiny-1"), flat(1)),
             # a cold start: its one replica still loads its model, so nothing pages yet
             (names.PLANE_REPLICA_UP, _rep("cold", "cold-0"), flat(0)),
-            (names.PLANE_REPLICA_STARTING, _rep("cold", "cold-0"), flat(1))),
-            ({names.LABEL_DEPLOYMENT: "batch"},), 0.0),
+            (names.PLANE_REPLICA_STARTING, _rep("cold", "cold-0"), flat(1)),
+            # a new replica loading beside an unready one is no cold start: it pages
+            (names.PLANE_REPLICA_UP, _rep("sick", "sick-0"), flat(0)),
+            (names.PLANE_REPLICA_STARTING, _rep("sick", "sick-0"), flat(0)),
+            (names.PLANE_REPLICA_UP, _rep("sick", "sick-1"), flat(0)),
+            (names.PLANE_REPLICA_STARTING, _rep("sick", "sick-1"), flat(1))),
+            ({names.LABEL_DEPLOYMENT: "batch"}, {names.LABEL_DEPLOYMENT: "sick"}), 0.0),
         Case(names.ALERT_ENGINE_STALLED, (
             (names.VLLM_NUM_RUNNING, {**_rep("tiny", "tiny-0"), **engine}, flat(2)),  # hung: tokens flat
             (names.VLLM_NUM_WAITING, {**_rep("tiny", "tiny-0"), **engine}, flat(3)),

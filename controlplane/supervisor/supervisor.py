@@ -89,6 +89,7 @@ class Member:
     last_exit: int | None = None
     core_index: int | None = None  # the backend's cpu_cores set it is pinned to (None: its slot's)
     announced: bool = False  # on_replica_up succeeded (it is scraped) and on_replica_gone has not run since
+    fresh: bool = False  # launched by this plane and not restarted since: while starting, it loads its model
     unsaved_state: bool = False  # the store missed its last state change: written again each tick
 
 
@@ -536,13 +537,13 @@ class Supervisor:
             raise
         if restart_of is not None:
             m = restart_of
-            m.handle, m.state, m.since, m.restarts = handle, STARTING, now, m.restarts + 1
+            m.handle, m.state, m.since, m.restarts, m.fresh = handle, STARTING, now, m.restarts + 1, False
             m.next_restart_at, m.probe_failures, m.next_probe_at = None, 0, now
             await self._record(rid, "replica_restarted", ACTOR_SUPERVISOR, "crash",
                                message=f"restart {m.restarts} on port {port}", after=_cfg(config))
         else:
             m = Member(name, rid, slot, port, config, handle, STARTING, now, candidate=candidate or canary,
-                       canary=canary, core_index=core_index)
+                       canary=canary, core_index=core_index, fresh=True)
             rt.members[name] = m
             why = "canary" if canary else "rollout" if candidate else "scale_up"
             await self._record(rid, "replica_started", ACTOR_SUPERVISOR, why,
@@ -731,15 +732,17 @@ class Supervisor:
                                   f"({rt.dep.max_replicas} + 1 in use)", 409)
             name = policy.next_replica_name(rt.dep.name, await self._all_names(rt))
             rt.canary = m = await self._launch(rt, name, slot, config, canary=True, core_index=self._free_core_set(rt))
-        await self._record(m.replica_id, "canary_started", actor, reason, after=_cfg(config),
-                           message=f"{name}: trial of {dict(changes)}")
         try:
+            await self._record(m.replica_id, "canary_started", actor, reason, after=_cfg(config),
+                               message=f"{name}: trial of {dict(changes)}")
             while m.state == STARTING:
                 await asyncio.sleep(poll_s)
         except asyncio.CancelledError:
             # The caller went away (a search cancelled, the plane stopping) before it got the canary to stop:
             # stopped here, or it would hold its slot (and every later trial's 409) until the plane restarts.
-            await asyncio.shield(self.stop_canary(deployment, actor=actor, reason="canary_cancelled"))
+            # Only this one: another trial may have taken the place since.
+            if rt.canary is m:
+                await asyncio.shield(self.stop_canary(deployment, actor=actor, reason="canary_cancelled"))
             raise
         if m.state != READY:
             await self.stop_canary(deployment, actor=actor, reason="canary_not_ready")
@@ -900,8 +903,9 @@ class SupervisorMetrics(Collector):
                 labels = [rt.dep.name, m.name]
                 up.add_metric(labels, 1.0 if m.state == READY else 0.0)
                 loop.add_metric(labels, 1.0 if m.state == CRASHLOOP else 0.0)
-                # Bounded by the ready timeout, after which a replica still starting is taken for crashed.
-                starting.add_metric(labels, 1.0 if m.state == STARTING and m.restarts == 0 else 0.0)
+                # Bounded by the ready timeout, after which a replica still starting is taken for crashed. Not a
+                # restart after a crash, nor a replica adopted after a plane restart (it may be hung).
+                starting.add_metric(labels, 1.0 if m.state == STARTING and m.fresh else 0.0)
                 restarts.add_metric(labels, m.restarts)
                 in_flight.add_metric(labels, self.supervisor.router.outstanding(m.name))
         yield from (up, loop, starting, restarts, desired, in_flight)

@@ -183,3 +183,68 @@ def test_a_plane_killed_before_it_stopped_its_replicas_does_not_leave_them_runni
         if sleeper.is_running():
             sleeper.kill()
     assert not sleeper.is_running()
+
+
+def test_a_signal_during_the_cleanup_is_held_until_the_plane_is_stopped_then_acted_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import signal
+
+    from controlplane.demo_loop import LoopResult
+
+    calls: list[str] = []
+
+    class Plane:
+        proc = None
+        log_path = tmp_path / "plane.log"
+
+        def __init__(self, *a: Any, **k: Any) -> None:
+            pass
+
+        def start(self) -> None:
+            calls.append("plane.start")
+
+        def stop(self) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)  # a second SIGTERM (a CI cancel) while the plane stops
+            calls.append("plane.stop")
+
+    result = LoopResult(0.0, 1.0, {}, [], None, None, None, None, [])
+    monkeypatch.setattr(demo, "PlaneProcess", Plane)
+    monkeypatch.setattr(demo, "wait_ready", lambda *a, **k: 1.0)
+    monkeypatch.setattr(demo, "_free_port_run", lambda *a, **k: 8100)
+    monkeypatch.setattr(demo, "ports_free", lambda *a, **k: False)
+    monkeypatch.setattr(demo, "run_closed_loop", lambda *a, **k: result)
+    monkeypatch.setattr(demo, "_report", lambda *a, **k: tmp_path / "report.md")
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as ended:
+        demo.run_demo(Settings(data_dir=tmp_path), Console(file=StringIO(), width=300), engine="sim")
+    assert ended.value.code == 128 + signal.SIGTERM  # not dropped: the demo ends as terminated
+    assert calls == ["plane.start", "plane.stop"] and signal.getsignal(signal.SIGTERM) == before
+
+
+def test_the_replicas_of_a_plane_that_died_during_the_run_are_stopped(tmp_path: Path, sqlite_store: Any) -> None:
+    import subprocess
+    import sys
+
+    import psutil
+
+    from controlplane.demo_loop import PlaneProcess
+
+    launcher = subprocess.Popen(["sh", "-c", f"{sys.executable} -c 'import time; time.sleep(60)' & echo $!"],
+                                stdout=subprocess.PIPE, start_new_session=True)
+    assert launcher.stdout is not None
+    sleeper = psutil.Process(int(launcher.stdout.readline()))
+    launcher.wait()
+    sqlite_store.save_replica("tiny-0", deployment_id=None, url="http://127.0.0.1:8100", backend="local",
+                              state="ready", runtime={"pid": launcher.pid, "pgid": launcher.pid}, config={})
+    plane = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])  # it died on its own (OOM, a bug)
+    plane.wait()
+    p = PlaneProcess([], {"CONTROLPLANE_DATABASE_URL": f"sqlite:///{tmp_path / 'store.db'}"}, tmp_path / "p.log",
+                     "", "", proc=plane)
+    try:
+        p.stop(timeout_s=0.5)
+        sleeper.wait(timeout=15)
+    finally:
+        if sleeper.is_running():
+            sleeper.kill()
+    assert not sleeper.is_running()

@@ -1127,3 +1127,17 @@ async def test_a_new_replica_loading_its_model_is_starting_for_the_down_page_and
     assert h.states() == {"tiny-0": "starting"} and m.restarts == 1
     assert 'controlplane_replica_starting{deployment="tiny",replica="tiny-0"} 0.0' in generate_latest(
         registry).decode()  # a restart after a crash is no grace for the page
+
+
+async def test_a_replica_adopted_after_a_plane_restart_gets_no_cold_start_grace(sqlite_store: Store) -> None:
+    first = make(sqlite_store)
+    await first.sup.start()
+    await first.until(lambda: first.states() == {"tiny-0": "ready"}, "the first replica")
+    backend = FakeBackend(adoptable={"tiny-0"}, seq=100)  # the plane dies; the process lives on, hung
+    second = make(sqlite_store, backend=backend)
+    registry = CollectorRegistry()
+    registry.register(SupervisorMetrics(second.sup))
+    await second.sup.start()
+    assert second.states() == {"tiny-0": "starting"}  # adopted; its /health does not answer (hung)
+    assert 'controlplane_replica_starting{deployment="tiny",replica="tiny-0"} 0.0' in generate_latest(
+        registry).decode()
