@@ -199,6 +199,7 @@ class Router:
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._fresh_session: aiohttp.ClientSession | None = None
         self._started = threading.Event()
         self._error: BaseException | None = None
         self.bound_port: int | None = None
@@ -362,6 +363,8 @@ class Router:
         again: _Backend | None = None
         for attempt in range(3):
             backend = self._again(again) if again is not None else None
+            session = self._fresh_session if backend is not None else self._session
+            assert session is not None
             again = None
             if backend is None:
                 # An arrival is an inference request: GET /v1/models and the like are not load.
@@ -373,8 +376,8 @@ class Router:
             served = False
             resp: web.StreamResponse | None = None
             try:
-                async with self._session.request(request.method, backend.url + request.path_qs, data=body,
-                                                 headers=headers, allow_redirects=False) as up:
+                async with session.request(request.method, backend.url + request.path_qs, data=body,
+                                           headers=headers, allow_redirects=False) as up:
                     resp = web.StreamResponse(status=up.status, reason=up.reason)
                     for k, v in up.headers.items():
                         if k.lower() not in _DROP_RESPONSE:
@@ -517,6 +520,10 @@ class Router:
         self._session = aiohttp.ClientSession(
             timeout=timeout, connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S),
             auto_decompress=False)
+        # The second try after a connection closed unanswered goes on a new connection, never a pooled one: a
+        # second kept-alive connection the replica closed meanwhile would fail it as well, and answer a 502.
+        self._fresh_session = aiohttp.ClientSession(
+            timeout=timeout, connector=aiohttp.TCPConnector(limit=0, force_close=True), auto_decompress=False)
         app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.router.add_get("/health", self._health)
         app.router.add_route("*", "/{tail:.*}", self._proxy)
@@ -534,8 +541,9 @@ class Router:
     async def _astop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._fresh_session):
+            if session is not None:
+                await session.close()
 
     def stop(self) -> None:
         if self._loop is not None and self._thread is not None:

@@ -315,6 +315,8 @@ def test_a_dropped_connection_is_retried_on_the_same_replica_when_it_is_the_only
     r = post(router)
     assert r.status_code == 200 and r.headers[REPLICA_HEADER] == "a" and len(a.seen_headers) == 2
     assert router.snapshot()["a"]["down"] is False and router.snapshot()["a"]["routed"] == 1
+    # The second try went on a connection of its own, not another pooled one the replica may have closed too.
+    assert a.seen_headers[0].get("Connection") is None and a.seen_headers[1].get("Connection") == "close"
 
 
 def test_only_inference_requests_count_as_arrivals_and_counts_outlive_removal(router: Router,
