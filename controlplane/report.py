@@ -331,8 +331,6 @@ def _num(v: Any, fmt: str) -> str:
     return format(int(v) if fmt == "d" else float(v), fmt)
 
 
-
-
 def _change(current: Mapping[str, Any], proposed: Mapping[str, Any], prefix: str = "") -> str:
     """What a recommendation changes, key by key: only what it proposes (its `current` also carries context,
     such as the engine a scale-up keeps), nested settings by their own keys."""

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -144,9 +145,15 @@ def _stop_orphans(replica: str, runtime: dict[str, Any], timeout_s: float = 10.0
         return
     log.warning("%s: its server process is gone but its process group %d lives on (an engine core or worker "
                 "holding its port and memory); stopping it", replica, pgid)
+    _stop_group(pgid, timeout_s, lambda: _group_alive(pgid))
+
+
+def _stop_group(pgid: int, timeout_s: float, running: Callable[[], bool]) -> None:
+    """SIGTERM the process group, poll `running` until it says False or timeout_s passes, then SIGKILL whatever
+    is left in the group (for processes that are not our children: no wait status to wait on)."""
     _killpg(pgid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and _group_alive(pgid):
+    while time.monotonic() < deadline and running():
         time.sleep(0.1)
     _killpg(pgid, signal.SIGKILL)
 
@@ -215,11 +222,7 @@ class LocalBackend:
             return
         # Adopted (not our child): no wait status, so poll the group until it is gone.
         pgid = int(handle.runtime["pgid"])
-        _killpg(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and (self.exit_code(handle) is None or _group_alive(pgid)):
-            time.sleep(0.1)
-        _killpg(pgid, signal.SIGKILL)
+        _stop_group(pgid, timeout_s, lambda: self.exit_code(handle) is None or _group_alive(pgid))
 
     def adopt(self, replica: str, url: str, runtime: dict[str, Any]) -> Handle | None:
         try:

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
 from io import StringIO
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from rich.console import Console
 
 from controlplane import demo
-from controlplane.demo_loop import LoopConfig, run_closed_loop
+from controlplane.demo_loop import LoopConfig, LoopResult, PlaneProcess, run_closed_loop
 from controlplane.settings import Settings
 from tests.conftest import free_port
 
@@ -73,9 +79,9 @@ def test_an_interrupted_load_does_not_wait_for_its_requests_in_flight(monkeypatc
     assert waits == [5.0, 120.0]
 
 
-def test_the_plane_is_stopped_before_the_app_and_a_second_interrupt_cannot_skip_it(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[str] = []
+def _fake_plane(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, calls: list[str],
+                on_stop: Callable[[], None] = lambda: None) -> None:
+    """The demo around a fake plane that records its start and stop, its first replica ready at once."""
 
     class Plane:
         proc = None
@@ -88,7 +94,26 @@ def test_the_plane_is_stopped_before_the_app_and_a_second_interrupt_cannot_skip_
             calls.append("plane.start")
 
         def stop(self) -> None:
+            on_stop()
             calls.append("plane.stop")
+
+    monkeypatch.setattr(demo, "PlaneProcess", Plane)
+    monkeypatch.setattr(demo, "wait_ready", lambda *a, **k: 1.0)
+
+
+def _story_without_app(monkeypatch: pytest.MonkeyPatch, report: Callable[..., Path]) -> None:
+    """A load that ends at once, the app's port taken (no app), and `report` writing the report."""
+    result = LoopResult(0.0, 1.0, {}, [], None, None, None, None, [])
+    monkeypatch.setattr(demo, "_free_port_run", lambda *a, **k: 8100)
+    monkeypatch.setattr(demo, "ports_free", lambda *a, **k: False)
+    monkeypatch.setattr(demo, "run_closed_loop", lambda *a, **k: result)
+    monkeypatch.setattr(demo, "_report", report)
+
+
+def test_the_plane_is_stopped_before_the_app_and_a_second_interrupt_cannot_skip_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    _fake_plane(monkeypatch, tmp_path, calls)
 
     class Proc:
         pid = 1
@@ -100,8 +125,6 @@ def test_the_plane_is_stopped_before_the_app_and_a_second_interrupt_cannot_skip_
         calls.append("terminate(ui)")
         raise KeyboardInterrupt  # and again while the app is stopped
 
-    monkeypatch.setattr(demo, "PlaneProcess", Plane)
-    monkeypatch.setattr(demo, "wait_ready", lambda *a, **k: 1.0)
     monkeypatch.setattr(demo, "_start_ui", lambda *a, **k: Proc())
     monkeypatch.setattr(demo, "_wait_ui", lambda *a, **k: True)
     monkeypatch.setattr(demo, "ports_free", lambda *a, **k: True)
@@ -114,67 +137,53 @@ def test_the_plane_is_stopped_before_the_app_and_a_second_interrupt_cannot_skip_
 
 def test_a_report_that_cannot_be_written_fails_the_run_without_a_traceback_and_still_stops_the_plane(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from controlplane.demo_loop import LoopResult
-
     calls: list[str] = []
-
-    class Plane:
-        proc = None
-        log_path = tmp_path / "plane.log"
-
-        def __init__(self, *a: Any, **k: Any) -> None:
-            pass
-
-        def start(self) -> None:
-            calls.append("plane.start")
-
-        def stop(self) -> None:
-            calls.append("plane.stop")
+    _fake_plane(monkeypatch, tmp_path, calls)
 
     def full_disk(*a: Any, **k: Any) -> Path:
         raise OSError(28, "No space left on device")
 
-    result = LoopResult(0.0, 1.0, {}, [], None, None, None, None, [])
-    monkeypatch.setattr(demo, "PlaneProcess", Plane)
-    monkeypatch.setattr(demo, "wait_ready", lambda *a, **k: 1.0)
-    monkeypatch.setattr(demo, "_free_port_run", lambda *a, **k: 8100)
-    monkeypatch.setattr(demo, "ports_free", lambda *a, **k: False)  # the app's port taken: no app
-    monkeypatch.setattr(demo, "run_closed_loop", lambda *a, **k: result)
-    monkeypatch.setattr(demo, "_report", full_disk)
+    _story_without_app(monkeypatch, full_disk)
     out = StringIO()
     assert demo.run_demo(Settings(data_dir=tmp_path), Console(file=out, width=300), engine="sim") == 1
     assert "the report could not be written: OSError" in out.getvalue() and "No space left" in out.getvalue()
     assert calls == ["plane.start", "plane.stop"]
 
 
-def test_a_plane_killed_before_it_stopped_its_replicas_does_not_leave_them_running(
-        tmp_path: Path, sqlite_store: Any) -> None:
-    import subprocess
-    import sys
+def test_a_signal_during_the_cleanup_is_held_until_the_plane_is_stopped_then_acted_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    # a second SIGTERM (a CI cancel) while the plane stops
+    _fake_plane(monkeypatch, tmp_path, calls, on_stop=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    _story_without_app(monkeypatch, lambda *a, **k: tmp_path / "report.md")
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as ended:
+        demo.run_demo(Settings(data_dir=tmp_path), Console(file=StringIO(), width=300), engine="sim")
+    assert ended.value.code == 128 + signal.SIGTERM  # not dropped: the demo ends as terminated
+    assert calls == ["plane.start", "plane.stop"] and signal.getsignal(signal.SIGTERM) == before
 
-    import psutil
 
-    from controlplane.demo_loop import PlaneProcess
-
-    # A replica in its own session, as the plane starts them, recorded in the run's store; not this test's child
-    # (the plane's), so that once stopped it is reaped by init, not left a zombie here.
+def _recorded_replica(store: Any) -> psutil.Process:
+    """A replica in its own session, as the plane starts them, recorded in the run's store; not this test's child
+    (the plane's), so that once stopped it is reaped by init, not left a zombie here. Returns its process."""
     launcher = subprocess.Popen(["sh", "-c", f"{sys.executable} -c 'import time; time.sleep(60)' & echo $!"],
                                 stdout=subprocess.PIPE, start_new_session=True)
     assert launcher.stdout is not None
     sleeper = psutil.Process(int(launcher.stdout.readline()))
     launcher.wait()
-    sqlite_store.save_replica("tiny-0", deployment_id=None, url="http://127.0.0.1:8100", backend="local",
-                              state="ready", runtime={"pid": launcher.pid, "pgid": launcher.pid}, config={})
-    # A plane that ignores SIGTERM (stuck): it is killed after the timeout, its replicas still running.
-    plane = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
-                              "signal.SIG_IGN); print('up', flush=True); time.sleep(60)"],
-                             stdout=subprocess.PIPE, start_new_session=True)
-    assert plane.stdout is not None and plane.stdout.readline() == b"up\n"
-    db = f"sqlite:///{tmp_path / 'store.db'}"
-    p = PlaneProcess([], {"CONTROLPLANE_DATABASE_URL": db}, tmp_path / "plane.log", "", "", proc=plane)
+    store.save_replica("tiny-0", deployment_id=None, url="http://127.0.0.1:8100", backend="local",
+                       state="ready", runtime={"pid": launcher.pid, "pgid": launcher.pid}, config={})
+    return sleeper
+
+
+def _stop_and_expect_replica_gone(tmp_path: Path, plane: subprocess.Popen[bytes], sleeper: psutil.Process,
+                                  expect_code: int | None = None) -> None:
+    p = PlaneProcess([], {"CONTROLPLANE_DATABASE_URL": f"sqlite:///{tmp_path / 'store.db'}"},
+                     tmp_path / "plane.log", "", "", proc=plane)
     try:
         p.stop(timeout_s=0.5)
-        assert plane.returncode == -9
+        if expect_code is not None:
+            assert plane.returncode == expect_code
         sleeper.wait(timeout=15)  # stopped by the demo, not left to run on
     finally:
         if plane.poll() is None:
@@ -185,66 +194,19 @@ def test_a_plane_killed_before_it_stopped_its_replicas_does_not_leave_them_runni
     assert not sleeper.is_running()
 
 
-def test_a_signal_during_the_cleanup_is_held_until_the_plane_is_stopped_then_acted_on(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-    import signal
-
-    from controlplane.demo_loop import LoopResult
-
-    calls: list[str] = []
-
-    class Plane:
-        proc = None
-        log_path = tmp_path / "plane.log"
-
-        def __init__(self, *a: Any, **k: Any) -> None:
-            pass
-
-        def start(self) -> None:
-            calls.append("plane.start")
-
-        def stop(self) -> None:
-            os.kill(os.getpid(), signal.SIGTERM)  # a second SIGTERM (a CI cancel) while the plane stops
-            calls.append("plane.stop")
-
-    result = LoopResult(0.0, 1.0, {}, [], None, None, None, None, [])
-    monkeypatch.setattr(demo, "PlaneProcess", Plane)
-    monkeypatch.setattr(demo, "wait_ready", lambda *a, **k: 1.0)
-    monkeypatch.setattr(demo, "_free_port_run", lambda *a, **k: 8100)
-    monkeypatch.setattr(demo, "ports_free", lambda *a, **k: False)
-    monkeypatch.setattr(demo, "run_closed_loop", lambda *a, **k: result)
-    monkeypatch.setattr(demo, "_report", lambda *a, **k: tmp_path / "report.md")
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(SystemExit) as ended:
-        demo.run_demo(Settings(data_dir=tmp_path), Console(file=StringIO(), width=300), engine="sim")
-    assert ended.value.code == 128 + signal.SIGTERM  # not dropped: the demo ends as terminated
-    assert calls == ["plane.start", "plane.stop"] and signal.getsignal(signal.SIGTERM) == before
+def test_a_plane_killed_before_it_stopped_its_replicas_does_not_leave_them_running(
+        tmp_path: Path, sqlite_store: Any) -> None:
+    sleeper = _recorded_replica(sqlite_store)
+    # A plane that ignores SIGTERM (stuck): it is killed after the timeout, its replicas still running.
+    plane = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                              "signal.SIG_IGN); print('up', flush=True); time.sleep(60)"],
+                             stdout=subprocess.PIPE, start_new_session=True)
+    assert plane.stdout is not None and plane.stdout.readline() == b"up\n"
+    _stop_and_expect_replica_gone(tmp_path, plane, sleeper, expect_code=-9)
 
 
 def test_the_replicas_of_a_plane_that_died_during_the_run_are_stopped(tmp_path: Path, sqlite_store: Any) -> None:
-    import subprocess
-    import sys
-
-    import psutil
-
-    from controlplane.demo_loop import PlaneProcess
-
-    launcher = subprocess.Popen(["sh", "-c", f"{sys.executable} -c 'import time; time.sleep(60)' & echo $!"],
-                                stdout=subprocess.PIPE, start_new_session=True)
-    assert launcher.stdout is not None
-    sleeper = psutil.Process(int(launcher.stdout.readline()))
-    launcher.wait()
-    sqlite_store.save_replica("tiny-0", deployment_id=None, url="http://127.0.0.1:8100", backend="local",
-                              state="ready", runtime={"pid": launcher.pid, "pgid": launcher.pid}, config={})
+    sleeper = _recorded_replica(sqlite_store)
     plane = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])  # it died on its own (OOM, a bug)
     plane.wait()
-    p = PlaneProcess([], {"CONTROLPLANE_DATABASE_URL": f"sqlite:///{tmp_path / 'store.db'}"}, tmp_path / "p.log",
-                     "", "", proc=plane)
-    try:
-        p.stop(timeout_s=0.5)
-        sleeper.wait(timeout=15)
-    finally:
-        if sleeper.is_running():
-            sleeper.kill()
-    assert not sleeper.is_running()
+    _stop_and_expect_replica_gone(tmp_path, plane, sleeper)
